@@ -1,0 +1,35 @@
+//! Types shared between the kernel programs (`egress-ebpf`) and the agent, and the pure
+//! decision functions both sides use.
+//!
+//! Every type here is `#[repr(C)]` with fixed-width fields and explicit padding, so its layout
+//! is the same for `bpfel-unknown-none` and the host; `size_of` asserts pin it. Addresses are
+//! kept as bytes in network order, ports as host-order integers.
+#![no_std]
+
+pub mod decide;
+pub mod maps;
+
+pub use decide::{decide, Decision, Outcome};
+pub use maps::*;
+
+/// Layout version of the maps and programs. Pins live under `<pin dir>/v<LAYOUT_VERSION>/`;
+/// bump it whenever any type in this crate changes shape.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// IP protocol numbers as they appear in `bpf_sock_addr.protocol`.
+pub mod proto {
+    /// Matches every protocol (rules only).
+    pub const ANY: u8 = 0;
+    pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+}
+
+/// What a rule does with the connections it matches.
+pub mod action {
+    /// Let the connection go to its destination directly.
+    pub const ALLOW: u8 = 1;
+    /// Redirect the connection to the agent's transparent proxy (host rules, `via: proxy`).
+    pub const PROXY: u8 = 2;
+    /// Refuse it: EPERM from connect()/sendmsg(), no packet sent.
+    pub const DENY: u8 = 3;
+}

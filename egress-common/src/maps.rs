@@ -1,0 +1,276 @@
+//! Map keys and values. Names of the maps are in [`names`].
+
+use core::mem::size_of;
+
+/// Names of the maps in the eBPF object (also the names of their pins).
+pub mod names {
+    pub const CONFIG: &str = "EGRESS_CONFIG";
+    pub const WORKLOADS: &str = "EGRESS_WORKLOADS";
+    pub const POLICY_V4: &str = "EGRESS_POLICY_V4";
+    pub const POLICY_V6: &str = "EGRESS_POLICY_V6";
+    pub const MESH_V4: &str = "EGRESS_MESH_V4";
+    pub const MESH_V6: &str = "EGRESS_MESH_V6";
+    pub const ORIG_BY_COOKIE: &str = "EGRESS_ORIG_COOKIE";
+    pub const ORIG_BY_TUPLE: &str = "EGRESS_ORIG_TUPLE";
+    pub const COUNTERS: &str = "EGRESS_COUNTERS";
+    pub const EVENTS: &str = "EGRESS_EVENTS";
+    /// Every map the agent pins, in a stable order.
+    pub const ALL: [&str; 10] = [
+        CONFIG,
+        WORKLOADS,
+        POLICY_V4,
+        POLICY_V6,
+        MESH_V4,
+        MESH_V6,
+        ORIG_BY_COOKIE,
+        ORIG_BY_TUPLE,
+        COUNTERS,
+        EVENTS,
+    ];
+}
+
+/// Capacity of the maps (entries).
+pub mod capacity {
+    /// Workload ids are 1..MAX_WORKLOADS; 0 is never a workload.
+    pub const MAX_WORKLOADS: u32 = 1024;
+    /// cgroup ids that resolve to a workload (a workload's own cgroup).
+    pub const WORKLOAD_CGROUPS: u32 = MAX_WORKLOADS;
+    /// Distinct (workload, prefix) entries per address family.
+    pub const POLICY_PREFIXES: u32 = 131_072;
+    pub const MESH_PREFIXES: u32 = 256;
+    /// Redirected sockets tracked at once (LRU; entries are also removed on close).
+    pub const ORIG_DST: u32 = 65_536;
+    pub const EVENTS_BYTES: u32 = 1 << 20;
+    /// Nesting below a workload's cgroup that still counts as that workload.
+    pub const MAX_CGROUP_NESTING: u32 = 8;
+}
+
+/// Rules that can apply to one (workload, prefix): the rules of the prefix itself plus those of
+/// every shorter prefix that contains it (the agent flattens them, because an LPM lookup only
+/// returns the longest match and a deny on a shorter prefix must still win).
+pub const MAX_RULES_PER_PREFIX: usize = 16;
+
+/// The mesh-wide settings, element 0 of the `EGRESS_CONFIG` array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MeshConfig {
+    /// Policy generation the maps currently hold.
+    pub generation: u64,
+    /// The agent's own cgroup: its sockets are never judged (exempt by cgroup id, not uid/mark).
+    pub agent_cgroup_id: u64,
+    /// 1: unmatched external traffic passes; 0: only what a policy allows.
+    pub enable_egress: u32,
+    /// 1: `failMode: open` (an internal error lets the connection go direct).
+    pub fail_open: u32,
+    /// 1: would-deny is allowed and reported.
+    pub audit_mode: u32,
+    /// cgroup v2 level of the agent's cgroup root (the mount's root is level 0).
+    pub root_level: u32,
+    /// The proxy's port, host order.
+    pub proxy_port: u16,
+    pub _pad0: u16,
+    /// The proxy's IPv4 address (network order bytes), also used for IPv4-mapped destinations.
+    pub proxy_ip4: [u8; 4],
+    /// The proxy's IPv6 address (network order bytes).
+    pub proxy_ip6: [u8; 16],
+}
+
+/// What the kernel knows about one enrolled cgroup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WorkloadInfo {
+    /// 1..MAX_WORKLOADS, the scope of its policy entries.
+    pub id: u32,
+    pub _pad0: u32,
+}
+
+/// LPM key data for the policy tries: workload scope (big-endian id) then the address.
+/// The prefix length of a key is 32 + the CIDR's length.
+pub type PolicyKeyV4 = [u8; 4 + 4];
+pub type PolicyKeyV6 = [u8; 4 + 16];
+
+/// Builds the key data of a policy trie from a workload id and an address.
+#[inline(always)]
+pub fn policy_key<const N: usize, const A: usize>(workload: u32, addr: &[u8; A]) -> [u8; N] {
+    let mut k = [0u8; N];
+    let w = workload.to_be_bytes();
+    let mut i = 0;
+    while i < 4 {
+        k[i] = w[i];
+        i += 1;
+    }
+    let mut j = 0;
+    while j < A && 4 + j < N {
+        k[4 + j] = addr[j];
+        j += 1;
+    }
+    k
+}
+
+/// One port/protocol rule of a prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortRule {
+    /// Inclusive port range, host order; 0..=65535 means every port.
+    pub port_lo: u16,
+    pub port_hi: u16,
+    /// [`crate::proto`]: ANY, TCP or UDP.
+    pub proto: u8,
+    /// [`crate::action`]: ALLOW, PROXY or DENY.
+    pub action: u8,
+    pub _pad0: [u8; 2],
+    /// Index of the Egress object in the compiled policy (for `check`, events and metrics).
+    pub rule_id: u32,
+}
+
+/// Value of a policy trie entry: every rule that applies to the prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PolicyValue {
+    pub count: u32,
+    pub rules: [PortRule; MAX_RULES_PER_PREFIX],
+}
+
+impl Default for PolicyValue {
+    fn default() -> Self {
+        Self {
+            count: 0,
+            rules: [PortRule::default(); MAX_RULES_PER_PREFIX],
+        }
+    }
+}
+
+/// A socket address: family 4 or 6, address bytes in network order (IPv4 in the first four),
+/// port in host order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockAddr {
+    pub family: u32,
+    pub port: u32,
+    pub addr: [u8; 16],
+}
+
+impl SockAddr {
+    #[inline(always)]
+    pub fn v4(addr: [u8; 4], port: u16) -> Self {
+        let mut a = [0u8; 16];
+        a[0] = addr[0];
+        a[1] = addr[1];
+        a[2] = addr[2];
+        a[3] = addr[3];
+        Self {
+            family: 4,
+            port: port as u32,
+            addr: a,
+        }
+    }
+
+    #[inline(always)]
+    pub fn v6(addr: [u8; 16], port: u16) -> Self {
+        Self {
+            family: 6,
+            port: port as u32,
+            addr,
+        }
+    }
+
+    #[inline(always)]
+    pub fn ip4(&self) -> [u8; 4] {
+        [self.addr[0], self.addr[1], self.addr[2], self.addr[3]]
+    }
+}
+
+/// `::ffff:a.b.c.d` → `a.b.c.d`.
+#[inline(always)]
+pub fn v4_mapped(addr: &[u8; 16]) -> Option<[u8; 4]> {
+    let mut i = 0;
+    while i < 10 {
+        if addr[i] != 0 {
+            return None;
+        }
+        i += 1;
+    }
+    if addr[10] == 0xff && addr[11] == 0xff {
+        Some([addr[12], addr[13], addr[14], addr[15]])
+    } else {
+        None
+    }
+}
+
+/// The original destination of a redirected socket, kept by the kernel for the proxy
+/// (keyed by the client's address) and for getpeername (keyed by socket cookie).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OrigDst {
+    /// As the kernel judged it (an IPv4-mapped address is family 4).
+    pub dst: SockAddr,
+    pub cgroup_id: u64,
+    pub workload_id: u32,
+    pub rule_id: u32,
+    /// 1 when the application dialled the IPv4-mapped form on an IPv6 socket.
+    pub mapped: u32,
+    pub _pad0: u32,
+}
+
+/// Where a verdict event came from.
+pub mod hook {
+    pub const CONNECT4: u8 = 1;
+    pub const CONNECT6: u8 = 2;
+    pub const SENDMSG4: u8 = 3;
+    pub const SENDMSG6: u8 = 4;
+}
+
+/// One decision, written to the `EGRESS_EVENTS` ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VerdictEvent {
+    pub ts_ns: u64,
+    pub cgroup_id: u64,
+    pub pid_tgid: u64,
+    pub dst: SockAddr,
+    pub workload_id: u32,
+    pub rule_id: u32,
+    pub generation: u32,
+    /// [`crate::Outcome`] as u8.
+    pub outcome: u8,
+    pub proto: u8,
+    pub hook: u8,
+    pub _pad0: u8,
+}
+
+/// Index into the per-CPU `EGRESS_COUNTERS` array.
+#[inline(always)]
+pub fn counter_index(workload_id: u32, outcome: u8, proto: u8) -> u32 {
+    let p = match proto {
+        crate::proto::TCP => 0,
+        crate::proto::UDP => 1,
+        _ => 2,
+    };
+    workload_id * COUNTER_SLOTS + (outcome as u32) * 4 + p
+}
+
+/// Counters per workload: 16 outcomes x 4 protocol slots.
+pub const COUNTER_SLOTS: u32 = 64;
+pub const COUNTERS_LEN: u32 = capacity::MAX_WORKLOADS * COUNTER_SLOTS;
+
+const _: () = assert!(size_of::<MeshConfig>() == 56);
+const _: () = assert!(size_of::<WorkloadInfo>() == 8);
+const _: () = assert!(size_of::<PortRule>() == 12);
+const _: () = assert!(size_of::<PolicyValue>() == 4 + 12 * MAX_RULES_PER_PREFIX);
+const _: () = assert!(size_of::<SockAddr>() == 24);
+const _: () = assert!(size_of::<OrigDst>() == 48);
+const _: () = assert!(size_of::<VerdictEvent>() == 64);
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are repr(C), made only of integers and byte arrays, with explicit
+    // padding fields, so every bit pattern is valid and there are no uninitialised bytes.
+    unsafe impl aya::Pod for MeshConfig {}
+    unsafe impl aya::Pod for WorkloadInfo {}
+    unsafe impl aya::Pod for PortRule {}
+    unsafe impl aya::Pod for PolicyValue {}
+    unsafe impl aya::Pod for SockAddr {}
+    unsafe impl aya::Pod for OrigDst {}
+    unsafe impl aya::Pod for VerdictEvent {}
+}

@@ -1,0 +1,427 @@
+//! The in-kernel egress decision path. Thin on purpose: read the context, ask
+//! `egress_common::decide`, act (pass, rewrite to the proxy, or refuse with EPERM).
+#![no_std]
+#![no_main]
+
+use core::ptr::{read_volatile, write_volatile};
+
+use aya_ebpf::{
+    bindings::{
+        bpf_sock_addr, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
+    },
+    helpers::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_pid_tgid,
+        bpf_get_socket_cookie, bpf_ktime_get_ns,
+    },
+    macros::{cgroup_sock_addr, map, sock_ops},
+    maps::{
+        lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf,
+    },
+    programs::{SockAddrContext, SockOpsContext},
+    EbpfContext,
+};
+use aya_log_ebpf::error;
+use egress_common::{
+    capacity, counter_index, decide, decide::on_error, decide::Query, hook, policy_key, proto,
+    v4_mapped, Decision, MeshConfig, OrigDst, Outcome, PolicyKeyV4, PolicyKeyV6, PolicyValue,
+    SockAddr, VerdictEvent, WorkloadInfo, COUNTERS_LEN,
+};
+
+#[map(name = "EGRESS_CONFIG")]
+static CONFIG: Array<MeshConfig> = Array::with_max_entries(1, 0);
+
+#[map(name = "EGRESS_WORKLOADS")]
+static WORKLOADS: HashMap<u64, WorkloadInfo> =
+    HashMap::with_max_entries(capacity::WORKLOAD_CGROUPS, 0);
+
+// LPM tries need BPF_F_NO_PREALLOC.
+const NO_PREALLOC: u32 = 1;
+
+#[map(name = "EGRESS_POLICY_V4")]
+static POLICY_V4: LpmTrie<PolicyKeyV4, PolicyValue> =
+    LpmTrie::with_max_entries(capacity::POLICY_PREFIXES, NO_PREALLOC);
+
+#[map(name = "EGRESS_POLICY_V6")]
+static POLICY_V6: LpmTrie<PolicyKeyV6, PolicyValue> =
+    LpmTrie::with_max_entries(capacity::POLICY_PREFIXES, NO_PREALLOC);
+
+#[map(name = "EGRESS_MESH_V4")]
+static MESH_V4: LpmTrie<[u8; 4], u32> =
+    LpmTrie::with_max_entries(capacity::MESH_PREFIXES, NO_PREALLOC);
+
+#[map(name = "EGRESS_MESH_V6")]
+static MESH_V6: LpmTrie<[u8; 16], u32> =
+    LpmTrie::with_max_entries(capacity::MESH_PREFIXES, NO_PREALLOC);
+
+#[map(name = "EGRESS_ORIG_COOKIE")]
+static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> =
+    LruHashMap::with_max_entries(capacity::ORIG_DST, 0);
+
+#[map(name = "EGRESS_ORIG_TUPLE")]
+static ORIG_BY_TUPLE: LruHashMap<SockAddr, OrigDst> =
+    LruHashMap::with_max_entries(capacity::ORIG_DST, 0);
+
+#[map(name = "EGRESS_COUNTERS")]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS_LEN, 0);
+
+#[map(name = "EGRESS_EVENTS")]
+static EVENTS: RingBuf = RingBuf::with_byte_size(capacity::EVENTS_BYTES, 0);
+
+/// cgroup/connect* and sendmsg* return values.
+const PASS: i32 = 1;
+const REFUSE: i32 = 0; // the syscall fails with EPERM
+
+/// The destination of one connect()/sendmsg(), as the program found it.
+struct Dst {
+    addr: SockAddr,
+    /// Dialled as `::ffff:a.b.c.d` on an IPv6 socket.
+    mapped: bool,
+}
+
+/// What the program must do after judging.
+enum Act {
+    /// Not enrolled, exempt, or allowed: leave the address alone.
+    Pass,
+    Refuse,
+    /// Rewrite the destination to the proxy (v4 or, for IPv6 sockets, v6/mapped).
+    Redirect(MeshConfig),
+}
+
+#[inline(always)]
+fn workload(cg: u64, root_level: Option<u32>) -> Option<WorkloadInfo> {
+    // SAFETY: values are plain data copied out at once; the agent replaces whole entries.
+    if let Some(w) = unsafe { WORKLOADS.get(&cg) } {
+        return Some(*w);
+    }
+    // A process in a cgroup nested below its workload's cgroup is still that workload.
+    let mut level = root_level? + 1;
+    for _ in 0..capacity::MAX_CGROUP_NESTING {
+        let anc = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+        if anc == 0 || anc == cg {
+            break;
+        }
+        if let Some(w) = unsafe { WORKLOADS.get(&anc) } {
+            return Some(*w);
+        }
+        level += 1;
+    }
+    None
+}
+
+#[inline(always)]
+fn policy(workload_id: u32, dst: &SockAddr) -> Option<&'static PolicyValue> {
+    if dst.family == 4 {
+        let k: PolicyKeyV4 = policy_key(workload_id, &dst.ip4());
+        POLICY_V4.get(Key::new(32 + 32, k))
+    } else {
+        let k: PolicyKeyV6 = policy_key(workload_id, &dst.addr);
+        POLICY_V6.get(Key::new(32 + 128, k))
+    }
+}
+
+#[inline(always)]
+fn in_mesh(dst: &SockAddr) -> bool {
+    if dst.family == 4 {
+        MESH_V4.get(Key::new(32, dst.ip4())).is_some()
+    } else {
+        MESH_V6.get(Key::new(128, dst.addr)).is_some()
+    }
+}
+
+#[inline(always)]
+fn is_proxy(cfg: &MeshConfig, dst: &SockAddr) -> bool {
+    if dst.port != cfg.proxy_port as u32 {
+        return false;
+    }
+    if dst.family == 4 {
+        let ip = dst.ip4();
+        ip == cfg.proxy_ip4 || ip == [0; 4]
+    } else {
+        dst.addr == cfg.proxy_ip6 || dst.addr == [0; 16]
+    }
+}
+
+#[inline(always)]
+fn record(cfg: Option<&MeshConfig>, cg: u64, wid: u32, dst: &SockAddr, proto: u8, hook: u8, d: Decision) {
+    if let Some(c) = COUNTERS.get_ptr_mut(counter_index(wid, d.outcome as u8, proto)) {
+        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+        unsafe { *c += 1 };
+    }
+    if d.outcome == Outcome::Mesh {
+        return;
+    }
+    let ev = VerdictEvent {
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        cgroup_id: cg,
+        pid_tgid: bpf_get_current_pid_tgid(),
+        dst: *dst,
+        workload_id: wid,
+        rule_id: d.rule_id,
+        generation: cfg.map(|c| c.generation as u32).unwrap_or(0),
+        outcome: d.outcome as u8,
+        proto,
+        hook,
+        _pad0: 0,
+    };
+    // A full ring buffer loses the event, never the verdict; the agent counts the gap from
+    // the counters.
+    let _ = EVENTS.output::<VerdictEvent>(&ev, 0);
+}
+
+/// Judge one outgoing connect()/sendmsg() of the current task.
+#[inline(always)]
+fn judge(ctx: &SockAddrContext, dst: &Dst, proto: u8, hook: u8) -> Act {
+    let cg = unsafe { bpf_get_current_cgroup_id() };
+    let cfg = CONFIG.get(0);
+    if let Some(c) = cfg {
+        if cg == c.agent_cgroup_id {
+            return Act::Pass;
+        }
+    }
+    let Some(w) = workload(cg, cfg.map(|c| c.root_level)) else {
+        return Act::Pass; // not enrolled: untouched
+    };
+    let Some(cfg) = cfg else {
+        error!(ctx, "egress: no mesh config, refusing cgroup {}", cg);
+        let d = Decision { outcome: on_error(None), rule_id: 0 };
+        record(None, cg, w.id, &dst.addr, proto, hook, d);
+        return Act::Refuse;
+    };
+    let q = Query {
+        proto,
+        port: dst.addr.port as u16,
+        in_mesh: in_mesh(&dst.addr),
+        to_proxy: is_proxy(cfg, &dst.addr),
+    };
+    let mut d = decide(cfg, &q, policy(w.id, &dst.addr));
+    if d.outcome == Outcome::Proxy {
+        let orig = OrigDst {
+            dst: dst.addr,
+            cgroup_id: cg,
+            workload_id: w.id,
+            rule_id: d.rule_id,
+            mapped: dst.mapped as u32,
+            _pad0: 0,
+        };
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        if ORIG_BY_COOKIE.insert(&cookie, &orig, 0).is_err() {
+            error!(ctx, "egress: cannot record original destination, cgroup {}", cg);
+            d.outcome = on_error(Some(cfg));
+        }
+    }
+    record(Some(cfg), cg, w.id, &dst.addr, proto, hook, d);
+    match d.outcome {
+        Outcome::Proxy => Act::Redirect(*cfg),
+        o if o.is_denied() => Act::Refuse,
+        _ => Act::Pass,
+    }
+}
+
+#[inline(always)]
+fn sa(ctx: &SockAddrContext) -> *mut bpf_sock_addr {
+    ctx.sock_addr
+}
+
+#[inline(always)]
+fn read_port(ctx: &SockAddrContext) -> u16 {
+    // user_port holds the port in network order in its low 16 bits.
+    u16::from_be(unsafe { read_volatile(&(*sa(ctx)).user_port) } as u16)
+}
+
+#[inline(always)]
+fn write_port(ctx: &SockAddrContext, port: u16) {
+    unsafe { write_volatile(&mut (*sa(ctx)).user_port, port.to_be() as u32) };
+}
+
+#[inline(always)]
+fn read_ip6(ctx: &SockAddrContext) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    for i in 0..4 {
+        let w = unsafe { read_volatile(&(*sa(ctx)).user_ip6[i]) }.to_ne_bytes();
+        out[i * 4..i * 4 + 4].copy_from_slice(&w);
+    }
+    out
+}
+
+#[inline(always)]
+fn write_ip6(ctx: &SockAddrContext, ip: &[u8; 16]) {
+    for i in 0..4 {
+        let w = u32::from_ne_bytes([ip[i * 4], ip[i * 4 + 1], ip[i * 4 + 2], ip[i * 4 + 3]]);
+        unsafe { write_volatile(&mut (*sa(ctx)).user_ip6[i], w) };
+    }
+}
+
+#[inline(always)]
+fn mapped6(ip4: [u8; 4]) -> [u8; 16] {
+    let mut a = [0u8; 16];
+    a[10] = 0xff;
+    a[11] = 0xff;
+    a[12..16].copy_from_slice(&ip4);
+    a
+}
+
+#[inline(always)]
+fn protocol(ctx: &SockAddrContext) -> u8 {
+    unsafe { read_volatile(&(*sa(ctx)).protocol) as u8 }
+}
+
+fn sock4(ctx: &SockAddrContext, proto: u8, hook: u8) -> i32 {
+    let ip = unsafe { read_volatile(&(*sa(ctx)).user_ip4) }.to_ne_bytes();
+    let dst = Dst {
+        addr: SockAddr::v4(ip, read_port(ctx)),
+        mapped: false,
+    };
+    match judge(ctx, &dst, proto, hook) {
+        Act::Pass => PASS,
+        Act::Refuse => REFUSE,
+        Act::Redirect(cfg) => {
+            let ip = u32::from_ne_bytes(cfg.proxy_ip4);
+            unsafe { write_volatile(&mut (*sa(ctx)).user_ip4, ip) };
+            write_port(ctx, cfg.proxy_port);
+            PASS
+        }
+    }
+}
+
+fn sock6(ctx: &SockAddrContext, proto: u8, hook: u8) -> i32 {
+    let ip = read_ip6(ctx);
+    let port = read_port(ctx);
+    // An IPv4-mapped destination is judged (and redirected) as IPv4.
+    let dst = match v4_mapped(&ip) {
+        Some(v4) => Dst {
+            addr: SockAddr::v4(v4, port),
+            mapped: true,
+        },
+        None => Dst {
+            addr: SockAddr::v6(ip, port),
+            mapped: false,
+        },
+    };
+    match judge(ctx, &dst, proto, hook) {
+        Act::Pass => PASS,
+        Act::Refuse => REFUSE,
+        Act::Redirect(cfg) => {
+            let to = if dst.mapped {
+                mapped6(cfg.proxy_ip4)
+            } else {
+                cfg.proxy_ip6
+            };
+            write_ip6(ctx, &to);
+            write_port(ctx, cfg.proxy_port);
+            PASS
+        }
+    }
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn egress_connect4(ctx: SockAddrContext) -> i32 {
+    let p = protocol(&ctx);
+    sock4(&ctx, p, hook::CONNECT4)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn egress_connect6(ctx: SockAddrContext) -> i32 {
+    let p = protocol(&ctx);
+    sock6(&ctx, p, hook::CONNECT6)
+}
+
+// sendmsg runs for UDP datagrams sent with an explicit address (sendto without connect).
+#[cgroup_sock_addr(sendmsg4)]
+pub fn egress_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock4(&ctx, proto::UDP, hook::SENDMSG4)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn egress_sendmsg6(ctx: SockAddrContext) -> i32 {
+    sock6(&ctx, proto::UDP, hook::SENDMSG6)
+}
+
+#[inline(always)]
+fn orig_of_socket(ctx: &SockAddrContext) -> Option<OrigDst> {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: copied out at once.
+    unsafe { ORIG_BY_COOKIE.get(&cookie) }.copied()
+}
+
+/// The application sees the address it dialled, not the proxy's.
+#[cgroup_sock_addr(getpeername4)]
+pub fn egress_getpeername4(ctx: SockAddrContext) -> i32 {
+    if let Some(o) = orig_of_socket(&ctx) {
+        if o.dst.family == 4 {
+            let ip = u32::from_ne_bytes(o.dst.ip4());
+            unsafe { write_volatile(&mut (*sa(&ctx)).user_ip4, ip) };
+            write_port(&ctx, o.dst.port as u16);
+        }
+    }
+    PASS
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn egress_getpeername6(ctx: SockAddrContext) -> i32 {
+    if let Some(o) = orig_of_socket(&ctx) {
+        let ip = if o.dst.family == 4 {
+            mapped6(o.dst.ip4())
+        } else {
+            o.dst.addr
+        };
+        write_ip6(&ctx, &ip);
+        write_port(&ctx, o.dst.port as u16);
+    }
+    PASS
+}
+
+const AF_INET: u32 = 2;
+
+/// Re-keys the original destination of a redirected socket by the client's address once the
+/// kernel has chosen it (the proxy sees exactly that address as its peer), and forgets both
+/// entries when the socket closes.
+#[sock_ops]
+pub fn egress_sockops(ctx: SockOpsContext) -> u32 {
+    let ops = ctx.ops;
+    // Read every field unconditionally: the verifier rejects ctx accesses that LLVM turns
+    // into pointer arithmetic behind a branch.
+    let op = unsafe { read_volatile(&(*ops).op) };
+    let family = unsafe { read_volatile(&(*ops).family) };
+    let ip4 = unsafe { read_volatile(&(*ops).local_ip4) }.to_ne_bytes();
+    let mut ip6 = [0u8; 16];
+    for i in 0..4 {
+        let w = unsafe { read_volatile(&(*ops).local_ip6[i]) }.to_ne_bytes();
+        ip6[i * 4..i * 4 + 4].copy_from_slice(&w);
+    }
+    let port = unsafe { read_volatile(&(*ops).local_port) } as u16;
+    let new_state = unsafe { read_volatile(&(*ops).__bindgen_anon_1.args[1]) };
+
+    let local = if family == AF_INET {
+        SockAddr::v4(ip4, port)
+    } else {
+        match v4_mapped(&ip6) {
+            Some(v4) => SockAddr::v4(v4, port),
+            None => SockAddr::v6(ip6, port),
+        }
+    };
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
+        // SAFETY: copied out at once.
+        if let Some(o) = unsafe { ORIG_BY_COOKIE.get(&cookie) }.copied() {
+            if ORIG_BY_TUPLE.insert(&local, &o, 0).is_err() {
+                error!(&ctx, "egress: cannot key original destination by client address");
+            }
+            let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+        }
+    } else if op == BPF_SOCK_OPS_STATE_CB && new_state == BPF_TCP_CLOSE {
+        let _ = ORIG_BY_TUPLE.remove(&local);
+        let _ = ORIG_BY_COOKIE.remove(&cookie);
+    }
+    1
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[link_section = "license"]
+#[no_mangle]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

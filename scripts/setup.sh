@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Idempotent machine setup for building and testing egress (Debian 12, root).
+#
+# Installs: the apt packages the build, the tests and the demo use; rust-src for the eBPF
+# toolchain; bpf-linker built from crates.io against that toolchain's own libLLVM.
+# Warm re-runs only check and cost a second or two. Never runs `rustup update`.
+set -euo pipefail
+
+# The eBPF toolchain: stable, with RUSTC_BOOTSTRAP=1 set only for the nested eBPF build
+# (see egress-agent/build.rs). Overridable, e.g. EGRESS_EBPF_TOOLCHAIN=nightly.
+T=${EGRESS_EBPF_TOOLCHAIN:-stable}
+BPF_LINKER_VERSION=0.13.0
+APT_PACKAGES=(build-essential iproute2 curl python3 netcat-openbsd bpftool)
+
+log() { printf 'setup: %s\n' "$*" >&2; }
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  log "installing apt packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if ! rustup component list --toolchain "$T" --installed | grep -q '^rust-src'; then
+  log "adding rust-src to toolchain $T"
+  rustup component add rust-src --toolchain "$T"
+fi
+
+# bpf-linker's LLVM major must equal the eBPF rustc's; link it against that rustc's own libLLVM.
+S=$(rustup run "$T" rustc --print sysroot)
+MAJOR=$(rustup run "$T" rustc -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')
+LIB=$(cd "$S/lib" && ls libLLVM.so.* | head -1)
+P=$HOME/.cargo/egress-llvm/$T # persistent: bpf-linker's rpath points here
+BIN=$HOME/.cargo/bin/bpf-linker
+if [ -x "$BIN" ] && readelf -d "$BIN" 2>/dev/null | grep -qF "$LIB" \
+   && "$BIN" --version 2>/dev/null | grep -qF "$BPF_LINKER_VERSION"; then
+  exit 0
+fi
+log "building bpf-linker $BPF_LINKER_VERSION against $LIB (LLVM $MAJOR of toolchain $T), about a minute"
+mkdir -p "$P/lib"
+ln -sfn "$S/lib/$LIB" "$P/lib/libLLVM.so"
+ln -sfn "$S/lib/$LIB" "$P/lib/$LIB"
+LLVM_PREFIX=$P cargo +"$T" install bpf-linker --version "$BPF_LINKER_VERSION" --locked --force \
+  --no-default-features --features "llvm-$MAJOR"
