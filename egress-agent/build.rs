@@ -13,7 +13,9 @@ fn main() -> anyhow::Result<()> {
     }
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);
     let root = manifest.join("../egress-ebpf").canonicalize()?;
-    let root = root.to_str().ok_or_else(|| anyhow::anyhow!("non-UTF-8 path {root:?}"))?;
+    let root = root
+        .to_str()
+        .ok_or_else(|| anyhow::anyhow!("non-UTF-8 path {root:?}"))?;
     aya_build::build_ebpf(
         [aya_build::Package {
             name: "egress-ebpf",

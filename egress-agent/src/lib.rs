@@ -1,1 +1,10 @@
-
+//! The egress node agent: policy parsing and compilation, the eBPF datapath, workload cgroups,
+//! the transparent proxy, and the command line.
+pub mod bpf;
+pub mod cli;
+pub mod config;
+pub mod flows;
+pub mod policy;
+pub mod proxy;
+pub mod run;
+pub mod workload;

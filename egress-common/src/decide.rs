@@ -117,9 +117,9 @@ pub fn decide(cfg: &MeshConfig, q: &Query, rules: Option<&PolicyValue>) -> Decis
         return Decision::new(Outcome::Mesh, 0);
     }
     let audit = cfg.audit_mode != 0;
-    let mut proxy_rule = 0u32;
-    let mut allow_rule = 0u32;
-    let (mut proxy, mut allow) = (false, false);
+    // One scan keeps the strongest match as (priority << 24 | rule id): deny 3, proxy 2,
+    // allow 1. A single running maximum (no flags) keeps the verifier's state space small.
+    let mut best = 0u32;
     if let Some(v) = rules {
         let mut i = 0;
         while i < MAX_RULES_PER_PREFIX {
@@ -128,46 +128,35 @@ pub fn decide(cfg: &MeshConfig, q: &Query, rules: Option<&PolicyValue>) -> Decis
             }
             let r = &v.rules[i];
             i += 1;
-            if r.proto != proto::ANY && r.proto != q.proto {
-                continue;
-            }
-            if q.port < r.port_lo || q.port > r.port_hi {
-                continue;
-            }
-            match r.action {
-                action::DENY => {
-                    let o = if audit {
-                        Outcome::AuditRule
-                    } else {
-                        Outcome::DenyRule
-                    };
-                    return Decision::new(o, r.rule_id);
-                }
+            let proto_ok = r.proto == proto::ANY || r.proto == q.proto;
+            let port_ok = q.port >= r.port_lo && q.port <= r.port_hi;
+            let prio = match r.action {
+                action::DENY => 3,
                 // Only TCP can be proxied; the compiler never emits other proxy rules.
-                action::PROXY if q.proto == proto::TCP && !proxy => {
-                    proxy = true;
-                    proxy_rule = r.rule_id;
-                }
-                action::ALLOW if !allow => {
-                    allow = true;
-                    allow_rule = r.rule_id;
-                }
-                _ => {}
+                action::PROXY if q.proto == proto::TCP => 2,
+                action::ALLOW => 1,
+                _ => 0,
+            };
+            let score = (prio << 24) | (r.rule_id & MAX_RULE_ID);
+            if proto_ok && port_ok && score > best {
+                best = score;
             }
         }
     }
-    if proxy {
-        Decision::new(Outcome::Proxy, proxy_rule)
-    } else if allow {
-        Decision::new(Outcome::Allow, allow_rule)
-    } else if cfg.enable_egress != 0 {
-        Decision::new(Outcome::Pass, 0)
-    } else if audit {
-        Decision::new(Outcome::AuditDefault, 0)
-    } else {
-        Decision::new(Outcome::DenyDefault, 0)
+    let rule_id = best & MAX_RULE_ID;
+    match best >> 24 {
+        3 if audit => Decision::new(Outcome::AuditRule, rule_id),
+        3 => Decision::new(Outcome::DenyRule, rule_id),
+        2 => Decision::new(Outcome::Proxy, rule_id),
+        1 => Decision::new(Outcome::Allow, rule_id),
+        _ if cfg.enable_egress != 0 => Decision::new(Outcome::Pass, 0),
+        _ if audit => Decision::new(Outcome::AuditDefault, 0),
+        _ => Decision::new(Outcome::DenyDefault, 0),
     }
 }
+
+/// Rule ids fit in 24 bits (the decision packs them beside a priority).
+pub const MAX_RULE_ID: u32 = (1 << 24) - 1;
 
 /// The decision for an enrolled cgroup when the kernel path hits an internal error.
 #[inline(always)]
@@ -222,7 +211,10 @@ mod tests {
 
     #[test]
     fn unmatched_follows_enable_egress() {
-        assert_eq!(decide(&cfg(true, false), &q(proto::TCP, 80), None).outcome, Outcome::Pass);
+        assert_eq!(
+            decide(&cfg(true, false), &q(proto::TCP, 80), None).outcome,
+            Outcome::Pass
+        );
         assert_eq!(
             decide(&cfg(false, false), &q(proto::TCP, 80), None).outcome,
             Outcome::DenyDefault
@@ -277,7 +269,11 @@ mod tests {
             (proto::TCP, 8081, Outcome::DenyDefault),
             (proto::UDP, 8000, Outcome::DenyDefault),
         ] {
-            assert_eq!(decide(&c, &q(p, port), Some(&v)).outcome, want, "{p} {port}");
+            assert_eq!(
+                decide(&c, &q(p, port), Some(&v)).outcome,
+                want,
+                "{p} {port}"
+            );
         }
     }
 
@@ -302,7 +298,10 @@ mod tests {
         );
         query.to_proxy = false;
         query.in_mesh = true;
-        assert_eq!(decide(&cfg(false, false), &query, Some(&v)).outcome, Outcome::Mesh);
+        assert_eq!(
+            decide(&cfg(false, false), &query, Some(&v)).outcome,
+            Outcome::Mesh
+        );
     }
 
     #[test]

@@ -15,9 +15,7 @@ use aya_ebpf::{
         bpf_get_socket_cookie, bpf_ktime_get_ns,
     },
     macros::{cgroup_sock_addr, map, sock_ops},
-    maps::{
-        lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf,
-    },
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     programs::{SockAddrContext, SockOpsContext},
     EbpfContext,
 };
@@ -143,7 +141,15 @@ fn is_proxy(cfg: &MeshConfig, dst: &SockAddr) -> bool {
 }
 
 #[inline(always)]
-fn record(cfg: Option<&MeshConfig>, cg: u64, wid: u32, dst: &SockAddr, proto: u8, hook: u8, d: Decision) {
+fn record(
+    cfg: Option<&MeshConfig>,
+    cg: u64,
+    wid: u32,
+    dst: &SockAddr,
+    proto: u8,
+    hook: u8,
+    d: Decision,
+) {
     if let Some(c) = COUNTERS.get_ptr_mut(counter_index(wid, d.outcome as u8, proto)) {
         // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
         unsafe { *c += 1 };
@@ -184,7 +190,10 @@ fn judge(ctx: &SockAddrContext, dst: &Dst, proto: u8, hook: u8) -> Act {
     };
     let Some(cfg) = cfg else {
         error!(ctx, "egress: no mesh config, refusing cgroup {}", cg);
-        let d = Decision { outcome: on_error(None), rule_id: 0 };
+        let d = Decision {
+            outcome: on_error(None),
+            rule_id: 0,
+        };
         record(None, cg, w.id, &dst.addr, proto, hook, d);
         return Act::Refuse;
     };
@@ -206,7 +215,10 @@ fn judge(ctx: &SockAddrContext, dst: &Dst, proto: u8, hook: u8) -> Act {
         };
         let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
         if ORIG_BY_COOKIE.insert(&cookie, &orig, 0).is_err() {
-            error!(ctx, "egress: cannot record original destination, cgroup {}", cg);
+            error!(
+                ctx,
+                "egress: cannot record original destination, cgroup {}", cg
+            );
             d.outcome = on_error(Some(cfg));
         }
     }
@@ -405,7 +417,10 @@ pub fn egress_sockops(ctx: SockOpsContext) -> u32 {
         // SAFETY: copied out at once.
         if let Some(o) = unsafe { ORIG_BY_COOKIE.get(&cookie) }.copied() {
             if ORIG_BY_TUPLE.insert(&local, &o, 0).is_err() {
-                error!(&ctx, "egress: cannot key original destination by client address");
+                error!(
+                    &ctx,
+                    "egress: cannot key original destination by client address"
+                );
             }
             let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
         }

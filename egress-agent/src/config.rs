@@ -1,0 +1,906 @@
+//! The policy file: MeshConfig, Workload, Egress and EgressGateway objects as YAML documents.
+//!
+//! Parsing is strict (unknown kinds and fields are errors) and complete: every object is
+//! validated before anything is compiled, and the first error names the file, the object and
+//! the field path, e.g. `policy.yaml: Egress default/web-out: spec.ports[0].number: port 0 is
+//! out of range 1-65535`.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::IpAddr,
+    path::Path,
+    str::FromStr,
+};
+
+use serde::{Deserialize, Deserializer};
+
+pub const API_VERSION: &str = "policy.egress.dev/v1alpha1";
+pub const DEFAULT_PROXY_PORT: u16 = 15001;
+
+/// An invalid policy file. Displays as one line.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {object}{sep}{field}: {reason}", sep = if field.is_empty() { "" } else { ": " })]
+pub struct ConfigError {
+    pub file: String,
+    /// `Kind namespace/name`, or `document N` when the kind or name is unknown.
+    pub object: String,
+    /// Dotted field path, empty when the whole object is at fault.
+    pub field: String,
+    pub reason: String,
+}
+
+/// The whole policy of a standalone agent.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Config {
+    pub mesh: MeshSpec,
+    pub workloads: Vec<Workload>,
+    pub egresses: Vec<Egress>,
+    pub gateways: Vec<EgressGateway>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Metadata {
+    name: String,
+    #[serde(default)]
+    namespace: Option<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Object<S> {
+    api_version: Option<String>,
+    #[allow(dead_code)]
+    kind: String,
+    metadata: Metadata,
+    spec: Option<S>,
+}
+
+// ---- MeshConfig -------------------------------------------------------------------------
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct MeshSpec {
+    pub traffic: TrafficSpec,
+    pub proxy: ProxySpec,
+    pub fail_mode: FailMode,
+    pub audit_mode: bool,
+}
+
+impl Default for MeshSpec {
+    fn default() -> Self {
+        Self {
+            traffic: TrafficSpec::default(),
+            proxy: ProxySpec::default(),
+            fail_mode: FailMode::Closed,
+            audit_mode: false,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct TrafficSpec {
+    /// true: unmatched external traffic passes; false: only what an Egress allows.
+    pub enable_egress: bool,
+    #[serde(rename = "meshCIDRs")]
+    pub mesh_cidrs: Vec<Cidr>,
+}
+
+impl Default for TrafficSpec {
+    fn default() -> Self {
+        Self {
+            enable_egress: true,
+            mesh_cidrs: Vec::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxySpec {
+    pub port: Port,
+}
+
+impl Default for ProxySpec {
+    fn default() -> Self {
+        Self {
+            port: Port(DEFAULT_PROXY_PORT),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum FailMode {
+    Closed,
+    Open,
+}
+
+// ---- Workload ---------------------------------------------------------------------------
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Workload {
+    pub id: ObjectRef,
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WorkloadSpec {}
+
+// ---- Egress -----------------------------------------------------------------------------
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Egress {
+    pub id: ObjectRef,
+    pub spec: EgressSpec,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct EgressSpec {
+    pub sources: Vec<Source>,
+    #[serde(default)]
+    pub hosts: Vec<HostPattern>,
+    #[serde(default)]
+    pub ip_addresses: Vec<Cidr>,
+    #[serde(default)]
+    pub ports: Vec<PortSpec>,
+    #[serde(default)]
+    pub action: Action,
+    #[serde(default)]
+    pub via: Option<Via>,
+}
+
+impl EgressSpec {
+    /// Where matching connections go: hosts imply the proxy.
+    pub fn route(&self) -> Via {
+        match self.via {
+            Some(v) => v,
+            None if !self.hosts.is_empty() => Via::Proxy,
+            None => Via::Direct,
+        }
+    }
+}
+
+/// A source: one workload by name, or workloads by label.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Source {
+    #[serde(default)]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub namespace: Option<String>,
+    #[serde(default)]
+    pub pod_selector: Option<LabelSelector>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LabelSelector {
+    #[serde(default)]
+    pub match_labels: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PortSpec {
+    pub number: Port,
+    /// Last port of a range (inclusive), as in Kubernetes NetworkPolicy.
+    #[serde(default)]
+    pub end_port: Option<Port>,
+    #[serde(default)]
+    pub protocol: Protocol,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Tcp,
+    Http,
+    Https,
+    Udp,
+}
+
+impl Protocol {
+    pub fn is_tcp(self) -> bool {
+        !matches!(self, Protocol::Udp)
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    #[default]
+    Allow,
+    Deny,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Via {
+    Direct,
+    Proxy,
+    Gateway,
+}
+
+// ---- EgressGateway ----------------------------------------------------------------------
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct EgressGateway {
+    pub id: ObjectRef,
+    pub spec: GatewaySpec,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GatewaySpec {
+    #[serde(default)]
+    pub global: Vec<GatewayEndpoint>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayEndpoint {
+    pub address: std::net::SocketAddr,
+    pub mode: GatewayMode,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum GatewayMode {
+    Http2tunnel,
+    Socks5,
+}
+
+// ---- Scalar types with their own validation ----------------------------------------------
+
+/// A TCP/UDP port, 1-65535.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Port(pub u16);
+
+impl<'de> Deserialize<'de> for Port {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let n = i64::deserialize(d)?;
+        if (1..=65535).contains(&n) {
+            Ok(Port(n as u16))
+        } else {
+            Err(serde::de::Error::custom(format_args!(
+                "port {n} is out of range 1-65535"
+            )))
+        }
+    }
+}
+
+/// An IP prefix. IPv4-mapped IPv6 prefixes are stored as IPv4.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub len: u8,
+}
+
+impl Cidr {
+    pub const ALL_V4: Cidr = Cidr {
+        addr: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+        len: 0,
+    };
+    pub const ALL_V6: Cidr = Cidr {
+        addr: IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+        len: 0,
+    };
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, normalize(ip)) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                mask(&n.octets(), self.len) == mask(&a.octets(), self.len)
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                mask(&n.octets(), self.len) == mask(&a.octets(), self.len)
+            }
+            _ => false,
+        }
+    }
+}
+
+/// `::ffff:a.b.c.d` → `a.b.c.d`.
+pub fn normalize(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => ip,
+        },
+        v4 => v4,
+    }
+}
+
+/// The first `len` bits of `bytes`, the rest zeroed.
+pub fn mask<const N: usize>(bytes: &[u8; N], len: u8) -> [u8; N] {
+    let mut out = *bytes;
+    for (i, b) in out.iter_mut().enumerate() {
+        let bit = (i * 8) as u32;
+        let len = len as u32;
+        *b &= if len >= bit + 8 {
+            0xff
+        } else if len <= bit {
+            0
+        } else {
+            !(0xffu8 >> (len - bit))
+        };
+    }
+    out
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (ip, len) = match s.split_once('/') {
+            Some((ip, len)) => (ip, Some(len)),
+            None => (s, None),
+        };
+        let ip: IpAddr = ip
+            .parse()
+            .map_err(|_| format!("invalid CIDR {s:?}: {ip:?} is not an IP address"))?;
+        let max = if ip.is_ipv4() { 32 } else { 128 };
+        let len = match len {
+            None => max,
+            Some(l) => l
+                .parse::<u8>()
+                .ok()
+                .filter(|l| *l <= max)
+                .ok_or_else(|| format!("invalid CIDR {s:?}: prefix length must be 0-{max}"))?,
+        };
+        let (addr, len) = match ip {
+            IpAddr::V6(v6) if len >= 96 && v6.to_ipv4_mapped().is_some() => {
+                (normalize(ip), len - 96)
+            }
+            _ => (ip, len),
+        };
+        let canonical = match addr {
+            IpAddr::V4(a) => IpAddr::from(mask(&a.octets(), len)),
+            IpAddr::V6(a) => IpAddr::from(mask(&a.octets(), len)),
+        };
+        if canonical != addr {
+            return Err(format!(
+                "invalid CIDR {s:?}: host bits are set (the network is {canonical}/{len})"
+            ));
+        }
+        Ok(Cidr { addr, len })
+    }
+}
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A host rule: `example.com`, `*.example.com` (exactly one more label) or `**.example.com`
+/// (one or more). Stored lower-case without a trailing dot.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct HostPattern(pub String);
+
+impl FromStr for HostPattern {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let lower = s.trim_end_matches('.').to_ascii_lowercase();
+        let base = lower
+            .strip_prefix("**.")
+            .or_else(|| lower.strip_prefix("*."))
+            .unwrap_or(&lower);
+        let bad = |why: &str| Err(format!("invalid host {s:?}: {why}"));
+        if base.is_empty() {
+            return bad("empty name");
+        }
+        if lower.len() > 253 {
+            return bad("longer than 253 characters");
+        }
+        for label in base.split('.') {
+            if label.is_empty() || label.len() > 63 {
+                return bad("each label must be 1-63 characters");
+            }
+            if !label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                return bad("only letters, digits, '-' and '_' are allowed, and '*.' or '**.' only as the first label");
+            }
+            if label.starts_with('-') || label.ends_with('-') {
+                return bad("a label cannot start or end with '-'");
+            }
+        }
+        Ok(HostPattern(lower))
+    }
+}
+
+impl<'de> Deserialize<'de> for HostPattern {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl fmt::Display for HostPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+// ---- Loading ----------------------------------------------------------------------------
+
+/// Kubernetes object names: DNS-1123 labels (lower-case alphanumerics and '-', 1-63).
+fn check_name(s: &str) -> Result<(), String> {
+    let ok = !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{s:?} is not a valid name (lower-case letters, digits and '-', 1-63 characters)"
+        ))
+    }
+}
+
+/// Reads and validates a policy file.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: path.display().to_string(),
+        object: "file".into(),
+        field: String::new(),
+        reason: format!("cannot read: {e}"),
+    })?;
+    parse(&text, &path.display().to_string())
+}
+
+/// Parses and validates the text of a policy file (`file` names it in errors).
+pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+    let mut p = Parser {
+        file: file.to_string(),
+        cfg: Config::default(),
+        mesh_seen: None,
+        seen: BTreeSet::new(),
+    };
+    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let value =
+            serde_yaml::Value::deserialize(doc).map_err(|e| p.err_doc(i, "", e.to_string()))?;
+        if value.is_null() {
+            continue; // an empty document, e.g. a trailing `---`
+        }
+        p.object(i, value)?;
+    }
+    p.finish()
+}
+
+struct Parser {
+    file: String,
+    cfg: Config,
+    mesh_seen: Option<String>,
+    seen: BTreeSet<(String, ObjectRef)>,
+}
+
+impl Parser {
+    fn err(&self, object: &str, field: &str, reason: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: self.file.clone(),
+            object: object.to_string(),
+            field: field.to_string(),
+            reason: reason.into(),
+        }
+    }
+
+    fn err_doc(&self, i: usize, field: &str, reason: String) -> ConfigError {
+        self.err(&format!("document {}", i + 1), field, reason)
+    }
+
+    fn object(&mut self, i: usize, value: serde_yaml::Value) -> Result<(), ConfigError> {
+        let kind = match value.get("kind") {
+            Some(serde_yaml::Value::String(k)) => k.clone(),
+            Some(_) => return Err(self.err_doc(i, "kind", "must be a string".into())),
+            None => return Err(self.err_doc(i, "kind", "missing".into())),
+        };
+        let name = value
+            .get("metadata")
+            .and_then(|m| m.get("name"))
+            .and_then(|n| n.as_str())
+            .unwrap_or("")
+            .to_string();
+        let namespace = value
+            .get("metadata")
+            .and_then(|m| m.get("namespace"))
+            .and_then(|n| n.as_str())
+            .unwrap_or("default")
+            .to_string();
+        let label = match kind.as_str() {
+            "MeshConfig" | "EgressGateway" if !name.is_empty() => format!("{kind} {name}"),
+            _ if !name.is_empty() => format!("{kind} {namespace}/{name}"),
+            _ => format!("{kind} (document {})", i + 1),
+        };
+        let id = ObjectRef { namespace, name };
+        match kind.as_str() {
+            "MeshConfig" => {
+                let o: Object<MeshSpec> = self.typed(&label, value)?;
+                self.header(&label, &o.metadata, o.api_version.as_deref())?;
+                if let Some(prev) = &self.mesh_seen {
+                    return Err(self.err(&label, "", format!("a second MeshConfig (the first is {prev:?})")));
+                }
+                self.mesh_seen = Some(id.name.clone());
+                self.cfg.mesh = o.spec.unwrap_or_default();
+            }
+            "Workload" => {
+                let o: Object<WorkloadSpec> = self.typed(&label, value)?;
+                self.header(&label, &o.metadata, o.api_version.as_deref())?;
+                self.unique(&label, &kind, &id)?;
+                self.cfg.workloads.push(Workload {
+                    id,
+                    labels: o.metadata.labels,
+                });
+            }
+            "Egress" => {
+                let o: Object<EgressSpec> = self.typed(&label, value)?;
+                self.header(&label, &o.metadata, o.api_version.as_deref())?;
+                self.unique(&label, &kind, &id)?;
+                let spec = o.spec.ok_or_else(|| self.err(&label, "spec", "missing"))?;
+                self.check_egress(&label, &spec)?;
+                self.cfg.egresses.push(Egress { id, spec });
+            }
+            "EgressGateway" => {
+                let o: Object<GatewaySpec> = self.typed(&label, value)?;
+                self.header(&label, &o.metadata, o.api_version.as_deref())?;
+                self.unique(&label, &kind, &id)?;
+                let spec = o.spec.ok_or_else(|| self.err(&label, "spec", "missing"))?;
+                self.cfg.gateways.push(EgressGateway { id, spec });
+            }
+            other => {
+                return Err(self.err(
+                    &label,
+                    "kind",
+                    format!("unknown kind {other:?} (expected MeshConfig, Workload, Egress or EgressGateway)"),
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    fn typed<T: for<'de> Deserialize<'de>>(
+        &self,
+        label: &str,
+        value: serde_yaml::Value,
+    ) -> Result<T, ConfigError> {
+        serde_path_to_error::deserialize(value).map_err(|e| {
+            let field = e.path().to_string();
+            let field = if field == "." { String::new() } else { field };
+            self.err(label, &field, e.into_inner().to_string())
+        })
+    }
+
+    fn header(&self, label: &str, m: &Metadata, api: Option<&str>) -> Result<(), ConfigError> {
+        if let Some(api) = api {
+            if api != API_VERSION {
+                return Err(self.err(
+                    label,
+                    "apiVersion",
+                    format!("{api:?} is not {API_VERSION:?}"),
+                ));
+            }
+        }
+        check_name(&m.name).map_err(|r| self.err(label, "metadata.name", r))?;
+        if let Some(ns) = &m.namespace {
+            check_name(ns).map_err(|r| self.err(label, "metadata.namespace", r))?;
+        }
+        Ok(())
+    }
+
+    fn unique(&mut self, label: &str, kind: &str, id: &ObjectRef) -> Result<(), ConfigError> {
+        if !self.seen.insert((kind.to_string(), id.clone())) {
+            return Err(self.err(label, "metadata.name", format!("duplicate {kind} {id}")));
+        }
+        Ok(())
+    }
+
+    fn check_egress(&self, label: &str, s: &EgressSpec) -> Result<(), ConfigError> {
+        if s.sources.is_empty() {
+            return Err(self.err(label, "spec.sources", "at least one source is required"));
+        }
+        for (i, src) in s.sources.iter().enumerate() {
+            let f = format!("spec.sources[{i}]");
+            match (&src.name, &src.pod_selector) {
+                (Some(_), Some(_)) => {
+                    return Err(self.err(label, &f, "give either name or podSelector, not both"))
+                }
+                (None, None) => return Err(self.err(label, &f, "name or podSelector is required")),
+                (Some(n), None) => {
+                    if let Some(k) = &src.kind {
+                        if k != "Workload" && k != "ServiceAccount" && k != "Pod" {
+                            return Err(self.err(
+                                label,
+                                &format!("{f}.kind"),
+                                format!("unknown source kind {k:?} (expected Workload)"),
+                            ));
+                        }
+                    }
+                    check_name(n).map_err(|r| self.err(label, &format!("{f}.name"), r))?;
+                }
+                (None, Some(_)) => {}
+            }
+            if let Some(ns) = &src.namespace {
+                check_name(ns).map_err(|r| self.err(label, &format!("{f}.namespace"), r))?;
+            }
+        }
+        for (i, p) in s.ports.iter().enumerate() {
+            let f = format!("spec.ports[{i}]");
+            if let Some(end) = p.end_port {
+                if end < p.number {
+                    return Err(self.err(
+                        label,
+                        &format!("{f}.endPort"),
+                        format!("endPort {} is below number {}", end.0, p.number.0),
+                    ));
+                }
+            }
+            if !s.hosts.is_empty() && !p.protocol.is_tcp() {
+                return Err(self.err(
+                    label,
+                    &format!("{f}.protocol"),
+                    "host rules need TCP (tcp, http or https); udp cannot carry a host name",
+                ));
+            }
+            if s.via == Some(Via::Proxy) && !p.protocol.is_tcp() {
+                return Err(self.err(
+                    label,
+                    &format!("{f}.protocol"),
+                    "via: proxy carries TCP only",
+                ));
+            }
+        }
+        if s.action == Action::Deny && matches!(s.via, Some(Via::Proxy | Via::Gateway)) {
+            return Err(self.err(
+                label,
+                "spec.via",
+                "a deny rule sends nothing anywhere; remove via",
+            ));
+        }
+        if s.route() == Via::Gateway {
+            return Err(self.err(
+                label,
+                "spec.via",
+                "via: gateway is not supported by this version of the agent yet",
+            ));
+        }
+        Ok(())
+    }
+
+    fn finish(self) -> Result<Config, ConfigError> {
+        // Every source must name an existing workload (selectors may match none: that is a
+        // policy that applies to nobody yet, as in Kubernetes).
+        let names: BTreeSet<&ObjectRef> = self.cfg.workloads.iter().map(|w| &w.id).collect();
+        for e in &self.cfg.egresses {
+            for (i, src) in e.spec.sources.iter().enumerate() {
+                if let Some(n) = &src.name {
+                    let want = ObjectRef {
+                        namespace: src
+                            .namespace
+                            .clone()
+                            .unwrap_or_else(|| e.id.namespace.clone()),
+                        name: n.clone(),
+                    };
+                    if !names.contains(&want) {
+                        return Err(self.err(
+                            &format!("Egress {}", e.id),
+                            &format!("spec.sources[{i}].name"),
+                            format!("no Workload {want} in this file"),
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(self.cfg)
+    }
+}
+
+impl Egress {
+    /// The workloads this policy applies to.
+    pub fn sources<'a>(
+        &'a self,
+        workloads: &'a [Workload],
+    ) -> impl Iterator<Item = &'a Workload> + 'a {
+        workloads.iter().filter(move |w| {
+            self.spec.sources.iter().any(|s| {
+                let ns = s.namespace.as_deref().unwrap_or(&self.id.namespace);
+                if w.id.namespace != ns {
+                    return false;
+                }
+                match (&s.name, &s.pod_selector) {
+                    (Some(n), _) => &w.id.name == n,
+                    (None, Some(sel)) => sel
+                        .match_labels
+                        .iter()
+                        .all(|(k, v)| w.labels.get(k) == Some(v)),
+                    (None, None) => false,
+                }
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+kind: MeshConfig
+metadata: {name: egress}
+spec:
+  traffic: {enableEgress: false, meshCIDRs: [10.0.0.0/8]}
+  proxy: {port: 15001}
+  failMode: closed
+---
+kind: Workload
+metadata: {name: web, namespace: default, labels: {app: web}}
+---
+apiVersion: policy.egress.dev/v1alpha1
+kind: Egress
+metadata: {name: allow-github, namespace: default}
+spec:
+  sources: [{kind: Workload, name: web, namespace: default}]
+  hosts: [github.com, "*.githubusercontent.com"]
+  ipAddresses: [140.82.112.0/20]
+  ports: [{number: 443, protocol: https}]
+  action: allow
+---
+"#;
+
+    fn err(text: &str) -> String {
+        parse(text, "p.yaml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn parses_the_contract_example() {
+        let c = parse(GOOD, "p.yaml").unwrap();
+        assert!(!c.mesh.traffic.enable_egress);
+        assert_eq!(c.mesh.traffic.mesh_cidrs[0].to_string(), "10.0.0.0/8");
+        assert_eq!(c.workloads.len(), 1);
+        let e = &c.egresses[0];
+        assert_eq!(e.spec.route(), Via::Proxy);
+        assert_eq!(e.spec.ports[0].protocol, Protocol::Https);
+        assert_eq!(e.sources(&c.workloads).count(), 1);
+    }
+
+    #[test]
+    fn defaults_without_meshconfig() {
+        let c = parse("kind: Workload\nmetadata: {name: a}\n", "p.yaml").unwrap();
+        assert!(c.mesh.traffic.enable_egress);
+        assert_eq!(c.mesh.proxy.port, Port(DEFAULT_PROXY_PORT));
+        assert_eq!(c.mesh.fail_mode, FailMode::Closed);
+    }
+
+    #[test]
+    fn errors_name_file_object_and_field() {
+        let bad_port = GOOD.replace("number: 443", "number: 0");
+        assert_eq!(
+            err(&bad_port),
+            "p.yaml: Egress default/allow-github: spec.ports[0].number: port 0 is out of range 1-65535"
+        );
+        let e = err(&GOOD.replace("number: 443", "number: 65536"));
+        assert!(
+            e.contains("spec.ports[0].number: port 65536 is out of range"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace("140.82.112.0/20", "140.82.112.0/33"));
+        assert!(
+            e.contains("Egress default/allow-github: spec.ipAddresses[0]: invalid CIDR"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace("140.82.112.0/20", "140.82.112.1/20"));
+        assert!(
+            e.contains("host bits are set (the network is 140.82.112.0/20)"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace("action: allow", "action: allow\n  colour: blue"));
+        assert!(
+            e.contains("Egress default/allow-github: spec.colour: unknown field `colour`"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace("kind: Workload", "kind: Pod"));
+        assert!(
+            e.contains("Pod default/web: kind: unknown kind \"Pod\""),
+            "{e}"
+        );
+        let e = err(&GOOD.replace(
+            "name: web, namespace: default}]",
+            "name: db, namespace: default}]",
+        ));
+        assert_eq!(e, "p.yaml: Egress default/allow-github: spec.sources[0].name: no Workload default/db in this file");
+        let e = err(&format!(
+            "{GOOD}\nkind: Workload\nmetadata: {{name: web}}\n"
+        ));
+        assert!(
+            e.contains("Workload default/web: metadata.name: duplicate Workload default/web"),
+            "{e}"
+        );
+        let e = err("kind: Egress\nmetadata: {name: x\n");
+        assert!(e.starts_with("p.yaml: document 1: "), "{e}");
+        let e = err(&GOOD.replace("enableEgress: false", "enableEgress: maybe"));
+        assert!(
+            e.contains("MeshConfig egress: spec.traffic.enableEgress: invalid type"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn semantic_checks() {
+        let e = err(&GOOD.replace("protocol: https", "protocol: udp"));
+        assert!(
+            e.contains("spec.ports[0].protocol: host rules need TCP"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace("action: allow", "action: allow\n  via: gateway"));
+        assert!(e.contains("spec.via: via: gateway is not supported"), "{e}");
+        let e = err(&GOOD.replace("github.com,", "\"git hub.com\","));
+        assert!(e.contains("spec.hosts[0]: invalid host"), "{e}");
+        let e = err(&GOOD.replace(
+            "{number: 443, protocol: https}",
+            "{number: 443, endPort: 80}",
+        ));
+        assert!(
+            e.contains("spec.ports[0].endPort: endPort 80 is below number 443"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn cidr_parsing() {
+        let c: Cidr = "::ffff:10.1.0.0/112".parse().unwrap();
+        assert_eq!(c.to_string(), "10.1.0.0/16");
+        let c: Cidr = "2001:db8::/32".parse().unwrap();
+        assert!(c.contains("2001:db8::1".parse().unwrap()));
+        assert!(!c.contains("2001:db9::".parse().unwrap()));
+        let c: Cidr = "127.1.2.3".parse().unwrap();
+        assert_eq!(c.len, 32);
+        assert!(c.contains("::ffff:127.1.2.3".parse().unwrap()));
+        assert!("1.2.3.4/x".parse::<Cidr>().is_err());
+        assert!("nonsense".parse::<Cidr>().is_err());
+    }
+
+    #[test]
+    fn host_patterns() {
+        assert_eq!(
+            "GitHub.COM.".parse::<HostPattern>().unwrap().0,
+            "github.com"
+        );
+        assert!("**.example.com".parse::<HostPattern>().is_ok());
+        assert!("a.*.example.com".parse::<HostPattern>().is_err());
+        assert!("*".parse::<HostPattern>().is_err());
+        assert!("-a.com".parse::<HostPattern>().is_err());
+    }
+}

@@ -1,0 +1,433 @@
+//! Compiles a validated [`Config`] into the entries of the kernel's maps.
+//!
+//! An LPM trie returns only the longest matching prefix, but a deny on a shorter prefix must
+//! still win over an allow on a longer one. So each (workload, prefix) entry carries its own
+//! rules plus those of every shorter prefix of the same workload that contains it.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use egress_common::{
+    action, decide, decide::Query, policy_key, proto, Decision, MeshConfig, PolicyKeyV4,
+    PolicyKeyV6, PolicyValue, PortRule, MAX_RULES_PER_PREFIX,
+};
+
+use crate::config::{self, Action, Cidr, Config, FailMode, HostPattern, ObjectRef, Via};
+
+/// What one Egress object compiled to; `rule_id` is its index + 1.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RuleInfo {
+    pub egress: ObjectRef,
+    pub action: Action,
+    pub via: Via,
+    pub hosts: Vec<HostPattern>,
+}
+
+/// One LPM entry: the prefix length of the CIDR (the key's length is 32 more, for the scope).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Entry<K> {
+    pub workload: u32,
+    pub cidr_len: u8,
+    pub key: K,
+    pub value: PolicyValue,
+}
+
+impl<K> Entry<K> {
+    /// The LPM key's prefix length: 32 bits of workload scope, then the CIDR.
+    pub fn key_len(&self) -> u32 {
+        32 + self.cidr_len as u32
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Compiled {
+    /// The mesh settings; the agent adds its cgroup, the root level and the proxy address.
+    pub config: MeshConfig,
+    /// Workload ids, 1-based, in (namespace, name) order.
+    pub workloads: Vec<(ObjectRef, u32)>,
+    pub v4: Vec<Entry<PolicyKeyV4>>,
+    pub v6: Vec<Entry<PolicyKeyV6>>,
+    pub mesh: Vec<Cidr>,
+    pub rules: Vec<RuleInfo>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CompileError {
+    #[error("workload {workload}: {count} port rules apply to {prefix} (from {egresses}), more than the {max} one destination can hold; merge port ranges or split the CIDR")]
+    TooManyRules {
+        workload: ObjectRef,
+        prefix: Cidr,
+        count: usize,
+        max: usize,
+        egresses: String,
+    },
+    #[error("{count} workloads is more than the {max} this agent supports")]
+    TooManyWorkloads { count: usize, max: u32 },
+}
+
+type Prefixes<const N: usize> = BTreeMap<(u32, u8, [u8; N]), Vec<PortRule>>;
+
+pub fn compile(cfg: &Config) -> Result<Compiled, CompileError> {
+    let mut workloads: Vec<_> = cfg.workloads.iter().map(|w| w.id.clone()).collect();
+    workloads.sort();
+    let max = egress_common::capacity::MAX_WORKLOADS - 1;
+    if workloads.len() > max as usize {
+        return Err(CompileError::TooManyWorkloads {
+            count: workloads.len(),
+            max,
+        });
+    }
+    let ids: BTreeMap<&ObjectRef, u32> = workloads.iter().zip(1u32..).collect();
+
+    let mut v4: Prefixes<4> = BTreeMap::new();
+    let mut v6: Prefixes<16> = BTreeMap::new();
+    let mut rules = Vec::with_capacity(cfg.egresses.len());
+    for (idx, e) in cfg.egresses.iter().enumerate() {
+        let rule_id = idx as u32 + 1;
+        let s = &e.spec;
+        rules.push(RuleInfo {
+            egress: e.id.clone(),
+            action: s.action,
+            via: s.route(),
+            hosts: s.hosts.clone(),
+        });
+        // Host rules are judged by the proxy, whatever their action; the kernel only routes.
+        let act = match (s.route(), s.action) {
+            (Via::Proxy | Via::Gateway, _) => action::PROXY,
+            (Via::Direct, Action::Deny) => action::DENY,
+            (Via::Direct, Action::Allow) => action::ALLOW,
+        };
+        let port_rules: Vec<PortRule> = if s.ports.is_empty() {
+            let p = if act == action::PROXY {
+                proto::TCP
+            } else {
+                proto::ANY
+            };
+            vec![port_rule(0, 65535, p, act, rule_id)]
+        } else {
+            s.ports
+                .iter()
+                .map(|p| {
+                    let pr = if p.protocol.is_tcp() {
+                        proto::TCP
+                    } else {
+                        proto::UDP
+                    };
+                    port_rule(
+                        p.number.0,
+                        p.end_port.unwrap_or(p.number).0,
+                        pr,
+                        act,
+                        rule_id,
+                    )
+                })
+                .collect()
+        };
+        let cidrs: Vec<Cidr> = if s.ip_addresses.is_empty() {
+            vec![Cidr::ALL_V4, Cidr::ALL_V6]
+        } else {
+            s.ip_addresses.clone()
+        };
+        for w in e.sources(&cfg.workloads) {
+            let wid = ids[&w.id];
+            for c in &cidrs {
+                match c.addr {
+                    IpAddr::V4(a) => v4
+                        .entry((wid, c.len, config::mask(&a.octets(), c.len)))
+                        .or_default()
+                        .extend(&port_rules),
+                    IpAddr::V6(a) => v6
+                        .entry((wid, c.len, config::mask(&a.octets(), c.len)))
+                        .or_default()
+                        .extend(&port_rules),
+                }
+            }
+        }
+    }
+
+    let names = |wid: u32| workloads[wid as usize - 1].clone();
+    let v4 = flatten(&v4, &rules, names)?
+        .into_iter()
+        .map(|(workload, cidr_len, addr, value)| Entry {
+            workload,
+            cidr_len,
+            key: policy_key::<8, 4>(workload, &addr),
+            value,
+        })
+        .collect();
+    let v6 = flatten(&v6, &rules, names)?
+        .into_iter()
+        .map(|(workload, cidr_len, addr, value)| Entry {
+            workload,
+            cidr_len,
+            key: policy_key::<20, 16>(workload, &addr),
+            value,
+        })
+        .collect();
+
+    let m = &cfg.mesh;
+    let config = MeshConfig {
+        enable_egress: m.traffic.enable_egress as u32,
+        fail_open: (m.fail_mode == FailMode::Open) as u32,
+        audit_mode: m.audit_mode as u32,
+        proxy_port: m.proxy.port.0,
+        ..Default::default()
+    };
+    Ok(Compiled {
+        config,
+        workloads: workloads.iter().cloned().zip(1u32..).collect(),
+        v4,
+        v6,
+        mesh: m.traffic.mesh_cidrs.clone(),
+        rules,
+    })
+}
+
+fn port_rule(lo: u16, hi: u16, proto: u8, action: u8, rule_id: u32) -> PortRule {
+    PortRule {
+        port_lo: lo,
+        port_hi: hi,
+        proto,
+        action,
+        _pad0: [0; 2],
+        rule_id,
+    }
+}
+
+type Flat<const N: usize> = Vec<(u32, u8, [u8; N], PolicyValue)>;
+
+fn flatten<const N: usize>(
+    prefixes: &Prefixes<N>,
+    rules: &[RuleInfo],
+    names: impl Fn(u32) -> ObjectRef,
+) -> Result<Flat<N>, CompileError> {
+    let mut out = Vec::with_capacity(prefixes.len());
+    for &(wid, len, addr) in prefixes.keys() {
+        let mut all: Vec<PortRule> = Vec::new();
+        for l in 0..=len {
+            if let Some(rs) = prefixes.get(&(wid, l, config::mask(&addr, l))) {
+                for r in rs {
+                    if !all.contains(r) {
+                        all.push(*r);
+                    }
+                }
+            }
+        }
+        if all.len() > MAX_RULES_PER_PREFIX {
+            let egresses: BTreeSet<String> = all
+                .iter()
+                .map(|r| rules[r.rule_id as usize - 1].egress.to_string())
+                .collect();
+            return Err(CompileError::TooManyRules {
+                workload: names(wid),
+                prefix: Cidr {
+                    addr: if N == 4 {
+                        IpAddr::from(<[u8; 4]>::try_from(&addr[..4]).unwrap_or_default())
+                    } else {
+                        IpAddr::from(<[u8; 16]>::try_from(&addr[..]).unwrap_or_default())
+                    },
+                    len,
+                },
+                count: all.len(),
+                max: MAX_RULES_PER_PREFIX,
+                egresses: egresses.into_iter().collect::<Vec<_>>().join(", "),
+            });
+        }
+        let mut value = PolicyValue {
+            count: all.len() as u32,
+            ..Default::default()
+        };
+        value.rules[..all.len()].copy_from_slice(&all);
+        out.push((wid, len, addr, value));
+    }
+    Ok(out)
+}
+
+impl Compiled {
+    pub fn workload_id(&self, w: &ObjectRef) -> Option<u32> {
+        self.workloads
+            .iter()
+            .find(|(r, _)| r == w)
+            .map(|(_, id)| *id)
+    }
+
+    /// The longest-prefix match the kernel would find, computed in userspace.
+    pub fn lookup(&self, workload: u32, ip: IpAddr) -> Option<&PolicyValue> {
+        match config::normalize(ip) {
+            IpAddr::V4(a) => longest(&self.v4, workload, &a.octets()),
+            IpAddr::V6(a) => longest(&self.v6, workload, &a.octets()),
+        }
+    }
+
+    /// What the kernel decides for a workload's connection (`proxy_ip` is the proxy address).
+    pub fn decide(&self, workload: u32, ip: IpAddr, port: u16, protocol: u8) -> Decision {
+        let ip = config::normalize(ip);
+        let q = Query {
+            proto: protocol,
+            port,
+            in_mesh: self.mesh.iter().any(|c| c.contains(ip)),
+            to_proxy: port == self.config.proxy_port && (ip.is_loopback() || ip.is_unspecified()),
+        };
+        decide(&self.config, &q, self.lookup(workload, ip))
+    }
+
+    pub fn rule(&self, rule_id: u32) -> Option<&RuleInfo> {
+        rule_id
+            .checked_sub(1)
+            .and_then(|i| self.rules.get(i as usize))
+    }
+}
+
+fn longest<'a, K: AsRef<[u8]>, const N: usize>(
+    entries: &'a [Entry<K>],
+    workload: u32,
+    addr: &[u8; N],
+) -> Option<&'a PolicyValue> {
+    entries
+        .iter()
+        .filter(|e| e.workload == workload)
+        .filter(|e| {
+            let k = e.key.as_ref();
+            config::mask(addr, e.cidr_len)[..] == k[4..4 + N]
+        })
+        .max_by_key(|e| e.cidr_len)
+        .map(|e| &e.value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use egress_common::Outcome;
+
+    fn compiled(text: &str) -> Compiled {
+        compile(&config::parse(text, "t.yaml").unwrap()).unwrap()
+    }
+
+    const BASE: &str = "kind: MeshConfig\nmetadata: {name: m}\nspec: {traffic: {enableEgress: false, meshCIDRs: [10.0.0.0/8]}}\n---\nkind: Workload\nmetadata: {name: web}\n---\nkind: Workload\nmetadata: {name: db}\n";
+
+    fn with(rules: &str) -> Compiled {
+        compiled(&format!("{BASE}{rules}"))
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn cidr_boundaries() {
+        let c = with("---\nkind: Egress\nmetadata: {name: a}\nspec: {sources: [{name: web}], ipAddresses: [127.1.2.0/24], ports: [{number: 80}]}\n");
+        let web = c
+            .workload_id(&ObjectRef {
+                namespace: "default".into(),
+                name: "web".into(),
+            })
+            .unwrap();
+        for (addr, want) in [
+            ("127.1.1.255", Outcome::DenyDefault),
+            ("127.1.2.0", Outcome::Allow),
+            ("127.1.2.255", Outcome::Allow),
+            ("127.1.3.0", Outcome::DenyDefault),
+            ("::ffff:127.1.2.7", Outcome::Allow),
+        ] {
+            assert_eq!(
+                c.decide(web, ip(addr), 80, proto::TCP).outcome,
+                want,
+                "{addr}"
+            );
+        }
+        assert_eq!(
+            c.decide(web, ip("127.1.2.1"), 81, proto::TCP).outcome,
+            Outcome::DenyDefault
+        );
+        assert_eq!(
+            c.decide(web, ip("127.1.2.1"), 80, proto::UDP).outcome,
+            Outcome::DenyDefault
+        );
+        // The other workload has no rules.
+        let db = c
+            .workload_id(&ObjectRef {
+                namespace: "default".into(),
+                name: "db".into(),
+            })
+            .unwrap();
+        assert_ne!(db, web);
+        assert_eq!(
+            c.decide(db, ip("127.1.2.1"), 80, proto::TCP).outcome,
+            Outcome::DenyDefault
+        );
+        // Mesh destinations are untouched.
+        assert_eq!(
+            c.decide(web, ip("10.9.9.9"), 80, proto::TCP).outcome,
+            Outcome::Mesh
+        );
+    }
+
+    #[test]
+    fn broad_deny_beats_narrow_allow() {
+        let c = with("---\nkind: Egress\nmetadata: {name: allow-one}\nspec: {sources: [{name: web}], ipAddresses: [127.1.2.3/32]}\n---\nkind: Egress\nmetadata: {name: deny-all}\nspec: {sources: [{name: web}], ipAddresses: [127.0.0.0/8], action: deny}\n");
+        let d = c.decide(2, ip("127.1.2.3"), 80, proto::TCP);
+        assert_eq!(d.outcome, Outcome::DenyRule);
+        assert_eq!(c.rule(d.rule_id).unwrap().egress.name, "deny-all");
+        let e = c.v4.iter().find(|e| e.cidr_len == 32).unwrap();
+        assert_eq!(e.value.count, 2);
+        assert_eq!(e.key_len(), 64);
+    }
+
+    #[test]
+    fn hosts_route_tcp_to_the_proxy_everywhere() {
+        let c = with("---\nkind: Egress\nmetadata: {name: h}\nspec: {sources: [{name: web}], hosts: [example.com], ports: [{number: 80, protocol: http}]}\n");
+        assert_eq!(
+            c.decide(2, ip("127.9.9.9"), 80, proto::TCP).outcome,
+            Outcome::Proxy
+        );
+        assert_eq!(
+            c.decide(2, ip("2001:db8::1"), 80, proto::TCP).outcome,
+            Outcome::Proxy
+        );
+        assert_eq!(
+            c.decide(2, ip("127.9.9.9"), 443, proto::TCP).outcome,
+            Outcome::DenyDefault
+        );
+        assert_eq!(c.rules[0].hosts[0].0, "example.com");
+    }
+
+    #[test]
+    fn selectors_and_ids() {
+        let c = compiled("kind: Workload\nmetadata: {name: b, labels: {app: x}}\n---\nkind: Workload\nmetadata: {name: a}\n---\nkind: Egress\nmetadata: {name: e}\nspec: {sources: [{podSelector: {matchLabels: {app: x}}}], ipAddresses: ['::1/128'], action: deny}\n");
+        assert_eq!(c.workloads[0].0.name, "a");
+        assert_eq!(
+            c.workloads[1],
+            (
+                ObjectRef {
+                    namespace: "default".into(),
+                    name: "b".into()
+                },
+                2
+            )
+        );
+        assert_eq!(c.v6.len(), 1);
+        assert_eq!(c.v6[0].workload, 2);
+        assert_eq!(
+            c.decide(2, ip("::1"), 1, proto::UDP).outcome,
+            Outcome::DenyRule
+        );
+        assert_eq!(c.decide(1, ip("::1"), 1, proto::UDP).outcome, Outcome::Pass);
+    }
+
+    #[test]
+    fn too_many_rules_is_an_error_naming_the_workload() {
+        let ports: Vec<String> = (1..=17).map(|p| format!("{{number: {p}}}")).collect();
+        let text = format!("{BASE}---\nkind: Egress\nmetadata: {{name: many}}\nspec: {{sources: [{{name: web}}], ports: [{}]}}\n", ports.join(", "));
+        let e = compile(&config::parse(&text, "t.yaml").unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with(
+                "workload default/web: 17 port rules apply to 0.0.0.0/0 (from default/many)"
+            ),
+            "{e}"
+        );
+    }
+}
