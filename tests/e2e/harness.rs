@@ -1,0 +1,414 @@
+//! Fixtures for the end-to-end tests: a running agent on its own cgroup root and pin
+//! directory, real TCP/UDP servers on loopback stand-ins for external hosts, and real clients
+//! run inside workloads. Everything a test creates is removed when its fixture drops, also
+//! when the test panics.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+pub const AGENT: &str = env!("CARGO_BIN_EXE_egress-agent");
+pub const CLIENT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/e2e/client.py");
+
+/// True when the test may touch the kernel. Without root it skips, except in CI, where a
+/// privileged test that cannot run is a failure.
+pub fn privileged() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("this end-to-end test needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN) and CI=true: refusing to skip");
+    }
+    eprintln!("skipped: needs root");
+    false
+}
+
+fn unique(prefix: &str) -> String {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+pub fn cgroup2_mount() -> PathBuf {
+    let mounts = std::fs::read_to_string("/proc/mounts").expect("read /proc/mounts");
+    mounts
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() > 2 && f[2] == "cgroup2").then(|| PathBuf::from(f[1]))
+        })
+        .expect("a cgroup2 mount")
+}
+
+/// A port that was free a moment ago on 127.0.0.1 and [::1].
+pub fn free_port() -> u16 {
+    loop {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = l.local_addr().unwrap().port();
+        if TcpListener::bind(("::1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// A running `egress-agent run` on its own cgroup root and pin directory.
+pub struct Agent {
+    child: Option<Child>,
+    pub root: PathBuf,
+    pub pins: PathBuf,
+    pub proxy_port: u16,
+    pub config: PathBuf,
+    log: Arc<Mutex<String>>,
+}
+
+impl Agent {
+    /// Starts an agent on `policy` (`{proxy_port}` in it is replaced) and waits until ready.
+    pub fn start(policy: &str) -> Agent {
+        let name = unique("egress-test");
+        let root = cgroup2_mount().join(&name);
+        let pins = PathBuf::from("/sys/fs/bpf").join(&name);
+        let proxy_port = free_port();
+        let config = std::env::temp_dir().join(format!("{name}.yaml"));
+        std::fs::write(
+            &config,
+            policy.replace("{proxy_port}", &proxy_port.to_string()),
+        )
+        .expect("write policy");
+        let mut child = Command::new(AGENT)
+            .args(["run", "--config"])
+            .arg(&config)
+            .arg("--cgroup-root")
+            .arg(&root)
+            .arg("--pin-dir")
+            .arg(&pins)
+            .env("EGRESS_LOG", "info,egress::flow=debug")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn egress-agent");
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut l = sink.lock().unwrap();
+                l.push_str(&strip_ansi(&line));
+                l.push('\n');
+            }
+        });
+        let mut agent = Agent {
+            child: Some(child),
+            root,
+            pins,
+            proxy_port,
+            config,
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            if agent.log().contains(" ready ") {
+                return agent;
+            }
+            if let Some(status) = agent.child.as_mut().unwrap().try_wait().unwrap() {
+                agent.child = None;
+                panic!("agent exited ({status}) before ready:\n{}", agent.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent not ready after 90 s:\n{}",
+                agent.log()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits until the agent's log contains `needle` (flow events arrive asynchronously).
+    pub fn wait_log(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let l = self.log();
+            if l.contains(needle) {
+                return l;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent log never showed {needle:?}:\n{l}"
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Runs a command inside a workload through `egress-agent exec`.
+    pub fn exec(&self, workload: &str, cmd: &[&str]) -> Output {
+        Command::new(AGENT)
+            .args(["exec", "--workload", workload, "--cgroup-root"])
+            .arg(&self.root)
+            .arg("--")
+            .args(cmd)
+            .output()
+            .expect("run egress-agent exec")
+    }
+
+    /// Runs tests/e2e/client.py inside a workload; returns its one-line verdict without the
+    /// client's own address (see [`Agent::client_from`]).
+    pub fn client(&self, workload: &str, args: &[&str]) -> String {
+        self.client_from(workload, args).0
+    }
+
+    /// Like [`Agent::client`], also returning the client's local address when it connected.
+    pub fn client_from(&self, workload: &str, args: &[&str]) -> (String, Option<SocketAddr>) {
+        split_local(&self.client_raw(workload, args))
+    }
+
+    /// Runs tests/e2e/client.py inside a workload; returns its one-line verdict.
+    fn client_raw(&self, workload: &str, args: &[&str]) -> String {
+        let mut cmd = vec!["python3", CLIENT];
+        cmd.extend_from_slice(args);
+        let out = self.exec(workload, &cmd);
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert!(
+            out.status.success() && !text.is_empty(),
+            "client {args:?} in {workload} failed: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    }
+
+    /// The ids of the programs attached to the agent's cgroup root.
+    pub fn attached_programs(&self) -> Vec<u32> {
+        attached_programs(&self.root)
+    }
+
+    /// Stops the agent with SIGTERM, waits for it, and returns its whole log.
+    pub fn stop(mut self) -> String {
+        self.terminate();
+        self.log()
+    }
+
+    fn terminate(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while child.try_wait().ok().flatten().is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.terminate();
+        // Safety net after a failed test: remove whatever the agent could not.
+        let _ = Command::new(AGENT)
+            .arg("uninstall")
+            .arg("--pin-dir")
+            .arg(&self.pins)
+            .arg("--cgroup-root")
+            .arg(&self.root)
+            .output();
+        let _ = std::fs::remove_file(&self.config);
+    }
+}
+
+/// Splits ` local=ADDR` off a client.py result line.
+pub fn split_local(out: &str) -> (String, Option<SocketAddr>) {
+    match out.rsplit_once(" local=") {
+        Some((text, local)) => (text.to_string(), local.parse().ok()),
+        None => (out.to_string(), None),
+    }
+}
+
+/// Program ids attached to a cgroup, from `bpftool cgroup show`.
+pub fn attached_programs(cgroup: &Path) -> Vec<u32> {
+    let out = Command::new("bpftool")
+        .args(["cgroup", "show"])
+        .arg(cgroup)
+        .output()
+        .expect("bpftool");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+pub fn program_exists(id: u32) -> bool {
+    Command::new("bpftool")
+        .args(["prog", "show", "id", &id.to_string()])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A TCP server on a loopback stand-in for an external host. For each connection it records
+/// the peer, reads one line and answers `<its own address>|<the line>`.
+pub struct TcpServer {
+    pub addr: SocketAddr,
+    pub accepted: Arc<AtomicUsize>,
+    pub peers: Arc<Mutex<Vec<SocketAddr>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl TcpServer {
+    pub fn start(ip: &str) -> TcpServer {
+        let l = TcpListener::bind((ip, 0)).unwrap_or_else(|e| panic!("bind {ip}: {e}"));
+        Self::serve(l)
+    }
+
+    fn serve(l: TcpListener) -> TcpServer {
+        let addr = l.local_addr().unwrap();
+        l.set_nonblocking(true).unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let peers = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (a, p, s) = (accepted.clone(), peers.clone(), stop.clone());
+        thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                match l.accept() {
+                    Ok((conn, peer)) => {
+                        a.fetch_add(1, Ordering::SeqCst);
+                        p.lock().unwrap().push(peer);
+                        thread::spawn(move || answer(conn, addr));
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(2)),
+                }
+            }
+        });
+        TcpServer {
+            addr,
+            accepted,
+            peers,
+            stop,
+        }
+    }
+
+    pub fn ip(&self) -> String {
+        self.addr.ip().to_string()
+    }
+
+    pub fn port(&self) -> String {
+        self.addr.port().to_string()
+    }
+
+    /// The peer address of the n-th accepted connection.
+    pub fn peer(&self, n: usize) -> SocketAddr {
+        self.peers.lock().unwrap()[n]
+    }
+
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+fn answer(conn: TcpStream, me: SocketAddr) {
+    conn.set_nonblocking(false).ok();
+    conn.set_read_timeout(Some(Duration::from_secs(5))).ok();
+    let mut line = String::new();
+    let mut r = BufReader::new(conn.try_clone().unwrap());
+    if r.read_line(&mut line).is_ok() {
+        let _ = (&conn).write_all(format!("{me}|{}\n", line.trim()).as_bytes());
+    }
+}
+
+impl Drop for TcpServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A UDP server that collects the datagrams it receives.
+pub struct UdpServer {
+    pub addr: SocketAddr,
+    pub received: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl UdpServer {
+    pub fn start(ip: &str) -> UdpServer {
+        let s = UdpSocket::bind((ip, 0)).unwrap_or_else(|e| panic!("bind udp {ip}: {e}"));
+        s.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+        let addr = s.local_addr().unwrap();
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (r, st) = (received.clone(), stop.clone());
+        thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !st.load(Ordering::Relaxed) {
+                if let Ok((n, _)) = s.recv_from(&mut buf) {
+                    r.lock()
+                        .unwrap()
+                        .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+                }
+            }
+        });
+        UdpServer {
+            addr,
+            received,
+            stop,
+        }
+    }
+
+    pub fn port(&self) -> String {
+        self.addr.port().to_string()
+    }
+
+    /// Waits briefly for `msg` to arrive.
+    pub fn got(&self, msg: &str) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline {
+            if self.received.lock().unwrap().iter().any(|m| m == msg) {
+                return true;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        false
+    }
+}
+
+impl Drop for UdpServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}

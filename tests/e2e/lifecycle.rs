@@ -1,0 +1,122 @@
+//! Who is judged and who is not, the proxy port, and a clean stop.
+
+use std::{path::Path, process::Command};
+
+use crate::harness::{self, privileged, program_exists, Agent, TcpServer, CLIENT};
+
+const POLICY: &str = r#"
+kind: MeshConfig
+metadata: {name: egress}
+spec: {traffic: {enableEgress: false}, proxy: {port: {proxy_port}}}
+---
+kind: Workload
+metadata: {name: web}
+"#;
+
+/// Runs the client from a shell that first moves itself into cgroup `dir`.
+fn client_in_cgroup(dir: &Path, args: &[&str]) -> String {
+    let script = format!(
+        "mkdir -p '{0}' && echo $$ > '{0}/cgroup.procs' && exec python3 '{1}' {2}",
+        dir.display(),
+        CLIENT,
+        args.join(" ")
+    );
+    let out = Command::new("sh").args(["-c", &script]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    harness::split_local(String::from_utf8_lossy(&out.stdout).trim()).0
+}
+
+#[test]
+fn only_enrolled_cgroups_are_judged_and_nesting_does_not_escape() {
+    if !privileged() {
+        return;
+    }
+    let srv = TcpServer::start("127.21.0.1");
+    let agent = Agent::start(POLICY);
+    let args = ["tcp", "127.21.0.1", &srv.port(), "x"];
+    let ok = format!("ok peer={0} reply={0}|x", srv.addr);
+
+    // The workload is refused (enableEgress false, no rules)...
+    assert!(agent.client("web", &args).starts_with("err EPERM"));
+    // ...a process outside every workload, here the test itself, is untouched...
+    let out = Command::new("python3")
+        .arg(harness::CLIENT)
+        .args(args)
+        .output()
+        .unwrap();
+    assert_eq!(
+        harness::split_local(String::from_utf8_lossy(&out.stdout).trim()).0,
+        ok
+    );
+    // ...so is one in a cgroup below the agent's root that is no workload...
+    assert_eq!(client_in_cgroup(&agent.root.join("default"), &args), ok);
+    // ...but a workload's process cannot escape by creating a child cgroup.
+    let nested = agent.root.join("default/web/escape/deeper");
+    let out = client_in_cgroup(&nested, &args);
+    assert!(out.starts_with("err EPERM"), "nested cgroup escaped: {out}");
+    assert_eq!(srv.accepted(), 2);
+}
+
+#[test]
+fn the_proxy_port_is_not_a_way_out() {
+    if !privileged() {
+        return;
+    }
+    let agent = Agent::start(POLICY);
+    let port = agent.proxy_port.to_string();
+    // From a workload, dialling the proxy directly is refused in the kernel.
+    let out = agent.client("web", &["tcp", "127.0.0.1", &port]);
+    assert!(out.starts_with("err EPERM"), "{out}");
+    let out = agent.client("web", &["tcp", "0.0.0.0", &port]);
+    assert!(out.starts_with("err EPERM"), "{out}");
+    // From elsewhere the connection is accepted but reset: the kernel did not redirect it,
+    // so it has no original destination.
+    let out = Command::new("python3")
+        .arg(CLIENT)
+        .args(["tcp", "127.0.0.1", &port])
+        .output()
+        .unwrap();
+    let out = harness::split_local(String::from_utf8_lossy(&out.stdout).trim()).0;
+    assert!(
+        out == format!("ok peer=127.0.0.1:{port} reply=") || out.starts_with("err ECONNRESET"),
+        "{out}"
+    );
+    agent.wait_log("refused a connection that the kernel did not redirect");
+}
+
+#[test]
+fn a_clean_stop_leaves_nothing_attached_or_pinned() {
+    if !privileged() {
+        return;
+    }
+    let agent = Agent::start(POLICY);
+    let ids = agent.attached_programs();
+    assert_eq!(
+        ids.len(),
+        7,
+        "connect4/6, sendmsg4/6, getpeername4/6, sock_ops: {ids:?}"
+    );
+    assert!(agent.pins.join("v1/maps/EGRESS_CONFIG").exists());
+    assert!(agent.pins.join("v1/links/egress_connect4").exists());
+    // Attached with bpf links in multi mode: never overriding, never overridable.
+    let show = Command::new("bpftool")
+        .args(["cgroup", "show"])
+        .arg(&agent.root)
+        .output()
+        .unwrap();
+    let show = String::from_utf8_lossy(&show.stdout).to_string();
+    assert_eq!(show.matches(" multi ").count(), 7, "{show}");
+
+    let (root, pins) = (agent.root.clone(), agent.pins.clone());
+    let log = agent.stop();
+    assert!(log.contains("stopping"), "{log}");
+    assert!(!root.exists(), "cgroup root {} left behind", root.display());
+    assert!(!pins.exists(), "pins {} left behind", pins.display());
+    for id in ids {
+        assert!(!program_exists(id), "program {id} still loaded");
+    }
+}
