@@ -35,6 +35,10 @@ pub enum Command {
         /// Allow --cgroup-root to be the root of the cgroup hierarchy (intercepts the whole machine).
         #[arg(long)]
         allow_root_cgroup: bool,
+        /// Which verdicts become flow events: `denied` (refused, proxied, audited: the
+        /// default) or `all` (also every allowed connection; costs about 1 µs per connect).
+        #[arg(long, value_enum, default_value_t = Flows::Denied)]
+        flows: Flows,
     },
     /// Run a command inside a workload of a running standalone agent.
     Exec {
@@ -60,6 +64,12 @@ pub enum Command {
         #[arg(long, value_name = "DIR")]
         cgroup_root: Option<PathBuf>,
     },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Flows {
+    Denied,
+    All,
 }
 
 fn parse_workload(s: &str) -> Result<ObjectRef, String> {

@@ -1,5 +1,8 @@
 //! Verdict events from the kernel's ring buffer, as structured tracing events
-//! (target `egress::flow`): one per judged connect()/sendmsg().
+//! (target `egress::flow`). Identical flows read in one batch are logged once, with a count;
+//! `pid` is that of the first.
+
+use std::collections::HashMap;
 
 use aya::maps::{MapData, RingBuf};
 use egress_common::{proto, Outcome, VerdictEvent};
@@ -38,7 +41,7 @@ pub fn protocol_name(p: u8) -> &'static str {
     }
 }
 
-fn log(ev: &VerdictEvent, names: &Names) {
+fn log(ev: &VerdictEvent, count: u64, names: &Names) {
     let Some(outcome) = Outcome::from_u8(ev.outcome) else {
         warn!(target: "egress::flow", outcome = ev.outcome, "event with an unknown outcome");
         return;
@@ -50,9 +53,9 @@ fn log(ev: &VerdictEvent, names: &Names) {
     let pid = (ev.pid_tgid >> 32) as u32;
     let verdict = outcome.name();
     if matches!(outcome, Outcome::Allow | Outcome::Pass) {
-        debug!(target: "egress::flow", workload, %dst, protocol, verdict, rule, pid, "flow");
+        debug!(target: "egress::flow", workload, %dst, protocol, verdict, rule, pid, count, "flow");
     } else {
-        info!(target: "egress::flow", workload, %dst, protocol, verdict, rule, pid, "flow");
+        info!(target: "egress::flow", workload, %dst, protocol, verdict, rule, pid, count, "flow");
     }
 }
 
@@ -67,24 +70,67 @@ pub async fn run(ring: RingBuf<MapData>, names: Names) {
         warn!("cannot poll the verdict event ring buffer; no flow log");
         return;
     };
+    // The kernel wakes us only when a batch has piled up; otherwise we poll.
+    let mut tick = tokio::time::interval(POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let mut guard = match fd.readable_mut().await {
-            Ok(g) => g,
-            Err(e) => {
-                warn!(error = %e, "verdict event ring buffer failed; no flow log");
-                return;
-            }
-        };
-        let ring = guard.get_inner_mut();
-        while let Some(item) = ring.next() {
-            if item.len() >= std::mem::size_of::<VerdictEvent>() {
-                // SAFETY: the kernel wrote a VerdictEvent (repr(C), plain integers) here;
-                // read_unaligned copes with any alignment.
-                let ev = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const VerdictEvent) };
-                log(&ev, &names);
-            }
+        tokio::select! {
+            r = fd.readable_mut() => match r {
+                Ok(mut guard) => {
+                    drain(guard.get_inner_mut(), &names);
+                    guard.clear_ready();
+                }
+                Err(e) => {
+                    warn!(error = %e, "verdict event ring buffer failed; no flow log");
+                    return;
+                }
+            },
+            _ = tick.tick() => drain(fd.get_mut(), &names),
         }
-        guard.clear_ready();
+    }
+}
+
+/// How often pending verdict events are read when the kernel did not wake us.
+const POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Reads every pending event and logs each distinct flow once with its count, so that a
+/// workload hammering a denied destination costs one log line per batch, not one per connect.
+fn drain(ring: &mut RingBuf<MapData>, names: &Names) {
+    let mut batch: HashMap<FlowKey, (VerdictEvent, u64)> = HashMap::new();
+    while let Some(item) = ring.next() {
+        if item.len() >= std::mem::size_of::<VerdictEvent>() {
+            // SAFETY: the kernel wrote a VerdictEvent (repr(C), plain integers) here;
+            // read_unaligned copes with any alignment.
+            let ev = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const VerdictEvent) };
+            batch.entry(FlowKey::of(&ev)).or_insert((ev, 0)).1 += 1;
+        }
+    }
+    let mut flows: Vec<_> = batch.into_values().collect();
+    flows.sort_by_key(|(ev, _)| ev.ts_ns);
+    for (ev, count) in flows {
+        log(&ev, count, names);
+    }
+}
+
+/// What makes two events the same flow for the log.
+#[derive(PartialEq, Eq, Hash)]
+struct FlowKey {
+    workload: u32,
+    dst: egress_common::SockAddr,
+    proto: u8,
+    outcome: u8,
+    rule: u32,
+}
+
+impl FlowKey {
+    fn of(ev: &VerdictEvent) -> Self {
+        Self {
+            workload: ev.workload_id,
+            dst: ev.dst,
+            proto: ev.proto,
+            outcome: ev.outcome,
+            rule: ev.rule_id,
+        }
     }
 }
 

@@ -25,8 +25,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             cgroup_root,
             pin_dir,
             allow_root_cgroup,
+            flows,
         } => {
             let opts = run::RunOptions {
+                all_flows: flows == egress_agent::cli::Flows::All,
                 config,
                 cgroup_root: cgroup_root.unwrap_or_else(workload::default_root),
                 pin_dir,

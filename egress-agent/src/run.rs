@@ -27,6 +27,8 @@ pub struct RunOptions {
     pub cgroup_root: PathBuf,
     pub pin_dir: PathBuf,
     pub allow_root_cgroup: bool,
+    /// A flow event for every judged connection, not only the refused/proxied/audited ones.
+    pub all_flows: bool,
 }
 
 /// Undoes what `run` changed on the machine, also when it fails half-way.
@@ -81,6 +83,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         root_level: root.level,
         proxy_ip4: Ipv4Addr::LOCALHOST.octets(),
         proxy_ip6: Ipv6Addr::LOCALHOST.octets(),
+        events_all: opts.all_flows as u32,
         ..compiled.config
     };
     dp.write_policy(&compiled, mesh, &cgroups)?;

@@ -41,6 +41,8 @@ pub mod capacity {
     /// Redirected sockets tracked at once (LRU; entries are also removed on close).
     pub const ORIG_DST: u32 = 65_536;
     pub const EVENTS_BYTES: u32 = 1 << 20;
+    /// Pending event bytes above which the kernel wakes the agent; below, the agent polls.
+    pub const EVENTS_WAKEUP_BYTES: u64 = 1 << 18;
     /// Nesting below a workload's cgroup that still counts as that workload.
     pub const MAX_CGROUP_NESTING: u32 = 8;
 }
@@ -73,6 +75,10 @@ pub struct MeshConfig {
     pub proxy_ip4: [u8; 4],
     /// The proxy's IPv6 address (network order bytes).
     pub proxy_ip6: [u8; 16],
+    /// 1: a verdict event for every judged connection; 0: only for those not let through
+    /// plainly (deny, proxy, audit, error). Allowed traffic is always counted.
+    pub events_all: u32,
+    pub _pad1: u32,
 }
 
 /// What the kernel knows about one enrolled cgroup.
@@ -253,7 +259,7 @@ pub fn counter_index(workload_id: u32, outcome: u8, proto: u8) -> u32 {
 pub const COUNTER_SLOTS: u32 = 64;
 pub const COUNTERS_LEN: u32 = capacity::MAX_WORKLOADS * COUNTER_SLOTS;
 
-const _: () = assert!(size_of::<MeshConfig>() == 56);
+const _: () = assert!(size_of::<MeshConfig>() == 64);
 const _: () = assert!(size_of::<WorkloadInfo>() == 8);
 const _: () = assert!(size_of::<PortRule>() == 12);
 const _: () = assert!(size_of::<PolicyValue>() == 4 + 12 * MAX_RULES_PER_PREFIX);

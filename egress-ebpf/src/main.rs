@@ -7,8 +7,9 @@ use core::ptr::{read_volatile, write_volatile};
 
 use aya_ebpf::{
     bindings::{
-        bpf_sock_addr, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
+        bpf_sock_addr, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_TCP_CLOSE,
     },
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_pid_tgid,
@@ -154,7 +155,8 @@ fn record(
         // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
         unsafe { *c += 1 };
     }
-    if d.outcome == Outcome::Mesh {
+    let quiet = matches!(d.outcome, Outcome::Mesh | Outcome::Allow | Outcome::Pass);
+    if quiet && cfg.map(|c| c.events_all) != Some(1) {
         return;
     }
     let ev = VerdictEvent {
@@ -170,9 +172,15 @@ fn record(
         hook,
         _pad0: 0,
     };
-    // A full ring buffer loses the event, never the verdict; the agent counts the gap from
-    // the counters.
-    let _ = EVENTS.output::<VerdictEvent>(&ev, 0);
+    // Wake the agent only when a batch has piled up (it also polls): a wake-up per connect
+    // would cost more than the whole decision. A full ring buffer loses the event, never the
+    // verdict; the counters still count it.
+    let flags = if EVENTS.query(BPF_RB_AVAIL_DATA as u64) > capacity::EVENTS_WAKEUP_BYTES {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    let _ = EVENTS.output::<VerdictEvent>(&ev, flags as u64);
 }
 
 /// Judge one outgoing connect()/sendmsg() of the current task.

@@ -93,6 +93,7 @@ impl Agent {
             .arg(&root)
             .arg("--pin-dir")
             .arg(&pins)
+            .args(["--flows", "all"])
             .env("EGRESS_LOG", "info,egress::flow=debug")
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
