@@ -440,6 +440,31 @@ impl FromStr for HostPattern {
     }
 }
 
+impl HostPattern {
+    /// Whether `host` matches: exact, `*.` exactly one more label, `**.` one or more;
+    /// case-insensitive, a trailing dot ignored.
+    pub fn matches(&self, host: &str) -> bool {
+        let host = host.strip_suffix('.').unwrap_or(host);
+        let p = self.0.as_str();
+        let suffix_match = |base: &str| -> Option<usize> {
+            // The labels of `host` before ".base", if host ends with it.
+            let hl = host.len();
+            let bl = base.len();
+            (hl > bl + 1
+                && host[hl - bl..].eq_ignore_ascii_case(base)
+                && host.as_bytes()[hl - bl - 1] == b'.')
+                .then(|| host[..hl - bl - 1].split('.').count())
+        };
+        if let Some(base) = p.strip_prefix("**.") {
+            suffix_match(base).is_some_and(|labels| labels >= 1 && !host.starts_with('.'))
+        } else if let Some(base) = p.strip_prefix("*.") {
+            suffix_match(base) == Some(1)
+        } else {
+            host.eq_ignore_ascii_case(p)
+        }
+    }
+}
+
 impl<'de> Deserialize<'de> for HostPattern {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
@@ -890,6 +915,22 @@ spec:
         assert!(c.contains("::ffff:127.1.2.3".parse().unwrap()));
         assert!("1.2.3.4/x".parse::<Cidr>().is_err());
         assert!("nonsense".parse::<Cidr>().is_err());
+    }
+
+    #[test]
+    fn host_matching() {
+        let p = |s: &str| s.parse::<HostPattern>().unwrap();
+        assert!(p("github.com").matches("GitHub.com."));
+        assert!(!p("github.com").matches("api.github.com"));
+        assert!(p("*.example.com").matches("a.example.com"));
+        assert!(!p("*.example.com").matches("a.b.example.com"));
+        assert!(!p("*.example.com").matches("example.com"));
+        assert!(!p("*.example.com").matches("aexample.com"));
+        assert!(p("**.example.com").matches("a.b.example.com"));
+        assert!(p("**.example.com").matches("A.example.COM"));
+        assert!(!p("**.example.com").matches("example.com"));
+        assert!(!p("**.example.com").matches("badexample.com"));
+        assert!(!p("*.example.com").matches(".example.com"));
     }
 
     #[test]

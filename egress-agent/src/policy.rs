@@ -16,13 +16,33 @@ use egress_common::{
 
 use crate::config::{self, Action, Cidr, Config, FailMode, HostPattern, ObjectRef, Via};
 
-/// What one Egress object compiled to; `rule_id` is its index + 1.
+/// What one Egress object compiled to; `rule_id` is its index + 1. The proxy judges hosts
+/// with these.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RuleInfo {
     pub egress: ObjectRef,
     pub action: Action,
     pub via: Via,
     pub hosts: Vec<HostPattern>,
+    /// Workload ids the rule applies to.
+    pub workloads: BTreeSet<u32>,
+    /// Empty: every address.
+    pub cidrs: Vec<Cidr>,
+    /// (first, last, protocol); empty: every port and protocol.
+    pub ports: Vec<(u16, u16, u8)>,
+}
+
+impl RuleInfo {
+    /// Whether the rule applies to a TCP connection of `workload` to `ip:port`.
+    pub fn applies_tcp(&self, workload: u32, ip: IpAddr, port: u16) -> bool {
+        self.workloads.contains(&workload)
+            && (self.cidrs.is_empty() || self.cidrs.iter().any(|c| c.contains(ip)))
+            && (self.ports.is_empty()
+                || self
+                    .ports
+                    .iter()
+                    .any(|&(lo, hi, p)| p != proto::UDP && (lo..=hi).contains(&port)))
+    }
 }
 
 /// One LPM entry: the prefix length of the CIDR (the key's length is 32 more, for the scope).
@@ -92,6 +112,20 @@ pub fn compile(cfg: &Config) -> Result<Compiled, CompileError> {
             action: s.action,
             via: s.route(),
             hosts: s.hosts.clone(),
+            workloads: e.sources(&cfg.workloads).map(|w| ids[&w.id]).collect(),
+            cidrs: s.ip_addresses.clone(),
+            ports: s
+                .ports
+                .iter()
+                .map(|p| {
+                    let pr = if p.protocol.is_tcp() {
+                        proto::TCP
+                    } else {
+                        proto::UDP
+                    };
+                    (p.number.0, p.end_port.unwrap_or(p.number).0, pr)
+                })
+                .collect(),
         });
         // Host rules are judged by the proxy, whatever their action; the kernel only routes.
         let act = match (s.route(), s.action) {
@@ -278,6 +312,72 @@ impl Compiled {
             .checked_sub(1)
             .and_then(|i| self.rules.get(i as usize))
     }
+
+    /// Whether the proxy must learn the host (SNI or Host header) before it can decide a
+    /// redirected TCP connection: some rule for this destination names hosts.
+    pub fn needs_host(&self, workload: u32, ip: IpAddr, port: u16) -> bool {
+        let ip = config::normalize(ip);
+        self.rules
+            .iter()
+            .any(|r| !r.hosts.is_empty() && r.applies_tcp(workload, ip, port))
+    }
+
+    /// The proxy's verdict for a redirected TCP connection whose host is `host` (None: the
+    /// client named none, or spoke neither TLS nor HTTP). Host denies win, then host allows,
+    /// then allows by address; otherwise `enableEgress` decides, as in the kernel.
+    pub fn decide_host(
+        &self,
+        workload: u32,
+        ip: IpAddr,
+        port: u16,
+        host: Option<&str>,
+    ) -> HostVerdict {
+        let ip = config::normalize(ip);
+        let applicable = || {
+            self.rules
+                .iter()
+                .zip(1u32..)
+                .filter(move |(r, _)| r.applies_tcp(workload, ip, port))
+        };
+        let by_host = |action: Action| {
+            applicable().find(|(r, _)| {
+                r.action == action && host.is_some_and(|h| r.hosts.iter().any(|p| p.matches(h)))
+            })
+        };
+        let audit = self.config.audit_mode != 0;
+        if let Some((_, id)) = by_host(Action::Deny) {
+            return if audit {
+                HostVerdict::Audit(id)
+            } else {
+                HostVerdict::Deny(id)
+            };
+        }
+        if let Some((_, id)) = by_host(Action::Allow) {
+            return HostVerdict::Allow(id);
+        }
+        if let Some((_, id)) =
+            applicable().find(|(r, _)| r.hosts.is_empty() && r.action == Action::Allow)
+        {
+            return HostVerdict::Allow(id);
+        }
+        if self.config.enable_egress != 0 {
+            HostVerdict::Allow(0)
+        } else if audit {
+            HostVerdict::Audit(0)
+        } else {
+            HostVerdict::Deny(0)
+        }
+    }
+}
+
+/// The proxy's decision about a host; the number is the deciding rule id (0: none, the
+/// mesh default).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HostVerdict {
+    Allow(u32),
+    Deny(u32),
+    /// Audit mode: would be denied; forwarded and reported.
+    Audit(u32),
 }
 
 fn longest<'a, K: AsRef<[u8]>, const N: usize>(
@@ -391,6 +491,49 @@ mod tests {
             Outcome::DenyDefault
         );
         assert_eq!(c.rules[0].hosts[0].0, "example.com");
+    }
+
+    #[test]
+    fn host_verdicts() {
+        let c = with(concat!(
+            "---\nkind: Egress\nmetadata: {name: gh}\nspec: {sources: [{name: web}], hosts: [github.com, '*.githubusercontent.com'], ports: [{number: 443, protocol: https}]}\n",
+            "---\nkind: Egress\nmetadata: {name: no-gist}\nspec: {sources: [{name: web}], hosts: ['**.gist.github.com'], ports: [{number: 443}], action: deny}\n",
+            "---\nkind: Egress\nmetadata: {name: by-ip}\nspec: {sources: [{name: web}], ipAddresses: [127.7.0.1/32], ports: [{number: 443}], via: proxy}\n",
+        ));
+        let (web, ip, other) = (2, ip("127.9.9.9"), ip("127.7.0.1"));
+        assert!(c.needs_host(web, ip, 443));
+        assert!(!c.needs_host(web, ip, 80));
+        assert!(!c.needs_host(1, ip, 443), "db has no host rules");
+        assert_eq!(
+            c.decide_host(web, ip, 443, Some("GitHub.com")),
+            HostVerdict::Allow(1)
+        );
+        assert_eq!(
+            c.decide_host(web, ip, 443, Some("raw.githubusercontent.com")),
+            HostVerdict::Allow(1)
+        );
+        assert_eq!(
+            c.decide_host(web, ip, 443, Some("a.b.githubusercontent.com")),
+            HostVerdict::Deny(0)
+        );
+        assert_eq!(
+            c.decide_host(web, ip, 443, Some("x.y.gist.github.com")),
+            HostVerdict::Deny(2)
+        );
+        assert_eq!(
+            c.decide_host(web, ip, 443, Some("evil.com")),
+            HostVerdict::Deny(0)
+        );
+        assert_eq!(c.decide_host(web, ip, 443, None), HostVerdict::Deny(0));
+        // An address-level allow lets any host through to that address, but host denies win.
+        assert_eq!(
+            c.decide_host(web, other, 443, Some("evil.com")),
+            HostVerdict::Allow(3)
+        );
+        assert_eq!(
+            c.decide_host(web, other, 443, Some("a.gist.github.com")),
+            HostVerdict::Deny(2)
+        );
     }
 
     #[test]

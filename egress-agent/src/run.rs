@@ -92,12 +92,11 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let listeners = proxy::bind(port).await.with_context(|| {
         format!("proxy cannot listen on 127.0.0.1:{port} (MeshConfig spec.proxy.port)")
     })?;
-    let workload_names = compiled
-        .workloads
-        .iter()
-        .map(|(w, _)| w.to_string())
-        .collect();
-    let relay = Proxy::new(dp.orig_by_tuple()?, workload_names);
+    let relay = Proxy::new(
+        dp.orig_by_tuple()?,
+        std::sync::Arc::new(compiled.clone()),
+        proxy::Limits::default(),
+    );
     let events = dp.events()?;
 
     dp.attach(&root.path)?;

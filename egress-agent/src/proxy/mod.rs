@@ -1,0 +1,378 @@
+//! The transparent proxy behind the kernel's redirect.
+//!
+//! For each accepted connection it looks up the original destination the kernel recorded under
+//! the client's address (none: the connection was not redirected, and is refused). When a rule
+//! for that destination names hosts, it reads the TLS SNI or HTTP Host from the client's first
+//! bytes (bounded, timed) and judges it; otherwise it does not wait for the client to speak,
+//! so server-first protocols (SSH, SMTP, MySQL) pass unchanged. Allowed connections go to the
+//! original destination from the agent's own, exempt cgroup.
+
+pub mod relay;
+pub mod sniff;
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, RwLock,
+    },
+    time::{Duration, Instant},
+};
+
+use aya::maps::{HashMap, MapData, MapError};
+use egress_common::{OrigDst, SockAddr};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    sync::Semaphore,
+};
+use tracing::{debug, info, warn};
+
+use crate::{
+    config::normalize,
+    policy::{Compiled, HostVerdict},
+};
+use sniff::Sniffed;
+
+/// Original destinations, keyed by the client's address.
+pub type OrigMap = HashMap<MapData, SockAddr, OrigDst>;
+
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Connections handled at once; more are reset at once.
+    pub max_connections: usize,
+    /// How long the client has to name its host when a rule needs it.
+    pub sniff_timeout: Duration,
+    /// Bytes read while looking for the host.
+    pub sniff_bytes: usize,
+    pub connect_timeout: Duration,
+    /// A relayed connection with no byte either way for this long is closed.
+    pub idle_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 16_384,
+            sniff_timeout: Duration::from_secs(5),
+            sniff_bytes: 16 * 1024,
+            connect_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(3600),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub accepted: AtomicU64,
+    pub not_redirected: AtomicU64,
+    pub denied: AtomicU64,
+    pub upstream_failed: AtomicU64,
+    pub over_limit: AtomicU64,
+    pub sniff_timeouts: AtomicU64,
+    pub bytes_out: AtomicU64,
+    pub bytes_in: AtomicU64,
+}
+
+pub struct Proxy {
+    orig: OrigMap,
+    policy: RwLock<Arc<Compiled>>,
+    limits: Limits,
+    permits: Arc<Semaphore>,
+    pub stats: Stats,
+}
+
+/// Binds the proxy's listeners: 127.0.0.1 and, where the host has IPv6, [::1].
+pub async fn bind(port: u16) -> std::io::Result<Vec<TcpListener>> {
+    let mut out = vec![TcpListener::bind((Ipv4Addr::LOCALHOST, port)).await?];
+    match TcpListener::bind((Ipv6Addr::LOCALHOST, port)).await {
+        Ok(l) => out.push(l),
+        Err(e) => {
+            warn!(error = %e, "no IPv6 proxy listener on [::1]:{port}; IPv6 redirects will be refused")
+        }
+    }
+    Ok(out)
+}
+
+/// One proxied connection, for the log (and later the metrics).
+struct Record<'a> {
+    workload: &'a str,
+    dst: SocketAddr,
+    host: Option<String>,
+    verdict: &'static str,
+    rule: String,
+    started: Instant,
+}
+
+impl Proxy {
+    pub fn new(orig: OrigMap, policy: Arc<Compiled>, limits: Limits) -> Arc<Self> {
+        Arc::new(Self {
+            orig,
+            permits: Arc::new(Semaphore::new(limits.max_connections)),
+            policy: RwLock::new(policy),
+            limits,
+            stats: Stats::default(),
+        })
+    }
+
+    /// Replaces the policy the proxy judges hosts with (new connections only).
+    pub fn set_policy(&self, policy: Arc<Compiled>) {
+        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = policy;
+    }
+
+    fn policy(&self) -> Arc<Compiled> {
+        self.policy
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Serves every listener until the task is dropped.
+    pub async fn serve(self: Arc<Self>, listeners: Vec<TcpListener>) {
+        let mut tasks = tokio::task::JoinSet::new();
+        for l in listeners {
+            tasks.spawn(self.clone().accept_loop(l));
+        }
+        while tasks.join_next().await.is_some() {}
+    }
+
+    async fn accept_loop(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let (client, peer) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!(error = %e, "proxy accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+            let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+                self.stats.over_limit.fetch_add(1, Ordering::Relaxed);
+                warn!(%peer, limit = self.limits.max_connections, "proxy connection limit reached, refusing");
+                reset(client);
+                continue;
+            };
+            let this = self.clone();
+            tokio::spawn(async move {
+                this.handle(client, peer).await;
+                drop(permit);
+            });
+        }
+    }
+
+    fn original(&self, peer: SocketAddr) -> Result<OrigDst, MapError> {
+        self.orig.get(&sock_addr(peer), 0)
+    }
+
+    async fn handle(&self, mut client: TcpStream, peer: SocketAddr) {
+        let orig = match self.original(peer) {
+            Ok(o) => o,
+            Err(e) => {
+                self.stats.not_redirected.fetch_add(1, Ordering::Relaxed);
+                warn!(%peer, error = %e, "refused a connection that the kernel did not redirect");
+                reset(client);
+                return;
+            }
+        };
+        let policy = self.policy();
+        let dst = socket_addr(&orig.dst);
+        let workload = policy
+            .workloads
+            .iter()
+            .find(|(_, id)| *id == orig.workload_id)
+            .map(|(w, _)| w.to_string())
+            .unwrap_or_else(|| "unknown".into());
+        let mut rec = Record {
+            workload: &workload,
+            dst,
+            host: None,
+            verdict: "allow",
+            rule: rule_name(&policy, orig.rule_id),
+            started: Instant::now(),
+        };
+        let _ = client.set_nodelay(true);
+
+        // Bytes read while sniffing, replayed to the upstream.
+        let mut head = Vec::new();
+        if policy.needs_host(orig.workload_id, dst.ip(), dst.port()) {
+            let (sniffed, timed_out) = self.sniff(&mut client, &mut head).await;
+            if timed_out {
+                self.stats.sniff_timeouts.fetch_add(1, Ordering::Relaxed);
+            }
+            let (is_http, host) = match &sniffed {
+                Some(Sniffed::Http(h)) => (true, h.map(str::to_owned)),
+                Some(Sniffed::Tls(h)) => (false, h.map(str::to_owned)),
+                _ => (false, None),
+            };
+            rec.host = host.clone();
+            match policy.decide_host(orig.workload_id, dst.ip(), dst.port(), host.as_deref()) {
+                HostVerdict::Allow(id) => rec.rule = rule_name(&policy, id),
+                HostVerdict::Audit(id) => {
+                    rec.verdict = "audit";
+                    rec.rule = rule_name(&policy, id);
+                }
+                HostVerdict::Deny(id) => {
+                    self.stats.denied.fetch_add(1, Ordering::Relaxed);
+                    rec.verdict = "deny";
+                    rec.rule = rule_name(&policy, id);
+                    refuse(
+                        client,
+                        is_http,
+                        &rec,
+                        matches!(sniffed, Some(Sniffed::Tls(_))),
+                    )
+                    .await;
+                    self.finish(&rec, (head.len() as u64, 0), "denied");
+                    return;
+                }
+            }
+        }
+
+        let mut upstream = match tokio::time::timeout(
+            self.limits.connect_timeout,
+            TcpStream::connect(dst),
+        )
+        .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return self.upstream_failed(client, &mut rec, &e.to_string()),
+            Err(_) => return self.upstream_failed(client, &mut rec, "connect timed out"),
+        };
+        let _ = upstream.set_nodelay(true);
+        if !head.is_empty() {
+            if let Err(e) = upstream.write_all(&head).await {
+                return self.upstream_failed(client, &mut rec, &e.to_string());
+            }
+        }
+        let r = relay::relay(client, upstream, self.limits.idle_timeout).await;
+        let bytes = (r.bytes.0 + head.len() as u64, r.bytes.1);
+        let end = if r.idle_timeout {
+            "idle timeout"
+        } else if r.error.is_some() {
+            "error"
+        } else {
+            "closed"
+        };
+        self.finish(&rec, bytes, end);
+    }
+
+    /// Reads the client's first bytes until they name a host, they cannot, the buffer is
+    /// full, or the timeout passes.
+    async fn sniff<'b>(
+        &self,
+        client: &mut TcpStream,
+        head: &'b mut Vec<u8>,
+    ) -> (Option<Sniffed<'b>>, bool) {
+        let deadline = tokio::time::Instant::now() + self.limits.sniff_timeout;
+        let cap = self.limits.sniff_bytes;
+        head.reserve(cap.min(4096));
+        let mut timed_out = false;
+        loop {
+            let done = match sniff::sniff(head) {
+                Sniffed::Incomplete => head.len() >= cap,
+                _ => true,
+            };
+            if done {
+                break;
+            }
+            let mut chunk = [0u8; 4096];
+            let room = (cap - head.len()).min(chunk.len());
+            match tokio::time::timeout_at(deadline, client.read(&mut chunk[..room])).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(n)) => head.extend_from_slice(&chunk[..n]),
+                Err(_) => {
+                    timed_out = true;
+                    break;
+                }
+            }
+        }
+        match sniff::sniff(head) {
+            Sniffed::Incomplete => (None, timed_out),
+            s => (Some(s), timed_out),
+        }
+    }
+
+    fn upstream_failed(&self, client: TcpStream, rec: &mut Record<'_>, why: &str) {
+        self.stats.upstream_failed.fetch_add(1, Ordering::Relaxed);
+        rec.verdict = "upstream-error";
+        info!(workload = rec.workload, dst = %rec.dst, error = why, "proxy could not reach the original destination");
+        reset(client);
+        self.finish(rec, (0, 0), "upstream failed");
+    }
+
+    fn finish(&self, rec: &Record<'_>, bytes: (u64, u64), end: &str) {
+        self.stats.bytes_out.fetch_add(bytes.0, Ordering::Relaxed);
+        self.stats.bytes_in.fetch_add(bytes.1, Ordering::Relaxed);
+        let host = rec.host.as_deref().unwrap_or("");
+        let ms = rec.started.elapsed().as_millis() as u64;
+        let (workload, verdict, rule) = (rec.workload, rec.verdict, rec.rule.as_str());
+        if verdict == "allow" {
+            debug!(target: "egress::proxy", workload, dst = %rec.dst, host, verdict, rule, bytes_out = bytes.0, bytes_in = bytes.1, ms, end, "connection");
+        } else {
+            info!(target: "egress::proxy", workload, dst = %rec.dst, host, verdict, rule, bytes_out = bytes.0, bytes_in = bytes.1, ms, end, "connection");
+        }
+    }
+}
+
+fn rule_name(p: &Compiled, id: u32) -> String {
+    p.rule(id).map(|r| r.egress.to_string()).unwrap_or_default()
+}
+
+/// Refuses a connection whose host is denied: HTTP gets a 403 naming the policy, TLS a fatal
+/// `access_denied` alert, anything else a reset.
+async fn refuse(mut client: TcpStream, http: bool, rec: &Record<'_>, tls: bool) {
+    if http {
+        let host = rec.host.as_deref().unwrap_or("(none)");
+        let why = if rec.rule.is_empty() {
+            "no Egress policy allows it".to_string()
+        } else {
+            format!("Egress policy {} denies it", rec.rule)
+        };
+        let body = format!(
+            "egress: host {host} is refused for workload {}: {why}\n",
+            rec.workload
+        );
+        let resp = format!(
+            "HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\nX-Egress-Policy: {}\r\n\r\n{body}",
+            body.len(),
+            if rec.rule.is_empty() { "default-deny" } else { &rec.rule }
+        );
+        let _ = client.write_all(resp.as_bytes()).await;
+        let _ = client.shutdown().await;
+    } else if tls {
+        // TLS alert record: fatal (2), access_denied (49).
+        let _ = client
+            .write_all(&[0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 49])
+            .await;
+        let _ = client.shutdown().await;
+    } else {
+        reset(client);
+    }
+}
+
+/// Closes with RST, so the client sees a reset rather than a clean, empty response.
+fn reset(s: TcpStream) {
+    // A zero linger never blocks on drop (the deprecation is about non-zero ones).
+    #[allow(deprecated)]
+    let _ = s.set_linger(Some(Duration::ZERO));
+    drop(s);
+}
+
+/// The kernel's key for a client address (IPv4-mapped addresses are IPv4).
+pub fn sock_addr(a: SocketAddr) -> SockAddr {
+    match normalize(a.ip()) {
+        IpAddr::V4(v4) => SockAddr::v4(v4.octets(), a.port()),
+        IpAddr::V6(v6) => SockAddr::v6(v6.octets(), a.port()),
+    }
+}
+
+pub fn socket_addr(a: &SockAddr) -> SocketAddr {
+    let port = a.port as u16;
+    if a.family == 4 {
+        SocketAddr::from((a.ip4(), port))
+    } else {
+        SocketAddr::from((a.addr, port))
+    }
+}
