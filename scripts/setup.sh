@@ -10,7 +10,7 @@ set -euo pipefail
 # (see egress-agent/build.rs). Overridable, e.g. EGRESS_EBPF_TOOLCHAIN=nightly.
 T=${EGRESS_EBPF_TOOLCHAIN:-stable}
 BPF_LINKER_VERSION=0.13.0
-APT_PACKAGES=(build-essential iproute2 curl python3 netcat-openbsd bpftool)
+APT_PACKAGES=(build-essential iproute2 curl python3 netcat-openbsd bpftool openssl openssh-server openssh-client git)
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 
@@ -21,8 +21,14 @@ done
 if ((${#missing[@]})); then
   log "installing apt packages: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
+  # Packages with daemons (openssh-server) must not start them machine-wide: the tests run
+  # their own instances on loopback addresses. policy-rc.d exit 101 = "do not start".
+  prc=/usr/sbin/policy-rc.d
+  own_prc=0
+  if [ ! -e "$prc" ]; then printf '#!/bin/sh\nexit 101\n' > "$prc"; chmod +x "$prc"; own_prc=1; fi
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null || { ((own_prc)) && rm -f "$prc"; exit 1; }
+  ((own_prc)) && rm -f "$prc"
 fi
 
 if ! rustup component list --toolchain "$T" --installed | grep -q '^rust-src'; then

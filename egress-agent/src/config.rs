@@ -114,16 +114,57 @@ impl Default for TrafficSpec {
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct ProxySpec {
     pub port: Port,
+    /// How long a client has to name its host (SNI, Host) when a rule needs it.
+    pub sniff_timeout: Seconds,
+    /// A relayed connection with no bytes either way for this long is closed.
+    pub idle_timeout: Seconds,
+    /// Connections the proxy relays at once.
+    pub max_connections: u32,
 }
 
 impl Default for ProxySpec {
     fn default() -> Self {
         Self {
             port: Port(DEFAULT_PROXY_PORT),
+            sniff_timeout: Seconds(std::time::Duration::from_secs(5)),
+            idle_timeout: Seconds(std::time::Duration::from_secs(3600)),
+            max_connections: 16_384,
         }
+    }
+}
+
+/// A duration written as `500ms`, `5s`, `10m` or `1h` (Kubernetes style), at least 1ms.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Seconds(pub std::time::Duration);
+
+impl FromStr for Seconds {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (n, unit) = s.split_at(split);
+        let n: u64 = n
+            .parse()
+            .map_err(|_| format!("invalid duration {s:?} (like 500ms, 5s, 10m, 1h)"))?;
+        let ms = match unit {
+            "ms" => Some(n),
+            "s" => n.checked_mul(1000),
+            "m" => n.checked_mul(60_000),
+            "h" => n.checked_mul(3_600_000),
+            _ => None,
+        }
+        .filter(|ms| *ms > 0)
+        .ok_or_else(|| format!("invalid duration {s:?} (like 500ms, 5s, 10m, 1h)"))?;
+        Ok(Seconds(std::time::Duration::from_millis(ms)))
+    }
+}
+
+impl<'de> Deserialize<'de> for Seconds {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -899,6 +940,23 @@ spec:
         ));
         assert!(
             e.contains("spec.ports[0].endPort: endPort 80 is below number 443"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!("250ms".parse::<Seconds>().unwrap().0.as_millis(), 250);
+        assert_eq!("2m".parse::<Seconds>().unwrap().0.as_secs(), 120);
+        for bad in ["", "5", "0s", "1d", "-1s", "s"] {
+            assert!(bad.parse::<Seconds>().is_err(), "{bad}");
+        }
+        let e = err(&GOOD.replace(
+            "proxy: {port: 15001}",
+            "proxy: {port: 15001, sniffTimeout: 5}",
+        ));
+        assert!(
+            e.contains("MeshConfig egress: spec.proxy.sniffTimeout:"),
             "{e}"
         );
     }

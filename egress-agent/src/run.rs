@@ -95,7 +95,12 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let relay = Proxy::new(
         dp.orig_by_tuple()?,
         std::sync::Arc::new(compiled.clone()),
-        proxy::Limits::default(),
+        proxy::Limits {
+            max_connections: cfg.mesh.proxy.max_connections as usize,
+            sniff_timeout: cfg.mesh.proxy.sniff_timeout.0,
+            idle_timeout: cfg.mesh.proxy.idle_timeout.0,
+            ..proxy::Limits::default()
+        },
     );
     let events = dp.events()?;
 

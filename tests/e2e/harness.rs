@@ -413,3 +413,140 @@ impl Drop for UdpServer {
         self.stop.store(true, Ordering::Relaxed);
     }
 }
+
+/// A server process started by a test, killed (by its PID) when dropped.
+pub struct Daemon {
+    child: Child,
+    pub dir: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `cmd` in a fresh temp dir and waits until `addr` accepts TCP connections.
+    pub fn start(name: &str, cmd: &[&str], addr: &str, dir: PathBuf) -> Daemon {
+        let child = Command::new(cmd[0])
+            .args(&cmd[1..])
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {name} ({}): {e}", cmd[0]));
+        let d = Daemon { child, dir };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while TcpStream::connect(addr).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "{name} does not listen on {addr}"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+        d
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A fresh temporary directory.
+pub fn temp_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(unique(&format!("egress-{tag}")));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `python3 -m http.server` serving `dir` on ip:port.
+pub fn http_server(ip: &str, port: u16, dir: PathBuf) -> Daemon {
+    let p = port.to_string();
+    let d = dir.to_string_lossy().into_owned();
+    Daemon::start(
+        "http.server",
+        &[
+            "python3",
+            "-m",
+            "http.server",
+            &p,
+            "--bind",
+            ip,
+            "--directory",
+            &d,
+        ],
+        &format!("{ip}:{port}"),
+        dir,
+    )
+}
+
+/// `openssl s_server -www` (a self-signed certificate) on ip:port.
+pub fn tls_server(ip: &str, port: u16) -> Daemon {
+    let dir = temp_dir("tls");
+    run_ok(Command::new("openssl").current_dir(&dir).args([
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        "key.pem",
+        "-out",
+        "cert.pem",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=egress-test",
+    ]));
+    let accept = format!("{ip}:{port}");
+    Daemon::start(
+        "openssl s_server",
+        &[
+            "openssl", "s_server", "-accept", &accept, "-cert", "cert.pem", "-key", "key.pem",
+            "-www", "-quiet",
+        ],
+        &accept,
+        dir,
+    )
+}
+
+/// Debian's sshd on ip:22 with a throw-away host key, accepting one throw-away client key
+/// for root. Returns the daemon and the client key's path.
+pub fn ssh_server(ip: &str) -> (Daemon, PathBuf) {
+    let dir = temp_dir("sshd");
+    std::fs::create_dir_all("/run/sshd").unwrap();
+    for key in ["host_key", "client_key"] {
+        run_ok(
+            Command::new("ssh-keygen")
+                .current_dir(&dir)
+                .args(["-q", "-t", "ed25519", "-N", "", "-f", key]),
+        );
+    }
+    std::fs::copy(dir.join("client_key.pub"), dir.join("authorized_keys")).unwrap();
+    let conf = format!(
+        "ListenAddress {ip}:22\nHostKey {d}/host_key\nAuthorizedKeysFile {d}/authorized_keys\nPidFile {d}/sshd.pid\nStrictModes no\nUsePAM no\nPermitRootLogin prohibit-password\nPasswordAuthentication no\n",
+        d = dir.display()
+    );
+    std::fs::write(dir.join("sshd_config"), conf).unwrap();
+    let cfg = dir.join("sshd_config").to_string_lossy().into_owned();
+    let key = dir.join("client_key");
+    let d = Daemon::start(
+        "sshd",
+        &["/usr/sbin/sshd", "-D", "-e", "-f", &cfg],
+        &format!("{ip}:22"),
+        dir,
+    );
+    (d, key)
+}

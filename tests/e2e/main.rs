@@ -6,4 +6,5 @@ mod bad_input;
 mod datapath;
 mod harness;
 mod lifecycle;
+mod proxy;
 mod semantics;

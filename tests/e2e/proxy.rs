@@ -1,0 +1,365 @@
+//! The transparent proxy with real clients: HTTP by Host, HTTPS by SNI, TCP by port, SSH and
+//! git through the proxy, passthrough on port 80 and 22, and hostile clients.
+
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use crate::harness::{
+    http_server, privileged, ssh_server, temp_dir, tls_server, Agent, TcpServer, CLIENT,
+};
+
+const HOSTILE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/e2e/hostile.py");
+const HELLO: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/clienthello-curl.bin"
+);
+
+/// `curl` inside the workload with `host` resolved to `ip`; returns (exit code, http code, body).
+fn curl(agent: &Agent, scheme: &str, host: &str, ip: &str, port: u16) -> (i32, String, String) {
+    let resolve = format!("{host}:{port}:{ip}");
+    let url = format!("{scheme}://{host}:{port}/");
+    let out = agent.exec(
+        "web",
+        &[
+            "curl",
+            "-sk",
+            "--max-time",
+            "10",
+            "--resolve",
+            &resolve,
+            "-w",
+            "\n%{http_code}",
+            &url,
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (
+        out.status.code().unwrap_or(-1),
+        code.to_string(),
+        body.to_string(),
+    )
+}
+
+fn hosts_policy(enable: bool) -> String {
+    format!(
+        r#"
+kind: MeshConfig
+metadata: {{name: egress}}
+spec: {{traffic: {{enableEgress: {enable}}}, proxy: {{port: {{proxy_port}}, sniffTimeout: 1s}}}}
+---
+kind: Workload
+metadata: {{name: web}}
+---
+kind: Egress
+metadata: {{name: allow-hosts}}
+spec:
+  sources: [{{name: web}}]
+  hosts: [allowed.example, "*.wild.example", "**.deep.example"]
+  ports: [{{number: 80, protocol: http}}, {{number: 443, protocol: https}}]
+---
+kind: Egress
+metadata: {{name: deny-internal}}
+spec:
+  sources: [{{name: web}}]
+  hosts: ["**.internal.deep.example"]
+  ports: [{{number: 80, protocol: http}}]
+  action: deny
+"#
+    )
+}
+
+#[test]
+fn http_by_host_and_https_by_sni() {
+    if !privileged() {
+        return;
+    }
+    let ip = "127.31.0.1";
+    let www = temp_dir("www");
+    std::fs::write(www.join("index.html"), "hello from the destination\n").unwrap();
+    let _http = http_server(ip, 80, www);
+    let _tls = tls_server(ip, 443);
+    let agent = Agent::start(&hosts_policy(false));
+
+    let (code, status, body) = curl(&agent, "http", "allowed.example", ip, 80);
+    assert_eq!(
+        (code, status.as_str(), body.as_str()),
+        (0, "200", "hello from the destination\n")
+    );
+    // A wrong Host to the same IP and port: 403 naming the policy.
+    let (code, status, body) = curl(&agent, "http", "other.example", ip, 80);
+    assert_eq!((code, status.as_str()), (0, "403"), "{body}");
+    assert!(
+        body.contains(
+            "host other.example is refused for workload default/web: no Egress policy allows it"
+        ),
+        "{body}"
+    );
+    // Wildcards: `*.` is exactly one label, `**.` any depth; a host deny beats a host allow.
+    for (host, want) in [
+        ("a.wild.example", "200"),
+        ("a.b.wild.example", "403"),
+        ("wild.example", "403"),
+        ("x.y.deep.example", "200"),
+        ("db.internal.deep.example", "403"),
+    ] {
+        assert_eq!(curl(&agent, "http", host, ip, 80).1, want, "{host}");
+    }
+    let (_, _, body) = curl(&agent, "http", "db.internal.deep.example", ip, 80);
+    assert!(
+        body.contains("Egress policy default/deny-internal denies it"),
+        "{body}"
+    );
+
+    // HTTPS by SNI, through the proxy to a TLS server with a self-signed certificate.
+    let (code, status, body) = curl(&agent, "https", "allowed.example", ip, 443);
+    assert_eq!((code, status.as_str()), (0, "200"), "{body}");
+    // A wrong SNI to the allowed IP is refused with a TLS alert (curl: SSL connect error).
+    let (code, _, _) = curl(&agent, "https", "evil.example", ip, 443);
+    assert_eq!(code, 35, "curl exit for a refused TLS handshake");
+    let log = agent.wait_log("host=\"evil.example\" verdict=\"deny\"");
+    assert!(
+        log.contains("host=\"other.example\" verdict=\"deny\""),
+        "{log}"
+    );
+}
+
+#[test]
+fn tcp_by_port_only_and_another_ip_on_the_same_port() {
+    if !privileged() {
+        return;
+    }
+    let db = TcpServer::start("127.31.1.1");
+    let agent = Agent::start(&format!(
+        "kind: MeshConfig\nmetadata: {{name: e}}\nspec: {{traffic: {{enableEgress: false}}, proxy: {{port: {{proxy_port}}}}}}\n---\nkind: Workload\nmetadata: {{name: web}}\n---\nkind: Egress\nmetadata: {{name: db}}\nspec: {{sources: [{{name: web}}], ipAddresses: [127.31.1.1/32], ports: [{{number: {}, protocol: tcp}}], via: proxy}}\n",
+        db.port()
+    ));
+    let out = agent.client("web", &["tcp", &db.ip(), &db.port(), "q"]);
+    assert_eq!(out, format!("ok peer={0} reply={0}|q", db.addr));
+    let out = agent.client("web", &["tcp", "127.31.1.2", &db.port()]);
+    assert!(
+        out.starts_with("err EPERM"),
+        "another IP on the same port: {out}"
+    );
+}
+
+#[test]
+fn ssh_and_git_through_the_proxy_with_passthrough_on_80_and_22() {
+    if !privileged() {
+        return;
+    }
+    let (_sshd, key) = ssh_server("127.32.0.1");
+    // A bare repository served over dumb HTTP.
+    let www = temp_dir("git");
+    let repo = www.join("repo.git");
+    let git = |args: &[&str], dir: &std::path::Path| {
+        let out = Command::new("git")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let work = temp_dir("gitwork");
+    git(&["init", "-q", "-b", "main"], &work);
+    std::fs::write(work.join("README"), "through the egress proxy\n").unwrap();
+    git(&["add", "README"], &work);
+    git(
+        &[
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@t",
+            "commit",
+            "-qm",
+            "init",
+        ],
+        &work,
+    );
+    git(
+        &[
+            "clone",
+            "-q",
+            "--bare",
+            work.to_str().unwrap(),
+            repo.to_str().unwrap(),
+        ],
+        &work,
+    );
+    git(&["update-server-info"], &repo);
+    let _http = http_server("127.33.0.1", 80, www);
+
+    // enableEgress true: every port-80 connection goes through the proxy (a host rule names
+    // port 80), SSH to 127.32.0.1 goes through it too (via: proxy), and nothing collides.
+    let agent = Agent::start(
+        "kind: MeshConfig\nmetadata: {name: e}\nspec: {traffic: {enableEgress: true}, proxy: {port: {proxy_port}}}\n---\nkind: Workload\nmetadata: {name: web}\n---\nkind: Egress\nmetadata: {name: web-hosts}\nspec: {sources: [{name: web}], hosts: [only.example], ports: [{number: 80, protocol: http}]}\n---\nkind: Egress\nmetadata: {name: ssh}\nspec: {sources: [{name: web}], ipAddresses: [127.32.0.1/32], ports: [{number: 22}], via: proxy}\n",
+    );
+    let key = key.to_string_lossy().into_owned();
+    let t0 = Instant::now();
+    let out = agent.exec(
+        "web",
+        &[
+            "ssh",
+            "-i",
+            &key,
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "ConnectTimeout=10",
+            "root@127.32.0.1",
+            "echo",
+            "ssh-through-the-proxy",
+        ],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "ssh-through-the-proxy",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "server-first SSH was delayed by sniffing"
+    );
+    agent.wait_log("dst=127.32.0.1:22 protocol=\"tcp\" verdict=\"proxy\" rule=\"default/ssh\"");
+
+    let dest = temp_dir("clone").join("repo");
+    let out = agent.exec(
+        "web",
+        &[
+            "git",
+            "clone",
+            "-q",
+            "http://127.33.0.1/repo.git",
+            dest.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "git clone: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(dest.join("README")).unwrap(),
+        "through the egress proxy\n"
+    );
+    agent.wait_log(
+        "dst=127.33.0.1:80 protocol=\"tcp\" verdict=\"proxy\" rule=\"default/web-hosts\"",
+    );
+    let _ = std::fs::remove_dir_all(dest.parent().unwrap());
+    let _ = std::fs::remove_dir_all(work);
+}
+
+#[test]
+fn hostile_clients_are_bounded_and_others_still_served() {
+    if !privileged() {
+        return;
+    }
+    let srv = TcpServer::start("127.34.0.1");
+    let agent = Agent::start(&format!(
+        "kind: MeshConfig\nmetadata: {{name: e}}\nspec: {{traffic: {{enableEgress: false}}, proxy: {{port: {{proxy_port}}, sniffTimeout: 1s}}}}\n---\nkind: Workload\nmetadata: {{name: web}}\n---\nkind: Egress\nmetadata: {{name: hosts}}\nspec: {{sources: [{{name: web}}], hosts: [allowed.example], ipAddresses: [127.34.0.0/24], ports: [{{number: {}}}]}}\n",
+        srv.port()
+    ));
+    let port = srv.port();
+    // Many silent clients hold connections open while the others misbehave.
+    let silent: Vec<_> = (0..50)
+        .map(|_| {
+            let mut c = Command::new(crate::harness::AGENT);
+            c.args(["exec", "--workload", "web", "--cgroup-root"])
+                .arg(&agent.root)
+                .args(["--", "python3", HOSTILE, "silent", "127.34.0.1", &port])
+                .stdout(std::process::Stdio::piped());
+            c.spawn().unwrap()
+        })
+        .collect();
+    for (mode, max_s) in [
+        ("garbage", 0.9),
+        ("truncated-hello", 3.0),
+        ("huge-header", 3.0),
+    ] {
+        let out = agent.exec(
+            "web",
+            &["python3", HOSTILE, mode, "127.34.0.1", &port, HELLO],
+        );
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let secs: f64 = text
+            .rsplit(' ')
+            .next()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(99.0);
+        assert!(
+            text.starts_with("closed") && !text.contains("still-open") && secs < max_s,
+            "{mode}: {text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // A well-behaved client is served meanwhile, and an HTTP request for the allowed host
+    // passes (the TcpServer answers the first line).
+    let out = agent.exec(
+        "web",
+        &[
+            "python3",
+            CLIENT,
+            "tcp",
+            "127.34.0.1",
+            &port,
+            "GET / HTTP/1.1\r\nHost: allowed.example\r\n\r\n",
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with(&format!(
+            "ok peer=127.34.0.1:{port} reply=127.34.0.1:{port}|GET / HTTP/1.1"
+        )),
+        "{text}"
+    );
+    // The silent ones are closed after the sniff timeout (1 s).
+    for c in silent {
+        let out = c.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let secs: f64 = text
+            .rsplit(' ')
+            .next()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(99.0);
+        // The client starts its clock after connect() returns, under the load of 50 processes.
+        assert!(
+            text.starts_with("closed") && (0.3..5.0).contains(&secs),
+            "silent: {text}"
+        );
+    }
+    let rss_kib: u64 = std::fs::read_to_string(format!("/proc/{}/status", agent_pid(&agent)))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap();
+    assert!(rss_kib < 64 * 1024, "agent RSS {rss_kib} KiB");
+    let log = agent.log();
+    assert!(!log.contains("panicked"), "{log}");
+    assert_eq!(
+        srv.accepted(),
+        1,
+        "only the well-behaved client reached the destination"
+    );
+}
+
+fn agent_pid(agent: &Agent) -> u32 {
+    // The agent moved itself into <root>/_agent: the only process there.
+    std::fs::read_to_string(agent.root.join("_agent/cgroup.procs"))
+        .unwrap()
+        .lines()
+        .next()
+        .and_then(|l| l.parse().ok())
+        .expect("agent pid")
+}
