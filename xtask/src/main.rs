@@ -1,1 +1,48 @@
-fn main() {}
+//! Project tasks: `cargo xtask setup | test | demo` (the alias lives in `.cargo/config.toml`).
+
+mod cmd;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "Project tasks for egress"
+)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what the build, the tests and the demo need (scripts/setup.sh, idempotent).
+    Setup,
+    /// Setup, then fmt --check, clippy -D warnings and every test (as root).
+    Test {
+        /// Extra arguments for `cargo test`, after `--` (e.g. `-- --nocapture`).
+        #[arg(last = true, value_name = "ARGS")]
+        args: Vec<String>,
+    },
+    /// Setup, build the release agent and run scripts/demo.sh with it (as root).
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let root = cmd::workspace_root();
+    let result = match Cli::parse().task {
+        Task::Setup => cmd::setup(&root),
+        Task::Test { args } => cmd::test(&root, &args),
+        Task::Demo => cmd::demo(&root),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
