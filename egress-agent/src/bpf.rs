@@ -16,8 +16,8 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader,
 };
 use egress_common::{
-    names, MeshConfig, OrigDst, PolicyKeyV4, PolicyKeyV6, PolicyValue, SockAddr, WorkloadInfo,
-    LAYOUT_VERSION,
+    mesh_key, names, workload_key, MeshConfig, MeshKeyV4, MeshKeyV6, OrigDst, PolicyKeyV4,
+    PolicyKeyV6, PolicyValue, SockAddr, WorkloadInfo, LAYOUT_VERSION,
 };
 
 use crate::policy::Compiled;
@@ -167,48 +167,124 @@ impl Datapath {
         aya_log::EbpfLogger::init(&mut self.ebpf).ok()
     }
 
-    /// Writes the whole policy into the (fresh) maps.
-    pub fn write_policy(
+    /// The policy set the programs read now, and its mesh config.
+    pub fn active(&mut self) -> Result<(u32, MeshConfig), BpfError> {
+        let a: Array<_, u32> = self.map(names::ACTIVE)?;
+        let set = a.get(&0, 0).map_err(map_err(names::ACTIVE))? & 1;
+        let c: Array<_, MeshConfig> = self.map(names::CONFIG)?;
+        let cfg = c.get(&set, 0).map_err(map_err(names::CONFIG))?;
+        Ok((set, cfg))
+    }
+
+    /// Installs a whole policy atomically: writes it into the inactive set, flips
+    /// `EGRESS_ACTIVE` (from then on every connect sees the new policy, before it every
+    /// connect saw the old one whole), waits a moment for programs still running on the old
+    /// set, and deletes the old set. On an error before the flip the old policy stays in force
+    /// untouched. Returns the new policy set.
+    pub fn apply(
         &mut self,
+        c: &Compiled,
+        cfg: MeshConfig,
+        workload_cgroups: &[(u64, u32)],
+    ) -> Result<u32, BpfError> {
+        let (cur, _) = self.active()?;
+        let next = cur ^ 1;
+        self.clear_set(next)?;
+        if let Err(e) = self.write_set(next, c, cfg, workload_cgroups) {
+            let _ = self.clear_set(next);
+            return Err(e);
+        }
+        let mut a: Array<_, u32> = self.map(names::ACTIVE)?;
+        a.set(0, next, 0).map_err(map_err(names::ACTIVE))?;
+        // A program that read the old set number just before the flip finishes within
+        // microseconds; give it ample time before its entries go.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        self.clear_set(cur)?;
+        Ok(next)
+    }
+
+    /// Changes only `enableEgress` of the policy in force (one aligned u32 in place, no
+    /// rebuild): the toggle takes effect on the very next connect.
+    pub fn set_enable_egress(&mut self, enable: bool, generation: u64) -> Result<MeshConfig, BpfError> {
+        let (set, mut cfg) = self.active()?;
+        cfg.enable_egress = enable as u32;
+        cfg.generation = generation;
+        let mut c: Array<_, MeshConfig> = self.map(names::CONFIG)?;
+        c.set(set, cfg, 0).map_err(map_err(names::CONFIG))?;
+        Ok(cfg)
+    }
+
+    fn write_set(
+        &mut self,
+        set: u32,
         c: &Compiled,
         cfg: MeshConfig,
         workload_cgroups: &[(u64, u32)],
     ) -> Result<(), BpfError> {
         let mut m: Array<_, MeshConfig> = self.map(names::CONFIG)?;
-        m.set(0, cfg, 0).map_err(map_err(names::CONFIG))?;
+        m.set(set, cfg, 0).map_err(map_err(names::CONFIG))?;
 
         let mut w: HashMap<_, u64, WorkloadInfo> = self.map(names::WORKLOADS)?;
         for &(cg, id) in workload_cgroups {
-            w.insert(cg, WorkloadInfo { id, _pad0: 0 }, 0)
+            w.insert(workload_key(cg, set), WorkloadInfo { id, _pad0: 0 }, 0)
                 .map_err(map_err(names::WORKLOADS))?;
         }
 
         let mut v4: LpmTrie<_, PolicyKeyV4, PolicyValue> = self.map(names::POLICY_V4)?;
         for e in &c.v4 {
-            v4.insert(&Key::new(e.key_len(), e.key), e.value, 0)
+            v4.insert(&Key::new(e.key_len(), e.key(set)), e.value, 0)
                 .map_err(map_err(names::POLICY_V4))?;
         }
         let mut v6: LpmTrie<_, PolicyKeyV6, PolicyValue> = self.map(names::POLICY_V6)?;
         for e in &c.v6 {
-            v6.insert(&Key::new(e.key_len(), e.key), e.value, 0)
+            v6.insert(&Key::new(e.key_len(), e.key(set)), e.value, 0)
                 .map_err(map_err(names::POLICY_V6))?;
         }
 
-        let mut m4: LpmTrie<_, [u8; 4], u32> = self.map(names::MESH_V4)?;
+        let mut m4: LpmTrie<_, MeshKeyV4, u32> = self.map(names::MESH_V4)?;
         for c in &c.mesh {
             if let std::net::IpAddr::V4(a) = c.addr {
-                m4.insert(&Key::new(c.len as u32, a.octets()), 1, 0)
+                m4.insert(&Key::new(8 + c.len as u32, mesh_key(set, &a.octets())), 1, 0)
                     .map_err(map_err(names::MESH_V4))?;
             }
         }
-        let mut m6: LpmTrie<_, [u8; 16], u32> = self.map(names::MESH_V6)?;
+        let mut m6: LpmTrie<_, MeshKeyV6, u32> = self.map(names::MESH_V6)?;
         for c in &c.mesh {
             if let std::net::IpAddr::V6(a) = c.addr {
-                m6.insert(&Key::new(c.len as u32, a.octets()), 1, 0)
+                m6.insert(&Key::new(8 + c.len as u32, mesh_key(set, &a.octets())), 1, 0)
                     .map_err(map_err(names::MESH_V6))?;
             }
         }
         Ok(())
+    }
+
+    /// Deletes every entry of policy set `set`.
+    fn clear_set(&mut self, set: u32) -> Result<(), BpfError> {
+        let mut w: HashMap<_, u64, WorkloadInfo> = self.map(names::WORKLOADS)?;
+        let keys: Vec<u64> = w.keys().filter_map(Result::ok).filter(|k| k >> 63 == set as u64).collect();
+        for k in keys {
+            w.remove(&k).map_err(map_err(names::WORKLOADS))?;
+        }
+        clear_trie::<PolicyKeyV4, PolicyValue>(self.map(names::POLICY_V4)?, names::POLICY_V4, |k| (k[0] >> 7) as u32 == set)?;
+        clear_trie::<PolicyKeyV6, PolicyValue>(self.map(names::POLICY_V6)?, names::POLICY_V6, |k| (k[0] >> 7) as u32 == set)?;
+        clear_trie::<MeshKeyV4, u32>(self.map(names::MESH_V4)?, names::MESH_V4, |k| k[0] as u32 == set)?;
+        clear_trie::<MeshKeyV6, u32>(self.map(names::MESH_V6)?, names::MESH_V6, |k| k[0] as u32 == set)?;
+        Ok(())
+    }
+
+    /// Entries per map, for `status`.
+    pub fn map_entries(&mut self) -> Vec<(&'static str, usize)> {
+        let mut out = Vec::new();
+        if let Ok(w) = self.map::<HashMap<_, u64, WorkloadInfo>>(names::WORKLOADS) {
+            out.push((names::WORKLOADS, w.keys().count()));
+        }
+        if let Ok(t) = self.map::<LpmTrie<_, PolicyKeyV4, PolicyValue>>(names::POLICY_V4) {
+            out.push((names::POLICY_V4, t.keys().count()));
+        }
+        if let Ok(t) = self.map::<LpmTrie<_, PolicyKeyV6, PolicyValue>>(names::POLICY_V6) {
+            out.push((names::POLICY_V6, t.keys().count()));
+        }
+        out
     }
 
     fn map<'a, T>(&'a mut self, name: &'static str) -> Result<T, BpfError>
@@ -313,6 +389,22 @@ impl Datapath {
     }
 }
 
+fn clear_trie<K: aya::Pod, V: aya::Pod>(
+    mut t: LpmTrie<&mut MapData, K, V>,
+    name: &'static str,
+    in_set: impl Fn(&K) -> bool,
+) -> Result<(), BpfError> {
+    let keys: Vec<Key<K>> = t
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| in_set(&k.data()))
+        .collect();
+    for k in keys {
+        t.remove(&k).map_err(map_err(name))?;
+    }
+    Ok(())
+}
+
 /// Wraps map data in the right [`aya::maps::Map`] variant for its name.
 fn map_of(name: &str, data: MapData) -> aya::maps::Map {
     use aya::maps::Map;
@@ -321,7 +413,7 @@ fn map_of(name: &str, data: MapData) -> aya::maps::Map {
         names::EVENTS => Map::RingBuf(data),
         names::ORIG_BY_COOKIE | names::ORIG_BY_TUPLE => Map::LruHashMap(data),
         names::WORKLOADS => Map::HashMap(data),
-        names::CONFIG => Map::Array(data),
+        names::CONFIG | names::ACTIVE => Map::Array(data),
         _ => Map::LpmTrie(data),
     }
 }

@@ -551,6 +551,16 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 
 /// Parses and validates the text of a policy file (`file` names it in errors).
 pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+    parse_objects(text, file)?.finish()
+}
+
+/// Parses and validates every object of `text` on its own, without the checks between
+/// objects (a policy naming a workload defined elsewhere): for files applied onto a live set.
+pub fn parse_fragment(text: &str, file: &str) -> Result<Config, ConfigError> {
+    Ok(parse_objects(text, file)?.cfg)
+}
+
+fn parse_objects(text: &str, file: &str) -> Result<Parser, ConfigError> {
     let mut p = Parser {
         file: file.to_string(),
         cfg: Config::default(),
@@ -565,7 +575,7 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
         }
         p.object(i, value)?;
     }
-    p.finish()
+    Ok(p)
 }
 
 struct Parser {

@@ -7,4 +7,5 @@ pub mod flows;
 pub mod policy;
 pub mod proxy;
 pub mod run;
+pub mod store;
 pub mod workload;

@@ -10,8 +10,8 @@ use std::{
 };
 
 use egress_common::{
-    action, decide, decide::Query, policy_key, proto, Decision, MeshConfig, PolicyKeyV4,
-    PolicyKeyV6, PolicyValue, PortRule, MAX_RULES_PER_PREFIX,
+    action, decide, decide::Query, policy_key, policy_scope, proto, Decision, MeshConfig,
+    PolicyValue, PortRule, MAX_RULES_PER_PREFIX,
 };
 
 use crate::config::{self, Action, Cidr, Config, FailMode, HostPattern, ObjectRef, Via};
@@ -45,19 +45,24 @@ impl RuleInfo {
     }
 }
 
-/// One LPM entry: the prefix length of the CIDR (the key's length is 32 more, for the scope).
+/// One LPM entry of a workload: a CIDR (address bytes, length) and its flattened rules.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Entry<K> {
+pub struct Entry<const N: usize> {
     pub workload: u32,
     pub cidr_len: u8,
-    pub key: K,
+    pub addr: [u8; N],
     pub value: PolicyValue,
 }
 
-impl<K> Entry<K> {
+impl<const N: usize> Entry<N> {
     /// The LPM key's prefix length: 32 bits of workload scope, then the CIDR.
     pub fn key_len(&self) -> u32 {
         32 + self.cidr_len as u32
+    }
+
+    /// The LPM key data for policy set `set` (`M` = 4 + N).
+    pub fn key<const M: usize>(&self, set: u32) -> [u8; M] {
+        policy_key::<M, N>(policy_scope(self.workload, set), &self.addr)
     }
 }
 
@@ -67,8 +72,8 @@ pub struct Compiled {
     pub config: MeshConfig,
     /// Workload ids, 1-based, in (namespace, name) order.
     pub workloads: Vec<(ObjectRef, u32)>,
-    pub v4: Vec<Entry<PolicyKeyV4>>,
-    pub v6: Vec<Entry<PolicyKeyV6>>,
+    pub v4: Vec<Entry<4>>,
+    pub v6: Vec<Entry<16>>,
     pub mesh: Vec<Cidr>,
     pub rules: Vec<RuleInfo>,
 }
@@ -187,7 +192,7 @@ pub fn compile(cfg: &Config) -> Result<Compiled, CompileError> {
         .map(|(workload, cidr_len, addr, value)| Entry {
             workload,
             cidr_len,
-            key: policy_key::<8, 4>(workload, &addr),
+            addr,
             value,
         })
         .collect();
@@ -196,7 +201,7 @@ pub fn compile(cfg: &Config) -> Result<Compiled, CompileError> {
         .map(|(workload, cidr_len, addr, value)| Entry {
             workload,
             cidr_len,
-            key: policy_key::<20, 16>(workload, &addr),
+            addr,
             value,
         })
         .collect();
@@ -380,18 +385,15 @@ pub enum HostVerdict {
     Audit(u32),
 }
 
-fn longest<'a, K: AsRef<[u8]>, const N: usize>(
-    entries: &'a [Entry<K>],
+fn longest<'a, const N: usize>(
+    entries: &'a [Entry<N>],
     workload: u32,
     addr: &[u8; N],
 ) -> Option<&'a PolicyValue> {
     entries
         .iter()
         .filter(|e| e.workload == workload)
-        .filter(|e| {
-            let k = e.key.as_ref();
-            config::mask(addr, e.cidr_len)[..] == k[4..4 + N]
-        })
+        .filter(|e| config::mask(addr, e.cidr_len) == e.addr)
         .max_by_key(|e| e.cidr_len)
         .map(|e| &e.value)
 }

@@ -86,7 +86,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         events_all: opts.all_flows as u32,
         ..compiled.config
     };
-    dp.write_policy(&compiled, mesh, &cgroups)?;
+    dp.apply(&compiled, mesh, &cgroups)?;
 
     let port = compiled.config.proxy_port;
     let listeners = proxy::bind(port).await.with_context(|| {

@@ -4,6 +4,7 @@ use core::mem::size_of;
 
 /// Names of the maps in the eBPF object (also the names of their pins).
 pub mod names {
+    pub const ACTIVE: &str = "EGRESS_ACTIVE";
     pub const CONFIG: &str = "EGRESS_CONFIG";
     pub const WORKLOADS: &str = "EGRESS_WORKLOADS";
     pub const POLICY_V4: &str = "EGRESS_POLICY_V4";
@@ -15,7 +16,8 @@ pub mod names {
     pub const COUNTERS: &str = "EGRESS_COUNTERS";
     pub const EVENTS: &str = "EGRESS_EVENTS";
     /// Every map the agent pins, in a stable order.
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 11] = [
+        ACTIVE,
         CONFIG,
         WORKLOADS,
         POLICY_V4,
@@ -33,11 +35,11 @@ pub mod names {
 pub mod capacity {
     /// Workload ids are 1..MAX_WORKLOADS; 0 is never a workload.
     pub const MAX_WORKLOADS: u32 = 1024;
-    /// cgroup ids that resolve to a workload (a workload's own cgroup).
-    pub const WORKLOAD_CGROUPS: u32 = MAX_WORKLOADS;
-    /// Distinct (workload, prefix) entries per address family.
-    pub const POLICY_PREFIXES: u32 = 131_072;
-    pub const MESH_PREFIXES: u32 = 256;
+    /// cgroup ids that resolve to a workload, for both policy sets.
+    pub const WORKLOAD_CGROUPS: u32 = 2 * MAX_WORKLOADS;
+    /// Distinct (workload, prefix) entries per address family, for both policy sets.
+    pub const POLICY_PREFIXES: u32 = 2 * 131_072;
+    pub const MESH_PREFIXES: u32 = 2 * 256;
     /// Redirected sockets tracked at once (LRU; entries are also removed on close).
     pub const ORIG_DST: u32 = 65_536;
     pub const EVENTS_BYTES: u32 = 1 << 20;
@@ -90,7 +92,39 @@ pub struct WorkloadInfo {
     pub _pad0: u32,
 }
 
-/// LPM key data for the policy tries: workload scope (big-endian id) then the address.
+/// The maps hold two policy sets, 0 and 1; `EGRESS_ACTIVE` says which one the programs read.
+/// The agent writes the other set completely, then flips `EGRESS_ACTIVE` (one aligned u32
+/// write): every connect sees one whole policy, never a mix or an empty map. The set is part
+/// of every key: the config slot, the cgroup key's top bit, the policy scope's top bit, the
+/// mesh key's first byte.
+#[inline(always)]
+pub fn workload_key(cgroup_id: u64, set: u32) -> u64 {
+    (cgroup_id & !(1 << 63)) | ((set as u64 & 1) << 63)
+}
+
+/// The scope of a workload's policy entries in a set.
+#[inline(always)]
+pub fn policy_scope(workload_id: u32, set: u32) -> u32 {
+    (workload_id & !(1 << 31)) | ((set & 1) << 31)
+}
+
+/// LPM key data for the mesh CIDR tries: the set, then the address. Prefix length 8 + CIDR.
+pub type MeshKeyV4 = [u8; 1 + 4];
+pub type MeshKeyV6 = [u8; 1 + 16];
+
+#[inline(always)]
+pub fn mesh_key<const N: usize, const A: usize>(set: u32, addr: &[u8; A]) -> [u8; N] {
+    let mut k = [0u8; N];
+    k[0] = (set & 1) as u8;
+    let mut j = 0;
+    while j < A && 1 + j < N {
+        k[1 + j] = addr[j];
+        j += 1;
+    }
+    k
+}
+
+/// LPM key data for the policy tries: scope ([`policy_scope`], big-endian) then the address.
 /// The prefix length of a key is 32 + the CIDR's length.
 pub type PolicyKeyV4 = [u8; 4 + 4];
 pub type PolicyKeyV6 = [u8; 4 + 16];

@@ -22,13 +22,19 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::error;
 use egress_common::{
-    capacity, counter_index, decide, decide::on_error, decide::Query, hook, policy_key, proto,
-    v4_mapped, Decision, MeshConfig, OrigDst, Outcome, PolicyKeyV4, PolicyKeyV6, PolicyValue,
-    SockAddr, VerdictEvent, WorkloadInfo, COUNTERS_LEN,
+    capacity, counter_index, decide, decide::on_error, decide::Query, hook, mesh_key, policy_key,
+    policy_scope, proto, v4_mapped, workload_key, Decision, MeshConfig, MeshKeyV4, MeshKeyV6,
+    OrigDst, Outcome, PolicyKeyV4, PolicyKeyV6, PolicyValue, SockAddr, VerdictEvent, WorkloadInfo,
+    COUNTERS_LEN,
 };
 
+/// Which policy set (0 or 1) the programs read; see `egress_common::workload_key`.
+#[map(name = "EGRESS_ACTIVE")]
+static ACTIVE: Array<u32> = Array::with_max_entries(1, 0);
+
+/// The mesh settings of each policy set.
 #[map(name = "EGRESS_CONFIG")]
-static CONFIG: Array<MeshConfig> = Array::with_max_entries(1, 0);
+static CONFIG: Array<MeshConfig> = Array::with_max_entries(2, 0);
 
 #[map(name = "EGRESS_WORKLOADS")]
 static WORKLOADS: HashMap<u64, WorkloadInfo> =
@@ -46,11 +52,11 @@ static POLICY_V6: LpmTrie<PolicyKeyV6, PolicyValue> =
     LpmTrie::with_max_entries(capacity::POLICY_PREFIXES, NO_PREALLOC);
 
 #[map(name = "EGRESS_MESH_V4")]
-static MESH_V4: LpmTrie<[u8; 4], u32> =
+static MESH_V4: LpmTrie<MeshKeyV4, u32> =
     LpmTrie::with_max_entries(capacity::MESH_PREFIXES, NO_PREALLOC);
 
 #[map(name = "EGRESS_MESH_V6")]
-static MESH_V6: LpmTrie<[u8; 16], u32> =
+static MESH_V6: LpmTrie<MeshKeyV6, u32> =
     LpmTrie::with_max_entries(capacity::MESH_PREFIXES, NO_PREALLOC);
 
 #[map(name = "EGRESS_ORIG_COOKIE")]
@@ -88,9 +94,14 @@ enum Act {
 }
 
 #[inline(always)]
-fn workload(cg: u64, root_level: Option<u32>) -> Option<WorkloadInfo> {
+fn active_set() -> u32 {
+    ACTIVE.get(0).copied().unwrap_or(0) & 1
+}
+
+#[inline(always)]
+fn workload(cg: u64, set: u32, root_level: Option<u32>) -> Option<WorkloadInfo> {
     // SAFETY: values are plain data copied out at once; the agent replaces whole entries.
-    if let Some(w) = unsafe { WORKLOADS.get(&cg) } {
+    if let Some(w) = unsafe { WORKLOADS.get(&workload_key(cg, set)) } {
         return Some(*w);
     }
     // A process in a cgroup nested below its workload's cgroup is still that workload.
@@ -100,7 +111,7 @@ fn workload(cg: u64, root_level: Option<u32>) -> Option<WorkloadInfo> {
         if anc == 0 || anc == cg {
             break;
         }
-        if let Some(w) = unsafe { WORKLOADS.get(&anc) } {
+        if let Some(w) = unsafe { WORKLOADS.get(&workload_key(anc, set)) } {
             return Some(*w);
         }
         level += 1;
@@ -109,22 +120,25 @@ fn workload(cg: u64, root_level: Option<u32>) -> Option<WorkloadInfo> {
 }
 
 #[inline(always)]
-fn policy(workload_id: u32, dst: &SockAddr) -> Option<&'static PolicyValue> {
+fn policy(workload_id: u32, set: u32, dst: &SockAddr) -> Option<&'static PolicyValue> {
+    let scope = policy_scope(workload_id, set);
     if dst.family == 4 {
-        let k: PolicyKeyV4 = policy_key(workload_id, &dst.ip4());
+        let k: PolicyKeyV4 = policy_key(scope, &dst.ip4());
         POLICY_V4.get(Key::new(32 + 32, k))
     } else {
-        let k: PolicyKeyV6 = policy_key(workload_id, &dst.addr);
+        let k: PolicyKeyV6 = policy_key(scope, &dst.addr);
         POLICY_V6.get(Key::new(32 + 128, k))
     }
 }
 
 #[inline(always)]
-fn in_mesh(dst: &SockAddr) -> bool {
+fn in_mesh(set: u32, dst: &SockAddr) -> bool {
     if dst.family == 4 {
-        MESH_V4.get(Key::new(32, dst.ip4())).is_some()
+        let k: MeshKeyV4 = mesh_key(set, &dst.ip4());
+        MESH_V4.get(Key::new(8 + 32, k)).is_some()
     } else {
-        MESH_V6.get(Key::new(128, dst.addr)).is_some()
+        let k: MeshKeyV6 = mesh_key(set, &dst.addr);
+        MESH_V6.get(Key::new(8 + 128, k)).is_some()
     }
 }
 
@@ -187,13 +201,14 @@ fn record(
 #[inline(always)]
 fn judge(ctx: &SockAddrContext, dst: &Dst, proto: u8, hook: u8) -> Act {
     let cg = unsafe { bpf_get_current_cgroup_id() };
-    let cfg = CONFIG.get(0);
+    let set = active_set();
+    let cfg = CONFIG.get(set);
     if let Some(c) = cfg {
         if cg == c.agent_cgroup_id {
             return Act::Pass;
         }
     }
-    let Some(w) = workload(cg, cfg.map(|c| c.root_level)) else {
+    let Some(w) = workload(cg, set, cfg.map(|c| c.root_level)) else {
         return Act::Pass; // not enrolled: untouched
     };
     let Some(cfg) = cfg else {
@@ -208,10 +223,10 @@ fn judge(ctx: &SockAddrContext, dst: &Dst, proto: u8, hook: u8) -> Act {
     let q = Query {
         proto,
         port: dst.addr.port as u16,
-        in_mesh: in_mesh(&dst.addr),
+        in_mesh: in_mesh(set, &dst.addr),
         to_proxy: is_proxy(cfg, &dst.addr),
     };
-    let mut d = decide(cfg, &q, policy(w.id, &dst.addr));
+    let mut d = decide(cfg, &q, policy(w.id, set, &dst.addr));
     if d.outcome == Outcome::Proxy {
         let orig = OrigDst {
             dst: dst.addr,

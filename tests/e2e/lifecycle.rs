@@ -100,8 +100,9 @@ fn a_clean_stop_leaves_nothing_attached_or_pinned() {
         7,
         "connect4/6, sendmsg4/6, getpeername4/6, sock_ops: {ids:?}"
     );
-    assert!(agent.pins.join("v1/maps/EGRESS_CONFIG").exists());
-    assert!(agent.pins.join("v1/links/egress_connect4").exists());
+    let v = agent.pins.join(format!("v{}", egress_common::LAYOUT_VERSION));
+    assert!(v.join("maps/EGRESS_CONFIG").exists());
+    assert!(v.join("links/egress_connect4").exists());
     // Attached with bpf links in multi mode: never overriding, never overridable.
     let show = Command::new("bpftool")
         .args(["cgroup", "show"])
