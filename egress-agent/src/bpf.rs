@@ -67,8 +67,12 @@ pub enum BpfError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{0} holds pins of another agent (still running, or it crashed): stop it, or remove them with `egress-agent uninstall --pin-dir {1}`")]
-    PinsExist(PathBuf, PathBuf),
+    #[error("map {map}: the pins in {dir} have another layout ({detail}): remove them with `egress-agent uninstall` (enforcement stops) or use another --pin-dir")]
+    Incompatible {
+        map: &'static str,
+        dir: PathBuf,
+        detail: String,
+    },
 }
 
 fn io<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -> BpfError + 'a {
@@ -126,40 +130,35 @@ pub struct Datapath {
 }
 
 impl Datapath {
-    /// Loads the object and pins its maps. Refuses when the versioned pin directory already
-    /// exists (another agent's, or a crashed one's).
-    pub fn load(pin_root: &Path) -> Result<Self, BpfError> {
+    /// Loads the object with its maps pinned under `<pin_root>/v<layout>/maps`. Maps pinned
+    /// there by an earlier run (a restart, or a crash) are reused after their layout is checked,
+    /// so the policy, the generation and the original destinations survive. Returns whether
+    /// pins were reused.
+    pub fn open(pin_root: &Path) -> Result<(Self, bool), BpfError> {
         ensure_bpffs(pin_root)?;
         let dir = versioned(pin_root);
-        if dir.exists() {
-            return Err(BpfError::PinsExist(dir, pin_root.to_path_buf()));
+        let maps_dir = dir.join("maps");
+        let reused = maps_dir.join(names::ACTIVE).exists();
+        if reused {
+            check_layout(&maps_dir)?;
         }
-        let ebpf = EbpfLoader::new().load(OBJECT)?;
-        let mut dp = Self {
-            ebpf,
-            pin_root: pin_root.to_path_buf(),
-            dir,
-            links: Vec::new(),
-        };
-        if let Err(e) = dp.pin_maps() {
-            dp.unpin_all();
-            return Err(e);
-        }
-        Ok(dp)
-    }
-
-    fn pin_maps(&mut self) -> Result<(), BpfError> {
-        let maps_dir = self.dir.join("maps");
         fs::create_dir_all(&maps_dir).map_err(io(&maps_dir, "mkdir"))?;
-        for name in names::ALL {
-            let m = self.ebpf.map(name).ok_or(BpfError::Missing(name))?;
-            m.pin(maps_dir.join(name)).map_err(|e| BpfError::Io {
-                path: maps_dir.join(name),
-                op: "pin map",
-                source: std::io::Error::other(e.to_string()),
-            })?;
+        let paths: Vec<(&'static str, PathBuf)> =
+            names::ALL.iter().map(|n| (*n, maps_dir.join(n))).collect();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
         }
-        Ok(())
+        let ebpf = loader.load(OBJECT)?;
+        Ok((
+            Self {
+                ebpf,
+                pin_root: pin_root.to_path_buf(),
+                dir,
+                links: Vec::new(),
+            },
+            reused,
+        ))
     }
 
     /// Starts forwarding the programs' aya-log records to the `log` crate (and so to tracing).
@@ -205,7 +204,11 @@ impl Datapath {
 
     /// Changes only `enableEgress` of the policy in force (one aligned u32 in place, no
     /// rebuild): the toggle takes effect on the very next connect.
-    pub fn set_enable_egress(&mut self, enable: bool, generation: u64) -> Result<MeshConfig, BpfError> {
+    pub fn set_enable_egress(
+        &mut self,
+        enable: bool,
+        generation: u64,
+    ) -> Result<MeshConfig, BpfError> {
         let (set, mut cfg) = self.active()?;
         cfg.enable_egress = enable as u32;
         cfg.generation = generation;
@@ -244,15 +247,23 @@ impl Datapath {
         let mut m4: LpmTrie<_, MeshKeyV4, u32> = self.map(names::MESH_V4)?;
         for c in &c.mesh {
             if let std::net::IpAddr::V4(a) = c.addr {
-                m4.insert(&Key::new(8 + c.len as u32, mesh_key(set, &a.octets())), 1, 0)
-                    .map_err(map_err(names::MESH_V4))?;
+                m4.insert(
+                    &Key::new(8 + c.len as u32, mesh_key(set, &a.octets())),
+                    1,
+                    0,
+                )
+                .map_err(map_err(names::MESH_V4))?;
             }
         }
         let mut m6: LpmTrie<_, MeshKeyV6, u32> = self.map(names::MESH_V6)?;
         for c in &c.mesh {
             if let std::net::IpAddr::V6(a) = c.addr {
-                m6.insert(&Key::new(8 + c.len as u32, mesh_key(set, &a.octets())), 1, 0)
-                    .map_err(map_err(names::MESH_V6))?;
+                m6.insert(
+                    &Key::new(8 + c.len as u32, mesh_key(set, &a.octets())),
+                    1,
+                    0,
+                )
+                .map_err(map_err(names::MESH_V6))?;
             }
         }
         Ok(())
@@ -261,14 +272,30 @@ impl Datapath {
     /// Deletes every entry of policy set `set`.
     fn clear_set(&mut self, set: u32) -> Result<(), BpfError> {
         let mut w: HashMap<_, u64, WorkloadInfo> = self.map(names::WORKLOADS)?;
-        let keys: Vec<u64> = w.keys().filter_map(Result::ok).filter(|k| k >> 63 == set as u64).collect();
+        let keys: Vec<u64> = w
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k >> 63 == set as u64)
+            .collect();
         for k in keys {
             w.remove(&k).map_err(map_err(names::WORKLOADS))?;
         }
-        clear_trie::<PolicyKeyV4, PolicyValue>(self.map(names::POLICY_V4)?, names::POLICY_V4, |k| (k[0] >> 7) as u32 == set)?;
-        clear_trie::<PolicyKeyV6, PolicyValue>(self.map(names::POLICY_V6)?, names::POLICY_V6, |k| (k[0] >> 7) as u32 == set)?;
-        clear_trie::<MeshKeyV4, u32>(self.map(names::MESH_V4)?, names::MESH_V4, |k| k[0] as u32 == set)?;
-        clear_trie::<MeshKeyV6, u32>(self.map(names::MESH_V6)?, names::MESH_V6, |k| k[0] as u32 == set)?;
+        clear_trie::<PolicyKeyV4, PolicyValue>(
+            self.map(names::POLICY_V4)?,
+            names::POLICY_V4,
+            |k| (k[0] >> 7) as u32 == set,
+        )?;
+        clear_trie::<PolicyKeyV6, PolicyValue>(
+            self.map(names::POLICY_V6)?,
+            names::POLICY_V6,
+            |k| (k[0] >> 7) as u32 == set,
+        )?;
+        clear_trie::<MeshKeyV4, u32>(self.map(names::MESH_V4)?, names::MESH_V4, |k| {
+            k[0] as u32 == set
+        })?;
+        clear_trie::<MeshKeyV6, u32>(self.map(names::MESH_V6)?, names::MESH_V6, |k| {
+            k[0] as u32 == set
+        })?;
         Ok(())
     }
 
@@ -295,28 +322,65 @@ impl Datapath {
         T::try_from(m).map_err(map_err(name))
     }
 
-    /// Loads every program, attaches it to `cgroup` with a bpf link (links stack with other
-    /// programs on the cgroup and are never overridden by a sub-cgroup's), and pins the links.
-    /// On any failure, everything attached and pinned so far is removed again.
-    pub fn attach(&mut self, cgroup: &Path) -> Result<(), BpfError> {
-        let res = self.try_attach(cgroup);
+    /// Loads every program and makes sure it is attached to `cgroup` through a pinned bpf
+    /// link (links stack with other programs and a sub-cgroup cannot override them). A link
+    /// pinned by an earlier run that runs the same program is kept as it is: enforcement has
+    /// no gap across restarts. A link running another program (an upgrade) is replaced only
+    /// after the new one is attached. Pins of older layout versions go last. On a failure,
+    /// the links this call attached are removed again and the earlier ones stay.
+    pub fn attach(&mut self, cgroup: &Path) -> Result<Vec<String>, BpfError> {
+        let mut report = Vec::new();
+        let res = self.try_attach(cgroup, &mut report);
         if res.is_err() {
-            self.unpin_all();
+            for l in self.links.drain(..) {
+                let _ = l.unpin();
+            }
+        } else {
+            self.links.clear(); // committed: the pins own the links now
+            retire_old_versions(&self.pin_root);
         }
-        res
+        res.map(|()| report)
     }
 
-    fn try_attach(&mut self, cgroup: &Path) -> Result<(), BpfError> {
+    fn try_attach(&mut self, cgroup: &Path, report: &mut Vec<String>) -> Result<(), BpfError> {
         let cg = fs::File::open(cgroup).map_err(io(cgroup, "open cgroup"))?;
         let links_dir = self.dir.join("links");
         fs::create_dir_all(&links_dir).map_err(io(&links_dir, "mkdir"))?;
         for name in PROGRAMS {
+            let path = links_dir.join(name);
             let prog = self.ebpf.program_mut(name).ok_or(BpfError::Missing(name))?;
             let perr = |source| BpfError::Program { name, source };
+            let sock_ops = name == "egress_sockops";
+            if sock_ops {
+                <&mut SockOps>::try_from(&mut *prog)
+                    .map_err(perr)?
+                    .load()
+                    .map_err(perr)?;
+            } else {
+                <&mut CgroupSockAddr>::try_from(&mut *prog)
+                    .map_err(perr)?
+                    .load()
+                    .map_err(perr)?;
+            }
+            let new_tag = prog.info().map_err(perr)?.tag();
+            let old = if path.exists() {
+                let l = PinnedLink::from_pin(&path)
+                    .map_err(|source| BpfError::Link { name, source })?;
+                let link = FdLink::from(l);
+                let tag = link.info().ok().and_then(|i| program_tag(i.program_id()));
+                Some((link, tag))
+            } else {
+                None
+            };
+            if let Some((_, Some(tag))) = &old {
+                if *tag == new_tag {
+                    report.push(format!("{name} (kept)"));
+                    continue;
+                }
+            }
             // aya's "Single" with a bpf link is the kernel's multi-attach for links: flags 0.
-            let link: FdLink = if name == "egress_sockops" {
+            let link: FdLink = if sock_ops {
                 let p: &mut SockOps = prog.try_into().map_err(perr)?;
-                p.load().map_err(perr)?;
                 let id = p
                     .attach(cg.as_fd(), CgroupAttachMode::Single)
                     .map_err(perr)?;
@@ -326,7 +390,6 @@ impl Datapath {
                     .map_err(|source| BpfError::Link { name, source })?
             } else {
                 let p: &mut CgroupSockAddr = prog.try_into().map_err(perr)?;
-                p.load().map_err(perr)?;
                 let id = p
                     .attach(cg.as_fd(), CgroupAttachMode::Single)
                     .map_err(perr)?;
@@ -335,13 +398,25 @@ impl Datapath {
                     .try_into()
                     .map_err(|source| BpfError::Link { name, source })?
             };
-            let path = links_dir.join(name);
-            let pinned = link.pin(&path).map_err(|e| BpfError::Io {
+            let pin_err = |e: aya::pin::PinError| BpfError::Io {
                 path: path.clone(),
                 op: "pin link",
                 source: std::io::Error::other(e.to_string()),
-            })?;
-            self.links.push(pinned);
+            };
+            if let Some((old, _)) = old {
+                // The new link runs beside the old one; moving the pin onto it and closing
+                // the old link's last fd detaches the old program.
+                let tmp = links_dir.join(format!("{name}.new"));
+                let pinned = link.pin(&tmp).map_err(pin_err)?;
+                fs::rename(&tmp, &path).map_err(io(&path, "replace link pin"))?;
+                drop(pinned);
+                drop(old);
+                report.push(format!("{name} (replaced)"));
+            } else {
+                let pinned = link.pin(&path).map_err(pin_err)?;
+                self.links.push(pinned);
+                report.push(format!("{name} (attached)"));
+            }
         }
         Ok(())
     }
@@ -372,20 +447,68 @@ impl Datapath {
         let map = map_of(name, data);
         T::try_from(map).map_err(map_err(name))
     }
+}
 
-    /// Detaches every program and removes every pin (a clean stop or `uninstall`).
-    pub fn remove(mut self) {
-        self.unpin_all();
+fn program_tag(id: u32) -> Option<u64> {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .find(|p| p.id() == id)
+        .map(|p| p.tag())
+}
+
+fn map_data(m: &aya::maps::Map) -> Option<&MapData> {
+    use aya::maps::Map;
+    match m {
+        Map::Array(d) | Map::HashMap(d) | Map::LruHashMap(d) | Map::LpmTrie(d) => Some(d),
+        Map::PerCpuArray(d) | Map::RingBuf(d) => Some(d),
+        _ => None,
     }
+}
 
-    fn unpin_all(&mut self) {
-        for l in self.links.drain(..) {
-            // Removing the pin and closing the last fd detaches the link.
-            if let Err(e) = l.unpin() {
-                tracing::warn!(error = %e, "cannot unpin link");
-            }
+/// Checks that the maps pinned in `maps_dir` have the layout this agent's object needs (type,
+/// key and value size, capacity), by comparing with throw-away maps created from the object.
+fn check_layout(maps_dir: &Path) -> Result<(), BpfError> {
+    let fresh = EbpfLoader::new().load(OBJECT)?;
+    for name in names::ALL {
+        let want = fresh
+            .map(name)
+            .and_then(map_data)
+            .ok_or(BpfError::Missing(name))?
+            .info()
+            .map_err(map_err(name))?;
+        let have = aya::maps::MapInfo::from_pin(maps_dir.join(name)).map_err(map_err(name))?;
+        let shape = |i: &aya::maps::MapInfo| {
+            (
+                i.map_type().ok(),
+                i.key_size(),
+                i.value_size(),
+                i.max_entries(),
+            )
+        };
+        if shape(&want) != shape(&have) {
+            return Err(BpfError::Incompatible {
+                map: name,
+                dir: maps_dir.to_path_buf(),
+                detail: format!("pinned {:?}, needed {:?}", shape(&have), shape(&want)),
+            });
         }
-        remove_pins(&self.pin_root);
+    }
+    Ok(())
+}
+
+/// Removes the pins of every layout version other than this one: their programs are
+/// detached once the new ones are attached.
+fn retire_old_versions(pin_root: &Path) {
+    let Ok(entries) = fs::read_dir(pin_root) else {
+        return;
+    };
+    let current = format!("v{LAYOUT_VERSION}");
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with('v') && name != current && name[1..].parse::<u32>().is_ok() {
+            remove_version(&e.path());
+            tracing::info!(pins = %e.path().display(), "retired the pins of an older layout");
+        }
     }
 }
 
@@ -418,11 +541,21 @@ fn map_of(name: &str, data: MapData) -> aya::maps::Map {
     }
 }
 
-/// Removes the pins under `pin_root` (links first: that detaches the programs). Used by a clean
-/// stop and by `uninstall`, also after a crash.
+/// Removes every pin under `pin_root`, of every layout version (links first: that detaches
+/// the programs). `uninstall`.
 pub fn remove_pins(pin_root: &Path) -> Vec<PathBuf> {
     let mut removed = Vec::new();
-    let dir = versioned(pin_root);
+    if let Ok(entries) = fs::read_dir(pin_root) {
+        for e in entries.flatten() {
+            removed.extend(remove_version(&e.path()));
+        }
+    }
+    let _ = fs::remove_dir(pin_root);
+    removed
+}
+
+fn remove_version(dir: &Path) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
     for sub in ["links", "maps"] {
         let d = dir.join(sub);
         if let Ok(entries) = fs::read_dir(&d) {
@@ -434,7 +567,6 @@ pub fn remove_pins(pin_root: &Path) -> Vec<PathBuf> {
         }
         let _ = fs::remove_dir(&d);
     }
-    let _ = fs::remove_dir(&dir);
-    let _ = fs::remove_dir(pin_root);
+    let _ = fs::remove_dir(dir);
     removed
 }

@@ -14,8 +14,20 @@ use crate::config::ObjectRef;
     after_help = "Exit status: 0 success, 1 runtime failure, 2 bad usage or invalid input.\nLogs: EGRESS_LOG=debug (tracing filter syntax); flows are logged under target egress::flow."
 )]
 pub struct Cli {
+    /// The running agent's admin socket (root only).
+    #[arg(long, global = true, value_name = "PATH", default_value = crate::admin::DEFAULT_SOCKET)]
+    pub admin_socket: PathBuf,
+    /// Output of the commands that talk to the agent: human tables or JSON for scripts.
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -39,6 +51,10 @@ pub enum Command {
         /// default) or `all` (also every allowed connection; costs about 1 µs per connect).
         #[arg(long, value_enum, default_value_t = Flows::Denied)]
         flows: Flows,
+        /// Where the live policy is saved after every change, for restarts.
+        /// Default: /var/lib/egress/<pin dir name>.policy.yaml.
+        #[arg(long, value_name = "FILE")]
+        state_file: Option<PathBuf>,
     },
     /// Run a command inside a workload of a running standalone agent.
     Exec {
@@ -57,12 +73,75 @@ pub enum Command {
         #[arg(long, short = 'c', value_name = "FILE")]
         config: PathBuf,
     },
-    /// Remove what a crashed agent left: pins (this detaches its programs) and empty cgroups.
+    /// Toggle egress mesh-wide (OSM/FSM enableEgress), or show the agent's state.
+    Egress {
+        #[command(subcommand)]
+        action: EgressAction,
+    },
+    /// Manage the running agent's Egress policies, live and atomically.
+    Policy {
+        #[command(subcommand)]
+        action: PolicyAction,
+    },
+    /// Show recent verdicts (refused, proxied, audited; all with `run --flows all`).
+    Flows {
+        /// Keep streaming new flows.
+        #[arg(long, short = 'f')]
+        follow: bool,
+        /// JSON lines (same as -o json).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a shell completion script.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Remove everything the agent installed: pins (this detaches its programs) and empty
+    /// cgroups. Enforcement stops.
     Uninstall {
         #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/egress")]
         pin_dir: PathBuf,
         #[arg(long, value_name = "DIR")]
         cgroup_root: Option<PathBuf>,
+        #[arg(long, value_name = "FILE")]
+        state_file: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EgressAction {
+    /// Unmatched external destinations pass through (enableEgress: true).
+    Enable,
+    /// Only what an Egress policy allows gets out (enableEgress: false).
+    Disable,
+    /// Mode, fail mode, audit mode, policy generation, rules, map entries, programs, workloads.
+    Status,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyAction {
+    /// Add or replace the objects of FILE (MeshConfig, Workload, Egress) in the live policy.
+    Apply {
+        #[arg(long, short = 'f', value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// List the Egress policies in force.
+    List,
+    /// Remove an Egress policy: NAME or NAMESPACE/NAME.
+    Delete {
+        #[arg(value_name = "NAME")]
+        name: String,
+    },
+    /// What the kernel decides for a workload's connection, and which rule decides it.
+    Check {
+        #[arg(long, short = 'w', value_name = "NAME")]
+        workload: String,
+        /// IP, IP:PORT or [IPv6]:PORT.
+        #[arg(value_name = "DEST[:PORT]")]
+        destination: String,
+        #[arg(long, default_value = "tcp", value_parser = ["tcp", "udp"])]
+        protocol: String,
     },
 }
 
@@ -72,7 +151,8 @@ pub enum Flows {
     All,
 }
 
-fn parse_workload(s: &str) -> Result<ObjectRef, String> {
+/// `NAME` or `NAMESPACE/NAME` (namespace "default" when omitted).
+pub fn parse_workload(s: &str) -> Result<ObjectRef, String> {
     let (ns, name) = s.split_once('/').unwrap_or(("default", s));
     let valid = |p: &str| {
         !p.is_empty()

@@ -2,34 +2,72 @@
 //! (target `egress::flow`). Identical flows read in one batch are logged once, with a count;
 //! `pid` is that of the first.
 
-use std::collections::HashMap;
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{Arc, Mutex},
+};
 
 use aya::maps::{MapData, RingBuf};
 use egress_common::{proto, Outcome, VerdictEvent};
 use tokio::io::unix::AsyncFd;
 use tracing::{debug, info, warn};
 
-use crate::{policy::Compiled, proxy::socket_addr};
+use serde::Serialize;
+use tokio::sync::broadcast;
 
-/// Names for the ids in events.
-pub struct Names {
-    pub workloads: Vec<String>,
-    pub rules: Vec<String>,
+use crate::{control::Live, policy::Compiled, proxy::socket_addr};
+
+/// One logged flow: a distinct (workload, destination, protocol, verdict, rule) seen in one
+/// batch of kernel events, with how many connections it stands for.
+#[derive(Clone, Debug, Serialize)]
+pub struct Flow {
+    /// Unix time, milliseconds.
+    pub time_ms: u64,
+    pub workload: String,
+    pub destination: String,
+    pub protocol: &'static str,
+    pub verdict: &'static str,
+    pub rule: String,
+    pub pid: u32,
+    pub count: u64,
 }
 
-impl Names {
-    pub fn new(c: &Compiled) -> Self {
-        Self {
-            workloads: c.workloads.iter().map(|(w, _)| w.to_string()).collect(),
-            rules: c.rules.iter().map(|r| r.egress.to_string()).collect(),
-        }
+/// Recent flows and a live feed of new ones, for `egress-agent flows`.
+pub struct Hub {
+    recent: Mutex<VecDeque<Flow>>,
+    tx: broadcast::Sender<Flow>,
+}
+
+const RECENT: usize = 1000;
+
+impl Hub {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self {
+            recent: Mutex::new(VecDeque::with_capacity(RECENT)),
+            tx: broadcast::channel(4096).0,
+        })
     }
 
-    fn get(v: &[String], id: u32) -> &str {
-        id.checked_sub(1)
-            .and_then(|i| v.get(i as usize))
-            .map(String::as_str)
-            .unwrap_or("")
+    fn push(&self, f: Flow) {
+        let mut r = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        if r.len() == RECENT {
+            r.pop_front();
+        }
+        r.push_back(f.clone());
+        let _ = self.tx.send(f);
+    }
+
+    pub fn recent(&self) -> Vec<Flow> {
+        self.recent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Flow> {
+        self.tx.subscribe()
     }
 }
 
@@ -41,13 +79,21 @@ pub fn protocol_name(p: u8) -> &'static str {
     }
 }
 
-fn log(ev: &VerdictEvent, count: u64, names: &Names) {
+fn log(ev: &VerdictEvent, count: u64, policy: &Compiled, hub: &Hub) {
     let Some(outcome) = Outcome::from_u8(ev.outcome) else {
         warn!(target: "egress::flow", outcome = ev.outcome, "event with an unknown outcome");
         return;
     };
-    let workload = Names::get(&names.workloads, ev.workload_id);
-    let rule = Names::get(&names.rules, ev.rule_id);
+    let workload = policy
+        .workloads
+        .get((ev.workload_id as usize).wrapping_sub(1))
+        .map(|(w, _)| w.to_string())
+        .unwrap_or_default();
+    let rule = policy
+        .rule(ev.rule_id)
+        .map(|r| r.egress.to_string())
+        .unwrap_or_default();
+    let (workload, rule) = (workload.as_str(), rule.as_str());
     let dst = socket_addr(&ev.dst);
     let protocol = protocol_name(ev.proto);
     let pid = (ev.pid_tgid >> 32) as u32;
@@ -57,6 +103,19 @@ fn log(ev: &VerdictEvent, count: u64, names: &Names) {
     } else {
         info!(target: "egress::flow", workload, %dst, protocol, verdict, rule, pid, count, "flow");
     }
+    hub.push(Flow {
+        time_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+        workload: workload.into(),
+        destination: dst.to_string(),
+        protocol,
+        verdict,
+        rule: rule.into(),
+        pid,
+        count,
+    });
 }
 
 fn readable<T: std::os::fd::AsRawFd>(inner: T) -> Option<AsyncFd<T>> {
@@ -65,7 +124,7 @@ fn readable<T: std::os::fd::AsRawFd>(inner: T) -> Option<AsyncFd<T>> {
 }
 
 /// Reads events until the task is dropped.
-pub async fn run(ring: RingBuf<MapData>, names: Names) {
+pub async fn run(ring: RingBuf<MapData>, live: Arc<Live>, hub: Arc<Hub>) {
     let Some(mut fd) = readable(ring) else {
         warn!("cannot poll the verdict event ring buffer; no flow log");
         return;
@@ -77,7 +136,7 @@ pub async fn run(ring: RingBuf<MapData>, names: Names) {
         tokio::select! {
             r = fd.readable_mut() => match r {
                 Ok(mut guard) => {
-                    drain(guard.get_inner_mut(), &names);
+                    drain(guard.get_inner_mut(), &live.get(), &hub);
                     guard.clear_ready();
                 }
                 Err(e) => {
@@ -85,7 +144,7 @@ pub async fn run(ring: RingBuf<MapData>, names: Names) {
                     return;
                 }
             },
-            _ = tick.tick() => drain(fd.get_mut(), &names),
+            _ = tick.tick() => drain(fd.get_mut(), &live.get(), &hub),
         }
     }
 }
@@ -95,7 +154,7 @@ const POLL: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Reads every pending event and logs each distinct flow once with its count, so that a
 /// workload hammering a denied destination costs one log line per batch, not one per connect.
-fn drain(ring: &mut RingBuf<MapData>, names: &Names) {
+fn drain(ring: &mut RingBuf<MapData>, policy: &Compiled, hub: &Hub) {
     let mut batch: HashMap<FlowKey, (VerdictEvent, u64)> = HashMap::new();
     while let Some(item) = ring.next() {
         if item.len() >= std::mem::size_of::<VerdictEvent>() {
@@ -108,7 +167,7 @@ fn drain(ring: &mut RingBuf<MapData>, names: &Names) {
     let mut flows: Vec<_> = batch.into_values().collect();
     flows.sort_by_key(|(ev, _)| ev.ts_ns);
     for (ev, count) in flows {
-        log(&ev, count, names);
+        log(&ev, count, policy, hub);
     }
 }
 

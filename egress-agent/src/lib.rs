@@ -1,8 +1,11 @@
 //! The egress node agent: policy parsing and compilation, the eBPF datapath, workload cgroups,
 //! the transparent proxy, and the command line.
+pub mod admin;
 pub mod bpf;
 pub mod cli;
+pub mod client;
 pub mod config;
+pub mod control;
 pub mod flows;
 pub mod policy;
 pub mod proxy;

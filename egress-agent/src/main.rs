@@ -1,9 +1,9 @@
 use std::process::ExitCode;
 
-use clap::Parser as _;
+use clap::{CommandFactory as _, Parser as _};
 use egress_agent::{
-    cli::{Cli, Command},
-    config, policy, run, workload,
+    cli::{Cli, Command, Flows},
+    client, config, policy, run, workload,
 };
 
 fn main() -> ExitCode {
@@ -19,6 +19,7 @@ fn main() -> ExitCode {
 }
 
 fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    let (socket, out) = (cli.admin_socket, cli.output);
     match cli.command {
         Command::Run {
             config,
@@ -26,13 +27,16 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             pin_dir,
             allow_root_cgroup,
             flows,
+            state_file,
         } => {
             let opts = run::RunOptions {
-                all_flows: flows == egress_agent::cli::Flows::All,
                 config,
                 cgroup_root: cgroup_root.unwrap_or_else(workload::default_root),
                 pin_dir,
                 allow_root_cgroup,
+                all_flows: flows == Flows::All,
+                admin_socket: socket,
+                state_file,
             };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -62,18 +66,35 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Egress { action } => Ok(client::egress(&socket, out, action)?),
+        Command::Policy { action } => Ok(client::policy(&socket, out, action)?),
+        Command::Flows { follow, json } => Ok(client::flows(&socket, out, follow, json)?),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "egress-agent",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
         Command::Uninstall {
             pin_dir,
             cgroup_root,
+            state_file,
         } => run::uninstall(
             &pin_dir,
             &cgroup_root.unwrap_or_else(workload::default_root),
+            &state_file.unwrap_or_else(|| run::default_state_file(&pin_dir)),
         ),
     }
 }
 
 /// Invalid input is exit status 2, everything else 1.
 fn exit_status(e: &anyhow::Error) -> u8 {
+    if let Some(f) = e.downcast_ref::<client::Failed>() {
+        return f.status;
+    }
     let usage = e.downcast_ref::<config::ConfigError>().is_some()
         || e.downcast_ref::<policy::CompileError>().is_some()
         || matches!(

@@ -1,24 +1,32 @@
-//! `egress-agent run`: the standalone agent from start to a clean stop.
+//! `egress-agent run`: the standalone agent.
 //!
 //! Order matters: everything that can reject bad input (parse, validate, compile, the cgroup
 //! root check) runs before anything on the machine changes; the maps are filled and the proxy
 //! listens before the programs attach, so the first judged connect already sees the whole
 //! policy and a live proxy.
+//!
+//! Enforcement outlives the agent: maps and links stay pinned when it stops or crashes (the
+//! kernel keeps judging; redirected connections fail closed while the proxy is down). A new
+//! agent on the same pins reuses them, keeps the attached programs when they are the same,
+//! and resumes the saved live policy without a gap. `egress-agent uninstall` removes it all.
 
 use std::{
-    net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use anyhow::Context as _;
-use egress_common::MeshConfig;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
 
 use crate::{
-    bpf::Datapath,
-    config, flows, policy,
+    admin,
+    bpf::{self, Datapath},
+    config,
+    control::{Control, Live},
+    flows, policy,
     proxy::{self, Proxy},
+    store::Store,
     workload::{self, CgroupRoot},
 };
 
@@ -29,116 +37,186 @@ pub struct RunOptions {
     pub allow_root_cgroup: bool,
     /// A flow event for every judged connection, not only the refused/proxied/audited ones.
     pub all_flows: bool,
+    pub admin_socket: PathBuf,
+    /// Where the live policy is saved after every change. Default: next to the pins' name
+    /// under /var/lib/egress.
+    pub state_file: Option<PathBuf>,
 }
 
-/// Undoes what `run` changed on the machine, also when it fails half-way.
-struct Cleanup {
-    root: CgroupRoot,
+/// The default state file of an agent using `pin_dir`.
+pub fn default_state_file(pin_dir: &Path) -> PathBuf {
+    let name = pin_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "egress".into());
+    PathBuf::from("/var/lib/egress").join(format!("{name}.policy.yaml"))
+}
+
+/// Undoes what the agent process itself changed (not the enforcement), also on failure.
+struct Leave {
     agent_home: Option<PathBuf>,
-    datapath: Option<Datapath>,
+    admin_socket: Option<PathBuf>,
 }
 
-impl Drop for Cleanup {
+impl Drop for Leave {
     fn drop(&mut self) {
-        if let Some(dp) = self.datapath.take() {
-            dp.remove();
-        }
         if let Some(home) = self.agent_home.take() {
             if let Err(e) = workload::move_pid(&home, std::process::id()) {
                 warn!(error = %e, "cannot move the agent back to its cgroup");
             }
         }
-        for busy in self.root.remove_all() {
-            warn!(cgroup = %busy.display(), "left in place: it still holds processes");
+        if let Some(s) = self.admin_socket.take() {
+            let _ = std::fs::remove_file(s);
         }
     }
 }
 
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
-    let cfg = config::load(&opts.config)?;
-    let compiled = policy::compile(&cfg)?;
+    let (file_store, file_cfg) = Store::load(&opts.config)?;
+    policy::compile(&file_cfg)?;
     let root = CgroupRoot::new(&opts.cgroup_root, opts.allow_root_cgroup)?;
+    let state_file = opts
+        .state_file
+        .clone()
+        .unwrap_or_else(|| default_state_file(&opts.pin_dir));
 
-    let mut cleanup = Cleanup {
-        root: root.clone(),
+    // The admin socket doubles as the lock: a second agent on it is refused here.
+    let admin_listener = admin::bind(&opts.admin_socket).await?;
+    let mut leave = Leave {
         agent_home: None,
-        datapath: None,
+        admin_socket: Some(opts.admin_socket.clone()),
     };
     root.ensure(&root.path)?;
-    let agent_dir = root.agent_dir();
-    let agent_cgroup = root.ensure(&agent_dir)?;
+    let agent_cgroup = root.ensure(&root.agent_dir())?;
     let home = workload::cgroup_of(std::process::id())?;
-    workload::move_pid(&agent_dir, std::process::id())?;
-    cleanup.agent_home = Some(home);
-    let dp = cleanup.datapath.insert(Datapath::load(&opts.pin_dir)?);
-    let kernel_logs = dp.logger();
+    workload::move_pid(&root.agent_dir(), std::process::id())?;
+    leave.agent_home = Some(home);
 
-    let mut cgroups = Vec::with_capacity(compiled.workloads.len());
-    for (w, id) in &compiled.workloads {
-        cgroups.push((root.ensure(&root.workload_dir(w))?, *id));
-    }
-    let mesh = MeshConfig {
-        generation: 1,
-        agent_cgroup_id: agent_cgroup,
-        root_level: root.level,
-        proxy_ip4: Ipv4Addr::LOCALHOST.octets(),
-        proxy_ip6: Ipv6Addr::LOCALHOST.octets(),
-        events_all: opts.all_flows as u32,
-        ..compiled.config
+    let (mut dp, reused) = Datapath::open(&opts.pin_dir)?;
+    let kernel_logs = dp.logger();
+    let orig = dp.orig_by_tuple()?;
+    let events = dp.events()?;
+    let (_, running) = dp.active()?;
+
+    // Where to start: after a restart, the live policy saved by the previous run (it is what
+    // the pinned maps hold); on a fresh install, the policy file.
+    let saved = if reused && state_file.exists() {
+        match Store::load(&state_file) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                warn!(error = %e, "ignoring the saved live policy; starting from the policy file");
+                None
+            }
+        }
+    } else {
+        None
     };
-    dp.apply(&compiled, mesh, &cgroups)?;
+    let resume = saved.is_some() && running.generation > 0;
+    let (store, cfg) = saved.unwrap_or((file_store, file_cfg));
+    let compiled = policy::compile(&cfg)?;
+    let live = Live::new(compiled.clone());
+    let control = Arc::new(Control::new(
+        root.clone(),
+        agent_cgroup,
+        dp,
+        store.clone(),
+        live.clone(),
+        Some(state_file.clone()),
+    ));
+    if resume
+        && running.events_all == opts.all_flows as u32
+        && running.agent_cgroup_id == agent_cgroup
+    {
+        info!(
+            generation = running.generation,
+            "resuming the pinned policy"
+        );
+    } else {
+        let what = if resume {
+            "resume with new settings"
+        } else {
+            "start"
+        };
+        control.install_with(&cfg, &store, "startup", what, opts.all_flows)?;
+    }
 
     let port = compiled.config.proxy_port;
     let listeners = proxy::bind(port).await.with_context(|| {
         format!("proxy cannot listen on 127.0.0.1:{port} (MeshConfig spec.proxy.port)")
     })?;
+    let p = &cfg.mesh.proxy;
     let relay = Proxy::new(
-        dp.orig_by_tuple()?,
-        std::sync::Arc::new(compiled.clone()),
+        orig,
+        live.clone(),
         proxy::Limits {
-            max_connections: cfg.mesh.proxy.max_connections as usize,
-            sniff_timeout: cfg.mesh.proxy.sniff_timeout.0,
-            idle_timeout: cfg.mesh.proxy.idle_timeout.0,
+            max_connections: p.max_connections as usize,
+            sniff_timeout: p.sniff_timeout.0,
+            idle_timeout: p.idle_timeout.0,
             ..proxy::Limits::default()
         },
     );
-    let events = dp.events()?;
-
-    dp.attach(&root.path)?;
+    let programs = control.datapath().attach(&root.path)?;
+    let hub = flows::Hub::new();
 
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(relay.clone().serve(listeners));
-    tasks.spawn(flows::run(events, flows::Names::new(&compiled)));
+    tasks.spawn(flows::run(events, live.clone(), hub.clone()));
+    tasks.spawn(admin::serve(
+        admin_listener,
+        control.clone(),
+        hub,
+        programs.clone(),
+    ));
     if let Some(l) = kernel_logs {
         tasks.spawn(flows::forward_kernel_logs(l));
     }
-
     info!(
         config = %opts.config.display(),
         cgroup_root = %root.path.display(),
-        pins = %crate::bpf::versioned(&opts.pin_dir).display(),
+        pins = %bpf::versioned(&opts.pin_dir).display(),
+        admin_socket = %opts.admin_socket.display(),
+        generation = control.generation(),
+        programs = %programs.join(", "),
         workloads = compiled.workloads.len(),
         rules = compiled.rules.len(),
-        entries = compiled.v4.len() + compiled.v6.len(),
-        enable_egress = compiled.config.enable_egress != 0,
+        enable_egress = live.get().config.enable_egress != 0,
         proxy_port = port,
         "ready"
     );
-    wait_for_stop().await?;
-    info!("stopping: detaching programs, removing pins and cgroups");
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => reload(&control, &opts.config).await,
+        }
+    }
+    info!("stopping; the programs stay attached and keep enforcing the policy (`egress-agent uninstall` removes them)");
     tasks.shutdown().await;
-    drop(cleanup);
+    drop(control);
+    drop(leave);
     Ok(())
 }
 
-async fn wait_for_stop() -> anyhow::Result<()> {
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// SIGHUP: the policy file replaces the live policy, if it is valid.
+async fn reload(control: &Arc<Control>, path: &Path) {
+    let c = control.clone();
+    let path = path.to_path_buf();
+    let res = tokio::task::spawn_blocking(move || {
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+        c.replace(&text, &path.display().to_string(), "SIGHUP")
+            .map_err(|e| e.to_string())
+    })
+    .await;
+    match res {
+        Ok(Ok(a)) => info!(generation = a.generation, "reloaded the policy file"),
+        Ok(Err(e)) => warn!(error = %e, "reload refused; the previous policy stays in force"),
+        Err(e) => warn!(error = %e, "reload failed"),
     }
-    Ok(())
 }
 
 /// `egress-agent exec`: moves this process into the workload's cgroup and execs `cmd`.
@@ -152,13 +230,16 @@ pub fn exec(root: &Path, workload: &config::ObjectRef, cmd: &[String]) -> anyhow
     Err(err).with_context(|| format!("cannot run {prog:?}"))
 }
 
-/// `egress-agent uninstall`: removes pins (detaching the programs) and empty cgroups.
-pub fn uninstall(pin_dir: &Path, cgroup_root: &Path) -> anyhow::Result<()> {
-    let removed = crate::bpf::remove_pins(pin_dir);
+/// `egress-agent uninstall`: removes pins (detaching the programs), the saved live policy and
+/// empty cgroups.
+pub fn uninstall(pin_dir: &Path, cgroup_root: &Path, state_file: &Path) -> anyhow::Result<()> {
+    let removed = bpf::remove_pins(pin_dir);
     println!("removed {} pins under {}", removed.len(), pin_dir.display());
+    if std::fs::remove_file(state_file).is_ok() {
+        println!("removed {}", state_file.display());
+    }
     if let Ok(root) = CgroupRoot::new(cgroup_root, false) {
-        let busy = root.remove_all();
-        for b in &busy {
+        for b in root.remove_all() {
             println!("left {} in place: it still holds processes", b.display());
         }
     }

@@ -39,7 +39,9 @@ impl Store {
         let mut docs = BTreeMap::new();
         for doc in serde_yaml::Deserializer::from_str(text) {
             // Already validated by config::parse: every document is a mapping with a kind.
-            let Ok(v) = serde_yaml::Value::deserialize(doc) else { continue };
+            let Ok(v) = serde_yaml::Value::deserialize(doc) else {
+                continue;
+            };
             if v.is_null() {
                 continue;
             }
@@ -179,15 +181,25 @@ mod tests {
         let (s, _) = Store::parse(BASE, "base.yaml").unwrap();
         let add = Store::parse_fragment("kind: Workload\nmetadata: {name: db}\n---\nkind: Egress\nmetadata: {name: c}\nspec: {sources: [{name: db}]}\n", "x.yaml").unwrap();
         assert!(s.merge(&add, "x.yaml").is_ok());
-        let bad = Store::parse_fragment("kind: Egress\nmetadata: {name: c}\nspec: {sources: [{name: nope}]}\n", "y.yaml").unwrap();
+        let bad = Store::parse_fragment(
+            "kind: Egress\nmetadata: {name: c}\nspec: {sources: [{name: nope}]}\n",
+            "y.yaml",
+        )
+        .unwrap();
         let e = s.merge(&bad, "y.yaml").unwrap_err().to_string();
-        assert!(e.starts_with("y.yaml: Egress default/c: spec.sources[0].name"), "{e}");
+        assert!(
+            e.starts_with("y.yaml: Egress default/c: spec.sources[0].name"),
+            "{e}"
+        );
     }
 
     #[test]
     fn delete_and_toggle() {
         let (s, _) = Store::parse(BASE, "base.yaml").unwrap();
-        let id = ObjectRef { namespace: "default".into(), name: "a".into() };
+        let id = ObjectRef {
+            namespace: "default".into(),
+            name: "a".into(),
+        };
         let (s2, cfg) = s.without_egress(&id).unwrap().unwrap();
         assert!(cfg.egresses.is_empty());
         assert!(s2.without_egress(&id).is_none());

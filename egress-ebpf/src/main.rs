@@ -220,11 +220,17 @@ fn judge(ctx: &SockAddrContext, dst: &Dst, proto: u8, hook: u8) -> Act {
         record(None, cg, w.id, &dst.addr, proto, hook, d);
         return Act::Refuse;
     };
+    let to_proxy = is_proxy(cfg, &dst.addr);
+    if to_proxy && orig_of_cookie(ctx).is_some() {
+        // Redirected by an earlier program on this hook (ours, during an upgrade, when the
+        // old and the new programs run side by side for a moment).
+        return Act::Pass;
+    }
     let q = Query {
         proto,
         port: dst.addr.port as u16,
         in_mesh: in_mesh(set, &dst.addr),
-        to_proxy: is_proxy(cfg, &dst.addr),
+        to_proxy,
     };
     let mut d = decide(cfg, &q, policy(w.id, set, &dst.addr));
     if d.outcome == Outcome::Proxy {
@@ -373,7 +379,7 @@ pub fn egress_sendmsg6(ctx: SockAddrContext) -> i32 {
 }
 
 #[inline(always)]
-fn orig_of_socket(ctx: &SockAddrContext) -> Option<OrigDst> {
+fn orig_of_cookie(ctx: &SockAddrContext) -> Option<OrigDst> {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: copied out at once.
     unsafe { ORIG_BY_COOKIE.get(&cookie) }.copied()
@@ -382,7 +388,7 @@ fn orig_of_socket(ctx: &SockAddrContext) -> Option<OrigDst> {
 /// The application sees the address it dialled, not the proxy's.
 #[cgroup_sock_addr(getpeername4)]
 pub fn egress_getpeername4(ctx: SockAddrContext) -> i32 {
-    if let Some(o) = orig_of_socket(&ctx) {
+    if let Some(o) = orig_of_cookie(&ctx) {
         if o.dst.family == 4 {
             let ip = u32::from_ne_bytes(o.dst.ip4());
             unsafe { write_volatile(&mut (*sa(&ctx)).user_ip4, ip) };
@@ -394,7 +400,7 @@ pub fn egress_getpeername4(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(getpeername6)]
 pub fn egress_getpeername6(ctx: SockAddrContext) -> i32 {
-    if let Some(o) = orig_of_socket(&ctx) {
+    if let Some(o) = orig_of_cookie(&ctx) {
         let ip = if o.dst.family == 4 {
             mapped6(o.dst.ip4())
         } else {

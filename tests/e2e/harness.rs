@@ -63,11 +63,14 @@ pub fn free_port() -> u16 {
     }
 }
 
-/// A running `egress-agent run` on its own cgroup root and pin directory.
+/// A running `egress-agent run` on its own cgroup root, pin directory, admin socket and state
+/// file.
 pub struct Agent {
     child: Option<Child>,
     pub root: PathBuf,
     pub pins: PathBuf,
+    pub socket: PathBuf,
+    pub state: PathBuf,
     pub proxy_port: u16,
     pub config: PathBuf,
     log: Arc<Mutex<String>>,
@@ -77,8 +80,6 @@ impl Agent {
     /// Starts an agent on `policy` (`{proxy_port}` in it is replaced) and waits until ready.
     pub fn start(policy: &str) -> Agent {
         let name = unique("egress-test");
-        let root = cgroup2_mount().join(&name);
-        let pins = PathBuf::from("/sys/fs/bpf").join(&name);
         let proxy_port = free_port();
         let config = std::env::temp_dir().join(format!("{name}.yaml"));
         std::fs::write(
@@ -86,23 +87,43 @@ impl Agent {
             policy.replace("{proxy_port}", &proxy_port.to_string()),
         )
         .expect("write policy");
+        let mut agent = Agent {
+            child: None,
+            root: cgroup2_mount().join(&name),
+            pins: PathBuf::from("/sys/fs/bpf").join(&name),
+            socket: std::env::temp_dir().join(format!("{name}.sock")),
+            state: std::env::temp_dir().join(format!("{name}.state.yaml")),
+            proxy_port,
+            config,
+            log: Arc::new(Mutex::new(String::new())),
+        };
+        agent.spawn();
+        agent
+    }
+
+    /// Starts the agent process (again, after [`Agent::kill`] or [`Agent::stop_keep`]) on
+    /// the same pins, cgroups, socket and state, and waits until it is ready.
+    pub fn spawn(&mut self) {
+        self.log.lock().unwrap().clear();
         let mut child = Command::new(AGENT)
+            .arg("--admin-socket")
+            .arg(&self.socket)
             .args(["run", "--config"])
-            .arg(&config)
+            .arg(&self.config)
             .arg("--cgroup-root")
-            .arg(&root)
+            .arg(&self.root)
             .arg("--pin-dir")
-            .arg(&pins)
+            .arg(&self.pins)
+            .arg("--state-file")
+            .arg(&self.state)
             .args(["--flows", "all"])
             .env("EGRESS_LOG", "info,egress::flow=debug")
-            .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn egress-agent");
-        let log = Arc::new(Mutex::new(String::new()));
         let stderr = child.stderr.take().unwrap();
-        let sink = log.clone();
+        let sink = self.log.clone();
         thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 let mut l = sink.lock().unwrap();
@@ -110,29 +131,52 @@ impl Agent {
                 l.push('\n');
             }
         });
-        let mut agent = Agent {
-            child: Some(child),
-            root,
-            pins,
-            proxy_port,
-            config,
-            log,
-        };
+        self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
-            if agent.log().contains(" ready ") {
-                return agent;
+            if self.log().contains(" ready ") {
+                return;
             }
-            if let Some(status) = agent.child.as_mut().unwrap().try_wait().unwrap() {
-                agent.child = None;
-                panic!("agent exited ({status}) before ready:\n{}", agent.log());
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                self.child = None;
+                panic!("agent exited ({status}) before ready:\n{}", self.log());
             }
             assert!(
                 Instant::now() < deadline,
                 "agent not ready after 90 s:\n{}",
-                agent.log()
+                self.log()
             );
             thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `egress-agent --admin-socket <ours> ARGS...`
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(AGENT)
+            .arg("--admin-socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("run egress-agent")
+    }
+
+    /// Like [`Agent::cli`], asserting success; returns stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "egress-agent {args:?}: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// SIGKILL: the agent dies without any cleanup.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
         }
     }
 
@@ -198,10 +242,25 @@ impl Agent {
         attached_programs(&self.root)
     }
 
-    /// Stops the agent with SIGTERM, waits for it, and returns its whole log.
-    pub fn stop(mut self) -> String {
+    /// Stops the agent process with SIGTERM and waits for it; enforcement stays installed.
+    /// Returns its whole log.
+    pub fn stop_keep(&mut self) -> String {
         self.terminate();
         self.log()
+    }
+
+    /// `egress-agent uninstall` for this agent's pins, cgroups and state.
+    pub fn uninstall(&self) -> Output {
+        Command::new(AGENT)
+            .arg("uninstall")
+            .arg("--pin-dir")
+            .arg(&self.pins)
+            .arg("--cgroup-root")
+            .arg(&self.root)
+            .arg("--state-file")
+            .arg(&self.state)
+            .output()
+            .expect("egress-agent uninstall")
     }
 
     fn terminate(&mut self) {
@@ -225,15 +284,10 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         self.terminate();
-        // Safety net after a failed test: remove whatever the agent could not.
-        let _ = Command::new(AGENT)
-            .arg("uninstall")
-            .arg("--pin-dir")
-            .arg(&self.pins)
-            .arg("--cgroup-root")
-            .arg(&self.root)
-            .output();
+        // Enforcement outlives the agent: remove it.
+        let _ = self.uninstall();
         let _ = std::fs::remove_file(&self.config);
+        let _ = std::fs::remove_file(&self.socket);
     }
 }
 

@@ -89,18 +89,20 @@ fn the_proxy_port_is_not_a_way_out() {
 }
 
 #[test]
-fn a_clean_stop_leaves_nothing_attached_or_pinned() {
+fn a_stop_keeps_enforcing_and_uninstall_leaves_nothing() {
     if !privileged() {
         return;
     }
-    let agent = Agent::start(POLICY);
+    let mut agent = Agent::start(POLICY);
     let ids = agent.attached_programs();
     assert_eq!(
         ids.len(),
         7,
         "connect4/6, sendmsg4/6, getpeername4/6, sock_ops: {ids:?}"
     );
-    let v = agent.pins.join(format!("v{}", egress_common::LAYOUT_VERSION));
+    let v = agent
+        .pins
+        .join(format!("v{}", egress_common::LAYOUT_VERSION));
     assert!(v.join("maps/EGRESS_CONFIG").exists());
     assert!(v.join("links/egress_connect4").exists());
     // Attached with bpf links in multi mode: never overriding, never overridable.
@@ -112,11 +114,37 @@ fn a_clean_stop_leaves_nothing_attached_or_pinned() {
     let show = String::from_utf8_lossy(&show.stdout).to_string();
     assert_eq!(show.matches(" multi ").count(), 7, "{show}");
 
-    let (root, pins) = (agent.root.clone(), agent.pins.clone());
-    let log = agent.stop();
-    assert!(log.contains("stopping"), "{log}");
-    assert!(!root.exists(), "cgroup root {} left behind", root.display());
-    assert!(!pins.exists(), "pins {} left behind", pins.display());
+    // SIGTERM: the agent goes, the enforcement stays (fail closed).
+    let log = agent.stop_keep();
+    assert!(
+        log.contains("stopping; the programs stay attached"),
+        "{log}"
+    );
+    assert_eq!(agent.attached_programs(), ids);
+    let out = agent.client("web", &["tcp", "127.21.0.9", "80"]);
+    assert!(
+        out.starts_with("err EPERM"),
+        "enforcement after stop: {out}"
+    );
+
+    // uninstall removes everything.
+    let out = agent.uninstall();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !agent.root.exists(),
+        "cgroup root {} left behind",
+        agent.root.display()
+    );
+    assert!(
+        !agent.pins.exists(),
+        "pins {} left behind",
+        agent.pins.display()
+    );
+    assert!(!agent.state.exists(), "state file left behind");
     for id in ids {
         assert!(!program_exists(id), "program {id} still loaded");
     }

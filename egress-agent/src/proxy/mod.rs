@@ -14,7 +14,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc, RwLock,
+        Arc,
     },
     time::{Duration, Instant},
 };
@@ -30,6 +30,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     config::normalize,
+    control::Live,
     policy::{Compiled, HostVerdict},
 };
 use sniff::Sniffed;
@@ -76,7 +77,7 @@ pub struct Stats {
 
 pub struct Proxy {
     orig: OrigMap,
-    policy: RwLock<Arc<Compiled>>,
+    live: Arc<Live>,
     limits: Limits,
     permits: Arc<Semaphore>,
     pub stats: Stats,
@@ -105,26 +106,19 @@ struct Record<'a> {
 }
 
 impl Proxy {
-    pub fn new(orig: OrigMap, policy: Arc<Compiled>, limits: Limits) -> Arc<Self> {
+    pub fn new(orig: OrigMap, live: Arc<Live>, limits: Limits) -> Arc<Self> {
         Arc::new(Self {
             orig,
             permits: Arc::new(Semaphore::new(limits.max_connections)),
-            policy: RwLock::new(policy),
+            live,
             limits,
             stats: Stats::default(),
         })
     }
 
-    /// Replaces the policy the proxy judges hosts with (new connections only).
-    pub fn set_policy(&self, policy: Arc<Compiled>) {
-        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = policy;
-    }
-
+    /// The policy in force (a change applies to new connections).
     fn policy(&self) -> Arc<Compiled> {
-        self.policy
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.live.get()
     }
 
     /// Serves every listener until the task is dropped.

@@ -1,0 +1,411 @@
+//! The local admin API the CLI talks to: one JSON request per line on a unix socket that only
+//! root can open (mode 0600), answered with one JSON line (`flows --follow`: a stream of them).
+//! Who asked is taken from the socket's peer credentials and logged with every change.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::{UnixListener, UnixStream},
+};
+use tracing::{info, warn};
+
+use crate::{
+    cli::parse_workload,
+    control::{Control, ControlError},
+    flows::Hub,
+};
+
+pub const DEFAULT_SOCKET: &str = "/run/egress/admin.sock";
+/// Longest request line accepted (a policy file travels inside one).
+const MAX_REQUEST: usize = 64 * 1024 * 1024;
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Request {
+    Status,
+    SetEgress {
+        enable: bool,
+    },
+    Apply {
+        file: String,
+        text: String,
+    },
+    List,
+    Delete {
+        name: String,
+    },
+    Check {
+        workload: String,
+        destination: String,
+        protocol: String,
+    },
+    Flows {
+        follow: bool,
+    },
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    /// One line, for stderr.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub error: String,
+    /// The caller's input was at fault (CLI exit status 2).
+    #[serde(default)]
+    pub invalid: bool,
+    #[serde(default)]
+    pub data: serde_json::Value,
+}
+
+impl Response {
+    fn ok(data: impl Serialize) -> Self {
+        Self {
+            ok: true,
+            data: serde_json::to_value(data).unwrap_or_default(),
+            ..Default::default()
+        }
+    }
+
+    fn err(e: impl std::fmt::Display, invalid: bool) -> Self {
+        Self {
+            ok: false,
+            error: e.to_string().replace('\n', " "),
+            invalid,
+            ..Default::default()
+        }
+    }
+}
+
+impl From<Result<crate::control::Applied, ControlError>> for Response {
+    fn from(r: Result<crate::control::Applied, ControlError>) -> Self {
+        match r {
+            Ok(a) => Response::ok(a),
+            Err(e) => Response::err(&e, e.is_invalid()),
+        }
+    }
+}
+
+/// Everything `status` reports.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub enable_egress: bool,
+    pub fail_mode: &'static str,
+    pub audit_mode: bool,
+    pub generation: u64,
+    pub rules: usize,
+    pub workloads: Vec<WorkloadStatus>,
+    pub map_entries: Vec<(String, usize)>,
+    pub programs: Vec<String>,
+    pub cgroup_root: String,
+    pub proxy_port: u16,
+}
+
+#[derive(Debug, Serialize)]
+pub struct WorkloadStatus {
+    pub name: String,
+    pub id: u32,
+    pub cgroup: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct EgressRow {
+    pub name: String,
+    pub rule_id: u32,
+    pub action: String,
+    pub via: String,
+    pub sources: Vec<String>,
+    pub destinations: Vec<String>,
+    pub ports: Vec<String>,
+}
+
+/// Binds the admin socket: root-only directory and socket. A live socket means another agent
+/// runs with it: refused. A stale one (nobody answers) is replaced.
+pub async fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            anyhow::bail!(
+                "{}: another egress-agent is serving this admin socket",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)?;
+    }
+    let l = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+pub async fn serve(
+    listener: UnixListener,
+    control: Arc<Control>,
+    hub: Arc<Hub>,
+    programs: Vec<String>,
+) {
+    let programs = Arc::new(programs);
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let (control, hub, programs) = (control.clone(), hub.clone(), programs.clone());
+        tokio::spawn(async move {
+            if let Err(e) = handle(stream, control, hub, programs).await {
+                warn!(error = %e, "admin request failed");
+            }
+        });
+    }
+}
+
+fn who(stream: &UnixStream) -> String {
+    match stream.peer_cred() {
+        Ok(c) => {
+            let pid = c.pid().unwrap_or(0);
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            format!("uid {} pid {pid} ({})", c.uid(), comm.trim())
+        }
+        Err(_) => "unknown".into(),
+    }
+}
+
+async fn handle(
+    stream: UnixStream,
+    control: Arc<Control>,
+    hub: Arc<Hub>,
+    programs: Arc<Vec<String>>,
+) -> std::io::Result<()> {
+    let who = who(&stream);
+    let (r, mut w) = stream.into_split();
+    let mut line = String::new();
+    let mut r = BufReader::new(tokio::io::AsyncReadExt::take(r, MAX_REQUEST as u64));
+    r.read_line(&mut line).await?;
+    let req: Request = match serde_json::from_str(&line) {
+        Ok(r) => r,
+        Err(e) => return reply(&mut w, &Response::err(format!("bad request: {e}"), true)).await,
+    };
+    let resp = match req {
+        Request::Flows { follow } => {
+            // Subscribe first, so nothing falls between the recent ones and the stream.
+            let mut rx = hub.subscribe();
+            for f in hub.recent() {
+                reply(&mut w, &Response::ok(f)).await?;
+            }
+            if !follow {
+                return Ok(());
+            }
+            loop {
+                match rx.recv().await {
+                    Ok(f) => reply(&mut w, &Response::ok(f)).await?,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        reply(
+                            &mut w,
+                            &Response::err(format!("{n} flows dropped: reader too slow"), false),
+                        )
+                        .await?
+                    }
+                    Err(_) => return Ok(()),
+                }
+            }
+        }
+        req => {
+            let c = control.clone();
+            let who2 = who.clone();
+            tokio::task::spawn_blocking(move || dispatch(&c, req, &who2, &programs))
+                .await
+                .unwrap_or_else(|e| Response::err(format!("internal error: {e}"), false))
+        }
+    };
+    reply(&mut w, &resp).await
+}
+
+async fn reply(w: &mut tokio::net::unix::OwnedWriteHalf, resp: &Response) -> std::io::Result<()> {
+    let mut s = serde_json::to_string(resp).unwrap_or_else(|_| "{}".into());
+    s.push('\n');
+    w.write_all(s.as_bytes()).await
+}
+
+fn dispatch(c: &Control, req: Request, who: &str, programs: &[String]) -> Response {
+    match req {
+        Request::Status => Response::ok(status(c, programs)),
+        Request::SetEgress { enable } => c.set_enable_egress(enable, who).into(),
+        Request::Apply { file, text } => c.apply(&text, &file, who).into(),
+        Request::Delete { name } => match parse_workload(&name) {
+            Ok(id) => c.delete(&id, who).into(),
+            Err(e) => Response::err(e, true),
+        },
+        Request::List => Response::ok(list(c)),
+        Request::Check {
+            workload,
+            destination,
+            protocol,
+        } => {
+            let w = match parse_workload(&workload) {
+                Ok(w) => w,
+                Err(e) => return Response::err(e, true),
+            };
+            let (ip, port) = match parse_destination(&destination) {
+                Ok(d) => d,
+                Err(e) => return Response::err(e, true),
+            };
+            let p = match protocol.as_str() {
+                "tcp" => egress_common::proto::TCP,
+                "udp" => egress_common::proto::UDP,
+                other => {
+                    return Response::err(format!("unknown protocol {other:?} (tcp or udp)"), true)
+                }
+            };
+            match c.check(&w, ip, port, p) {
+                Ok(r) => Response::ok(r),
+                Err(e) => Response::err(&e, e.is_invalid()),
+            }
+        }
+        Request::Flows { .. } => Response::err("flows is streamed", false),
+    }
+}
+
+/// `DEST[:PORT]`: an IP, `ip:port` or `[v6]:port`; port 0 (any) when omitted.
+pub fn parse_destination(s: &str) -> Result<(IpAddr, u16), String> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok((a.ip(), a.port()));
+    }
+    s.parse::<IpAddr>()
+        .map(|ip| (ip, 0))
+        .map_err(|_| format!("{s:?} is not an IP address or IP:PORT"))
+}
+
+fn status(c: &Control, programs: &[String]) -> Status {
+    let p = c.live.get();
+    let (entries, generation) = {
+        let mut dp = c.datapath();
+        let gen = dp.active().map(|(_, m)| m.generation).unwrap_or(0);
+        (dp.map_entries(), gen)
+    };
+    Status {
+        enable_egress: p.config.enable_egress != 0,
+        fail_mode: if p.config.fail_open != 0 {
+            "open"
+        } else {
+            "closed"
+        },
+        audit_mode: p.config.audit_mode != 0,
+        generation,
+        rules: p.rules.len(),
+        workloads: p
+            .workloads
+            .iter()
+            .map(|(w, id)| WorkloadStatus {
+                name: w.to_string(),
+                id: *id,
+                cgroup: c.root.workload_dir(w).display().to_string(),
+            })
+            .collect(),
+        map_entries: entries
+            .into_iter()
+            .map(|(n, k)| (n.to_string(), k))
+            .collect(),
+        programs: programs.to_vec(),
+        cgroup_root: c.root.path.display().to_string(),
+        proxy_port: p.config.proxy_port,
+    }
+}
+
+fn list(c: &Control) -> Vec<EgressRow> {
+    let p = c.live.get();
+    let wname = |id: &u32| {
+        p.workloads
+            .iter()
+            .find(|(_, i)| i == id)
+            .map(|(w, _)| w.to_string())
+            .unwrap_or_default()
+    };
+    p.rules
+        .iter()
+        .zip(1u32..)
+        .map(|(r, id)| EgressRow {
+            name: r.egress.to_string(),
+            rule_id: id,
+            action: format!("{:?}", r.action).to_lowercase(),
+            via: format!("{:?}", r.via).to_lowercase(),
+            sources: r.workloads.iter().map(wname).collect(),
+            destinations: r
+                .hosts
+                .iter()
+                .map(|h| h.to_string())
+                .chain(r.cidrs.iter().map(|c| c.to_string()))
+                .collect(),
+            ports: r
+                .ports
+                .iter()
+                .map(|(lo, hi, p)| {
+                    let pr = crate::flows::protocol_name(*p);
+                    if lo == hi {
+                        format!("{lo}/{pr}")
+                    } else {
+                        format!("{lo}-{hi}/{pr}")
+                    }
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+/// Client side: sends one request and hands every response line to `each` until the agent
+/// closes the connection (or `each` returns false).
+pub async fn call(
+    socket: &Path,
+    req: &Request,
+    mut each: impl FnMut(Response) -> bool,
+) -> Result<(), ClientError> {
+    let stream = UnixStream::connect(socket)
+        .await
+        .map_err(|e| ClientError::Unreachable(socket.to_path_buf(), e))?;
+    let (r, mut w) = stream.into_split();
+    let mut line = serde_json::to_string(req).map_err(|e| ClientError::Protocol(e.to_string()))?;
+    line.push('\n');
+    w.write_all(line.as_bytes())
+        .await
+        .map_err(|e| ClientError::Unreachable(socket.to_path_buf(), e))?;
+    let mut lines = BufReader::new(r).lines();
+    let mut any = false;
+    while let Some(l) = lines
+        .next_line()
+        .await
+        .map_err(|e| ClientError::Protocol(e.to_string()))?
+    {
+        any = true;
+        let resp: Response =
+            serde_json::from_str(&l).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        if !each(resp) {
+            break;
+        }
+    }
+    if !any && !matches!(req, Request::Flows { .. }) {
+        return Err(ClientError::Protocol(
+            "the agent closed the connection without answering".into(),
+        ));
+    }
+    Ok(())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(
+        "cannot reach the agent at {0}: {1} (is `egress-agent run` running? see --admin-socket)"
+    )]
+    Unreachable(PathBuf, std::io::Error),
+    #[error("bad answer from the agent: {0}")]
+    Protocol(String),
+}
+
+/// Logs that the admin API is up.
+pub fn announce(path: &Path) {
+    info!(socket = %path.display(), "admin API listening");
+}

@@ -1,0 +1,337 @@
+//! Every change to the running policy goes through here: `policy apply`, `policy delete`,
+//! `egress enable|disable` and SIGHUP. A change is parsed, validated and compiled completely
+//! before anything is written; the datapath then switches to it in one step; a rejected change
+//! leaves the previous policy fully in force. Changes are serialized (one lock around the
+//! whole of each), logged with who asked and the new generation, and saved to the state file
+//! so that a restart loses nothing.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+    sync::{Arc, Mutex, RwLock},
+};
+
+use egress_common::{proto, MeshConfig};
+use serde::Serialize;
+use tracing::{info, warn};
+
+use crate::{
+    bpf::{BpfError, Datapath},
+    config::{Config, ConfigError, ObjectRef},
+    policy::{self, CompileError, Compiled},
+    store::Store,
+    workload::{CgroupError, CgroupRoot},
+};
+
+/// The compiled policy in force, shared with the proxy and the flow log.
+#[derive(Default)]
+pub struct Live(RwLock<Arc<Compiled>>);
+
+impl Live {
+    pub fn new(c: Compiled) -> Arc<Self> {
+        Arc::new(Self(RwLock::new(Arc::new(c))))
+    }
+
+    pub fn get(&self) -> Arc<Compiled> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set(&self, c: Arc<Compiled>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = c;
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// Bad input: exit status 2 at the CLI.
+    #[error(transparent)]
+    Invalid(#[from] ConfigError),
+    #[error(transparent)]
+    Compile(#[from] CompileError),
+    #[error("{0}")]
+    NotFound(String),
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    #[error(transparent)]
+    Bpf(#[from] BpfError),
+}
+
+impl ControlError {
+    /// Whether the caller's input was at fault (CLI exit status 2).
+    pub fn is_invalid(&self) -> bool {
+        matches!(
+            self,
+            Self::Invalid(_) | Self::Compile(_) | Self::NotFound(_)
+        )
+    }
+}
+
+/// What a change did.
+#[derive(Clone, Debug, Serialize)]
+pub struct Applied {
+    pub generation: u64,
+    pub changed: bool,
+    pub rules: usize,
+    pub workloads: usize,
+    pub entries: usize,
+    pub enable_egress: bool,
+}
+
+pub struct Control {
+    pub root: CgroupRoot,
+    pub agent_cgroup: u64,
+    datapath: Mutex<Datapath>,
+    /// The live objects; held for the whole of a change, which serializes changes.
+    store: Mutex<Store>,
+    pub live: Arc<Live>,
+    state_file: Option<PathBuf>,
+}
+
+impl Control {
+    pub fn new(
+        root: CgroupRoot,
+        agent_cgroup: u64,
+        datapath: Datapath,
+        store: Store,
+        live: Arc<Live>,
+        state_file: Option<PathBuf>,
+    ) -> Self {
+        Self {
+            root,
+            agent_cgroup,
+            datapath: Mutex::new(datapath),
+            store: Mutex::new(store),
+            live,
+            state_file,
+        }
+    }
+
+    pub fn datapath(&self) -> std::sync::MutexGuard<'_, Datapath> {
+        self.datapath.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn store(&self) -> std::sync::MutexGuard<'_, Store> {
+        self.store.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The mesh config the kernel gets for a compiled policy.
+    pub fn mesh_config(&self, c: &Compiled, generation: u64, events_all: bool) -> MeshConfig {
+        MeshConfig {
+            generation,
+            agent_cgroup_id: self.agent_cgroup,
+            root_level: self.root.level,
+            proxy_ip4: Ipv4Addr::LOCALHOST.octets(),
+            proxy_ip6: Ipv6Addr::LOCALHOST.octets(),
+            events_all: events_all as u32,
+            ..c.config
+        }
+    }
+
+    /// Compiles `cfg`, creates the cgroups of its workloads, and installs it as one switch.
+    /// Used at start and by every change.
+    pub fn install(
+        &self,
+        cfg: &Config,
+        store: &Store,
+        who: &str,
+        what: &str,
+    ) -> Result<Applied, ControlError> {
+        let events_all = self.datapath().active()?.1.events_all != 0;
+        self.install_with(cfg, store, who, what, events_all)
+    }
+
+    /// [`Control::install`], also choosing whether allowed connections produce flow events.
+    pub fn install_with(
+        &self,
+        cfg: &Config,
+        store: &Store,
+        who: &str,
+        what: &str,
+        events_all: bool,
+    ) -> Result<Applied, ControlError> {
+        let compiled = policy::compile(cfg)?;
+        let mut cgroups = Vec::with_capacity(compiled.workloads.len());
+        for (w, id) in &compiled.workloads {
+            cgroups.push((self.root.ensure(&self.root.workload_dir(w))?, *id));
+        }
+        let mut dp = self.datapath();
+        let (_, cur) = dp.active()?;
+        let generation = cur.generation + 1;
+        let mesh = self.mesh_config(&compiled, generation, events_all);
+        dp.apply(&compiled, mesh, &cgroups)?;
+        drop(dp);
+        let applied = summary(&compiled, generation, true);
+        self.live.set(Arc::new(compiled));
+        self.save(store);
+        info!(
+            who,
+            what,
+            generation,
+            rules = applied.rules,
+            entries = applied.entries,
+            "policy applied"
+        );
+        Ok(applied)
+    }
+
+    fn save(&self, store: &Store) {
+        if let Some(path) = &self.state_file {
+            if let Err(e) = store.save(path) {
+                warn!(path = %path.display(), error = %e, "cannot save the live policy; a restart would fall back to the policy file");
+            }
+        }
+    }
+
+    /// `policy apply`: upserts the objects of `text` into the live set.
+    pub fn apply(&self, text: &str, file: &str, who: &str) -> Result<Applied, ControlError> {
+        let mut store = self.store();
+        let add = Store::parse_fragment(text, file)?;
+        let (next, cfg) = store.merge(&add, file)?;
+        if next == *store {
+            return Ok(summary(&self.live.get(), self.generation(), false));
+        }
+        let applied = self.install(&cfg, &next, who, &format!("apply {file}"))?;
+        *store = next;
+        Ok(applied)
+    }
+
+    /// `policy delete`: removes one Egress.
+    pub fn delete(&self, id: &ObjectRef, who: &str) -> Result<Applied, ControlError> {
+        let mut store = self.store();
+        let (next, cfg) = store
+            .without_egress(id)
+            .ok_or_else(|| ControlError::NotFound(format!("no Egress {id}")))??;
+        let applied = self.install(&cfg, &next, who, &format!("delete Egress {id}"))?;
+        *store = next;
+        Ok(applied)
+    }
+
+    /// SIGHUP: the policy file replaces the live set.
+    pub fn replace(&self, text: &str, file: &str, who: &str) -> Result<Applied, ControlError> {
+        let mut store = self.store();
+        let (next, cfg) = Store::parse(text, file)?;
+        let applied = self.install(&cfg, &next, who, &format!("reload {file}"))?;
+        *store = next;
+        Ok(applied)
+    }
+
+    /// `egress enable|disable`: one u32 in the policy in force, no rebuild.
+    pub fn set_enable_egress(&self, enable: bool, who: &str) -> Result<Applied, ControlError> {
+        let mut store = self.store();
+        let (next, _cfg) = store.with_enable_egress(enable)?;
+        let generation = self.generation() + 1;
+        self.datapath().set_enable_egress(enable, generation)?;
+        let mut compiled = (*self.live.get()).clone();
+        compiled.config.enable_egress = enable as u32;
+        let applied = summary(&compiled, generation, true);
+        self.live.set(Arc::new(compiled));
+        self.save(&next);
+        *store = next;
+        info!(
+            who,
+            what = if enable {
+                "egress enable"
+            } else {
+                "egress disable"
+            },
+            generation,
+            "policy applied"
+        );
+        Ok(applied)
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.datapath()
+            .active()
+            .map(|(_, c)| c.generation)
+            .unwrap_or(0)
+    }
+
+    /// `policy check`: what the kernel decides for a workload's connection, and why.
+    pub fn check(
+        &self,
+        workload: &ObjectRef,
+        ip: IpAddr,
+        port: u16,
+        protocol: u8,
+    ) -> Result<Check, ControlError> {
+        let c = self.live.get();
+        let wid = c
+            .workload_id(workload)
+            .ok_or_else(|| ControlError::NotFound(format!("no Workload {workload}")))?;
+        let d = c.decide(wid, ip, port, protocol);
+        let rule = c.rule(d.rule_id);
+        let hosts = if d.outcome == egress_common::Outcome::Proxy
+            && protocol == proto::TCP
+            && c.needs_host(wid, ip, port)
+        {
+            c.rules
+                .iter()
+                .filter(|r| !r.hosts.is_empty() && r.applies_tcp(wid, ip, port))
+                .flat_map(|r| {
+                    r.hosts
+                        .iter()
+                        .map(|h| format!("{h} ({:?} by {})", r.action, r.egress).to_lowercase())
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Ok(Check {
+            workload: workload.to_string(),
+            destination: std::net::SocketAddr::new(ip, port).to_string(),
+            protocol: crate::flows::protocol_name(protocol).into(),
+            verdict: d.outcome.name().into(),
+            refused: d.outcome.is_denied(),
+            rule: rule.map(|r| r.egress.to_string()).unwrap_or_default(),
+            reason: reason(d.outcome, rule.map(|r| r.egress.to_string())),
+            hosts,
+            generation: self.generation(),
+        })
+    }
+}
+
+fn summary(c: &Compiled, generation: u64, changed: bool) -> Applied {
+    Applied {
+        generation,
+        changed,
+        rules: c.rules.len(),
+        workloads: c.workloads.len(),
+        entries: c.v4.len() + c.v6.len(),
+        enable_egress: c.config.enable_egress != 0,
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Check {
+    pub workload: String,
+    pub destination: String,
+    pub protocol: String,
+    pub verdict: String,
+    pub refused: bool,
+    pub rule: String,
+    pub reason: String,
+    /// For a redirect that the proxy judges by host: the host rules that apply.
+    pub hosts: Vec<String>,
+    pub generation: u64,
+}
+
+fn reason(o: egress_common::Outcome, rule: Option<String>) -> String {
+    use egress_common::Outcome::*;
+    let rule = rule.unwrap_or_default();
+    match o {
+        Mesh => "the destination is in a mesh CIDR: not egress".into(),
+        Pass => "no Egress rule matches and enableEgress is true".into(),
+        Allow => format!("allowed directly by Egress {rule}"),
+        Proxy => format!("redirected to the proxy by Egress {rule}"),
+        DenyRule => format!("denied by Egress {rule} (deny always wins)"),
+        DenyDefault => "no Egress rule matches and enableEgress is false".into(),
+        DenyProxyPort => "the proxy port is never dialled directly".into(),
+        DenyError => "internal error, failMode closed".into(),
+        AuditRule => format!("would be denied by Egress {rule}; allowed by auditMode"),
+        AuditDefault => {
+            "would be denied (no rule, enableEgress false); allowed by auditMode".into()
+        }
+        ErrorOpen => "internal error, failMode open".into(),
+    }
+}
