@@ -3,6 +3,7 @@
 //! under CI=true where they fail.
 
 mod bad_input;
+mod control;
 mod datapath;
 mod harness;
 mod lifecycle;
