@@ -71,8 +71,10 @@ cleanup() {
     kill -TERM "$pid" 2>/dev/null && wait "$pid" 2>/dev/null
   done
   [ ${#SERVER_PIDS[@]} -eq 0 ] || echo "stopped the HTTP servers (pids ${SERVER_PIDS[*]})"
-  # Safety net for a crashed or killed agent: removes pins (detaching the programs) and cgroups.
-  "$AGENT" uninstall --pin-dir "$PIN" --cgroup-root "$CG" >/dev/null 2>&1
+  # The programs outlive the agent (enforcement does not stop with it): uninstall removes
+  # the pins (detaching the programs), the saved live policy and the cgroups.
+  echo "\$ egress-agent uninstall --pin-dir $PIN --cgroup-root $CG"
+  "$AGENT" uninstall --pin-dir "$PIN" --cgroup-root "$CG" 2>&1 | sed 's/^/  | /'
   rm -rf "$WORK"
   local left=0
   for path in "$CG" "$PIN" "$WORK"; do
@@ -123,7 +125,8 @@ header "starting the agent"
 echo "policy:      $CONFIG"
 echo "cgroup root: $CG"
 echo "pin dir:     $PIN"
-"$AGENT" run --config "$CONFIG" --cgroup-root "$CG" --pin-dir "$PIN" >"$LOG" 2>&1 &
+SOCK=$WORK/admin.sock
+"$AGENT" --admin-socket "$SOCK" run --config "$CONFIG" --cgroup-root "$CG" --pin-dir "$PIN" >"$LOG" 2>&1 &
 AGENT_PID=$!
 for ((i = 0; ; i++)); do
   grep -qw ready "$LOG" && break
@@ -254,6 +257,26 @@ echo "$d_out"
 echo "curl exit status: $d_rc"
 d_ok() { [ "$d_rc" -eq 0 ] && contains "$d_out" "hello from blocked at 127.30.0.1:8080 ($TOKEN)"; }
 check "untouched:  a process outside the workloads reaches the blocked host" d_ok
+
+# --- e) the operator toggles egress -----------------------------------------------------
+header "e) the operator toggles egress mesh-wide with the CLI (OSM/FSM enableEgress)"
+ctl() { "$AGENT" --admin-socket "$SOCK" "$@"; }
+echo "\$ egress-agent egress status"
+ctl egress status 2>&1 | sed 's/^/  | /'
+echo "\$ egress-agent egress enable"
+ctl egress enable 2>&1 | sed 's/^/  | /'
+e_on_rc=0
+e_on=$(in_web curl -sS --max-time 5 http://127.30.0.1:8080/ 2>&1) || e_on_rc=$?
+echo "web -> blocked host now: ${e_on:-curl exit $e_on_rc}"
+echo "\$ egress-agent egress disable"
+ctl egress disable 2>&1 | sed 's/^/  | /'
+e_off_rc=0
+in_web curl -sS --max-time 5 http://127.30.0.1:8080/ >/dev/null 2>&1 || e_off_rc=$?
+echo "web -> blocked host again: curl exit $e_off_rc"
+echo "\$ egress-agent policy check --workload web 127.20.0.1:8080"
+ctl policy check --workload web 127.20.0.1:8080 2>&1 | sed 's/^/  | /'
+e_ok() { [ "$e_on_rc" -eq 0 ] && contains "$e_on" "hello from blocked" && [ "$e_off_rc" -eq 7 ]; }
+check "toggled:    egress enable lets it through, disable refuses it again" e_ok
 
 # --- summary ----------------------------------------------------------------------------
 header "summary"
