@@ -236,7 +236,12 @@ fn dispatch(c: &Control, req: Request, who: &str, programs: &[String]) -> Respon
     match req {
         Request::Status => Response::ok(status(c, programs)),
         Request::SetEgress { enable } => c.set_enable_egress(enable, who).into(),
-        Request::Apply { file, text } => c.apply(&text, &file, who).into(),
+        Request::Apply { file, text } => {
+            let t0 = std::time::Instant::now();
+            let r = c.apply(&text, &file, who);
+            tracing::debug!(file, ms = t0.elapsed().as_millis() as u64, "apply request");
+            r.into()
+        }
         Request::Delete { name } => match parse_workload(&name) {
             Ok(id) => c.delete(&id, who).into(),
             Err(e) => Response::err(e, true),

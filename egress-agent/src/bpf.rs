@@ -124,6 +124,9 @@ fn ensure_bpffs(pin_root: &Path) -> Result<(), BpfError> {
 /// attached and the maps pinned (enforcement survives the agent).
 pub struct Datapath {
     ebpf: Ebpf,
+    /// Policy sets known to hold no entries (so an apply need not walk the maps to clear
+    /// them). Unknown after a restart.
+    clean: [bool; 2],
     pin_root: PathBuf,
     dir: PathBuf,
     links: Vec<PinnedLink>,
@@ -153,6 +156,7 @@ impl Datapath {
         Ok((
             Self {
                 ebpf,
+                clean: [!reused, !reused],
                 pin_root: pin_root.to_path_buf(),
                 dir,
                 links: Vec::new(),
@@ -175,11 +179,10 @@ impl Datapath {
         Ok((set, cfg))
     }
 
-    /// Installs a whole policy atomically: writes it into the inactive set, flips
+    /// Installs a whole policy atomically: writes it into the inactive set and flips
     /// `EGRESS_ACTIVE` (from then on every connect sees the new policy, before it every
-    /// connect saw the old one whole), waits a moment for programs still running on the old
-    /// set, and deletes the old set. On an error before the flip the old policy stays in force
-    /// untouched. Returns the new policy set.
+    /// connect saw the old one whole). On an error before the flip the old policy stays in
+    /// force untouched. Returns the set it replaced: [`Datapath::retire`] deletes it.
     pub fn apply(
         &mut self,
         c: &Compiled,
@@ -188,18 +191,27 @@ impl Datapath {
     ) -> Result<u32, BpfError> {
         let (cur, _) = self.active()?;
         let next = cur ^ 1;
-        self.clear_set(next)?;
+        if !self.clean[next as usize] {
+            self.clear_set(next)?;
+        }
+        self.clean[next as usize] = false;
         if let Err(e) = self.write_set(next, c, cfg, workload_cgroups) {
             let _ = self.clear_set(next);
             return Err(e);
         }
         let mut a: Array<_, u32> = self.map(names::ACTIVE)?;
         a.set(0, next, 0).map_err(map_err(names::ACTIVE))?;
-        // A program that read the old set number just before the flip finishes within
-        // microseconds; give it ample time before its entries go.
-        std::thread::sleep(std::time::Duration::from_millis(20));
-        self.clear_set(cur)?;
-        Ok(next)
+        Ok(cur)
+    }
+
+    /// Deletes the entries of a replaced policy set, unless it became the active one again
+    /// meanwhile. Call it a moment after [`Datapath::apply`]: a program that read the old set
+    /// number just before the flip finishes within microseconds.
+    pub fn retire(&mut self, set: u32) -> Result<(), BpfError> {
+        if self.active()?.0 != set {
+            self.clear_set(set)?;
+        }
+        Ok(())
     }
 
     /// Changes only `enableEgress` of the policy in force (one aligned u32 in place, no
@@ -271,6 +283,7 @@ impl Datapath {
 
     /// Deletes every entry of policy set `set`.
     fn clear_set(&mut self, set: u32) -> Result<(), BpfError> {
+        self.clean[set as usize & 1] = false;
         let mut w: HashMap<_, u64, WorkloadInfo> = self.map(names::WORKLOADS)?;
         let keys: Vec<u64> = w
             .keys()
@@ -296,6 +309,7 @@ impl Datapath {
         clear_trie::<MeshKeyV6, u32>(self.map(names::MESH_V6)?, names::MESH_V6, |k| {
             k[0] as u32 == set
         })?;
+        self.clean[set as usize & 1] = true;
         Ok(())
     }
 

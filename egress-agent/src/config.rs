@@ -123,6 +123,8 @@ pub struct ProxySpec {
     pub idle_timeout: Seconds,
     /// Connections the proxy relays at once.
     pub max_connections: u32,
+    /// When a policy change refuses a destination, close the relayed connections to it.
+    pub close_on_tighten: bool,
 }
 
 impl Default for ProxySpec {
@@ -132,6 +134,7 @@ impl Default for ProxySpec {
             sniff_timeout: Seconds(std::time::Duration::from_secs(5)),
             idle_timeout: Seconds(std::time::Duration::from_secs(3600)),
             max_connections: 16_384,
+            close_on_tighten: true,
         }
     }
 }
@@ -552,12 +555,6 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 /// Parses and validates the text of a policy file (`file` names it in errors).
 pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
     parse_objects(text, file)?.finish()
-}
-
-/// Parses and validates every object of `text` on its own, without the checks between
-/// objects (a policy naming a workload defined elsewhere): for files applied onto a live set.
-pub fn parse_fragment(text: &str, file: &str) -> Result<Config, ConfigError> {
-    Ok(parse_objects(text, file)?.cfg)
 }
 
 fn parse_objects(text: &str, file: &str) -> Result<Parser, ConfigError> {

@@ -23,21 +23,36 @@ use crate::{
     workload::{CgroupError, CgroupRoot},
 };
 
-/// The compiled policy in force, shared with the proxy and the flow log.
-#[derive(Default)]
-pub struct Live(RwLock<Arc<Compiled>>);
+/// The compiled policy in force, shared with the proxy and the flow log; subscribers learn
+/// of every change (the proxy re-judges its open connections).
+pub struct Live {
+    policy: RwLock<Arc<Compiled>>,
+    changes: tokio::sync::watch::Sender<u64>,
+}
 
 impl Live {
     pub fn new(c: Compiled) -> Arc<Self> {
-        Arc::new(Self(RwLock::new(Arc::new(c))))
+        Arc::new(Self {
+            policy: RwLock::new(Arc::new(c)),
+            changes: tokio::sync::watch::channel(0).0,
+        })
     }
 
     pub fn get(&self) -> Arc<Compiled> {
-        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.policy
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn set(&self, c: Arc<Compiled>) {
-        *self.0.write().unwrap_or_else(|e| e.into_inner()) = c;
+        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = c;
+        self.changes.send_modify(|n| *n += 1);
+    }
+
+    /// Notified after every change.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 }
 
@@ -80,7 +95,7 @@ pub struct Applied {
 pub struct Control {
     pub root: CgroupRoot,
     pub agent_cgroup: u64,
-    datapath: Mutex<Datapath>,
+    datapath: Arc<Mutex<Datapath>>,
     /// The live objects; held for the whole of a change, which serializes changes.
     store: Mutex<Store>,
     pub live: Arc<Live>,
@@ -99,7 +114,7 @@ impl Control {
         Self {
             root,
             agent_cgroup,
-            datapath: Mutex::new(datapath),
+            datapath: Arc::new(Mutex::new(datapath)),
             store: Mutex::new(store),
             live,
             state_file,
@@ -149,7 +164,9 @@ impl Control {
         what: &str,
         events_all: bool,
     ) -> Result<Applied, ControlError> {
+        let t0 = std::time::Instant::now();
         let compiled = policy::compile(cfg)?;
+        let compile_ms = t0.elapsed().as_millis() as u64;
         let mut cgroups = Vec::with_capacity(compiled.workloads.len());
         for (w, id) in &compiled.workloads {
             cgroups.push((self.root.ensure(&self.root.workload_dir(w))?, *id));
@@ -158,17 +175,32 @@ impl Control {
         let (_, cur) = dp.active()?;
         let generation = cur.generation + 1;
         let mesh = self.mesh_config(&compiled, generation, events_all);
-        dp.apply(&compiled, mesh, &cgroups)?;
+        let old = dp.apply(&compiled, mesh, &cgroups)?;
         drop(dp);
+        // The replaced set goes in the background, off the caller's path; the datapath lock
+        // orders it with the next change, and retire() skips a set that is active again.
+        let datapath = self.datapath.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            let mut dp = datapath.lock().unwrap_or_else(|e| e.into_inner());
+            if let Err(e) = dp.retire(old) {
+                warn!(error = %e, "cannot delete the replaced policy set; the next change retries");
+            }
+        });
+        let switch_ms = t0.elapsed().as_millis() as u64 - compile_ms;
         let applied = summary(&compiled, generation, true);
         self.live.set(Arc::new(compiled));
         self.save(store);
+        let total_ms = t0.elapsed().as_millis() as u64;
         info!(
             who,
             what,
             generation,
             rules = applied.rules,
             entries = applied.entries,
+            compile_ms,
+            switch_ms,
+            total_ms,
             "policy applied"
         );
         Ok(applied)

@@ -152,6 +152,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             max_connections: p.max_connections as usize,
             sniff_timeout: p.sniff_timeout.0,
             idle_timeout: p.idle_timeout.0,
+            close_on_tighten: p.close_on_tighten,
             ..proxy::Limits::default()
         },
     );

@@ -28,26 +28,45 @@ impl Store {
         Ok((Self::docs(text), cfg))
     }
 
-    /// Parses a file to apply onto the live set: each object strictly on its own; the whole
-    /// is checked by [`Store::merge`].
+    /// Reads the documents of a file to apply onto the live set. Only the YAML syntax and
+    /// duplicates are checked here; [`Store::merge`] validates every object, and the whole,
+    /// strictly, with errors naming `file`.
     pub fn parse_fragment(text: &str, file: &str) -> Result<Store, ConfigError> {
-        config::parse_fragment(text, file)?;
-        Ok(Self::docs(text))
-    }
-
-    fn docs(text: &str) -> Store {
+        let err = |object: String, field: &str, reason: String| ConfigError {
+            file: file.to_string(),
+            object,
+            field: field.to_string(),
+            reason,
+        };
         let mut docs = BTreeMap::new();
-        for doc in serde_yaml::Deserializer::from_str(text) {
-            // Already validated by config::parse: every document is a mapping with a kind.
-            let Ok(v) = serde_yaml::Value::deserialize(doc) else {
-                continue;
-            };
+        for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+            let v = serde_yaml::Value::deserialize(doc)
+                .map_err(|e| err(format!("document {}", i + 1), "", e.to_string()))?;
             if v.is_null() {
                 continue;
             }
-            docs.insert(key_of(&v), v);
+            let k = key_of(&v);
+            if docs.contains_key(&k) {
+                let (kind, ns, name) = &k;
+                let id = if ns.is_empty() {
+                    name.clone()
+                } else {
+                    format!("{ns}/{name}")
+                };
+                return Err(err(
+                    format!("{kind} {id}"),
+                    "metadata.name",
+                    format!("duplicate {kind} {id}"),
+                ));
+            }
+            docs.insert(k, v);
         }
-        Store { docs }
+        Ok(Store { docs })
+    }
+
+    fn docs(text: &str) -> Store {
+        // Only called on text config::parse accepted.
+        Self::parse_fragment(text, "").unwrap_or_default()
     }
 
     pub fn load(path: &Path) -> Result<(Store, Config), ConfigError> {

@@ -355,3 +355,62 @@ fn bad_cli_usage_exits_2_with_a_clear_line() {
         & 0o777;
     assert_eq!(mode, 0o600);
 }
+
+#[test]
+fn tightening_closes_relayed_connections_to_now_refused_destinations() {
+    if !privileged() {
+        return;
+    }
+    // A server that keeps every connection open.
+    let listener = std::net::TcpListener::bind("127.45.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port().to_string();
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let h = held.clone();
+    thread::spawn(move || {
+        for s in listener.incoming().flatten() {
+            h.lock().unwrap().push(s);
+        }
+    });
+    let agent = Agent::start(&format!(
+        "{}---\nkind: Egress\nmetadata: {{name: via-proxy}}\nspec: {{sources: [{{name: web}}], ipAddresses: [127.45.0.0/24], via: proxy}}\n",
+        base(false)
+    ));
+    let hostile = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/e2e/hostile.py");
+    let mut client = Command::new(AGENT)
+        .args(["exec", "--workload", "web", "--cgroup-root"])
+        .arg(&agent.root)
+        .args(["--", "python3", hostile, "silent", "127.45.0.1", &port])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while held.lock().unwrap().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the relayed connection never arrived"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    // An unrelated change leaves the connection alone.
+    let other = write("other", &egress("other", "127.46.0.0/24", "allow"));
+    agent.cli_ok(&["policy", "apply", "-f", other.to_str().unwrap()]);
+    thread::sleep(Duration::from_millis(500));
+    assert!(
+        client.try_wait().unwrap().is_none(),
+        "closed by an unrelated change"
+    );
+    // A deny for its destination closes it.
+    let deny = write("deny45", &egress("deny-45", "127.45.0.1/32", "deny"));
+    let t0 = Instant::now();
+    agent.cli_ok(&["policy", "apply", "-f", deny.to_str().unwrap()]);
+    let out = client.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("closed"), "{text}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(3),
+        "closed only after {:?}",
+        t0.elapsed()
+    );
+    agent.wait_log("end=\"closed: the policy now refuses it\"");
+    let _ = (std::fs::remove_file(other), std::fs::remove_file(deny));
+}

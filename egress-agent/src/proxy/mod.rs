@@ -49,6 +49,8 @@ pub struct Limits {
     pub connect_timeout: Duration,
     /// A relayed connection with no byte either way for this long is closed.
     pub idle_timeout: Duration,
+    /// Close relayed connections that a policy change refuses.
+    pub close_on_tighten: bool,
 }
 
 impl Default for Limits {
@@ -59,6 +61,7 @@ impl Default for Limits {
             sniff_bytes: 16 * 1024,
             connect_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(3600),
+            close_on_tighten: true,
         }
     }
 }
@@ -240,9 +243,21 @@ impl Proxy {
                 return self.upstream_failed(client, &mut rec, &e.to_string());
             }
         }
-        let r = relay::relay(client, upstream, self.limits.idle_timeout).await;
+        let changes = self.limits.close_on_tighten.then(|| self.live.subscribe());
+        let (wid, host) = (orig.workload_id, rec.host.clone());
+        let still_allowed = || self.still_allowed(wid, dst, host.as_deref());
+        let r = relay::relay(
+            client,
+            upstream,
+            self.limits.idle_timeout,
+            changes,
+            still_allowed,
+        )
+        .await;
         let bytes = (r.bytes.0 + head.len() as u64, r.bytes.1);
-        let end = if r.idle_timeout {
+        let end = if r.revoked {
+            REVOKED
+        } else if r.idle_timeout {
             "idle timeout"
         } else if r.error.is_some() {
             "error"
@@ -250,6 +265,25 @@ impl Proxy {
             "closed"
         };
         self.finish(&rec, bytes, end);
+    }
+
+    /// After a policy change: whether this relayed connection would still be let out. Anything
+    /// the kernel would refuse now, or the proxy would refuse for its host, is closed.
+    fn still_allowed(&self, workload: u32, dst: SocketAddr, host: Option<&str>) -> bool {
+        let p = self.policy();
+        let d = p.decide(workload, dst.ip(), dst.port(), egress_common::proto::TCP);
+        if d.outcome.is_denied() {
+            return false;
+        }
+        if d.outcome == egress_common::Outcome::Proxy
+            && p.needs_host(workload, dst.ip(), dst.port())
+        {
+            return !matches!(
+                p.decide_host(workload, dst.ip(), dst.port(), host),
+                HostVerdict::Deny(_)
+            );
+        }
+        true
     }
 
     /// Reads the client's first bytes until they name a host, they cannot, the buffer is
@@ -302,13 +336,16 @@ impl Proxy {
         let host = rec.host.as_deref().unwrap_or("");
         let ms = rec.started.elapsed().as_millis() as u64;
         let (workload, verdict, rule) = (rec.workload, rec.verdict, rec.rule.as_str());
-        if verdict == "allow" {
+        if verdict == "allow" && !end.ends_with(REVOKED) {
             debug!(target: "egress::proxy", workload, dst = %rec.dst, host, verdict, rule, bytes_out = bytes.0, bytes_in = bytes.1, ms, end, "connection");
         } else {
             info!(target: "egress::proxy", workload, dst = %rec.dst, host, verdict, rule, bytes_out = bytes.0, bytes_in = bytes.1, ms, end, "connection");
         }
     }
 }
+
+/// How a relayed connection that a policy change refused ends, in the log.
+const REVOKED: &str = "closed: the policy now refuses it";
 
 fn rule_name(p: &Compiled, id: u32) -> String {
     p.rule(id).map(|r| r.egress.to_string()).unwrap_or_default()

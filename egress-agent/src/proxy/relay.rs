@@ -84,11 +84,21 @@ pub struct Relayed {
     /// Client → upstream, upstream → client.
     pub bytes: (u64, u64),
     pub idle_timeout: bool,
+    /// Closed because a policy change refuses the connection now.
+    pub revoked: bool,
     pub error: Option<io::Error>,
 }
 
-/// Relays until both directions finish, an error, or `idle` passes with no byte read.
-pub async fn relay<A, B>(client: A, upstream: B, idle: Duration) -> Relayed
+/// Relays until both directions finish, an error, `idle` passes with no byte read, or a
+/// policy change after which `still_allowed` says no (`changes` tells of changes; None: the
+/// connection is never re-judged).
+pub async fn relay<A, B>(
+    client: A,
+    upstream: B,
+    idle: Duration,
+    mut changes: Option<tokio::sync::watch::Receiver<u64>>,
+    still_allowed: impl Fn() -> bool,
+) -> Relayed
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
@@ -108,15 +118,32 @@ where
     tokio::pin!(copy);
     let idle_ms = idle.as_millis() as u64;
     let mut tick = tokio::time::interval(idle / 4);
+    let ended = |idle_timeout, revoked, error| Relayed {
+        bytes: bytes(),
+        idle_timeout,
+        revoked,
+        error,
+    };
     loop {
-        tokio::select! {
-            r = &mut copy => {
-                return Relayed { bytes: bytes(), idle_timeout: false, error: r.err() };
+        let changed = async {
+            match changes.as_mut() {
+                Some(rx) => rx.changed().await.is_ok(),
+                None => std::future::pending().await,
             }
+        };
+        tokio::select! {
+            r = &mut copy => return ended(false, false, r.err()),
             _ = tick.tick() => {
                 let now = epoch.elapsed().as_millis() as u64;
                 if now.saturating_sub(last.load(Ordering::Relaxed)) >= idle_ms {
-                    return Relayed { bytes: bytes(), idle_timeout: true, error: None };
+                    return ended(true, false, None);
+                }
+            }
+            alive = changed => {
+                if !alive {
+                    changes = None;
+                } else if !still_allowed() {
+                    return ended(false, true, None);
                 }
             }
         }
