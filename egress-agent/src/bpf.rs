@@ -313,6 +313,98 @@ impl Datapath {
         Ok(())
     }
 
+    /// The (cgroup id, workload id) pairs of the policy set in force.
+    pub fn workload_ids(&mut self) -> Result<Vec<(u64, u32)>, BpfError> {
+        let (set, _) = self.active()?;
+        let w: HashMap<_, u64, WorkloadInfo> = self.map(names::WORKLOADS)?;
+        Ok(w.iter()
+            .filter_map(Result::ok)
+            .filter(|(k, _)| k >> 63 == set as u64)
+            .map(|(k, v)| (k & !(1 << 63), v.id))
+            .collect())
+    }
+
+    /// Zeroes the counters of a workload id, before it is given to a new workload.
+    pub fn zero_counters(&mut self, workload_id: u32) -> Result<(), BpfError> {
+        let ncpu = aya::util::nr_cpus().map_err(|(_, e)| BpfError::Io {
+            path: "/sys/devices/system/cpu/possible".into(),
+            op: "read",
+            source: e,
+        })?;
+        let mut c: PerCpuArray<_, u64> = self.map(names::COUNTERS)?;
+        let first = egress_common::counter_index(workload_id, 0, 0);
+        for i in first..first + egress_common::COUNTER_SLOTS {
+            let zeros = aya::maps::PerCpuValues::try_from(vec![0u64; ncpu]).map_err(io(
+                Path::new("/sys/devices/system/cpu/possible"),
+                "per-CPU values",
+            ))?;
+            c.set(i, zeros, 0).map_err(map_err(names::COUNTERS))?;
+        }
+        Ok(())
+    }
+
+    /// Every counter of the given workloads, summed over the CPUs, keyed by (workload id,
+    /// outcome or [`egress_common::EVENT_LOST`], protocol TCP/UDP/ANY).
+    pub fn counter_sums(
+        &mut self,
+        workloads: &[u32],
+    ) -> std::collections::HashMap<(u32, u8, u8), u64> {
+        let mut out = std::collections::HashMap::new();
+        let Ok(c) = self.map::<PerCpuArray<_, u64>>(names::COUNTERS) else {
+            return out;
+        };
+        let slots = egress_common::Outcome::ALL
+            .iter()
+            .map(|o| *o as u8)
+            .chain([egress_common::EVENT_LOST]);
+        let slots: Vec<u8> = slots.collect();
+        for &w in workloads {
+            for &o in &slots {
+                for p in [
+                    egress_common::proto::TCP,
+                    egress_common::proto::UDP,
+                    egress_common::proto::ANY,
+                ] {
+                    let i = egress_common::counter_index(w, o, p);
+                    if let Ok(v) = c.get(&i, 0) {
+                        out.insert((w, o, p), v.iter().sum());
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// (map, entries, capacity) for the metrics. Policy entries are known from the policy
+    /// in force; the LRU maps are counted.
+    pub fn map_fill(&mut self, policy: &Compiled) -> Vec<(&'static str, usize, u32)> {
+        let mut out = Vec::new();
+        let known = [
+            (names::WORKLOADS, policy.workloads.len()),
+            (names::POLICY_V4, policy.v4.len()),
+            (names::POLICY_V6, policy.v6.len()),
+        ];
+        for (name, n) in known {
+            if let Some(cap) = self
+                .ebpf
+                .map(name)
+                .and_then(map_data)
+                .and_then(|d| d.info().ok())
+            {
+                out.push((name, n, cap.max_entries()));
+            }
+        }
+        if let Ok(m) = self.map::<HashMap<_, SockAddr, OrigDst>>(names::ORIG_BY_TUPLE) {
+            let n = m.keys().count();
+            out.push((names::ORIG_BY_TUPLE, n, egress_common::capacity::ORIG_DST));
+        }
+        if let Ok(m) = self.map::<HashMap<_, u64, OrigDst>>(names::ORIG_BY_COOKIE) {
+            let n = m.keys().count();
+            out.push((names::ORIG_BY_COOKIE, n, egress_common::capacity::ORIG_DST));
+        }
+        out
+    }
+
     /// Entries per map, for `status`.
     pub fn map_entries(&mut self) -> Vec<(&'static str, usize)> {
         let mut out = Vec::new();

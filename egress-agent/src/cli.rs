@@ -20,8 +20,17 @@ pub struct Cli {
     /// Output of the commands that talk to the agent: human tables or JSON for scripts.
     #[arg(long, short = 'o', global = true, value_enum, default_value_t = Output::Table)]
     pub output: Output,
+    /// Log lines (flows included) as text or as JSON objects, one per line.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -51,6 +60,9 @@ pub enum Command {
         /// default) or `all` (also every allowed connection; costs about 1 µs per connect).
         #[arg(long, value_enum, default_value_t = Flows::Denied)]
         flows: Flows,
+        /// Prometheus metrics, /healthz and /readyz.
+        #[arg(long, value_name = "ADDR", default_value = crate::metrics::DEFAULT_ADDR)]
+        metrics_addr: std::net::SocketAddr,
         /// Where the live policy is saved after every change, for restarts.
         /// Default: /var/lib/egress/<pin dir name>.policy.yaml.
         #[arg(long, value_name = "FILE")]

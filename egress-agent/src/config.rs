@@ -39,7 +39,7 @@ pub struct Config {
     pub gateways: Vec<EgressGateway>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ObjectRef {
     pub namespace: String,
     pub name: String,

@@ -165,13 +165,19 @@ impl Control {
         events_all: bool,
     ) -> Result<Applied, ControlError> {
         let t0 = std::time::Instant::now();
-        let compiled = policy::compile(cfg)?;
+        let before = self.live.get().ids();
+        let compiled = policy::compile_stable(cfg, &before)?;
         let compile_ms = t0.elapsed().as_millis() as u64;
         let mut cgroups = Vec::with_capacity(compiled.workloads.len());
         for (w, id) in &compiled.workloads {
             cgroups.push((self.root.ensure(&self.root.workload_dir(w))?, *id));
         }
         let mut dp = self.datapath();
+        for (w, id) in &compiled.workloads {
+            if before.get(w) != Some(id) {
+                dp.zero_counters(*id)?;
+            }
+        }
         let (_, cur) = dp.active()?;
         let generation = cur.generation + 1;
         let mesh = self.mesh_config(&compiled, generation, events_all);

@@ -85,9 +85,8 @@ fn log(ev: &VerdictEvent, count: u64, policy: &Compiled, hub: &Hub) {
         return;
     };
     let workload = policy
-        .workloads
-        .get((ev.workload_id as usize).wrapping_sub(1))
-        .map(|(w, _)| w.to_string())
+        .workload(ev.workload_id)
+        .map(|w| w.to_string())
         .unwrap_or_default();
     let rule = policy
         .rule(ev.rule_id)

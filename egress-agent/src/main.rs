@@ -2,13 +2,13 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory as _, Parser as _};
 use egress_agent::{
-    cli::{Cli, Command, Flows},
+    cli::{Cli, Command, Flows, LogFormat},
     client, config, policy, run, workload,
 };
 
 fn main() -> ExitCode {
     let cli = Cli::parse(); // bad usage exits 2 with clap's message
-    init_tracing();
+    init_tracing(cli.log_format);
     match dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -28,6 +28,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             allow_root_cgroup,
             flows,
             state_file,
+            metrics_addr,
         } => {
             let opts = run::RunOptions {
                 config,
@@ -36,6 +37,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 allow_root_cgroup,
                 all_flows: flows == Flows::All,
                 admin_socket: socket,
+                metrics_addr,
                 state_file,
             };
             tokio::runtime::Builder::new_multi_thread()
@@ -116,12 +118,16 @@ fn one_line(e: &anyhow::Error) -> String {
     format!("{e:#}").replace('\n', " ")
 }
 
-fn init_tracing() {
+fn init_tracing(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("EGRESS_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => fmt.json().flatten_event(true).init(),
+        LogFormat::Text => fmt
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
 }

@@ -95,6 +95,16 @@ pub enum CompileError {
 type Prefixes<const N: usize> = BTreeMap<(u32, u8, [u8; N]), Vec<PortRule>>;
 
 pub fn compile(cfg: &Config) -> Result<Compiled, CompileError> {
+    compile_stable(cfg, &BTreeMap::new())
+}
+
+/// [`compile`], keeping the workload ids of `previous` (a workload's id scopes its policy
+/// entries and its counters, so it must not move to another workload across changes). New
+/// workloads get the smallest free ids.
+pub fn compile_stable(
+    cfg: &Config,
+    previous: &BTreeMap<ObjectRef, u32>,
+) -> Result<Compiled, CompileError> {
     let mut workloads: Vec<_> = cfg.workloads.iter().map(|w| w.id.clone()).collect();
     workloads.sort();
     let max = egress_common::capacity::MAX_WORKLOADS - 1;
@@ -104,7 +114,23 @@ pub fn compile(cfg: &Config) -> Result<Compiled, CompileError> {
             max,
         });
     }
-    let ids: BTreeMap<&ObjectRef, u32> = workloads.iter().zip(1u32..).collect();
+    let mut ids: BTreeMap<&ObjectRef, u32> = workloads
+        .iter()
+        .filter_map(|w| Some((w, *previous.get(w)?)))
+        .filter(|(_, id)| (1..=max).contains(id))
+        .collect();
+    let mut used: BTreeSet<u32> = ids.values().copied().collect();
+    let mut next = 1u32;
+    for w in &workloads {
+        if ids.contains_key(w) {
+            continue;
+        }
+        while used.contains(&next) {
+            next += 1;
+        }
+        used.insert(next);
+        ids.insert(w, next);
+    }
 
     let mut v4: Prefixes<4> = BTreeMap::new();
     let mut v6: Prefixes<16> = BTreeMap::new();
@@ -186,7 +212,12 @@ pub fn compile(cfg: &Config) -> Result<Compiled, CompileError> {
         }
     }
 
-    let names = |wid: u32| workloads[wid as usize - 1].clone();
+    let names = |wid: u32| {
+        ids.iter()
+            .find(|(_, id)| **id == wid)
+            .map(|(w, _)| (*w).clone())
+            .unwrap_or_default()
+    };
     let v4 = flatten(&v4, &rules, names)?
         .into_iter()
         .map(|(workload, cidr_len, addr, value)| Entry {
@@ -216,7 +247,7 @@ pub fn compile(cfg: &Config) -> Result<Compiled, CompileError> {
     };
     Ok(Compiled {
         config,
-        workloads: workloads.iter().cloned().zip(1u32..).collect(),
+        workloads: workloads.iter().map(|w| (w.clone(), ids[w])).collect(),
         v4,
         v6,
         mesh: m.traffic.mesh_cidrs.clone(),
@@ -285,6 +316,19 @@ fn flatten<const N: usize>(
 }
 
 impl Compiled {
+    /// The workload with id `id`.
+    pub fn workload(&self, id: u32) -> Option<&ObjectRef> {
+        self.workloads
+            .iter()
+            .find(|(_, i)| *i == id)
+            .map(|(w, _)| w)
+    }
+
+    /// Workload ids by name, to keep them stable in the next compile.
+    pub fn ids(&self) -> BTreeMap<ObjectRef, u32> {
+        self.workloads.iter().cloned().collect()
+    }
+
     pub fn workload_id(&self, w: &ObjectRef) -> Option<u32> {
         self.workloads
             .iter()
@@ -559,6 +603,34 @@ mod tests {
             Outcome::DenyRule
         );
         assert_eq!(c.decide(1, ip("::1"), 1, proto::UDP).outcome, Outcome::Pass);
+    }
+
+    #[test]
+    fn workload_ids_stay_with_their_workloads() {
+        let c1 = compiled(
+            "kind: Workload\nmetadata: {name: web}\n---\nkind: Workload\nmetadata: {name: zed}\n",
+        );
+        let web = ObjectRef {
+            namespace: "default".into(),
+            name: "web".into(),
+        };
+        let zed = ObjectRef {
+            namespace: "default".into(),
+            name: "zed".into(),
+        };
+        assert_eq!(
+            (c1.workload_id(&web), c1.workload_id(&zed)),
+            (Some(1), Some(2))
+        );
+        // Adding "abc" (sorting first) and removing "web" moves no id; the freed id is reused.
+        let cfg = config::parse(
+            "kind: Workload\nmetadata: {name: abc}\n---\nkind: Workload\nmetadata: {name: zed}\n",
+            "t",
+        )
+        .unwrap();
+        let c2 = compile_stable(&cfg, &c1.ids()).unwrap();
+        assert_eq!(c2.workload_id(&zed), Some(2));
+        assert_eq!(c2.workload(1).unwrap().name, "abc");
     }
 
     #[test]

@@ -24,7 +24,9 @@ use crate::{
     bpf::{self, Datapath},
     config,
     control::{Control, Live},
-    flows, policy,
+    flows,
+    metrics::{self, Metrics},
+    policy,
     proxy::{self, Proxy},
     store::Store,
     workload::{self, CgroupRoot},
@@ -38,6 +40,7 @@ pub struct RunOptions {
     /// A flow event for every judged connection, not only the refused/proxied/audited ones.
     pub all_flows: bool,
     pub admin_socket: PathBuf,
+    pub metrics_addr: std::net::SocketAddr,
     /// Where the live policy is saved after every change. Default: next to the pins' name
     /// under /var/lib/egress.
     pub state_file: Option<PathBuf>,
@@ -82,6 +85,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
 
     // The admin socket doubles as the lock: a second agent on it is refused here.
     let admin_listener = admin::bind(&opts.admin_socket).await?;
+    let metrics_listener = metrics::bind(opts.metrics_addr).await?;
     let mut leave = Leave {
         agent_home: None,
         admin_socket: Some(opts.admin_socket.clone()),
@@ -113,7 +117,18 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     };
     let resume = saved.is_some() && running.generation > 0;
     let (store, cfg) = saved.unwrap_or((file_store, file_cfg));
-    let compiled = policy::compile(&cfg)?;
+    // Workload ids scope policy entries and counters: keep the ones the kernel holds.
+    let held = dp.workload_ids()?;
+    let previous = cfg
+        .workloads
+        .iter()
+        .filter_map(|w| {
+            let cg = workload::cgroup_id(&root.workload_dir(&w.id)).ok()?;
+            let id = held.iter().find(|(c, _)| *c == cg)?.1;
+            Some((w.id.clone(), id))
+        })
+        .collect();
+    let compiled = policy::compile_stable(&cfg, &previous)?;
     let live = Live::new(compiled.clone());
     let control = Arc::new(Control::new(
         root.clone(),
@@ -145,6 +160,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         format!("proxy cannot listen on 127.0.0.1:{port} (MeshConfig spec.proxy.port)")
     })?;
     let p = &cfg.mesh.proxy;
+    let metrics = Metrics::new(control.clone());
     let relay = Proxy::new(
         orig,
         live.clone(),
@@ -155,6 +171,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             close_on_tighten: p.close_on_tighten,
             ..proxy::Limits::default()
         },
+        metrics.clone(),
     );
     let programs = control.datapath().attach(&root.path)?;
     let hub = flows::Hub::new();
@@ -168,6 +185,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         hub,
         programs.clone(),
     ));
+    tasks.spawn(metrics::serve(metrics_listener, metrics.clone()));
+    metrics.set_ready();
     if let Some(l) = kernel_logs {
         tasks.spawn(flows::forward_kernel_logs(l));
     }
@@ -176,6 +195,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         cgroup_root = %root.path.display(),
         pins = %bpf::versioned(&opts.pin_dir).display(),
         admin_socket = %opts.admin_socket.display(),
+        metrics = %opts.metrics_addr,
         generation = control.generation(),
         programs = %programs.join(", "),
         workloads = compiled.workloads.len(),

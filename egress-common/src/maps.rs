@@ -289,6 +289,9 @@ pub fn counter_index(workload_id: u32, outcome: u8, proto: u8) -> u32 {
     workload_id * COUNTER_SLOTS + (outcome as u32) * 4 + p
 }
 
+/// The counter slot (in place of an outcome) of verdict events the ring buffer could not take.
+pub const EVENT_LOST: u8 = 15;
+
 /// Counters per workload: 16 outcomes x 4 protocol slots.
 pub const COUNTER_SLOTS: u32 = 64;
 pub const COUNTERS_LEN: u32 = capacity::MAX_WORKLOADS * COUNTER_SLOTS;

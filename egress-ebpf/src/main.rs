@@ -25,7 +25,7 @@ use egress_common::{
     capacity, counter_index, decide, decide::on_error, decide::Query, hook, mesh_key, policy_key,
     policy_scope, proto, v4_mapped, workload_key, Decision, MeshConfig, MeshKeyV4, MeshKeyV6,
     OrigDst, Outcome, PolicyKeyV4, PolicyKeyV6, PolicyValue, SockAddr, VerdictEvent, WorkloadInfo,
-    COUNTERS_LEN,
+    COUNTERS_LEN, EVENT_LOST,
 };
 
 /// Which policy set (0 or 1) the programs read; see `egress_common::workload_key`.
@@ -194,7 +194,12 @@ fn record(
     } else {
         BPF_RB_NO_WAKEUP
     };
-    let _ = EVENTS.output::<VerdictEvent>(&ev, flags as u64);
+    if EVENTS.output::<VerdictEvent>(&ev, flags as u64).is_err() {
+        if let Some(c) = COUNTERS.get_ptr_mut(counter_index(wid, EVENT_LOST, 0)) {
+            // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+            unsafe { *c += 1 };
+        }
+    }
 }
 
 /// Judge one outgoing connect()/sendmsg() of the current task.

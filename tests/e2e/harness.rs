@@ -72,6 +72,7 @@ pub struct Agent {
     pub socket: PathBuf,
     pub state: PathBuf,
     pub proxy_port: u16,
+    pub metrics_port: u16,
     pub config: PathBuf,
     log: Arc<Mutex<String>>,
 }
@@ -94,6 +95,7 @@ impl Agent {
             socket: std::env::temp_dir().join(format!("{name}.sock")),
             state: std::env::temp_dir().join(format!("{name}.state.yaml")),
             proxy_port,
+            metrics_port: free_port(),
             config,
             log: Arc::new(Mutex::new(String::new())),
         };
@@ -117,6 +119,8 @@ impl Agent {
             .arg("--state-file")
             .arg(&self.state)
             .args(["--flows", "all"])
+            .arg("--metrics-addr")
+            .arg(format!("127.0.0.1:{}", self.metrics_port))
             .env("EGRESS_LOG", "info,egress::flow=debug")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -148,6 +152,20 @@ impl Agent {
             );
             thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// GET a path of the agent's metrics endpoint: (status line, body).
+    pub fn http_get(&self, path: &str) -> (String, String) {
+        let mut s = TcpStream::connect(("127.0.0.1", self.metrics_port)).expect("metrics endpoint");
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .unwrap();
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut s, &mut text).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        (
+            head.lines().next().unwrap_or("").to_string(),
+            body.to_string(),
+        )
     }
 
     /// `egress-agent --admin-socket <ours> ARGS...`

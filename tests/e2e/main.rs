@@ -7,5 +7,6 @@ mod control;
 mod datapath;
 mod harness;
 mod lifecycle;
+mod metrics;
 mod proxy;
 mod semantics;

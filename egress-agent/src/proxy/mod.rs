@@ -31,6 +31,7 @@ use tracing::{debug, info, warn};
 use crate::{
     config::normalize,
     control::Live,
+    metrics::Metrics,
     policy::{Compiled, HostVerdict},
 };
 use sniff::Sniffed;
@@ -80,6 +81,7 @@ pub struct Stats {
 
 pub struct Proxy {
     orig: OrigMap,
+    metrics: Arc<Metrics>,
     live: Arc<Live>,
     limits: Limits,
     permits: Arc<Semaphore>,
@@ -109,9 +111,10 @@ struct Record<'a> {
 }
 
 impl Proxy {
-    pub fn new(orig: OrigMap, live: Arc<Live>, limits: Limits) -> Arc<Self> {
+    pub fn new(orig: OrigMap, live: Arc<Live>, limits: Limits, metrics: Arc<Metrics>) -> Arc<Self> {
         Arc::new(Self {
             orig,
+            metrics,
             permits: Arc::new(Semaphore::new(limits.max_connections)),
             live,
             limits,
@@ -147,13 +150,17 @@ impl Proxy {
             self.stats.accepted.fetch_add(1, Ordering::Relaxed);
             let Ok(permit) = self.permits.clone().try_acquire_owned() else {
                 self.stats.over_limit.fetch_add(1, Ordering::Relaxed);
+                self.metrics
+                    .proxy_connection("", None, "over-limit", (0, 0));
                 warn!(%peer, limit = self.limits.max_connections, "proxy connection limit reached, refusing");
                 reset(client);
                 continue;
             };
             let this = self.clone();
             tokio::spawn(async move {
+                this.metrics.proxy_active().inc();
                 this.handle(client, peer).await;
+                this.metrics.proxy_active().dec();
                 drop(permit);
             });
         }
@@ -168,6 +175,8 @@ impl Proxy {
             Ok(o) => o,
             Err(e) => {
                 self.stats.not_redirected.fetch_add(1, Ordering::Relaxed);
+                self.metrics
+                    .proxy_connection("", None, "not-redirected", (0, 0));
                 warn!(%peer, error = %e, "refused a connection that the kernel did not redirect");
                 reset(client);
                 return;
@@ -227,13 +236,17 @@ impl Proxy {
             }
         }
 
+        let connecting = Instant::now();
         let mut upstream = match tokio::time::timeout(
             self.limits.connect_timeout,
             TcpStream::connect(dst),
         )
         .await
         {
-            Ok(Ok(s)) => s,
+            Ok(Ok(s)) => {
+                self.metrics.proxy_connected(connecting.elapsed());
+                s
+            }
             Ok(Err(e)) => return self.upstream_failed(client, &mut rec, &e.to_string()),
             Err(_) => return self.upstream_failed(client, &mut rec, "connect timed out"),
         };
@@ -333,6 +346,14 @@ impl Proxy {
     fn finish(&self, rec: &Record<'_>, bytes: (u64, u64), end: &str) {
         self.stats.bytes_out.fetch_add(bytes.0, Ordering::Relaxed);
         self.stats.bytes_in.fetch_add(bytes.1, Ordering::Relaxed);
+        let result = match rec.verdict {
+            "allow" => "allowed",
+            "deny" => "denied",
+            "audit" => "audit",
+            _ => "upstream-error",
+        };
+        self.metrics
+            .proxy_connection(rec.workload, rec.host.as_deref(), result, bytes);
         let host = rec.host.as_deref().unwrap_or("");
         let ms = rec.started.elapsed().as_millis() as u64;
         let (workload, verdict, rule) = (rec.workload, rec.verdict, rec.rule.as_str());
