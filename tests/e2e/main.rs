@@ -5,6 +5,7 @@
 mod bad_input;
 mod control;
 mod datapath;
+mod deploy;
 mod harness;
 mod lifecycle;
 mod metrics;
