@@ -74,7 +74,24 @@ impl Drop for Leave {
     }
 }
 
+/// Each relayed connection holds two sockets and two pipes: allow as many fds as the system
+/// lets this process have.
+fn raise_fd_limit() {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
+}
+
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
+    raise_fd_limit();
     let (file_store, file_cfg) = Store::load(&opts.config)?;
     policy::compile(&file_cfg)?;
     let root = CgroupRoot::new(&opts.cgroup_root, opts.allow_root_cgroup)?;
