@@ -14,7 +14,7 @@ use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
     net::{UnixListener, UnixStream},
 };
-use tracing::{info, warn};
+use tracing::warn;
 
 use crate::{
     cli::parse_workload,
@@ -408,9 +408,4 @@ pub enum ClientError {
     Unreachable(PathBuf, std::io::Error),
     #[error("bad answer from the agent: {0}")]
     Protocol(String),
-}
-
-/// Logs that the admin API is up.
-pub fn announce(path: &Path) {
-    info!(socket = %path.display(), "admin API listening");
 }

@@ -532,10 +532,6 @@ impl Datapath {
         self.shared_map(names::ORIG_BY_TUPLE)
     }
 
-    pub fn counters(&self) -> Result<PerCpuArray<MapData, u64>, BpfError> {
-        self.shared_map(names::COUNTERS)
-    }
-
     pub fn events(&mut self) -> Result<RingBuf<MapData>, BpfError> {
         let m = self
             .ebpf

@@ -12,10 +12,7 @@ pub mod sniff;
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
-    },
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -67,25 +64,12 @@ impl Default for Limits {
     }
 }
 
-#[derive(Debug, Default)]
-pub struct Stats {
-    pub accepted: AtomicU64,
-    pub not_redirected: AtomicU64,
-    pub denied: AtomicU64,
-    pub upstream_failed: AtomicU64,
-    pub over_limit: AtomicU64,
-    pub sniff_timeouts: AtomicU64,
-    pub bytes_out: AtomicU64,
-    pub bytes_in: AtomicU64,
-}
-
 pub struct Proxy {
     orig: OrigMap,
     metrics: Arc<Metrics>,
     live: Arc<Live>,
     limits: Limits,
     permits: Arc<Semaphore>,
-    pub stats: Stats,
 }
 
 /// Binds the proxy's listeners: 127.0.0.1 and, where the host has IPv6, [::1].
@@ -118,7 +102,6 @@ impl Proxy {
             permits: Arc::new(Semaphore::new(limits.max_connections)),
             live,
             limits,
-            stats: Stats::default(),
         })
     }
 
@@ -147,9 +130,7 @@ impl Proxy {
                     continue;
                 }
             };
-            self.stats.accepted.fetch_add(1, Ordering::Relaxed);
             let Ok(permit) = self.permits.clone().try_acquire_owned() else {
-                self.stats.over_limit.fetch_add(1, Ordering::Relaxed);
                 self.metrics
                     .proxy_connection("", None, "over-limit", (0, 0));
                 warn!(%peer, limit = self.limits.max_connections, "proxy connection limit reached, refusing");
@@ -174,7 +155,6 @@ impl Proxy {
         let orig = match self.original(peer) {
             Ok(o) => o,
             Err(e) => {
-                self.stats.not_redirected.fetch_add(1, Ordering::Relaxed);
                 self.metrics
                     .proxy_connection("", None, "not-redirected", (0, 0));
                 warn!(%peer, error = %e, "refused a connection that the kernel did not redirect");
@@ -203,10 +183,7 @@ impl Proxy {
         // Bytes read while sniffing, replayed to the upstream.
         let mut head = Vec::new();
         if policy.needs_host(orig.workload_id, dst.ip(), dst.port()) {
-            let (sniffed, timed_out) = self.sniff(&mut client, &mut head).await;
-            if timed_out {
-                self.stats.sniff_timeouts.fetch_add(1, Ordering::Relaxed);
-            }
+            let sniffed = self.sniff(&mut client, &mut head).await;
             let (is_http, host) = match &sniffed {
                 Some(Sniffed::Http(h)) => (true, h.map(str::to_owned)),
                 Some(Sniffed::Tls(h)) => (false, h.map(str::to_owned)),
@@ -220,7 +197,6 @@ impl Proxy {
                     rec.rule = rule_name(&policy, id);
                 }
                 HostVerdict::Deny(id) => {
-                    self.stats.denied.fetch_add(1, Ordering::Relaxed);
                     rec.verdict = "deny";
                     rec.rule = rule_name(&policy, id);
                     refuse(
@@ -305,11 +281,10 @@ impl Proxy {
         &self,
         client: &mut TcpStream,
         head: &'b mut Vec<u8>,
-    ) -> (Option<Sniffed<'b>>, bool) {
+    ) -> Option<Sniffed<'b>> {
         let deadline = tokio::time::Instant::now() + self.limits.sniff_timeout;
         let cap = self.limits.sniff_bytes;
         head.reserve(cap.min(4096));
-        let mut timed_out = false;
         loop {
             let done = match sniff::sniff(head) {
                 Sniffed::Incomplete => head.len() >= cap,
@@ -321,22 +296,17 @@ impl Proxy {
             let mut chunk = [0u8; 4096];
             let room = (cap - head.len()).min(chunk.len());
             match tokio::time::timeout_at(deadline, client.read(&mut chunk[..room])).await {
-                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
                 Ok(Ok(n)) => head.extend_from_slice(&chunk[..n]),
-                Err(_) => {
-                    timed_out = true;
-                    break;
-                }
             }
         }
         match sniff::sniff(head) {
-            Sniffed::Incomplete => (None, timed_out),
-            s => (Some(s), timed_out),
+            Sniffed::Incomplete => None,
+            s => Some(s),
         }
     }
 
     fn upstream_failed(&self, client: TcpStream, rec: &mut Record<'_>, why: &str) {
-        self.stats.upstream_failed.fetch_add(1, Ordering::Relaxed);
         rec.verdict = "upstream-error";
         info!(workload = rec.workload, dst = %rec.dst, error = why, "proxy could not reach the original destination");
         reset(client);
@@ -344,8 +314,6 @@ impl Proxy {
     }
 
     fn finish(&self, rec: &Record<'_>, bytes: (u64, u64), end: &str) {
-        self.stats.bytes_out.fetch_add(bytes.0, Ordering::Relaxed);
-        self.stats.bytes_in.fetch_add(bytes.1, Ordering::Relaxed);
         let result = match rec.verdict {
             "allow" => "allowed",
             "deny" => "denied",
