@@ -41,7 +41,9 @@ pub enum Output {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the agent: enforce the policy file on its workloads until SIGTERM/SIGINT.
+    /// Run the agent: enforce the policy on its workloads, serve the proxy, the admin API and
+    /// the metrics until SIGTERM/SIGINT. Enforcement stays after the agent stops (see uninstall);
+    /// a restart on the same pins resumes the live policy without a gap.
     Run {
         /// Policy file: MeshConfig, Workload, Egress and EgressGateway documents (YAML).
         #[arg(long, short = 'c', value_name = "FILE")]
@@ -57,7 +59,8 @@ pub enum Command {
         #[arg(long)]
         allow_root_cgroup: bool,
         /// Which verdicts become flow events: `denied` (refused, proxied, audited: the
-        /// default) or `all` (also every allowed connection; costs about 1 µs per connect).
+        /// default) or `all` (also every allowed connection: one more ring-buffer event per
+        /// connect).
         #[arg(long, value_enum, default_value_t = Flows::Denied)]
         flows: Flows,
         /// Prometheus metrics, /healthz and /readyz.
@@ -112,10 +115,13 @@ pub enum Command {
     /// Remove everything the agent installed: pins (this detaches its programs) and empty
     /// cgroups. Enforcement stops.
     Uninstall {
+        /// The agent's --pin-dir.
         #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/egress")]
         pin_dir: PathBuf,
+        /// The agent's --cgroup-root (empty cgroups are removed). Default: <cgroup2 mount>/egress.
         #[arg(long, value_name = "DIR")]
         cgroup_root: Option<PathBuf>,
+        /// The saved live policy to remove. Default: /var/lib/egress/<pin dir name>.policy.yaml.
         #[arg(long, value_name = "FILE")]
         state_file: Option<PathBuf>,
     },
