@@ -468,7 +468,13 @@ impl Datapath {
                     .load()
                     .map_err(perr)?;
             }
-            let new_tag = prog.info().map_err(perr)?.tag();
+            let info = prog.info().map_err(perr)?;
+            let new_tag = info.tag();
+            tracing::debug!(
+                program = name,
+                verified_insns = info.verified_instruction_count().unwrap_or(0),
+                "loaded"
+            );
             let old = if path.exists() {
                 let l = PinnedLink::from_pin(&path)
                     .map_err(|source| BpfError::Link { name, source })?;
