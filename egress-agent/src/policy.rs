@@ -11,7 +11,7 @@ use std::{
 
 use egress_common::{
     action, decide, decide::Query, policy_key, policy_scope, proto, Decision, MeshConfig,
-    PolicyValue, PortRule, MAX_RULES_PER_PREFIX,
+    PolicyValue, PortRule, Segment, MAX_SEGMENTS,
 };
 
 use crate::config::{self, Action, Cidr, Config, FailMode, HostPattern, ObjectRef, Via};
@@ -80,7 +80,7 @@ pub struct Compiled {
 
 #[derive(Debug, thiserror::Error)]
 pub enum CompileError {
-    #[error("workload {workload}: {count} port rules apply to {prefix} (from {egresses}), more than the {max} one destination can hold; merge port ranges or split the CIDR")]
+    #[error("workload {workload}: the rules for {prefix} (from {egresses}) split its ports into {count} ranges, more than the {max} one destination can hold; merge port ranges or split the CIDR")]
     TooManyRules {
         workload: ObjectRef,
         prefix: Cidr,
@@ -261,7 +261,6 @@ fn port_rule(lo: u16, hi: u16, proto: u8, action: u8, rule_id: u32) -> PortRule 
         port_hi: hi,
         proto,
         action,
-        _pad0: [0; 2],
         rule_id,
     }
 }
@@ -285,7 +284,8 @@ fn flatten<const N: usize>(
                 }
             }
         }
-        if all.len() > MAX_RULES_PER_PREFIX {
+        let value = segments(&all);
+        if let Err(count) = value {
             let egresses: BTreeSet<String> = all
                 .iter()
                 .map(|r| rules[r.rule_id as usize - 1].egress.to_string())
@@ -300,19 +300,82 @@ fn flatten<const N: usize>(
                     },
                     len,
                 },
-                count: all.len(),
-                max: MAX_RULES_PER_PREFIX,
+                count,
+                max: MAX_SEGMENTS,
                 egresses: egresses.into_iter().collect::<Vec<_>>().join(", "),
             });
         }
-        let mut value = PolicyValue {
-            count: all.len() as u32,
-            ..Default::default()
-        };
-        value.rules[..all.len()].copy_from_slice(&all);
-        out.push((wid, len, addr, value));
+        out.push((wid, len, addr, value.unwrap_or_default()));
     }
     Ok(out)
+}
+
+/// Which action wins where several rules cover a port: deny, then proxy, then allow; among
+/// equals the later rule (a stable choice, so that `check` and the kernel agree).
+fn strength(r: &PortRule) -> (u8, u32) {
+    let prio = match r.action {
+        action::DENY => 3,
+        action::PROXY => 2,
+        action::ALLOW => 1,
+        _ => 0,
+    };
+    (prio, r.rule_id)
+}
+
+/// Compiles the rules that apply to one prefix into the kernel's segments: per protocol
+/// class, the port ranges where one action wins, sorted, non-overlapping, adjacent equal
+/// ranges merged. Err(n): n segments needed, more than [`MAX_SEGMENTS`].
+fn segments(rules: &[PortRule]) -> Result<PolicyValue, usize> {
+    let mut v = PolicyValue::default();
+    let mut all: Vec<Segment> = Vec::new();
+    for (class, p) in [(0, proto::TCP), (1, proto::UDP), (2, proto::ANY)] {
+        // Other protocols only see protocol-less rules; only TCP is ever proxied.
+        let relevant: Vec<&PortRule> = rules
+            .iter()
+            .filter(|r| r.proto == proto::ANY || (class < 2 && r.proto == p))
+            .filter(|r| r.action != action::PROXY || p == proto::TCP)
+            .collect();
+        let mut cuts: BTreeSet<u32> = [0, 65536].into();
+        for r in &relevant {
+            cuts.insert(r.port_lo as u32);
+            cuts.insert(r.port_hi as u32 + 1);
+        }
+        let cuts: Vec<u32> = cuts.into_iter().collect();
+        let mut segs: Vec<Segment> = Vec::new();
+        for w in cuts.windows(2) {
+            let (a, b) = (w[0], w[1] - 1);
+            let Some(best) = relevant
+                .iter()
+                .filter(|r| r.port_lo as u32 <= a && r.port_hi as u32 >= b)
+                .max_by_key(|r| strength(r))
+            else {
+                continue;
+            };
+            match segs.last_mut() {
+                Some(last)
+                    if last.action == best.action
+                        && last.rule_id == best.rule_id
+                        && last.hi as u32 + 1 == a =>
+                {
+                    last.hi = b as u16
+                }
+                _ => segs.push(Segment {
+                    lo: a as u16,
+                    hi: b as u16,
+                    action: best.action,
+                    _pad0: [0; 3],
+                    rule_id: best.rule_id,
+                }),
+            }
+        }
+        v.counts[class] = segs.len().min(255) as u8;
+        all.extend(segs);
+    }
+    if all.len() > MAX_SEGMENTS {
+        return Err(all.len());
+    }
+    v.segs[..all.len()].copy_from_slice(&all);
+    Ok(v)
 }
 
 impl Compiled {
@@ -517,8 +580,46 @@ mod tests {
         assert_eq!(d.outcome, Outcome::DenyRule);
         assert_eq!(c.rule(d.rule_id).unwrap().egress.name, "deny-all");
         let e = c.v4.iter().find(|e| e.cidr_len == 32).unwrap();
-        assert_eq!(e.value.count, 2);
+        // The /32 carries the /8's deny: one segment per protocol class, all denied.
+        assert_eq!(e.value.counts, [1, 1, 1]);
         assert_eq!(e.key_len(), 64);
+    }
+
+    #[test]
+    fn segments_resolve_precedence_per_port_and_protocol() {
+        let r = |lo, hi, p, a, id| port_rule(lo, hi, p, a, id);
+        let v = segments(&[
+            r(0, 65535, proto::ANY, action::ALLOW, 1),
+            r(443, 443, proto::TCP, action::PROXY, 2),
+            r(8000, 8100, proto::TCP, action::DENY, 3),
+            r(53, 53, proto::UDP, action::ALLOW, 4),
+            r(443, 443, proto::UDP, action::PROXY, 5), // never for UDP
+        ])
+        .unwrap();
+        let segs: Vec<(u16, u16, u8, u32)> = v.segs[..v.counts.iter().map(|c| *c as usize).sum()]
+            .iter()
+            .map(|s| (s.lo, s.hi, s.action, s.rule_id))
+            .collect();
+        let (a, p, d) = (action::ALLOW, action::PROXY, action::DENY);
+        assert_eq!(v.counts, [5, 3, 1]);
+        assert_eq!(
+            segs,
+            [
+                (0, 442, a, 1),
+                (443, 443, p, 2),
+                (444, 7999, a, 1),
+                (8000, 8100, d, 3),
+                (8101, 65535, a, 1),
+                (0, 52, a, 1),
+                (53, 53, a, 4),
+                (54, 65535, a, 1),
+                (0, 65535, a, 1),
+            ]
+        );
+        // Adjacent ranges of the same rule merge; nothing at all is an empty value.
+        let v = segments(&[r(80, 80, proto::TCP, a, 7), r(81, 90, proto::TCP, a, 7)]).unwrap();
+        assert_eq!((v.counts, v.segs[0].lo, v.segs[0].hi), ([1, 0, 0], 80, 90));
+        assert_eq!(segments(&[]).unwrap().counts, [0, 0, 0]);
     }
 
     #[test]
@@ -635,14 +736,15 @@ mod tests {
 
     #[test]
     fn too_many_rules_is_an_error_naming_the_workload() {
-        let ports: Vec<String> = (1..=9).map(|p| format!("{{number: {p}}}")).collect();
+        // 17 separate ports: 17 ranges (adjacent ones would merge).
+        let ports: Vec<String> = (1..=17).map(|p| format!("{{number: {}}}", p * 2)).collect();
         let text = format!("{BASE}---\nkind: Egress\nmetadata: {{name: many}}\nspec: {{sources: [{{name: web}}], ports: [{}]}}\n", ports.join(", "));
         let e = compile(&config::parse(&text, "t.yaml").unwrap())
             .unwrap_err()
             .to_string();
         assert!(
             e.starts_with(
-                "workload default/web: 9 port rules apply to 0.0.0.0/0 (from default/many)"
+                "workload default/web: the rules for 0.0.0.0/0 (from default/many) split its ports into 17 ranges"
             ),
             "{e}"
         );

@@ -1,7 +1,7 @@
 //! The egress decision, as a pure function of the mesh settings, the destination and the rules
 //! that apply to it. The kernel programs and the agent (`policy check`, tests) share it.
 
-use crate::{action, proto, MeshConfig, PolicyValue, MAX_RULES_PER_PREFIX};
+use crate::{action, proto, MeshConfig, PolicyValue, MAX_SEGMENTS};
 
 /// What happened to a connection, and why. Stored as u8 in events and counter indices.
 #[repr(u8)]
@@ -105,9 +105,10 @@ impl Decision {
 }
 
 /// Decide one connection. Precedence: the proxy port is never dialled directly; mesh
-/// destinations are untouched; among matching rules deny wins, then proxy, then allow; an
-/// unmatched destination passes when `enableEgress` is on and is refused otherwise. Audit mode
-/// turns every refusal by policy into an allowed, reported one.
+/// destinations are untouched; the segment of the destination's port (where the agent already
+/// resolved deny over proxy over allow) decides; an unmatched destination passes when
+/// `enableEgress` is on and is refused otherwise. Audit mode turns every refusal by policy into
+/// an allowed, reported one.
 #[inline(always)]
 pub fn decide(cfg: &MeshConfig, q: &Query, rules: Option<&PolicyValue>) -> Decision {
     if q.to_proxy {
@@ -117,46 +118,43 @@ pub fn decide(cfg: &MeshConfig, q: &Query, rules: Option<&PolicyValue>) -> Decis
         return Decision::new(Outcome::Mesh, 0);
     }
     let audit = cfg.audit_mode != 0;
-    // One scan keeps the strongest match as (priority << 24 | rule id): deny 3, proxy 2,
-    // allow 1. A single running maximum (no flags) keeps the verifier's state space small.
-    let mut best = 0u32;
+    let (mut act, mut rule_id) = (0u8, 0u32);
     if let Some(v) = rules {
-        let mut i = 0;
-        while i < MAX_RULES_PER_PREFIX {
-            if i as u32 >= v.count {
+        let (start, n) = v.class(q.proto);
+        let end = start + n;
+        // Sorted, non-overlapping: stop at the first segment that reaches the port. The index
+        // runs over the whole fixed array (a constant bound on every read, which the verifier
+        // needs) and skips the slots of the classes before this one.
+        let mut j = 0;
+        while j < MAX_SEGMENTS {
+            if j >= end {
                 break;
             }
-            let r = &v.rules[i];
-            i += 1;
-            let proto_ok = r.proto == proto::ANY || r.proto == q.proto;
-            let port_ok = q.port >= r.port_lo && q.port <= r.port_hi;
-            let prio = match r.action {
-                action::DENY => 3,
-                // Only TCP can be proxied; the compiler never emits other proxy rules.
-                action::PROXY if q.proto == proto::TCP => 2,
-                action::ALLOW => 1,
-                _ => 0,
-            };
-            let score = (prio << 24) | (r.rule_id & MAX_RULE_ID);
-            if proto_ok && port_ok && score > best {
-                best = score;
+            let s = &v.segs[j];
+            j += 1;
+            if j <= start {
+                continue;
+            }
+            if q.port <= s.hi {
+                if q.port >= s.lo {
+                    act = s.action;
+                    rule_id = s.rule_id;
+                }
+                break;
             }
         }
     }
-    let rule_id = best & MAX_RULE_ID;
-    match best >> 24 {
-        3 if audit => Decision::new(Outcome::AuditRule, rule_id),
-        3 => Decision::new(Outcome::DenyRule, rule_id),
-        2 => Decision::new(Outcome::Proxy, rule_id),
-        1 => Decision::new(Outcome::Allow, rule_id),
+    match act {
+        action::DENY if audit => Decision::new(Outcome::AuditRule, rule_id),
+        action::DENY => Decision::new(Outcome::DenyRule, rule_id),
+        // Only TCP can be proxied; the agent never puts proxy segments in other classes.
+        action::PROXY if q.proto == proto::TCP => Decision::new(Outcome::Proxy, rule_id),
+        action::ALLOW => Decision::new(Outcome::Allow, rule_id),
         _ if cfg.enable_egress != 0 => Decision::new(Outcome::Pass, 0),
         _ if audit => Decision::new(Outcome::AuditDefault, 0),
         _ => Decision::new(Outcome::DenyDefault, 0),
     }
 }
-
-/// Rule ids fit in 24 bits (the decision packs them beside a priority).
-pub const MAX_RULE_ID: u32 = (1 << 24) - 1;
 
 /// The decision for an enrolled cgroup when the kernel path hits an internal error.
 #[inline(always)]
@@ -170,25 +168,26 @@ pub fn on_error(cfg: Option<&MeshConfig>) -> Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::PortRule;
+    use crate::Segment;
 
-    fn rule(lo: u16, hi: u16, p: u8, a: u8, id: u32) -> PortRule {
-        PortRule {
-            port_lo: lo,
-            port_hi: hi,
-            proto: p,
+    fn seg(lo: u16, hi: u16, a: u8, id: u32) -> Segment {
+        Segment {
+            lo,
+            hi,
             action: a,
-            _pad0: [0; 2],
+            _pad0: [0; 3],
             rule_id: id,
         }
     }
 
-    fn value(rules: &[PortRule]) -> PolicyValue {
+    /// A value with the given TCP, UDP and other-protocol segments.
+    fn value(tcp: &[Segment], udp: &[Segment], other: &[Segment]) -> PolicyValue {
         let mut v = PolicyValue::default();
-        for (i, r) in rules.iter().enumerate() {
-            v.rules[i] = *r;
+        let all = tcp.iter().chain(udp).chain(other);
+        for (i, s) in all.enumerate() {
+            v.segs[i] = *s;
         }
-        v.count = rules.len() as u32;
+        v.counts = [tcp.len() as u8, udp.len() as u8, other.len() as u8];
         v
     }
 
@@ -226,70 +225,91 @@ mod tests {
     }
 
     #[test]
-    fn deny_wins_over_allow_and_proxy_in_any_order() {
-        let v = value(&[
-            rule(0, 65535, proto::ANY, action::ALLOW, 1),
-            rule(443, 443, proto::TCP, action::PROXY, 2),
-            rule(443, 443, proto::TCP, action::DENY, 3),
-        ]);
-        let d = decide(&cfg(true, false), &q(proto::TCP, 443), Some(&v));
-        assert_eq!(d, Decision::new(Outcome::DenyRule, 3));
-        let d = decide(&cfg(true, true), &q(proto::TCP, 443), Some(&v));
-        assert_eq!(d, Decision::new(Outcome::AuditRule, 3));
-        // Port 80 only matches the allow.
-        let d = decide(&cfg(false, false), &q(proto::TCP, 80), Some(&v));
-        assert_eq!(d, Decision::new(Outcome::Allow, 1));
-    }
-
-    #[test]
-    fn proxy_beats_allow() {
-        let v = value(&[
-            rule(443, 443, proto::TCP, action::ALLOW, 1),
-            rule(443, 443, proto::TCP, action::PROXY, 2),
-        ]);
-        let d = decide(&cfg(false, false), &q(proto::TCP, 443), Some(&v));
-        assert_eq!(d, Decision::new(Outcome::Proxy, 2));
-    }
-
-    #[test]
-    fn udp_is_never_proxied() {
-        let v = value(&[rule(53, 53, proto::ANY, action::PROXY, 1)]);
-        let d = decide(&cfg(false, false), &q(proto::UDP, 53), Some(&v));
-        assert_eq!(d.outcome, Outcome::DenyDefault);
-    }
-
-    #[test]
-    fn port_range_and_protocol_boundaries() {
-        let v = value(&[rule(8000, 8080, proto::TCP, action::ALLOW, 7)]);
+    fn segment_boundaries_and_gaps() {
+        let v = value(
+            &[
+                seg(0, 79, action::ALLOW, 1),
+                seg(80, 80, action::DENY, 2),
+                seg(443, 443, action::PROXY, 3),
+                seg(8000, 8080, action::ALLOW, 4),
+            ],
+            &[],
+            &[],
+        );
         let c = cfg(false, false);
-        for (p, port, want) in [
-            (proto::TCP, 7999, Outcome::DenyDefault),
-            (proto::TCP, 8000, Outcome::Allow),
-            (proto::TCP, 8080, Outcome::Allow),
-            (proto::TCP, 8081, Outcome::DenyDefault),
-            (proto::UDP, 8000, Outcome::DenyDefault),
+        for (port, want, rule) in [
+            (0, Outcome::Allow, 1),
+            (79, Outcome::Allow, 1),
+            (80, Outcome::DenyRule, 2),
+            (81, Outcome::DenyDefault, 0),
+            (442, Outcome::DenyDefault, 0),
+            (443, Outcome::Proxy, 3),
+            (7999, Outcome::DenyDefault, 0),
+            (8000, Outcome::Allow, 4),
+            (8080, Outcome::Allow, 4),
+            (8081, Outcome::DenyDefault, 0),
+            (65535, Outcome::DenyDefault, 0),
         ] {
             assert_eq!(
-                decide(&c, &q(p, port), Some(&v)).outcome,
-                want,
-                "{p} {port}"
+                decide(&c, &q(proto::TCP, port), Some(&v)),
+                Decision::new(want, rule),
+                "port {port}"
             );
         }
+        let audit = decide(&cfg(false, true), &q(proto::TCP, 80), Some(&v));
+        assert_eq!(audit, Decision::new(Outcome::AuditRule, 2));
     }
 
     #[test]
-    fn count_bounds_the_rules_read() {
-        let mut v = value(&[rule(80, 80, proto::TCP, action::ALLOW, 1)]);
-        v.rules[1] = rule(0, 65535, proto::ANY, action::DENY, 9);
+    fn protocol_classes_are_separate() {
+        let v = value(
+            &[seg(53, 53, action::DENY, 1)],
+            &[seg(53, 53, action::ALLOW, 2)],
+            &[seg(0, 65535, action::ALLOW, 3)],
+        );
+        let c = cfg(false, false);
         assert_eq!(
-            decide(&cfg(false, false), &q(proto::TCP, 80), Some(&v)).outcome,
+            decide(&c, &q(proto::TCP, 53), Some(&v)).outcome,
+            Outcome::DenyRule
+        );
+        assert_eq!(
+            decide(&c, &q(proto::UDP, 53), Some(&v)).outcome,
             Outcome::Allow
+        );
+        assert_eq!(
+            decide(&c, &q(1, 0), Some(&v)),
+            Decision::new(Outcome::Allow, 3)
+        );
+        assert_eq!(
+            decide(&c, &q(proto::UDP, 54), Some(&v)).outcome,
+            Outcome::DenyDefault
         );
     }
 
     #[test]
+    fn udp_is_never_proxied() {
+        let v = value(&[], &[seg(53, 53, action::PROXY, 1)], &[]);
+        assert_eq!(
+            decide(&cfg(false, false), &q(proto::UDP, 53), Some(&v)).outcome,
+            Outcome::DenyDefault
+        );
+    }
+
+    #[test]
+    fn counts_bound_what_is_read() {
+        let mut v = value(&[seg(80, 80, action::ALLOW, 1)], &[], &[]);
+        v.segs[1] = seg(0, 65535, action::DENY, 9); // beyond the TCP count: never read
+        assert_eq!(
+            decide(&cfg(false, false), &q(proto::TCP, 81), Some(&v)).outcome,
+            Outcome::DenyDefault
+        );
+        v.counts = [200, 200, 200]; // corrupt counts stay inside the array
+        let _ = decide(&cfg(false, false), &q(2, 81), Some(&v));
+    }
+
+    #[test]
     fn proxy_port_and_mesh_come_first() {
-        let v = value(&[rule(0, 65535, proto::ANY, action::DENY, 1)]);
+        let v = value(&[seg(0, 65535, action::DENY, 1)], &[], &[]);
         let mut query = q(proto::TCP, 15001);
         query.to_proxy = true;
         assert_eq!(

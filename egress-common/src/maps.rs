@@ -49,14 +49,13 @@ pub mod capacity {
     pub const MAX_CGROUP_NESTING: u32 = 8;
 }
 
-/// Rules that can apply to one (workload, prefix): the rules of the prefix itself plus those of
-/// every shorter prefix that contains it (the agent flattens them, because an LPM lookup only
-/// returns the longest match and a deny on a shorter prefix must still win).
-///
-/// The verifier's work grows steeply with this scan: connect6 verifies in ~59k instructions
-/// with 8, ~704k with 16 (the limit is 1M). Raising it needs a scan the verifier can prune,
-/// e.g. port segments precompiled per protocol with a first-match exit.
-pub const MAX_RULES_PER_PREFIX: usize = 8;
+/// Port segments one (workload, prefix) entry holds, over all protocol classes. The agent
+/// compiles every rule that applies to the prefix (its own and those of every shorter prefix
+/// that contains it: an LPM lookup returns only the longest match, and a deny on a shorter
+/// prefix must still win) into sorted, non-overlapping port ranges per protocol, each with the
+/// one action that wins there. The kernel stops at the first segment at or past the port, a
+/// scan the verifier checks in time linear in this bound.
+pub const MAX_SEGMENTS: usize = 16;
 
 /// The mesh-wide settings, element 0 of the `EGRESS_CONFIG` array.
 #[repr(C)]
@@ -151,8 +150,7 @@ pub fn policy_key<const N: usize, const A: usize>(workload: u32, addr: &[u8; A])
     k
 }
 
-/// One port/protocol rule of a prefix.
-#[repr(C)]
+/// One rule as the agent compiles it (before segmentation): a port range of a protocol.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PortRule {
     /// Inclusive port range, host order; 0..=65535 means every port.
@@ -162,24 +160,66 @@ pub struct PortRule {
     pub proto: u8,
     /// [`crate::action`]: ALLOW, PROXY or DENY.
     pub action: u8,
-    pub _pad0: [u8; 2],
     /// Index of the Egress object in the compiled policy (for `check`, events and metrics).
     pub rule_id: u32,
 }
 
-/// Value of a policy trie entry: every rule that applies to the prefix.
+/// A port range of one protocol class and the action that wins there.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Segment {
+    /// Inclusive, host order.
+    pub lo: u16,
+    pub hi: u16,
+    /// [`crate::action`].
+    pub action: u8,
+    pub _pad0: [u8; 3],
+    pub rule_id: u32,
+}
+
+/// Value of a policy trie entry: the segments of TCP, then UDP, then other protocols.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PolicyValue {
-    pub count: u32,
-    pub rules: [PortRule; MAX_RULES_PER_PREFIX],
+    /// Segments per class: TCP, UDP, other.
+    pub counts: [u8; 3],
+    pub _pad0: u8,
+    pub segs: [Segment; MAX_SEGMENTS],
 }
 
 impl Default for PolicyValue {
     fn default() -> Self {
         Self {
-            count: 0,
-            rules: [PortRule::default(); MAX_RULES_PER_PREFIX],
+            counts: [0; 3],
+            _pad0: 0,
+            segs: [Segment::default(); MAX_SEGMENTS],
+        }
+    }
+}
+
+/// The segment class of a protocol: 0 TCP, 1 UDP, 2 any other.
+#[inline(always)]
+pub fn proto_class(p: u8) -> usize {
+    match p {
+        crate::proto::TCP => 0,
+        crate::proto::UDP => 1,
+        _ => 2,
+    }
+}
+
+impl PolicyValue {
+    /// (first index, count) of a protocol's segments.
+    #[inline(always)]
+    pub fn class(&self, p: u8) -> (usize, usize) {
+        let (t, u, o) = (
+            self.counts[0] as usize,
+            self.counts[1] as usize,
+            self.counts[2] as usize,
+        );
+        match proto_class(p) {
+            0 => (0, t),
+            1 => (t, u),
+            _ => (t + u, o),
         }
     }
 }
@@ -302,8 +342,8 @@ pub const COUNTERS_LEN: u32 = capacity::MAX_WORKLOADS * COUNTER_SLOTS;
 
 const _: () = assert!(size_of::<MeshConfig>() == 64);
 const _: () = assert!(size_of::<WorkloadInfo>() == 8);
-const _: () = assert!(size_of::<PortRule>() == 12);
-const _: () = assert!(size_of::<PolicyValue>() == 4 + 12 * MAX_RULES_PER_PREFIX);
+const _: () = assert!(size_of::<Segment>() == 12);
+const _: () = assert!(size_of::<PolicyValue>() == 4 + 12 * MAX_SEGMENTS);
 const _: () = assert!(size_of::<SockAddr>() == 24);
 const _: () = assert!(size_of::<OrigDst>() == 48);
 const _: () = assert!(size_of::<VerdictEvent>() == 64);
@@ -315,7 +355,7 @@ mod pod {
     // padding fields, so every bit pattern is valid and there are no uninitialised bytes.
     unsafe impl aya::Pod for MeshConfig {}
     unsafe impl aya::Pod for WorkloadInfo {}
-    unsafe impl aya::Pod for PortRule {}
+    unsafe impl aya::Pod for Segment {}
     unsafe impl aya::Pod for PolicyValue {}
     unsafe impl aya::Pod for SockAddr {}
     unsafe impl aya::Pod for OrigDst {}
