@@ -4,6 +4,8 @@ use std::{path::Path, process::Command};
 
 use crate::harness::{self, privileged, program_exists, Agent, TcpServer, CLIENT};
 
+const LOOP: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/e2e/connect_loop.py");
+
 const POLICY: &str = r#"
 kind: MeshConfig
 metadata: {name: egress}
@@ -148,4 +150,66 @@ fn a_stop_keeps_enforcing_and_uninstall_leaves_nothing() {
     for id in ids {
         assert!(!program_exists(id), "program {id} still loaded");
     }
+}
+
+#[test]
+fn an_older_layout_is_replaced_only_after_the_new_programs_attach() {
+    if !privileged() {
+        return;
+    }
+    let mut agent = Agent::start(POLICY);
+    let old_ids = agent.attached_programs();
+    agent.stop_keep();
+    // Make the installed pins look like an older layout version (bpffs keeps pins valid across
+    // a rename): the programs behind them keep enforcing.
+    let cur = agent
+        .pins
+        .join(format!("v{}", egress_common::LAYOUT_VERSION));
+    let old = agent
+        .pins
+        .join(format!("v{}", egress_common::LAYOUT_VERSION - 1));
+    std::fs::rename(&cur, &old).unwrap();
+    assert!(agent
+        .client("web", &["tcp", "127.21.0.9", "80"])
+        .starts_with("err EPERM"));
+
+    // A workload keeps trying a refused destination throughout the migration.
+    let looper = Command::new(crate::harness::AGENT)
+        .args(["exec", "--workload", "web", "--cgroup-root"])
+        .arg(&agent.root)
+        .args([
+            "--",
+            "python3",
+            LOOP,
+            "3",
+            "127.21.0.8",
+            "80",
+            "127.21.0.9",
+            "80",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    agent.spawn();
+    let out = looper.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("denied_leaked=0") && !text.contains("denied_refused=0"),
+        "{text}"
+    );
+    let log = agent.log();
+    assert!(log.contains("retired the pins of an older layout"), "{log}");
+    assert!(!old.exists(), "old pins left behind");
+    let new_ids = agent.attached_programs();
+    assert_eq!(new_ids.len(), 7, "exactly one set of programs: {new_ids:?}");
+    for id in &old_ids {
+        assert!(
+            !new_ids.contains(id) && !program_exists(*id),
+            "old program {id} still attached"
+        );
+    }
+    assert!(agent
+        .client("web", &["tcp", "127.21.0.9", "80"])
+        .starts_with("err EPERM"));
 }
