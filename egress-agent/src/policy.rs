@@ -76,6 +76,9 @@ pub struct Compiled {
     pub v6: Vec<Entry<16>>,
     pub mesh: Vec<Cidr>,
     pub rules: Vec<RuleInfo>,
+    /// Indices into `rules` of the rules that name hosts (what the proxy checks on every
+    /// redirected connection; usually few among many address rules).
+    pub host_rules: Vec<usize>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -251,6 +254,9 @@ pub fn compile_stable(
         v4,
         v6,
         mesh: m.traffic.mesh_cidrs.clone(),
+        host_rules: (0..rules.len())
+            .filter(|&i| !rules[i].hosts.is_empty())
+            .collect(),
         rules,
     })
 }
@@ -429,9 +435,9 @@ impl Compiled {
     /// redirected TCP connection: some rule for this destination names hosts.
     pub fn needs_host(&self, workload: u32, ip: IpAddr, port: u16) -> bool {
         let ip = config::normalize(ip);
-        self.rules
+        self.host_rules
             .iter()
-            .any(|r| !r.hosts.is_empty() && r.applies_tcp(workload, ip, port))
+            .any(|&i| self.rules[i].applies_tcp(workload, ip, port))
     }
 
     /// The proxy's verdict for a redirected TCP connection whose host is `host` (None: the
@@ -452,8 +458,13 @@ impl Compiled {
                 .filter(move |(r, _)| r.applies_tcp(workload, ip, port))
         };
         let by_host = |action: Action| {
-            applicable().find(|(r, _)| {
-                r.action == action && host.is_some_and(|h| r.hosts.iter().any(|p| p.matches(h)))
+            let host = host?;
+            self.host_rules.iter().find_map(|&i| {
+                let r = &self.rules[i];
+                (r.action == action
+                    && r.applies_tcp(workload, ip, port)
+                    && r.hosts.iter().any(|p| p.matches(host)))
+                .then_some((r, i as u32 + 1))
             })
         };
         let audit = self.config.audit_mode != 0;
@@ -492,17 +503,20 @@ pub enum HostVerdict {
     Audit(u32),
 }
 
+/// The longest-prefix match among `entries`, which the compiler emits sorted by (workload,
+/// prefix length, address): one binary search per prefix length, longest first.
 fn longest<'a, const N: usize>(
     entries: &'a [Entry<N>],
     workload: u32,
     addr: &[u8; N],
 ) -> Option<&'a PolicyValue> {
-    entries
-        .iter()
-        .filter(|e| e.workload == workload)
-        .filter(|e| config::mask(addr, e.cidr_len) == e.addr)
-        .max_by_key(|e| e.cidr_len)
-        .map(|e| &e.value)
+    (0..=(N * 8) as u8).rev().find_map(|len| {
+        let want = (workload, len, config::mask(addr, len));
+        entries
+            .binary_search_by(|e| (e.workload, e.cidr_len, e.addr).cmp(&want))
+            .ok()
+            .map(|i| &entries[i].value)
+    })
 }
 
 #[cfg(test)]
