@@ -1,5 +1,9 @@
 //! Project tasks: `cargo xtask setup | test | demo` (the alias lives in `.cargo/config.toml`).
 
+mod bench;
+mod bench_env;
+mod bench_report;
+mod bench_work;
 mod cmd;
 
 use std::process::ExitCode;
@@ -29,6 +33,15 @@ enum Task {
     },
     /// Setup, build the release agent and run scripts/demo.sh with it (as root).
     Demo,
+    /// Benchmark the datapath against direct and a peer, in a network namespace (as root).
+    Bench {
+        /// Short runs, 10k rules (the default; under 3 minutes).
+        #[arg(long, conflicts_with = "full")]
+        quick: bool,
+        /// Longer runs, 100k rules too; also writes docs/benchmarks.md.
+        #[arg(long)]
+        full: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -37,6 +50,7 @@ fn main() -> ExitCode {
         Task::Setup => cmd::setup(&root),
         Task::Test { args } => cmd::test(&root, &args),
         Task::Demo => cmd::demo(&root),
+        Task::Bench { full, .. } => bench::bench(&root, full),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
