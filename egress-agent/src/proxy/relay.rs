@@ -1,5 +1,5 @@
-//! Moving bytes both ways between the client and the upstream without copying them through
-//! userspace (splice), with half-close preserved (EOF one way shuts down writing that way, the
+//! Moving bytes both ways between the client and the upstream (bulk by splice, without
+//! copying through userspace), with half-close preserved (EOF one way shuts down writing that way, the
 //! other way goes on), an idle timeout, and re-judging on policy changes.
 
 use std::{
@@ -24,8 +24,8 @@ pub struct Relayed {
 
 /// Relays until both directions finish, an error, `idle` passes with no byte read, or a
 /// policy change after which `still_allowed` says no (`changes` tells of changes; None: the
-/// connection is never re-judged). Bytes move with splice(2) through a pipe per direction:
-/// socket to pipe to socket inside the kernel, never copied through userspace.
+/// connection is never re-judged). Small messages are copied once through a per-thread
+/// buffer; bulk moves with splice(2), socket to pipe to socket inside the kernel.
 pub async fn relay(
     client: TcpStream,
     upstream: TcpStream,
@@ -100,16 +100,72 @@ impl Activity {
 /// Bytes one splice call moves at most (the pipe holds them in between).
 const CHUNK: usize = 256 * 1024;
 
-/// One direction: `from` → pipe → `to`, until EOF on `from` (then `to` is shut down for
-/// writing: half-close passes through) or an error.
+/// The per-thread buffer small messages are copied through. A read that fills it marks the
+/// direction as bulk, which then moves by splice.
+const SCRATCH: usize = 64 * 1024;
+
+thread_local! {
+    static BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; SCRATCH]);
+}
+
+/// One direction: `from` → `to`, until EOF on `from` (then `to` is shut down for writing:
+/// half-close passes through) or an error. Small messages are copied through the thread's
+/// buffer (one read, one write, no per-connection buffer or pipe); once a read fills that
+/// buffer the direction switches to splice through a pipe of its own.
 async fn pump(
     from: &TcpStream,
     to: &TcpStream,
     moved: &AtomicU64,
     act: &Activity,
 ) -> io::Result<()> {
-    let (pr, pw) = pipe()?;
+    let mut pipe_fds: Option<(OwnedFd, OwnedFd)> = None;
+    // Bytes read but not yet written: only when `to` could not take a whole message at once.
+    let mut pending: Vec<u8> = Vec::new();
     loop {
+        let Some((pr, pw)) = &pipe_fds else {
+            from.readable().await?;
+            let read = BUF.with(|b| {
+                let mut b = b.borrow_mut();
+                let n = match from.try_read(&mut b) {
+                    Ok(n) => n,
+                    Err(e) => return Err(e),
+                };
+                let w = match to.try_write(&b[..n]) {
+                    Ok(w) => w,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                    Err(e) => return Err(e),
+                };
+                pending.extend_from_slice(&b[w..n]);
+                moved.fetch_add(w as u64, Ordering::Relaxed);
+                Ok(n)
+            });
+            let n = match read {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            };
+            if n == 0 {
+                half_close(to);
+                return Ok(());
+            }
+            act.touch();
+            while !pending.is_empty() {
+                to.writable().await?;
+                match to.try_write(&pending) {
+                    Ok(w) => {
+                        pending.drain(..w);
+                        moved.fetch_add(w as u64, Ordering::Relaxed);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+            pending = Vec::new();
+            if n == SCRATCH {
+                pipe_fds = Some(pipe()?);
+            }
+            continue;
+        };
         let n = loop {
             from.readable().await?;
             match from.try_io(Interest::READABLE, || {
@@ -121,9 +177,7 @@ async fn pump(
             }
         };
         if n == 0 {
-            // EOF: pass the half-close on. The peer may already be gone; that is fine.
-            // SAFETY: shutdown(2) on a socket fd `to` keeps open.
-            unsafe { libc::shutdown(to.as_raw_fd(), libc::SHUT_WR) };
+            half_close(to);
             return Ok(());
         }
         act.touch();
@@ -142,6 +196,12 @@ async fn pump(
             }
         }
     }
+}
+
+/// EOF one way: pass the half-close on. The peer may already be gone; that is fine.
+fn half_close(to: &TcpStream) {
+    // SAFETY: shutdown(2) on a socket fd `to` keeps open.
+    unsafe { libc::shutdown(to.as_raw_fd(), libc::SHUT_WR) };
 }
 
 fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
