@@ -1,11 +1,13 @@
 /* connect() micro-benchmark for `cargo xtask bench` (W4/W7).
  *
- * usage: connbench udp|tcp ADDR PORT N
+ * usage: connbench udp|tcp|tcprst ADDR PORT N
  * Does socket() + connect() + close() N times and prints one line:
  *   ns_per_iter=<f> ok=<n> eperm=<n> other=<n> per_sec=<f>
  * connect() on a UDP socket sends nothing, so the udp mode measures the syscall plus the
  * cgroup/connect4 hook; the tcp mode is meant for a destination the policy refuses (EPERM
- * at once, no packet). Build: gcc -O2 -o connbench connbench.c
+ * at once, no packet). The tcprst mode connects TCP to a listening socket (the full loopback
+ * handshake) and closes with SO_LINGER 0 (an RST, no TIME_WAIT, so the ports never run out):
+ * W4's iptables REDIRECT rows, where the nat rule only runs on a packet. Build: gcc -O2 -o connbench connbench.c
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -19,10 +21,12 @@
 
 int main(int argc, char **argv) {
   if (argc != 5) {
-    fprintf(stderr, "usage: %s udp|tcp ADDR PORT N\n", argv[0]);
+    fprintf(stderr, "usage: %s udp|tcp|tcprst ADDR PORT N\n", argv[0]);
     return 2;
   }
   int udp = strcmp(argv[1], "udp") == 0;
+  int rst = strcmp(argv[1], "tcprst") == 0;
+  struct linger lg = {1, 0};
   struct sockaddr_in sa;
   memset(&sa, 0, sizeof sa);
   sa.sin_family = AF_INET;
@@ -38,6 +42,10 @@ int main(int argc, char **argv) {
     int fd = socket(AF_INET, udp ? SOCK_DGRAM : SOCK_STREAM, 0);
     if (fd < 0) {
       perror("socket");
+      return 1;
+    }
+    if (rst && setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg) != 0) {
+      perror("setsockopt");
       return 1;
     }
     if (connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0)

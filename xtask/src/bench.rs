@@ -1,13 +1,18 @@
 //! `cargo xtask bench [--quick|--full]`: the agent's datapath against a direct connection and
-//! a peer (haproxy behind an iptables REDIRECT), all inside a network namespace of its own.
+//! peers (haproxy and nginx `stream` behind an iptables REDIRECT), all inside a network
+//! namespace of its own.
 //!
 //! Paths: `direct` (client outside every workload to nginx on 127.60.0.1:8080),
 //! `egress-allow` (the client inside `web`, allowed directly, 10,000 other /32 rules loaded),
-//! `egress-proxy` (inside `web`, 127.61.0.1 `via: proxy`: the agent's transparent proxy) and
+//! `egress-proxy` (inside `web`, 127.61.0.1 `via: proxy`: the agent's transparent proxy),
 //! `haproxy-redirect` (outside, 127.62.0.1 REDIRECTed by iptables to haproxy, which forwards
-//! to a fixed backend, nginx on 127.60.0.1). Workloads: W1 keep-alive HTTP, W2 a new
-//! connection per request, W3 bulk (iperf3), W4 connect() cost, W7 refused connects, W8 policy
-//! apply time. Each point is the median of 3 runs, the paths interleaved.
+//! to a fixed backend, nginx on 127.60.0.1) and `nginx-stream-redirect` (outside, 127.64.0.1,
+//! the same REDIRECT to nginx's `stream` TCP proxy, also to that fixed backend). Workloads:
+//! W1 keep-alive HTTP, W2 a new connection per request, W3 bulk (iperf3), W5 a
+//! connection-churn soak sampled per second (direct and egress-proxy: rate decay,
+//! retransmits, TIME_WAIT), W4 connect() cost, W4r TCP connect() with and without an iptables
+//! REDIRECT, W7 refused connects, W8 policy apply time. Each point is the median of 3 runs,
+//! the paths interleaved.
 
 use std::{fs, path::Path, time::Instant};
 
@@ -24,6 +29,7 @@ const PACKAGES: &[&str] = &[
     "iperf3",
     "nginx-light",
     "haproxy",
+    "libnginx-mod-stream",
     "iptables",
     "gcc",
     "curl",
@@ -35,6 +41,7 @@ struct Mode {
     wrk_secs: u32,
     iperf_secs: u32,
     conn_iters: u64,
+    churn_secs: u32,
     scale: &'static [u32],
 }
 
@@ -43,6 +50,7 @@ const QUICK: Mode = Mode {
     wrk_secs: 3,
     iperf_secs: 3,
     conn_iters: 100_000,
+    churn_secs: 10,
     scale: &[10_000],
 };
 const FULL: Mode = Mode {
@@ -50,6 +58,7 @@ const FULL: Mode = Mode {
     wrk_secs: 10,
     iperf_secs: 10,
     conn_iters: 1_000_000,
+    churn_secs: 60,
     scale: &[10_000, 100_000],
 };
 
@@ -163,6 +172,7 @@ fn run(root: &Path, env: &mut Env, mode: &Mode) -> anyhow::Result<Report> {
     env.spawn("nginx", &["nginx", "-c", &conf])?;
     env.wait_listen("nginx", "127.60.0.1:8080")?;
     env.wait_listen("nginx", "127.61.0.1:8080")?;
+    env.wait_listen("nginx", "127.0.0.1:8081")?;
     env.spawn("iperf3", &["iperf3", "-s", "-p", "5201"])?;
     env.wait_listen("iperf3", "*:5201")?;
 
@@ -171,7 +181,24 @@ fn run(root: &Path, env: &mut Env, mode: &Mode) -> anyhow::Result<Report> {
     let cfg = haproxy_cfg.display().to_string();
     let haproxy = env.spawn("haproxy", &["haproxy", "-db", "-f", &cfg])?;
     env.wait_listen("haproxy", "127.0.0.1:15101")?;
-    for (port, to) in [("8080", "15101"), ("5201", "15102")] {
+    let stream_conf = work_dir.join("nginx-stream.conf");
+    fs::write(
+        &stream_conf,
+        template(root, "nginx-stream.conf.in", &work_dir)?,
+    )?;
+    let sc = stream_conf.display().to_string();
+    let stream_master = env.spawn("nginx-stream", &["nginx", "-c", &sc])?;
+    env.wait_listen("nginx-stream", "127.0.0.1:15111")?;
+    let stream_worker = work::child_pid(stream_master)
+        .context("cannot find the nginx stream worker (/proc/PID/task/PID/children)")?;
+    for (dst, port, to) in [
+        ("127.62.0.1", "8080", "15101"),
+        ("127.62.0.1", "5201", "15102"),
+        ("127.64.0.1", "8080", "15111"),
+        ("127.64.0.1", "5201", "15112"),
+        // W4r: the same listener (nginx, 127.0.0.1:8081) with and without the rule.
+        ("127.65.0.1", "8081", "8081"),
+    ] {
         env.ns_run(&[
             "iptables",
             "-t",
@@ -179,7 +206,7 @@ fn run(root: &Path, env: &mut Env, mode: &Mode) -> anyhow::Result<Report> {
             "-A",
             "OUTPUT",
             "-d",
-            "127.62.0.1",
+            dst,
             "-p",
             "tcp",
             "--dport",
@@ -263,6 +290,12 @@ fn run(root: &Path, env: &mut Env, mode: &Mode) -> anyhow::Result<Report> {
             in_web: false,
             cpu_pid: Some(haproxy),
         },
+        Route {
+            name: "nginx-stream-redirect",
+            host: "127.64.0.1",
+            in_web: false,
+            cpu_pid: Some(stream_worker),
+        },
     ];
     for r in &routes {
         let url = format!("http://{}:8080/index.html", r.host);
@@ -274,7 +307,7 @@ fn run(root: &Path, env: &mut Env, mode: &Mode) -> anyhow::Result<Report> {
             r.name
         );
     }
-    let peers = vec!["haproxy-redirect"];
+    let peers = vec!["haproxy-redirect", "nginx-stream-redirect"];
     let mk = |id, title: &str, unit, note: Option<String>| Table {
         id,
         title: title.to_string(),
@@ -293,7 +326,10 @@ fn run(root: &Path, env: &mut Env, mode: &Mode) -> anyhow::Result<Report> {
     };
     let peer_note = "haproxy-redirect: iptables REDIRECT to haproxy (TCP mode, nbthread 1), \
                      which forwards to a fixed backend (nginx on 127.60.0.1), not to the \
-                     original destination: it measures the extra userspace hop, as a peer.";
+                     original destination: it measures the extra userspace hop, as a peer. \
+                     nginx-stream-redirect: the same iptables REDIRECT (127.64.0.1) to nginx's \
+                     stream module (TCP proxy, 1 worker), also to that fixed backend, not to \
+                     the original destination; its proxy cpu is the worker process's.";
     let mut w1 = mk(
         "W1",
         &format!("keep-alive small HTTP (wrk -t1 -c50 -d{}s)", mode.wrk_secs),
@@ -337,6 +373,66 @@ fn run(root: &Path, env: &mut Env, mode: &Mode) -> anyhow::Result<Report> {
             }
         }
     }
+
+    // --- W5: connection churn soak ------------------------------------------------------
+    let mut w5 = Table {
+        id: "W5",
+        title: format!(
+            "connection churn soak (wrk -t1 -c50 -d1s x {}, Connection: close; samples: req/s \
+             per second)",
+            mode.churn_secs
+        ),
+        unit: "req/s",
+        baseline: Some("direct"),
+        peers: Vec::new(),
+        higher_is_better: true,
+        rows: Vec::new(),
+        note: None,
+    };
+    eprintln!("==> W5: {}", w5.title);
+    let mut churn_notes = Vec::new();
+    let mut decays = Vec::new();
+    for r in routes
+        .iter()
+        .filter(|r| matches!(r.name, "direct" | "egress-proxy"))
+    {
+        let c =
+            work::churn(env, r, mode.churn_secs).with_context(|| format!("W5 on {}", r.name))?;
+        let rates: Vec<f64> = c.per_sec.iter().map(|s| s.value).collect();
+        let d = work::decay(&rates);
+        let opt = |v: Option<usize>| v.map_or("-".into(), |v: usize| v.to_string());
+        let line = format!(
+            "{}: last/first third {}{}, TcpRetransSegs +{}, TIME_WAIT {} at the start, {} at \
+             the end, nf_conntrack_count {} at the end",
+            r.name,
+            d.map_or("-".into(), |d| format!("{d:.2}")),
+            if d.is_some_and(|d| d < 0.9) {
+                " DECAY"
+            } else {
+                ""
+            },
+            c.retrans.map_or("-".into(), |v| v.to_string()),
+            opt(c.time_wait.0),
+            opt(c.time_wait.1),
+            c.conntrack.map_or("-".into(), |v| v.to_string()),
+        );
+        eprintln!("    {line}");
+        churn_notes.push(line);
+        decays.push((r.name, d));
+        w5.rows.push(Row {
+            path: r.name.to_string(),
+            samples: c.per_sec,
+        });
+    }
+    churn_notes.push(
+        "decay = mean req/s of the last third / the first third (< 0.9 flagged DECAY); \
+         retransmits and TIME_WAIT count the whole namespace (ss -tan state time-wait), so \
+         the second path starts with the first's TIME_WAIT sockets still there; the peers' nat \
+         rules make the namespace track every connection, and a full conntrack table \
+         (nf_conntrack_max) would drop SYNs and show up as retransmits and decay"
+            .into(),
+    );
+    w5.note = Some(churn_notes.join("; "));
 
     // --- W4 / W7: connect() ------------------------------------------------------------
     eprintln!(
@@ -413,6 +509,69 @@ fn run(root: &Path, env: &mut Env, mode: &Mode) -> anyhow::Result<Report> {
             1e6 / o
         ));
     }
+
+    // --- W4r: what an iptables REDIRECT adds to connect() ------------------------------
+    let red_iters = (mode.conn_iters / 10).max(1000);
+    eprintln!("==> W4r: TCP connect() with and without iptables REDIRECT ({red_iters} iterations)");
+    let red_cases = [
+        ("outside, tcp 127.0.0.1:8081 (no rule)", "127.0.0.1"),
+        ("outside, tcp 127.65.0.1:8081 (REDIRECT)", "127.65.0.1"),
+    ];
+    let mut w4r = Table {
+        id: "W4r",
+        title: "TCP socket()+connect()+close() (SO_LINGER 0) to a listener, with and without an \
+                iptables nat OUTPUT REDIRECT"
+            .into(),
+        unit: "ns/iter",
+        baseline: Some(red_cases[0].0),
+        peers: Vec::new(),
+        higher_is_better: false,
+        rows: red_cases
+            .iter()
+            .map(|c| Row {
+                path: c.0.into(),
+                samples: Vec::new(),
+            })
+            .collect(),
+        note: None,
+    };
+    for _ in 0..REPS {
+        for (i, (name, addr)) in red_cases.iter().enumerate() {
+            let (mut s, _, ok, _) =
+                work::connbench(env, &bin, false, "tcprst", addr, "8081", red_iters)
+                    .with_context(|| format!("connbench {name}"))?;
+            if ok != red_iters {
+                s.errors = Some(format!("only {ok} connects succeeded"));
+            }
+            eprintln!("    {name:<42} {:>10.0} ns/iter", s.value);
+            w4r.rows[i].samples.push(s);
+        }
+    }
+    let red_added = w4r.rows[1]
+        .value()
+        .zip(w4r.rows[0].value())
+        .map(|(r, b)| r - b);
+    let hook_added = w4.rows[1]
+        .value()
+        .zip(w4.rows[0].value())
+        .map(|(i, o)| i - o);
+    let conntrack = env
+        .ns_run(&["cat", "/proc/sys/net/netfilter/nf_conntrack_count"])
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "-".into());
+    w4r.note = Some(format!(
+        "ratio column: no rule / REDIRECT. Both rows are outside every workload (no eBPF hook) \
+         and reach the same nginx listener (127.0.0.1:8081); only the destination differs, so \
+         the difference is the nat rule (the NAT binding of a new conntrack entry and the \
+         un-NAT of the replies): REDIRECT adds {} ns per connect, against {} ns the eBPF \
+         connect hook adds (W4). TCP, not UDP: a UDP connect() sends no packet, so a nat rule \
+         never runs for it; each iteration is therefore a full loopback handshake, closed with \
+         an RST (SO_LINGER 0) so no TIME_WAIT piles up. Both rows pass through conntrack (the \
+         namespace has nat rules, so it tracks every connection); nf_conntrack_count at the \
+         end: {conntrack}. {red_iters} iterations per run (a tenth of W4's).",
+        red_added.map_or("-".into(), |a| format!("{a:.0}")),
+        hook_added.map_or("-".into(), |a| format!("{a:.0}")),
+    ));
 
     // --- W8: policy apply --------------------------------------------------------------
     eprintln!("==> W8: policy apply");
@@ -491,6 +650,16 @@ fn run(root: &Path, env: &mut Env, mode: &Mode) -> anyhow::Result<Report> {
         measured: r.map_or("-".into(), |r| format!("{r:.2}x")),
         pass: r.map(|r| r >= 0.85),
     });
+    let worst = decays.iter().filter_map(|(_, d)| *d).reduce(f64::min);
+    verdicts.push(Verdict {
+        target: "churn: no decay (last/first >= 0.9)".into(),
+        measured: decays
+            .iter()
+            .map(|(n, d)| format!("{n} {}", d.map_or("-".into(), |d| format!("{d:.2}"))))
+            .collect::<Vec<_>>()
+            .join(", "),
+        pass: worst.map(|w| w >= 0.9 && decays.iter().all(|(_, d)| d.is_some())),
+    });
     let big = w8.value("100000 rules");
     verdicts.push(Verdict {
         target: "100k rules < 1 s".into(),
@@ -504,7 +673,7 @@ fn run(root: &Path, env: &mut Env, mode: &Mode) -> anyhow::Result<Report> {
         },
         pass: big.map(|b| b < 1.0),
     });
-    if [&w1, &w2, &w3, &w4, &w7]
+    if [&w1, &w2, &w3, &w5, &w4, &w4r, &w7]
         .iter()
         .any(|t| t.rows.iter().any(Row::busy))
     {
@@ -528,6 +697,7 @@ fn run(root: &Path, env: &mut Env, mode: &Mode) -> anyhow::Result<Report> {
         busy(&w1),
         busy(&w2),
         busy(&w3),
+        busy(&w5),
         busy(&w8),
     ];
     for (v, b) in verdicts.iter_mut().zip(sources) {
@@ -538,7 +708,7 @@ fn run(root: &Path, env: &mut Env, mode: &Mode) -> anyhow::Result<Report> {
     Ok(Report {
         mode: mode.name,
         machine: machine(),
-        tables: vec![w1, w2, w3, w4, w7, w8],
+        tables: vec![w1, w2, w3, w5, w4, w4r, w7, w8],
         verdicts,
         notes,
     })

@@ -63,10 +63,19 @@ to 127.61.0.1 `via: proxy`, plus 10,000 other /32 rules.\n\n\
 transparent proxy. *proxy cpu* is the agent's utime+stime per request.\n\
 - `haproxy-redirect` (peer): outside, to 127.62.0.1, which an iptables `nat OUTPUT REDIRECT` \
 sends to haproxy (TCP mode, `nbthread 1`), which forwards to a fixed backend (127.60.0.1): \
-the cost of the extra userspace hop behind iptables. *proxy cpu* is haproxy's.\n\n\
+the cost of the extra userspace hop behind iptables. *proxy cpu* is haproxy's.\n\
+- `nginx-stream-redirect` (peer): outside, to 127.64.0.1, the same iptables REDIRECT to nginx's \
+`stream` module (TCP proxy, 1 worker; `libnginx-mod-stream`), also to that fixed backend, not \
+to the original destination. *proxy cpu* is its worker process's.\n\n\
 W4 runs `scripts/bench/connbench.c` (socket()+connect()+close() on UDP, which sends nothing) \
 outside and inside `web`; W7 the same with TCP to a destination no rule allows (EPERM); W8 \
-times `egress-agent policy apply -f FILE` replacing the 10,000 extra rules by a new set.\n\n";
+times `egress-agent policy apply -f FILE` replacing the 10,000 extra rules by a new set. W5 \
+runs `wrk -d1s -H 'Connection: close'` back to back (10 s in --quick, 60 s in --full) on \
+`direct` and `egress-proxy`, one sample per second, and reports the last-third / first-third \
+rate ratio, the namespace's TcpRetransSegs delta and its TIME_WAIT sockets. W4r: \
+TCP socket()+connect()+close(RST) outside every workload to one nginx listener \
+(127.0.0.1:8081), dialled directly and through an iptables `nat OUTPUT REDIRECT` \
+(127.65.0.1:8081), to show what the rule adds per connect beside the eBPF hook (W4).\n\n";
 
 pub fn median(mut v: Vec<f64>) -> Option<f64> {
     v.retain(|x| x.is_finite());

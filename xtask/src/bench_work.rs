@@ -38,6 +38,18 @@ pub fn cpu_ticks(pid: u32) -> Option<u64> {
     Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
 }
 
+/// The first child of `pid` (nginx's worker under its master), waiting up to 5 s for it.
+pub fn child_pid(pid: u32) -> Option<u32> {
+    for _ in 0..50 {
+        let c = fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
+        if let Some(p) = c.split_whitespace().next().and_then(|p| p.parse().ok()) {
+            return Some(p);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    None
+}
+
 /// VmRSS of a process, in KiB.
 pub fn rss_kib(pid: u32) -> Option<u64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -143,6 +155,73 @@ pub fn wrk(env: &Env, route: &Route, secs: u32, close: bool) -> anyhow::Result<S
         }
     }
     Ok(s)
+}
+
+/// W5: the result of a churn soak on one path.
+pub struct Churn {
+    /// One sample per second (wrk -d1s, Connection: close), in order.
+    pub per_sec: Vec<Sample>,
+    /// The namespace's TcpRetransSegs delta over the soak.
+    pub retrans: Option<u64>,
+    /// Sockets in TIME_WAIT in the namespace at the start and at the end.
+    pub time_wait: (Option<usize>, Option<usize>),
+    /// nf_conntrack_count in the namespace at the end (it tracks every connection, as it has
+    /// nat rules; a full table drops SYNs).
+    pub conntrack: Option<u64>,
+}
+
+/// Tcp RetransSegs from /proc/net/snmp (a "Tcp:" header line, then a "Tcp:" values line).
+pub fn parse_retrans(snmp: &str) -> Option<u64> {
+    let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+    let head: Vec<&str> = tcp.next()?.split_whitespace().collect();
+    let vals: Vec<&str> = tcp.next()?.split_whitespace().collect();
+    let i = head.iter().position(|h| *h == "RetransSegs")?;
+    vals.get(i)?.parse().ok()
+}
+
+/// The last-third mean over the first-third mean of `v` (None with fewer than 3 values).
+pub fn decay(v: &[f64]) -> Option<f64> {
+    let k = v.len() / 3;
+    if k == 0 {
+        return None;
+    }
+    let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len() as f64;
+    let first = mean(&v[..k]);
+    (first > 0.0).then(|| mean(&v[v.len() - k..]) / first)
+}
+
+/// W5: `secs` runs of `wrk -d1s -H 'Connection: close'` back to back against `route`.
+pub fn churn(env: &Env, route: &Route, secs: u32) -> anyhow::Result<Churn> {
+    let retrans = || {
+        env.ns_run(&["cat", "/proc/net/snmp"])
+            .ok()
+            .and_then(|s| parse_retrans(&s))
+    };
+    let tw = || {
+        env.ns_run(&["ss", "-Htan", "state", "time-wait"])
+            .ok()
+            .map(|s| s.lines().filter(|l| !l.trim().is_empty()).count())
+    };
+    let tw_start = tw();
+    let before = retrans();
+    let mut per_sec = Vec::new();
+    for i in 0..secs {
+        let s = wrk(env, route, 1, true)
+            .with_context(|| format!("second {} of {}", i + 1, route.name))?;
+        per_sec.push(s);
+    }
+    let after = retrans();
+    let time_wait = (tw_start, tw());
+    let conntrack = env
+        .ns_run(&["cat", "/proc/sys/net/netfilter/nf_conntrack_count"])
+        .ok()
+        .and_then(|s| s.trim().parse().ok());
+    Ok(Churn {
+        per_sec,
+        retrans: before.zip(after).map(|(b, a)| a.saturating_sub(b)),
+        time_wait,
+        conntrack,
+    })
 }
 
 pub fn clk_tck() -> f64 {
@@ -306,6 +385,19 @@ Transfer/sec:     13.33MB
     fn iperf_json() {
         let j = "{\"intervals\": [{\"sum\": {\"end\": 1.0, \"bits_per_second\": 1}}], \"end\": {\"sum_sent\": {\"bits_per_second\": 3.5e10}, \"sum_received\": {\"end\":\t1.00007, \"bits_per_second\":\t34000000000.5}}}";
         assert!((parse_iperf_gbps(j).unwrap() - 34.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn snmp_retrans() {
+        let snmp = "Ip: Forwarding DefaultTTL\nIp: 1 64\nTcp: RtoAlgorithm ActiveOpens RetransSegs InErrs\nTcp: 1 200 17 0\nUdp: InDatagrams\nUdp: 5\n";
+        assert_eq!(parse_retrans(snmp), Some(17));
+    }
+
+    #[test]
+    fn decay_ratio() {
+        let v = [10.0, 10.0, 10.0, 9.0, 8.0, 8.0];
+        assert!((decay(&v).unwrap() - 0.8).abs() < 1e-9);
+        assert_eq!(decay(&[1.0, 2.0]), None);
     }
 
     #[test]
