@@ -245,39 +245,26 @@ impl Datapath {
                 .map_err(map_err(names::WORKLOADS))?;
         }
 
-        let mut v4: LpmTrie<_, PolicyKeyV4, PolicyValue> = self.map(names::POLICY_V4)?;
-        for e in &c.v4 {
-            v4.insert(&Key::new(e.key_len(), e.key(set)), e.value, 0)
-                .map_err(map_err(names::POLICY_V4))?;
-        }
-        let mut v6: LpmTrie<_, PolicyKeyV6, PolicyValue> = self.map(names::POLICY_V6)?;
-        for e in &c.v6 {
-            v6.insert(&Key::new(e.key_len(), e.key(set)), e.value, 0)
-                .map_err(map_err(names::POLICY_V6))?;
-        }
+        let v4 =
+            c.v4.iter()
+                .map(|e| (Key::new(e.key_len(), e.key(set)), e.value));
+        insert_all::<PolicyKeyV4, PolicyValue>(self.map(names::POLICY_V4)?, names::POLICY_V4, v4)?;
+        let v6 =
+            c.v6.iter()
+                .map(|e| (Key::new(e.key_len(), e.key(set)), e.value));
+        insert_all::<PolicyKeyV6, PolicyValue>(self.map(names::POLICY_V6)?, names::POLICY_V6, v6)?;
 
-        let mut m4: LpmTrie<_, MeshKeyV4, u32> = self.map(names::MESH_V4)?;
-        for c in &c.mesh {
-            if let std::net::IpAddr::V4(a) = c.addr {
-                m4.insert(
-                    &Key::new(8 + c.len as u32, mesh_key(set, &a.octets())),
-                    1,
-                    0,
-                )
-                .map_err(map_err(names::MESH_V4))?;
-            }
-        }
-        let mut m6: LpmTrie<_, MeshKeyV6, u32> = self.map(names::MESH_V6)?;
-        for c in &c.mesh {
-            if let std::net::IpAddr::V6(a) = c.addr {
-                m6.insert(
-                    &Key::new(8 + c.len as u32, mesh_key(set, &a.octets())),
-                    1,
-                    0,
-                )
-                .map_err(map_err(names::MESH_V6))?;
-            }
-        }
+        let mesh = |c: &crate::config::Cidr| 8 + c.len as u32;
+        let m4 = c.mesh.iter().filter_map(|c| match c.addr {
+            std::net::IpAddr::V4(a) => Some((Key::new(mesh(c), mesh_key(set, &a.octets())), 1)),
+            _ => None,
+        });
+        insert_all::<MeshKeyV4, u32>(self.map(names::MESH_V4)?, names::MESH_V4, m4)?;
+        let m6 = c.mesh.iter().filter_map(|c| match c.addr {
+            std::net::IpAddr::V6(a) => Some((Key::new(mesh(c), mesh_key(set, &a.octets())), 1)),
+            _ => None,
+        });
+        insert_all::<MeshKeyV6, u32>(self.map(names::MESH_V6)?, names::MESH_V6, m6)?;
         Ok(())
     }
 
@@ -618,6 +605,17 @@ fn retire_old_versions(pin_root: &Path) {
             tracing::info!(pins = %e.path().display(), "retired the pins of an older layout");
         }
     }
+}
+
+fn insert_all<K: aya::Pod, V: aya::Pod>(
+    mut t: LpmTrie<&mut MapData, K, V>,
+    name: &'static str,
+    entries: impl Iterator<Item = (Key<K>, V)>,
+) -> Result<(), BpfError> {
+    for (k, v) in entries {
+        t.insert(&k, v, 0).map_err(map_err(name))?;
+    }
+    Ok(())
 }
 
 fn clear_trie<K: aya::Pod, V: aya::Pod>(

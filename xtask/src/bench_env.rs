@@ -131,20 +131,7 @@ impl Env {
 
     /// Runs `argv` in the namespace to completion; its stdout, or an error with its stderr.
     pub fn ns_run(&self, argv: &[&str]) -> anyhow::Result<String> {
-        let out = self
-            .ns_command(argv)
-            .stdin(Stdio::null())
-            .output()
-            .with_context(|| format!("cannot start `{}`", argv.join(" ")))?;
-        if !out.status.success() {
-            bail!(
-                "`{}` failed ({}): {}",
-                argv.join(" "),
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        stdout_of(self.ns_command(argv), argv)
     }
 
     /// Starts a long-running process in the namespace (own process group, so Ctrl-C reaches
@@ -300,8 +287,15 @@ pub fn cgroup2_mount() -> anyhow::Result<PathBuf> {
 
 /// Runs a command on the host (not in the namespace), failing on a non-zero status.
 pub fn run_quiet(argv: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(argv[0])
-        .args(&argv[1..])
+    let mut cmd = Command::new(argv[0]);
+    cmd.args(&argv[1..]);
+    stdout_of(cmd, argv)
+}
+
+/// Runs `cmd` (which is `argv`) to completion with no stdin; its stdout, or an error that
+/// names the command and carries its stderr.
+fn stdout_of(mut cmd: Command, argv: &[&str]) -> anyhow::Result<String> {
+    let out = cmd
         .stdin(Stdio::null())
         .output()
         .with_context(|| format!("cannot start `{}`", argv.join(" ")))?;
