@@ -46,9 +46,24 @@ pub enum Command {
     /// a restart on the same pins resumes the live policy without a gap.
     Run {
         /// Policy file: MeshConfig, Workload, Egress and EgressGateway documents (YAML).
-        #[arg(long, short = 'c', value_name = "FILE")]
-        config: PathBuf,
+        /// Not used with --kubernetes.
+        #[arg(long, short = 'c', value_name = "FILE", required_unless_present = "kubernetes")]
+        config: Option<PathBuf>,
+        /// Kubernetes mode: the workloads are this node's pods (watched with the field
+        /// selector spec.nodeName), the policy is the MeshConfig, Egress and EgressGateway
+        /// objects (CRDs, policy.egress.dev/v1alpha1); --cgroup-root is the kubepods cgroup.
+        /// The API server is found from KUBECONFIG or, in a pod, the ServiceAccount.
+        #[arg(long, requires = "node_name")]
+        kubernetes: bool,
+        /// This node's name (Kubernetes mode), from the downward API (spec.nodeName).
+        #[arg(long, env = "NODE_NAME", value_name = "NAME")]
+        node_name: Option<String>,
+        /// The MeshConfig each node reports its status into (Kubernetes mode).
+        #[arg(long, value_name = "NAME", default_value = "egress")]
+        mesh_config: String,
         /// cgroup v2 directory the programs attach to; workloads are created below it.
+        /// Kubernetes mode: the kubepods cgroup (/sys/fs/cgroup/kubepods.slice with the
+        /// systemd driver, /sys/fs/cgroup/kubepods with cgroupfs).
         /// Default: <cgroup2 mount>/egress.
         #[arg(long, value_name = "DIR")]
         cgroup_root: Option<PathBuf>,
@@ -89,9 +104,21 @@ pub enum Command {
         config: PathBuf,
     },
     /// Toggle egress mesh-wide (OSM/FSM enableEgress), or show the agent's state.
+    /// With --kubernetes: patch the MeshConfig object so every node converges, and show the
+    /// MeshConfig generation each node reports.
     Egress {
         #[command(subcommand)]
         action: EgressAction,
+        /// Act on the cluster's MeshConfig (KUBECONFIG or the pod's ServiceAccount) instead of
+        /// the local agent.
+        #[arg(long, global = true)]
+        kubernetes: bool,
+        /// The MeshConfig object (with --kubernetes).
+        #[arg(long, global = true, value_name = "NAME", default_value = "egress")]
+        mesh_config: String,
+        /// How long enable/disable --kubernetes waits for every node to converge.
+        #[arg(long, global = true, value_name = "SECONDS", default_value_t = 60)]
+        wait: u64,
     },
     /// Manage the running agent's Egress policies, live and atomically.
     Policy {

@@ -557,6 +557,12 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
     parse_objects(text, file)?.finish()
 }
 
+/// Kubernetes mode: like [`parse`], but an Egress may name a source that is not among the
+/// objects (a pod of another node, or one not scheduled yet): it applies to nobody here.
+pub fn parse_unlinked(text: &str, file: &str) -> Result<Config, ConfigError> {
+    Ok(parse_objects(text, file)?.cfg)
+}
+
 fn parse_objects(text: &str, file: &str) -> Result<Parser, ConfigError> {
     let mut p = Parser {
         file: file.to_string(),

@@ -6,6 +6,7 @@
 //! so that a restart loses nothing.
 
 use std::{
+    collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::PathBuf,
     sync::{Arc, Mutex, RwLock},
@@ -20,7 +21,7 @@ use crate::{
     config::{Config, ConfigError, ObjectRef},
     policy::{self, CompileError, Compiled},
     store::Store,
-    workload::{CgroupError, CgroupRoot},
+    workload::{self, CgroupError, CgroupRoot},
 };
 
 /// The compiled policy in force, shared with the proxy and the flow log; subscribers learn
@@ -100,6 +101,9 @@ pub struct Control {
     store: Mutex<Store>,
     pub live: Arc<Live>,
     state_file: Option<PathBuf>,
+    /// Workloads whose cgroup someone else made (Kubernetes pods: the kubelet's), by name;
+    /// the others are `<root>/<namespace>/<name>`, created by the agent.
+    dirs: RwLock<BTreeMap<ObjectRef, PathBuf>>,
 }
 
 impl Control {
@@ -118,7 +122,48 @@ impl Control {
             store: Mutex::new(store),
             live,
             state_file,
+            dirs: RwLock::default(),
         }
+    }
+
+    /// The cgroup directory of workload `w`.
+    pub fn workload_dir(&self, w: &ObjectRef) -> PathBuf {
+        let dirs = self.dirs.read().unwrap_or_else(|e| e.into_inner());
+        dirs.get(w)
+            .cloned()
+            .unwrap_or_else(|| self.root.workload_dir(w))
+    }
+
+    /// Kubernetes mode: installs `cfg` (the node's pods and the policy objects, validated) as
+    /// the live policy; `dirs` are the pods' kubelet cgroups, which must exist.
+    pub fn replace_cluster(
+        &self,
+        next: Store,
+        cfg: &Config,
+        dirs: BTreeMap<ObjectRef, PathBuf>,
+        who: &str,
+        what: &str,
+    ) -> Result<Applied, ControlError> {
+        let mut store = self.store();
+        let old = self.set_dirs(dirs);
+        match self.install(cfg, &next, who, what) {
+            Ok(applied) => {
+                *store = next;
+                Ok(applied)
+            }
+            Err(e) => {
+                self.set_dirs(old);
+                Err(e)
+            }
+        }
+    }
+
+    /// Sets the cgroups of the workloads the agent does not create (pods); returns the old.
+    pub fn set_dirs(&self, dirs: BTreeMap<ObjectRef, PathBuf>) -> BTreeMap<ObjectRef, PathBuf> {
+        std::mem::replace(
+            &mut *self.dirs.write().unwrap_or_else(|e| e.into_inner()),
+            dirs,
+        )
     }
 
     pub fn datapath(&self) -> std::sync::MutexGuard<'_, Datapath> {
@@ -170,7 +215,18 @@ impl Control {
         let compile_ms = t0.elapsed().as_millis() as u64;
         let mut cgroups = Vec::with_capacity(compiled.workloads.len());
         for (w, id) in &compiled.workloads {
-            cgroups.push((self.root.ensure(&self.root.workload_dir(w))?, *id));
+            let known = self
+                .dirs
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(w)
+                .cloned();
+            // A pod's cgroup is the kubelet's: never create it, only look it up.
+            let cgroup = match known {
+                Some(dir) => workload::cgroup_id(&dir)?,
+                None => self.root.ensure(&self.root.workload_dir(w))?,
+            };
+            cgroups.push((cgroup, *id));
         }
         let mut dp = self.datapath();
         for (w, id) in &compiled.workloads {

@@ -2,8 +2,8 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory as _, Parser as _};
 use egress_agent::{
-    cli::{Cli, Command, Flows, LogFormat},
-    client, config, policy, run, workload,
+    cli::{Cli, Command, EgressAction, Flows, LogFormat},
+    client, config, k8s, policy, run, workload,
 };
 
 fn main() -> ExitCode {
@@ -29,9 +29,17 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             flows,
             state_file,
             metrics_addr,
+            kubernetes,
+            node_name,
+            mesh_config,
         } => {
+            let kubernetes = kubernetes.then(|| k8s::Options {
+                node: node_name.unwrap_or_default(),
+                mesh_config,
+            });
             let opts = run::RunOptions {
-                config,
+                config: config.unwrap_or_else(|| "(kubernetes)".into()),
+                kubernetes,
                 cgroup_root: cgroup_root.unwrap_or_else(workload::default_root),
                 pin_dir,
                 allow_root_cgroup,
@@ -68,7 +76,21 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Egress { action } => Ok(client::egress(&socket, out, action)?),
+        Command::Egress {
+            action,
+            kubernetes: true,
+            mesh_config,
+            wait,
+        } => {
+            let enable = match action {
+                EgressAction::Enable => Some(true),
+                EgressAction::Disable => Some(false),
+                EgressAction::Status => None,
+            };
+            let wait = std::time::Duration::from_secs(wait);
+            Ok(k8s::toggle::run(enable, &mesh_config, wait, out)?)
+        }
+        Command::Egress { action, .. } => Ok(client::egress(&socket, out, action)?),
         Command::Policy { action } => Ok(client::policy(&socket, out, action)?),
         Command::Flows { follow, json } => Ok(client::flows(&socket, out, follow, json)?),
         Command::Completions { shell } => {

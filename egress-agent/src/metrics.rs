@@ -49,6 +49,7 @@ pub struct Metrics {
     proxy_bytes: Family<Labels, Counter>,
     proxy_connect: Histogram,
     proxy_active: Gauge,
+    policy_rejected: Family<Labels, Counter>,
     hosts: Mutex<HashSet<String>>,
     /// Refusals by the proxy for a host, by (workload, namespace).
     host_denials: Arc<Mutex<BTreeMap<(String, String), u64>>>,
@@ -82,6 +83,12 @@ impl Metrics {
             "Connections the proxy is relaying now",
             proxy_active.clone(),
         );
+        let policy_rejected = Family::<Labels, Counter>::default();
+        registry.register(
+            "egress_policy_rejected",
+            "Policy objects refused (Kubernetes mode: invalid CRD objects; the previous version stays in force), by kind",
+            policy_rejected.clone(),
+        );
         let host_denials = Arc::new(Mutex::new(BTreeMap::new()));
         let ready = Arc::new(AtomicBool::new(false));
         registry.register_collector(Box::new(KernelCollector {
@@ -95,6 +102,7 @@ impl Metrics {
             proxy_bytes,
             proxy_connect,
             proxy_active,
+            policy_rejected,
             hosts: Mutex::new(HashSet::new()),
             host_denials,
             ready,
@@ -145,6 +153,13 @@ impl Metrics {
                 .entry((name.to_string(), ns.to_string()))
                 .or_default() += 1;
         }
+    }
+
+    /// A policy object of `kind` was refused.
+    pub fn policy_rejected(&self, kind: &str) {
+        self.policy_rejected
+            .get_or_create(&vec![("kind", kind.to_string())])
+            .inc();
     }
 
     pub fn proxy_connected(&self, took: Duration) {

@@ -24,7 +24,7 @@ use crate::{
     bpf::{self, Datapath},
     config,
     control::{Control, Live},
-    flows,
+    flows, k8s,
     metrics::{self, Metrics},
     policy,
     proxy::{self, Proxy},
@@ -44,6 +44,8 @@ pub struct RunOptions {
     /// Where the live policy is saved after every change. Default: next to the pins' name
     /// under /var/lib/egress.
     pub state_file: Option<PathBuf>,
+    /// Kubernetes mode: the node's pods and the policy CRDs instead of `config`.
+    pub kubernetes: Option<k8s::Options>,
 }
 
 /// The default state file of an agent using `pin_dir`.
@@ -92,9 +94,24 @@ fn raise_fd_limit() {
 
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     raise_fd_limit();
-    let (file_store, file_cfg) = Store::load(&opts.config)?;
-    policy::compile(&file_cfg)?;
     let root = CgroupRoot::new(&opts.cgroup_root, opts.allow_root_cgroup)?;
+    // Kubernetes mode: the first sync of pods and policy objects stands in for the file.
+    let mut cluster = None;
+    let (file_store, file_cfg) = match &opts.kubernetes {
+        Some(k) => {
+            let started = k8s::first_sync(k, &root.path).await?;
+            let r = &started.resolved;
+            let loaded = (r.store.clone(), r.config.clone());
+            cluster = Some(started);
+            loaded
+        }
+        None => Store::load(&opts.config)?,
+    };
+    policy::compile(&file_cfg)?;
+    let dirs = cluster
+        .as_ref()
+        .map(|c| c.resolved.dirs.clone())
+        .unwrap_or_default();
     let state_file = opts
         .state_file
         .clone()
@@ -121,7 +138,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
 
     // Where to start: after a restart, the live policy saved by the previous run (it is what
     // the pinned maps hold); on a fresh install, the policy file.
-    let saved = if reused && state_file.exists() {
+    // (In Kubernetes mode the API server is the source of truth, and the first sync is.)
+    let saved = if reused && state_file.exists() && cluster.is_none() {
         match Store::load(&state_file) {
             Ok(s) => Some(s),
             Err(e) => {
@@ -140,7 +158,11 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         .workloads
         .iter()
         .filter_map(|w| {
-            let cg = workload::cgroup_id(&root.workload_dir(&w.id)).ok()?;
+            let dir = dirs
+                .get(&w.id)
+                .cloned()
+                .unwrap_or_else(|| root.workload_dir(&w.id));
+            let cg = workload::cgroup_id(&dir).ok()?;
             let id = held.iter().find(|(c, _)| *c == cg)?.1;
             Some((w.id.clone(), id))
         })
@@ -155,6 +177,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         live.clone(),
         Some(state_file.clone()),
     ));
+    control.set_dirs(dirs);
     if resume
         && running.events_all == opts.all_flows as u32
         && running.agent_cgroup_id == agent_cgroup
@@ -203,12 +226,16 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         programs.clone(),
     ));
     tasks.spawn(metrics::serve(metrics_listener, metrics.clone()));
+    if let (Some(k), Some(started)) = (opts.kubernetes.clone(), cluster) {
+        tasks.spawn(k8s::run(k, started, control.clone(), metrics.clone()));
+    }
     metrics.set_ready();
     if let Some(l) = kernel_logs {
         tasks.spawn(flows::forward_kernel_logs(l));
     }
     info!(
         config = %opts.config.display(),
+        kubernetes = opts.kubernetes.as_ref().map(|k| k.node.as_str()).unwrap_or("no"),
         cgroup_root = %root.path.display(),
         pins = %bpf::versioned(&opts.pin_dir).display(),
         admin_socket = %opts.admin_socket.display(),
@@ -229,7 +256,11 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = hup.recv() => reload(&control, &opts.config).await,
+            _ = hup.recv() => if opts.kubernetes.is_some() {
+                info!("SIGHUP ignored: in Kubernetes mode the policy comes from the API server");
+            } else {
+                reload(&control, &opts.config).await
+            },
         }
     }
     info!("stopping; the programs stay attached and keep enforcing the policy (`egress-agent uninstall` removes them)");

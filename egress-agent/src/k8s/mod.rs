@@ -1,0 +1,87 @@
+//! Kubernetes mode: one agent per node (a DaemonSet), the node's pods as workloads, and the
+//! policy as CRDs (group `policy.egress.dev`, version `v1alpha1`: MeshConfig, Egress,
+//! EgressGateway), validated exactly like the standalone file.
+//!
+//! - [`cgroups`]: where the kubelet puts a pod's cgroup (systemd and cgroupfs drivers,
+//!   containerd and CRI-O), pure functions.
+//! - [`view`]: the node's pods and the last valid version of each policy object, turned into
+//!   the same `Config` a policy file gives.
+//! - [`watch`]: list/watch against the API server, reconcile into `Control`, status reports,
+//!   the startup taint.
+//! - [`toggle`]: `egress enable|disable|status --kubernetes`.
+//! - [`fake`]: a fake API server for the tests.
+
+pub mod cgroups;
+pub mod fake;
+pub mod toggle;
+pub mod view;
+pub mod watch;
+
+/// `egress-agent run --kubernetes`.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// This node (`spec.nodeName` of its pods), from the downward API.
+    pub node: String,
+    /// The MeshConfig the node reports into when none is in force yet.
+    pub mesh_config: String,
+}
+
+/// A client from the kubeconfig (`KUBECONFIG`, `~/.kube/config`) or, in a pod, the
+/// ServiceAccount.
+pub async fn client() -> anyhow::Result<kube::Client> {
+    use anyhow::Context as _;
+    kube::Client::try_default()
+        .await
+        .context("cannot configure a Kubernetes client (no kubeconfig and not in a pod?)")
+}
+
+/// The cluster as the agent found it at start.
+pub struct Started {
+    pub client: kube::Client,
+    pub watch: watch::Watch,
+    pub view: view::View,
+    pub resolved: view::Resolved,
+    /// Policy objects refused in the first sync (reported once metrics exist).
+    pub rejected: Vec<crate::config::ConfigError>,
+}
+
+/// Connects, lists the node's pods and the policy objects (the first sync), and resolves the
+/// pods' cgroups under `root`. Nothing on the machine changes here.
+pub async fn first_sync(opts: &Options, root: &std::path::Path) -> anyhow::Result<Started> {
+    let client = client().await?;
+    let mut watch = watch::Watch::start(client.clone(), &opts.node);
+    let mut view = view::View::default();
+    tracing::info!(node = %opts.node, "waiting for the first list of pods and policy objects");
+    let rejected = watch.first_sync(&mut view).await?;
+    let resolved = view.resolve(root)?;
+    Ok(Started {
+        client,
+        watch,
+        view,
+        resolved,
+        rejected,
+    })
+}
+
+/// After the first install: removes the startup taint, then keeps the node in sync.
+pub async fn run(
+    opts: Options,
+    started: Started,
+    control: std::sync::Arc<crate::control::Control>,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+) {
+    watch::report(&started.rejected, Some(&metrics));
+    if let Err(e) = watch::remove_startup_taint(&started.client, &opts.node).await {
+        tracing::warn!(node = %opts.node, error = %e, "cannot remove the startup taint {} (does the ClusterRole allow get/patch on nodes?)", watch::STARTUP_TAINT);
+    }
+    let installed = (started.resolved.store, started.resolved.dirs);
+    let node = watch::Node {
+        client: started.client,
+        name: opts.node,
+        mesh_config: opts.mesh_config,
+        control,
+        metrics,
+    };
+    watch::reconcile(node, started.watch, started.view, installed).await;
+    tracing::warn!("the Kubernetes watches ended; the last policy stays in force");
+}

@@ -1,0 +1,324 @@
+//! The node's view of the cluster: its pods and the last valid version of every policy
+//! object, turned into the same [`Config`] a standalone policy file gives.
+//!
+//! Every policy object (MeshConfig, Egress, EgressGateway) goes through the standalone file's
+//! strict parser, so validation and error text are the same (`kubernetes: Egress ns/name:
+//! spec.ports[0].number: ...`). An object that fails is reported and its previous valid
+//! version (or nothing, for a new object) stays in force; the other objects and pod churn are
+//! not held up by it. Pods become `Workload`s named `namespace/name` with the pod's labels,
+//! whose cgroup is the kubelet's (see [`super::cgroups`]).
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+use serde_json::Value;
+
+use super::cgroups::{self, Qos};
+use crate::{
+    config::{self, Config, ConfigError, ObjectRef},
+    store::Store,
+};
+
+/// The name errors give as the "file" of a policy object.
+pub const SOURCE: &str = "kubernetes";
+
+/// The policy kinds watched as CRDs, with their plural (URL) names and scope.
+pub const KINDS: [(&str, &str, bool); 3] = [
+    ("MeshConfig", "meshconfigs", false),
+    ("Egress", "egresses", true),
+    ("EgressGateway", "egressgateways", false),
+];
+
+/// (kind, namespace, name); cluster-scoped kinds have an empty namespace.
+pub type Key = (String, String, String);
+
+/// A pod of this node, as far as enforcement needs it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Pod {
+    pub id: ObjectRef,
+    pub uid: String,
+    pub qos: Option<Qos>,
+    pub labels: BTreeMap<String, String>,
+    pub host_network: bool,
+}
+
+impl Pod {
+    /// From a Pod object's JSON; None without a name or UID.
+    pub fn from_json(v: &Value) -> Option<Pod> {
+        let meta = v.get("metadata")?;
+        let s = |v: Option<&Value>| v.and_then(Value::as_str).map(str::to_string);
+        Some(Pod {
+            id: ObjectRef {
+                namespace: s(meta.get("namespace")).unwrap_or_else(|| "default".into()),
+                name: s(meta.get("name"))?,
+            },
+            uid: s(meta.get("uid"))?,
+            qos: v
+                .pointer("/status/qosClass")
+                .and_then(Value::as_str)
+                .and_then(Qos::parse),
+            labels: serde_json::from_value(meta.get("labels").cloned().unwrap_or_default())
+                .unwrap_or_default(),
+            host_network: v
+                .pointer("/spec/hostNetwork")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+        })
+    }
+}
+
+/// What the node enforces, once resolved against the cgroup tree.
+pub struct Resolved {
+    pub store: Store,
+    pub config: Config,
+    /// Pod → its kubelet cgroup.
+    pub dirs: BTreeMap<ObjectRef, PathBuf>,
+    /// Pods whose cgroup the kubelet has not made yet (retried).
+    pub pending: Vec<ObjectRef>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct View {
+    pub pods: BTreeMap<ObjectRef, Pod>,
+    /// The accepted version of each policy object, as the policy file would hold it.
+    good: BTreeMap<Key, serde_yaml::Value>,
+    /// `metadata.generation` of each accepted object.
+    generations: BTreeMap<Key, i64>,
+    /// Objects whose latest version was refused, with the reason.
+    refused: BTreeMap<Key, String>,
+}
+
+impl View {
+    /// Adds or replaces a policy object if the result is valid; otherwise reports why and
+    /// keeps the previous version. Ok(true) when the accepted policy changed.
+    pub fn apply(&mut self, kind: &str, obj: &Value) -> Result<bool, ConfigError> {
+        let key = key_of(kind, obj);
+        let doc = policy_doc(kind, obj);
+        let mut next = self.good.clone();
+        next.insert(key.clone(), doc.clone());
+        if let Err(e) = validate(&next) {
+            self.refused.insert(key, e.to_string());
+            return Err(e);
+        }
+        self.refused.remove(&key);
+        let changed = self.good.get(&key) != Some(&doc);
+        self.good = next;
+        let generation = obj.pointer("/metadata/generation").and_then(Value::as_i64);
+        self.generations.insert(key, generation.unwrap_or(0));
+        Ok(changed)
+    }
+
+    /// Removes a policy object. A removal that would leave the rest invalid (nothing today)
+    /// is refused like an invalid change.
+    pub fn delete(&mut self, kind: &str, obj: &Value) -> Result<bool, ConfigError> {
+        let key = key_of(kind, obj);
+        self.refused.remove(&key);
+        let mut next = self.good.clone();
+        if next.remove(&key).is_none() {
+            return Ok(false);
+        }
+        validate(&next)?;
+        self.good = next;
+        self.generations.remove(&key);
+        Ok(true)
+    }
+
+    /// Replaces every object of `kind` by `objs` (a relist), one by one, each validated.
+    /// Returns the rejections.
+    pub fn relist(&mut self, kind: &str, objs: &[Value]) -> Vec<ConfigError> {
+        let listed: Vec<Key> = objs.iter().map(|o| key_of(kind, o)).collect();
+        let gone: Vec<Key> = self
+            .good
+            .keys()
+            .filter(|k| k.0 == kind && !listed.contains(k))
+            .cloned()
+            .collect();
+        self.refused.retain(|k, _| k.0 != kind || listed.contains(k));
+        for k in gone {
+            self.good.remove(&k);
+            self.generations.remove(&k);
+        }
+        objs.iter().filter_map(|o| self.apply(kind, o).err()).collect()
+    }
+
+    /// The name of the accepted MeshConfig.
+    pub fn mesh_name(&self) -> Option<&str> {
+        self.good
+            .keys()
+            .find(|k| k.0 == "MeshConfig")
+            .map(|k| k.2.as_str())
+    }
+
+    /// Why the objects whose latest version was refused were refused.
+    pub fn rejected(&self) -> Vec<&str> {
+        self.refused.values().map(String::as_str).collect()
+    }
+
+    /// `metadata.generation` of the accepted MeshConfig, 0 without one.
+    pub fn mesh_generation(&self) -> i64 {
+        self.generations
+            .iter()
+            .find(|(k, _)| k.0 == "MeshConfig")
+            .map(|(_, g)| *g)
+            .unwrap_or(0)
+    }
+
+    /// The policy for the pods whose cgroups exist under `root` (the kubepods cgroup).
+    /// hostNetwork pods have no network of their own to guard here and are not workloads.
+    pub fn resolve(&self, root: &Path) -> Result<Resolved, ConfigError> {
+        let mut dirs = BTreeMap::new();
+        let mut pending = Vec::new();
+        let mut text = to_text(self.good.values());
+        for pod in self.pods.values().filter(|p| !p.host_network) {
+            let Some(dir) = cgroups::find_pod(root, pod.qos, &pod.uid) else {
+                pending.push(pod.id.clone());
+                continue;
+            };
+            let doc = serde_json::json!({
+                "kind": "Workload",
+                "metadata": {"name": pod.id.name, "namespace": pod.id.namespace, "labels": pod.labels},
+            });
+            let doc = to_text([&serde_yaml::to_value(doc).unwrap_or_default()]);
+            // A pod name the policy format cannot hold (e.g. one with a dot) is left out and
+            // reported, not allowed to block every other pod.
+            if let Err(e) = config::parse_unlinked(&doc, SOURCE) {
+                tracing::warn!(pod = %pod.id, error = %e, "pod left out of enforcement");
+                continue;
+            }
+            text.push_str(&doc);
+            dirs.insert(pod.id.clone(), dir);
+        }
+        let config = config::parse_unlinked(&text, SOURCE)?;
+        let store = Store::parse_fragment(&text, SOURCE)?;
+        Ok(Resolved {
+            store,
+            config,
+            dirs,
+            pending,
+        })
+    }
+}
+
+fn to_text<'a>(docs: impl IntoIterator<Item = &'a serde_yaml::Value>) -> String {
+    let mut text = String::new();
+    for v in docs {
+        text.push_str("---\n");
+        text.push_str(&serde_yaml::to_string(v).unwrap_or_default());
+    }
+    text
+}
+
+fn validate(docs: &BTreeMap<Key, serde_yaml::Value>) -> Result<(), ConfigError> {
+    config::parse_unlinked(&to_text(docs.values()), SOURCE).map(drop)
+}
+
+pub fn key_of(kind: &str, obj: &Value) -> Key {
+    let s = |p: &str| {
+        obj.pointer(p)
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string()
+    };
+    let namespaced = KINDS.iter().any(|(k, _, ns)| *k == kind && *ns);
+    let ns = if namespaced {
+        s("/metadata/namespace")
+    } else {
+        String::new()
+    };
+    (kind.to_string(), ns, s("/metadata/name"))
+}
+
+/// A CRD object as the policy file writes it: apiVersion, kind, the user's metadata (name,
+/// namespace, labels, annotations; not the server's uid, resourceVersion, managedFields...)
+/// and spec. `status` is the agents' own.
+pub fn policy_doc(kind: &str, obj: &Value) -> serde_yaml::Value {
+    let mut meta = serde_json::Map::new();
+    for f in ["name", "namespace", "labels", "annotations"] {
+        if let Some(v) = obj.get("metadata").and_then(|m| m.get(f)) {
+            meta.insert(f.into(), v.clone());
+        }
+    }
+    let mut doc = serde_json::Map::new();
+    if let Some(v) = obj.get("apiVersion") {
+        doc.insert("apiVersion".into(), v.clone());
+    }
+    doc.insert("kind".into(), Value::from(kind));
+    doc.insert("metadata".into(), Value::Object(meta));
+    if let Some(v) = obj.get("spec") {
+        doc.insert("spec".into(), v.clone());
+    }
+    serde_yaml::to_value(Value::Object(doc)).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn egress(name: &str, port: i64) -> Value {
+        json!({"apiVersion": config::API_VERSION, "kind": "Egress",
+            "metadata": {"name": name, "namespace": "shop", "uid": "u", "resourceVersion": "7", "generation": 2,
+                         "managedFields": [{"manager": "kubectl"}]},
+            "spec": {"sources": [{"podSelector": {"matchLabels": {"app": "web"}}}],
+                     "ipAddresses": ["127.0.0.0/8"], "ports": [{"number": port}]},
+            "status": {"anything": true}})
+    }
+
+    #[test]
+    fn a_bad_object_is_reported_and_the_previous_version_stays() {
+        let mut v = View::default();
+        assert!(v.apply("Egress", &egress("web-out", 443)).unwrap());
+        assert!(!v.apply("Egress", &egress("web-out", 443)).unwrap());
+        let e = v.apply("Egress", &egress("web-out", 70000)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "kubernetes: Egress shop/web-out: spec.ports[0].number: port 70000 is out of range 1-65535"
+        );
+        let r = v.resolve(Path::new("/nonexistent/kubepods.slice")).unwrap();
+        assert_eq!(r.config.egresses.len(), 1);
+        assert_eq!(r.config.egresses[0].spec.ports[0].number.0, 443);
+        // A new bad object is not added at all.
+        assert!(v.apply("Egress", &egress("other", 0)).is_err());
+        let r = v.resolve(Path::new("/nonexistent/kubepods.slice")).unwrap();
+        assert_eq!(r.config.egresses.len(), 1);
+        assert!(v.delete("Egress", &egress("web-out", 1)).unwrap());
+        assert!(v.resolve(Path::new("/x")).unwrap().config.egresses.is_empty());
+    }
+
+    #[test]
+    fn relist_replaces_a_kind() {
+        let mut v = View::default();
+        v.apply("Egress", &egress("a", 1)).unwrap();
+        v.apply("Egress", &egress("b", 2)).unwrap();
+        let errs = v.relist("Egress", &[egress("b", 3), egress("c", 0)]);
+        assert_eq!(errs.len(), 1);
+        let r = v.resolve(Path::new("/x")).unwrap();
+        let names: Vec<_> = r.config.egresses.iter().map(|e| e.id.name.as_str()).collect();
+        assert_eq!(names, ["b"]);
+    }
+
+    #[test]
+    fn pods_without_a_cgroup_are_pending_and_mesh_generation_is_tracked() {
+        let mut v = View::default();
+        let pod = Pod::from_json(&json!({"metadata": {"name": "web-1", "namespace": "shop", "uid": "abc",
+            "labels": {"app": "web"}}, "status": {"qosClass": "BestEffort"}}))
+        .unwrap();
+        assert_eq!(pod.qos, Some(Qos::BestEffort));
+        v.pods.insert(pod.id.clone(), pod);
+        v.apply("MeshConfig", &json!({"kind": "MeshConfig", "metadata": {"name": "egress", "generation": 5},
+            "spec": {"traffic": {"enableEgress": false}}}))
+            .unwrap();
+        assert_eq!(v.mesh_generation(), 5);
+        let r = v.resolve(Path::new("/nonexistent/kubepods")).unwrap();
+        assert_eq!(r.pending.len(), 1);
+        assert!(!r.config.mesh.traffic.enable_egress);
+        let e = v
+            .apply("MeshConfig", &json!({"kind": "MeshConfig", "metadata": {"name": "egress", "generation": 6},
+                "spec": {"traffic": {"enableEgres": false}}}))
+            .unwrap_err();
+        assert!(e.to_string().starts_with("kubernetes: MeshConfig egress: spec.traffic"), "{e}");
+        assert_eq!(v.mesh_generation(), 5);
+    }
+}

@@ -1,0 +1,323 @@
+//! The API-server side of Kubernetes mode: list/watch this node's pods (field selector
+//! `spec.nodeName`) and the policy CRDs, keep the node's [`View`] current, and install it
+//! through the same [`Control`] path as every standalone change.
+
+use std::{collections::BTreeMap, path::PathBuf, sync::Arc, time::Duration};
+
+use futures::StreamExt as _;
+use kube::{
+    api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams},
+    runtime::{watcher, WatchStreamExt as _},
+    Api, Client,
+};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use super::view::{Pod, View, KINDS};
+use crate::{
+    config::{ConfigError, ObjectRef},
+    control::Control,
+    metrics::Metrics,
+};
+
+pub const GROUP: &str = "policy.egress.dev";
+pub const VERSION: &str = "v1alpha1";
+/// The startup taint the agent removes from its node once enforcement is in place.
+pub const STARTUP_TAINT: &str = "egress.dev/agent-not-ready";
+
+/// The API resource of a policy kind.
+pub fn resource(kind: &str) -> ApiResource {
+    let plural = KINDS
+        .iter()
+        .find(|(k, _, _)| *k == kind)
+        .map(|(_, p, _)| *p)
+        .unwrap_or("unknown");
+    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(GROUP, VERSION, kind), plural)
+}
+
+/// One event of one of the watched kinds ("Pod" or a policy kind).
+type Change = (&'static str, watcher::Event<DynamicObject>);
+
+/// The four watches, merged into one channel.
+pub struct Watch {
+    rx: mpsc::Receiver<Change>,
+    /// Kinds still before their first complete list.
+    unsynced: Vec<&'static str>,
+    init: BTreeMap<&'static str, Vec<Value>>,
+}
+
+impl Watch {
+    /// Starts watching the pods of `node` and the policy CRDs (all namespaces).
+    pub fn start(client: Client, node: &str) -> Watch {
+        let (tx, rx) = mpsc::channel(1024);
+        let pods = Api::<DynamicObject>::all_with(
+            client.clone(),
+            &ApiResource::erase::<k8s_openapi::api::core::v1::Pod>(&()),
+        );
+        let by_node = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
+        spawn_watch("Pod", pods, by_node, tx.clone());
+        let mut unsynced = vec!["Pod"];
+        for (kind, _, _) in KINDS {
+            let api = Api::<DynamicObject>::all_with(client.clone(), &resource(kind));
+            spawn_watch(kind, api, watcher::Config::default(), tx.clone());
+            unsynced.push(kind);
+        }
+        Watch {
+            rx,
+            unsynced,
+            init: BTreeMap::new(),
+        }
+    }
+
+    pub fn synced(&self) -> bool {
+        self.unsynced.is_empty()
+    }
+
+    /// Waits for the next event and applies it to `view`. Returns whether the view changed
+    /// and the objects it rejected; None when every watch ended.
+    pub async fn next(&mut self, view: &mut View) -> Option<(bool, Vec<ConfigError>)> {
+        let (kind, event) = self.rx.recv().await?;
+        Some(self.handle(view, kind, event))
+    }
+
+    fn handle(
+        &mut self,
+        view: &mut View,
+        kind: &'static str,
+        event: watcher::Event<DynamicObject>,
+    ) -> (bool, Vec<ConfigError>) {
+        let json = |o: &DynamicObject| serde_json::to_value(o).unwrap_or_default();
+        match event {
+            watcher::Event::Init => {
+                self.init.insert(kind, Vec::new());
+                (false, Vec::new())
+            }
+            watcher::Event::InitApply(o) => {
+                self.init.entry(kind).or_default().push(json(&o));
+                (false, Vec::new())
+            }
+            watcher::Event::InitDone => {
+                let objs = self.init.remove(kind).unwrap_or_default();
+                self.unsynced.retain(|k| *k != kind);
+                if kind == "Pod" {
+                    view.pods = objs
+                        .iter()
+                        .filter_map(Pod::from_json)
+                        .map(|p| (p.id.clone(), p))
+                        .collect();
+                    (true, Vec::new())
+                } else {
+                    (true, view.relist(kind, &objs))
+                }
+            }
+            watcher::Event::Apply(o) if kind == "Pod" => match Pod::from_json(&json(&o)) {
+                Some(p) => {
+                    let changed = view.pods.get(&p.id) != Some(&p);
+                    view.pods.insert(p.id.clone(), p);
+                    (changed, Vec::new())
+                }
+                None => (false, Vec::new()),
+            },
+            watcher::Event::Delete(o) if kind == "Pod" => {
+                let id = ObjectRef {
+                    namespace: o.metadata.namespace.clone().unwrap_or_default(),
+                    name: o.metadata.name.clone().unwrap_or_default(),
+                };
+                (view.pods.remove(&id).is_some(), Vec::new())
+            }
+            watcher::Event::Apply(o) => match view.apply(kind, &json(&o)) {
+                Ok(changed) => (changed, Vec::new()),
+                Err(e) => (false, vec![e]),
+            },
+            watcher::Event::Delete(o) => match view.delete(kind, &json(&o)) {
+                Ok(changed) => (changed, Vec::new()),
+                Err(e) => (false, vec![e]),
+            },
+        }
+    }
+
+    /// Applies events until every kind has been listed once: the first sync.
+    pub async fn first_sync(&mut self, view: &mut View) -> anyhow::Result<Vec<ConfigError>> {
+        let mut rejected = Vec::new();
+        while !self.synced() {
+            let (_, errs) = self
+                .next(view)
+                .await
+                .ok_or_else(|| anyhow::anyhow!("the Kubernetes watches ended"))?;
+            rejected.extend(errs);
+        }
+        Ok(rejected)
+    }
+}
+
+fn spawn_watch(
+    kind: &'static str,
+    api: Api<DynamicObject>,
+    cfg: watcher::Config,
+    tx: mpsc::Sender<Change>,
+) {
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(watcher(api, cfg).default_backoff());
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(event) => {
+                    if tx.send((kind, event)).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => warn!(
+                    kind,
+                    error = %e,
+                    "watch failed, retrying (for a policy kind: are the CRDs installed, `kubectl apply -k deploy/`? does the ServiceAccount's ClusterRole allow list/watch?)"
+                ),
+            }
+        }
+    });
+}
+
+/// Reports rejected objects: a warning naming object and field, and the metric.
+pub fn report(rejected: &[ConfigError], metrics: Option<&Metrics>) {
+    for e in rejected {
+        warn!(error = %e, "policy object rejected; its previous valid version (if any) stays in force");
+        if let Some(m) = metrics {
+            m.policy_rejected(e.object.split(' ').next().unwrap_or(""));
+        }
+    }
+}
+
+/// What is installed: the objects and the pods' cgroups.
+pub type Installed = (crate::store::Store, BTreeMap<ObjectRef, PathBuf>);
+
+/// What the reconcile loop needs besides the view.
+pub struct Node {
+    pub client: Client,
+    pub name: String,
+    /// The MeshConfig whose status the node reports into when the policy has none.
+    pub mesh_config: String,
+    pub control: Arc<Control>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Keeps the node's enforcement equal to the view, until the watches end: installs after
+/// every change (a burst of events is one install), retries pods whose cgroups the kubelet has
+/// not made yet, and reports each node's generation in the MeshConfig status.
+pub async fn reconcile(node: Node, mut watch: Watch, mut view: View, installed: Installed) {
+    let mut installed = Some(installed);
+    let mut retry = tokio::time::interval(Duration::from_secs(1));
+    let mut dirty = true;
+    let mut last_error = String::new();
+    loop {
+        if dirty {
+            // Coalesce a burst (a relist, a rollout) into one install.
+            while let Ok(Some((changed, errs))) =
+                tokio::time::timeout(Duration::from_millis(50), watch.next(&mut view)).await
+            {
+                dirty |= changed;
+                report(&errs, Some(&node.metrics));
+            }
+            match install(&node, &view, &mut installed).await {
+                Ok(pending) => {
+                    dirty = pending;
+                    last_error.clear();
+                }
+                Err(e) => {
+                    if e != last_error {
+                        warn!(error = %e, "cannot install the node's policy; the previous one stays in force; retrying");
+                    }
+                    last_error = e;
+                }
+            }
+        }
+        tokio::select! {
+            ev = watch.next(&mut view) => match ev {
+                Some((changed, errs)) => {
+                    dirty |= changed || !errs.is_empty();
+                    report(&errs, Some(&node.metrics));
+                }
+                None => return,
+            },
+            _ = retry.tick() => dirty |= installed.is_none() || !last_error.is_empty(),
+        }
+    }
+}
+
+/// Installs the view when it differs from what is installed; Ok(true) while pods wait for
+/// their cgroups.
+async fn install(
+    node: &Node,
+    view: &View,
+    installed: &mut Option<Installed>,
+) -> Result<bool, String> {
+    let r = view
+        .resolve(&node.control.root.path)
+        .map_err(|e| e.to_string())?;
+    let pending = !r.pending.is_empty();
+    if pending {
+        debug!(pods = ?r.pending, "pods without a cgroup yet");
+    }
+    let same = installed
+        .as_ref()
+        .is_some_and(|(s, d)| *s == r.store && *d == r.dirs);
+    if !same {
+        let control = node.control.clone();
+        let (store, dirs) = (r.store.clone(), r.dirs.clone());
+        let what = format!("kubernetes sync: {} pods", r.dirs.len());
+        tokio::task::spawn_blocking(move || {
+            control.replace_cluster(store, &r.config, dirs, "kubernetes", &what)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+        *installed = Some((r.store, r.dirs));
+    }
+    report_status(node, view).await;
+    Ok(pending)
+}
+
+/// The node's entry in the MeshConfig status: the policy generation in force, the
+/// MeshConfig generation it reflects and the objects it rejected.
+async fn report_status(node: &Node, view: &View) {
+    let name = view.mesh_name().unwrap_or(&node.mesh_config).to_string();
+    let live = node.control.live.get();
+    let entry = json!({
+        "generation": node.control.generation(),
+        "observedGeneration": view.mesh_generation(),
+        "enableEgress": live.config.enable_egress != 0,
+        "pods": live.workloads.len(),
+        "rejected": view.rejected(),
+    });
+    let patch = json!({"status": {"nodes": {node.name.clone(): entry}}});
+    let api = Api::<DynamicObject>::all_with(node.client.clone(), &resource("MeshConfig"));
+    if let Err(e) = api
+        .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        debug!(meshconfig = %name, error = %e, "cannot report the node's status");
+    }
+}
+
+/// Removes [`STARTUP_TAINT`] from the node, once: workloads the taint kept away may now be
+/// scheduled, because enforcement is in place.
+pub async fn remove_startup_taint(client: &Client, node: &str) -> Result<bool, kube::Error> {
+    let api = Api::<k8s_openapi::api::core::v1::Node>::all(client.clone());
+    let n = api.get(node).await?;
+    let taints = n.spec.and_then(|s| s.taints).unwrap_or_default();
+    let keep: Vec<_> = taints
+        .iter()
+        .filter(|t| t.key != STARTUP_TAINT)
+        .cloned()
+        .collect();
+    if keep.len() == taints.len() {
+        return Ok(false);
+    }
+    // The resourceVersion makes this a compare-and-swap: a concurrent taint change fails it.
+    let patch = json!({
+        "metadata": {"resourceVersion": n.metadata.resource_version},
+        "spec": {"taints": keep},
+    });
+    api.patch(node, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    info!(node, taint = STARTUP_TAINT, "removed the startup taint");
+    Ok(true)
+}
