@@ -17,6 +17,9 @@ pub mod toggle;
 pub mod view;
 pub mod watch;
 
+#[cfg(test)]
+mod tests;
+
 /// `egress-agent run --kubernetes`.
 #[derive(Clone, Debug)]
 pub struct Options {
