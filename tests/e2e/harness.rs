@@ -74,12 +74,22 @@ pub struct Agent {
     pub proxy_port: u16,
     pub metrics_port: u16,
     pub config: PathBuf,
+    /// More `run` arguments and environment (Kubernetes mode).
+    pub run_args: Vec<String>,
+    pub env: Vec<(String, String)>,
     log: Arc<Mutex<String>>,
 }
 
 impl Agent {
     /// Starts an agent on `policy` (`{proxy_port}` in it is replaced) and waits until ready.
     pub fn start(policy: &str) -> Agent {
+        let mut agent = Agent::new(policy);
+        agent.spawn();
+        agent
+    }
+
+    /// An agent not started yet: its names, ports and policy file.
+    pub fn new(policy: &str) -> Agent {
         let name = unique("egress-test");
         let proxy_port = free_port();
         let config = std::env::temp_dir().join(format!("{name}.yaml"));
@@ -88,7 +98,7 @@ impl Agent {
             policy.replace("{proxy_port}", &proxy_port.to_string()),
         )
         .expect("write policy");
-        let mut agent = Agent {
+        Agent {
             child: None,
             root: cgroup2_mount().join(&name),
             pins: PathBuf::from("/sys/fs/bpf").join(&name),
@@ -97,10 +107,10 @@ impl Agent {
             proxy_port,
             metrics_port: free_port(),
             config,
+            run_args: Vec::new(),
+            env: Vec::new(),
             log: Arc::new(Mutex::new(String::new())),
-        };
-        agent.spawn();
-        agent
+        }
     }
 
     /// Starts the agent process (again, after [`Agent::kill`] or [`Agent::stop_keep`]) on
@@ -112,6 +122,8 @@ impl Agent {
             .arg(&self.socket)
             .args(["run", "--config"])
             .arg(&self.config)
+            .args(&self.run_args)
+            .envs(self.env.iter().cloned())
             .arg("--cgroup-root")
             .arg(&self.root)
             .arg("--pin-dir")
@@ -621,4 +633,62 @@ pub fn ssh_server(ip: &str) -> (Daemon, PathBuf) {
         dir,
     );
     (d, key)
+}
+
+/// A cgroup tree a test builds itself (a kubelet's, for Kubernetes mode) under a dedicated
+/// parent `<cgroup2 mount>/egress-test-PID-N`, removed deepest first when dropped.
+pub struct CgroupTree {
+    pub path: PathBuf,
+}
+
+impl CgroupTree {
+    pub fn new() -> CgroupTree {
+        let path = cgroup2_mount().join(unique("egress-test"));
+        std::fs::create_dir(&path).expect("create the test cgroup parent");
+        CgroupTree { path }
+    }
+
+    /// Creates `rel` (and its parents) below the tree's parent.
+    pub fn mkdir(&self, rel: impl AsRef<Path>) -> PathBuf {
+        let dir = self.path.join(rel);
+        std::fs::create_dir_all(&dir).expect("mkdir cgroup");
+        dir
+    }
+}
+
+impl Drop for CgroupTree {
+    fn drop(&mut self) {
+        fn remove(dir: &Path) {
+            if let Ok(entries) = std::fs::read_dir(dir) {
+                for e in entries.flatten() {
+                    if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                        remove(&e.path());
+                    }
+                }
+            }
+            let _ = std::fs::remove_dir(dir);
+        }
+        remove(&self.path);
+    }
+}
+
+/// Runs tests/e2e/client.py with `args` as a process of the cgroup `dir` (its pid written to
+/// `cgroup.procs` before it execs); returns its one-line verdict.
+pub fn client_in_cgroup(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("sh")
+        .args(["-c", "echo $$ > \"$0/cgroup.procs\" && exec python3 \"$@\""])
+        .arg(dir)
+        .arg(CLIENT)
+        .args(args)
+        .output()
+        .expect("run client.py");
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(
+        out.status.success() && !text.is_empty(),
+        "client {args:?} in {}: {}\n{}",
+        dir.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    split_local(&text).0
 }

@@ -7,6 +7,7 @@ mod control;
 mod datapath;
 mod deploy;
 mod harness;
+mod k8s;
 mod lifecycle;
 mod metrics;
 mod proxy;

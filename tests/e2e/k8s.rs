@@ -1,0 +1,225 @@
+//! Kubernetes mode end to end, without a cluster: realistic kubelet cgroup trees (systemd and
+//! cgroupfs drivers, containerd and CRI-O container scopes) under a test parent, the agent in
+//! `--kubernetes` mode against `FakeApiServer` (a FAKE API server in this test process that
+//! speaks the real list/watch JSON), real programs attached to the test's kubepods cgroup,
+//! and real processes in the pods' container cgroups. Traffic goes to loopback only; a
+//! refusal by policy is EPERM, an allowed connect to a port where nothing listens is
+//! ECONNREFUSED.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    thread,
+    time::{Duration, Instant},
+};
+
+use egress_agent::k8s::{
+    cgroups::{container_dir, pod_dir, Driver, Qos},
+    fake::FakeApiServer,
+};
+use serde_json::{json, Value};
+
+use crate::harness::{client_in_cgroup, privileged, Agent, CgroupTree, AGENT};
+
+const EPERM: &str = "err EPERM";
+const ALLOWED: &str = "err ECONNREFUSED";
+const NODE: &str = "node-a";
+
+fn verdict(dir: &Path, ip: &str) -> &'static str {
+    let out = client_in_cgroup(dir, &["tcp", ip, "9"]);
+    if out.starts_with(EPERM) {
+        EPERM
+    } else if out.starts_with(ALLOWED) {
+        ALLOWED
+    } else {
+        panic!("unexpected client result for {ip}: {out}")
+    }
+}
+
+/// Polls `f` until it returns true (10 s).
+fn eventually(what: &str, agent: &Agent, f: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(
+            Instant::now() < deadline,
+            "never: {what}\nagent log:\n{}",
+            agent.log()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn uid(n: u32) -> String {
+    format!("{n:08x}-0d4e-4f5a-8b6c-{:012x}", std::process::id())
+}
+
+fn pod(name: &str, uid: &str, app: &str, qos: &str, node: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": name, "namespace": "shop", "uid": uid, "labels": {"app": app}},
+           "spec": {"nodeName": node, "containers": [{"name": "main", "image": "busybox"}]},
+           "status": {"qosClass": qos, "phase": "Running"}})
+}
+
+fn egress(port: i64) -> Value {
+    json!({"apiVersion": "policy.egress.dev/v1alpha1", "kind": "Egress",
+           "metadata": {"name": "web-out", "namespace": "shop"},
+           "spec": {"sources": [{"podSelector": {"matchLabels": {"app": "web"}}}],
+                    "ipAddresses": ["127.77.0.0/16"], "ports": [{"number": port}]}})
+}
+
+/// The kubelet's and the runtime's part: the pod cgroup and one container cgroup in it.
+fn make_pod(
+    tree: &CgroupTree,
+    kubepods: &str,
+    driver: Driver,
+    qos: Qos,
+    uid: &str,
+    container: &str,
+) -> PathBuf {
+    let rel = Path::new(kubepods).join(pod_dir(driver, qos, uid));
+    tree.mkdir(&rel);
+    tree.mkdir(rel.join(container_dir(driver, container).expect("container id")))
+}
+
+fn metric(agent: &Agent, name: &str) -> Option<f64> {
+    let (_, body) = agent.http_get("/metrics");
+    body.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+fn cluster_cli(kubeconfig: &Path, args: &[&str]) -> String {
+    let out = Command::new(AGENT)
+        .args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .output()
+        .expect("egress-agent");
+    assert!(
+        out.status.success(),
+        "egress-agent {args:?}: {}\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// One node, two drivers' worth of layout: pods enforced per pod, churn reconciled without
+/// touching the other pods, a bad CRD object reported with the previous policy kept, the
+/// cluster toggle converging and reported per node.
+fn pods_are_enforced_per_pod(driver: Driver, kubepods: &str, runtime: &str) {
+    let tree = CgroupTree::new();
+    tree.mkdir(kubepods);
+    let fake = FakeApiServer::start();
+    let (a, b, c) = (uid(0xa), uid(0xb), uid(0xc));
+    let cid = |n: &str| format!("{runtime}://{}", n.repeat(64 / n.len()));
+    let web_a = make_pod(&tree, kubepods, driver, Qos::Burstable, &a, &cid("a1"));
+    let db_b = make_pod(&tree, kubepods, driver, Qos::BestEffort, &b, &cid("b2"));
+    fake.put("pods", pod("web-a", &a, "web", "Burstable", NODE));
+    fake.put("pods", pod("db-b", &b, "db", "BestEffort", NODE));
+    // Another node's pod with the same labels: never this node's business.
+    fake.put("pods", pod("web-x", &uid(0xd), "web", "Burstable", "node-b"));
+    fake.put("egresses", egress(9));
+
+    let mut agent = Agent::new("");
+    fake.put(
+        "meshconfigs",
+        json!({"apiVersion": "policy.egress.dev/v1alpha1", "kind": "MeshConfig",
+               "metadata": {"name": "egress"},
+               "spec": {"traffic": {"enableEgress": false}, "proxy": {"port": agent.proxy_port}}}),
+    );
+    let kubeconfig = agent.config.with_extension("kubeconfig");
+    fake.write_kubeconfig(&kubeconfig).unwrap();
+    agent.root = tree.path.join(kubepods);
+    agent.run_args = ["--kubernetes", "--node-name", NODE]
+        .map(String::from)
+        .to_vec();
+    agent.env = vec![("KUBECONFIG".into(), kubeconfig.display().to_string())];
+    agent.spawn();
+    assert_eq!(agent.http_get("/readyz").0, "HTTP/1.1 200 OK");
+    assert_eq!(metric(&agent, "egress_workloads "), Some(2.0));
+
+    // Per pod: web is allowed to 127.77/16 port 9, db is not; neither elsewhere.
+    assert_eq!(verdict(&web_a, "127.77.0.1"), ALLOWED);
+    assert_eq!(verdict(&db_b, "127.77.0.1"), EPERM);
+    assert_eq!(verdict(&web_a, "127.78.0.1"), EPERM);
+    // A process of the test (outside kubepods) is untouched.
+    let outside = crate::harness::split_local(
+        String::from_utf8_lossy(
+            &Command::new("python3")
+                .args([crate::harness::CLIENT, "tcp", "127.78.0.1", "9"])
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .trim(),
+    )
+    .0;
+    assert!(outside.starts_with(ALLOWED), "{outside}");
+
+    // A bad change to the Egress: reported (log, metric, MeshConfig status); the previous
+    // version stays in force.
+    fake.put("egresses", egress(0));
+    agent.wait_log("kubernetes: Egress shop/web-out: spec.ports[0].number: port 0 is out of range 1-65535");
+    eventually("the rejection is counted", &agent, || {
+        metric(&agent, "egress_policy_rejected_total{kind=\"Egress\"}") == Some(1.0)
+    });
+    assert_eq!(verdict(&web_a, "127.77.0.1"), ALLOWED);
+    eventually("the node reports the rejection", &agent, || {
+        fake.get("meshconfigs", "", "egress").unwrap()["status"]["nodes"][NODE]["rejected"]
+            .as_array()
+            .is_some_and(|r| r.len() == 1)
+    });
+
+    // Churn: a new web pod whose cgroup the kubelet makes only after the API object exists
+    // (pending, then enforced); web-a deleted. db-b is judged the same throughout.
+    fake.put("pods", pod("web-c", &c, "web", "Guaranteed", NODE));
+    thread::sleep(Duration::from_millis(300));
+    let web_c = make_pod(&tree, kubepods, driver, Qos::Guaranteed, &c, &cid("c3"));
+    eventually("web-c is enrolled", &agent, || {
+        metric(&agent, "egress_workloads ") == Some(3.0)
+    });
+    assert_eq!(verdict(&web_c, "127.77.0.1"), ALLOWED);
+    assert_eq!(verdict(&web_c, "127.78.0.1"), EPERM);
+    let gen_before = metric(&agent, "egress_policy_generation ").unwrap();
+    fake.delete("pods", "shop", "web-a");
+    eventually("web-a is gone", &agent, || {
+        metric(&agent, "egress_workloads ") == Some(2.0)
+    });
+    assert!(metric(&agent, "egress_policy_generation ").unwrap() > gen_before);
+    assert_eq!(verdict(&db_b, "127.77.0.1"), EPERM);
+    assert_eq!(verdict(&web_c, "127.77.0.1"), ALLOWED);
+    // The pod's cgroup no longer enrolled: its processes are no workload any more.
+    assert_eq!(verdict(&web_a, "127.78.0.1"), ALLOWED);
+
+    // The cluster toggle: patch the MeshConfig, every node (here one) converges and says so.
+    let out = cluster_cli(&kubeconfig, &["egress", "enable", "--kubernetes", "--wait", "20"]);
+    assert!(out.contains(NODE) && out.contains("converged"), "{out}");
+    assert_eq!(verdict(&db_b, "127.78.0.1"), ALLOWED);
+    let out = cluster_cli(&kubeconfig, &["egress", "disable", "--kubernetes", "--wait", "20"]);
+    assert!(out.contains("enableEgress false") && out.contains("converged"), "{out}");
+    assert_eq!(verdict(&db_b, "127.78.0.1"), EPERM);
+    let out = cluster_cli(&kubeconfig, &["egress", "status", "--kubernetes", "-o", "json"]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["nodes"][0]["node"], NODE);
+    assert_eq!(v["nodes"][0]["enable_egress"], false);
+
+    drop(agent);
+    let _ = std::fs::remove_file(kubeconfig);
+}
+
+#[test]
+fn kubernetes_systemd_driver_containerd() {
+    if !privileged() {
+        return;
+    }
+    pods_are_enforced_per_pod(Driver::Systemd, "kubepods.slice", "containerd");
+}
+
+#[test]
+fn kubernetes_cgroupfs_driver_cri_o() {
+    if !privileged() {
+        return;
+    }
+    pods_are_enforced_per_pod(Driver::Cgroupfs, "kubepods", "cri-o");
+}
