@@ -31,6 +31,23 @@ if ((${#missing[@]})); then
   ((own_prc)) && rm -f "$prc"
 fi
 
+# Offline validation of the Kubernetes manifests (tests/e2e/deploy.rs): `kubectl kustomize`,
+# and kubernetes-validate from PyPI (the Kubernetes schemas are bundled in its wheel; it also
+# brings jsonschema and PyYAML for scripts/validate-crd-objects.py). A kubectl already on the
+# machine (e.g. the `kubectl` apt package of Google's repository, 1.32 here) is used when it
+# has kustomize; otherwise Debian's kubernetes-client.
+if ! kubectl kustomize --help >/dev/null 2>&1; then
+  log "installing kubernetes-client (kubectl) for kubectl kustomize"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends kubernetes-client >/dev/null
+fi
+if ! python3 -c 'import kubernetes_validate, jsonschema, yaml' 2>/dev/null; then
+  log "installing kubernetes-validate from PyPI"
+  python3 -m pip install -q kubernetes-validate 2>/dev/null \
+    || python3 -m pip install -q --break-system-packages kubernetes-validate
+fi
+
 if ! rustup component list --toolchain "$T" --installed | grep -q '^rust-src'; then
   log "adding rust-src to toolchain $T"
   rustup component add rust-src --toolchain "$T"

@@ -102,6 +102,10 @@ pub enum Command {
     Validate {
         #[arg(long, short = 'c', value_name = "FILE")]
         config: PathBuf,
+        /// Check the objects as Kubernetes CRD objects: a source may name a pod the file
+        /// does not hold.
+        #[arg(long)]
+        kubernetes: bool,
     },
     /// Toggle egress mesh-wide (OSM/FSM enableEgress), or show the agent's state.
     /// With --kubernetes: patch the MeshConfig object so every node converges, and show the

@@ -63,8 +63,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             &workload,
             &cmd,
         ),
-        Command::Validate { config } => {
-            let cfg = config::load(&config)?;
+        Command::Validate { config, kubernetes } => {
+            let cfg = if kubernetes {
+                let text = std::fs::read_to_string(&config)
+                    .map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", config.display()))?;
+                config::parse_unlinked(&text, &config.display().to_string())?
+            } else {
+                config::load(&config)?
+            };
             let c = policy::compile(&cfg)?;
             println!(
                 "{}: valid: {} workloads, {} egress rules, {} map entries, enableEgress {}",

@@ -63,3 +63,150 @@ fn dashboard_is_json_and_uses_exported_metrics() {
         }
     }
 }
+
+// ---- Kubernetes manifests (deploy/kubernetes), checked offline ----------------------------
+
+const CRDS: [&str; 3] = [
+    "kubernetes/crds/meshconfigs.yaml",
+    "kubernetes/crds/egresses.yaml",
+    "kubernetes/crds/egressgateways.yaml",
+];
+
+fn run_in_deploy(cmd: &mut Command) -> (bool, String) {
+    let out = cmd
+        .current_dir(DEPLOY)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e} (installed by scripts/setup.sh)"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// `kubectl kustomize DIR` into a temporary file.
+fn kustomize(dir: &str, tag: &str) -> std::path::PathBuf {
+    let (ok, text) = run_in_deploy(Command::new("kubectl").args(["kustomize", dir]));
+    assert!(ok, "kubectl kustomize {dir}:\n{text}");
+    let path = std::env::temp_dir().join(format!("egress-{tag}-{}.yaml", std::process::id()));
+    std::fs::write(&path, &text).unwrap();
+    path
+}
+
+#[test]
+fn kustomization_builds_and_every_manifest_validates_against_the_kubernetes_schemas() {
+    let built = kustomize("kubernetes", "kustomize");
+    for version in ["1.30.0", "1.33.0"] {
+        let (ok, text) = run_in_deploy(
+            Command::new("python3")
+                .args(["-m", "kubernetes_validate", "--strict", "-k", version])
+                .arg(&built),
+        );
+        assert!(ok, "kubernetes-validate {version}:\n{text}");
+        // Every object was checked against a schema, none skipped as unknown.
+        assert!(!text.contains("Couldn't find schema"), "{text}");
+        for kind in [
+            "namespace/egress-system",
+            "customresourcedefinition/meshconfigs.policy.egress.dev",
+            "customresourcedefinition/egresses.policy.egress.dev",
+            "customresourcedefinition/egressgateways.policy.egress.dev",
+            "serviceaccount/egress-agent",
+            "clusterrole/egress-agent",
+            "clusterrolebinding/egress-agent",
+            "daemonset/egress-agent",
+            "service/egress-agent-metrics",
+        ] {
+            assert!(
+                text.contains(&format!("passed for resource {kind}")),
+                "{kind} not validated:\n{text}"
+            );
+        }
+    }
+    let _ = std::fs::remove_file(built);
+    // The ServiceMonitor is a Prometheus Operator CRD kind without an offline schema here:
+    // it is checked for building only.
+    let mon = kustomize("kubernetes/monitoring", "monitoring");
+    let text = std::fs::read_to_string(&mon).unwrap();
+    assert!(text.contains("kind: ServiceMonitor"), "{text}");
+    let _ = std::fs::remove_file(mon);
+}
+
+#[test]
+fn daemonset_capabilities_are_the_justified_few() {
+    let text = std::fs::read_to_string(format!("{DEPLOY}/kubernetes/daemonset.yaml")).unwrap();
+    let ds: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    let c = &ds["spec"]["template"]["spec"]["containers"][0];
+    let sc = &c["securityContext"];
+    assert_eq!(sc["privileged"], serde_yaml::Value::from(false));
+    assert_eq!(sc["capabilities"]["drop"][0], serde_yaml::Value::from("ALL"));
+    let added: Vec<&str> = sc["capabilities"]["add"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    assert_eq!(added, ["BPF", "NET_ADMIN", "PERFMON", "SYS_ADMIN"]);
+    // Each one is justified by a comment right above it.
+    for cap in added {
+        let line = text
+            .lines()
+            .position(|l| l.trim() == format!("- {cap}"))
+            .unwrap();
+        let above = text.lines().nth(line - 1).unwrap().trim();
+        assert!(above.starts_with('#'), "{cap} has no comment above it");
+    }
+    assert_eq!(ds["spec"]["template"]["spec"]["hostPID"], serde_yaml::Value::from(true));
+    let args: Vec<&str> = c["args"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    assert!(args.contains(&"--kubernetes"), "{args:?}");
+    // The agent's own parser accepts the arguments the DaemonSet gives it (an unknown flag
+    // fails before --help is honoured).
+    let out = Command::new(env!("CARGO_BIN_EXE_egress-agent"))
+        .args(&args)
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn example_objects_validate_against_the_crd_schemas_and_the_agent() {
+    let mut cmd = Command::new("python3");
+    cmd.arg("../scripts/validate-crd-objects.py");
+    for crd in CRDS {
+        cmd.args(["--crd", crd]);
+    }
+    let (ok, text) =
+        run_in_deploy(cmd.args(["examples/kubernetes.yaml", "kubernetes/meshconfig.yaml"]));
+    assert!(ok, "{text}");
+    assert_eq!(text.matches("ok   ").count(), 7, "{text}");
+    // The same objects through the agent's own parser (the one the watcher uses).
+    let out = Command::new(env!("CARGO_BIN_EXE_egress-agent"))
+        .args(["validate", "--kubernetes", "--config"])
+        .arg(format!("{DEPLOY}/examples/kubernetes.yaml"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The schema check does catch what it should: an unknown field and an out-of-range port.
+    let bad = std::env::temp_dir().join(format!("egress-bad-crd-{}.yaml", std::process::id()));
+    std::fs::write(
+        &bad,
+        "apiVersion: policy.egress.dev/v1alpha1\nkind: Egress\nmetadata: {name: x, namespace: y}\nspec: {sources: [{podSelector: {}}], ports: [{number: 70000, protocl: tcp}]}\n",
+    )
+    .unwrap();
+    let mut cmd = Command::new("python3");
+    cmd.arg("../scripts/validate-crd-objects.py");
+    for crd in CRDS {
+        cmd.args(["--crd", crd]);
+    }
+    let (ok, text) = run_in_deploy(cmd.arg(&bad));
+    let _ = std::fs::remove_file(&bad);
+    assert!(!ok, "{text}");
+    assert!(text.contains("'protocl' was unexpected"), "{text}");
+    assert!(text.contains("spec.ports.0.number: 70000 is greater than the maximum of 65535"), "{text}");
+}
