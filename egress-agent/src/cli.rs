@@ -47,7 +47,12 @@ pub enum Command {
     Run {
         /// Policy file: MeshConfig, Workload, Egress and EgressGateway documents (YAML).
         /// Not used with --kubernetes.
-        #[arg(long, short = 'c', value_name = "FILE", required_unless_present = "kubernetes")]
+        #[arg(
+            long,
+            short = 'c',
+            value_name = "FILE",
+            required_unless_present = "kubernetes"
+        )]
         config: Option<PathBuf>,
         /// Kubernetes mode: the workloads are this node's pods (watched with the field
         /// selector spec.nodeName), the policy is the MeshConfig, Egress and EgressGateway

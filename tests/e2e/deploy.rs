@@ -139,7 +139,10 @@ fn daemonset_capabilities_are_the_justified_few() {
     let c = &ds["spec"]["template"]["spec"]["containers"][0];
     let sc = &c["securityContext"];
     assert_eq!(sc["privileged"], serde_yaml::Value::from(false));
-    assert_eq!(sc["capabilities"]["drop"][0], serde_yaml::Value::from("ALL"));
+    assert_eq!(
+        sc["capabilities"]["drop"][0],
+        serde_yaml::Value::from("ALL")
+    );
     let added: Vec<&str> = sc["capabilities"]["add"]
         .as_sequence()
         .unwrap()
@@ -156,7 +159,10 @@ fn daemonset_capabilities_are_the_justified_few() {
         let above = text.lines().nth(line - 1).unwrap().trim();
         assert!(above.starts_with('#'), "{cap} has no comment above it");
     }
-    assert_eq!(ds["spec"]["template"]["spec"]["hostPID"], serde_yaml::Value::from(true));
+    assert_eq!(
+        ds["spec"]["template"]["spec"]["hostPID"],
+        serde_yaml::Value::from(true)
+    );
     let args: Vec<&str> = c["args"]
         .as_sequence()
         .unwrap()
@@ -171,7 +177,11 @@ fn daemonset_capabilities_are_the_justified_few() {
         .arg("--help")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -191,7 +201,11 @@ fn example_objects_validate_against_the_crd_schemas_and_the_agent() {
         .arg(format!("{DEPLOY}/examples/kubernetes.yaml"))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // The schema check does catch what it should: an unknown field and an out-of-range port.
     let bad = std::env::temp_dir().join(format!("egress-bad-crd-{}.yaml", std::process::id()));
     std::fs::write(
@@ -208,5 +222,8 @@ fn example_objects_validate_against_the_crd_schemas_and_the_agent() {
     let _ = std::fs::remove_file(&bad);
     assert!(!ok, "{text}");
     assert!(text.contains("'protocl' was unexpected"), "{text}");
-    assert!(text.contains("spec.ports.0.number: 70000 is greater than the maximum of 65535"), "{text}");
+    assert!(
+        text.contains("spec.ports.0.number: 70000 is greater than the maximum of 65535"),
+        "{text}"
+    );
 }

@@ -118,7 +118,10 @@ fn pods_are_enforced_per_pod(driver: Driver, kubepods: &str, runtime: &str) {
     fake.put("pods", pod("web-a", &a, "web", "Burstable", NODE));
     fake.put("pods", pod("db-b", &b, "db", "BestEffort", NODE));
     // Another node's pod with the same labels: never this node's business.
-    fake.put("pods", pod("web-x", &uid(0xd), "web", "Burstable", "node-b"));
+    fake.put(
+        "pods",
+        pod("web-x", &uid(0xd), "web", "Burstable", "node-b"),
+    );
     fake.put("egresses", egress(9));
 
     let mut agent = Agent::new("");
@@ -160,7 +163,9 @@ fn pods_are_enforced_per_pod(driver: Driver, kubepods: &str, runtime: &str) {
     // A bad change to the Egress: reported (log, metric, MeshConfig status); the previous
     // version stays in force.
     fake.put("egresses", egress(0));
-    agent.wait_log("kubernetes: Egress shop/web-out: spec.ports[0].number: port 0 is out of range 1-65535");
+    agent.wait_log(
+        "kubernetes: Egress shop/web-out: spec.ports[0].number: port 0 is out of range 1-65535",
+    );
     eventually("the rejection is counted", &agent, || {
         metric(&agent, "egress_policy_rejected_total{kind=\"Egress\"}") == Some(1.0)
     });
@@ -192,14 +197,49 @@ fn pods_are_enforced_per_pod(driver: Driver, kubepods: &str, runtime: &str) {
     // The pod's cgroup no longer enrolled: its processes are no workload any more.
     assert_eq!(verdict(&web_a, "127.78.0.1"), ALLOWED);
 
-    // The cluster toggle: patch the MeshConfig, every node (here one) converges and says so.
-    let out = cluster_cli(&kubeconfig, &["egress", "enable", "--kubernetes", "--wait", "20"]);
-    assert!(out.contains(NODE) && out.contains("converged"), "{out}");
+    // A container restart: the runtime makes a new container cgroup in the same pod cgroup;
+    // no API event is needed for it to be judged as its pod.
+    let restarted = web_c
+        .parent()
+        .unwrap()
+        .join(container_dir(driver, &cid("e5")).unwrap());
+    std::fs::create_dir(&restarted).unwrap();
+    assert_eq!(verdict(&restarted, "127.77.0.1"), ALLOWED);
+    assert_eq!(verdict(&restarted, "127.78.0.1"), EPERM);
+    // A pod deleted and created again under the same name (a StatefulSet's): new UID, new
+    // cgroup, enforced; its old cgroup no longer is.
+    let again = uid(0xf);
+    fake.delete("pods", "shop", "db-b");
+    fake.put("pods", pod("db-b", &again, "web", "Burstable", NODE));
+    let db_b2 = make_pod(&tree, kubepods, driver, Qos::Burstable, &again, &cid("f6"));
+    eventually(
+        "db-b is enrolled under its new UID (as a web pod now)",
+        &agent,
+        || verdict(&db_b2, "127.77.0.1") == ALLOWED,
+    );
     assert_eq!(verdict(&db_b, "127.78.0.1"), ALLOWED);
-    let out = cluster_cli(&kubeconfig, &["egress", "disable", "--kubernetes", "--wait", "20"]);
-    assert!(out.contains("enableEgress false") && out.contains("converged"), "{out}");
-    assert_eq!(verdict(&db_b, "127.78.0.1"), EPERM);
-    let out = cluster_cli(&kubeconfig, &["egress", "status", "--kubernetes", "-o", "json"]);
+    assert_eq!(verdict(&db_b2, "127.78.0.1"), EPERM);
+
+    // The cluster toggle: patch the MeshConfig, every node (here one) converges and says so.
+    let out = cluster_cli(
+        &kubeconfig,
+        &["egress", "enable", "--kubernetes", "--wait", "20"],
+    );
+    assert!(out.contains(NODE) && out.contains("converged"), "{out}");
+    assert_eq!(verdict(&db_b2, "127.78.0.1"), ALLOWED);
+    let out = cluster_cli(
+        &kubeconfig,
+        &["egress", "disable", "--kubernetes", "--wait", "20"],
+    );
+    assert!(
+        out.contains("enableEgress false") && out.contains("converged"),
+        "{out}"
+    );
+    assert_eq!(verdict(&db_b2, "127.78.0.1"), EPERM);
+    let out = cluster_cli(
+        &kubeconfig,
+        &["egress", "status", "--kubernetes", "-o", "json"],
+    );
     let v: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["nodes"][0]["node"], NODE);
     assert_eq!(v["nodes"][0]["enable_egress"], false);

@@ -165,7 +165,10 @@ mod tests {
             pod_dir(d, Qos::BestEffort, UID),
             Path::new(&format!("besteffort/pod{UID}"))
         );
-        assert_eq!(pod_dir(d, Qos::Guaranteed, UID), Path::new(&format!("pod{UID}")));
+        assert_eq!(
+            pod_dir(d, Qos::Guaranteed, UID),
+            Path::new(&format!("pod{UID}"))
+        );
         assert_eq!(
             container_dir(d, "containerd://0123abcd").unwrap(),
             Path::new("0123abcd")
@@ -196,7 +199,10 @@ mod tests {
         std::fs::create_dir_all(pod.join("cri-containerd-ab.scope")).unwrap();
         std::fs::write(pod.join("cri-containerd-ab.scope/cgroup.procs"), "4242\n").unwrap();
         std::fs::write(pod.join("cgroup.procs"), "").unwrap();
-        assert_eq!(find_pod(&sys, Some(Qos::BestEffort), UID), Some(pod.clone()));
+        assert_eq!(
+            find_pod(&sys, Some(Qos::BestEffort), UID),
+            Some(pod.clone())
+        );
         assert_eq!(find_pod(&sys, Some(Qos::Burstable), UID), Some(pod.clone()));
         assert_eq!(find_pod(&sys, None, UID), Some(pod.clone()));
         assert_eq!(find_pod(&sys, None, "other"), None);

@@ -109,11 +109,7 @@ impl FakeApiServer {
     pub fn delete(&self, collection: &str, namespace: &str, name: &str) -> bool {
         let mut st = self.lock();
         let key = (namespace.to_string(), name.to_string());
-        let Some(mut obj) = st
-            .objects
-            .get_mut(collection)
-            .and_then(|m| m.remove(&key))
-        else {
+        let Some(mut obj) = st.objects.get_mut(collection).and_then(|m| m.remove(&key)) else {
             return false;
         };
         st.rv += 1;
@@ -159,12 +155,18 @@ fn upsert(
     mut obj: Value,
     old: Option<&Value>,
 ) -> (Value, &'static str) {
-    let ns = obj["metadata"]["namespace"].as_str().unwrap_or("").to_string();
+    let ns = obj["metadata"]["namespace"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
     let name = obj["metadata"]["name"].as_str().unwrap_or("").to_string();
     let key = (ns, name);
-    let prev = old
-        .cloned()
-        .or_else(|| st.objects.get(collection).and_then(|m| m.get(&key)).cloned());
+    let prev = old.cloned().or_else(|| {
+        st.objects
+            .get(collection)
+            .and_then(|m| m.get(&key))
+            .cloned()
+    });
     st.rv += 1;
     let meta = &mut obj["metadata"];
     meta["resourceVersion"] = Value::from(st.rv.to_string());
@@ -335,7 +337,10 @@ async fn connection(s: TcpStream, state: Arc<Mutex<State>>, events: broadcast::S
             }
             continue;
         };
-        let watching = matches!(req.query.get("watch").map(String::as_str), Some("true" | "1"));
+        let watching = matches!(
+            req.query.get("watch").map(String::as_str),
+            Some("true" | "1")
+        );
         if req.method == "GET" && t.name.is_none() && watching {
             watch(r.into_inner(), &t, &req, state, events).await;
             return;
@@ -381,11 +386,19 @@ fn answer(
         }
         ("GET", Some(name)) => match find(&st, name) {
             Some(o) => (200, o),
-            None => status(404, "NotFound", &format!("{} {name} not found", t.collection)),
+            None => status(
+                404,
+                "NotFound",
+                &format!("{} {name} not found", t.collection),
+            ),
         },
         ("PATCH", Some(name)) => {
             let Some(cur) = find(&st, name) else {
-                return status(404, "NotFound", &format!("{} {name} not found", t.collection));
+                return status(
+                    404,
+                    "NotFound",
+                    &format!("{} {name} not found", t.collection),
+                );
             };
             let Ok(mut patch) = serde_json::from_slice::<Value>(&req.body) else {
                 return status(400, "BadRequest", "the patch is not JSON");
@@ -459,7 +472,8 @@ async fn watch(
             .collect();
         (b, events.subscribe())
     };
-    let head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n";
+    let head =
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n";
     if s.write_all(head.as_bytes()).await.is_err() {
         return;
     }

@@ -40,11 +40,7 @@ fn id(name: &str) -> ObjectRef {
 }
 
 /// Applies events until `done` holds (or fails after 10 s); returns the rejections seen.
-async fn until(
-    watch: &mut Watch,
-    view: &mut View,
-    done: impl Fn(&View) -> bool,
-) -> Vec<String> {
+async fn until(watch: &mut Watch, view: &mut View, done: impl Fn(&View) -> bool) -> Vec<String> {
     let mut rejected = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while !done(view) {
@@ -77,8 +73,11 @@ async fn watcher_follows_node_pods_and_keeps_the_last_valid_policy() {
     assert!(fake
         .requests()
         .iter()
-        .any(|r| r.starts_with("GET /api/v1/pods?") && r.contains("fieldSelector=spec.nodeName=node-a")));
-    let r = view.resolve(std::path::Path::new("/nonexistent/kubepods")).unwrap();
+        .any(|r| r.starts_with("GET /api/v1/pods?")
+            && r.contains("fieldSelector=spec.nodeName=node-a")));
+    let r = view
+        .resolve(std::path::Path::new("/nonexistent/kubepods"))
+        .unwrap();
     assert_eq!(r.config.egresses.len(), 1);
     assert!(!r.config.mesh.traffic.enable_egress);
     assert_eq!(view.mesh_generation(), 1);
@@ -99,12 +98,16 @@ async fn watcher_follows_node_pods_and_keeps_the_last_valid_policy() {
         errs,
         ["kubernetes: Egress shop/web-out: spec.ports[0].number: port 0 is out of range 1-65535"]
     );
-    let r = view.resolve(std::path::Path::new("/nonexistent/kubepods")).unwrap();
+    let r = view
+        .resolve(std::path::Path::new("/nonexistent/kubepods"))
+        .unwrap();
     assert_eq!(r.config.egresses[0].spec.ports[0].number.0, 443);
     // Fixed: accepted, and the rejection is gone.
     fake.put("egresses", egress(8443));
     until(&mut watch, &mut view, |v| v.rejected().is_empty()).await;
-    let r = view.resolve(std::path::Path::new("/nonexistent/kubepods")).unwrap();
+    let r = view
+        .resolve(std::path::Path::new("/nonexistent/kubepods"))
+        .unwrap();
     assert_eq!(r.config.egresses[0].spec.ports[0].number.0, 8443);
     fake.delete("egresses", "shop", "web-out");
     until(&mut watch, &mut view, |v| {
@@ -130,7 +133,10 @@ async fn the_startup_taint_goes_and_other_taints_stay() {
     let c = client(&fake);
     assert!(remove_startup_taint(&c, "node-a").await.unwrap());
     let n = fake.get("nodes", "", "node-a").unwrap();
-    assert_eq!(n["spec"]["taints"], json!([{"key": "dedicated", "value": "db", "effect": "NoSchedule"}]));
+    assert_eq!(
+        n["spec"]["taints"],
+        json!([{"key": "dedicated", "value": "db", "effect": "NoSchedule"}])
+    );
     assert!(!remove_startup_taint(&c, "node-a").await.unwrap());
 }
 
@@ -155,15 +161,17 @@ async fn toggle_patches_the_meshconfig_and_waits_for_every_node() {
             let mut m = f.get("meshconfigs", "", "egress").unwrap();
             assert_eq!(m["spec"]["traffic"]["enableEgress"], json!(false));
             let g = m["metadata"]["generation"].clone();
-            m["status"]["nodes"]["node-a"] = json!({"generation": 4, "observedGeneration": g, "enableEgress": false});
+            m["status"]["nodes"]["node-a"] =
+                json!({"generation": 4, "observedGeneration": g, "enableEgress": false});
             m["status"]["nodes"]["node-b"] = json!({"generation": 8, "observedGeneration": g, "enableEgress": false,
                 "rejected": ["kubernetes: Egress shop/x: spec.ports[0].number: port 0 is out of range 1-65535"]});
             f.put("meshconfigs", m);
         })
     };
-    let (reports, generation) = toggle::toggle(c.clone(), Some(false), "egress", Duration::from_secs(10))
-        .await
-        .unwrap();
+    let (reports, generation) =
+        toggle::toggle(c.clone(), Some(false), "egress", Duration::from_secs(10))
+            .await
+            .unwrap();
     agents.await.unwrap();
     assert_eq!(generation, 2);
     assert_eq!(reports.len(), 2);
@@ -172,9 +180,10 @@ async fn toggle_patches_the_meshconfig_and_waits_for_every_node() {
         .all(|r| r.observed_generation == 2 && !r.enable_egress));
     assert_eq!(reports[1].rejected.len(), 1);
     // A node that does not converge is reported as such after the wait.
-    let (reports, generation) = toggle::toggle(c.clone(), Some(true), "egress", Duration::from_millis(500))
-        .await
-        .unwrap();
+    let (reports, generation) =
+        toggle::toggle(c.clone(), Some(true), "egress", Duration::from_millis(500))
+            .await
+            .unwrap();
     assert_eq!(generation, 3);
     assert!(reports.iter().all(|r| r.observed_generation < generation));
     let e = toggle::toggle(c, Some(true), "nope", Duration::from_millis(100))

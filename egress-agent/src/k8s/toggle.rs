@@ -99,12 +99,14 @@ pub async fn toggle(
     wait: Duration,
 ) -> Result<(Vec<NodeReport>, i64), Failed> {
     let api = Api::<DynamicObject>::all_with(client, &resource("MeshConfig"));
-    let not_found = |e: kube::Error| match e {
+    let not_found = |e: kube::Error| {
+        match e {
         kube::Error::Api(s) if s.code == 404 => failed(
             format!("no MeshConfig {mesh_config:?} in the cluster (kubectl get meshconfigs; see deploy/examples/)"),
             2,
         ),
         e => failed(e, 1),
+    }
     };
     let obj = match enable {
         Some(flag) => {
@@ -141,7 +143,9 @@ fn print(reports: &[NodeReport], generation: i64, enable: Option<bool>, out: Out
         );
     }
     if reports.is_empty() {
-        println!("no node has reported yet (are the agents running? kubectl -n egress-system get pods)");
+        println!(
+            "no node has reported yet (are the agents running? kubectl -n egress-system get pods)"
+        );
         return;
     }
     println!(

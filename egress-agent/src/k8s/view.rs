@@ -41,7 +41,8 @@ pub struct Pod {
     pub uid: String,
     pub qos: Option<Qos>,
     pub labels: BTreeMap<String, String>,
-    pub host_network: bool,
+    /// `status.phase` Succeeded or Failed: nothing runs, and the kubelet removed the cgroup.
+    pub finished: bool,
 }
 
 impl Pod {
@@ -61,10 +62,10 @@ impl Pod {
                 .and_then(Qos::parse),
             labels: serde_json::from_value(meta.get("labels").cloned().unwrap_or_default())
                 .unwrap_or_default(),
-            host_network: v
-                .pointer("/spec/hostNetwork")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
+            finished: matches!(
+                v.pointer("/status/phase").and_then(Value::as_str),
+                Some("Succeeded" | "Failed")
+            ),
         })
     }
 }
@@ -135,12 +136,15 @@ impl View {
             .filter(|k| k.0 == kind && !listed.contains(k))
             .cloned()
             .collect();
-        self.refused.retain(|k, _| k.0 != kind || listed.contains(k));
+        self.refused
+            .retain(|k, _| k.0 != kind || listed.contains(k));
         for k in gone {
             self.good.remove(&k);
             self.generations.remove(&k);
         }
-        objs.iter().filter_map(|o| self.apply(kind, o).err()).collect()
+        objs.iter()
+            .filter_map(|o| self.apply(kind, o).err())
+            .collect()
     }
 
     /// The name of the accepted MeshConfig.
@@ -166,12 +170,12 @@ impl View {
     }
 
     /// The policy for the pods whose cgroups exist under `root` (the kubepods cgroup).
-    /// hostNetwork pods have no network of their own to guard here and are not workloads.
+    /// hostNetwork pods are workloads like the others (their sockets are judged the same way).
     pub fn resolve(&self, root: &Path) -> Result<Resolved, ConfigError> {
         let mut dirs = BTreeMap::new();
         let mut pending = Vec::new();
         let mut text = to_text(self.good.values());
-        for pod in self.pods.values().filter(|p| !p.host_network) {
+        for pod in self.pods.values().filter(|p| !p.finished) {
             let Some(dir) = cgroups::find_pod(root, pod.qos, &pod.uid) else {
                 pending.push(pod.id.clone());
                 continue;
@@ -284,7 +288,12 @@ mod tests {
         let r = v.resolve(Path::new("/nonexistent/kubepods.slice")).unwrap();
         assert_eq!(r.config.egresses.len(), 1);
         assert!(v.delete("Egress", &egress("web-out", 1)).unwrap());
-        assert!(v.resolve(Path::new("/x")).unwrap().config.egresses.is_empty());
+        assert!(v
+            .resolve(Path::new("/x"))
+            .unwrap()
+            .config
+            .egresses
+            .is_empty());
     }
 
     #[test]
@@ -295,30 +304,47 @@ mod tests {
         let errs = v.relist("Egress", &[egress("b", 3), egress("c", 0)]);
         assert_eq!(errs.len(), 1);
         let r = v.resolve(Path::new("/x")).unwrap();
-        let names: Vec<_> = r.config.egresses.iter().map(|e| e.id.name.as_str()).collect();
+        let names: Vec<_> = r
+            .config
+            .egresses
+            .iter()
+            .map(|e| e.id.name.as_str())
+            .collect();
         assert_eq!(names, ["b"]);
     }
 
     #[test]
     fn pods_without_a_cgroup_are_pending_and_mesh_generation_is_tracked() {
         let mut v = View::default();
-        let pod = Pod::from_json(&json!({"metadata": {"name": "web-1", "namespace": "shop", "uid": "abc",
-            "labels": {"app": "web"}}, "status": {"qosClass": "BestEffort"}}))
+        let pod = Pod::from_json(
+            &json!({"metadata": {"name": "web-1", "namespace": "shop", "uid": "abc",
+            "labels": {"app": "web"}}, "status": {"qosClass": "BestEffort"}}),
+        )
         .unwrap();
         assert_eq!(pod.qos, Some(Qos::BestEffort));
         v.pods.insert(pod.id.clone(), pod);
-        v.apply("MeshConfig", &json!({"kind": "MeshConfig", "metadata": {"name": "egress", "generation": 5},
-            "spec": {"traffic": {"enableEgress": false}}}))
-            .unwrap();
+        v.apply(
+            "MeshConfig",
+            &json!({"kind": "MeshConfig", "metadata": {"name": "egress", "generation": 5},
+            "spec": {"traffic": {"enableEgress": false}}}),
+        )
+        .unwrap();
         assert_eq!(v.mesh_generation(), 5);
         let r = v.resolve(Path::new("/nonexistent/kubepods")).unwrap();
         assert_eq!(r.pending.len(), 1);
         assert!(!r.config.mesh.traffic.enable_egress);
         let e = v
-            .apply("MeshConfig", &json!({"kind": "MeshConfig", "metadata": {"name": "egress", "generation": 6},
-                "spec": {"traffic": {"enableEgres": false}}}))
+            .apply(
+                "MeshConfig",
+                &json!({"kind": "MeshConfig", "metadata": {"name": "egress", "generation": 6},
+                "spec": {"traffic": {"enableEgres": false}}}),
+            )
             .unwrap_err();
-        assert!(e.to_string().starts_with("kubernetes: MeshConfig egress: spec.traffic"), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("kubernetes: MeshConfig egress: spec.traffic"),
+            "{e}"
+        );
         assert_eq!(v.mesh_generation(), 5);
     }
 }

@@ -207,6 +207,7 @@ pub async fn reconcile(node: Node, mut watch: Watch, mut view: View, installed: 
     let mut retry = tokio::time::interval(Duration::from_secs(1));
     let mut dirty = true;
     let mut last_error = String::new();
+    let mut reported = Value::Null;
     loop {
         if dirty {
             // Coalesce a burst (a relist, a rollout) into one install.
@@ -218,6 +219,7 @@ pub async fn reconcile(node: Node, mut watch: Watch, mut view: View, installed: 
             }
             match install(&node, &view, &mut installed).await {
                 Ok(pending) => {
+                    report_status(&node, &view, &mut reported).await;
                     dirty = pending;
                     last_error.clear();
                 }
@@ -271,13 +273,13 @@ async fn install(
         .map_err(|e| e.to_string())?;
         *installed = Some((r.store, r.dirs));
     }
-    report_status(node, view).await;
     Ok(pending)
 }
 
 /// The node's entry in the MeshConfig status: the policy generation in force, the
 /// MeshConfig generation it reflects and the objects it rejected.
-async fn report_status(node: &Node, view: &View) {
+/// Patches only when the entry changed since `reported`.
+async fn report_status(node: &Node, view: &View, reported: &mut Value) {
     let name = view.mesh_name().unwrap_or(&node.mesh_config).to_string();
     let live = node.control.live.get();
     let entry = json!({
@@ -287,14 +289,19 @@ async fn report_status(node: &Node, view: &View) {
         "pods": live.workloads.len(),
         "rejected": view.rejected(),
     });
-    let patch = json!({"status": {"nodes": {node.name.clone(): entry}}});
+    if entry == *reported {
+        return;
+    }
+    let patch = json!({"status": {"nodes": {node.name.clone(): entry.clone()}}});
     let api = Api::<DynamicObject>::all_with(node.client.clone(), &resource("MeshConfig"));
     if let Err(e) = api
         .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
     {
         debug!(meshconfig = %name, error = %e, "cannot report the node's status");
+        return;
     }
+    *reported = entry;
 }
 
 /// Removes [`STARTUP_TAINT`] from the node, once: workloads the taint kept away may now be
