@@ -67,9 +67,9 @@ fn dashboard_is_json_and_uses_exported_metrics() {
 // ---- Kubernetes manifests (deploy/kubernetes), checked offline ----------------------------
 
 const CRDS: [&str; 3] = [
-    "kubernetes/crds/meshconfigs.yaml",
-    "kubernetes/crds/egresses.yaml",
-    "kubernetes/crds/egressgateways.yaml",
+    "kubernetes/base/crds/meshconfigs.yaml",
+    "kubernetes/base/crds/egresses.yaml",
+    "kubernetes/base/crds/egressgateways.yaml",
 ];
 
 fn run_in_deploy(cmd: &mut Command) -> (bool, String) {
@@ -89,14 +89,39 @@ fn run_in_deploy(cmd: &mut Command) -> (bool, String) {
 fn kustomize(dir: &str, tag: &str) -> std::path::PathBuf {
     let (ok, text) = run_in_deploy(Command::new("kubectl").args(["kustomize", dir]));
     assert!(ok, "kubectl kustomize {dir}:\n{text}");
-    let path = std::env::temp_dir().join(format!("egress-{tag}-{}.yaml", std::process::id()));
+    let path = std::env::temp_dir().join(format!(
+        "egress-{tag}-{}-{}.yaml",
+        dir.replace('/', "-"),
+        std::process::id()
+    ));
     std::fs::write(&path, &text).unwrap();
     path
 }
 
 #[test]
 fn kustomization_builds_and_every_manifest_validates_against_the_kubernetes_schemas() {
-    let built = kustomize("kubernetes", "kustomize");
+    for overlay in ["kubernetes", "kubernetes/cgroupfs"] {
+        validate_kustomization(overlay);
+    }
+    // The ServiceMonitor is a Prometheus Operator CRD kind without an offline schema here:
+    // it is checked for building only.
+    let mon = kustomize("kubernetes/monitoring", "monitoring");
+    let text = std::fs::read_to_string(&mon).unwrap();
+    assert!(text.contains("kind: ServiceMonitor"), "{text}");
+    let _ = std::fs::remove_file(mon);
+}
+
+fn validate_kustomization(dir: &str) {
+    let built = kustomize(dir, "kustomize");
+    let root = if dir.ends_with("cgroupfs") {
+        "--cgroup-root=/sys/fs/cgroup/kubepods\n"
+    } else {
+        "--cgroup-root=/sys/fs/cgroup/kubepods.slice\n"
+    };
+    assert!(
+        std::fs::read_to_string(&built).unwrap().contains(root),
+        "{dir}: no {root}"
+    );
     for version in ["1.30.0", "1.33.0"] {
         let (ok, text) = run_in_deploy(
             Command::new("python3")
@@ -124,17 +149,11 @@ fn kustomization_builds_and_every_manifest_validates_against_the_kubernetes_sche
         }
     }
     let _ = std::fs::remove_file(built);
-    // The ServiceMonitor is a Prometheus Operator CRD kind without an offline schema here:
-    // it is checked for building only.
-    let mon = kustomize("kubernetes/monitoring", "monitoring");
-    let text = std::fs::read_to_string(&mon).unwrap();
-    assert!(text.contains("kind: ServiceMonitor"), "{text}");
-    let _ = std::fs::remove_file(mon);
 }
 
 #[test]
 fn daemonset_capabilities_are_the_justified_few() {
-    let text = std::fs::read_to_string(format!("{DEPLOY}/kubernetes/daemonset.yaml")).unwrap();
+    let text = std::fs::read_to_string(format!("{DEPLOY}/kubernetes/base/daemonset.yaml")).unwrap();
     let ds: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
     let c = &ds["spec"]["template"]["spec"]["containers"][0];
     let sc = &c["securityContext"];
