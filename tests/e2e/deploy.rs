@@ -191,39 +191,44 @@ fn daemonset_capabilities_are_the_justified_few() {
     assert!(args.contains(&"--kubernetes"), "{args:?}");
     // The agent's own parser accepts the arguments the DaemonSet gives it (an unknown flag
     // fails before --help is honoured).
-    let out = Command::new(env!("CARGO_BIN_EXE_egress-agent"))
-        .args(&args)
-        .arg("--help")
-        .output()
-        .unwrap();
+    agent_ok(
+        Command::new(env!("CARGO_BIN_EXE_egress-agent"))
+            .args(&args)
+            .arg("--help"),
+    );
+}
+
+fn agent_ok(cmd: &mut Command) {
+    let out = cmd.output().expect("egress-agent");
     assert!(
         out.status.success(),
-        "{}",
+        "{cmd:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
 }
 
-#[test]
-fn example_objects_validate_against_the_crd_schemas_and_the_agent() {
+/// scripts/validate-crd-objects.py with our CRDs.
+fn crd_validator() -> Command {
     let mut cmd = Command::new("python3");
     cmd.arg("../scripts/validate-crd-objects.py");
     for crd in CRDS {
         cmd.args(["--crd", crd]);
     }
-    let (ok, text) =
-        run_in_deploy(cmd.args(["examples/kubernetes.yaml", "kubernetes/meshconfig.yaml"]));
+    cmd
+}
+
+#[test]
+fn example_objects_validate_against_the_crd_schemas_and_the_agent() {
+    let (ok, text) = run_in_deploy(
+        crd_validator().args(["examples/kubernetes.yaml", "kubernetes/meshconfig.yaml"]),
+    );
     assert!(ok, "{text}");
     assert_eq!(text.matches("ok   ").count(), 7, "{text}");
     // The same objects through the agent's own parser (the one the watcher uses).
-    let out = Command::new(env!("CARGO_BIN_EXE_egress-agent"))
-        .args(["validate", "--kubernetes", "--config"])
-        .arg(format!("{DEPLOY}/examples/kubernetes.yaml"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    agent_ok(
+        Command::new(env!("CARGO_BIN_EXE_egress-agent"))
+            .args(["validate", "--kubernetes", "--config"])
+            .arg(format!("{DEPLOY}/examples/kubernetes.yaml")),
     );
     // The schema check does catch what it should: an unknown field and an out-of-range port.
     let bad = std::env::temp_dir().join(format!("egress-bad-crd-{}.yaml", std::process::id()));
@@ -232,12 +237,7 @@ fn example_objects_validate_against_the_crd_schemas_and_the_agent() {
         "apiVersion: policy.egress.dev/v1alpha1\nkind: Egress\nmetadata: {name: x, namespace: y}\nspec: {sources: [{podSelector: {}}], ports: [{number: 70000, protocl: tcp}]}\n",
     )
     .unwrap();
-    let mut cmd = Command::new("python3");
-    cmd.arg("../scripts/validate-crd-objects.py");
-    for crd in CRDS {
-        cmd.args(["--crd", crd]);
-    }
-    let (ok, text) = run_in_deploy(cmd.arg(&bad));
+    let (ok, text) = run_in_deploy(crd_validator().arg(&bad));
     let _ = std::fs::remove_file(&bad);
     assert!(!ok, "{text}");
     assert!(text.contains("'protocl' was unexpected"), "{text}");
