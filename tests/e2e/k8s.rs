@@ -180,10 +180,15 @@ fn pods_are_enforced_per_pod(driver: Driver, kubepods: &str, runtime: &str) {
     // (pending, then enforced); web-a deleted. db-b is judged the same throughout.
     fake.put("pods", pod("web-c", &c, "web", "Guaranteed", NODE));
     thread::sleep(Duration::from_millis(300));
+    let t0 = Instant::now();
     let web_c = make_pod(&tree, kubepods, driver, Qos::Guaranteed, &c, &cid("c3"));
     eventually("web-c is enrolled", &agent, || {
         metric(&agent, "egress_workloads ") == Some(3.0)
     });
+    eprintln!(
+        "{kubepods}: web-c enrolled {} ms after its cgroup appeared",
+        t0.elapsed().as_millis()
+    );
     assert_eq!(verdict(&web_c, "127.77.0.1"), ALLOWED);
     assert_eq!(verdict(&web_c, "127.78.0.1"), EPERM);
     let gen_before = metric(&agent, "egress_policy_generation ").unwrap();

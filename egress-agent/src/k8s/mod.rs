@@ -6,11 +6,13 @@
 //!   containerd and CRI-O), pure functions.
 //! - [`view`]: the node's pods and the last valid version of each policy object, turned into
 //!   the same `Config` a policy file gives.
+//! - [`appear`]: inotify on the kubepods cgroup, so a new pod is enrolled at once.
 //! - [`watch`]: list/watch against the API server, reconcile into `Control`, status reports,
 //!   the startup taint.
 //! - [`toggle`]: `egress enable|disable|status --kubernetes`.
 //! - [`fake`]: a fake API server for the tests.
 
+pub mod appear;
 pub mod cgroups;
 pub mod fake;
 pub mod toggle;

@@ -204,15 +204,29 @@ pub struct Node {
 /// not made yet, and reports each node's generation in the MeshConfig status.
 pub async fn reconcile(node: Node, mut watch: Watch, mut view: View, installed: Installed) {
     let mut installed = Some(installed);
-    let mut retry = tokio::time::interval(Duration::from_secs(1));
+    // Pods whose cgroup the kubelet has not made yet are looked for this often: until then,
+    // their processes are not judged (see the README's status).
+    let mut retry = tokio::time::interval(Duration::from_millis(250));
     let mut dirty = true;
     let mut last_error = String::new();
     let mut reported = Value::Null;
+    let mut appeared = match super::appear::watch(&node.control.root.path) {
+        Ok(rx) => Some(rx),
+        Err(e) => {
+            warn!(error = %e, "cannot watch the kubepods cgroup for new pods; looking every 0.25 s instead");
+            None
+        }
+    };
     loop {
         if dirty {
-            // Coalesce a burst (a relist, a rollout) into one install.
-            while let Ok(Some((changed, errs))) =
-                tokio::time::timeout(Duration::from_millis(50), watch.next(&mut view)).await
+            // Coalesce a burst (a relist, a rollout) into one install, for at most 0.5 s.
+            let until = tokio::time::Instant::now() + Duration::from_millis(500);
+            while let Ok(Some((changed, errs))) = tokio::time::timeout(
+                Duration::from_millis(50)
+                    .min(until.saturating_duration_since(tokio::time::Instant::now())),
+                watch.next(&mut view),
+            )
+            .await
             {
                 dirty |= changed;
                 report(&errs, Some(&node.metrics));
@@ -240,6 +254,7 @@ pub async fn reconcile(node: Node, mut watch: Watch, mut view: View, installed: 
                 None => return,
             },
             _ = retry.tick() => dirty |= installed.is_none() || !last_error.is_empty(),
+            Some(()) = async { appeared.as_mut()?.recv().await } => dirty = true,
         }
     }
 }
