@@ -104,6 +104,8 @@ pub struct Control {
     /// Workloads whose cgroup someone else made (Kubernetes pods: the kubelet's), by name;
     /// the others are `<root>/<namespace>/<name>`, created by the agent.
     dirs: RwLock<BTreeMap<ObjectRef, PathBuf>>,
+    /// Kubernetes mode: cgroups below the root that are no workload are refused.
+    refuse_unenrolled: std::sync::atomic::AtomicBool,
 }
 
 impl Control {
@@ -123,7 +125,15 @@ impl Control {
             live,
             state_file,
             dirs: RwLock::default(),
+            refuse_unenrolled: Default::default(),
         }
+    }
+
+    /// Kubernetes mode: from the next install on, the kernel refuses (failMode closed) every
+    /// cgroup below the root that is no workload, i.e. a pod not enrolled yet.
+    pub fn set_refuse_unenrolled(&self, on: bool) {
+        self.refuse_unenrolled
+            .store(on, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// The cgroup directory of workload `w`.
@@ -183,6 +193,9 @@ impl Control {
             proxy_ip4: Ipv4Addr::LOCALHOST.octets(),
             proxy_ip6: Ipv6Addr::LOCALHOST.octets(),
             events_all: events_all as u32,
+            refuse_unenrolled: self
+                .refuse_unenrolled
+                .load(std::sync::atomic::Ordering::SeqCst) as u32,
             ..c.config
         }
     }

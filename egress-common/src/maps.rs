@@ -83,7 +83,10 @@ pub struct MeshConfig {
     /// 1: a verdict event for every judged connection; 0: only for those not let through
     /// plainly (deny, proxy, audit, error). Allowed traffic is always counted.
     pub events_all: u32,
-    pub _pad1: u32,
+    /// 1 (Kubernetes mode, where every cgroup below the root is a pod's): a cgroup below the
+    /// root that is no workload (a pod not enrolled yet) is judged an internal error, refused
+    /// unless `failMode: open`. 0: such cgroups are untouched. (Was padding: same layout.)
+    pub refuse_unenrolled: u32,
 }
 
 /// What the kernel knows about one enrolled cgroup.

@@ -214,7 +214,22 @@ fn judge(ctx: &SockAddrContext, dst: &Dst, proto: u8, hook: u8) -> Act {
         }
     }
     let Some(w) = workload(cg, set, cfg.map(|c| c.root_level)) else {
-        return Act::Pass; // not enrolled: untouched
+        // Kubernetes mode: every cgroup below the kubepods root is a pod's, and one the agent
+        // has not enrolled yet is an internal error (failMode decides), so no pod runs
+        // unjudged. Otherwise a cgroup that is no workload is untouched.
+        if let Some(c) = cfg {
+            if c.refuse_unenrolled != 0 {
+                let d = Decision {
+                    outcome: on_error(Some(c)),
+                    rule_id: 0,
+                };
+                record(Some(c), cg, 0, &dst.addr, proto, hook, d);
+                if d.outcome.is_denied() {
+                    return Act::Refuse;
+                }
+            }
+        }
+        return Act::Pass;
     };
     let Some(cfg) = cfg else {
         error!(ctx, "egress: no mesh config, refusing cgroup {}", cg);

@@ -199,8 +199,8 @@ fn pods_are_enforced_per_pod(driver: Driver, kubepods: &str, runtime: &str) {
     assert!(metric(&agent, "egress_policy_generation ").unwrap() > gen_before);
     assert_eq!(verdict(&db_b, "127.77.0.1"), EPERM);
     assert_eq!(verdict(&web_c, "127.77.0.1"), ALLOWED);
-    // The pod's cgroup no longer enrolled: its processes are no workload any more.
-    assert_eq!(verdict(&web_a, "127.78.0.1"), ALLOWED);
+    // The deleted pod's cgroup is no workload any more: what still runs there is refused.
+    assert_eq!(verdict(&web_a, "127.77.0.1"), EPERM);
 
     // A container restart: the runtime makes a new container cgroup in the same pod cgroup;
     // no API event is needed for it to be judged as its pod.
@@ -222,7 +222,7 @@ fn pods_are_enforced_per_pod(driver: Driver, kubepods: &str, runtime: &str) {
         &agent,
         || verdict(&db_b2, "127.77.0.1") == ALLOWED,
     );
-    assert_eq!(verdict(&db_b, "127.78.0.1"), ALLOWED);
+    assert_eq!(verdict(&db_b, "127.77.0.1"), EPERM);
     assert_eq!(verdict(&db_b2, "127.78.0.1"), EPERM);
 
     // The cluster toggle: patch the MeshConfig, every node (here one) converges and says so.
@@ -232,6 +232,17 @@ fn pods_are_enforced_per_pod(driver: Driver, kubepods: &str, runtime: &str) {
     );
     assert!(out.contains(NODE) && out.contains("converged"), "{out}");
     assert_eq!(verdict(&db_b2, "127.78.0.1"), ALLOWED);
+    // No pod runs unjudged: a pod cgroup the agent was not told of (yet) is refused even
+    // where enrolled pods pass (failMode closed).
+    let unknown = make_pod(
+        &tree,
+        kubepods,
+        driver,
+        Qos::BestEffort,
+        &uid(0x99),
+        &cid("99"),
+    );
+    assert_eq!(verdict(&unknown, "127.78.0.1"), EPERM);
     let out = cluster_cli(
         &kubeconfig,
         &["egress", "disable", "--kubernetes", "--wait", "20"],

@@ -180,19 +180,28 @@ impl View {
                 pending.push(pod.id.clone());
                 continue;
             };
-            let doc = serde_json::json!({
-                "kind": "Workload",
-                "metadata": {"name": pod.id.name, "namespace": pod.id.namespace, "labels": pod.labels},
-            });
-            let doc = to_text([&serde_yaml::to_value(doc).unwrap_or_default()]);
-            // A pod name the policy format cannot hold (e.g. one with a dot) is left out and
-            // reported, not allowed to block every other pod.
-            if let Err(e) = config::parse_unlinked(&doc, SOURCE) {
-                tracing::warn!(pod = %pod.id, error = %e, "pod left out of enforcement");
+            // A pod name the policy format cannot hold (one with a dot, as static pods named
+            // after a node's FQDN have) is enrolled as `pod-<uid>`: its labels still select it.
+            let Some((id, doc)) = [pod.id.name.clone(), format!("pod-{}", pod.uid)]
+                .into_iter()
+                .map(|name| {
+                    let id = ObjectRef {
+                        namespace: pod.id.namespace.clone(),
+                        name,
+                    };
+                    let doc = serde_json::json!({
+                        "kind": "Workload",
+                        "metadata": {"name": id.name, "namespace": id.namespace, "labels": pod.labels},
+                    });
+                    (id, to_text([&serde_yaml::to_value(doc).unwrap_or_default()]))
+                })
+                .find(|(_, doc)| config::parse_unlinked(doc, SOURCE).is_ok())
+            else {
+                tracing::warn!(pod = %pod.id, "pod left out of enforcement: no valid workload name");
                 continue;
-            }
+            };
             text.push_str(&doc);
-            dirs.insert(pod.id.clone(), dir);
+            dirs.insert(id, dir);
         }
         let config = config::parse_unlinked(&text, SOURCE)?;
         let store = Store::parse_fragment(&text, SOURCE)?;
@@ -294,6 +303,35 @@ mod tests {
             .config
             .egresses
             .is_empty());
+    }
+
+    #[test]
+    fn a_pod_name_with_a_dot_is_enrolled_by_uid() {
+        let root =
+            std::env::temp_dir().join(format!("egress-view-{}/kubepods", std::process::id()));
+        let pod = Pod::from_json(
+            &json!({"metadata": {"name": "kube-apiserver-cp1.example.com",
+            "namespace": "kube-system", "uid": "1234-abcd", "labels": {"tier": "control-plane"}},
+            "status": {"qosClass": "Burstable"}}),
+        )
+        .unwrap();
+        let dir = root.join(cgroups::pod_dir(
+            cgroups::Driver::Cgroupfs,
+            Qos::Burstable,
+            "1234-abcd",
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("cgroup.procs"), "").unwrap();
+        let mut v = View::default();
+        v.pods.insert(pod.id.clone(), pod);
+        let r = v.resolve(&root).unwrap();
+        std::fs::remove_dir_all(root.parent().unwrap()).unwrap();
+        let want = ObjectRef {
+            namespace: "kube-system".into(),
+            name: "pod-1234-abcd".into(),
+        };
+        assert_eq!(r.dirs.get(&want), Some(&dir));
+        assert_eq!(r.config.workloads[0].labels["tier"], "control-plane");
     }
 
     #[test]
