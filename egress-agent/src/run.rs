@@ -95,11 +95,15 @@ fn raise_fd_limit() {
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     raise_fd_limit();
     let root = CgroupRoot::new(&opts.cgroup_root, opts.allow_root_cgroup)?;
+    let state_file = opts
+        .state_file
+        .clone()
+        .unwrap_or_else(|| default_state_file(&opts.pin_dir));
     // Kubernetes mode: the first sync of pods and policy objects stands in for the file.
     let mut cluster = None;
     let (file_store, file_cfg) = match &opts.kubernetes {
         Some(k) => {
-            let started = k8s::first_sync(k, &root.path).await?;
+            let started = k8s::first_sync(k, &root.path, &state_file).await?;
             let r = &started.resolved;
             let loaded = (r.store.clone(), r.config.clone());
             cluster = Some(started);
@@ -112,10 +116,6 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         .as_ref()
         .map(|c| c.resolved.dirs.clone())
         .unwrap_or_default();
-    let state_file = opts
-        .state_file
-        .clone()
-        .unwrap_or_else(|| default_state_file(&opts.pin_dir));
 
     // The admin socket doubles as the lock: a second agent on it is refused here.
     let admin_listener = admin::bind(&opts.admin_socket).await?;

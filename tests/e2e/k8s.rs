@@ -260,6 +260,18 @@ fn pods_are_enforced_per_pod(driver: Driver, kubepods: &str, runtime: &str) {
     assert_eq!(v["nodes"][0]["node"], NODE);
     assert_eq!(v["nodes"][0]["enable_egress"], false);
 
+    // kill -9: the pinned programs and maps keep enforcing per pod while the agent is down;
+    // a new agent syncs again and takes over without a gap.
+    agent.kill();
+    assert_eq!(verdict(&web_c, "127.77.0.1"), ALLOWED);
+    assert_eq!(verdict(&web_c, "127.78.0.1"), EPERM);
+    assert_eq!(verdict(&unknown, "127.78.0.1"), EPERM);
+    agent.spawn();
+    assert_eq!(agent.http_get("/readyz").0, "HTTP/1.1 200 OK");
+    assert_eq!(verdict(&web_c, "127.77.0.1"), ALLOWED);
+    assert_eq!(verdict(&db_b2, "127.78.0.1"), EPERM);
+    assert_eq!(metric(&agent, "egress_workloads "), Some(2.0));
+
     drop(agent);
     let _ = std::fs::remove_file(kubeconfig);
 }

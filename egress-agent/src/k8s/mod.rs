@@ -52,10 +52,18 @@ pub struct Started {
 
 /// Connects, lists the node's pods and the policy objects (the first sync), and resolves the
 /// pods' cgroups under `root`. Nothing on the machine changes here.
-pub async fn first_sync(opts: &Options, root: &std::path::Path) -> anyhow::Result<Started> {
+pub async fn first_sync(
+    opts: &Options,
+    root: &std::path::Path,
+    state_file: &std::path::Path,
+) -> anyhow::Result<Started> {
     let client = client().await?;
     let mut watch = watch::Watch::start(client.clone(), &opts.node);
     let mut view = view::View::default();
+    if let Ok(saved) = std::fs::read_to_string(state_file) {
+        let n = view.seed(&saved);
+        tracing::info!(state_file = %state_file.display(), objects = n, "the last accepted policy objects stay in force where the cluster's are invalid");
+    }
     tracing::info!(node = %opts.node, "waiting for the first list of pods and policy objects");
     let rejected = watch.first_sync(&mut view).await?;
     let resolved = view.resolve(root)?;

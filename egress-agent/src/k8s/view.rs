@@ -111,6 +111,34 @@ impl View {
         Ok(changed)
     }
 
+    /// Starts from the policy objects the previous run had accepted (its saved live policy,
+    /// `--state-file`): an object whose current version is invalid then keeps its last valid
+    /// version across a restart too. Pods are not taken from it (the API server says which
+    /// run here). Returns how many objects were taken.
+    pub fn seed(&mut self, saved: &str) -> usize {
+        use serde::Deserialize as _;
+        let mut n = 0;
+        for doc in serde_yaml::Deserializer::from_str(saved) {
+            let Ok(v) = serde_yaml::Value::deserialize(doc) else {
+                continue;
+            };
+            let kind = v.get("kind").and_then(|k| k.as_str()).unwrap_or("");
+            if !KINDS.iter().any(|(k, _, _)| *k == kind) {
+                continue;
+            }
+            let json = serde_json::to_value(&v).unwrap_or_default();
+            let key = key_of(kind, &json);
+            let mut next = self.good.clone();
+            next.insert(key.clone(), policy_doc(kind, &json));
+            if validate(&next).is_ok() {
+                self.good = next;
+                self.generations.insert(key, 0);
+                n += 1;
+            }
+        }
+        n
+    }
+
     /// Removes a policy object. A removal that would leave the rest invalid (nothing today)
     /// is refused like an invalid change.
     pub fn delete(&mut self, kind: &str, obj: &Value) -> Result<bool, ConfigError> {
@@ -332,6 +360,28 @@ mod tests {
         };
         assert_eq!(r.dirs.get(&want), Some(&dir));
         assert_eq!(r.config.workloads[0].labels["tier"], "control-plane");
+    }
+
+    #[test]
+    fn a_saved_valid_version_outlives_a_restart() {
+        let mut before = View::default();
+        before.apply("Egress", &egress("web-out", 443)).unwrap();
+        let saved = before.resolve(Path::new("/x")).unwrap().store.to_text();
+        let mut after = View::default();
+        assert_eq!(after.seed(&saved), 1);
+        // The cluster now holds an invalid version: the saved one stays in force.
+        let errs = after.relist("Egress", &[egress("web-out", 0)]);
+        assert_eq!(errs.len(), 1);
+        let r = after.resolve(Path::new("/x")).unwrap();
+        assert_eq!(r.config.egresses[0].spec.ports[0].number.0, 443);
+        // Gone from the cluster: gone here.
+        after.relist("Egress", &[]);
+        assert!(after
+            .resolve(Path::new("/x"))
+            .unwrap()
+            .config
+            .egresses
+            .is_empty());
     }
 
     #[test]
