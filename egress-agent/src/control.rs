@@ -66,6 +66,9 @@ pub enum ControlError {
     Compile(#[from] CompileError),
     #[error("{0}")]
     NotFound(String),
+    /// A local change to a policy someone else manages (Kubernetes mode).
+    #[error("{0}")]
+    Managed(String),
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
     #[error(transparent)]
@@ -77,7 +80,7 @@ impl ControlError {
     pub fn is_invalid(&self) -> bool {
         matches!(
             self,
-            Self::Invalid(_) | Self::Compile(_) | Self::NotFound(_)
+            Self::Invalid(_) | Self::Compile(_) | Self::NotFound(_) | Self::Managed(_)
         )
     }
 }
@@ -104,8 +107,9 @@ pub struct Control {
     /// Workloads whose cgroup someone else made (Kubernetes pods: the kubelet's), by name;
     /// the others are `<root>/<namespace>/<name>`, created by the agent.
     dirs: RwLock<BTreeMap<ObjectRef, PathBuf>>,
-    /// Kubernetes mode: cgroups below the root that are no workload are refused.
-    refuse_unenrolled: std::sync::atomic::AtomicBool,
+    /// Kubernetes mode: the policy comes from the API server, and cgroups below the root
+    /// that are no workload (pods not enrolled) are refused.
+    kubernetes: std::sync::atomic::AtomicBool,
 }
 
 impl Control {
@@ -125,15 +129,29 @@ impl Control {
             live,
             state_file,
             dirs: RwLock::default(),
-            refuse_unenrolled: Default::default(),
+            kubernetes: Default::default(),
         }
     }
 
     /// Kubernetes mode: from the next install on, the kernel refuses (failMode closed) every
-    /// cgroup below the root that is no workload, i.e. a pod not enrolled yet.
-    pub fn set_refuse_unenrolled(&self, on: bool) {
-        self.refuse_unenrolled
+    /// cgroup below the root that is no workload, i.e. a pod not enrolled yet; local policy
+    /// changes are refused (the API server's objects would undo them).
+    pub fn set_kubernetes(&self, on: bool) {
+        self.kubernetes
             .store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn kubernetes(&self) -> bool {
+        self.kubernetes.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn local_change(&self) -> Result<(), ControlError> {
+        if self.kubernetes() {
+            return Err(ControlError::Managed(
+                "this agent runs in Kubernetes mode: change the MeshConfig and Egress objects (kubectl, or `egress-agent egress enable|disable --kubernetes`)".into(),
+            ));
+        }
+        Ok(())
     }
 
     /// The cgroup directory of workload `w`.
@@ -193,9 +211,7 @@ impl Control {
             proxy_ip4: Ipv4Addr::LOCALHOST.octets(),
             proxy_ip6: Ipv6Addr::LOCALHOST.octets(),
             events_all: events_all as u32,
-            refuse_unenrolled: self
-                .refuse_unenrolled
-                .load(std::sync::atomic::Ordering::SeqCst) as u32,
+            refuse_unenrolled: self.kubernetes() as u32,
             ..c.config
         }
     }
@@ -291,6 +307,7 @@ impl Control {
 
     /// `policy apply`: upserts the objects of `text` into the live set.
     pub fn apply(&self, text: &str, file: &str, who: &str) -> Result<Applied, ControlError> {
+        self.local_change()?;
         let mut store = self.store();
         let add = Store::parse_fragment(text, file)?;
         let (next, cfg) = store.merge(&add, file)?;
@@ -304,6 +321,7 @@ impl Control {
 
     /// `policy delete`: removes one Egress.
     pub fn delete(&self, id: &ObjectRef, who: &str) -> Result<Applied, ControlError> {
+        self.local_change()?;
         let mut store = self.store();
         let (next, cfg) = store
             .without_egress(id)
@@ -315,6 +333,7 @@ impl Control {
 
     /// SIGHUP: the policy file replaces the live set.
     pub fn replace(&self, text: &str, file: &str, who: &str) -> Result<Applied, ControlError> {
+        self.local_change()?;
         let mut store = self.store();
         let (next, cfg) = Store::parse(text, file)?;
         let applied = self.install(&cfg, &next, who, &format!("reload {file}"))?;
@@ -324,6 +343,7 @@ impl Control {
 
     /// `egress enable|disable`: one u32 in the policy in force, no rebuild.
     pub fn set_enable_egress(&self, enable: bool, who: &str) -> Result<Applied, ControlError> {
+        self.local_change()?;
         let mut store = self.store();
         let (next, _cfg) = store.with_enable_egress(enable)?;
         let generation = self.generation() + 1;

@@ -178,7 +178,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         Some(state_file.clone()),
     ));
     control.set_dirs(dirs);
-    control.set_refuse_unenrolled(cluster.is_some());
+    control.set_kubernetes(cluster.is_some());
     if resume
         && running.events_all == opts.all_flows as u32
         && running.agent_cgroup_id == agent_cgroup

@@ -260,6 +260,18 @@ fn pods_are_enforced_per_pod(driver: Driver, kubepods: &str, runtime: &str) {
     assert_eq!(v["nodes"][0]["node"], NODE);
     assert_eq!(v["nodes"][0]["enable_egress"], false);
 
+    // The local admin socket still answers questions, but local policy changes are refused:
+    // the API server's objects are the policy.
+    let check = agent.cli_ok(&["policy", "check", "-w", "shop/web-c", "127.77.0.1:9"]);
+    assert!(check.contains("shop/web-out"), "{check}");
+    let out = agent.cli(&["egress", "enable"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Kubernetes mode"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // kill -9: the pinned programs and maps keep enforcing per pod while the agent is down;
     // a new agent syncs again and takes over without a gap.
     agent.kill();
