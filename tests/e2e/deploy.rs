@@ -234,13 +234,17 @@ fn example_objects_validate_against_the_crd_schemas_and_the_agent() {
     let bad = std::env::temp_dir().join(format!("egress-bad-crd-{}.yaml", std::process::id()));
     std::fs::write(
         &bad,
-        "apiVersion: policy.egress.dev/v1alpha1\nkind: Egress\nmetadata: {name: x, namespace: y}\nspec: {sources: [{podSelector: {}}], ports: [{number: 70000, protocl: tcp}]}\n",
+        "apiVersion: policy.egress.dev/v1alpha1\nkind: Egress\nmetadata: {name: x, namespace: y}\nspec: {sources: [{name: a, podSelector: {}}], ports: [{number: 70000, protocl: tcp}]}\n",
     )
     .unwrap();
     let (ok, text) = run_in_deploy(crd_validator().arg(&bad));
     let _ = std::fs::remove_file(&bad);
     assert!(!ok, "{text}");
     assert!(text.contains("'protocl' was unexpected"), "{text}");
+    assert!(
+        text.contains("spec.sources.0: {"),
+        "name and podSelector both: {text}"
+    );
     assert!(
         text.contains("spec.ports.0.number: 70000 is greater than the maximum of 65535"),
         "{text}"

@@ -131,6 +131,14 @@ fn pods_are_enforced_per_pod(driver: Driver, kubepods: &str, runtime: &str) {
                "metadata": {"name": "egress"},
                "spec": {"traffic": {"enableEgress": false}, "proxy": {"port": agent.proxy_port}}}),
     );
+    // The node was registered with the startup taint: no workload is scheduled on it until
+    // its agent enforces.
+    fake.put(
+        "nodes",
+        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE},
+               "spec": {"taints": [{"key": "egress.dev/agent-not-ready", "value": "true", "effect": "NoSchedule"},
+                                   {"key": "gpu", "effect": "NoSchedule"}]}}),
+    );
     let kubeconfig = agent.config.with_extension("kubeconfig");
     fake.write_kubeconfig(&kubeconfig).unwrap();
     agent.root = tree.path.join(kubepods);
@@ -141,6 +149,14 @@ fn pods_are_enforced_per_pod(driver: Driver, kubepods: &str, runtime: &str) {
     agent.spawn();
     assert_eq!(agent.http_get("/readyz").0, "HTTP/1.1 200 OK");
     assert_eq!(metric(&agent, "egress_workloads "), Some(2.0));
+    eventually(
+        "the startup taint is removed, the others kept",
+        &agent,
+        || {
+            fake.get("nodes", "", NODE).unwrap()["spec"]["taints"]
+                == json!([{"key": "gpu", "effect": "NoSchedule"}])
+        },
+    );
 
     // Per pod: web is allowed to 127.77/16 port 9, db is not; neither elsewhere.
     assert_eq!(verdict(&web_a, "127.77.0.1"), ALLOWED);
