@@ -186,6 +186,23 @@ fn pods_are_enforced_per_pod(driver: Driver, kubepods: &str, runtime: &str) {
         metric(&agent, "egress_policy_rejected_total{kind=\"Egress\"}") == Some(1.0)
     });
     assert_eq!(verdict(&web_a, "127.77.0.1"), ALLOWED);
+    eventually(
+        "a Warning Event names the object and the field",
+        &agent,
+        || {
+            fake.list("events").iter().any(|e| {
+                e["reason"] == "Rejected"
+                    && e["type"] == "Warning"
+                    && e["regarding"]["kind"] == "Egress"
+                    && e["regarding"]["name"] == "web-out"
+                    && e["metadata"]["namespace"] == "shop"
+                    && e["reportingInstance"] == NODE
+                    && e["note"]
+                        .as_str()
+                        .is_some_and(|n| n.contains("spec.ports[0].number"))
+            })
+        },
+    );
     eventually("the node reports the rejection", &agent, || {
         fake.get("meshconfigs", "", "egress").unwrap()["status"]["nodes"][NODE]["rejected"]
             .as_array()

@@ -2,8 +2,9 @@
 //! in-process HTTP/1.1 server on 127.0.0.1 (plain http) that speaks just enough of the real
 //! list/watch JSON protocol for the agent's kube client: lists with a `resourceVersion`,
 //! `watch=true` streams of newline-delimited `{"type":"ADDED","object":{...}}` events (chunked)
-//! replayed from that version, the `spec.nodeName` field selector on pods, GET, and JSON merge
-//! PATCH (also on `/status`, and with a `metadata.resourceVersion` precondition). Tests put,
+//! replayed from that version, the `spec.nodeName` field selector on pods, GET, POST (create)
+//! and JSON merge PATCH (also on `/status`, and with a `metadata.resourceVersion`
+//! precondition), for any group and version. Tests put,
 //! change and delete objects with [`FakeApiServer::put`] and [`FakeApiServer::delete`].
 
 use std::{
@@ -19,8 +20,6 @@ use tokio::{
     net::{TcpListener, TcpStream},
     sync::broadcast,
 };
-
-const GROUP_PREFIX: &str = "/apis/policy.egress.dev/v1alpha1/";
 
 /// One stored change: (resourceVersion, collection, event type, object).
 type Event = (u64, String, &'static str, Value);
@@ -126,15 +125,22 @@ impl FakeApiServer {
             .cloned()
     }
 
+    /// Every object of a collection.
+    pub fn list(&self, collection: &str) -> Vec<Value> {
+        self.lock()
+            .objects
+            .get(collection)
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
     /// Every request so far: `METHOD path?query`.
     pub fn requests(&self) -> Vec<String> {
         self.lock().requests.clone()
     }
 
     fn emit(&self, st: &mut State, collection: &str, kind: &'static str, obj: Value) {
-        let ev = (st.rv, collection.to_string(), kind, obj);
-        st.history.push(ev.clone());
-        let _ = self.events.send(ev);
+        publish(st, &self.events, collection, kind, obj);
     }
 }
 
@@ -188,6 +194,19 @@ fn upsert(
         .or_default()
         .insert(key, obj.clone());
     (obj, if prev.is_some() { "MODIFIED" } else { "ADDED" })
+}
+
+/// Stores a change in the history and tells the watches.
+fn publish(
+    st: &mut State,
+    events: &broadcast::Sender<Event>,
+    collection: &str,
+    kind: &'static str,
+    obj: Value,
+) {
+    let ev = (st.rv, collection.to_string(), kind, obj);
+    st.history.push(ev.clone());
+    let _ = events.send(ev);
 }
 
 /// RFC 7386 JSON merge patch.
@@ -275,31 +294,36 @@ fn unescape(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// The request's target: (collection, namespace, name, subresource, list kind, apiVersion).
+/// What a request names: a collection, maybe one object of it, maybe its status.
 struct Target {
     collection: String,
     name: Option<String>,
     status: bool,
-    api_version: &'static str,
+    namespace: Option<String>,
+    api_version: String,
 }
 
 fn target(path: &str) -> Option<Target> {
     let (rest, api_version) = if let Some(r) = path.strip_prefix("/api/v1/") {
-        (r, "v1")
+        (r, "v1".to_string())
     } else {
-        (
-            path.strip_prefix(GROUP_PREFIX)?,
-            "policy.egress.dev/v1alpha1",
-        )
+        // /apis/<group>/<version>/...
+        let r = path.strip_prefix("/apis/")?;
+        let mut it = r.splitn(3, '/');
+        let (group, version, rest) = (it.next()?, it.next()?, it.next()?);
+        (rest, format!("{group}/{version}"))
     };
     let mut seg: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
+    let mut namespace = None;
     if seg.first() == Some(&"namespaces") && seg.len() >= 3 {
+        namespace = Some(seg[1].to_string());
         seg.drain(..2); // namespaced paths: objects are found by name alone here
     }
     Some(Target {
         collection: seg.first()?.to_string(),
         name: seg.get(1).map(|s| s.to_string()),
         status: seg.get(2) == Some(&"status"),
+        namespace,
         api_version,
     })
 }
@@ -380,7 +404,7 @@ fn answer(
                 .unwrap_or_default();
             (
                 200,
-                json!({"apiVersion": t.api_version, "kind": "List",
+                json!({"apiVersion": &t.api_version, "kind": "List",
                        "metadata": {"resourceVersion": st.rv.to_string()}, "items": items}),
             )
         }
@@ -422,10 +446,27 @@ fn answer(
                 merge(&mut next, &patch);
             }
             let (obj, kind) = upsert(&mut st, &t.collection, next, Some(&cur));
-            let ev = (st.rv, t.collection.clone(), kind, obj.clone());
-            st.history.push(ev.clone());
-            let _ = events.send(ev);
+            publish(&mut st, events, &t.collection, kind, obj.clone());
             (200, obj)
+        }
+        ("POST", None) => {
+            let Ok(mut obj) = serde_json::from_slice::<Value>(&req.body) else {
+                return status(400, "BadRequest", "the object is not JSON");
+            };
+            if let (Some(ns), true) = (&t.namespace, obj["metadata"]["namespace"].is_null()) {
+                obj["metadata"]["namespace"] = Value::from(ns.clone());
+            }
+            let name = obj["metadata"]["name"].as_str().unwrap_or("").to_string();
+            if name.is_empty() || find(&st, &name).is_some() {
+                return status(
+                    409,
+                    "AlreadyExists",
+                    &format!("{} {name:?} exists or has no name", t.collection),
+                );
+            }
+            let (obj, kind) = upsert(&mut st, &t.collection, obj, None);
+            publish(&mut st, events, &t.collection, kind, obj.clone());
+            (201, obj)
         }
         _ => status(405, "MethodNotAllowed", "not supported by the fake"),
     }
@@ -435,7 +476,11 @@ async fn respond(s: &mut TcpStream, code: u16, body: &Value) -> std::io::Result<
     let body = body.to_string();
     let head = format!(
         "HTTP/1.1 {code} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-        if code == 200 { "OK" } else { "Error" },
+        match code {
+            200 => "OK",
+            201 => "Created",
+            _ => "Error",
+        },
         body.len()
     );
     s.write_all(head.as_bytes()).await?;

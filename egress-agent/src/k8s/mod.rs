@@ -88,7 +88,12 @@ pub async fn run(
         tracing::warn!(node = %opts.node, error = %e, "cannot remove the startup taint {} (does the ClusterRole allow get/patch on nodes?)", watch::STARTUP_TAINT);
     }
     let installed = (started.resolved.store, started.resolved.dirs);
+    let reporter = kube::runtime::events::Reporter {
+        controller: "egress-agent".into(),
+        instance: Some(opts.node.clone()),
+    };
     let node = watch::Node {
+        recorder: kube::runtime::events::Recorder::new(started.client.clone(), reporter),
         client: started.client,
         name: opts.node,
         mesh_config: opts.mesh_config,

@@ -89,6 +89,8 @@ pub struct View {
     generations: BTreeMap<Key, i64>,
     /// Objects whose latest version was refused, with the reason.
     refused: BTreeMap<Key, String>,
+    /// `metadata.uid` of every policy object seen (Events name their object by it).
+    uids: BTreeMap<Key, String>,
 }
 
 impl View {
@@ -96,6 +98,9 @@ impl View {
     /// keeps the previous version. Ok(true) when the accepted policy changed.
     pub fn apply(&mut self, kind: &str, obj: &Value) -> Result<bool, ConfigError> {
         let key = key_of(kind, obj);
+        if let Some(uid) = obj.pointer("/metadata/uid").and_then(Value::as_str) {
+            self.uids.insert(key.clone(), uid.to_string());
+        }
         let doc = policy_doc(kind, obj);
         let mut next = self.good.clone();
         next.insert(key.clone(), doc.clone());
@@ -144,6 +149,7 @@ impl View {
     pub fn delete(&mut self, kind: &str, obj: &Value) -> Result<bool, ConfigError> {
         let key = key_of(kind, obj);
         self.refused.remove(&key);
+        self.uids.remove(&key);
         let mut next = self.good.clone();
         if next.remove(&key).is_none() {
             return Ok(false);
@@ -169,6 +175,9 @@ impl View {
         let mut all = self.good.clone();
         for o in objs {
             all.insert(key_of(kind, o), policy_doc(kind, o));
+            if let Some(uid) = o.pointer("/metadata/uid").and_then(Value::as_str) {
+                self.uids.insert(key_of(kind, o), uid.to_string());
+            }
         }
         if validate(&all).is_ok() {
             self.good = all;
@@ -195,6 +204,16 @@ impl View {
     /// Why the objects whose latest version was refused were refused.
     pub fn rejected(&self) -> Vec<&str> {
         self.refused.values().map(String::as_str).collect()
+    }
+
+    /// The refused objects by key, with the reason.
+    pub fn refused(&self) -> &BTreeMap<Key, String> {
+        &self.refused
+    }
+
+    /// The uid of a policy object seen.
+    pub fn uid(&self, key: &Key) -> Option<&str> {
+        self.uids.get(key).map(String::as_str)
     }
 
     /// `metadata.generation` of the accepted MeshConfig, 0 without one.
@@ -316,6 +335,16 @@ mod tests {
             "status": {"anything": true}})
     }
 
+    /// The first port of each Egress in force.
+    fn ports(v: &View) -> Vec<u16> {
+        let r = v.resolve(Path::new("/nonexistent/kubepods.slice")).unwrap();
+        r.config
+            .egresses
+            .iter()
+            .map(|e| e.spec.ports[0].number.0)
+            .collect()
+    }
+
     #[test]
     fn a_bad_object_is_reported_and_the_previous_version_stays() {
         let mut v = View::default();
@@ -326,20 +355,12 @@ mod tests {
             e.to_string(),
             "kubernetes: Egress shop/web-out: spec.ports[0].number: port 70000 is out of range 1-65535"
         );
-        let r = v.resolve(Path::new("/nonexistent/kubepods.slice")).unwrap();
-        assert_eq!(r.config.egresses.len(), 1);
-        assert_eq!(r.config.egresses[0].spec.ports[0].number.0, 443);
+        assert_eq!(ports(&v), [443]);
         // A new bad object is not added at all.
         assert!(v.apply("Egress", &egress("other", 0)).is_err());
-        let r = v.resolve(Path::new("/nonexistent/kubepods.slice")).unwrap();
-        assert_eq!(r.config.egresses.len(), 1);
+        assert_eq!(ports(&v), [443]);
         assert!(v.delete("Egress", &egress("web-out", 1)).unwrap());
-        assert!(v
-            .resolve(Path::new("/x"))
-            .unwrap()
-            .config
-            .egresses
-            .is_empty());
+        assert!(ports(&v).is_empty());
     }
 
     #[test]
@@ -381,16 +402,10 @@ mod tests {
         // The cluster now holds an invalid version: the saved one stays in force.
         let errs = after.relist("Egress", &[egress("web-out", 0)]);
         assert_eq!(errs.len(), 1);
-        let r = after.resolve(Path::new("/x")).unwrap();
-        assert_eq!(r.config.egresses[0].spec.ports[0].number.0, 443);
+        assert_eq!(ports(&after), [443]);
         // Gone from the cluster: gone here.
         after.relist("Egress", &[]);
-        assert!(after
-            .resolve(Path::new("/x"))
-            .unwrap()
-            .config
-            .egresses
-            .is_empty());
+        assert!(ports(&after).is_empty());
     }
 
     #[test]
@@ -406,7 +421,10 @@ mod tests {
         let t0 = std::time::Instant::now();
         assert!(v.relist("Egress", &objs).is_empty());
         let took = t0.elapsed();
-        assert_eq!(v.resolve(Path::new("/x")).unwrap().config.egresses.len(), 2000);
+        assert_eq!(
+            v.resolve(Path::new("/x")).unwrap().config.egresses.len(),
+            2000
+        );
         eprintln!("relist of 2000 Egress objects: {took:?}");
         assert!(took < std::time::Duration::from_secs(10), "{took:?}");
     }

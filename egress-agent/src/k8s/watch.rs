@@ -193,6 +193,8 @@ pub type Installed = (crate::store::Store, BTreeMap<ObjectRef, PathBuf>);
 pub struct Node {
     pub client: Client,
     pub name: String,
+    /// Warning Events on refused objects (`kubectl describe egress NAME` shows them).
+    pub recorder: kube::runtime::events::Recorder,
     /// The MeshConfig whose status the node reports into when the policy has none.
     pub mesh_config: String,
     pub control: Arc<Control>,
@@ -219,6 +221,7 @@ pub async fn reconcile(node: Node, mut watch: Watch, mut view: View, installed: 
     };
     loop {
         if dirty {
+            let before = view.refused().clone();
             // Coalesce a burst (a relist, a rollout) into one install, for at most 0.5 s.
             let until = tokio::time::Instant::now() + Duration::from_millis(500);
             while let Ok(Some((changed, errs))) = tokio::time::timeout(
@@ -231,6 +234,7 @@ pub async fn reconcile(node: Node, mut watch: Watch, mut view: View, installed: 
                 dirty |= changed;
                 report(&errs, Some(&node.metrics));
             }
+            announce(&node, &view, &before).await;
             match install(&node, &view, &mut installed).await {
                 Ok(pending) => {
                     report_status(&node, &view, &mut reported).await;
@@ -245,16 +249,49 @@ pub async fn reconcile(node: Node, mut watch: Watch, mut view: View, installed: 
                 }
             }
         }
+        let before = view.refused().clone();
         tokio::select! {
             ev = watch.next(&mut view) => match ev {
                 Some((changed, errs)) => {
                     dirty |= changed || !errs.is_empty();
                     report(&errs, Some(&node.metrics));
+                    announce(&node, &view, &before).await;
                 }
                 None => return,
             },
             _ = retry.tick() => dirty |= installed.is_none() || !last_error.is_empty(),
             Some(()) = async { appeared.as_mut()?.recv().await } => dirty = true,
+        }
+    }
+}
+
+/// A Warning Event (reason `Rejected`, from this node) on each object refused since
+/// `before`, or refused for another reason. Failing to publish is not worth more than a debug
+/// line: the log, the metric and the MeshConfig status say it too.
+async fn announce(node: &Node, view: &View, before: &BTreeMap<super::view::Key, String>) {
+    use kube::runtime::events::{Event, EventType};
+    for (key, why) in view.refused() {
+        if before.get(key) == Some(why) {
+            continue;
+        }
+        let (kind, namespace, name) = key;
+        let reference = k8s_openapi::api::core::v1::ObjectReference {
+            api_version: Some(format!("{GROUP}/{VERSION}")),
+            kind: Some(kind.clone()),
+            namespace: (!namespace.is_empty()).then(|| namespace.clone()),
+            name: Some(name.clone()),
+            uid: view.uid(key).map(str::to_string),
+            ..Default::default()
+        };
+        let event = Event {
+            type_: EventType::Warning,
+            reason: "Rejected".into(),
+            note: Some(why.chars().take(1000).collect()),
+            action: "Validate".into(),
+            secondary: None,
+        };
+        if let Err(e) = node.recorder.publish(&event, &reference).await {
+            debug!(error = %e, "cannot publish the rejection as an Event");
         }
     }
 }
