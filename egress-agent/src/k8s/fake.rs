@@ -38,6 +38,8 @@ pub struct FakeApiServer {
     addr: SocketAddr,
     state: Arc<Mutex<State>>,
     events: broadcast::Sender<Event>,
+    /// Bumped to end every open watch, as an API server does at its timeout or restart.
+    ends: tokio::sync::watch::Sender<u64>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -50,7 +52,8 @@ impl FakeApiServer {
         let state = Arc::new(Mutex::new(State::default()));
         let (events, _) = broadcast::channel(4096);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let (st, ev) = (state.clone(), events.clone());
+        let ends = tokio::sync::watch::channel(0).0;
+        let (st, ev, end) = (state.clone(), events.clone(), ends.clone());
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -60,7 +63,7 @@ impl FakeApiServer {
                 let listener = TcpListener::from_std(std_listener).expect("listener");
                 let serve = async {
                     while let Ok((s, _)) = listener.accept().await {
-                        tokio::spawn(connection(s, st.clone(), ev.clone()));
+                        tokio::spawn(connection(s, st.clone(), ev.clone(), end.subscribe()));
                     }
                 };
                 tokio::select! {
@@ -73,6 +76,7 @@ impl FakeApiServer {
             addr,
             state,
             events,
+            ends,
             stop: Some(stop),
         }
     }
@@ -123,6 +127,11 @@ impl FakeApiServer {
             .get(collection)?
             .get(&(namespace.to_string(), name.to_string()))
             .cloned()
+    }
+
+    /// Ends every open watch cleanly (clients resume from their last resourceVersion).
+    pub fn end_watches(&self) {
+        self.ends.send_modify(|n| *n += 1);
     }
 
     /// Every object of a collection.
@@ -345,7 +354,12 @@ fn status(code: u16, reason: &str, message: &str) -> (u16, Value) {
     )
 }
 
-async fn connection(s: TcpStream, state: Arc<Mutex<State>>, events: broadcast::Sender<Event>) {
+async fn connection(
+    s: TcpStream,
+    state: Arc<Mutex<State>>,
+    events: broadcast::Sender<Event>,
+    end: tokio::sync::watch::Receiver<u64>,
+) {
     let mut r = BufReader::new(s);
     while let Some(req) = read_request(&mut r).await {
         let q: Vec<String> = req.query.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -366,7 +380,7 @@ async fn connection(s: TcpStream, state: Arc<Mutex<State>>, events: broadcast::S
             Some("true" | "1")
         );
         if req.method == "GET" && t.name.is_none() && watching {
-            watch(r.into_inner(), &t, &req, state, events).await;
+            watch(r.into_inner(), &t, &req, state, events, end).await;
             return;
         }
         let (code, body) = answer(&state, &events, &t, &req);
@@ -501,7 +515,9 @@ async fn watch(
     req: &Request,
     state: Arc<Mutex<State>>,
     events: broadcast::Sender<Event>,
+    mut end: tokio::sync::watch::Receiver<u64>,
 ) {
+    end.mark_unchanged();
     let from: u64 = req
         .query
         .get("resourceVersion")
@@ -543,6 +559,11 @@ async fn watch(
                 Err(_) => return,
             },
             n = s.read(&mut probe) => if matches!(n, Ok(0) | Err(_)) { return },
+            _ = end.changed() => {
+                // The chunked body's end: the watch is over, the connection can be reused.
+                let _ = s.write_all(b"0\r\n\r\n").await;
+                return;
+            }
         }
     }
 }

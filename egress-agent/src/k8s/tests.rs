@@ -91,6 +91,22 @@ async fn watcher_follows_node_pods_and_keeps_the_last_valid_policy() {
     })
     .await;
 
+    // The server ends every watch (its timeout, a restart): the watcher resumes from the
+    // last resourceVersion and misses nothing.
+    fake.end_watches();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    fake.put("pods", pod("web-5", "node-a"));
+    until(&mut watch, &mut view, |v| v.pods.contains_key(&id("web-5"))).await;
+    assert!(
+        fake.requests()
+            .iter()
+            .filter(|r| r.starts_with("GET /api/v1/pods?") && r.contains("watch=true"))
+            .count()
+            >= 2,
+        "{:?}",
+        fake.requests()
+    );
+
     // A bad change to the Egress is reported, naming object and field; the old one stays.
     fake.put("egresses", egress(0));
     let errs = until(&mut watch, &mut view, |v| !v.rejected().is_empty()).await;
