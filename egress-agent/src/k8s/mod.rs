@@ -84,8 +84,16 @@ pub async fn run(
     metrics: std::sync::Arc<crate::metrics::Metrics>,
 ) {
     watch::report(&started.rejected, Some(&metrics));
-    if let Err(e) = watch::remove_startup_taint(&started.client, &opts.node).await {
-        tracing::warn!(node = %opts.node, error = %e, "cannot remove the startup taint {} (does the ClusterRole allow get/patch on nodes?)", watch::STARTUP_TAINT);
+    // A concurrent change to the node's taints fails the compare-and-swap: read and try again.
+    for attempt in 1..=5 {
+        match watch::remove_startup_taint(&started.client, &opts.node).await {
+            Err(kube::Error::Api(s)) if s.code == 409 && attempt < 5 => continue,
+            Err(e) => {
+                tracing::warn!(node = %opts.node, error = %e, "cannot remove the startup taint {} (does the ClusterRole allow get/patch on nodes?)", watch::STARTUP_TAINT)
+            }
+            Ok(_) => {}
+        }
+        break;
     }
     let installed = (started.resolved.store, started.resolved.dirs);
     let reporter = kube::runtime::events::Reporter {

@@ -206,8 +206,8 @@ pub struct Node {
 /// not made yet, and reports each node's generation in the MeshConfig status.
 pub async fn reconcile(node: Node, mut watch: Watch, mut view: View, installed: Installed) {
     let mut installed = Some(installed);
-    // Pods whose cgroup the kubelet has not made yet are looked for this often: until then,
-    // their processes are not judged (see the README's status).
+    // Pods whose cgroup the kubelet has not made yet are looked for this often (inotify
+    // below usually sees the cgroup first); until enrolled, the kernel refuses them.
     let mut retry = tokio::time::interval(Duration::from_millis(250));
     let mut dirty = true;
     let mut last_error = String::new();
@@ -219,6 +219,8 @@ pub async fn reconcile(node: Node, mut watch: Watch, mut view: View, installed: 
             None
         }
     };
+    // The objects the first sync refused.
+    announce(&node, &view, &BTreeMap::new()).await;
     loop {
         if dirty {
             let before = view.refused().clone();
