@@ -8,6 +8,7 @@ pub mod config;
 pub mod control;
 pub mod flows;
 pub mod metrics;
+pub mod podnet;
 pub mod policy;
 pub mod proxy;
 pub mod run;

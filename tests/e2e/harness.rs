@@ -74,12 +74,19 @@ pub struct Agent {
     pub proxy_port: u16,
     pub metrics_port: u16,
     pub config: PathBuf,
+    /// The network namespace the agent runs in (a test's "node"); `None`: this one.
+    pub netns: Option<PathBuf>,
     log: Arc<Mutex<String>>,
 }
 
 impl Agent {
     /// Starts an agent on `policy` (`{proxy_port}` in it is replaced) and waits until ready.
     pub fn start(policy: &str) -> Agent {
+        Self::start_in(policy, None)
+    }
+
+    /// [`Agent::start`], with the agent in network namespace `netns` (a test's "node").
+    pub fn start_in(policy: &str, netns: Option<&Path>) -> Agent {
         let name = unique("egress-test");
         let proxy_port = free_port();
         let config = std::env::temp_dir().join(format!("{name}.yaml"));
@@ -97,6 +104,7 @@ impl Agent {
             proxy_port,
             metrics_port: free_port(),
             config,
+            netns: netns.map(Path::to_path_buf),
             log: Arc::new(Mutex::new(String::new())),
         };
         agent.spawn();
@@ -107,7 +115,15 @@ impl Agent {
     /// the same pins, cgroups, socket and state, and waits until it is ready.
     pub fn spawn(&mut self) {
         self.log.lock().unwrap().clear();
-        let mut child = Command::new(AGENT)
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net={}", ns.display())).arg(AGENT);
+                c
+            }
+            None => Command::new(AGENT),
+        };
+        let mut child = cmd
             .arg("--admin-socket")
             .arg(&self.socket)
             .args(["run", "--config"])
@@ -156,7 +172,12 @@ impl Agent {
 
     /// GET a path of the agent's metrics endpoint: (status line, body).
     pub fn http_get(&self, path: &str) -> (String, String) {
-        let mut s = TcpStream::connect(("127.0.0.1", self.metrics_port)).expect("metrics endpoint");
+        let port = self.metrics_port;
+        let mut s = match &self.netns {
+            Some(ns) => in_netns(ns, move || TcpStream::connect(("127.0.0.1", port))),
+            None => TcpStream::connect(("127.0.0.1", port)),
+        }
+        .expect("metrics endpoint");
         s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
             .unwrap();
         let mut text = String::new();
@@ -367,6 +388,14 @@ pub struct TcpServer {
 impl TcpServer {
     pub fn start(ip: &str) -> TcpServer {
         let l = TcpListener::bind((ip, 0)).unwrap_or_else(|e| panic!("bind {ip}: {e}"));
+        Self::serve(l)
+    }
+
+    /// A server on `ip:port` in network namespace `netns` (a test's "outside world").
+    pub fn start_in(netns: &Path, ip: &str, port: u16) -> TcpServer {
+        let ip2 = ip.to_string();
+        let l = in_netns(netns, move || TcpListener::bind((ip2.as_str(), port)))
+            .unwrap_or_else(|e| panic!("bind {ip}:{port} in {}: {e}", netns.display()));
         Self::serve(l)
     }
 
@@ -621,4 +650,15 @@ pub fn ssh_server(ip: &str) -> (Daemon, PathBuf) {
         dir,
     );
     (d, key)
+}
+
+/// Runs `f` on a thread inside network namespace `netns`; what it opens stays there.
+pub fn in_netns<T: Send + 'static>(netns: &Path, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let ns = std::fs::File::open(netns).unwrap_or_else(|e| panic!("{}: {e}", netns.display()));
+    thread::spawn(move || {
+        nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        f()
+    })
+    .join()
+    .expect("thread in netns")
 }

@@ -9,5 +9,6 @@ mod deploy;
 mod harness;
 mod lifecycle;
 mod metrics;
+mod pods;
 mod proxy;
 mod semantics;
