@@ -11,8 +11,10 @@ use std::{
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, RingBuf},
     programs::{
-        links::FdLink, links::PinnedLink, CgroupAttachMode, CgroupSockAddr, ProgramError,
-        SchedClassifier, SockOps, TcAttachType,
+        links::FdLink,
+        links::PinnedLink,
+        tc::{NlOptions, TcAttachOptions},
+        CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, SockOps, TcAttachType,
     },
     Ebpf, EbpfError, EbpfLoader,
 };
@@ -566,13 +568,18 @@ impl Datapath {
     /// network namespace) through pinned tcx links, named by the interface index. Like the
     /// cgroup links, a pinned link that runs the same program is kept; another one is replaced
     /// after the new one is attached. On kernels without tcx (< 6.6), the programs go on a
-    /// clsact qdisc instead (not pinned; re-attached by every start).
+    /// clsact qdisc instead (not pinned: the filters stay on the qdisc, and every start
+    /// replaces them). `EGRESS_TC_ATTACH=tcx|clsact` overrides the choice.
     pub fn attach_tc(&mut self, iface: &str, ifindex: u32) -> Result<Vec<String>, BpfError> {
         let links_dir = self.dir.join("links");
         fs::create_dir_all(&links_dir).map_err(io(&links_dir, "mkdir"))?;
-        let tcx = aya::util::KernelVersion::current()
-            .map(|v| v >= aya::util::KernelVersion::new(6, 6, 0))
-            .unwrap_or(true);
+        let tcx = match std::env::var("EGRESS_TC_ATTACH").as_deref() {
+            Ok("clsact") => false,
+            Ok("tcx") => true,
+            _ => aya::util::KernelVersion::current()
+                .map(|v| v >= aya::util::KernelVersion::new(6, 6, 0))
+                .unwrap_or(true),
+        };
         let mut report = Vec::new();
         for (name, hook, dir) in TC_PROGRAMS {
             let perr = |source| BpfError::Program { name, source };
@@ -589,7 +596,13 @@ impl Datapath {
             if !tcx {
                 let _ = aya::programs::tc::qdisc_add_clsact(iface);
                 let _ = aya::programs::tc::qdisc_detach_program(iface, hook, name);
-                let id = prog.attach(iface, hook).map_err(perr)?;
+                let id = prog
+                    .attach_with_options(
+                        iface,
+                        hook,
+                        TcAttachOptions::Netlink(NlOptions::default()),
+                    )
+                    .map_err(perr)?;
                 // The filter stays on the qdisc when the agent exits.
                 std::mem::forget(prog.take_link(id).map_err(perr)?);
                 report.push(format!("{name} on {iface} (clsact)"));
@@ -605,7 +618,9 @@ impl Datapath {
                 report.push(format!("{name} on {iface} (kept)"));
                 continue;
             }
-            let id = prog.attach(iface, hook).map_err(perr)?;
+            let id = prog
+                .attach_with_options(iface, hook, TcAttachOptions::TcxOrder(Default::default()))
+                .map_err(perr)?;
             let link: FdLink = prog
                 .take_link(id)
                 .map_err(perr)?

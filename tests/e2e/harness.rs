@@ -76,6 +76,8 @@ pub struct Agent {
     pub config: PathBuf,
     /// The network namespace the agent runs in (a test's "node"); `None`: this one.
     pub netns: Option<PathBuf>,
+    /// Extra environment of the agent process.
+    pub env: Vec<(String, String)>,
     log: Arc<Mutex<String>>,
 }
 
@@ -87,6 +89,11 @@ impl Agent {
 
     /// [`Agent::start`], with the agent in network namespace `netns` (a test's "node").
     pub fn start_in(policy: &str, netns: Option<&Path>) -> Agent {
+        Self::start_with(policy, netns, &[])
+    }
+
+    /// [`Agent::start_in`], with extra environment variables for the agent.
+    pub fn start_with(policy: &str, netns: Option<&Path>, env: &[(&str, &str)]) -> Agent {
         let name = unique("egress-test");
         let proxy_port = free_port();
         let config = std::env::temp_dir().join(format!("{name}.yaml"));
@@ -105,6 +112,10 @@ impl Agent {
             metrics_port: free_port(),
             config,
             netns: netns.map(Path::to_path_buf),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             log: Arc::new(Mutex::new(String::new())),
         };
         agent.spawn();
@@ -138,6 +149,7 @@ impl Agent {
             .arg("--metrics-addr")
             .arg(format!("127.0.0.1:{}", self.metrics_port))
             .env("EGRESS_LOG", "info,egress::flow=debug")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

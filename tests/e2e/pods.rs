@@ -118,6 +118,11 @@ impl Net {
         Path::new("/run/netns").join(&self.out)
     }
 
+    /// The namespace of the policy's pod `web`.
+    fn pod_path(&self) -> PathBuf {
+        Path::new("/run/netns").join(format!("{}-default-web", self.tag))
+    }
+
     fn server(&self, addr: &str) -> TcpServer {
         TcpServer::start_in(&self.out_path(), addr, PORT)
     }
@@ -303,6 +308,25 @@ fn pod_connections_are_allowed_redirected_and_denied_for_ipv4_and_ipv6() {
         assert!(out.starts_with("err EPERM"), "{out}");
         assert_eq!(sniff.count(), 0, "a denied connect sent a packet");
     }
+    // A connection into the pod, from a peer the pod may not dial itself, is answered: its
+    // replies are not new egress.
+    let inside = TcpServer::start_in(&net.pod_path(), POD4, PORT);
+    let reply = in_netns(&net.out_path(), || {
+        let mut s = TcpStream::connect_timeout(
+            &format!("{POD4}:{PORT}").parse().unwrap(),
+            Duration::from_secs(3),
+        )?;
+        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        s.write_all(b"inbound\n")?;
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line)?;
+        std::io::Result::Ok(line)
+    })
+    .expect("connect into the pod");
+    assert_eq!(reply.trim(), format!("{POD4}:{PORT}|inbound"));
+    assert_eq!(inside.peer(0).ip().to_string(), "10.99.0.2");
+    assert!(metric(&a, "egress_tc_packets_total{", &["verdict=\"reply\""]) >= 2);
+
     // Allowed and redirected traffic crossed the backstop without a single drop.
     assert_eq!(drops(&a), 0, "{}", a.http_get("/metrics").1);
     assert!(metric(&a, "egress_tc_packets_total{", &["verdict=\"allow\""]) >= 6);
@@ -455,4 +479,40 @@ fn tc_drops_a_connection_opened_before_the_agent_started_and_survives_restarts()
     assert!(text.contains("removed the network namespace"), "{text}");
     assert!(!pod.netns_path().exists());
     drop(early);
+}
+
+#[test]
+fn the_clsact_fallback_drops_what_skips_the_socket_hooks_too() {
+    if !privileged() {
+        return;
+    }
+    let net = Net::new();
+    let mut a = Agent::start_with(
+        &net.policy(false),
+        Some(&net.node_path()),
+        &[("EGRESS_TC_ATTACH", "clsact")],
+    );
+    assert_eq!(tc_link_state(&a.log()), "clsact");
+    let _servers: Vec<TcpServer> = [ALLOW4, DENY4].iter().map(|h| net.server(h)).collect();
+    let out = a.client("web", &["tcp", ALLOW4, &PORT.to_string(), "x"]);
+    assert!(out.starts_with("ok "), "{out}");
+    // A restart replaces the filters rather than stacking a second copy.
+    a.stop_keep();
+    a.spawn();
+    let cfg = egress_agent::config::parse(&std::fs::read_to_string(&a.config).unwrap(), "p")
+        .expect("policy");
+    let host_if = egress_agent::podnet::plan(&cfg)[0].host_if.clone();
+    for dir in ["ingress", "egress"] {
+        let out = Command::new("nsenter")
+            .arg(format!("--net={}", net.node_path().display()))
+            .args(["tc", "filter", "show", "dev", &host_if, dir])
+            .output()
+            .expect("tc filter show");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(text.matches(" direct-action ").count(), 1, "{dir}:\n{text}");
+    }
+    let seen = net.sniff(DENY4, 1.5);
+    raw_syn(&a, DENY4);
+    assert_eq!(seen.count(), 0, "a raw SYN to {DENY4} got out");
+    assert_eq!(drops(&a), 1, "{}", a.http_get("/metrics").1);
 }
