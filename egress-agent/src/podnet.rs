@@ -377,6 +377,15 @@ spec: {network: pod}
     }
 
     #[test]
+    fn the_pods_example_plans_two_pods() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/pods.yaml");
+        let pods = plan(&crate::config::load(&path).unwrap());
+        let names: Vec<&str> = pods.iter().map(|p| p.netns.as_str()).collect();
+        assert_eq!(names, ["egress-shop-web", "egress-shop-worker"]);
+        assert_eq!(pods[1].ip6, Some("fd00:200::3".parse().unwrap()));
+    }
+
+    #[test]
     fn pod_workloads_without_a_pod_network_are_rejected() {
         let bad = POLICY.replace(
             "  podNetwork: {ipv4: 10.200.0.0/24, ipv6: 'fd00:200::/64', netnsPrefix: t1-}\n",
