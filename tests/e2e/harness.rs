@@ -231,6 +231,28 @@ impl Agent {
         }
     }
 
+    /// Replaces the policy file (`{proxy_port}` filled in) and sends SIGHUP; waits until
+    /// the agent reloaded it.
+    pub fn reload(&self, policy: &str) {
+        std::fs::write(
+            &self.config,
+            policy.replace("{proxy_port}", &self.proxy_port.to_string()),
+        )
+        .expect("write policy");
+        let n = self.log().matches("reloaded the policy file").count();
+        let pid = self.child.as_ref().expect("agent running").id() as i32;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .expect("SIGHUP");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.log().matches("reloaded the policy file").count() == n {
+            assert!(Instant::now() < deadline, "no reload:\n{}", self.log());
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn log(&self) -> String {
         self.log.lock().unwrap().clone()
     }

@@ -516,3 +516,49 @@ fn the_clsact_fallback_drops_what_skips_the_socket_hooks_too() {
     assert_eq!(seen.count(), 0, "a raw SYN to {DENY4} got out");
     assert_eq!(drops(&a), 1, "{}", a.http_get("/metrics").1);
 }
+
+#[test]
+fn a_pod_leaving_the_policy_is_unplugged_without_touching_the_others() {
+    if !privileged() {
+        return;
+    }
+    let net = Net::new();
+    let two = net.policy(false).replace(
+        "---\nkind: Egress\nmetadata: {name: direct}",
+        "---\nkind: Workload\nmetadata: {name: batch}\nspec: {network: pod}\n---\nkind: Egress\nmetadata: {name: direct}",
+    );
+    let a = Agent::start_in(&two, Some(&net.node_path()));
+    let batch = Path::new("/run/netns").join(format!("{}-default-batch", net.tag));
+    assert!(batch.exists() && net.pod_path().exists());
+    let pins = |a: &Agent| {
+        std::fs::read_dir(
+            a.pins
+                .join(format!("v{}/links", egress_common::LAYOUT_VERSION)),
+        )
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("tc-")
+        })
+        .count()
+    };
+    assert_eq!(pins(&a), 4);
+    let _servers: Vec<TcpServer> = [ALLOW4, DENY4].iter().map(|h| net.server(h)).collect();
+
+    a.reload(&net.policy(false));
+    assert!(
+        !batch.exists(),
+        "the removed pod's namespace is still there"
+    );
+    assert_eq!(pins(&a), 2);
+    // web is enforced as before, by its hooks and its backstop.
+    let out = a.client("web", &["tcp", ALLOW4, &PORT.to_string(), "still"]);
+    assert!(out.starts_with("ok "), "{out}");
+    let seen = net.sniff(DENY4, 1.5);
+    raw_syn(&a, DENY4);
+    assert_eq!(seen.count(), 0);
+    assert_eq!(drops(&a), 1);
+}
