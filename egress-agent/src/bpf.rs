@@ -11,13 +11,16 @@ use std::{
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, RingBuf},
     programs::{
-        links::FdLink, links::PinnedLink, CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps,
+        links::FdLink,
+        links::PinnedLink,
+        tc::{NlOptions, TcAttachOptions},
+        CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, SockOps, TcAttachType,
     },
     Ebpf, EbpfError, EbpfLoader,
 };
 use egress_common::{
-    mesh_key, names, workload_key, MeshConfig, MeshKeyV4, MeshKeyV6, OrigDst, PolicyKeyV4,
-    PolicyKeyV6, PolicyValue, SockAddr, WorkloadInfo, LAYOUT_VERSION,
+    mesh_key, names, tc::TcCount, workload_key, MeshConfig, MeshKeyV4, MeshKeyV6, OrigDst, OrigKey,
+    PolicyKeyV4, PolicyKeyV6, PolicyValue, WorkloadInfo, IFACE_TAG, LAYOUT_VERSION,
 };
 
 use crate::policy::Compiled;
@@ -34,6 +37,12 @@ pub const PROGRAMS: [&str; 7] = [
     "egress_sendmsg6",
     "egress_connect4",
     "egress_connect6",
+];
+
+/// The tc backstop: (program, hook on the host side of a workload's veth, pin suffix).
+pub const TC_PROGRAMS: [(&str, TcAttachType, &str); 2] = [
+    ("egress_tc_from_workload", TcAttachType::Ingress, "from"),
+    ("egress_tc_to_workload", TcAttachType::Egress, "to"),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -306,7 +315,7 @@ impl Datapath {
         let w: HashMap<_, u64, WorkloadInfo> = self.map(names::WORKLOADS)?;
         Ok(w.iter()
             .filter_map(Result::ok)
-            .filter(|(k, _)| k >> 63 == set as u64)
+            .filter(|(k, _)| k >> 63 == set as u64 && k & IFACE_TAG == 0)
             .map(|(k, v)| (k & !(1 << 63), v.id))
             .collect())
     }
@@ -327,7 +336,42 @@ impl Datapath {
             ))?;
             c.set(i, zeros, 0).map_err(map_err(names::COUNTERS))?;
         }
+        let mut t: PerCpuArray<_, TcCount> = self.map(names::TC_COUNTERS)?;
+        let first = egress_common::tc::tc_index(workload_id, 0);
+        for i in first..first + egress_common::tc::TC_SLOTS {
+            let zeros =
+                aya::maps::PerCpuValues::try_from(vec![TcCount::default(); ncpu]).map_err(io(
+                    Path::new("/sys/devices/system/cpu/possible"),
+                    "per-CPU values",
+                ))?;
+            t.set(i, zeros, 0).map_err(map_err(names::TC_COUNTERS))?;
+        }
         Ok(())
+    }
+
+    /// The tc backstop's counters of the given workloads, summed over the CPUs, keyed by
+    /// (workload id, slot): (packets, bytes). Slots with nothing counted are left out.
+    pub fn tc_sums(
+        &mut self,
+        workloads: &[u32],
+    ) -> std::collections::HashMap<(u32, u8), (u64, u64)> {
+        let mut out = std::collections::HashMap::new();
+        let Ok(c) = self.map::<PerCpuArray<_, TcCount>>(names::TC_COUNTERS) else {
+            return out;
+        };
+        for &w in workloads {
+            for slot in 0..egress_common::tc::TC_SLOTS as u8 {
+                if let Ok(v) = c.get(&egress_common::tc::tc_index(w, slot), 0) {
+                    let (p, b) = v
+                        .iter()
+                        .fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes));
+                    if p > 0 {
+                        out.insert((w, slot), (p, b));
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// Every counter of the given workloads, summed over the CPUs, keyed by (workload id,
@@ -381,7 +425,7 @@ impl Datapath {
                 out.push((name, n, cap.max_entries()));
             }
         }
-        if let Ok(m) = self.map::<HashMap<_, SockAddr, OrigDst>>(names::ORIG_BY_TUPLE) {
+        if let Ok(m) = self.map::<HashMap<_, OrigKey, OrigDst>>(names::ORIG_BY_TUPLE) {
             let n = m.keys().count();
             out.push((names::ORIG_BY_TUPLE, n, egress_common::capacity::ORIG_DST));
         }
@@ -500,12 +544,12 @@ impl Datapath {
             let pin_err = |e: aya::pin::PinError| BpfError::Io {
                 path: path.clone(),
                 op: "pin link",
-                source: std::io::Error::other(e.to_string()),
+                source: std::io::Error::other(format!("{e:?}")),
             };
             if let Some((old, _)) = old {
                 // The new link runs beside the old one; moving the pin onto it and closing
                 // the old link's last fd detaches the old program.
-                let tmp = links_dir.join(format!("{name}.new"));
+                let tmp = links_dir.join(format!("{name}_new"));
                 let pinned = link.pin(&tmp).map_err(pin_err)?;
                 fs::rename(&tmp, &path).map_err(io(&path, "replace link pin"))?;
                 drop(pinned);
@@ -520,8 +564,106 @@ impl Datapath {
         Ok(())
     }
 
+    /// Makes sure the tc backstop runs on interface `iface` (index `ifindex`, in the agent's
+    /// network namespace) through pinned tcx links, named by the interface index. Like the
+    /// cgroup links, a pinned link that runs the same program is kept; another one is replaced
+    /// after the new one is attached. On kernels without tcx (< 6.6), the programs go on a
+    /// clsact qdisc instead (not pinned: the filters stay on the qdisc, and every start
+    /// replaces them). `EGRESS_TC_ATTACH=tcx|clsact` overrides the choice.
+    pub fn attach_tc(&mut self, iface: &str, ifindex: u32) -> Result<Vec<String>, BpfError> {
+        let links_dir = self.dir.join("links");
+        fs::create_dir_all(&links_dir).map_err(io(&links_dir, "mkdir"))?;
+        let tcx = match std::env::var("EGRESS_TC_ATTACH").as_deref() {
+            Ok("clsact") => false,
+            Ok("tcx") => true,
+            _ => aya::util::KernelVersion::current()
+                .map(|v| v >= aya::util::KernelVersion::new(6, 6, 0))
+                .unwrap_or(true),
+        };
+        let mut report = Vec::new();
+        for (name, hook, dir) in TC_PROGRAMS {
+            let perr = |source| BpfError::Program { name, source };
+            let prog: &mut SchedClassifier = self
+                .ebpf
+                .program_mut(name)
+                .ok_or(BpfError::Missing(name))?
+                .try_into()
+                .map_err(perr)?;
+            if prog.fd().is_err() {
+                prog.load().map_err(perr)?;
+            }
+            let new_tag = prog.info().map_err(perr)?.tag();
+            if !tcx {
+                let _ = aya::programs::tc::qdisc_add_clsact(iface);
+                let _ = aya::programs::tc::qdisc_detach_program(iface, hook, name);
+                let id = prog
+                    .attach_with_options(
+                        iface,
+                        hook,
+                        TcAttachOptions::Netlink(NlOptions::default()),
+                    )
+                    .map_err(perr)?;
+                // The filter stays on the qdisc when the agent exits.
+                std::mem::forget(prog.take_link(id).map_err(perr)?);
+                report.push(format!("{name} on {iface} (clsact)"));
+                continue;
+            }
+            let path = links_dir.join(format!("tc-{ifindex}-{dir}"));
+            let old = PinnedLink::from_pin(&path).ok().map(FdLink::from);
+            let old_tag = old
+                .as_ref()
+                .and_then(|l| l.info().ok())
+                .and_then(|i| program_tag(i.program_id()));
+            if old_tag == Some(new_tag) {
+                report.push(format!("{name} on {iface} (kept)"));
+                continue;
+            }
+            let id = prog
+                .attach_with_options(iface, hook, TcAttachOptions::TcxOrder(Default::default()))
+                .map_err(perr)?;
+            let link: FdLink = prog
+                .take_link(id)
+                .map_err(perr)?
+                .try_into()
+                .map_err(|source| BpfError::Link { name, source })?;
+            let tmp = links_dir.join(format!("tc-{ifindex}-{dir}_new"));
+            let _ = fs::remove_file(&tmp);
+            link.pin(&tmp).map_err(|e| BpfError::Io {
+                path: tmp.clone(),
+                op: "pin link",
+                source: std::io::Error::other(format!("{e:?}")),
+            })?;
+            fs::rename(&tmp, &path).map_err(io(&path, "pin link"))?;
+            drop(old);
+            report.push(format!("{name} on {iface} (attached)"));
+        }
+        Ok(report)
+    }
+
+    /// Detaches the tc backstop from every interface not in `keep` (indexes), by removing
+    /// the pins of their links (a link of a deleted interface is gone already).
+    pub fn prune_tc(&mut self, keep: &[u32]) -> Vec<u32> {
+        let links_dir = self.dir.join("links");
+        let mut gone = Vec::new();
+        for e in fs::read_dir(&links_dir).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(rest) = name.strip_prefix("tc-") else {
+                continue;
+            };
+            let Some(ifindex) = rest.split('-').next().and_then(|i| i.parse::<u32>().ok()) else {
+                continue;
+            };
+            if !keep.contains(&ifindex) && fs::remove_file(e.path()).is_ok() {
+                gone.push(ifindex);
+            }
+        }
+        gone.sort_unstable();
+        gone.dedup();
+        gone
+    }
+
     /// The map the proxy reads original destinations from (a new handle on the same map).
-    pub fn orig_by_tuple(&self) -> Result<HashMap<MapData, SockAddr, OrigDst>, BpfError> {
+    pub fn orig_by_tuple(&self) -> Result<HashMap<MapData, OrigKey, OrigDst>, BpfError> {
         self.shared_map(names::ORIG_BY_TUPLE)
     }
 
@@ -638,9 +780,9 @@ fn clear_trie<K: aya::Pod, V: aya::Pod>(
 fn map_of(name: &str, data: MapData) -> aya::maps::Map {
     use aya::maps::Map;
     match name {
-        names::COUNTERS => Map::PerCpuArray(data),
+        names::COUNTERS | names::TC_COUNTERS => Map::PerCpuArray(data),
         names::EVENTS => Map::RingBuf(data),
-        names::ORIG_BY_COOKIE | names::ORIG_BY_TUPLE => Map::LruHashMap(data),
+        names::ORIG_BY_COOKIE | names::ORIG_BY_TUPLE | names::REPLIES => Map::LruHashMap(data),
         names::WORKLOADS => Map::HashMap(data),
         names::CONFIG | names::ACTIVE => Map::Array(data),
         _ => Map::LpmTrie(data),

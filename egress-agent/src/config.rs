@@ -82,6 +82,8 @@ pub struct MeshSpec {
     pub proxy: ProxySpec,
     pub fail_mode: FailMode,
     pub audit_mode: bool,
+    /// Standalone mode: addresses of workloads with `network: pod`.
+    pub pod_network: Option<PodNetwork>,
 }
 
 impl Default for MeshSpec {
@@ -91,6 +93,7 @@ impl Default for MeshSpec {
             proxy: ProxySpec::default(),
             fail_mode: FailMode::Closed,
             audit_mode: false,
+            pod_network: None,
         }
     }
 }
@@ -171,6 +174,38 @@ impl<'de> Deserialize<'de> for Seconds {
     }
 }
 
+/// Standalone mode: the network of workloads that own a network namespace, as a CNI would
+/// set it up on a Kubernetes node (see `podnet`).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct PodNetwork {
+    /// Pod addresses are taken from here in the order the workloads are declared (.2 on).
+    pub ipv4: Option<Cidr>,
+    pub ipv6: Option<Cidr>,
+    /// Network namespaces are `/run/netns/<prefix><namespace>-<name>`.
+    pub netns_prefix: String,
+}
+
+impl Default for PodNetwork {
+    fn default() -> Self {
+        Self {
+            ipv4: None,
+            ipv6: None,
+            netns_prefix: "egress-".into(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Network {
+    /// The workload shares the agent's network namespace.
+    #[default]
+    Host,
+    /// The workload has its own network namespace behind a veth pair, like a pod.
+    Pod,
+}
+
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum FailMode {
@@ -184,11 +219,15 @@ pub enum FailMode {
 pub struct Workload {
     pub id: ObjectRef,
     pub labels: BTreeMap<String, String>,
+    pub network: Network,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct WorkloadSpec {}
+struct WorkloadSpec {
+    #[serde(default)]
+    network: Network,
+}
 
 // ---- Egress -----------------------------------------------------------------------------
 
@@ -643,6 +682,7 @@ impl Parser {
                 self.cfg.workloads.push(Workload {
                     id,
                     labels: o.metadata.labels,
+                    network: o.spec.map(|s| s.network).unwrap_or_default(),
                 });
             }
             "Egress" => {
@@ -803,7 +843,68 @@ impl Parser {
                 }
             }
         }
+        self.check_pods()?;
         Ok(self.cfg)
+    }
+
+    /// Workloads with `network: pod` need a pod network with room for all of them.
+    fn check_pods(&self) -> Result<(), ConfigError> {
+        let pods: Vec<&Workload> = self
+            .cfg
+            .workloads
+            .iter()
+            .filter(|w| w.network == Network::Pod)
+            .collect();
+        let mesh = format!("MeshConfig {}", self.mesh_seen.as_deref().unwrap_or(""));
+        let mesh = mesh.trim_end();
+        let Some(net) = &self.cfg.mesh.pod_network else {
+            return match pods.first() {
+                Some(w) => Err(self.err(
+                    &format!("Workload {}", w.id),
+                    "spec.network",
+                    "pod needs spec.podNetwork (ipv4 and/or ipv6) in the MeshConfig",
+                )),
+                None => Ok(()),
+            };
+        };
+        let field = "spec.podNetwork";
+        if net.ipv4.is_none() && net.ipv6.is_none() {
+            return Err(self.err(mesh, field, "give ipv4 and/or ipv6"));
+        }
+        for (f, cidr, v4) in [("ipv4", net.ipv4, true), ("ipv6", net.ipv6, false)] {
+            let Some(c) = cidr else { continue };
+            let bits = if v4 { 32 } else { 128 };
+            if c.addr.is_ipv4() != v4 {
+                return Err(self.err(
+                    mesh,
+                    &format!("{field}.{f}"),
+                    format!("{c} is not an {f} prefix"),
+                ));
+            }
+            let room = 1u128
+                .checked_shl((bits - c.len as u32).min(127))
+                .unwrap_or(u128::MAX);
+            if room < pods.len() as u128 + 3 {
+                return Err(self.err(
+                    mesh,
+                    &format!("{field}.{f}"),
+                    format!("{c} has no room for {} pod addresses", pods.len()),
+                ));
+            }
+        }
+        let p = &net.netns_prefix;
+        if p.len() > 32
+            || !p
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(self.err(
+                mesh,
+                &format!("{field}.netnsPrefix"),
+                "at most 32 letters, digits, '-' or '_'",
+            ));
+        }
+        Ok(())
     }
 }
 

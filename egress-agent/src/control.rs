@@ -19,6 +19,7 @@ use tracing::{info, warn};
 use crate::{
     bpf::{BpfError, Datapath},
     config::{Config, ConfigError, ObjectRef},
+    podnet::{self, Pod, PodNetError},
     policy::{self, CompileError, Compiled},
     store::Store,
     workload::{self, CgroupError, CgroupRoot},
@@ -73,6 +74,8 @@ pub enum ControlError {
     Cgroup(#[from] CgroupError),
     #[error(transparent)]
     Bpf(#[from] BpfError),
+    #[error(transparent)]
+    PodNet(#[from] PodNetError),
 }
 
 impl ControlError {
@@ -110,6 +113,8 @@ pub struct Control {
     /// Kubernetes mode: the policy comes from the API server, and cgroups below the root
     /// that are no workload (pods not enrolled) are refused.
     kubernetes: std::sync::atomic::AtomicBool,
+    /// The pods (workloads with their own network namespace) of the policy in force.
+    pods: tokio::sync::watch::Sender<Vec<Pod>>,
 }
 
 impl Control {
@@ -130,6 +135,7 @@ impl Control {
             state_file,
             dirs: RwLock::default(),
             kubernetes: Default::default(),
+            pods: tokio::sync::watch::channel(Vec::new()).0,
         }
     }
 
@@ -192,6 +198,12 @@ impl Control {
             &mut *self.dirs.write().unwrap_or_else(|e| e.into_inner()),
             dirs,
         )
+    }
+
+    /// The pods of the policy in force, updated by every change (the proxy opens a listener
+    /// inside each).
+    pub fn pods(&self) -> tokio::sync::watch::Receiver<Vec<Pod>> {
+        self.pods.subscribe()
     }
 
     pub fn datapath(&self) -> std::sync::MutexGuard<'_, Datapath> {
@@ -257,7 +269,27 @@ impl Control {
             };
             cgroups.push((cgroup, *id));
         }
+        // Pods: their namespace and veth first, so the backstop's interface is known to the
+        // policy set written below; the programs on it pass everything until that set is
+        // in force.
+        let pods = podnet::plan(cfg);
+        let mut ifaces = Vec::with_capacity(pods.len());
+        for p in &pods {
+            let ifindex = podnet::ensure(p)?;
+            let dir = self.root.workload_dir(&p.workload);
+            if let Err(e) = podnet::tag_cgroup(&dir, &p.netns_path()) {
+                warn!(pod = %p.workload, error = %e, "cannot mark the pod's cgroup with its network namespace; `exec` will not enter it");
+            }
+            if let Some((_, id)) = compiled.workloads.iter().find(|(w, _)| *w == p.workload) {
+                cgroups.push((egress_common::IFACE_TAG | ifindex as u64, *id));
+            }
+            ifaces.push((p.host_if.clone(), ifindex));
+        }
         let mut dp = self.datapath();
+        for (name, ifindex) in &ifaces {
+            let report = dp.attach_tc(name, *ifindex)?;
+            info!(interface = %name, ifindex, programs = %report.join(", "), "tc backstop");
+        }
         for (w, id) in &compiled.workloads {
             if before.get(w) != Some(id) {
                 dp.zero_counters(*id)?;
@@ -267,7 +299,21 @@ impl Control {
         let generation = cur.generation + 1;
         let mesh = self.mesh_config(&compiled, generation, events_all);
         let old = dp.apply(&compiled, mesh, &cgroups)?;
+        let keep: Vec<u32> = ifaces.iter().map(|(_, i)| *i).collect();
+        dp.prune_tc(&keep);
         drop(dp);
+        let gone: Vec<Pod> = self
+            .pods
+            .borrow()
+            .iter()
+            .filter(|p| !pods.iter().any(|n| n.netns == p.netns))
+            .cloned()
+            .collect();
+        for p in &gone {
+            podnet::remove(p);
+            info!(pod = %p.workload, netns = %p.netns, "removed the pod's network");
+        }
+        self.pods.send_replace(pods);
         // The replaced set goes in the background, off the caller's path; the datapath lock
         // orders it with the next change, and retire() skips a set that is active again.
         let datapath = self.datapath.clone();

@@ -80,7 +80,12 @@ pub fn protocol_name(p: u8) -> &'static str {
 }
 
 fn log(ev: &VerdictEvent, count: u64, policy: &Compiled, hub: &Hub) {
-    let Some(outcome) = Outcome::from_u8(ev.outcome) else {
+    let verdict = if ev.hook == egress_common::hook::TC {
+        egress_common::tc::tc_event_verdict(ev.outcome)
+    } else {
+        Outcome::from_u8(ev.outcome).map(Outcome::name)
+    };
+    let Some(verdict) = verdict else {
         warn!(target: "egress::flow", outcome = ev.outcome, "event with an unknown outcome");
         return;
     };
@@ -96,8 +101,7 @@ fn log(ev: &VerdictEvent, count: u64, policy: &Compiled, hub: &Hub) {
     let dst = socket_addr(&ev.dst);
     let protocol = protocol_name(ev.proto);
     let pid = (ev.pid_tgid >> 32) as u32;
-    let verdict = outcome.name();
-    if matches!(outcome, Outcome::Allow | Outcome::Pass) {
+    if matches!(verdict, "allow" | "passthrough") {
         debug!(target: "egress::flow", workload, %dst, protocol, verdict, rule, pid, count, "flow");
     } else {
         info!(target: "egress::flow", workload, %dst, protocol, verdict, rule, pid, count, "flow");

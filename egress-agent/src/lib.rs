@@ -9,6 +9,7 @@ pub mod control;
 pub mod flows;
 pub mod k8s;
 pub mod metrics;
+pub mod podnet;
 pub mod policy;
 pub mod proxy;
 pub mod run;

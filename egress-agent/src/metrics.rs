@@ -268,10 +268,11 @@ fn gauge(
 impl Collector for KernelCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
         let policy = self.control.live.get();
-        let (sums, lost, entries, generation) = {
+        let (sums, lost, entries, generation, tc) = {
             let mut dp = self.control.datapath();
             let ids: Vec<u32> = policy.workloads.iter().map(|(_, id)| *id).collect();
             let sums = dp.counter_sums(&ids);
+            let tc = dp.tc_sums(&ids);
             let lost: u64 = ids
                 .iter()
                 .map(|id| {
@@ -281,8 +282,42 @@ impl Collector for KernelCollector {
                 })
                 .sum();
             let generation = dp.active().map(|(_, c)| c.generation).unwrap_or(0);
-            (sums, lost, dp.map_fill(&policy), generation)
+            (sums, lost, dp.map_fill(&policy), generation, tc)
         };
+        let pods: Vec<crate::config::ObjectRef> = self
+            .control
+            .pods()
+            .borrow()
+            .iter()
+            .map(|p| p.workload.clone())
+            .collect();
+        let (mut tc_packets, mut tc_bytes, mut tc_dropped) = (Vec::new(), Vec::new(), Vec::new());
+        for (w, id) in &policy.workloads {
+            let pod = pods.contains(w);
+            for slot in 0..egress_common::tc::TC_SLOTS as u8 {
+                let Some(name) = egress_common::tc::tc_slot_name(slot) else {
+                    continue;
+                };
+                let (p, b) = tc.get(&(*id, slot)).copied().unwrap_or((0, 0));
+                let base = vec![
+                    ("workload", w.name.clone()),
+                    ("namespace", w.namespace.clone()),
+                ];
+                if let Some(reason) = egress_common::tc::tc_drop_reason(slot) {
+                    if pod || p > 0 {
+                        let mut l = base.clone();
+                        l.push(("reason", reason.into()));
+                        tc_dropped.push((l, p));
+                    }
+                }
+                if p > 0 {
+                    let mut l = base;
+                    l.push(("verdict", name.into()));
+                    tc_packets.push((l.clone(), p));
+                    tc_bytes.push((l, b));
+                }
+            }
+        }
 
         let mut connections = Vec::new();
         let mut denied = Vec::new();
@@ -335,6 +370,24 @@ impl Collector for KernelCollector {
             &connections,
         )?;
         counter(&mut enc, "egress_denied", "Connections refused, by workload and reason (rule, default, proxy-port, error in the kernel; host in the proxy)", &denied)?;
+        counter(
+            &mut enc,
+            "egress_tc_dropped_packets",
+            "Packets the tc backstop dropped on a workload's interface (they skipped the socket hooks), by reason",
+            &tc_dropped,
+        )?;
+        counter(
+            &mut enc,
+            "egress_tc_packets",
+            "Packets through the tc backstop on a workload's interface, by verdict (inbound: into the workload)",
+            &tc_packets,
+        )?;
+        counter(
+            &mut enc,
+            "egress_tc_bytes",
+            "Bytes through the tc backstop on a workload's interface, by verdict (inbound: into the workload)",
+            &tc_bytes,
+        )?;
         counter(
             &mut enc,
             "egress_flow_events_lost",

@@ -179,7 +179,11 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     ));
     control.set_dirs(dirs);
     control.set_kubernetes(cluster.is_some());
+    // Pods are plugged in by an install (their namespaces are adopted when they exist), so a
+    // policy with pods is installed again rather than resumed as it is.
+    let has_pods = !crate::podnet::plan(&cfg).is_empty();
     if resume
+        && !has_pods
         && running.events_all == opts.all_flows as u32
         && running.agent_cgroup_id == agent_cgroup
     {
@@ -219,6 +223,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
 
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(relay.clone().serve(listeners));
+    tasks.spawn(serve_pods(control.pods(), relay.clone(), port));
     tasks.spawn(flows::run(events, live.clone(), hub.clone()));
     tasks.spawn(admin::serve(
         admin_listener,
@@ -271,6 +276,51 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Keeps a proxy listener open inside every pod's network namespace (the redirect target
+/// there is the pod's own 127.0.0.1/[::1]:<proxy port>).
+async fn serve_pods(
+    mut pods: tokio::sync::watch::Receiver<Vec<crate::podnet::Pod>>,
+    relay: Arc<Proxy>,
+    port: u16,
+) {
+    let mut serving: std::collections::HashMap<PathBuf, tokio::task::AbortHandle> =
+        std::collections::HashMap::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        let want = pods.borrow_and_update().clone();
+        serving.retain(|path, task| {
+            let keep = want.iter().any(|p| p.netns_path() == *path);
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for p in want {
+            let path = p.netns_path();
+            if serving.contains_key(&path) {
+                continue;
+            }
+            let listeners = crate::podnet::bind_in(&path, port).and_then(|ls| {
+                ls.into_iter()
+                    .map(tokio::net::TcpListener::from_std)
+                    .collect::<std::io::Result<Vec<_>>>()
+            });
+            match listeners {
+                Ok(ls) => {
+                    info!(pod = %p.workload, netns = %p.netns, port, "proxy listening inside the pod");
+                    serving.insert(path, tasks.spawn(relay.clone().serve(ls)));
+                }
+                Err(e) => {
+                    warn!(pod = %p.workload, netns = %p.netns, error = %e, "cannot open the proxy inside the pod; its redirected connections are refused")
+                }
+            }
+        }
+        if pods.changed().await.is_err() {
+            break;
+        }
+    }
+}
+
 /// SIGHUP: the policy file replaces the live policy, if it is valid.
 async fn reload(control: &Arc<Control>, path: &Path) {
     let c = control.clone();
@@ -294,6 +344,14 @@ pub fn exec(root: &Path, workload: &config::ObjectRef, cmd: &[String]) -> anyhow
     use std::os::unix::process::CommandExt as _;
     let root = CgroupRoot::new(root, true)?;
     let dir = root.existing_workload(workload)?;
+    if let Some(netns) = crate::podnet::netns_of_cgroup(&dir) {
+        crate::podnet::enter(&netns).with_context(|| {
+            format!(
+                "cannot enter the pod's network namespace {}",
+                netns.display()
+            )
+        })?;
+    }
     workload::move_pid(&dir, std::process::id())?;
     let (prog, args) = cmd.split_first().context("no command given")?;
     let err = std::process::Command::new(prog).args(args).exec();
@@ -309,6 +367,9 @@ pub fn uninstall(pin_dir: &Path, cgroup_root: &Path, state_file: &Path) -> anyho
         println!("removed {}", state_file.display());
     }
     if let Ok(root) = CgroupRoot::new(cgroup_root, false) {
+        for netns in crate::podnet::remove_tagged(&root.path) {
+            println!("removed the network namespace {}", netns.display());
+        }
         for b in root.remove_all() {
             println!("left {} in place: it still holds processes", b.display());
         }

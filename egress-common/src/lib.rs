@@ -8,13 +8,14 @@
 
 pub mod decide;
 pub mod maps;
+pub mod tc;
 
 pub use decide::{decide, Decision, Outcome};
 pub use maps::*;
 
 /// Layout version of the maps and programs. Pins live under `<pin dir>/v<LAYOUT_VERSION>/`;
 /// bump it whenever any type in this crate changes shape.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// IP protocol numbers as they appear in `bpf_sock_addr.protocol`.
 pub mod proto {
@@ -22,6 +23,8 @@ pub mod proto {
     pub const ANY: u8 = 0;
     pub const TCP: u8 = 6;
     pub const UDP: u8 = 17;
+    pub const ICMP: u8 = 1;
+    pub const ICMPV6: u8 = 58;
 }
 
 /// What a rule does with the connections it matches.

@@ -15,8 +15,10 @@ pub mod names {
     pub const ORIG_BY_TUPLE: &str = "EGRESS_ORIG_TUPLE";
     pub const COUNTERS: &str = "EGRESS_COUNTERS";
     pub const EVENTS: &str = "EGRESS_EVENTS";
+    pub const TC_COUNTERS: &str = "EGRESS_TC_COUNTERS";
+    pub const REPLIES: &str = "EGRESS_REPLIES";
     /// Every map the agent pins, in a stable order.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 13] = [
         ACTIVE,
         CONFIG,
         WORKLOADS,
@@ -28,6 +30,8 @@ pub mod names {
         ORIG_BY_TUPLE,
         COUNTERS,
         EVENTS,
+        TC_COUNTERS,
+        REPLIES,
     ];
 }
 
@@ -47,6 +51,8 @@ pub mod capacity {
     pub const EVENTS_WAKEUP_BYTES: u64 = 1 << 18;
     /// Nesting below a workload's cgroup that still counts as that workload.
     pub const MAX_CGROUP_NESTING: u32 = 8;
+    /// Connections into workloads whose replies the tc backstop lets out (LRU).
+    pub const REPLIES: u32 = 65_536;
 }
 
 /// Port segments one (workload, prefix) entry holds, over all protocol classes. The agent
@@ -106,6 +112,17 @@ pub struct WorkloadInfo {
 #[inline(always)]
 pub fn workload_key(cgroup_id: u64, set: u32) -> u64 {
     (cgroup_id & !(1 << 63)) | ((set as u64 & 1) << 63)
+}
+
+/// Tag of the `EGRESS_WORKLOADS` keys that name a network interface (the host side of a
+/// workload's veth, for the tc backstop) rather than a cgroup. cgroup ids are inode numbers and
+/// never reach bit 62.
+pub const IFACE_TAG: u64 = 1 << 62;
+
+/// The `EGRESS_WORKLOADS` key of an interface in a set.
+#[inline(always)]
+pub fn iface_key(ifindex: u32, set: u32) -> u64 {
+    workload_key(IFACE_TAG | ifindex as u64, set)
 }
 
 /// The scope of a workload's policy entries in a set.
@@ -299,12 +316,24 @@ pub struct OrigDst {
     pub _pad0: u32,
 }
 
+/// Key of `EGRESS_ORIG_TUPLE`: the client's address of a redirected connection in its network
+/// namespace (every pod has its own 127.0.0.1, so the address alone is ambiguous).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct OrigKey {
+    /// `bpf_get_netns_cookie` of the socket's namespace (`SO_NETNS_COOKIE` in userspace).
+    pub netns: u64,
+    pub addr: SockAddr,
+}
+
 /// Where a verdict event came from.
 pub mod hook {
     pub const CONNECT4: u8 = 1;
     pub const CONNECT6: u8 = 2;
     pub const SENDMSG4: u8 = 3;
     pub const SENDMSG6: u8 = 4;
+    /// The tc backstop on a workload's interface.
+    pub const TC: u8 = 5;
 }
 
 /// One decision, written to the `EGRESS_EVENTS` ring buffer.
@@ -350,6 +379,7 @@ const _: () = assert!(size_of::<PolicyValue>() == 4 + 12 * MAX_SEGMENTS);
 const _: () = assert!(size_of::<SockAddr>() == 24);
 const _: () = assert!(size_of::<OrigDst>() == 48);
 const _: () = assert!(size_of::<VerdictEvent>() == 64);
+const _: () = assert!(size_of::<OrigKey>() == 32);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -363,4 +393,7 @@ mod pod {
     unsafe impl aya::Pod for SockAddr {}
     unsafe impl aya::Pod for OrigDst {}
     unsafe impl aya::Pod for VerdictEvent {}
+    unsafe impl aya::Pod for OrigKey {}
+    unsafe impl aya::Pod for crate::tc::TcCount {}
+    unsafe impl aya::Pod for crate::tc::FlowKey {}
 }

@@ -13,19 +13,19 @@ use aya_ebpf::{
     },
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_pid_tgid,
-        bpf_get_socket_cookie, bpf_ktime_get_ns,
+        bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns,
     },
-    macros::{cgroup_sock_addr, map, sock_ops},
+    macros::{cgroup_sock_addr, classifier, map, sock_ops},
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
-    programs::{SockAddrContext, SockOpsContext},
+    programs::{SockAddrContext, SockOpsContext, TcContext},
     EbpfContext,
 };
 use aya_log_ebpf::error;
 use egress_common::{
-    capacity, counter_index, decide, decide::on_error, decide::Query, hook, mesh_key, policy_key,
-    policy_scope, proto, v4_mapped, workload_key, Decision, MeshConfig, MeshKeyV4, MeshKeyV6,
-    OrigDst, Outcome, PolicyKeyV4, PolicyKeyV6, PolicyValue, SockAddr, VerdictEvent, WorkloadInfo,
-    COUNTERS_LEN, EVENT_LOST,
+    capacity, counter_index, decide, decide::on_error, decide::Query, hook, iface_key, mesh_key,
+    policy_key, policy_scope, proto, tc, v4_mapped, workload_key, Decision, MeshConfig, MeshKeyV4,
+    MeshKeyV6, OrigDst, OrigKey, Outcome, PolicyKeyV4, PolicyKeyV6, PolicyValue, SockAddr,
+    VerdictEvent, WorkloadInfo, COUNTERS_LEN, EVENT_LOST,
 };
 
 /// Which policy set (0 or 1) the programs read; see `egress_common::workload_key`.
@@ -64,7 +64,7 @@ static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> =
     LruHashMap::with_max_entries(capacity::ORIG_DST, 0);
 
 #[map(name = "EGRESS_ORIG_TUPLE")]
-static ORIG_BY_TUPLE: LruHashMap<SockAddr, OrigDst> =
+static ORIG_BY_TUPLE: LruHashMap<OrigKey, OrigDst> =
     LruHashMap::with_max_entries(capacity::ORIG_DST, 0);
 
 #[map(name = "EGRESS_COUNTERS")]
@@ -72,6 +72,13 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS_LEN, 
 
 #[map(name = "EGRESS_EVENTS")]
 static EVENTS: RingBuf = RingBuf::with_byte_size(capacity::EVENTS_BYTES, 0);
+
+#[map(name = "EGRESS_TC_COUNTERS")]
+static TC_COUNTERS: PerCpuArray<tc::TcCount> =
+    PerCpuArray::with_max_entries(capacity::MAX_WORKLOADS * tc::TC_SLOTS, 0);
+
+#[map(name = "EGRESS_REPLIES")]
+static REPLIES: LruHashMap<tc::FlowKey, u8> = LruHashMap::with_max_entries(capacity::REPLIES, 0);
 
 /// cgroup/connect* and sendmsg* return values.
 const PASS: i32 = 1;
@@ -186,6 +193,12 @@ fn record(
         hook,
         _pad0: 0,
     };
+    emit(&ev);
+}
+
+#[inline(always)]
+fn emit(ev: &VerdictEvent) {
+    let wid = ev.workload_id;
     // Wake the agent only when a batch has piled up (it also polls): a wake-up per connect
     // would cost more than the whole decision. A full ring buffer loses the event, never the
     // verdict; the counters still count it.
@@ -194,7 +207,7 @@ fn record(
     } else {
         BPF_RB_NO_WAKEUP
     };
-    if EVENTS.output::<VerdictEvent>(&ev, flags as u64).is_err() {
+    if EVENTS.output::<VerdictEvent>(ev, flags as u64).is_err() {
         if let Some(c) = COUNTERS.get_ptr_mut(counter_index(wid, EVENT_LOST, 0)) {
             // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
             unsafe { *c += 1 };
@@ -462,6 +475,10 @@ pub fn egress_sockops(ctx: SockOpsContext) -> u32 {
         }
     };
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let local = OrigKey {
+        netns: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        addr: local,
+    };
     if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
         // SAFETY: copied out at once.
         if let Some(o) = unsafe { ORIG_BY_COOKIE.get(&cookie) }.copied() {
@@ -478,6 +495,206 @@ pub fn egress_sockops(ctx: SockOpsContext) -> u32 {
         let _ = ORIG_BY_COOKIE.remove(&cookie);
     }
     1
+}
+
+// ---- tc backstop ------------------------------------------------------------------------
+
+/// tcx: let the next program (or the stack) have the packet; drop it.
+const TC_NEXT: i32 = -1;
+const TC_DROP: i32 = 2;
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const IPPROTO_HOPOPTS: u8 = 0;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+
+/// The headers of one packet the backstop judges.
+struct Packet {
+    proto: u8,
+    src: SockAddr,
+    dst: SockAddr,
+    /// TCP SYN without ACK: a connection being opened.
+    syn: bool,
+    /// Link control (IPv6 neighbour discovery, MLD): never judged.
+    link: bool,
+}
+
+#[inline(always)]
+fn be16(ctx: &TcContext, off: usize) -> Option<u16> {
+    ctx.load::<u16>(off).ok().map(u16::from_be)
+}
+
+/// Parses Ethernet + IPv4/IPv6 + the first bytes of TCP/UDP/ICMP. `None`: not IP.
+#[inline(always)]
+fn parse(ctx: &TcContext) -> Option<Packet> {
+    let (proto, mut src, mut dst, l4, first_fragment) = match be16(ctx, 12)? {
+        ETH_P_IP => {
+            let vihl: u8 = ctx.load(ETH_HLEN).ok()?;
+            let ihl = ((vihl & 0x0f) as usize) * 4;
+            if ihl < 20 {
+                return None;
+            }
+            let frag = be16(ctx, ETH_HLEN + 6)? & 0x1fff;
+            let proto: u8 = ctx.load(ETH_HLEN + 9).ok()?;
+            let s: [u8; 4] = ctx.load(ETH_HLEN + 12).ok()?;
+            let d: [u8; 4] = ctx.load(ETH_HLEN + 16).ok()?;
+            (
+                proto,
+                SockAddr::v4(s, 0),
+                SockAddr::v4(d, 0),
+                ETH_HLEN + ihl,
+                frag == 0,
+            )
+        }
+        ETH_P_IPV6 => {
+            let mut proto: u8 = ctx.load(ETH_HLEN + 6).ok()?;
+            let s: [u8; 16] = ctx.load(ETH_HLEN + 8).ok()?;
+            let d: [u8; 16] = ctx.load(ETH_HLEN + 24).ok()?;
+            let mut l4 = ETH_HLEN + 40;
+            // One hop-by-hop options header (MLD reports carry one) is looked through.
+            if proto == IPPROTO_HOPOPTS {
+                proto = ctx.load(l4).ok()?;
+                let len: u8 = ctx.load(l4 + 1).ok()?;
+                l4 += (len as usize + 1) * 8;
+            }
+            (proto, SockAddr::v6(s, 0), SockAddr::v6(d, 0), l4, true)
+        }
+        _ => return None,
+    };
+    let mut syn = false;
+    let mut link = false;
+    if first_fragment {
+        if proto == proto::TCP || proto == proto::UDP {
+            src.port = be16(ctx, l4).unwrap_or(0) as u32;
+            dst.port = be16(ctx, l4 + 2).unwrap_or(0) as u32;
+            if proto == proto::TCP {
+                let flags: u8 = ctx.load(l4 + 13).unwrap_or(0);
+                syn = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+            }
+        } else if proto == proto::ICMPV6 {
+            let ty: u8 = ctx.load(l4).unwrap_or(0);
+            link = tc::is_link_control(proto, ty);
+        }
+    }
+    Some(Packet {
+        proto,
+        src,
+        dst,
+        syn,
+        link,
+    })
+}
+
+#[inline(always)]
+fn tc_count(wid: u32, slot: u8, bytes: u32) {
+    if let Some(c) = TC_COUNTERS.get_ptr_mut(tc::tc_index(wid, slot)) {
+        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += bytes as u64;
+        }
+    }
+}
+
+/// A flow as seen from the workload: `local` is its side.
+#[inline(always)]
+fn flow_key(ifindex: u32, proto: u8, local: SockAddr, remote: SockAddr) -> tc::FlowKey {
+    tc::FlowKey {
+        ifindex,
+        proto,
+        _pad0: [0; 3],
+        local,
+        remote,
+    }
+}
+
+#[inline(always)]
+fn skb_ifindex(ctx: &TcContext) -> u32 {
+    unsafe { read_volatile(&(*ctx.skb.skb).ifindex) }
+}
+
+/// Packets leaving a workload (ingress of the host side of its veth): judged by the policy
+/// of the workload that owns the interface, exactly as its sockets are.
+#[classifier]
+pub fn egress_tc_from_workload(ctx: TcContext) -> i32 {
+    let ifindex = skb_ifindex(&ctx);
+    let set = active_set();
+    // SAFETY: copied out at once.
+    let Some(w) = (unsafe { WORKLOADS.get(&iface_key(ifindex, set)) }).copied() else {
+        return TC_NEXT; // not a workload's interface (any more)
+    };
+    let len = ctx.len();
+    let Some(p) = parse(&ctx) else {
+        tc_count(w.id, tc::TC_LINK, len);
+        return TC_NEXT;
+    };
+    if p.link {
+        tc_count(w.id, tc::TC_LINK, len);
+        return TC_NEXT;
+    }
+    if p.proto == proto::TCP || p.proto == proto::UDP {
+        if REPLIES
+            .get_ptr(&flow_key(ifindex, p.proto, p.src, p.dst))
+            .is_some()
+        {
+            tc_count(w.id, tc::TC_REPLY, len);
+            return TC_NEXT;
+        }
+    }
+    let Some(cfg) = CONFIG.get(set) else {
+        tc_count(w.id, Outcome::DenyError as u8, len);
+        return TC_DROP;
+    };
+    let q = Query {
+        proto: p.proto,
+        port: p.dst.port as u16,
+        in_mesh: in_mesh(set, &p.dst),
+        to_proxy: false,
+    };
+    let d = decide(cfg, &q, policy(w.id, set, &p.dst));
+    let (slot, drop) = tc::tc_verdict(d.outcome);
+    tc_count(w.id, slot, len);
+    if !drop {
+        return TC_NEXT;
+    }
+    // A connection being opened gets a flow event; the rest of a dropped flow only counts.
+    if p.syn || !(p.proto == proto::TCP) {
+        emit(&VerdictEvent {
+            ts_ns: unsafe { bpf_ktime_get_ns() },
+            cgroup_id: 0,
+            pid_tgid: 0,
+            dst: p.dst,
+            workload_id: w.id,
+            rule_id: d.rule_id,
+            generation: cfg.generation as u32,
+            outcome: slot,
+            proto: p.proto,
+            hook: hook::TC,
+            _pad0: 0,
+        });
+    }
+    TC_DROP
+}
+
+/// Packets into a workload (egress of the host side of its veth): a peer opening a connection
+/// into the workload (TCP SYN, or a UDP datagram) makes that flow's replies pass unjudged.
+#[classifier]
+pub fn egress_tc_to_workload(ctx: TcContext) -> i32 {
+    let ifindex = skb_ifindex(&ctx);
+    let set = active_set();
+    // SAFETY: copied out at once.
+    let Some(w) = (unsafe { WORKLOADS.get(&iface_key(ifindex, set)) }).copied() else {
+        return TC_NEXT;
+    };
+    tc_count(w.id, tc::TC_INBOUND, ctx.len());
+    if let Some(p) = parse(&ctx) {
+        if (p.proto == proto::TCP && p.syn) || p.proto == proto::UDP {
+            let _ = REPLIES.insert(&flow_key(ifindex, p.proto, p.dst, p.src), &1, 0);
+        }
+    }
+    TC_NEXT
 }
 
 #[cfg(not(test))]

@@ -74,8 +74,11 @@ pub struct Agent {
     pub proxy_port: u16,
     pub metrics_port: u16,
     pub config: PathBuf,
-    /// More `run` arguments and environment (Kubernetes mode).
+    /// More `run` arguments (Kubernetes mode).
     pub run_args: Vec<String>,
+    /// The network namespace the agent runs in (a test's "node"); `None`: this one.
+    pub netns: Option<PathBuf>,
+    /// Extra environment of the agent process.
     pub env: Vec<(String, String)>,
     log: Arc<Mutex<String>>,
 }
@@ -83,7 +86,22 @@ pub struct Agent {
 impl Agent {
     /// Starts an agent on `policy` (`{proxy_port}` in it is replaced) and waits until ready.
     pub fn start(policy: &str) -> Agent {
+        Self::start_in(policy, None)
+    }
+
+    /// [`Agent::start`], with the agent in network namespace `netns` (a test's "node").
+    pub fn start_in(policy: &str, netns: Option<&Path>) -> Agent {
+        Self::start_with(policy, netns, &[])
+    }
+
+    /// [`Agent::start_in`], with extra environment variables for the agent.
+    pub fn start_with(policy: &str, netns: Option<&Path>, env: &[(&str, &str)]) -> Agent {
         let mut agent = Agent::new(policy);
+        agent.netns = netns.map(Path::to_path_buf);
+        agent.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         agent.spawn();
         agent
     }
@@ -108,6 +126,7 @@ impl Agent {
             metrics_port: free_port(),
             config,
             run_args: Vec::new(),
+            netns: None,
             env: Vec::new(),
             log: Arc::new(Mutex::new(String::new())),
         }
@@ -117,13 +136,20 @@ impl Agent {
     /// the same pins, cgroups, socket and state, and waits until it is ready.
     pub fn spawn(&mut self) {
         self.log.lock().unwrap().clear();
-        let mut child = Command::new(AGENT)
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net={}", ns.display())).arg(AGENT);
+                c
+            }
+            None => Command::new(AGENT),
+        };
+        let mut child = cmd
             .arg("--admin-socket")
             .arg(&self.socket)
             .args(["run", "--config"])
             .arg(&self.config)
             .args(&self.run_args)
-            .envs(self.env.iter().cloned())
             .arg("--cgroup-root")
             .arg(&self.root)
             .arg("--pin-dir")
@@ -134,6 +160,7 @@ impl Agent {
             .arg("--metrics-addr")
             .arg(format!("127.0.0.1:{}", self.metrics_port))
             .env("EGRESS_LOG", "info,egress::flow=debug")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -168,7 +195,12 @@ impl Agent {
 
     /// GET a path of the agent's metrics endpoint: (status line, body).
     pub fn http_get(&self, path: &str) -> (String, String) {
-        let mut s = TcpStream::connect(("127.0.0.1", self.metrics_port)).expect("metrics endpoint");
+        let port = self.metrics_port;
+        let mut s = match &self.netns {
+            Some(ns) => in_netns(ns, move || TcpStream::connect(("127.0.0.1", port))),
+            None => TcpStream::connect(("127.0.0.1", port)),
+        }
+        .expect("metrics endpoint");
         s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
             .unwrap();
         let mut text = String::new();
@@ -207,6 +239,28 @@ impl Agent {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+    }
+
+    /// Replaces the policy file (`{proxy_port}` filled in) and sends SIGHUP; waits until
+    /// the agent reloaded it.
+    pub fn reload(&self, policy: &str) {
+        std::fs::write(
+            &self.config,
+            policy.replace("{proxy_port}", &self.proxy_port.to_string()),
+        )
+        .expect("write policy");
+        let n = self.log().matches("reloaded the policy file").count();
+        let pid = self.child.as_ref().expect("agent running").id() as i32;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .expect("SIGHUP");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.log().matches("reloaded the policy file").count() == n {
+            assert!(Instant::now() < deadline, "no reload:\n{}", self.log());
+            thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -379,6 +433,14 @@ pub struct TcpServer {
 impl TcpServer {
     pub fn start(ip: &str) -> TcpServer {
         let l = TcpListener::bind((ip, 0)).unwrap_or_else(|e| panic!("bind {ip}: {e}"));
+        Self::serve(l)
+    }
+
+    /// A server on `ip:port` in network namespace `netns` (a test's "outside world").
+    pub fn start_in(netns: &Path, ip: &str, port: u16) -> TcpServer {
+        let ip2 = ip.to_string();
+        let l = in_netns(netns, move || TcpListener::bind((ip2.as_str(), port)))
+            .unwrap_or_else(|e| panic!("bind {ip}:{port} in {}: {e}", netns.display()));
         Self::serve(l)
     }
 
@@ -633,6 +695,17 @@ pub fn ssh_server(ip: &str) -> (Daemon, PathBuf) {
         dir,
     );
     (d, key)
+}
+
+/// Runs `f` on a thread inside network namespace `netns`; what it opens stays there.
+pub fn in_netns<T: Send + 'static>(netns: &Path, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let ns = std::fs::File::open(netns).unwrap_or_else(|e| panic!("{}: {e}", netns.display()));
+    thread::spawn(move || {
+        nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        f()
+    })
+    .join()
+    .expect("thread in netns")
 }
 
 /// A cgroup tree a test builds itself (a kubelet's, for Kubernetes mode) under a dedicated

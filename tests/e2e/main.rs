@@ -10,5 +10,6 @@ mod harness;
 mod k8s;
 mod lifecycle;
 mod metrics;
+mod pods;
 mod proxy;
 mod semantics;

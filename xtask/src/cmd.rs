@@ -84,5 +84,11 @@ pub fn demo(root: &Path) -> anyhow::Result<()> {
         root,
         "bash",
         &["scripts/demo.sh", "target/release/egress-agent"],
+    )?;
+    step("demo, pods in their own network namespace (scripts/demo-pods.sh)");
+    run(
+        root,
+        "bash",
+        &["scripts/demo-pods.sh", "target/release/egress-agent"],
     )
 }

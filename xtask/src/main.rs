@@ -31,7 +31,8 @@ enum Task {
         #[arg(last = true, value_name = "ARGS")]
         args: Vec<String>,
     },
-    /// Setup, build the release agent and run scripts/demo.sh with it (as root).
+    /// Setup, build the release agent and run scripts/demo.sh and scripts/demo-pods.sh with it
+    /// (as root).
     Demo,
     /// Benchmark the datapath against direct and a peer, in a network namespace (as root).
     Bench {

@@ -16,8 +16,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::{HashMap, MapData, MapError};
-use egress_common::{OrigDst, SockAddr};
+use aya::maps::{HashMap, MapData};
+use egress_common::{OrigDst, OrigKey, SockAddr};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -33,8 +33,8 @@ use crate::{
 };
 use sniff::Sniffed;
 
-/// Original destinations, keyed by the client's address.
-pub type OrigMap = HashMap<MapData, SockAddr, OrigDst>;
+/// Original destinations, keyed by the client's address in its network namespace.
+pub type OrigMap = HashMap<MapData, OrigKey, OrigDst>;
 
 #[derive(Clone, Debug)]
 pub struct Limits {
@@ -120,6 +120,14 @@ impl Proxy {
     }
 
     async fn accept_loop(self: Arc<Self>, listener: TcpListener) {
+        // Clients of a listener share its network namespace (a pod's, or the agent's own).
+        let netns = match crate::podnet::netns_cookie(&listener) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "cannot read the proxy listener's network namespace cookie; not serving it");
+                return;
+            }
+        };
         loop {
             let (client, peer) = match listener.accept().await {
                 Ok(c) => c,
@@ -140,19 +148,23 @@ impl Proxy {
             let this = self.clone();
             tokio::spawn(async move {
                 this.metrics.proxy_active().inc();
-                this.handle(client, peer).await;
+                this.handle(
+                    client,
+                    OrigKey {
+                        netns,
+                        addr: sock_addr(peer),
+                    },
+                    peer,
+                )
+                .await;
                 this.metrics.proxy_active().dec();
                 drop(permit);
             });
         }
     }
 
-    fn original(&self, peer: SocketAddr) -> Result<OrigDst, MapError> {
-        self.orig.get(&sock_addr(peer), 0)
-    }
-
-    async fn handle(&self, mut client: TcpStream, peer: SocketAddr) {
-        let orig = match self.original(peer) {
+    async fn handle(&self, mut client: TcpStream, key: OrigKey, peer: SocketAddr) {
+        let orig = match self.orig.get(&key, 0) {
             Ok(o) => o,
             Err(e) => {
                 self.metrics
