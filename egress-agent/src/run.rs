@@ -224,6 +224,11 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(relay.clone().serve(listeners));
     tasks.spawn(serve_pods(control.pods(), relay.clone(), port));
+    // Kubernetes pods: their namespaces are the CNI's, found from their cgroups.
+    let k8s_pods = tokio::sync::watch::channel(Vec::<k8s::watch::PodNetns>::new());
+    if opts.kubernetes.is_some() {
+        tasks.spawn(serve_pods(k8s_pods.1, relay.clone(), port));
+    }
     tasks.spawn(flows::run(events, live.clone(), hub.clone()));
     tasks.spawn(admin::serve(
         admin_listener,
@@ -233,7 +238,13 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     ));
     tasks.spawn(metrics::serve(metrics_listener, metrics.clone()));
     if let (Some(k), Some(started)) = (opts.kubernetes.clone(), cluster) {
-        tasks.spawn(k8s::run(k, started, control.clone(), metrics.clone()));
+        tasks.spawn(k8s::run(
+            k,
+            started,
+            control.clone(),
+            metrics.clone(),
+            k8s_pods.0,
+        ));
     }
     metrics.set_ready();
     if let Some(l) = kernel_logs {
@@ -276,10 +287,26 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A network namespace of its own the proxy listens in: a pod's.
+pub trait InPod: Clone + Send + Sync + 'static {
+    /// The pod, for the log.
+    fn label(&self) -> String;
+    fn netns_path(&self) -> PathBuf;
+}
+
+impl InPod for crate::podnet::Pod {
+    fn label(&self) -> String {
+        self.workload.to_string()
+    }
+    fn netns_path(&self) -> PathBuf {
+        crate::podnet::Pod::netns_path(self)
+    }
+}
+
 /// Keeps a proxy listener open inside every pod's network namespace (the redirect target
 /// there is the pod's own 127.0.0.1/[::1]:<proxy port>).
-async fn serve_pods(
-    mut pods: tokio::sync::watch::Receiver<Vec<crate::podnet::Pod>>,
+async fn serve_pods<P: InPod>(
+    mut pods: tokio::sync::watch::Receiver<Vec<P>>,
     relay: Arc<Proxy>,
     port: u16,
 ) {
@@ -307,11 +334,11 @@ async fn serve_pods(
             });
             match listeners {
                 Ok(ls) => {
-                    info!(pod = %p.workload, netns = %p.netns, port, "proxy listening inside the pod");
+                    info!(pod = %p.label(), netns = %path.display(), port, "proxy listening inside the pod");
                     serving.insert(path, tasks.spawn(relay.clone().serve(ls)));
                 }
                 Err(e) => {
-                    warn!(pod = %p.workload, netns = %p.netns, error = %e, "cannot open the proxy inside the pod; its redirected connections are refused")
+                    warn!(pod = %p.label(), netns = %path.display(), error = %e, "cannot open the proxy inside the pod; its redirected connections are refused")
                 }
             }
         }

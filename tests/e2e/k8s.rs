@@ -8,7 +8,7 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::Command,
+    process::{Child, Command},
     thread,
     time::{Duration, Instant},
 };
@@ -19,7 +19,7 @@ use egress_agent::k8s::{
 };
 use serde_json::{json, Value};
 
-use crate::harness::{client_in_cgroup, privileged, Agent, CgroupTree, AGENT};
+use crate::harness::{client_in_cgroup, privileged, Agent, CgroupTree, TcpServer, AGENT, CLIENT};
 
 const EPERM: &str = "err EPERM";
 const ALLOWED: &str = "err ECONNREFUSED";
@@ -104,6 +104,28 @@ fn cluster_cli(kubeconfig: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// An agent in Kubernetes mode for node NODE on the kubepods cgroup `root`, against `fake`,
+/// whose MeshConfig `egress` (enableEgress false, this agent's proxy port) is put first.
+/// Started, and ready. Returns it and its kubeconfig file.
+fn kube_agent(fake: &FakeApiServer, root: PathBuf) -> (Agent, PathBuf) {
+    let mut agent = Agent::new("");
+    fake.put(
+        "meshconfigs",
+        json!({"apiVersion": "policy.egress.dev/v1alpha1", "kind": "MeshConfig",
+               "metadata": {"name": "egress"},
+               "spec": {"traffic": {"enableEgress": false}, "proxy": {"port": agent.proxy_port}}}),
+    );
+    let kubeconfig = agent.config.with_extension("kubeconfig");
+    fake.write_kubeconfig(&kubeconfig).unwrap();
+    agent.root = root;
+    agent.run_args = ["--kubernetes", "--node-name", NODE]
+        .map(String::from)
+        .to_vec();
+    agent.env = vec![("KUBECONFIG".into(), kubeconfig.display().to_string())];
+    agent.spawn();
+    (agent, kubeconfig)
+}
+
 /// One node, two drivers' worth of layout: pods enforced per pod, churn reconciled without
 /// touching the other pods, a bad CRD object reported with the previous policy kept, the
 /// cluster toggle converging and reported per node.
@@ -124,13 +146,6 @@ fn pods_are_enforced_per_pod(driver: Driver, kubepods: &str, runtime: &str) {
     );
     fake.put("egresses", egress(9));
 
-    let mut agent = Agent::new("");
-    fake.put(
-        "meshconfigs",
-        json!({"apiVersion": "policy.egress.dev/v1alpha1", "kind": "MeshConfig",
-               "metadata": {"name": "egress"},
-               "spec": {"traffic": {"enableEgress": false}, "proxy": {"port": agent.proxy_port}}}),
-    );
     // The node was registered with the startup taint: no workload is scheduled on it until
     // its agent enforces.
     fake.put(
@@ -139,14 +154,7 @@ fn pods_are_enforced_per_pod(driver: Driver, kubepods: &str, runtime: &str) {
                "spec": {"taints": [{"key": "egress.dev/agent-not-ready", "value": "true", "effect": "NoSchedule"},
                                    {"key": "gpu", "effect": "NoSchedule"}]}}),
     );
-    let kubeconfig = agent.config.with_extension("kubeconfig");
-    fake.write_kubeconfig(&kubeconfig).unwrap();
-    agent.root = tree.path.join(kubepods);
-    agent.run_args = ["--kubernetes", "--node-name", NODE]
-        .map(String::from)
-        .to_vec();
-    agent.env = vec![("KUBECONFIG".into(), kubeconfig.display().to_string())];
-    agent.spawn();
+    let (mut agent, kubeconfig) = kube_agent(&fake, tree.path.join(kubepods));
     assert_eq!(agent.http_get("/readyz").0, "HTTP/1.1 200 OK");
     assert_eq!(metric(&agent, "egress_workloads "), Some(2.0));
     eventually(
@@ -335,4 +343,131 @@ fn kubernetes_cgroupfs_driver_cri_o() {
         return;
     }
     pods_are_enforced_per_pod(Driver::Cgroupfs, "kubepods", "cri-o");
+}
+
+/// A pod's own network namespace as the CNI makes it (here only loopback), with its sandbox
+/// process (`sleep`, standing in for pause) in the sandbox's container cgroup. Removed, and
+/// the process killed, when dropped.
+struct PodNetns {
+    name: String,
+    sandbox: Child,
+}
+
+impl PodNetns {
+    fn new(sandbox_cgroup: &Path, tag: &str) -> PodNetns {
+        let name = format!("egress-k8s-{}-{tag}", std::process::id());
+        let ip = |args: &[&str]| {
+            let st = Command::new("ip").args(args).status().expect("ip");
+            assert!(st.success(), "ip {args:?}");
+        };
+        ip(&["netns", "add", &name]);
+        ip(&["-n", &name, "link", "set", "lo", "up"]);
+        // Into the cgroup first, then the namespace (nsenter keeps the host's /sys, where
+        // the cgroup hierarchy is; `ip netns exec` would remount it).
+        let sandbox = Command::new("sh")
+            .args(["-c", "echo $$ > \"$0/cgroup.procs\" && exec \"$@\""])
+            .arg(sandbox_cgroup)
+            .arg("nsenter")
+            .arg(format!("--net=/run/netns/{name}"))
+            .args(["sleep", "600"])
+            .spawn()
+            .expect("sandbox process");
+        let pod = PodNetns { name, sandbox };
+        let procs = sandbox_cgroup.join("cgroup.procs");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::fs::read_to_string(&procs)
+            .unwrap_or_default()
+            .trim()
+            .is_empty()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the sandbox never joined its cgroup"
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+        pod
+    }
+
+    /// client.py inside the pod: in its namespace and in container cgroup `dir`.
+    fn client(&self, dir: &Path, args: &[&str]) -> String {
+        let out = Command::new("sh")
+            .args(["-c", "echo $$ > \"$0/cgroup.procs\" && exec \"$@\""])
+            .arg(dir)
+            .arg("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.name))
+            .args(["python3", CLIENT])
+            .args(args)
+            .output()
+            .expect("client.py in the pod");
+        crate::harness::split_local(String::from_utf8_lossy(&out.stdout).trim()).0
+    }
+}
+
+impl Drop for PodNetns {
+    fn drop(&mut self) {
+        let _ = self.sandbox.kill();
+        let _ = self.sandbox.wait();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// A pod in its own network namespace (not the node's): a `via: proxy` rule redirects its
+/// connection to 127.0.0.1:<proxy port> inside the pod, where the agent opened a listener
+/// (found through the pod's cgroup), and the proxy reaches the destination from the node. The
+/// destination exists only on the node's loopback, so a reply proves the relay.
+#[test]
+fn kubernetes_pod_in_its_own_netns_uses_the_in_pod_proxy() {
+    if !privileged() {
+        return;
+    }
+    let kubepods = "kubepods.slice";
+    let driver = Driver::Systemd;
+    let tree = CgroupTree::new();
+    tree.mkdir(kubepods);
+    let fake = FakeApiServer::start();
+    let server = TcpServer::start("127.79.0.1");
+    let u = uid(0x70);
+    let sandbox = make_pod(
+        &tree,
+        kubepods,
+        driver,
+        Qos::Burstable,
+        &u,
+        &format!("containerd://{}", "5a".repeat(32)),
+    );
+    let app = sandbox
+        .parent()
+        .unwrap()
+        .join(container_dir(driver, &format!("containerd://{}", "a9".repeat(32))).unwrap());
+    std::fs::create_dir(&app).unwrap();
+    let netns = PodNetns::new(&sandbox, "api");
+    fake.put("pods", pod("api-1", &u, "api", "Burstable", NODE));
+    fake.put(
+        "egresses",
+        json!({"apiVersion": "policy.egress.dev/v1alpha1", "kind": "Egress",
+               "metadata": {"name": "api-out", "namespace": "shop"},
+               "spec": {"sources": [{"podSelector": {"matchLabels": {"app": "api"}}}],
+                        "ipAddresses": ["127.79.0.0/16"], "ports": [{"number": server.addr.port()}],
+                        "via": "proxy"}}),
+    );
+    let (agent, kubeconfig) = kube_agent(&fake, tree.path.join(kubepods));
+    agent.wait_log("proxy listening inside the pod");
+
+    let out = netns.client(&app, &["tcp", "127.79.0.1", &server.port()]);
+    assert!(
+        out.starts_with(&format!("ok peer=127.79.0.1:{}", server.port())),
+        "{out}\n{}",
+        agent.log()
+    );
+    assert_eq!(server.accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+    // Anything else stays refused at connect().
+    let out = netns.client(&app, &["tcp", "127.80.0.1", "9"]);
+    assert!(out.starts_with(EPERM), "{out}");
+
+    drop(agent);
+    drop(netns);
+    let _ = std::fs::remove_file(kubeconfig);
 }

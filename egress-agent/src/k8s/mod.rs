@@ -82,6 +82,7 @@ pub async fn run(
     started: Started,
     control: std::sync::Arc<crate::control::Control>,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
+    in_pod: tokio::sync::watch::Sender<Vec<watch::PodNetns>>,
 ) {
     watch::report(&started.rejected, Some(&metrics));
     // A concurrent change to the node's taints fails the compare-and-swap: read and try again.
@@ -107,6 +108,7 @@ pub async fn run(
         mesh_config: opts.mesh_config,
         control,
         metrics,
+        in_pod,
     };
     watch::reconcile(node, started.watch, started.view, installed).await;
     tracing::warn!("the Kubernetes watches ended; the last policy stays in force");

@@ -199,6 +199,50 @@ pub struct Node {
     pub mesh_config: String,
     pub control: Arc<Control>,
     pub metrics: Arc<Metrics>,
+    /// The enrolled pods' own network namespaces, where the proxy listens.
+    pub in_pod: tokio::sync::watch::Sender<Vec<PodNetns>>,
+}
+
+/// A pod with a network namespace of its own (not hostNetwork), found through a process of
+/// its cgroup.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PodNetns {
+    pub pod: ObjectRef,
+    pub path: PathBuf,
+    /// (device, inode) of the namespace: the same namespace under another process's path
+    /// is the same pod network.
+    pub id: (u64, u64),
+}
+
+impl crate::run::InPod for PodNetns {
+    fn label(&self) -> String {
+        self.pod.to_string()
+    }
+    fn netns_path(&self) -> PathBuf {
+        self.path.clone()
+    }
+}
+
+/// The namespaces of the enrolled pods that have their own, and whether some pod has no
+/// process yet to find its namespace by.
+fn pod_namespaces(dirs: &BTreeMap<ObjectRef, PathBuf>) -> (Vec<PodNetns>, bool) {
+    use std::os::unix::fs::MetadataExt as _;
+    let id = |p: &std::path::Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    let node = id(std::path::Path::new("/proc/self/ns/net"));
+    let mut out = Vec::new();
+    let mut missing = false;
+    for (pod, dir) in dirs {
+        match super::cgroups::pod_netns(dir).and_then(|p| Some((id(&p)?, p))) {
+            Some((ns, _)) if Some(ns) == node => {} // hostNetwork: the node's own listener
+            Some((ns, path)) => out.push(PodNetns {
+                pod: pod.clone(),
+                path,
+                id: ns,
+            }),
+            None => missing = true,
+        }
+    }
+    (out, missing)
 }
 
 /// Keeps the node's enforcement equal to the view, until the watches end: installs after
@@ -327,7 +371,24 @@ async fn install(
         .map_err(|e| e.to_string())?;
         *installed = Some((r.store, r.dirs));
     }
-    Ok(pending)
+    // The proxy listens inside each pod's own namespace: keep the list current (by
+    // namespace identity, so a new first process of the same pod changes nothing).
+    let (namespaces, missing) = installed
+        .as_ref()
+        .map(|(_, dirs)| pod_namespaces(dirs))
+        .unwrap_or_default();
+    node.in_pod.send_if_modified(|cur| {
+        let same = cur.len() == namespaces.len()
+            && cur
+                .iter()
+                .zip(&namespaces)
+                .all(|(a, b)| a.pod == b.pod && a.id == b.id);
+        if !same {
+            *cur = namespaces;
+        }
+        !same
+    });
+    Ok(pending || missing)
 }
 
 /// The node's entry in the MeshConfig status: the policy generation in force, the
