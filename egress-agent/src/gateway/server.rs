@@ -550,7 +550,21 @@ async fn respond_h1(s: &mut TcpStream, status: u16, why: &str) -> std::io::Resul
         body.len()
     );
     s.write_all(resp.as_bytes()).await?;
-    s.shutdown().await
+    s.shutdown().await?;
+    // Lingering close: read what the client still sends (up to 64 KiB, 1 s), so that closing
+    // with unread bytes does not reset the connection before the client read the answer.
+    let mut sink = [0u8; 4096];
+    let mut left: usize = 64 * 1024;
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while left > 0 {
+            match tokio::io::AsyncReadExt::read(s, &mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    })
+    .await;
+    Ok(())
 }
 
 /// Runs the gateway until SIGTERM/SIGINT.

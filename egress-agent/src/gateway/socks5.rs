@@ -283,10 +283,9 @@ where
 /// The client side over a connected `s`: greeting, CONNECT `target`, the reply. After Ok the
 /// stream carries the tunnelled bytes.
 pub async fn connect(s: &mut TcpStream, target: &Target) -> Result<(), GatewayError> {
-    // Greeting and request in one write: the method is fixed, so there is no need to wait.
-    let mut msg = vec![VERSION, 1, NO_AUTH];
-    msg.extend_from_slice(&encode_request(target));
-    s.write_all(&msg).await?;
+    // The request waits for the method choice: some servers (microsocks) read the greeting
+    // alone and drop whatever came with it.
+    s.write_all(&[VERSION, 1, NO_AUTH]).await?;
     let mut buf = Vec::new();
     let chosen = read_until(s, &mut buf, 2, |b: &[u8]| {
         Ok::<_, Socks5Error>((b.len() >= 2).then(|| (b[0], b[1])))
@@ -298,6 +297,7 @@ pub async fn connect(s: &mut TcpStream, target: &Target) -> Result<(), GatewayEr
         (v, _) => return Err(Socks5Error::Version(v).into()),
     }
     buf.drain(..2);
+    s.write_all(&encode_request(target)).await?;
     let n = read_until(s, &mut buf, 3 + 1 + 256 + 2, parse_reply).await?;
     if buf.len() > n {
         // A server that sends tunnelled bytes before we wrote any is not one we can trust.
