@@ -211,21 +211,24 @@ fn per_policy_gateways_http2tunnel_and_socks5() {
     // does not allow is refused by the gateway (HTTP 403 on the stream), so the client is reset.
     drop(h2gw);
     let h2gw = Gateway::start("127.0.8.1", "[{ipAddresses: [127.50.9.0/24]}]");
-    agent.cli_ok(&["policy", "apply", "-f", &write_temp(&format!(
-        "kind: EgressGateway\nmetadata: {{name: h2}}\nspec: {{endpoints: [{{address: {}, mode: http2tunnel}}]}}\n",
-        h2gw.http
-    ))]);
+    let dir = temp_dir("gwpolicy");
+    let file = dir.join("p.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "kind: EgressGateway\nmetadata: {{name: h2}}\nspec: {{endpoints: [{{address: {}, mode: http2tunnel}}]}}\n",
+            h2gw.http
+        ),
+    )
+    .unwrap();
+    let applied = agent.cli(&["policy", "apply", "-f", &file.to_string_lossy()]);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(applied.status.success(), "{}", String::from_utf8_lossy(&applied.stderr));
     let out = agent.client("web", &["tcp", &a.ip(), &a.port(), "x"]);
     assert!(!out.contains("|x"), "refused by the gateway: {out}");
     assert_eq!(a.accepted(), 3);
     h2gw.wait_log("result=\"refused\"");
     agent.wait_log("HTTP/2 CONNECT answered 403");
-}
-
-fn write_temp(text: &str) -> String {
-    let p = temp_dir("gwpolicy").join("p.yaml");
-    std::fs::write(&p, text).unwrap();
-    p.to_string_lossy().into_owned()
 }
 
 #[test]
@@ -404,7 +407,8 @@ fn invalid_gateway_configuration_is_refused() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// Debian's microsocks (SOCKS5) and squid (HTTP/1.1 CONNECT) as the agent's gateways.
+/// Debian's microsocks (SOCKS5), squid (HTTP/1.1 CONNECT) and nghttpx in HTTP/2 proxy mode
+/// in front of squid (HTTP/2 CONNECT, "http2tunnel") as the agent's gateways.
 #[test]
 fn agent_uses_standard_gateways() {
     if !privileged() {
@@ -431,8 +435,20 @@ fn agent_uses_standard_gateways() {
     .unwrap();
     let conf = sq_dir.join("squid.conf").to_string_lossy().into_owned();
     let _squid = Daemon::start("squid", &["squid", "-N", "-f", &conf], &sq_addr, sq_dir);
+    // nghttpx -s: HTTP/2 (h2c here) in front, its CONNECT streams forwarded to squid.
+    let ng_addr = format!("127.0.9.3:{}", free_port());
+    let ng_dir = temp_dir("nghttpx");
+    let frontend = format!("--frontend={};no-tls", ng_addr.replace(':', ","));
+    let backend = format!("--backend={}", sq_addr.replace(':', ","));
+    let errlog = format!("--errorlog-file={}/error.log", ng_dir.display());
+    let _nghttpx = Daemon::start(
+        "nghttpx",
+        &["nghttpx", "-s", "--single-process", "--conf=/dev/null", &frontend, &backend, &errlog],
+        &ng_addr,
+        ng_dir,
+    );
     let agent = Agent::start(&policy(&format!(
-        "kind: EgressGateway\nmetadata: {{name: microsocks}}\nspec: {{endpoints: [{{address: {ms_addr}, mode: socks5}}]}}\n---\nkind: EgressGateway\nmetadata: {{name: squid}}\nspec: {{endpoints: [{{address: {sq_addr}, mode: http-connect}}]}}\n---\nkind: Egress\nmetadata: {{name: a}}\nspec: {{sources: [{{name: web}}], ipAddresses: [127.50.7.1/32], gateway: microsocks}}\n---\nkind: Egress\nmetadata: {{name: b}}\nspec: {{sources: [{{name: web}}], ipAddresses: [127.50.7.2/32], gateway: squid}}\n"
+        "kind: EgressGateway\nmetadata: {{name: microsocks}}\nspec: {{endpoints: [{{address: {ms_addr}, mode: socks5}}]}}\n---\nkind: EgressGateway\nmetadata: {{name: squid}}\nspec: {{endpoints: [{{address: {sq_addr}, mode: http-connect}}]}}\n---\nkind: Egress\nmetadata: {{name: a}}\nspec: {{sources: [{{name: web}}], ipAddresses: [127.50.7.1/32], gateway: microsocks}}\n---\nkind: Egress\nmetadata: {{name: b}}\nspec: {{sources: [{{name: web}}], ipAddresses: [127.50.7.2/32], gateway: squid}}\n---\nkind: EgressGateway\nmetadata: {{name: nghttpx}}\nspec: {{endpoints: [{{address: {ng_addr}, mode: http2tunnel}}]}}\n---\nkind: Egress\nmetadata: {{name: c}}\nspec: {{sources: [{{name: web}}], ipAddresses: [127.50.7.3/32], gateway: nghttpx}}\n"
     )));
     let out = agent.client("web", &["tcp", &dst.ip(), &dst.port(), "ms"]);
     assert_eq!(out, format!("ok peer={0} reply={0}|ms", dst.addr));
@@ -441,4 +457,13 @@ fn agent_uses_standard_gateways() {
     let out = agent.client("web", &["tcp", &dst2.ip(), &dst2.port(), "sq"]);
     assert_eq!(out, format!("ok peer={0} reply={0}|sq", dst2.addr));
     assert_eq!(dst2.peer(0).ip(), ip("127.0.9.2"), "squid's outgoing address");
+    // Through nghttpx (then squid), twice over the one HTTP/2 connection.
+    let dst3 = TcpServer::start("127.50.7.3");
+    for i in 0..2 {
+        let out = agent.client("web", &["tcp", &dst3.ip(), &dst3.port(), &format!("ng{i}")]);
+        assert_eq!(out, format!("ok peer={0} reply={0}|ng{i}", dst3.addr));
+        assert_eq!(dst3.peer(i).ip(), ip("127.0.9.2"), "squid behind nghttpx");
+    }
+    let (_, m) = agent.http_get("/metrics");
+    assert_eq!(sample(&m, "egress_proxy_gateway_connections_total{gateway=\"nghttpx\",result=\"ok\"}"), 2, "{m}");
 }
