@@ -153,7 +153,8 @@ pub enum EgressAction {
 
 #[derive(Debug, Subcommand)]
 pub enum PolicyAction {
-    /// Add or replace the objects of FILE (MeshConfig, Workload, Egress) in the live policy.
+    /// Add or replace the objects of FILE (MeshConfig, Workload, Egress, EgressGateway) in the
+    /// live policy.
     Apply {
         #[arg(long, short = 'f', value_name = "FILE")]
         file: PathBuf,

@@ -1098,11 +1098,16 @@ spec: {sources: [{name: web}], ipAddresses: [127.42.0.0/16], via: gateway}
         );
         let e = err(&GATEWAYS.replace("gateway: squid", "gateway: squid, via: direct"));
         assert!(
-            e.contains("Egress default/via-squid: spec.gateway: a gateway is named but via is not gateway"),
+            e.contains(
+                "Egress default/via-squid: spec.gateway: a gateway is named but via is not gateway"
+            ),
             "{e}"
         );
         let e = err(&GATEWAYS.replace("gateway: squid", "gateway: squid, action: deny"));
-        assert!(e.contains("spec.gateway: a deny rule sends nothing anywhere"), "{e}");
+        assert!(
+            e.contains("spec.gateway: a deny rule sends nothing anywhere"),
+            "{e}"
+        );
         let e = err(&GATEWAYS.replace("mode: socks5", "mode: socks4"));
         assert!(
             e.contains("EgressGateway global: spec.global[0].mode: unknown variant `socks4`"),
@@ -1117,9 +1122,15 @@ spec: {sources: [{name: web}], ipAddresses: [127.42.0.0/16], via: gateway}
             "global: [{address: 127.0.8.1:1080, mode: socks5}]",
             "global: []",
         ));
-        assert!(e.contains("EgressGateway global: spec: give the gateway's addresses"), "{e}");
+        assert!(
+            e.contains("EgressGateway global: spec: give the gateway's addresses"),
+            "{e}"
+        );
         let e = err(&GATEWAYS.replace("127.0.8.1:1080", "127.0.8.1"));
-        assert!(e.contains("EgressGateway global: spec.global[0].address:"), "{e}");
+        assert!(
+            e.contains("EgressGateway global: spec.global[0].address:"),
+            "{e}"
+        );
         let e = err(&GATEWAYS.replace(
             "ipAddresses: [127.41.0.0/16], gateway: squid",
             "ipAddresses: [127.41.0.0/16], gateway: squid, ports: [{number: 53, protocol: udp}]",

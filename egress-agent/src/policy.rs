@@ -560,11 +560,19 @@ mod tests {
     fn gateway_choice_per_rule_then_global() {
         let gw = "---\nkind: EgressGateway\nmetadata: {name: g1}\nspec: {endpoints: [{address: 127.0.8.1:1080, mode: socks5}]}\n---\nkind: Egress\nmetadata: {name: one}\nspec: {sources: [{name: web}], ipAddresses: [127.41.0.0/16], gateway: g1}\n---\nkind: Egress\nmetadata: {name: two}\nspec: {sources: [{name: web}], ipAddresses: [127.42.0.0/16], via: proxy}\n";
         let c = with(gw);
-        let w = c.workload_id(&ObjectRef { namespace: "default".into(), name: "web".into() }).unwrap();
+        let w = c
+            .workload_id(&ObjectRef {
+                namespace: "default".into(),
+                name: "web".into(),
+            })
+            .unwrap();
         let d = c.decide(w, ip("127.41.0.1"), 80, proto::TCP);
         assert_eq!(d.outcome, Outcome::Proxy);
         assert_eq!(c.gateway_for(1).map(|g| g.id.name.as_str()), Some("g1"));
-        assert!(c.gateway_for(2).is_none(), "via: proxy without a global gateway is direct");
+        assert!(
+            c.gateway_for(2).is_none(),
+            "via: proxy without a global gateway is direct"
+        );
         assert!(c.gateway_for(0).is_none());
         let global = gw.to_string()
             + "---\nkind: EgressGateway\nmetadata: {name: all}\nspec: {global: [{address: 127.0.8.2:1080, mode: socks5}]}\n";

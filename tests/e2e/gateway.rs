@@ -17,9 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::harness::{
-    free_port, privileged, run_ok, temp_dir, Agent, Daemon, TcpServer, AGENT,
-};
+use crate::harness::{free_port, privileged, run_ok, temp_dir, Agent, Daemon, TcpServer, AGENT};
 
 /// A running `egress-agent gateway`, stopped (by its PID) when dropped.
 struct Gateway {
@@ -82,7 +80,11 @@ impl Gateway {
                 gw.child = None;
                 panic!("gateway exited ({st}) before ready:\n{}", gw.log());
             }
-            assert!(Instant::now() < deadline, "gateway not ready:\n{}", gw.log());
+            assert!(
+                Instant::now() < deadline,
+                "gateway not ready:\n{}",
+                gw.log()
+            );
             thread::sleep(Duration::from_millis(20));
         }
         gw
@@ -100,7 +102,10 @@ impl Gateway {
             if l.contains(needle) {
                 return l;
             }
-            assert!(Instant::now() < deadline, "gateway log never showed {needle:?}:\n{l}");
+            assert!(
+                Instant::now() < deadline,
+                "gateway log never showed {needle:?}:\n{l}"
+            );
             thread::sleep(Duration::from_millis(10));
         }
     }
@@ -157,7 +162,9 @@ fn policy(rest: &str) -> String {
 
 fn peers_of(log: &str, protocol: &str) -> Vec<String> {
     log.lines()
-        .filter(|l| l.contains(&format!("protocol=\"{protocol}\"")) && l.contains("result=\"allowed\""))
+        .filter(|l| {
+            l.contains(&format!("protocol=\"{protocol}\"")) && l.contains("result=\"allowed\"")
+        })
         .filter_map(|l| {
             let p = l.split(" peer=").nth(1)?;
             Some(p.split_whitespace().next()?.to_string())
@@ -195,15 +202,39 @@ fn per_policy_gateways_http2tunnel_and_socks5() {
     let log = h2gw.wait_log("protocol=\"http2tunnel\"");
     let peers = peers_of(&log, "http2tunnel");
     assert_eq!(peers.len(), 3, "{log}");
-    assert!(peers.iter().all(|p| p == &peers[0]), "one reused HTTP/2 connection: {peers:?}");
+    assert!(
+        peers.iter().all(|p| p == &peers[0]),
+        "one reused HTTP/2 connection: {peers:?}"
+    );
     assert!(!log.contains("protocol=\"socks5\""), "{log}");
     let slog = socksgw.wait_log("protocol=\"socks5\"");
     assert!(slog.contains("destination=\"127.50.2.1:"), "{slog}");
     let m = h2gw.metrics();
-    assert_eq!(sample(&m, "egress_gateway_connections_total{protocol=\"http2tunnel\",result=\"allowed\"}"), 3, "{m}");
+    assert_eq!(
+        sample(
+            &m,
+            "egress_gateway_connections_total{protocol=\"http2tunnel\",result=\"allowed\"}"
+        ),
+        3,
+        "{m}"
+    );
     let (_, am) = agent.http_get("/metrics");
-    assert_eq!(sample(&am, "egress_proxy_gateway_connections_total{gateway=\"h2\",result=\"ok\"}"), 3, "{am}");
-    assert_eq!(sample(&am, "egress_proxy_gateway_connections_total{gateway=\"socks\",result=\"ok\"}"), 1, "{am}");
+    assert_eq!(
+        sample(
+            &am,
+            "egress_proxy_gateway_connections_total{gateway=\"h2\",result=\"ok\"}"
+        ),
+        3,
+        "{am}"
+    );
+    assert_eq!(
+        sample(
+            &am,
+            "egress_proxy_gateway_connections_total{gateway=\"socks\",result=\"ok\"}"
+        ),
+        1,
+        "{am}"
+    );
     let alog = agent.log();
     assert!(!alog.contains("gateway failed"), "{alog}");
 
@@ -223,7 +254,11 @@ fn per_policy_gateways_http2tunnel_and_socks5() {
     .unwrap();
     let applied = agent.cli(&["policy", "apply", "-f", &file.to_string_lossy()]);
     let _ = std::fs::remove_dir_all(&dir);
-    assert!(applied.status.success(), "{}", String::from_utf8_lossy(&applied.stderr));
+    assert!(
+        applied.status.success(),
+        "{}",
+        String::from_utf8_lossy(&applied.stderr)
+    );
     let out = agent.client("web", &["tcp", &a.ip(), &a.port(), "x"]);
     assert!(!out.contains("|x"), "refused by the gateway: {out}");
     assert_eq!(a.accepted(), 3);
@@ -252,18 +287,35 @@ fn global_gateway_and_a_dead_gateway_fails_closed() {
     let started = Instant::now();
     let out = agent.client("web", &["tcp", "127.50.3.2", &dst.port(), "x"]);
     assert!(!out.contains("|x"), "must not get through: {out}");
-    assert!(started.elapsed() < Duration::from_secs(5), "a down gateway fails fast");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "a down gateway fails fast"
+    );
     let log = agent.wait_log("egress gateway failed");
-    assert!(log.contains(&format!("EgressGateway dead (http2tunnel at {dead})")), "{log}");
+    assert!(
+        log.contains(&format!("EgressGateway dead (http2tunnel at {dead})")),
+        "{log}"
+    );
     let (_, m) = agent.http_get("/metrics");
     assert!(m.contains("result=\"gateway-error\""), "{m}");
-    assert_eq!(sample(&m, "egress_proxy_gateway_connections_total{gateway=\"dead\",result=\"error\"}"), 1, "{m}");
+    assert_eq!(
+        sample(
+            &m,
+            "egress_proxy_gateway_connections_total{gateway=\"dead\",result=\"error\"}"
+        ),
+        1,
+        "{m}"
+    );
 
     // The global gateway goes down too: its flows fail closed as well.
     drop(gw);
     let out = agent.client("web", &["tcp", &dst.ip(), &dst.port(), "y"]);
     assert!(!out.contains("|y"), "must not get through: {out}");
-    assert_eq!(dst.accepted(), 1, "nothing reached the destination directly");
+    assert_eq!(
+        dst.accepted(),
+        1,
+        "nothing reached the destination directly"
+    );
 }
 
 /// curl inside or outside a workload; returns (exit code, stdout).
@@ -293,10 +345,16 @@ fn standard_clients_use_our_gateway() {
     // SOCKS5 with the name resolved by the gateway, and HTTP/1.1 CONNECT.
     let socks = format!("socks5h://{}", gw.socks);
     let (code, out) = curl(&["--http0.9", "--proxy", &socks, &url]);
-    assert_eq!((code, out.trim()), (0, format!("{}|GET / HTTP/1.1", dst.addr).as_str()));
+    assert_eq!(
+        (code, out.trim()),
+        (0, format!("{}|GET / HTTP/1.1", dst.addr).as_str())
+    );
     let proxy = format!("http://{}", gw.http);
     let (code, out) = curl(&["--http0.9", "--proxytunnel", "--proxy", &proxy, &url]);
-    assert_eq!((code, out.trim()), (0, format!("{}|GET / HTTP/1.1", dst.addr).as_str()));
+    assert_eq!(
+        (code, out.trim()),
+        (0, format!("{}|GET / HTTP/1.1", dst.addr).as_str())
+    );
     assert_eq!(dst.accepted(), 2);
     for n in 0..2 {
         assert_eq!(dst.peer(n).ip(), ip("127.0.8.5"));
@@ -304,7 +362,14 @@ fn standard_clients_use_our_gateway() {
     // Refused by the allowlist: SOCKS5 reply 2 (curl 97), HTTP 403 (curl 56, code 403).
     let other = "http://127.50.5.1:80/";
     assert_eq!(curl(&["--proxy", &socks, other]).0, 97);
-    let (code, out) = curl(&["--proxytunnel", "--proxy", &proxy, "-w", "%{http_connect}", other]);
+    let (code, out) = curl(&[
+        "--proxytunnel",
+        "--proxy",
+        &proxy,
+        "-w",
+        "%{http_connect}",
+        other,
+    ]);
     assert_eq!((code, out.as_str()), (56, "403"));
     // A name: allowed by a host rule only on its port.
     assert_eq!(curl(&["--proxy", &socks, "http://localhost:2/"]).0, 97);
@@ -312,9 +377,26 @@ fn standard_clients_use_our_gateway() {
     let (code, out) = curl(&["--http2-prior-knowledge", "-w", "%{http_code}", &proxy]);
     assert_eq!((code, out.as_str()), (0, "405"));
     let m = gw.metrics();
-    assert_eq!(sample(&m, "egress_gateway_connections_total{protocol=\"socks5\",result=\"refused\"}"), 2, "{m}");
-    assert_eq!(sample(&m, "egress_gateway_connections_total{protocol=\"http-connect\",result=\"refused\"}"), 1, "{m}");
-    assert_eq!(http_get(gw.metrics_port, "/readyz").lines().next(), Some("HTTP/1.1 200 OK"));
+    assert_eq!(
+        sample(
+            &m,
+            "egress_gateway_connections_total{protocol=\"socks5\",result=\"refused\"}"
+        ),
+        2,
+        "{m}"
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "egress_gateway_connections_total{protocol=\"http-connect\",result=\"refused\"}"
+        ),
+        1,
+        "{m}"
+    );
+    assert_eq!(
+        http_get(gw.metrics_port, "/readyz").lines().next(),
+        Some("HTTP/1.1 200 OK")
+    );
 }
 
 #[test]
@@ -355,17 +437,42 @@ fn malformed_socks5_and_connect_requests_get_clean_errors() {
     let http = gw.http.as_str();
     let status = |b: &[u8]| {
         let r = exchange(http, b);
-        String::from_utf8_lossy(&r).lines().next().unwrap_or("").to_string()
+        String::from_utf8_lossy(&r)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string()
     };
-    assert_eq!(status(b"GET http://x/ HTTP/1.1\r\n\r\n"), "HTTP/1.1 405 Method Not Allowed");
-    assert_eq!(status(b"CONNECT nohost HTTP/1.1\r\n\r\n"), "HTTP/1.1 400 Bad Request");
-    assert_eq!(status(b"CONNECT a:99999 HTTP/1.1\r\n\r\n"), "HTTP/1.1 400 Bad Request");
-    assert_eq!(status(b"CONNECT a:1 HTTP/9\r\n\r\n"), "HTTP/1.1 505 HTTP Version Not Supported");
-    assert_eq!(status(b"CONNECT a:1 HTTP/1.1\r\nbroken\r\n\r\n"), "HTTP/1.1 400 Bad Request");
+    assert_eq!(
+        status(b"GET http://x/ HTTP/1.1\r\n\r\n"),
+        "HTTP/1.1 405 Method Not Allowed"
+    );
+    assert_eq!(
+        status(b"CONNECT nohost HTTP/1.1\r\n\r\n"),
+        "HTTP/1.1 400 Bad Request"
+    );
+    assert_eq!(
+        status(b"CONNECT a:99999 HTTP/1.1\r\n\r\n"),
+        "HTTP/1.1 400 Bad Request"
+    );
+    assert_eq!(
+        status(b"CONNECT a:1 HTTP/9\r\n\r\n"),
+        "HTTP/1.1 505 HTTP Version Not Supported"
+    );
+    assert_eq!(
+        status(b"CONNECT a:1 HTTP/1.1\r\nbroken\r\n\r\n"),
+        "HTTP/1.1 400 Bad Request"
+    );
     let long = format!("CONNECT a:1 HTTP/1.1\r\nX: {}\r\n\r\n", "y".repeat(9000));
-    assert_eq!(status(long.as_bytes()), "HTTP/1.1 431 Request Header Fields Too Large");
+    assert_eq!(
+        status(long.as_bytes()),
+        "HTTP/1.1 431 Request Header Fields Too Large"
+    );
     assert_eq!(status(b"CONNECT a:1 HTT"), "HTTP/1.1 400 Bad Request");
-    assert_eq!(status(b"\x00\x01\x02\x03\x04\x05\x06\x07\x08"), "HTTP/1.1 405 Method Not Allowed");
+    assert_eq!(
+        status(b"\x00\x01\x02\x03\x04\x05\x06\x07\x08"),
+        "HTTP/1.1 405 Method Not Allowed"
+    );
     // A silent client: closed after the handshake timeout (2 s), not held forever.
     let mut s = TcpStream::connect(socks).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -375,7 +482,8 @@ fn malformed_socks5_and_connect_requests_get_clean_errors() {
     assert!(t.elapsed() < Duration::from_secs(8));
     // Still serving, nothing reached the destination, and the gateway counted it all.
     let mut s = TcpStream::connect(socks).unwrap();
-    s.write_all(&[5, 1, 0, 5, 1, 0, 1, 127, 50, 6, 1, p[0], p[1]]).unwrap();
+    s.write_all(&[5, 1, 0, 5, 1, 0, 1, 127, 50, 6, 1, p[0], p[1]])
+        .unwrap();
     s.write_all(b"alive\n").unwrap();
     let mut r = Vec::new();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -384,7 +492,13 @@ fn malformed_socks5_and_connect_requests_get_clean_errors() {
     assert!(r.ends_with(&format!("{}|alive\n", dst.addr)), "{r:?}");
     assert_eq!(dst.accepted(), 1);
     let m = gw.metrics();
-    assert!(sample(&m, "egress_gateway_connections_total{protocol=\"socks5\",result=\"bad-request\"}") >= 9, "{m}");
+    assert!(
+        sample(
+            &m,
+            "egress_gateway_connections_total{protocol=\"socks5\",result=\"bad-request\"}"
+        ) >= 9,
+        "{m}"
+    );
     assert!(!gw.log().contains("panicked"), "{}", gw.log());
 }
 
@@ -394,16 +508,32 @@ fn invalid_gateway_configuration_is_refused() {
     let dir = temp_dir("gwbad");
     let bad = dir.join("gw.yaml");
     std::fs::write(&bad, "kind: GatewayServer\nmetadata: {name: g}\nspec:\n  listeners: [{address: 127.0.8.9:1, protocol: socks4}]\n").unwrap();
-    let out = Command::new(AGENT).args(["gateway", "--check", "--config"]).arg(&bad).output().unwrap();
+    let out = Command::new(AGENT)
+        .args(["gateway", "--check", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("gw.yaml: GatewayServer g: spec.listeners[0].protocol: unknown variant `socks4`"), "{err}");
+    assert!(
+        err.contains(
+            "gw.yaml: GatewayServer g: spec.listeners[0].protocol: unknown variant `socks4`"
+        ),
+        "{err}"
+    );
     let p = dir.join("p.yaml");
     std::fs::write(&p, "kind: Workload\nmetadata: {name: web}\n---\nkind: Egress\nmetadata: {name: out}\nspec: {sources: [{name: web}], gateway: nowhere}\n").unwrap();
-    let out = Command::new(AGENT).args(["validate", "--config"]).arg(&p).output().unwrap();
+    let out = Command::new(AGENT)
+        .args(["validate", "--config"])
+        .arg(&p)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("p.yaml: Egress default/out: spec.gateway: no EgressGateway \"nowhere\""), "{err}");
+    assert!(
+        err.contains("p.yaml: Egress default/out: spec.gateway: no EgressGateway \"nowhere\""),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -419,7 +549,15 @@ fn agent_uses_standard_gateways() {
     let ms_addr = format!("127.0.9.1:{msport}");
     let _microsocks = Daemon::start(
         "microsocks",
-        &["microsocks", "-i", "127.0.9.1", "-p", &msport, "-b", "127.0.9.1"],
+        &[
+            "microsocks",
+            "-i",
+            "127.0.9.1",
+            "-p",
+            &msport,
+            "-b",
+            "127.0.9.1",
+        ],
         &ms_addr,
         temp_dir("microsocks"),
     );
@@ -443,7 +581,15 @@ fn agent_uses_standard_gateways() {
     let errlog = format!("--errorlog-file={}/error.log", ng_dir.display());
     let _nghttpx = Daemon::start(
         "nghttpx",
-        &["nghttpx", "-s", "--single-process", "--conf=/dev/null", &frontend, &backend, &errlog],
+        &[
+            "nghttpx",
+            "-s",
+            "--single-process",
+            "--conf=/dev/null",
+            &frontend,
+            &backend,
+            &errlog,
+        ],
         &ng_addr,
         ng_dir,
     );
@@ -452,11 +598,19 @@ fn agent_uses_standard_gateways() {
     )));
     let out = agent.client("web", &["tcp", &dst.ip(), &dst.port(), "ms"]);
     assert_eq!(out, format!("ok peer={0} reply={0}|ms", dst.addr));
-    assert_eq!(dst.peer(0).ip(), ip("127.0.9.1"), "microsocks' outgoing address");
+    assert_eq!(
+        dst.peer(0).ip(),
+        ip("127.0.9.1"),
+        "microsocks' outgoing address"
+    );
     let dst2 = TcpServer::start("127.50.7.2");
     let out = agent.client("web", &["tcp", &dst2.ip(), &dst2.port(), "sq"]);
     assert_eq!(out, format!("ok peer={0} reply={0}|sq", dst2.addr));
-    assert_eq!(dst2.peer(0).ip(), ip("127.0.9.2"), "squid's outgoing address");
+    assert_eq!(
+        dst2.peer(0).ip(),
+        ip("127.0.9.2"),
+        "squid's outgoing address"
+    );
     // Through nghttpx (then squid), twice over the one HTTP/2 connection.
     let dst3 = TcpServer::start("127.50.7.3");
     for i in 0..2 {
@@ -465,5 +619,12 @@ fn agent_uses_standard_gateways() {
         assert_eq!(dst3.peer(i).ip(), ip("127.0.9.2"), "squid behind nghttpx");
     }
     let (_, m) = agent.http_get("/metrics");
-    assert_eq!(sample(&m, "egress_proxy_gateway_connections_total{gateway=\"nghttpx\",result=\"ok\"}"), 2, "{m}");
+    assert_eq!(
+        sample(
+            &m,
+            "egress_proxy_gateway_connections_total{gateway=\"nghttpx\",result=\"ok\"}"
+        ),
+        2,
+        "{m}"
+    );
 }

@@ -204,9 +204,10 @@ mod tests {
         for cut in 0..r.len() - 5 {
             assert_eq!(parse_connect(&r[..cut]), Ok(None), "truncated at {cut}");
         }
-        let (req, _) = parse_connect(b"CONNECT [::1]:8080 HTTP/1.1\r\nEgress-Host: API.Example\r\n\r\n")
-            .unwrap()
-            .unwrap();
+        let (req, _) =
+            parse_connect(b"CONNECT [::1]:8080 HTTP/1.1\r\nEgress-Host: API.Example\r\n\r\n")
+                .unwrap()
+                .unwrap();
         assert_eq!(req.target, Target::Addr("[::1]:8080".parse().unwrap()));
         assert_eq!(req.host_hint.as_deref(), Some("api.example"));
         let (req, _) = parse_connect(b"CONNECT 127.0.0.1:80 HTTP/1.0\r\n\r\n")
@@ -252,8 +253,14 @@ mod tests {
             err(b"CONNECT x:1 HTTP/1.1\r\nno colon\r\n\r\n"),
             ConnectError::Header
         );
-        assert_eq!(err(b"CONNECT \xff:1 HTTP/1.1\r\n\r\n"), ConnectError::RequestLine);
-        let long = format!("CONNECT x:1 HTTP/1.1\r\nA: {}\r\n\r\n", "b".repeat(MAX_HEAD));
+        assert_eq!(
+            err(b"CONNECT \xff:1 HTTP/1.1\r\n\r\n"),
+            ConnectError::RequestLine
+        );
+        let long = format!(
+            "CONNECT x:1 HTTP/1.1\r\nA: {}\r\n\r\n",
+            "b".repeat(MAX_HEAD)
+        );
         assert_eq!(err(long.as_bytes()), ConnectError::TooLong);
         assert_eq!(err(long.as_bytes()).status(), 431);
         assert_eq!(err(&long.as_bytes()[..MAX_HEAD]), ConnectError::TooLong);

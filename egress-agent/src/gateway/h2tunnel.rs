@@ -93,7 +93,8 @@ impl AsyncWrite for H2Io {
         }
         // Ask for the whole buffer's window every time: h2 reports capacity only when it was
         // assigned since the last report.
-        self.send.reserve_capacity(buf.len().min(MAX_FRAME as usize * 4));
+        self.send
+            .reserve_capacity(buf.len().min(MAX_FRAME as usize * 4));
         match ready!(self.send.poll_capacity(cx)) {
             Some(Ok(n)) if n > 0 => {
                 let n = n.min(buf.len());

@@ -112,7 +112,10 @@ impl Dialer {
     ) -> Result<Upstream, (SocketAddr, GatewayMode, GatewayError)> {
         let mut last = None;
         for ep in gw.spec.all() {
-            match self.open_one(ep.address, ep.mode, target, host, timeout).await {
+            match self
+                .open_one(ep.address, ep.mode, target, host, timeout)
+                .await
+            {
                 Ok(u) => return Ok(u),
                 Err(e) => last = Some((ep.address, ep.mode, e)),
             }

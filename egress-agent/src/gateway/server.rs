@@ -103,7 +103,10 @@ impl GatewayMetrics {
 
     fn count(&self, protocol: &'static str, result: &'static str, bytes: (u64, u64)) {
         self.connections
-            .get_or_create(&vec![("protocol", protocol.into()), ("result", result.into())])
+            .get_or_create(&vec![
+                ("protocol", protocol.into()),
+                ("result", result.into()),
+            ])
             .inc();
         for (dir, n) in [("upstream", bytes.0), ("downstream", bytes.1)] {
             self.bytes
@@ -222,10 +225,11 @@ impl Gateway {
         let (candidates, name): (Vec<SocketAddr>, Option<&str>) = match target {
             Target::Addr(a) => (vec![*a], None),
             Target::Domain(h, p) => {
-                let found = tokio::time::timeout(timeout, tokio::net::lookup_host((h.as_str(), *p)))
-                    .await
-                    .map_err(|_| Refusal::Timeout)?
-                    .map_err(|e| Refusal::Unresolved(e.to_string()))?;
+                let found =
+                    tokio::time::timeout(timeout, tokio::net::lookup_host((h.as_str(), *p)))
+                        .await
+                        .map_err(|_| Refusal::Timeout)?
+                        .map_err(|e| Refusal::Unresolved(e.to_string()))?;
                 (found.collect(), Some(h.as_str()))
             }
         };
@@ -290,17 +294,22 @@ impl Gateway {
             return self.finish(t, "upstream-error", (0, 0), "write failed");
         }
         self.metrics.active.inc();
-        let r = relay::relay(
-            client,
-            upstream,
-            self.cfg.spec.idle_timeout.0,
-            None,
-            || true,
-        )
+        let r = relay::relay(client, upstream, self.cfg.spec.idle_timeout.0, None, || {
+            true
+        })
         .await;
         self.metrics.active.dec();
-        let end = if r.idle_timeout { "idle timeout" } else { "closed" };
-        self.finish(t, "allowed", (r.bytes.0 + early.len() as u64, r.bytes.1), end);
+        let end = if r.idle_timeout {
+            "idle timeout"
+        } else {
+            "closed"
+        };
+        self.finish(
+            t,
+            "allowed",
+            (r.bytes.0 + early.len() as u64, r.bytes.1),
+            end,
+        );
     }
 
     async fn socks5(&self, mut client: TcpStream, peer: SocketAddr) {
@@ -312,36 +321,55 @@ impl Gateway {
             started: Instant::now(),
         };
         let Some(_permit) = self.permit() else {
-            let _ = client.write_all(&socks5::encode_reply(reply::GENERAL_FAILURE, None)).await;
+            let _ = client
+                .write_all(&socks5::encode_reply(reply::GENERAL_FAILURE, None))
+                .await;
             return self.finish(&t, "over-limit", (0, 0), "too many tunnels");
         };
         let mut buf = Vec::new();
         let handshake = async {
-            let n = socks5::read_until(&mut client, &mut buf, 2 + 255, socks5::parse_greeting).await;
+            let n =
+                socks5::read_until(&mut client, &mut buf, 2 + 255, socks5::parse_greeting).await;
             let n = match n {
                 Ok(n) => n,
                 Err(GatewayError::Socks5(socks5::Socks5Error::NoAcceptableMethod)) => {
-                    let _ = client.write_all(&[socks5::VERSION, socks5::NO_ACCEPTABLE]).await;
-                    return Err(GatewayError::Socks5(socks5::Socks5Error::NoAcceptableMethod));
+                    let _ = client
+                        .write_all(&[socks5::VERSION, socks5::NO_ACCEPTABLE])
+                        .await;
+                    return Err(GatewayError::Socks5(
+                        socks5::Socks5Error::NoAcceptableMethod,
+                    ));
                 }
                 Err(e) => return Err(e),
             };
             buf.drain(..n);
-            client.write_all(&[socks5::VERSION, socks5::NO_AUTH]).await?;
-            match socks5::read_until(&mut client, &mut buf, 3 + 1 + 256 + 2, socks5::parse_request).await {
+            client
+                .write_all(&[socks5::VERSION, socks5::NO_AUTH])
+                .await?;
+            match socks5::read_until(
+                &mut client,
+                &mut buf,
+                3 + 1 + 256 + 2,
+                socks5::parse_request,
+            )
+            .await
+            {
                 Ok(r) => Ok(r),
                 Err(GatewayError::Socks5(e)) => {
-                    let _ = client.write_all(&socks5::encode_reply(e.reply_code(), None)).await;
+                    let _ = client
+                        .write_all(&socks5::encode_reply(e.reply_code(), None))
+                        .await;
                     Err(GatewayError::Socks5(e))
                 }
                 Err(e) => Err(e),
             }
         };
-        let (target, n) = match tokio::time::timeout(self.cfg.spec.handshake_timeout.0, handshake).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => return self.finish(&t, "bad-request", (0, 0), &e.to_string()),
-            Err(_) => return self.finish(&t, "bad-request", (0, 0), "handshake timed out"),
-        };
+        let (target, n) =
+            match tokio::time::timeout(self.cfg.spec.handshake_timeout.0, handshake).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) => return self.finish(&t, "bad-request", (0, 0), &e.to_string()),
+                Err(_) => return self.finish(&t, "bad-request", (0, 0), "handshake timed out"),
+            };
         buf.drain(..n);
         t.target = target.to_string();
         if let Target::Domain(h, _) = &target {
@@ -360,7 +388,9 @@ impl Gateway {
                 self.relay_tcp(&t, client, upstream, &buf).await;
             }
             Err(r) => {
-                let _ = client.write_all(&socks5::encode_reply(r.socks5_reply(), None)).await;
+                let _ = client
+                    .write_all(&socks5::encode_reply(r.socks5_reply(), None))
+                    .await;
                 self.finish(&t, r.result(), (0, 0), &r.why());
             }
         }
@@ -369,7 +399,8 @@ impl Gateway {
     /// HTTP/1.1 CONNECT, or HTTP/2 when the client starts with the connection preface.
     async fn http(self: Arc<Self>, mut client: TcpStream, peer: SocketAddr) {
         let mut first = [0u8; 1];
-        let peeked = tokio::time::timeout(self.cfg.spec.handshake_timeout.0, client.peek(&mut first)).await;
+        let peeked =
+            tokio::time::timeout(self.cfg.spec.handshake_timeout.0, client.peek(&mut first)).await;
         if !matches!(peeked, Ok(Ok(1))) {
             return;
         }
@@ -388,7 +419,12 @@ impl Gateway {
             return self.finish(&t, "over-limit", (0, 0), "too many tunnels");
         };
         let mut buf = Vec::new();
-        let read = socks5::read_until(&mut client, &mut buf, connect::MAX_HEAD, connect::parse_connect);
+        let read = socks5::read_until(
+            &mut client,
+            &mut buf,
+            connect::MAX_HEAD,
+            connect::parse_connect,
+        );
         let (req, n) = match tokio::time::timeout(self.cfg.spec.handshake_timeout.0, read).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
@@ -524,9 +560,16 @@ impl Gateway {
         };
         let stream = H2Io::new(send, req.into_body());
         self.metrics.active.inc();
-        let r = super::relay_io(stream, upstream, self.cfg.spec.idle_timeout.0, None, || true).await;
+        let r = super::relay_io(stream, upstream, self.cfg.spec.idle_timeout.0, None, || {
+            true
+        })
+        .await;
         self.metrics.active.dec();
-        let end = if r.idle_timeout { "idle timeout" } else { "closed" };
+        let end = if r.idle_timeout {
+            "idle timeout"
+        } else {
+            "closed"
+        };
         self.finish(&t, "allowed", r.bytes, end);
     }
 }
@@ -634,4 +677,3 @@ fn protocol_name(p: ListenerProtocol) -> &'static str {
         ListenerProtocol::Http => "http",
     }
 }
-

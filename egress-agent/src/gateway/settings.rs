@@ -171,8 +171,8 @@ pub fn parse(text: &str, file: &str) -> Result<GatewayServer, ConfigError> {
     let mut found: Option<GatewayServer> = None;
     for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let doc_label = format!("document {}", i + 1);
-        let value = serde_yaml::Value::deserialize(doc)
-            .map_err(|e| err(&doc_label, "", e.to_string()))?;
+        let value =
+            serde_yaml::Value::deserialize(doc).map_err(|e| err(&doc_label, "", e.to_string()))?;
         if value.is_null() {
             continue;
         }
@@ -181,7 +181,9 @@ pub fn parse(text: &str, file: &str) -> Result<GatewayServer, ConfigError> {
             return Err(err(
                 &doc_label,
                 "kind",
-                format!("{kind:?} is not GatewayServer (the gateway's file holds one GatewayServer)"),
+                format!(
+                    "{kind:?} is not GatewayServer (the gateway's file holds one GatewayServer)"
+                ),
             ));
         }
         let name = value
@@ -215,7 +217,11 @@ pub fn parse(text: &str, file: &str) -> Result<GatewayServer, ConfigError> {
         }
         let s = &d.spec;
         if s.listeners.is_empty() {
-            return Err(err(&label, "spec.listeners", "at least one listener is required".into()));
+            return Err(err(
+                &label,
+                "spec.listeners",
+                "at least one listener is required".into(),
+            ));
         }
         for (i, l) in s.listeners.iter().enumerate() {
             if s.listeners[..i].iter().any(|p| p.address == l.address) {
@@ -238,7 +244,11 @@ pub fn parse(text: &str, file: &str) -> Result<GatewayServer, ConfigError> {
             }
         }
         if s.max_connections == 0 {
-            return Err(err(&label, "spec.maxConnections", "must be at least 1".into()));
+            return Err(err(
+                &label,
+                "spec.maxConnections",
+                "must be at least 1".into(),
+            ));
         }
         found = Some(GatewayServer {
             name: d.metadata.name,
@@ -281,8 +291,14 @@ spec:
         assert_eq!(g.spec.allowed(ip("127.41.0.9"), 8050, None), Some(0));
         assert_eq!(g.spec.allowed(ip("127.41.0.9"), 81, None), None);
         assert_eq!(g.spec.allowed(ip("127.42.0.9"), 80, None), None);
-        assert_eq!(g.spec.allowed(ip("1.2.3.4"), 443, Some("a.example.com")), Some(1));
-        assert_eq!(g.spec.allowed(ip("1.2.3.4"), 443, Some("a.b.example.com")), None);
+        assert_eq!(
+            g.spec.allowed(ip("1.2.3.4"), 443, Some("a.example.com")),
+            Some(1)
+        );
+        assert_eq!(
+            g.spec.allowed(ip("1.2.3.4"), 443, Some("a.b.example.com")),
+            None
+        );
         assert_eq!(g.spec.allowed(ip("1.2.3.4"), 443, None), None);
     }
 
@@ -293,18 +309,33 @@ spec:
             "gw.yaml: GatewayServer gw: spec.listeners[0].protocol: unknown variant `socks4`, expected `socks5` or `http`"
         );
         let e = err(&GOOD.replace("connectTimeout", "connectTimout"));
-        assert!(e.starts_with("gw.yaml: GatewayServer gw: spec.connectTimout: unknown field"), "{e}");
+        assert!(
+            e.starts_with("gw.yaml: GatewayServer gw: spec.connectTimout: unknown field"),
+            "{e}"
+        );
         let e = err(&GOOD.replace("127.41.0.0/16", "127.41.0.1/16"));
-        assert!(e.contains("spec.allow[0].ipAddresses[0]: invalid CIDR"), "{e}");
+        assert!(
+            e.contains("spec.allow[0].ipAddresses[0]: invalid CIDR"),
+            "{e}"
+        );
         let e = err(&GOOD.replace("[::1]:8080", "127.0.8.1:1080"));
-        assert!(e.contains("spec.listeners[1].address: 127.0.8.1:1080 is already a listener"), "{e}");
+        assert!(
+            e.contains("spec.listeners[1].address: 127.0.8.1:1080 is already a listener"),
+            "{e}"
+        );
         let e = err(&GOOD.replace("kind: GatewayServer", "kind: Egress"));
-        assert!(e.contains("document 1: kind: \"Egress\" is not GatewayServer"), "{e}");
+        assert!(
+            e.contains("document 1: kind: \"Egress\" is not GatewayServer"),
+            "{e}"
+        );
         let e = err(&format!("{GOOD}---\n{GOOD}"));
         assert!(e.contains("a second GatewayServer"), "{e}");
         let e = err("");
         assert_eq!(e, "gw.yaml: file: no GatewayServer document");
         let e = err(&GOOD.replace("endPort: 8100", "endPort: 7000"));
-        assert!(e.contains("spec.allow[0].ports[1].endPort: endPort is below number"), "{e}");
+        assert!(
+            e.contains("spec.allow[0].ports[1].endPort: endPort is below number"),
+            "{e}"
+        );
     }
 }

@@ -140,11 +140,15 @@ fn parse_address(buf: &[u8]) -> Result<Option<(Target, usize)>, Socks5Error> {
     }
     let target = match atyp {
         ATYP_V4 => {
-            let a: [u8; 4] = addr.try_into().map_err(|_| Socks5Error::AddressType(atyp))?;
+            let a: [u8; 4] = addr
+                .try_into()
+                .map_err(|_| Socks5Error::AddressType(atyp))?;
             Target::Addr(SocketAddr::from((Ipv4Addr::from(a), port)))
         }
         ATYP_V6 => {
-            let a: [u8; 16] = addr.try_into().map_err(|_| Socks5Error::AddressType(atyp))?;
+            let a: [u8; 16] = addr
+                .try_into()
+                .map_err(|_| Socks5Error::AddressType(atyp))?;
             Target::Addr(SocketAddr::from((Ipv6Addr::from(a), port)))
         }
         _ => {
@@ -301,7 +305,9 @@ pub async fn connect(s: &mut TcpStream, target: &Target) -> Result<(), GatewayEr
     let n = read_until(s, &mut buf, 3 + 1 + 256 + 2, parse_reply).await?;
     if buf.len() > n {
         // A server that sends tunnelled bytes before we wrote any is not one we can trust.
-        return Err(GatewayError::Protocol("bytes after the SOCKS5 reply".into()));
+        return Err(GatewayError::Protocol(
+            "bytes after the SOCKS5 reply".into(),
+        ));
     }
     Ok(())
 }

@@ -235,16 +235,15 @@ impl Proxy {
                     Err(why) => return self.gateway_failed(client, &mut rec, &why),
                 }
             }
-            None => match tokio::time::timeout(
-                self.limits.connect_timeout,
-                TcpStream::connect(dst),
-            )
-            .await
-            {
-                Ok(Ok(s)) => Upstream::Tcp(s),
-                Ok(Err(e)) => return self.upstream_failed(client, &mut rec, &e.to_string()),
-                Err(_) => return self.upstream_failed(client, &mut rec, "connect timed out"),
-            },
+            None => {
+                match tokio::time::timeout(self.limits.connect_timeout, TcpStream::connect(dst))
+                    .await
+                {
+                    Ok(Ok(s)) => Upstream::Tcp(s),
+                    Ok(Err(e)) => return self.upstream_failed(client, &mut rec, &e.to_string()),
+                    Err(_) => return self.upstream_failed(client, &mut rec, "connect timed out"),
+                }
+            }
         };
         self.metrics.proxy_connected(connecting.elapsed());
         drop(policy);
