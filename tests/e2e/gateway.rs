@@ -537,8 +537,62 @@ fn invalid_gateway_configuration_is_refused() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// Debian's microsocks (SOCKS5), squid (HTTP/1.1 CONNECT) and nghttpx in HTTP/2 proxy mode
-/// in front of squid (HTTP/2 CONNECT, "http2tunnel") as the agent's gateways.
+/// A daemon that forks workers (danted): stopped with SIGTERM, so that it stops them, then
+/// SIGKILL if it lingers; its temp dir is removed.
+struct Forking {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Drop for Forking {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Debian's dante (danted) on ip:port, dialling out from ip.
+fn dante(ip: &str, port: u16) -> Forking {
+    let dir = temp_dir("dante");
+    let conf = dir.join("danted.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "logoutput: {}/danted.log\ninternal: {ip} port = {port}\nexternal: {ip}\nsocksmethod: none\nclientmethod: none\nuser.privileged: root\nuser.unprivileged: nobody\nclient pass {{ from: 0.0.0.0/0 to: 0.0.0.0/0 }}\nsocks pass {{ from: 0.0.0.0/0 to: 0.0.0.0/0 command: connect }}\n",
+            dir.display()
+        ),
+    )
+    .unwrap();
+    let child = Command::new("danted")
+        .arg("-f")
+        .arg(&conf)
+        .args(["-N", "1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start danted");
+    let d = Forking { child, dir };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while TcpStream::connect((ip, port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "danted does not listen on {ip}:{port}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    d
+}
+
+/// Debian's microsocks and dante (SOCKS5), squid (HTTP/1.1 CONNECT) and nghttpx in HTTP/2
+/// proxy mode in front of squid (HTTP/2 CONNECT, "http2tunnel") as the agent's gateways.
 #[test]
 fn agent_uses_standard_gateways() {
     if !privileged() {
@@ -593,8 +647,10 @@ fn agent_uses_standard_gateways() {
         &ng_addr,
         ng_dir,
     );
+    let dante_port = free_port();
+    let _dante = dante("127.0.9.4", dante_port);
     let agent = Agent::start(&policy(&format!(
-        "kind: EgressGateway\nmetadata: {{name: microsocks}}\nspec: {{endpoints: [{{address: {ms_addr}, mode: socks5}}]}}\n---\nkind: EgressGateway\nmetadata: {{name: squid}}\nspec: {{endpoints: [{{address: {sq_addr}, mode: http-connect}}]}}\n---\nkind: Egress\nmetadata: {{name: a}}\nspec: {{sources: [{{name: web}}], ipAddresses: [127.50.7.1/32], gateway: microsocks}}\n---\nkind: Egress\nmetadata: {{name: b}}\nspec: {{sources: [{{name: web}}], ipAddresses: [127.50.7.2/32], gateway: squid}}\n---\nkind: EgressGateway\nmetadata: {{name: nghttpx}}\nspec: {{endpoints: [{{address: {ng_addr}, mode: http2tunnel}}]}}\n---\nkind: Egress\nmetadata: {{name: c}}\nspec: {{sources: [{{name: web}}], ipAddresses: [127.50.7.3/32], gateway: nghttpx}}\n"
+        "kind: EgressGateway\nmetadata: {{name: dante}}\nspec: {{endpoints: [{{address: 127.0.9.4:{dante_port}, mode: socks5}}]}}\n---\nkind: Egress\nmetadata: {{name: d}}\nspec: {{sources: [{{name: web}}], ipAddresses: [127.50.7.4/32], gateway: dante}}\n---\nkind: EgressGateway\nmetadata: {{name: microsocks}}\nspec: {{endpoints: [{{address: {ms_addr}, mode: socks5}}]}}\n---\nkind: EgressGateway\nmetadata: {{name: squid}}\nspec: {{endpoints: [{{address: {sq_addr}, mode: http-connect}}]}}\n---\nkind: Egress\nmetadata: {{name: a}}\nspec: {{sources: [{{name: web}}], ipAddresses: [127.50.7.1/32], gateway: microsocks}}\n---\nkind: Egress\nmetadata: {{name: b}}\nspec: {{sources: [{{name: web}}], ipAddresses: [127.50.7.2/32], gateway: squid}}\n---\nkind: EgressGateway\nmetadata: {{name: nghttpx}}\nspec: {{endpoints: [{{address: {ng_addr}, mode: http2tunnel}}]}}\n---\nkind: Egress\nmetadata: {{name: c}}\nspec: {{sources: [{{name: web}}], ipAddresses: [127.50.7.3/32], gateway: nghttpx}}\n"
     )));
     let out = agent.client("web", &["tcp", &dst.ip(), &dst.port(), "ms"]);
     assert_eq!(out, format!("ok peer={0} reply={0}|ms", dst.addr));
@@ -626,5 +682,14 @@ fn agent_uses_standard_gateways() {
         ),
         2,
         "{m}"
+    );
+    // Through dante.
+    let dst4 = TcpServer::start("127.50.7.4");
+    let out = agent.client("web", &["tcp", &dst4.ip(), &dst4.port(), "dante"]);
+    assert_eq!(out, format!("ok peer={0} reply={0}|dante", dst4.addr));
+    assert_eq!(
+        dst4.peer(0).ip(),
+        ip("127.0.9.4"),
+        "dante's external address"
     );
 }
