@@ -21,8 +21,7 @@ use crate::harness::{free_port, privileged, run_ok, temp_dir, Agent, Daemon, Tcp
 
 /// A running `egress-agent gateway`, stopped (by its PID) when dropped.
 struct Gateway {
-    child: Option<Child>,
-    config: PathBuf,
+    process: Stopped,
     /// SOCKS5 and HTTP listener addresses.
     socks: String,
     http: String,
@@ -67,8 +66,10 @@ impl Gateway {
             }
         });
         let mut gw = Gateway {
-            child: Some(child),
-            config,
+            process: Stopped {
+                child,
+                dir: config.parent().unwrap().to_path_buf(),
+            },
             socks,
             http,
             metrics_port,
@@ -76,8 +77,7 @@ impl Gateway {
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         while !gw.log().contains("gateway ready") {
-            if let Some(st) = gw.child.as_mut().unwrap().try_wait().unwrap() {
-                gw.child = None;
+            if let Some(st) = gw.process.child.try_wait().unwrap() {
                 panic!("gateway exited ({st}) before ready:\n{}", gw.log());
             }
             assert!(
@@ -115,22 +115,33 @@ impl Gateway {
     }
 }
 
-impl Drop for Gateway {
+/// A process a test started, stopped by its PID with SIGTERM (so that one which forks
+/// workers, like danted, stops them), then SIGKILL if it lingers; its temp dir is removed.
+struct Stopped {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Drop for Stopped {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let pid = nix::unistd::Pid::from_raw(c.id() as i32);
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(20));
         }
-        if let Some(dir) = self.config.parent() {
-            let _ = std::fs::remove_dir_all(dir);
-        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// The workload `web` reaches `dst` with `msg` and sees it as its peer, and `dst` sees
+/// `peer_ip` (the gateway's outgoing address) as the peer of its `n`-th connection.
+fn through(agent: &Agent, dst: &TcpServer, msg: &str, n: usize, peer_ip: &str) {
+    let out = agent.client("web", &["tcp", &dst.ip(), &dst.port(), msg]);
+    assert_eq!(out, format!("ok peer={0} reply={0}|{msg}", dst.addr));
+    assert_eq!(dst.peer(n).ip(), ip(peer_ip), "the destination's peer");
 }
 
 fn http_get(port: u16, path: &str) -> String {
@@ -187,16 +198,12 @@ fn per_policy_gateways_http2tunnel_and_socks5() {
     )));
 
     // HTTP/2 tunnel: several connections, one HTTP/2 connection to the gateway.
+    // The workload sees the address it dialled; the destination sees the gateway.
     for i in 0..3 {
-        let out = agent.client("web", &["tcp", &a.ip(), &a.port(), &format!("h2-{i}")]);
-        // The workload sees the address it dialled; the destination sees the gateway.
-        assert_eq!(out, format!("ok peer={0} reply={0}|h2-{i}", a.addr));
-        assert_eq!(a.peer(i).ip(), ip("127.0.8.1"), "destination's peer");
+        through(&agent, &a, &format!("h2-{i}"), i, "127.0.8.1");
     }
     // SOCKS5.
-    let out = agent.client("web", &["tcp", &b.ip(), &b.port(), "socks"]);
-    assert_eq!(out, format!("ok peer={0} reply={0}|socks", b.addr));
-    assert_eq!(b.peer(0).ip(), ip("127.0.8.2"), "destination's peer");
+    through(&agent, &b, "socks", 0, "127.0.8.2");
     // Each flow left through its own gateway, and only that one.
     assert_eq!((a.accepted(), b.accepted()), (3, 1));
     let log = h2gw.wait_log("protocol=\"http2tunnel\"");
@@ -279,9 +286,7 @@ fn global_gateway_and_a_dead_gateway_fails_closed() {
         "kind: EgressGateway\nmetadata: {{name: global}}\nspec: {{global: [{{address: {}, mode: socks5}}]}}\n---\nkind: EgressGateway\nmetadata: {{name: dead}}\nspec: {{endpoints: [{{address: {dead}, mode: http2tunnel}}]}}\n---\nkind: Egress\nmetadata: {{name: proxied}}\nspec: {{sources: [{{name: web}}], ipAddresses: [127.50.3.1/32], via: proxy}}\n---\nkind: Egress\nmetadata: {{name: via-dead}}\nspec: {{sources: [{{name: web}}], ipAddresses: [127.50.3.2/32], gateway: dead}}\n",
         gw.socks
     )));
-    let out = agent.client("web", &["tcp", &dst.ip(), &dst.port(), "g"]);
-    assert_eq!(out, format!("ok peer={0} reply={0}|g", dst.addr));
-    assert_eq!(dst.peer(0).ip(), ip("127.0.8.3"));
+    through(&agent, &dst, "g", 0, "127.0.8.3");
 
     // The named gateway is down: the client is reset, nothing goes direct.
     let started = Instant::now();
@@ -537,29 +542,8 @@ fn invalid_gateway_configuration_is_refused() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// A daemon that forks workers (danted): stopped with SIGTERM, so that it stops them, then
-/// SIGKILL if it lingers; its temp dir is removed.
-struct Forking {
-    child: Child,
-    dir: PathBuf,
-}
-
-impl Drop for Forking {
-    fn drop(&mut self) {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-            thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 /// Debian's dante (danted) on ip:port, dialling out from ip.
-fn dante(ip: &str, port: u16) -> Forking {
+fn dante(ip: &str, port: u16) -> Stopped {
     let dir = temp_dir("dante");
     let conf = dir.join("danted.conf");
     std::fs::write(
@@ -579,7 +563,7 @@ fn dante(ip: &str, port: u16) -> Forking {
         .stderr(Stdio::null())
         .spawn()
         .expect("start danted");
-    let d = Forking { child, dir };
+    let d = Stopped { child, dir };
     let deadline = Instant::now() + Duration::from_secs(15);
     while TcpStream::connect((ip, port)).is_err() {
         assert!(
@@ -652,44 +636,25 @@ fn agent_uses_standard_gateways() {
     let agent = Agent::start(&policy(&format!(
         "kind: EgressGateway\nmetadata: {{name: dante}}\nspec: {{endpoints: [{{address: 127.0.9.4:{dante_port}, mode: socks5}}]}}\n---\nkind: Egress\nmetadata: {{name: d}}\nspec: {{sources: [{{name: web}}], ipAddresses: [127.50.7.4/32], gateway: dante}}\n---\nkind: EgressGateway\nmetadata: {{name: microsocks}}\nspec: {{endpoints: [{{address: {ms_addr}, mode: socks5}}]}}\n---\nkind: EgressGateway\nmetadata: {{name: squid}}\nspec: {{endpoints: [{{address: {sq_addr}, mode: http-connect}}]}}\n---\nkind: Egress\nmetadata: {{name: a}}\nspec: {{sources: [{{name: web}}], ipAddresses: [127.50.7.1/32], gateway: microsocks}}\n---\nkind: Egress\nmetadata: {{name: b}}\nspec: {{sources: [{{name: web}}], ipAddresses: [127.50.7.2/32], gateway: squid}}\n---\nkind: EgressGateway\nmetadata: {{name: nghttpx}}\nspec: {{endpoints: [{{address: {ng_addr}, mode: http2tunnel}}]}}\n---\nkind: Egress\nmetadata: {{name: c}}\nspec: {{sources: [{{name: web}}], ipAddresses: [127.50.7.3/32], gateway: nghttpx}}\n"
     )));
-    let out = agent.client("web", &["tcp", &dst.ip(), &dst.port(), "ms"]);
-    assert_eq!(out, format!("ok peer={0} reply={0}|ms", dst.addr));
-    assert_eq!(
-        dst.peer(0).ip(),
-        ip("127.0.9.1"),
-        "microsocks' outgoing address"
-    );
+    // microsocks, squid, nghttpx (then squid; twice over the one HTTP/2 connection), dante.
+    through(&agent, &dst, "ms", 0, "127.0.9.1");
     let dst2 = TcpServer::start("127.50.7.2");
-    let out = agent.client("web", &["tcp", &dst2.ip(), &dst2.port(), "sq"]);
-    assert_eq!(out, format!("ok peer={0} reply={0}|sq", dst2.addr));
-    assert_eq!(
-        dst2.peer(0).ip(),
-        ip("127.0.9.2"),
-        "squid's outgoing address"
-    );
-    // Through nghttpx (then squid), twice over the one HTTP/2 connection.
+    through(&agent, &dst2, "sq", 0, "127.0.9.2");
     let dst3 = TcpServer::start("127.50.7.3");
     for i in 0..2 {
-        let out = agent.client("web", &["tcp", &dst3.ip(), &dst3.port(), &format!("ng{i}")]);
-        assert_eq!(out, format!("ok peer={0} reply={0}|ng{i}", dst3.addr));
-        assert_eq!(dst3.peer(i).ip(), ip("127.0.9.2"), "squid behind nghttpx");
+        through(&agent, &dst3, &format!("ng{i}"), i, "127.0.9.2");
     }
-    let (_, m) = agent.http_get("/metrics");
-    assert_eq!(
-        sample(
-            &m,
-            "egress_proxy_gateway_connections_total{gateway=\"nghttpx\",result=\"ok\"}"
-        ),
-        2,
-        "{m}"
-    );
-    // Through dante.
     let dst4 = TcpServer::start("127.50.7.4");
-    let out = agent.client("web", &["tcp", &dst4.ip(), &dst4.port(), "dante"]);
-    assert_eq!(out, format!("ok peer={0} reply={0}|dante", dst4.addr));
-    assert_eq!(
-        dst4.peer(0).ip(),
-        ip("127.0.9.4"),
-        "dante's external address"
-    );
+    through(&agent, &dst4, "dante", 0, "127.0.9.4");
+    let (_, m) = agent.http_get("/metrics");
+    for (gw, n) in [
+        ("microsocks", 1),
+        ("squid", 1),
+        ("nghttpx", 2),
+        ("dante", 1),
+    ] {
+        let series =
+            format!("egress_proxy_gateway_connections_total{{gateway=\"{gw}\",result=\"ok\"}}");
+        assert_eq!(sample(&m, &series), n, "{m}");
+    }
 }

@@ -27,7 +27,10 @@ use tokio::{
     net::TcpStream,
 };
 
-use crate::config::{EgressGateway, GatewayMode};
+use crate::{
+    config::{EgressGateway, GatewayMode},
+    proxy::relay::{self, Relayed},
+};
 
 /// Where a tunnel goes: an address, or a name the gateway resolves.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -92,6 +95,34 @@ pub enum Upstream {
     Tcp(TcpStream),
     /// A stream of the gateway's shared HTTP/2 connection.
     H2(h2tunnel::H2Io),
+}
+
+impl Upstream {
+    /// Sends bytes the proxy already read from the client (while sniffing).
+    pub async fn send_head(&mut self, head: &[u8]) -> io::Result<()> {
+        use tokio::io::AsyncWriteExt as _;
+        if head.is_empty() {
+            return Ok(());
+        }
+        match self {
+            Upstream::Tcp(s) => s.write_all(head).await,
+            Upstream::H2(s) => s.write_all(head).await,
+        }
+    }
+
+    /// Relays `client` to this upstream: by splice for TCP, by copy for HTTP/2 streams.
+    pub async fn relay(
+        self,
+        client: TcpStream,
+        idle: Duration,
+        changes: Option<tokio::sync::watch::Receiver<u64>>,
+        still_allowed: impl Fn() -> bool,
+    ) -> Relayed {
+        match self {
+            Upstream::Tcp(s) => relay::relay(client, s, idle, changes, still_allowed).await,
+            Upstream::H2(s) => relay_io(client, s, idle, changes, still_allowed).await,
+        }
+    }
 }
 
 /// The node proxy's way out through gateways.
@@ -160,16 +191,6 @@ impl Dialer {
     }
 }
 
-/// How a relay of two byte pipes ended.
-#[derive(Debug, Default)]
-pub struct Relayed {
-    /// a → b, b → a.
-    pub bytes: (u64, u64),
-    pub idle_timeout: bool,
-    pub revoked: bool,
-    pub error: Option<io::Error>,
-}
-
 /// When bytes last moved, shared by both directions.
 struct Activity {
     epoch: Instant,
@@ -226,7 +247,7 @@ pub async fn relay_io<A, B>(
     a: A,
     b: B,
     idle: Duration,
-    mut changes: Option<tokio::sync::watch::Receiver<u64>>,
+    changes: Option<tokio::sync::watch::Receiver<u64>>,
     still_allowed: impl Fn() -> bool,
 ) -> Relayed
 where
@@ -248,42 +269,16 @@ where
         act: &act,
         dir: 1,
     };
-    let idle_ms = idle.as_millis() as u64;
-    let mut tick = tokio::time::interval(idle / 4);
-    let (mut idle_timeout, mut revoked, mut error) = (false, false, None);
-    {
-        let copy = tokio::io::copy_bidirectional(&mut a, &mut b);
-        tokio::pin!(copy);
-        loop {
-            let changed = async {
-                match changes.as_mut() {
-                    Some(rx) => rx.changed().await.is_ok(),
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                r = &mut copy => {
-                    error = r.err();
-                    break;
-                }
-                _ = tick.tick() => {
-                    let last = act.last_ms.load(Ordering::Relaxed);
-                    if (act.epoch.elapsed().as_millis() as u64).saturating_sub(last) >= idle_ms {
-                        idle_timeout = true;
-                        break;
-                    }
-                }
-                alive = changed => {
-                    if !alive {
-                        changes = None;
-                    } else if !still_allowed() {
-                        revoked = true;
-                        break;
-                    }
-                }
-            }
-        }
-    }
+    let work = async {
+        tokio::io::copy_bidirectional(&mut a, &mut b)
+            .await
+            .map(|_| ())
+    };
+    let idle_ms = || {
+        (act.epoch.elapsed().as_millis() as u64).saturating_sub(act.last_ms.load(Ordering::Relaxed))
+    };
+    let (idle_timeout, revoked, error) =
+        relay::supervise(work, idle, idle_ms, changes, still_allowed).await;
     Relayed {
         bytes: (
             act.moved[0].load(Ordering::Relaxed),

@@ -287,29 +287,33 @@ impl Gateway {
         }
     }
 
-    /// Relays an open TCP tunnel (splice) and accounts for it.
+    /// Relays an open TCP tunnel (splice) after the client's early bytes.
     async fn relay_tcp(&self, t: &Tunnel, client: TcpStream, upstream: TcpStream, early: &[u8]) {
         let mut upstream = upstream;
         if !early.is_empty() && upstream.write_all(early).await.is_err() {
             return self.finish(t, "upstream-error", (0, 0), "write failed");
         }
+        let idle = self.cfg.spec.idle_timeout.0;
+        let relayed = relay::relay(client, upstream, idle, None, || true);
+        self.account(t, relayed, early.len() as u64).await;
+    }
+
+    /// Runs a relay, counting it as active meanwhile, and accounts for it.
+    async fn account(
+        &self,
+        t: &Tunnel,
+        relayed: impl std::future::Future<Output = relay::Relayed>,
+        early: u64,
+    ) {
         self.metrics.active.inc();
-        let r = relay::relay(client, upstream, self.cfg.spec.idle_timeout.0, None, || {
-            true
-        })
-        .await;
+        let r = relayed.await;
         self.metrics.active.dec();
         let end = if r.idle_timeout {
             "idle timeout"
         } else {
             "closed"
         };
-        self.finish(
-            t,
-            "allowed",
-            (r.bytes.0 + early.len() as u64, r.bytes.1),
-            end,
-        );
+        self.finish(t, "allowed", (r.bytes.0 + early, r.bytes.1), end);
     }
 
     async fn socks5(&self, mut client: TcpStream, peer: SocketAddr) {
@@ -559,18 +563,9 @@ impl Gateway {
             Err(e) => return self.finish(&t, "bad-request", (0, 0), &e.to_string()),
         };
         let stream = H2Io::new(send, req.into_body());
-        self.metrics.active.inc();
-        let r = super::relay_io(stream, upstream, self.cfg.spec.idle_timeout.0, None, || {
-            true
-        })
-        .await;
-        self.metrics.active.dec();
-        let end = if r.idle_timeout {
-            "idle timeout"
-        } else {
-            "closed"
-        };
-        self.finish(&t, "allowed", r.bytes, end);
+        let idle = self.cfg.spec.idle_timeout.0;
+        let relayed = super::relay_io(stream, upstream, idle, None, || true);
+        self.account(&t, relayed, 0).await;
     }
 }
 

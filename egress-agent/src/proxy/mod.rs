@@ -29,7 +29,7 @@ use tracing::{debug, info, warn};
 use crate::{
     config::{normalize, EgressGateway},
     control::Live,
-    gateway::{self, Dialer, Target, Upstream},
+    gateway::{Dialer, Target, Upstream},
     metrics::Metrics,
     policy::{Compiled, HostVerdict},
 };
@@ -250,48 +250,22 @@ impl Proxy {
         let changes = self.limits.close_on_tighten.then(|| self.live.subscribe());
         let (wid, host) = (orig.workload_id, rec.host.clone());
         let still_allowed = || self.still_allowed(wid, dst, host.as_deref());
-        let r = match upstream {
-            Upstream::Tcp(mut upstream) => {
-                let _ = upstream.set_nodelay(true);
-                if !head.is_empty() {
-                    if let Err(e) = upstream.write_all(&head).await {
-                        return self.upstream_failed(client, &mut rec, &e.to_string());
-                    }
-                }
-                let r = relay::relay(
-                    client,
-                    upstream,
-                    self.limits.idle_timeout,
-                    changes,
-                    still_allowed,
-                )
-                .await;
-                (r.bytes, r.revoked, r.idle_timeout, r.error.is_some())
-            }
-            Upstream::H2(mut stream) => {
-                if !head.is_empty() {
-                    if let Err(e) = stream.write_all(&head).await {
-                        return self.upstream_failed(client, &mut rec, &e.to_string());
-                    }
-                }
-                let r = gateway::relay_io(
-                    client,
-                    stream,
-                    self.limits.idle_timeout,
-                    changes,
-                    still_allowed,
-                )
-                .await;
-                (r.bytes, r.revoked, r.idle_timeout, r.error.is_some())
-            }
-        };
-        let (r_bytes, revoked, idle_timeout, failed) = r;
-        let bytes = (r_bytes.0 + head.len() as u64, r_bytes.1);
-        let end = if revoked {
+        let mut upstream = upstream;
+        if let Upstream::Tcp(s) = &upstream {
+            let _ = s.set_nodelay(true);
+        }
+        if let Err(e) = upstream.send_head(&head).await {
+            return self.upstream_failed(client, &mut rec, &e.to_string());
+        }
+        let r = upstream
+            .relay(client, self.limits.idle_timeout, changes, still_allowed)
+            .await;
+        let bytes = (r.bytes.0 + head.len() as u64, r.bytes.1);
+        let end = if r.revoked {
             REVOKED
-        } else if idle_timeout {
+        } else if r.idle_timeout {
             "idle timeout"
-        } else if failed {
+        } else if r.error.is_some() {
             "error"
         } else {
             "closed"
