@@ -28,7 +28,7 @@ use super::{connect::HOST_HEADER, GatewayError, Target};
 /// Flow-control windows: large enough that one stream can fill a fast link.
 pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 pub const CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
-pub const MAX_FRAME: u32 = 64 * 1024;
+pub const MAX_FRAME: u32 = 128 * 1024;
 
 /// One HTTP/2 stream as a byte pipe.
 pub struct H2Io {

@@ -191,6 +191,9 @@ impl Dialer {
     }
 }
 
+/// Copy buffer of each direction of an HTTP/2 relay.
+const COPY_BUF: usize = 128 * 1024;
+
 /// When bytes last moved, shared by both directions.
 struct Activity {
     epoch: Instant,
@@ -269,8 +272,9 @@ where
         act: &act,
         dir: 1,
     };
+    // Large buffers: each write becomes at most a few big DATA frames, not many 8 KiB ones.
     let work = async {
-        tokio::io::copy_bidirectional(&mut a, &mut b)
+        tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, COPY_BUF, COPY_BUF)
             .await
             .map(|_| ())
     };
