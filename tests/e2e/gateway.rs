@@ -344,7 +344,7 @@ fn standard_clients_use_our_gateway() {
     let dst = TcpServer::start("127.50.4.1");
     let gw = Gateway::start(
         "127.0.8.5",
-        "[{ipAddresses: [127.50.4.0/24]}, {hosts: [localhost], ports: [{number: 1}]}]",
+        "[{ipAddresses: [127.50.4.0/24, \"::1/128\"]}, {hosts: [localhost], ports: [{number: 1}]}]",
     );
     let url = format!("http://{}/", dst.addr);
     // SOCKS5 with the name resolved by the gateway, and HTTP/1.1 CONNECT.
@@ -364,6 +364,16 @@ fn standard_clients_use_our_gateway() {
     for n in 0..2 {
         assert_eq!(dst.peer(n).ip(), ip("127.0.8.5"));
     }
+    // IPv6 destinations: SOCKS5 address type 4 (curl resolves, --socks5) and CONNECT [::1]:port.
+    let v6 = TcpServer::start("::1");
+    let url6 = format!("http://[::1]:{}/", v6.addr.port());
+    let want6 = format!("{}|GET / HTTP/1.1", v6.addr);
+    let socks_plain = format!("socks5://{}", gw.socks);
+    let (code, out) = curl(&["--http0.9", "--proxy", &socks_plain, &url6]);
+    assert_eq!((code, out.trim()), (0, want6.as_str()));
+    let (code, out) = curl(&["--http0.9", "--proxytunnel", "--proxy", &proxy, &url6]);
+    assert_eq!((code, out.trim()), (0, want6.as_str()));
+    assert_eq!(v6.accepted(), 2);
     // Refused by the allowlist: SOCKS5 reply 2 (curl 97), HTTP 403 (curl 56, code 403).
     let other = "http://127.50.5.1:80/";
     assert_eq!(curl(&["--proxy", &socks, other]).0, 97);
