@@ -17,7 +17,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::harness::{free_port, privileged, run_ok, temp_dir, Agent, Daemon, TcpServer, AGENT};
+use crate::harness::{
+    free_port, http_server, privileged, run_ok, temp_dir, Agent, Daemon, TcpServer, AGENT,
+};
 
 /// A running `egress-agent gateway`, stopped (by its PID) when dropped.
 struct Gateway {
@@ -193,7 +195,7 @@ fn per_policy_gateways_http2tunnel_and_socks5() {
     let h2gw = Gateway::start("127.0.8.1", "[{ipAddresses: [127.50.0.0/16]}]");
     let socksgw = Gateway::start("127.0.8.2", "[{ipAddresses: [127.50.0.0/16]}]");
     let agent = Agent::start(&policy(&format!(
-        "kind: EgressGateway\nmetadata: {{name: h2}}\nspec: {{endpoints: [{{address: {}, mode: http2tunnel}}]}}\n---\nkind: EgressGateway\nmetadata: {{name: socks}}\nspec: {{endpoints: [{{address: {}, mode: socks5}}]}}\n---\nkind: Egress\nmetadata: {{name: to-a}}\nspec: {{sources: [{{name: web}}], ipAddresses: [127.50.1.1/32], gateway: h2}}\n---\nkind: Egress\nmetadata: {{name: to-b}}\nspec: {{sources: [{{name: web}}], ipAddresses: [127.50.2.1/32], gateway: socks}}\n",
+        "kind: EgressGateway\nmetadata: {{name: h2}}\nspec: {{endpoints: [{{address: {}, mode: http2tunnel}}]}}\n---\nkind: EgressGateway\nmetadata: {{name: socks}}\nspec: {{endpoints: [{{address: {}, mode: socks5}}]}}\n---\nkind: Egress\nmetadata: {{name: to-a}}\nspec: {{sources: [{{name: web}}], ipAddresses: [127.50.1.1/32], gateway: h2}}\n---\nkind: Egress\nmetadata: {{name: to-b}}\nspec: {{sources: [{{name: web}}], ipAddresses: [127.50.2.1/32], gateway: socks}}\n---\nkind: Egress\nmetadata: {{name: site}}\nspec: {{sources: [{{name: web}}], hosts: [site.example], ports: [{{number: 80, protocol: http}}], gateway: h2}}\n",
         h2gw.http, socksgw.socks
     )));
 
@@ -204,11 +206,34 @@ fn per_policy_gateways_http2tunnel_and_socks5() {
     }
     // SOCKS5.
     through(&agent, &b, "socks", 0, "127.0.8.2");
+    // curl in the workload, by host name: the proxy judges the Host, then tunnels over HTTP/2
+    // with the host in the request (the gateway logs it).
+    let www = temp_dir("gwwww");
+    std::fs::write(www.join("index.html"), "through the gateway\n").unwrap();
+    let _site = http_server("127.50.1.2", 80, www);
+    let out = agent.exec(
+        "web",
+        &[
+            "curl",
+            "-s",
+            "--max-time",
+            "10",
+            "--resolve",
+            "site.example:80:127.50.1.2",
+            "http://site.example/",
+        ],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "through the gateway\n"
+    );
+    let log = h2gw.wait_log("destination=\"127.50.1.2:80\" host=\"site.example\"");
+    assert!(log.contains("result=\"allowed\""), "{log}");
     // Each flow left through its own gateway, and only that one.
     assert_eq!((a.accepted(), b.accepted()), (3, 1));
     let log = h2gw.wait_log("protocol=\"http2tunnel\"");
     let peers = peers_of(&log, "http2tunnel");
-    assert_eq!(peers.len(), 3, "{log}");
+    assert_eq!(peers.len(), 4, "{log}");
     assert!(
         peers.iter().all(|p| p == &peers[0]),
         "one reused HTTP/2 connection: {peers:?}"
@@ -222,7 +247,7 @@ fn per_policy_gateways_http2tunnel_and_socks5() {
             &m,
             "egress_gateway_connections_total{protocol=\"http2tunnel\",result=\"allowed\"}"
         ),
-        3,
+        4,
         "{m}"
     );
     let (_, am) = agent.http_get("/metrics");
@@ -231,7 +256,7 @@ fn per_policy_gateways_http2tunnel_and_socks5() {
             &am,
             "egress_proxy_gateway_connections_total{gateway=\"h2\",result=\"ok\"}"
         ),
-        3,
+        4,
         "{am}"
     );
     assert_eq!(
