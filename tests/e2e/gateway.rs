@@ -35,10 +35,13 @@ impl Gateway {
     /// A gateway listening on `ip` (SOCKS5 and HTTP), dialling out from `ip`, allowing `allow`
     /// (YAML list of allow rules).
     fn start(ip: &str, allow: &str) -> Gateway {
-        let (socks, http) = (
-            format!("{ip}:{}", free_port()),
-            format!("{ip}:{}", free_port()),
-        );
+        let socks = format!("{ip}:{}", free_port());
+        Self::start_at(ip, &socks, &format!("{ip}:{}", free_port()), allow)
+    }
+
+    /// The same on the given SOCKS5 and HTTP listener addresses.
+    fn start_at(ip: &str, socks: &str, http: &str, allow: &str) -> Gateway {
+        let (socks, http) = (socks.to_string(), http.to_string());
         let metrics_port = free_port();
         let config = temp_dir("gw").join("gateway.yaml");
         std::fs::write(
@@ -270,6 +273,19 @@ fn per_policy_gateways_http2tunnel_and_socks5() {
     let alog = agent.log();
     assert!(!alog.contains("gateway failed"), "{alog}");
 
+    // The gateway restarts on the same address: the pooled HTTP/2 connection is gone, the
+    // next tunnel dials a new one.
+    let (h2_http, h2_socks) = (h2gw.http.clone(), h2gw.socks.clone());
+    drop(h2gw);
+    let h2gw = Gateway::start_at(
+        "127.0.8.1",
+        &h2_socks,
+        &h2_http,
+        "[{ipAddresses: [127.50.0.0/16]}]",
+    );
+    through(&agent, &a, "after-restart", 3, "127.0.8.1");
+    h2gw.wait_log("protocol=\"http2tunnel\"");
+
     // The gateway's own allowlist: a destination the policy routes there but the gateway
     // does not allow is refused by the gateway (HTTP 403 on the stream), so the client is reset.
     drop(h2gw);
@@ -293,7 +309,7 @@ fn per_policy_gateways_http2tunnel_and_socks5() {
     );
     let out = agent.client("web", &["tcp", &a.ip(), &a.port(), "x"]);
     assert!(!out.contains("|x"), "refused by the gateway: {out}");
-    assert_eq!(a.accepted(), 3);
+    assert_eq!(a.accepted(), 4);
     h2gw.wait_log("result=\"refused\"");
     agent.wait_log("HTTP/2 CONNECT answered 403");
 }
