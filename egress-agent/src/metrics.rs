@@ -49,6 +49,7 @@ pub struct Metrics {
     proxy_bytes: Family<Labels, Counter>,
     proxy_connect: Histogram,
     proxy_active: Gauge,
+    proxy_gateway: Family<Labels, Counter>,
     hosts: Mutex<HashSet<String>>,
     /// Refusals by the proxy for a host, by (workload, namespace).
     host_denials: Arc<Mutex<BTreeMap<(String, String), u64>>>,
@@ -82,6 +83,12 @@ impl Metrics {
             "Connections the proxy is relaying now",
             proxy_active.clone(),
         );
+        let proxy_gateway = Family::<Labels, Counter>::default();
+        registry.register(
+            "egress_proxy_gateway_connections",
+            "Tunnels the proxy opened (result ok) or failed to open (result error) through each EgressGateway",
+            proxy_gateway.clone(),
+        );
         let host_denials = Arc::new(Mutex::new(BTreeMap::new()));
         let ready = Arc::new(AtomicBool::new(false));
         registry.register_collector(Box::new(KernelCollector {
@@ -95,6 +102,7 @@ impl Metrics {
             proxy_bytes,
             proxy_connect,
             proxy_active,
+            proxy_gateway,
             hosts: Mutex::new(HashSet::new()),
             host_denials,
             ready,
@@ -145,6 +153,15 @@ impl Metrics {
                 .entry((name.to_string(), ns.to_string()))
                 .or_default() += 1;
         }
+    }
+
+    /// A tunnel through gateway `name` opened (or not). Gateway names come from the policy,
+    /// not from traffic, so they need no cap.
+    pub fn proxy_gateway(&self, name: &str, ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        self.proxy_gateway
+            .get_or_create(&vec![("gateway", name.into()), ("result", result.into())])
+            .inc();
     }
 
     pub fn proxy_connected(&self, took: Duration) {
@@ -439,8 +456,24 @@ impl Collector for KernelCollector {
     }
 }
 
+/// What `/metrics` and `/readyz` serve: the agent's metrics, or the gateway's.
+pub trait Scrape: Send + Sync + 'static {
+    /// The metrics in the Prometheus text format.
+    fn render(&self) -> String;
+    fn is_ready(&self) -> bool;
+}
+
+impl Scrape for Metrics {
+    fn render(&self) -> String {
+        Metrics::render(self)
+    }
+    fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+}
+
 /// Serves `/metrics`, `/healthz` and `/readyz` until the task is dropped.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+pub async fn serve<M: Scrape>(listener: TcpListener, metrics: Arc<M>) {
     loop {
         let Ok((mut s, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -474,7 +507,7 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
                     m.render(),
                 ),
                 ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
-                ("GET", "/readyz") if m.ready.load(Ordering::SeqCst) => {
+                ("GET", "/readyz") if m.is_ready() => {
                     ("200 OK", "text/plain", "ready\n".to_string())
                 }
                 ("GET", "/readyz") => (
