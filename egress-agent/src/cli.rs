@@ -143,6 +143,20 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run an egress gateway: accept tunnels from node agents (and standard clients) over
+    /// SOCKS5 and HTTP CONNECT (HTTP/1.1, and HTTP/2 "http2tunnel" with many tunnels over one
+    /// connection), let out only what the file's allowlist names, from its egressAddress.
+    Gateway {
+        /// Gateway file: one GatewayServer document (listeners, egressAddress, allow, limits).
+        #[arg(long, short = 'c', value_name = "FILE")]
+        config: PathBuf,
+        /// Prometheus metrics (egress_gateway_*), /healthz and /readyz.
+        #[arg(long, value_name = "ADDR", default_value = crate::gateway::server::DEFAULT_METRICS_ADDR)]
+        metrics_addr: std::net::SocketAddr,
+        /// Check the file and exit.
+        #[arg(long)]
+        check: bool,
+    },
     /// Print a shell completion script.
     Completions {
         #[arg(value_enum)]
@@ -175,7 +189,8 @@ pub enum EgressAction {
 
 #[derive(Debug, Subcommand)]
 pub enum PolicyAction {
-    /// Add or replace the objects of FILE (MeshConfig, Workload, Egress) in the live policy.
+    /// Add or replace the objects of FILE (MeshConfig, Workload, Egress, EgressGateway) in the
+    /// live policy.
     Apply {
         #[arg(long, short = 'f', value_name = "FILE")]
         file: PathBuf,

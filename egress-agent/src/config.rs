@@ -251,13 +251,19 @@ pub struct EgressSpec {
     pub action: Action,
     #[serde(default)]
     pub via: Option<Via>,
+    /// The EgressGateway (by name) this policy's connections leave through; implies
+    /// `via: gateway`. Without it, `via: gateway` means the global gateway.
+    #[serde(default)]
+    pub gateway: Option<String>,
 }
 
 impl EgressSpec {
-    /// Where matching connections go: hosts imply the proxy.
+    /// Where matching connections go: hosts imply the proxy, a named gateway implies
+    /// `via: gateway`.
     pub fn route(&self) -> Via {
         match self.via {
             Some(v) => v,
+            None if self.gateway.is_some() => Via::Gateway,
             None if !self.hosts.is_empty() => Via::Proxy,
             None => Via::Direct,
         }
@@ -336,11 +342,31 @@ pub struct EgressGateway {
     pub spec: GatewaySpec,
 }
 
+/// A gateway is either global (FSM semantics: every connection the proxy relays leaves
+/// through it, unless its policy names another gateway) or per policy (`endpoints`: used only
+/// by the Egress policies that name it with `gateway:`). Endpoints are tried in order.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct GatewaySpec {
     #[serde(default)]
     pub global: Vec<GatewayEndpoint>,
+    #[serde(default)]
+    pub endpoints: Vec<GatewayEndpoint>,
+}
+
+impl GatewaySpec {
+    pub fn is_global(&self) -> bool {
+        !self.global.is_empty()
+    }
+
+    /// The endpoints, whichever list holds them.
+    pub fn all(&self) -> &[GatewayEndpoint] {
+        if self.is_global() {
+            &self.global
+        } else {
+            &self.endpoints
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -350,11 +376,28 @@ pub struct GatewayEndpoint {
     pub mode: GatewayMode,
 }
 
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
+/// How the node proxy talks to a gateway.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Hash)]
 pub enum GatewayMode {
+    /// HTTP/2 CONNECT, one stream per connection over one reused h2c connection.
+    #[serde(rename = "http2tunnel")]
     Http2tunnel,
+    /// SOCKS5 CONNECT (RFC 1928, no authentication).
+    #[serde(rename = "socks5")]
     Socks5,
+    /// HTTP/1.1 CONNECT, one TCP connection per tunnel (squid, tinyproxy and friends).
+    #[serde(rename = "http-connect")]
+    HttpConnect,
+}
+
+impl GatewayMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            GatewayMode::Http2tunnel => "http2tunnel",
+            GatewayMode::Socks5 => "socks5",
+            GatewayMode::HttpConnect => "http-connect",
+        }
+    }
 }
 
 // ---- Scalar types with their own validation ----------------------------------------------
@@ -698,6 +741,32 @@ impl Parser {
                 self.header(&label, &o.metadata, o.api_version.as_deref())?;
                 self.unique(&label, &kind, &id)?;
                 let spec = o.spec.ok_or_else(|| self.err(&label, "spec", "missing"))?;
+                match (spec.global.is_empty(), spec.endpoints.is_empty()) {
+                    (true, true) => {
+                        return Err(self.err(
+                            &label,
+                            "spec",
+                            "give the gateway's addresses in global (every proxied connection) or endpoints (policies that name it)",
+                        ))
+                    }
+                    (false, false) => {
+                        return Err(self.err(
+                            &label,
+                            "spec.endpoints",
+                            "a gateway is either global or per policy: give global or endpoints, not both",
+                        ))
+                    }
+                    _ => {}
+                }
+                if spec.is_global() {
+                    if let Some(g) = self.cfg.gateways.iter().find(|g| g.spec.is_global()) {
+                        return Err(self.err(
+                            &label,
+                            "spec.global",
+                            format!("a second global gateway (the first is EgressGateway {})", g.id.name),
+                        ));
+                    }
+                }
                 self.cfg.gateways.push(EgressGateway { id, spec });
             }
             other => {
@@ -794,11 +863,11 @@ impl Parser {
                     "host rules need TCP (tcp, http or https); udp cannot carry a host name",
                 ));
             }
-            if s.via == Some(Via::Proxy) && !p.protocol.is_tcp() {
+            if (s.via == Some(Via::Proxy) || s.route() == Via::Gateway) && !p.protocol.is_tcp() {
                 return Err(self.err(
                     label,
                     &format!("{f}.protocol"),
-                    "via: proxy carries TCP only",
+                    "via: proxy and via: gateway carry TCP only",
                 ));
             }
         }
@@ -809,12 +878,22 @@ impl Parser {
                 "a deny rule sends nothing anywhere; remove via",
             ));
         }
-        if s.route() == Via::Gateway {
+        if s.gateway.is_some() && s.via.is_some_and(|v| v != Via::Gateway) {
             return Err(self.err(
                 label,
-                "spec.via",
-                "via: gateway is not supported by this version of the agent yet",
+                "spec.gateway",
+                "a gateway is named but via is not gateway; remove one of them",
             ));
+        }
+        if let Some(g) = &s.gateway {
+            check_name(g).map_err(|r| self.err(label, "spec.gateway", r))?;
+            if s.action == Action::Deny {
+                return Err(self.err(
+                    label,
+                    "spec.gateway",
+                    "a deny rule sends nothing anywhere; remove gateway",
+                ));
+            }
         }
         Ok(())
     }
@@ -840,6 +919,27 @@ impl Parser {
                             format!("no Workload {want} in this file"),
                         ));
                     }
+                }
+            }
+            // A named gateway must exist; `via: gateway` without a name needs a global one.
+            if e.spec.route() == Via::Gateway {
+                let label = format!("Egress {}", e.id);
+                match &e.spec.gateway {
+                    Some(g) if !self.cfg.gateways.iter().any(|x| &x.id.name == g) => {
+                        return Err(self.err(
+                            &label,
+                            "spec.gateway",
+                            format!("no EgressGateway {g:?} in this policy"),
+                        ))
+                    }
+                    None if !self.cfg.gateways.iter().any(|x| x.spec.is_global()) => {
+                        return Err(self.err(
+                            &label,
+                            "spec.via",
+                            "via: gateway without gateway: NAME needs a global EgressGateway (spec.global), and there is none",
+                        ))
+                    }
+                    _ => {}
                 }
             }
         }
@@ -1045,7 +1145,10 @@ spec:
             "{e}"
         );
         let e = err(&GOOD.replace("action: allow", "action: allow\n  via: gateway"));
-        assert!(e.contains("spec.via: via: gateway is not supported"), "{e}");
+        assert!(
+            e.contains("Egress default/allow-github: spec.via: via: gateway without gateway: NAME needs a global EgressGateway"),
+            "{e}"
+        );
         let e = err(&GOOD.replace("github.com,", "\"git hub.com\","));
         assert!(e.contains("spec.hosts[0]: invalid host"), "{e}");
         let e = err(&GOOD.replace(
@@ -1054,6 +1157,93 @@ spec:
         ));
         assert!(
             e.contains("spec.ports[0].endPort: endPort 80 is below number 443"),
+            "{e}"
+        );
+    }
+
+    const GATEWAYS: &str = r#"
+kind: Workload
+metadata: {name: web}
+---
+kind: EgressGateway
+metadata: {name: global}
+spec:
+  global: [{address: 127.0.8.1:1080, mode: socks5}]
+---
+kind: EgressGateway
+metadata: {name: squid}
+spec:
+  endpoints: [{address: 127.0.8.2:3128, mode: http-connect}, {address: "[::1]:8080", mode: http2tunnel}]
+---
+kind: Egress
+metadata: {name: via-squid}
+spec: {sources: [{name: web}], ipAddresses: [127.41.0.0/16], gateway: squid}
+---
+kind: Egress
+metadata: {name: via-global}
+spec: {sources: [{name: web}], ipAddresses: [127.42.0.0/16], via: gateway}
+"#;
+
+    #[test]
+    fn gateways_global_and_per_policy() {
+        let c = parse(GATEWAYS, "p.yaml").unwrap();
+        assert_eq!(c.gateways.len(), 2);
+        assert!(c.gateways[0].spec.is_global());
+        assert_eq!(c.gateways[1].spec.all()[0].mode, GatewayMode::HttpConnect);
+        assert_eq!(c.gateways[1].spec.all()[1].mode, GatewayMode::Http2tunnel);
+        assert_eq!(c.egresses[0].spec.route(), Via::Gateway);
+        assert_eq!(c.egresses[0].spec.gateway.as_deref(), Some("squid"));
+        assert_eq!(c.egresses[1].spec.route(), Via::Gateway);
+    }
+
+    #[test]
+    fn gateway_errors() {
+        let e = err(&GATEWAYS.replace("gateway: squid", "gateway: nope"));
+        assert_eq!(
+            e,
+            "p.yaml: Egress default/via-squid: spec.gateway: no EgressGateway \"nope\" in this policy"
+        );
+        let e = err(&GATEWAYS.replace("gateway: squid", "gateway: squid, via: direct"));
+        assert!(
+            e.contains(
+                "Egress default/via-squid: spec.gateway: a gateway is named but via is not gateway"
+            ),
+            "{e}"
+        );
+        let e = err(&GATEWAYS.replace("gateway: squid", "gateway: squid, action: deny"));
+        assert!(
+            e.contains("spec.gateway: a deny rule sends nothing anywhere"),
+            "{e}"
+        );
+        let e = err(&GATEWAYS.replace("mode: socks5", "mode: socks4"));
+        assert!(
+            e.contains("EgressGateway global: spec.global[0].mode: unknown variant `socks4`"),
+            "{e}"
+        );
+        let e = err(&GATEWAYS.replace("endpoints: [", "global: ["));
+        assert!(
+            e.contains("EgressGateway squid: spec.global: a second global gateway (the first is EgressGateway global)"),
+            "{e}"
+        );
+        let e = err(&GATEWAYS.replace(
+            "global: [{address: 127.0.8.1:1080, mode: socks5}]",
+            "global: []",
+        ));
+        assert!(
+            e.contains("EgressGateway global: spec: give the gateway's addresses"),
+            "{e}"
+        );
+        let e = err(&GATEWAYS.replace("127.0.8.1:1080", "127.0.8.1"));
+        assert!(
+            e.contains("EgressGateway global: spec.global[0].address:"),
+            "{e}"
+        );
+        let e = err(&GATEWAYS.replace(
+            "ipAddresses: [127.41.0.0/16], gateway: squid",
+            "ipAddresses: [127.41.0.0/16], gateway: squid, ports: [{number: 53, protocol: udp}]",
+        ));
+        assert!(
+            e.contains("spec.ports[0].protocol: via: proxy and via: gateway carry TCP only"),
             "{e}"
         );
     }

@@ -7,6 +7,7 @@ pub mod client;
 pub mod config;
 pub mod control;
 pub mod flows;
+pub mod gateway;
 pub mod k8s;
 pub mod metrics;
 pub mod podnet;

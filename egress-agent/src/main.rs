@@ -3,7 +3,7 @@ use std::process::ExitCode;
 use clap::{CommandFactory as _, Parser as _};
 use egress_agent::{
     cli::{Cli, Command, EgressAction, Flows, LogFormat},
-    client, config, k8s, policy, run, workload,
+    client, config, gateway, k8s, policy, run, workload,
 };
 
 fn main() -> ExitCode {
@@ -81,6 +81,28 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 c.config.enable_egress != 0
             );
             Ok(())
+        }
+        Command::Gateway {
+            config,
+            metrics_addr,
+            check,
+        } => {
+            if check {
+                let g = gateway::settings::load(&config)?;
+                println!(
+                    "{}: valid: GatewayServer {}, {} listeners, {} allow rules",
+                    config.display(),
+                    g.name,
+                    g.spec.listeners.len(),
+                    g.spec.allow.len()
+                );
+                return Ok(());
+            }
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?
+                .block_on(gateway::server::run(config, metrics_addr))
         }
         Command::Egress {
             action,

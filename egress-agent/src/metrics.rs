@@ -50,6 +50,7 @@ pub struct Metrics {
     proxy_connect: Histogram,
     proxy_active: Gauge,
     policy_rejected: Family<Labels, Counter>,
+    proxy_gateway: Family<Labels, Counter>,
     hosts: Mutex<HashSet<String>>,
     /// Refusals by the proxy for a host, by (workload, namespace).
     host_denials: Arc<Mutex<BTreeMap<(String, String), u64>>>,
@@ -89,6 +90,12 @@ impl Metrics {
             "Policy objects refused (Kubernetes mode: invalid CRD objects; the previous version stays in force), by kind",
             policy_rejected.clone(),
         );
+        let proxy_gateway = Family::<Labels, Counter>::default();
+        registry.register(
+            "egress_proxy_gateway_connections",
+            "Tunnels the proxy opened (result ok) or failed to open (result error) through each EgressGateway",
+            proxy_gateway.clone(),
+        );
         let host_denials = Arc::new(Mutex::new(BTreeMap::new()));
         let ready = Arc::new(AtomicBool::new(false));
         registry.register_collector(Box::new(KernelCollector {
@@ -103,6 +110,7 @@ impl Metrics {
             proxy_connect,
             proxy_active,
             policy_rejected,
+            proxy_gateway,
             hosts: Mutex::new(HashSet::new()),
             host_denials,
             ready,
@@ -159,6 +167,15 @@ impl Metrics {
     pub fn policy_rejected(&self, kind: &str) {
         self.policy_rejected
             .get_or_create(&vec![("kind", kind.to_string())])
+            .inc();
+    }
+
+    /// A tunnel through gateway `name` opened (or not). Gateway names come from the policy,
+    /// not from traffic, so they need no cap.
+    pub fn proxy_gateway(&self, name: &str, ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        self.proxy_gateway
+            .get_or_create(&vec![("gateway", name.into()), ("result", result.into())])
             .inc();
     }
 
@@ -454,8 +471,24 @@ impl Collector for KernelCollector {
     }
 }
 
+/// What `/metrics` and `/readyz` serve: the agent's metrics, or the gateway's.
+pub trait Scrape: Send + Sync + 'static {
+    /// The metrics in the Prometheus text format.
+    fn render(&self) -> String;
+    fn is_ready(&self) -> bool;
+}
+
+impl Scrape for Metrics {
+    fn render(&self) -> String {
+        Metrics::render(self)
+    }
+    fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+}
+
 /// Serves `/metrics`, `/healthz` and `/readyz` until the task is dropped.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+pub async fn serve<M: Scrape>(listener: TcpListener, metrics: Arc<M>) {
     loop {
         let Ok((mut s, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -489,7 +522,7 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
                     m.render(),
                 ),
                 ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
-                ("GET", "/readyz") if m.ready.load(Ordering::SeqCst) => {
+                ("GET", "/readyz") if m.is_ready() => {
                     ("200 OK", "text/plain", "ready\n".to_string())
                 }
                 ("GET", "/readyz") => (

@@ -30,6 +30,8 @@ pub struct RuleInfo {
     pub cidrs: Vec<Cidr>,
     /// (first, last, protocol); empty: every port and protocol.
     pub ports: Vec<(u16, u16, u8)>,
+    /// Index into [`Compiled::gateways`] of the gateway this rule names (`gateway: NAME`).
+    pub gateway: Option<usize>,
 }
 
 impl RuleInfo {
@@ -79,6 +81,10 @@ pub struct Compiled {
     /// Indices into `rules` of the rules that name hosts (what the proxy checks on every
     /// redirected connection; usually few among many address rules).
     pub host_rules: Vec<usize>,
+    /// The EgressGateways, in file order.
+    pub gateways: Vec<config::EgressGateway>,
+    /// Index into `gateways` of the global one.
+    pub global_gateway: Option<usize>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -160,6 +166,10 @@ pub fn compile_stable(
                     (p.number.0, p.end_port.unwrap_or(p.number).0, pr)
                 })
                 .collect(),
+            gateway: s
+                .gateway
+                .as_ref()
+                .and_then(|g| cfg.gateways.iter().position(|x| &x.id.name == g)),
         });
         // Host rules are judged by the proxy, whatever their action; the kernel only routes.
         let act = match (s.route(), s.action) {
@@ -258,6 +268,8 @@ pub fn compile_stable(
             .filter(|&i| !rules[i].hosts.is_empty())
             .collect(),
         rules,
+        gateways: cfg.gateways.clone(),
+        global_gateway: cfg.gateways.iter().position(|g| g.spec.is_global()),
     })
 }
 
@@ -425,6 +437,16 @@ impl Compiled {
         decide(&self.config, &q, self.lookup(workload, ip))
     }
 
+    /// The gateway a connection the proxy relays leaves through, given the rule that let it
+    /// out (0: none, the mesh default): the gateway the rule names, else the global one for
+    /// every relayed connection; None: direct.
+    pub fn gateway_for(&self, rule_id: u32) -> Option<&config::EgressGateway> {
+        let named = self.rule(rule_id).and_then(|r| r.gateway);
+        named
+            .or(self.global_gateway)
+            .and_then(|i| self.gateways.get(i))
+    }
+
     pub fn rule(&self, rule_id: u32) -> Option<&RuleInfo> {
         rule_id
             .checked_sub(1)
@@ -532,6 +554,32 @@ mod tests {
 
     fn with(rules: &str) -> Compiled {
         compiled(&format!("{BASE}{rules}"))
+    }
+
+    #[test]
+    fn gateway_choice_per_rule_then_global() {
+        let gw = "---\nkind: EgressGateway\nmetadata: {name: g1}\nspec: {endpoints: [{address: 127.0.8.1:1080, mode: socks5}]}\n---\nkind: Egress\nmetadata: {name: one}\nspec: {sources: [{name: web}], ipAddresses: [127.41.0.0/16], gateway: g1}\n---\nkind: Egress\nmetadata: {name: two}\nspec: {sources: [{name: web}], ipAddresses: [127.42.0.0/16], via: proxy}\n";
+        let c = with(gw);
+        let w = c
+            .workload_id(&ObjectRef {
+                namespace: "default".into(),
+                name: "web".into(),
+            })
+            .unwrap();
+        let d = c.decide(w, ip("127.41.0.1"), 80, proto::TCP);
+        assert_eq!(d.outcome, Outcome::Proxy);
+        assert_eq!(c.gateway_for(1).map(|g| g.id.name.as_str()), Some("g1"));
+        assert!(
+            c.gateway_for(2).is_none(),
+            "via: proxy without a global gateway is direct"
+        );
+        assert!(c.gateway_for(0).is_none());
+        let global = gw.to_string()
+            + "---\nkind: EgressGateway\nmetadata: {name: all}\nspec: {global: [{address: 127.0.8.2:1080, mode: socks5}]}\n";
+        let c = with(&global);
+        assert_eq!(c.gateway_for(1).map(|g| g.id.name.as_str()), Some("g1"));
+        assert_eq!(c.gateway_for(2).map(|g| g.id.name.as_str()), Some("all"));
+        assert_eq!(c.gateway_for(0).map(|g| g.id.name.as_str()), Some("all"));
     }
 
     fn ip(s: &str) -> IpAddr {

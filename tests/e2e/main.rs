@@ -6,6 +6,7 @@ mod bad_input;
 mod control;
 mod datapath;
 mod deploy;
+mod gateway;
 mod harness;
 mod k8s;
 mod lifecycle;

@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_env;
+mod bench_gateway;
 mod bench_report;
 mod bench_work;
 mod cmd;
@@ -42,6 +43,10 @@ enum Task {
         /// Longer runs, 100k rules too; also writes docs/benchmarks.md.
         #[arg(long)]
         full: bool,
+        /// Instead: the egress gateway paths (HTTP/2 tunnel, SOCKS5) against direct and
+        /// redsocks → dante/squid; writes docs/benchmarks-gateway.md.
+        #[arg(long, conflicts_with_all = ["quick", "full"])]
+        gateway: bool,
     },
 }
 
@@ -51,6 +56,7 @@ fn main() -> ExitCode {
         Task::Setup => cmd::setup(&root),
         Task::Test { args } => cmd::test(&root, &args),
         Task::Demo => cmd::demo(&root),
+        Task::Bench { gateway: true, .. } => bench_gateway::bench(&root),
         Task::Bench { full, .. } => bench::bench(&root, full),
     };
     match result {

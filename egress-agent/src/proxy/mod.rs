@@ -5,7 +5,8 @@
 //! for that destination names hosts, it reads the TLS SNI or HTTP Host from the client's first
 //! bytes (bounded, timed) and judges it; otherwise it does not wait for the client to speak,
 //! so server-first protocols (SSH, SMTP, MySQL) pass unchanged. Allowed connections go to the
-//! original destination from the agent's own, exempt cgroup.
+//! original destination from the agent's own, exempt cgroup, or through the egress gateway
+//! their rule names (or the global one): never direct when a gateway is chosen but down.
 
 pub mod relay;
 pub mod sniff;
@@ -26,8 +27,9 @@ use tokio::{
 use tracing::{debug, info, warn};
 
 use crate::{
-    config::normalize,
+    config::{normalize, EgressGateway},
     control::Live,
+    gateway::{Dialer, Target, Upstream},
     metrics::Metrics,
     policy::{Compiled, HostVerdict},
 };
@@ -70,6 +72,7 @@ pub struct Proxy {
     live: Arc<Live>,
     limits: Limits,
     permits: Arc<Semaphore>,
+    gateways: Dialer,
 }
 
 /// Binds the proxy's listeners: 127.0.0.1 and, where the host has IPv6, [::1].
@@ -91,6 +94,8 @@ struct Record<'a> {
     host: Option<String>,
     verdict: &'static str,
     rule: String,
+    /// The EgressGateway the connection left through (empty: direct).
+    gateway: String,
     started: Instant,
 }
 
@@ -102,6 +107,7 @@ impl Proxy {
             permits: Arc::new(Semaphore::new(limits.max_connections)),
             live,
             limits,
+            gateways: Dialer::default(),
         })
     }
 
@@ -188,8 +194,12 @@ impl Proxy {
             host: None,
             verdict: "allow",
             rule: rule_name(&policy, orig.rule_id),
+            gateway: String::new(),
             started: Instant::now(),
         };
+        // The rule that lets the connection out (a host rule may decide instead of the
+        // kernel's); it chooses the gateway.
+        let mut rule_id = orig.rule_id;
         let _ = client.set_nodelay(true);
 
         // Bytes read while sniffing, replayed to the upstream.
@@ -203,10 +213,14 @@ impl Proxy {
             };
             rec.host = host.clone();
             match policy.decide_host(orig.workload_id, dst.ip(), dst.port(), host.as_deref()) {
-                HostVerdict::Allow(id) => rec.rule = rule_name(&policy, id),
+                HostVerdict::Allow(id) => {
+                    rec.rule = rule_name(&policy, id);
+                    rule_id = id;
+                }
                 HostVerdict::Audit(id) => {
                     rec.verdict = "audit";
                     rec.rule = rule_name(&policy, id);
+                    rule_id = id;
                 }
                 HostVerdict::Deny(id) => {
                     rec.verdict = "deny";
@@ -225,36 +239,39 @@ impl Proxy {
         }
 
         let connecting = Instant::now();
-        let mut upstream = match tokio::time::timeout(
-            self.limits.connect_timeout,
-            TcpStream::connect(dst),
-        )
-        .await
-        {
-            Ok(Ok(s)) => {
-                self.metrics.proxy_connected(connecting.elapsed());
-                s
+        let upstream = match policy.gateway_for(rule_id) {
+            Some(gw) => {
+                rec.gateway = gw.id.name.clone();
+                match self.through_gateway(gw, dst, rec.host.as_deref()).await {
+                    Ok(u) => u,
+                    Err(why) => return self.gateway_failed(client, &mut rec, &why),
+                }
             }
-            Ok(Err(e)) => return self.upstream_failed(client, &mut rec, &e.to_string()),
-            Err(_) => return self.upstream_failed(client, &mut rec, "connect timed out"),
+            None => {
+                match tokio::time::timeout(self.limits.connect_timeout, TcpStream::connect(dst))
+                    .await
+                {
+                    Ok(Ok(s)) => Upstream::Tcp(s),
+                    Ok(Err(e)) => return self.upstream_failed(client, &mut rec, &e.to_string()),
+                    Err(_) => return self.upstream_failed(client, &mut rec, "connect timed out"),
+                }
+            }
         };
-        let _ = upstream.set_nodelay(true);
-        if !head.is_empty() {
-            if let Err(e) = upstream.write_all(&head).await {
-                return self.upstream_failed(client, &mut rec, &e.to_string());
-            }
-        }
+        self.metrics.proxy_connected(connecting.elapsed());
+        drop(policy);
         let changes = self.limits.close_on_tighten.then(|| self.live.subscribe());
         let (wid, host) = (orig.workload_id, rec.host.clone());
         let still_allowed = || self.still_allowed(wid, dst, host.as_deref());
-        let r = relay::relay(
-            client,
-            upstream,
-            self.limits.idle_timeout,
-            changes,
-            still_allowed,
-        )
-        .await;
+        let mut upstream = upstream;
+        if let Upstream::Tcp(s) = &upstream {
+            let _ = s.set_nodelay(true);
+        }
+        if let Err(e) = upstream.send_head(&head).await {
+            return self.upstream_failed(client, &mut rec, &e.to_string());
+        }
+        let r = upstream
+            .relay(client, self.limits.idle_timeout, changes, still_allowed)
+            .await;
         let bytes = (r.bytes.0 + head.len() as u64, r.bytes.1);
         let end = if r.revoked {
             REVOKED
@@ -318,6 +335,43 @@ impl Proxy {
         }
     }
 
+    /// Opens a tunnel to `dst` through `gw` (the sniffed host goes along). The error names
+    /// the gateway, the endpoint and its mode.
+    async fn through_gateway(
+        &self,
+        gw: &EgressGateway,
+        dst: SocketAddr,
+        host: Option<&str>,
+    ) -> Result<Upstream, String> {
+        let target = Target::Addr(dst);
+        match self
+            .gateways
+            .open(gw, &target, host, self.limits.connect_timeout)
+            .await
+        {
+            Ok(u) => {
+                self.metrics.proxy_gateway(&gw.id.name, true);
+                Ok(u)
+            }
+            Err((addr, mode, e)) => {
+                self.metrics.proxy_gateway(&gw.id.name, false);
+                Err(format!(
+                    "EgressGateway {} ({} at {addr}): {e}",
+                    gw.id.name,
+                    mode.name()
+                ))
+            }
+        }
+    }
+
+    /// Fail closed: the client gets a reset, never a direct connection.
+    fn gateway_failed(&self, client: TcpStream, rec: &mut Record<'_>, why: &str) {
+        rec.verdict = "gateway-error";
+        warn!(workload = rec.workload, dst = %rec.dst, host = rec.host.as_deref().unwrap_or(""), error = why, "egress gateway failed; the connection is refused (fail closed, never sent direct)");
+        reset(client);
+        self.finish(rec, (0, 0), "gateway failed");
+    }
+
     fn upstream_failed(&self, client: TcpStream, rec: &mut Record<'_>, why: &str) {
         rec.verdict = "upstream-error";
         info!(workload = rec.workload, dst = %rec.dst, error = why, "proxy could not reach the original destination");
@@ -330,6 +384,7 @@ impl Proxy {
             "allow" => "allowed",
             "deny" => "denied",
             "audit" => "audit",
+            "gateway-error" => "gateway-error",
             _ => "upstream-error",
         };
         self.metrics
@@ -337,10 +392,11 @@ impl Proxy {
         let host = rec.host.as_deref().unwrap_or("");
         let ms = rec.started.elapsed().as_millis() as u64;
         let (workload, verdict, rule) = (rec.workload, rec.verdict, rec.rule.as_str());
+        let gateway = rec.gateway.as_str();
         if verdict == "allow" && !end.ends_with(REVOKED) {
-            debug!(target: "egress::proxy", workload, dst = %rec.dst, host, verdict, rule, bytes_out = bytes.0, bytes_in = bytes.1, ms, end, "connection");
+            debug!(target: "egress::proxy", workload, dst = %rec.dst, host, verdict, rule, gateway, bytes_out = bytes.0, bytes_in = bytes.1, ms, end, "connection");
         } else {
-            info!(target: "egress::proxy", workload, dst = %rec.dst, host, verdict, rule, bytes_out = bytes.0, bytes_in = bytes.1, ms, end, "connection");
+            info!(target: "egress::proxy", workload, dst = %rec.dst, host, verdict, rule, gateway, bytes_out = bytes.0, bytes_in = bytes.1, ms, end, "connection");
         }
     }
 }

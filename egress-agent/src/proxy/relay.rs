@@ -30,7 +30,7 @@ pub async fn relay(
     client: TcpStream,
     upstream: TcpStream,
     idle: Duration,
-    mut changes: Option<tokio::sync::watch::Receiver<u64>>,
+    changes: Option<tokio::sync::watch::Receiver<u64>>,
     still_allowed: impl Fn() -> bool,
 ) -> Relayed {
     let act = Activity {
@@ -46,15 +46,29 @@ pub async fn relay(
         );
         a.and(b)
     };
-    tokio::pin!(both);
-    let idle_ms = idle.as_millis() as u64;
-    let mut tick = tokio::time::interval(idle / 4);
-    let ended = |idle_timeout, revoked, error| Relayed {
+    let (idle_timeout, revoked, error) =
+        supervise(both, idle, || act.idle_ms(), changes, still_allowed).await;
+    Relayed {
         bytes: bytes(),
         idle_timeout,
         revoked,
         error,
-    };
+    }
+}
+
+/// Drives `work` (both directions of a relay) until it ends, `idle_ms()` reaches `idle`, or
+/// a policy change after which `still_allowed` says no. Returns (idle timeout, revoked,
+/// error).
+pub(crate) async fn supervise(
+    work: impl std::future::Future<Output = io::Result<()>>,
+    idle: Duration,
+    idle_ms: impl Fn() -> u64,
+    mut changes: Option<tokio::sync::watch::Receiver<u64>>,
+    still_allowed: impl Fn() -> bool,
+) -> (bool, bool, Option<io::Error>) {
+    tokio::pin!(work);
+    let limit = idle.as_millis() as u64;
+    let mut tick = tokio::time::interval(idle / 4);
     loop {
         let changed = async {
             match changes.as_mut() {
@@ -63,17 +77,17 @@ pub async fn relay(
             }
         };
         tokio::select! {
-            r = &mut both => return ended(false, false, r.err()),
+            r = &mut work => return (false, false, r.err()),
             _ = tick.tick() => {
-                if act.idle_ms() >= idle_ms {
-                    return ended(true, false, None);
+                if idle_ms() >= limit {
+                    return (true, false, None);
                 }
             }
             alive = changed => {
                 if !alive {
                     changes = None;
                 } else if !still_allowed() {
-                    return ended(false, true, None);
+                    return (false, true, None);
                 }
             }
         }
