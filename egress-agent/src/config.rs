@@ -642,7 +642,7 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
 /// Kubernetes mode: like [`parse`], but an Egress may name a source that is not among the
 /// objects (a pod of another node, or one not scheduled yet): it applies to nobody here.
 pub fn parse_unlinked(text: &str, file: &str) -> Result<Config, ConfigError> {
-    Ok(parse_objects(text, file)?.cfg)
+    parse_objects(text, file)?.finish_unlinked()
 }
 
 fn parse_objects(text: &str, file: &str) -> Result<Parser, ConfigError> {
@@ -921,6 +921,14 @@ impl Parser {
                     }
                 }
             }
+        }
+        self.finish_unlinked()
+    }
+
+    /// The checks across objects that hold in Kubernetes mode too: named gateways exist,
+    /// pods fit their network.
+    fn finish_unlinked(self) -> Result<Config, ConfigError> {
+        for e in &self.cfg.egresses {
             // A named gateway must exist; `via: gateway` without a name needs a global one.
             if e.spec.route() == Via::Gateway {
                 let label = format!("Egress {}", e.id);

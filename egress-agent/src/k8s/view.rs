@@ -91,12 +91,27 @@ pub struct View {
     refused: BTreeMap<Key, String>,
     /// `metadata.uid` of every policy object seen (Events name their object by it).
     uids: BTreeMap<Key, String>,
+    /// The latest version of each refused object, tried again after every accepted change
+    /// (an Egress may arrive before the EgressGateway it names).
+    pending: BTreeMap<Key, Value>,
 }
 
 impl View {
     /// Adds or replaces a policy object if the result is valid; otherwise reports why and
     /// keeps the previous version. Ok(true) when the accepted policy changed.
     pub fn apply(&mut self, kind: &str, obj: &Value) -> Result<bool, ConfigError> {
+        let key = key_of(kind, obj);
+        let r = self.try_apply(kind, obj);
+        if r.is_err() {
+            self.pending.insert(key, obj.clone());
+        } else {
+            self.pending.remove(&key);
+            self.settle();
+        }
+        r
+    }
+
+    fn try_apply(&mut self, kind: &str, obj: &Value) -> Result<bool, ConfigError> {
         let key = key_of(kind, obj);
         if let Some(uid) = obj.pointer("/metadata/uid").and_then(Value::as_str) {
             self.uids.insert(key.clone(), uid.to_string());
@@ -144,20 +159,46 @@ impl View {
         n
     }
 
-    /// Removes a policy object. A removal that would leave the rest invalid (nothing today)
-    /// is refused like an invalid change.
+    /// Removes a policy object. Objects that no longer validate without it (an Egress
+    /// naming a deleted EgressGateway) are refused in turn and reported: fail closed.
     pub fn delete(&mut self, kind: &str, obj: &Value) -> Result<bool, ConfigError> {
         let key = key_of(kind, obj);
         self.refused.remove(&key);
         self.uids.remove(&key);
-        let mut next = self.good.clone();
-        if next.remove(&key).is_none() {
-            return Ok(false);
-        }
-        validate(&next)?;
-        self.good = next;
+        self.pending.remove(&key);
         self.generations.remove(&key);
-        Ok(true)
+        let changed = self.good.remove(&key).is_some();
+        self.settle();
+        Ok(changed)
+    }
+
+    /// After a change: objects the accepted set no longer supports are refused (kept for a
+    /// retry), and refused objects that now validate are accepted.
+    fn settle(&mut self) {
+        while let Err(e) = validate(&self.good) {
+            let Some(key) = self.good.keys().find(|k| label(k) == e.object).cloned() else {
+                tracing::warn!(error = %e, "the accepted policy objects do not validate together");
+                break;
+            };
+            if let Some(doc) = self.good.remove(&key) {
+                self.pending
+                    .insert(key.clone(), serde_json::to_value(doc).unwrap_or_default());
+            }
+            self.generations.remove(&key);
+            self.refused.insert(key, e.to_string());
+        }
+        loop {
+            let mut progress = false;
+            for (key, obj) in self.pending.clone() {
+                if self.try_apply(&key.0, &obj).is_ok() {
+                    self.pending.remove(&key);
+                    progress = true;
+                }
+            }
+            if !progress {
+                break;
+            }
+        }
     }
 
     /// Replaces every object of `kind` by `objs` (a relist), one by one, each validated.
@@ -169,6 +210,8 @@ impl View {
         self.generations
             .retain(|k, _| k.0 != kind || listed.contains(k));
         self.refused
+            .retain(|k, _| k.0 != kind || listed.contains(k));
+        self.pending
             .retain(|k, _| k.0 != kind || listed.contains(k));
         // Usually all are valid: one check for the lot. Otherwise one by one, so that each
         // invalid object keeps its previous version and the valid ones go in.
@@ -185,12 +228,17 @@ impl View {
                 let g = o.pointer("/metadata/generation").and_then(Value::as_i64);
                 self.generations.insert(key_of(kind, o), g.unwrap_or(0));
                 self.refused.remove(&key_of(kind, o));
+                self.pending.remove(&key_of(kind, o));
             }
+            self.settle();
             return Vec::new();
         }
-        objs.iter()
+        let errs = objs
+            .iter()
             .filter_map(|o| self.apply(kind, o).err())
-            .collect()
+            .collect();
+        self.settle();
+        errs
     }
 
     /// The name of the accepted MeshConfig.
@@ -281,6 +329,15 @@ fn to_text<'a>(docs: impl IntoIterator<Item = &'a serde_yaml::Value>) -> String 
 
 fn validate(docs: &BTreeMap<Key, serde_yaml::Value>) -> Result<(), ConfigError> {
     config::parse_unlinked(&to_text(docs.values()), SOURCE).map(drop)
+}
+
+/// How the parser names an object in its errors: `Egress ns/name`, `MeshConfig name`.
+fn label(k: &Key) -> String {
+    if k.1.is_empty() {
+        format!("{} {}", k.0, k.2)
+    } else {
+        format!("{} {}/{}", k.0, k.1, k.2)
+    }
 }
 
 pub fn key_of(kind: &str, obj: &Value) -> Key {
@@ -406,6 +463,39 @@ mod tests {
         // Gone from the cluster: gone here.
         after.relist("Egress", &[]);
         assert!(ports(&after).is_empty());
+    }
+
+    #[test]
+    fn gateway_references_settle_in_any_order_and_a_deleted_gateway_fails_closed() {
+        let via = json!({"apiVersion": config::API_VERSION, "kind": "Egress",
+            "metadata": {"name": "via-gw", "namespace": "shop"},
+            "spec": {"sources": [{"podSelector": {"matchLabels": {"app": "web"}}}],
+                     "hosts": ["example.com"], "ports": [{"number": 443, "protocol": "https"}],
+                     "gateway": "corp"}});
+        let gw = json!({"apiVersion": config::API_VERSION, "kind": "EgressGateway",
+            "metadata": {"name": "corp"},
+            "spec": {"endpoints": [{"address": "127.0.0.1:1080", "mode": "socks5"}]}});
+        let mut v = View::default();
+        // The Egress first: refused (its gateway is unknown), kept for a retry.
+        let e = v.apply("Egress", &via).unwrap_err();
+        assert!(e.to_string().contains("spec.gateway"), "{e}");
+        assert_eq!(v.rejected().len(), 1);
+        // The gateway arrives: the Egress goes in too.
+        v.apply("EgressGateway", &gw).unwrap();
+        assert!(v.rejected().is_empty(), "{:?}", v.rejected());
+        assert_eq!(ports(&v), [443]);
+        // The gateway is deleted: the Egress naming it is refused (fail closed), reported.
+        assert!(v.delete("EgressGateway", &gw).unwrap());
+        assert!(ports(&v).is_empty());
+        assert_eq!(v.rejected().len(), 1);
+        assert!(
+            v.rejected()[0].contains("no EgressGateway \"corp\""),
+            "{:?}",
+            v.rejected()
+        );
+        // Back again: so is the Egress.
+        v.relist("EgressGateway", &[gw]);
+        assert_eq!(ports(&v), [443]);
     }
 
     #[test]
