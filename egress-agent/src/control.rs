@@ -17,46 +17,14 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use crate::{
-    bpf::{BpfError, Datapath},
-    config::{Config, ConfigError, ObjectRef},
-    podnet::{self, Pod, PodNetError},
-    policy::{self, CompileError, Compiled},
-    store::Store,
-    workload::{self, CgroupError, CgroupRoot},
+    datapath::{
+        bpf::{BpfError, Datapath},
+        cgroups::{self, CgroupError, CgroupRoot},
+        podnet::{self, Pod, PodNetError},
+    },
+    policy::{self, CompileError, Compiled, Config, ConfigError, Live, ObjectRef, Store},
+    telemetry::kernel::{KernelSnapshot, KernelSource},
 };
-
-/// The compiled policy in force, shared with the proxy and the flow log; subscribers learn
-/// of every change (the proxy re-judges its open connections).
-pub struct Live {
-    policy: RwLock<Arc<Compiled>>,
-    changes: tokio::sync::watch::Sender<u64>,
-}
-
-impl Live {
-    pub fn new(c: Compiled) -> Arc<Self> {
-        Arc::new(Self {
-            policy: RwLock::new(Arc::new(c)),
-            changes: tokio::sync::watch::channel(0).0,
-        })
-    }
-
-    pub fn get(&self) -> Arc<Compiled> {
-        self.policy
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    fn set(&self, c: Arc<Compiled>) {
-        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = c;
-        self.changes.send_modify(|n| *n += 1);
-    }
-
-    /// Notified after every change.
-    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.changes.subscribe()
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -264,7 +232,7 @@ impl Control {
                 .cloned();
             // A pod's cgroup is the kubelet's: never create it, only look it up.
             let cgroup = match known {
-                Some(dir) => workload::cgroup_id(&dir)?,
+                Some(dir) => cgroups::cgroup_id(&dir)?,
                 None => self.root.ensure(&self.root.workload_dir(w))?,
             };
             cgroups.push((cgroup, *id));
@@ -453,7 +421,7 @@ impl Control {
         Ok(Check {
             workload: workload.to_string(),
             destination: std::net::SocketAddr::new(ip, port).to_string(),
-            protocol: crate::flows::protocol_name(protocol).into(),
+            protocol: egress_common::proto::name(protocol).into(),
             verdict: d.outcome.name().into(),
             refused: d.outcome.is_denied(),
             rule: rule.map(|r| r.egress.to_string()).unwrap_or_default(),
@@ -506,5 +474,27 @@ fn reason(o: egress_common::Outcome, rule: Option<String>) -> String {
             "would be denied (no rule, enableEgress false); allowed by auditMode".into()
         }
         ErrorOpen => "internal error, failMode open".into(),
+    }
+}
+
+impl KernelSource for Control {
+    fn snapshot(&self) -> KernelSnapshot {
+        let policy = self.live.get();
+        let pods = self
+            .pods
+            .borrow()
+            .iter()
+            .map(|p| p.workload.clone())
+            .collect();
+        let ids: Vec<u32> = policy.workloads.iter().map(|(_, id)| *id).collect();
+        let mut dp = self.datapath();
+        KernelSnapshot {
+            sums: dp.counter_sums(&ids),
+            tc: dp.tc_sums(&ids),
+            entries: dp.map_fill(&policy),
+            generation: dp.active().map(|(_, c)| c.generation).unwrap_or(0),
+            pods,
+            policy,
+        }
     }
 }

@@ -1,18 +1,14 @@
-//! The egress node agent: policy parsing and compilation, the eBPF datapath, workload cgroups,
-//! the transparent proxy, and the command line.
+//! The egress node agent. The folders follow the data's way: [`policy`] (documents to a
+//! validated, compiled policy) → [`control`] (every change, applied atomically) → [`datapath`]
+//! (the kernel's maps, programs, cgroups and pod namespaces) → [`proxy`] and [`gateway`]
+//! (redirected connections) → [`telemetry`] (metrics, flows). [`k8s`] feeds the policy and the
+//! pods from the API server; [`admin`] is the operator's CLI and local API; [`run`] starts it.
 pub mod admin;
-pub mod bpf;
-pub mod cli;
-pub mod client;
-pub mod config;
 pub mod control;
-pub mod flows;
+pub mod datapath;
 pub mod gateway;
 pub mod k8s;
-pub mod metrics;
-pub mod podnet;
 pub mod policy;
 pub mod proxy;
 pub mod run;
-pub mod store;
-pub mod workload;
+pub mod telemetry;

@@ -2,8 +2,14 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory as _, Parser as _};
 use egress_agent::{
-    cli::{Cli, Command, EgressAction, Flows, LogFormat},
-    client, config, gateway, k8s, policy, run, workload,
+    admin::{
+        cli::{Cli, Command, EgressAction, Flows, LogFormat},
+        client, local,
+    },
+    datapath::cgroups as workload,
+    gateway, k8s,
+    policy::{self, config},
+    run,
 };
 
 fn main() -> ExitCode {
@@ -58,7 +64,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             workload,
             cgroup_root,
             cmd,
-        } => run::exec(
+        } => local::exec(
             &cgroup_root.unwrap_or_else(workload::default_root),
             &workload,
             &cmd,
@@ -134,7 +140,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             pin_dir,
             cgroup_root,
             state_file,
-        } => run::uninstall(
+        } => local::uninstall(
             &pin_dir,
             &cgroup_root.unwrap_or_else(workload::default_root),
             &state_file.unwrap_or_else(|| run::default_state_file(&pin_dir)),

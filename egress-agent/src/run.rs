@@ -20,16 +20,19 @@ use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
 
 use crate::{
-    admin,
-    bpf::{self, Datapath},
-    config,
-    control::{Control, Live},
-    flows, k8s,
-    metrics::{self, Metrics},
-    policy,
-    proxy::{self, Proxy},
-    store::Store,
-    workload::{self, CgroupRoot},
+    admin::server as admin,
+    control::Control,
+    datapath::{
+        bpf::{self, Datapath},
+        cgroups::{self, CgroupRoot},
+    },
+    k8s,
+    policy::{self, Live, Store},
+    proxy::{self, inpod::serve_pods, Proxy},
+    telemetry::{
+        flows,
+        metrics::{self, Metrics},
+    },
 };
 
 pub struct RunOptions {
@@ -66,7 +69,7 @@ struct Leave {
 impl Drop for Leave {
     fn drop(&mut self) {
         if let Some(home) = self.agent_home.take() {
-            if let Err(e) = workload::move_pid(&home, std::process::id()) {
+            if let Err(e) = cgroups::move_pid(&home, std::process::id()) {
                 warn!(error = %e, "cannot move the agent back to its cgroup");
             }
         }
@@ -126,8 +129,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     };
     root.ensure(&root.path)?;
     let agent_cgroup = root.ensure(&root.agent_dir())?;
-    let home = workload::cgroup_of(std::process::id())?;
-    workload::move_pid(&root.agent_dir(), std::process::id())?;
+    let home = cgroups::cgroup_of(std::process::id())?;
+    cgroups::move_pid(&root.agent_dir(), std::process::id())?;
     leave.agent_home = Some(home);
 
     let (mut dp, reused) = Datapath::open(&opts.pin_dir)?;
@@ -162,7 +165,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                 .get(&w.id)
                 .cloned()
                 .unwrap_or_else(|| root.workload_dir(&w.id));
-            let cg = workload::cgroup_id(&dir).ok()?;
+            let cg = cgroups::cgroup_id(&dir).ok()?;
             let id = held.iter().find(|(c, _)| *c == cg)?.1;
             Some((w.id.clone(), id))
         })
@@ -181,7 +184,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     control.set_kubernetes(cluster.is_some());
     // Pods are plugged in by an install (their namespaces are adopted when they exist), so a
     // policy with pods is installed again rather than resumed as it is.
-    let has_pods = !crate::podnet::plan(&cfg).is_empty();
+    let has_pods = !crate::datapath::podnet::plan(&cfg).is_empty();
     if resume
         && !has_pods
         && running.events_all == opts.all_flows as u32
@@ -287,67 +290,6 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A network namespace of its own the proxy listens in: a pod's.
-pub trait InPod: Clone + Send + Sync + 'static {
-    /// The pod, for the log.
-    fn label(&self) -> String;
-    fn netns_path(&self) -> PathBuf;
-}
-
-impl InPod for crate::podnet::Pod {
-    fn label(&self) -> String {
-        self.workload.to_string()
-    }
-    fn netns_path(&self) -> PathBuf {
-        crate::podnet::Pod::netns_path(self)
-    }
-}
-
-/// Keeps a proxy listener open inside every pod's network namespace (the redirect target
-/// there is the pod's own 127.0.0.1/[::1]:<proxy port>).
-async fn serve_pods<P: InPod>(
-    mut pods: tokio::sync::watch::Receiver<Vec<P>>,
-    relay: Arc<Proxy>,
-    port: u16,
-) {
-    let mut serving: std::collections::HashMap<PathBuf, tokio::task::AbortHandle> =
-        std::collections::HashMap::new();
-    let mut tasks = tokio::task::JoinSet::new();
-    loop {
-        let want = pods.borrow_and_update().clone();
-        serving.retain(|path, task| {
-            let keep = want.iter().any(|p| p.netns_path() == *path);
-            if !keep {
-                task.abort();
-            }
-            keep
-        });
-        for p in want {
-            let path = p.netns_path();
-            if serving.contains_key(&path) {
-                continue;
-            }
-            let listeners = crate::podnet::bind_in(&path, port).and_then(|ls| {
-                ls.into_iter()
-                    .map(tokio::net::TcpListener::from_std)
-                    .collect::<std::io::Result<Vec<_>>>()
-            });
-            match listeners {
-                Ok(ls) => {
-                    info!(pod = %p.label(), netns = %path.display(), port, "proxy listening inside the pod");
-                    serving.insert(path, tasks.spawn(relay.clone().serve(ls)));
-                }
-                Err(e) => {
-                    warn!(pod = %p.label(), netns = %path.display(), error = %e, "cannot open the proxy inside the pod; its redirected connections are refused")
-                }
-            }
-        }
-        if pods.changed().await.is_err() {
-            break;
-        }
-    }
-}
-
 /// SIGHUP: the policy file replaces the live policy, if it is valid.
 async fn reload(control: &Arc<Control>, path: &Path) {
     let c = control.clone();
@@ -364,42 +306,4 @@ async fn reload(control: &Arc<Control>, path: &Path) {
         Ok(Err(e)) => warn!(error = %e, "reload refused; the previous policy stays in force"),
         Err(e) => warn!(error = %e, "reload failed"),
     }
-}
-
-/// `egress-agent exec`: moves this process into the workload's cgroup and execs `cmd`.
-pub fn exec(root: &Path, workload: &config::ObjectRef, cmd: &[String]) -> anyhow::Result<()> {
-    use std::os::unix::process::CommandExt as _;
-    let root = CgroupRoot::new(root, true)?;
-    let dir = root.existing_workload(workload)?;
-    if let Some(netns) = crate::podnet::netns_of_cgroup(&dir) {
-        crate::podnet::enter(&netns).with_context(|| {
-            format!(
-                "cannot enter the pod's network namespace {}",
-                netns.display()
-            )
-        })?;
-    }
-    workload::move_pid(&dir, std::process::id())?;
-    let (prog, args) = cmd.split_first().context("no command given")?;
-    let err = std::process::Command::new(prog).args(args).exec();
-    Err(err).with_context(|| format!("cannot run {prog:?}"))
-}
-
-/// `egress-agent uninstall`: removes pins (detaching the programs), the saved live policy and
-/// empty cgroups.
-pub fn uninstall(pin_dir: &Path, cgroup_root: &Path, state_file: &Path) -> anyhow::Result<()> {
-    let removed = bpf::remove_pins(pin_dir);
-    println!("removed {} pins under {}", removed.len(), pin_dir.display());
-    if std::fs::remove_file(state_file).is_ok() {
-        println!("removed {}", state_file.display());
-    }
-    if let Ok(root) = CgroupRoot::new(cgroup_root, false) {
-        for netns in crate::podnet::remove_tagged(&root.path) {
-            println!("removed the network namespace {}", netns.display());
-        }
-        for b in root.remove_all() {
-            println!("left {} in place: it still holds processes", b.display());
-        }
-    }
-    Ok(())
 }

@@ -25,6 +25,15 @@ pub mod proto {
     pub const UDP: u8 = 17;
     pub const ICMP: u8 = 1;
     pub const ICMPV6: u8 = 58;
+
+    /// The protocol's label in flows and metrics (`other` for any protocol but TCP and UDP).
+    pub fn name(p: u8) -> &'static str {
+        match p {
+            TCP => "tcp",
+            UDP => "udp",
+            _ => "other",
+        }
+    }
 }
 
 /// What a rule does with the connections it matches.

@@ -255,6 +255,17 @@ pub struct SockAddr {
 }
 
 impl SockAddr {
+    /// As a standard socket address (userspace).
+    pub fn socket_addr(&self) -> core::net::SocketAddr {
+        let port = self.port as u16;
+        if self.family == 4 {
+            let a = self.addr;
+            core::net::SocketAddr::from(([a[0], a[1], a[2], a[3]], port))
+        } else {
+            core::net::SocketAddr::from((self.addr, port))
+        }
+    }
+
     #[inline(always)]
     pub fn v4(addr: [u8; 4], port: u16) -> Self {
         let mut a = [0u8; 16];

@@ -199,11 +199,11 @@ impl Drop for Net {
 
 /// Removes a pod's namespace the test plugged in itself, also when it fails before an agent
 /// (whose uninstall would) has taken it over.
-struct Unplug(egress_agent::podnet::Pod);
+struct Unplug(egress_agent::datapath::podnet::Pod);
 
 impl Drop for Unplug {
     fn drop(&mut self) {
-        egress_agent::podnet::remove(&self.0);
+        egress_agent::datapath::podnet::remove(&self.0);
     }
 }
 
@@ -413,14 +413,14 @@ fn tc_drops_a_connection_opened_before_the_agent_started_and_survives_restarts()
     let policy = net.policy(false);
     // Plug the pod in with the agent's own code, before any agent runs (as a CNI would),
     // and open a connection to a destination the policy will deny.
-    let cfg = egress_agent::config::parse(&policy.replace("{proxy_port}", "15001"), "p.yaml")
+    let cfg = egress_agent::policy::parse(&policy.replace("{proxy_port}", "15001"), "p.yaml")
         .expect("policy");
-    let pods = egress_agent::podnet::plan(&cfg);
+    let pods = egress_agent::datapath::podnet::plan(&cfg);
     let pod = pods[0].clone();
     let pod2 = pod.clone();
     let _unplug = Unplug(pod.clone());
     in_netns(&net.node_path(), move || {
-        egress_agent::podnet::ensure(&pod2)
+        egress_agent::datapath::podnet::ensure(&pod2)
     })
     .expect("plug pod");
     let server = net.server(DENY4);
@@ -499,9 +499,11 @@ fn the_clsact_fallback_drops_what_skips_the_socket_hooks_too() {
     // A restart replaces the filters rather than stacking a second copy.
     a.stop_keep();
     a.spawn();
-    let cfg = egress_agent::config::parse(&std::fs::read_to_string(&a.config).unwrap(), "p")
+    let cfg = egress_agent::policy::parse(&std::fs::read_to_string(&a.config).unwrap(), "p")
         .expect("policy");
-    let host_if = egress_agent::podnet::plan(&cfg)[0].host_if.clone();
+    let host_if = egress_agent::datapath::podnet::plan(&cfg)[0]
+        .host_if
+        .clone();
     for dir in ["ingress", "egress"] {
         let out = Command::new("nsenter")
             .arg(format!("--net={}", net.node_path().display()))

@@ -28,7 +28,7 @@ use tokio::{
 };
 
 use crate::{
-    config::{EgressGateway, GatewayMode},
+    policy::{EgressGateway, GatewayMode},
     proxy::relay::{self, Relayed},
 };
 

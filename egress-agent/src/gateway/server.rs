@@ -43,7 +43,7 @@ use super::{
     socks5::{self, reply},
     GatewayError, Target,
 };
-use crate::{metrics, proxy::relay};
+use crate::{proxy::relay, telemetry::metrics};
 
 type Labels = Vec<(&'static str, String)>;
 

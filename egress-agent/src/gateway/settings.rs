@@ -19,7 +19,7 @@ use std::{net::IpAddr, net::SocketAddr, path::Path, time::Duration};
 
 use serde::Deserialize;
 
-use crate::config::{Cidr, ConfigError, HostPattern, Port, Seconds, API_VERSION};
+use crate::policy::{Cidr, ConfigError, HostPattern, Port, Seconds, API_VERSION};
 
 /// What a listener speaks.
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]

@@ -47,7 +47,7 @@ pub struct Started {
     pub view: view::View,
     pub resolved: view::Resolved,
     /// Policy objects refused in the first sync (reported once metrics exist).
-    pub rejected: Vec<crate::config::ConfigError>,
+    pub rejected: Vec<crate::policy::ConfigError>,
 }
 
 /// Connects, lists the node's pods and the policy objects (the first sync), and resolves the
@@ -81,7 +81,7 @@ pub async fn run(
     opts: Options,
     started: Started,
     control: std::sync::Arc<crate::control::Control>,
-    metrics: std::sync::Arc<crate::metrics::Metrics>,
+    metrics: std::sync::Arc<crate::telemetry::metrics::Metrics>,
     in_pod: tokio::sync::watch::Sender<Vec<watch::PodNetns>>,
 ) {
     watch::report(&started.rejected, Some(&metrics));

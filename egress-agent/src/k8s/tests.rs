@@ -11,7 +11,7 @@ use super::{
     view::View,
     watch::{remove_startup_taint, Watch, STARTUP_TAINT},
 };
-use crate::config::ObjectRef;
+use crate::policy::ObjectRef;
 
 fn client(fake: &FakeApiServer) -> kube::Client {
     let cfg = kube::Config::new(fake.url().parse().unwrap());

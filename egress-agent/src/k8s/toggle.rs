@@ -13,7 +13,7 @@ use kube::{
 use serde_json::{json, Value};
 
 use super::watch::resource;
-use crate::{cli::Output, client::Failed};
+use crate::admin::{cli::Output, client::Failed};
 
 /// One node's report.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]

@@ -16,10 +16,7 @@ use std::{
 use serde_json::Value;
 
 use super::cgroups::{self, Qos};
-use crate::{
-    config::{self, Config, ConfigError, ObjectRef},
-    store::Store,
-};
+use crate::policy::{self as config, Config, ConfigError, ObjectRef, Store};
 
 /// The name errors give as the "file" of a policy object.
 pub const SOURCE: &str = "kubernetes";

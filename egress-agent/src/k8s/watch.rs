@@ -16,9 +16,9 @@ use tracing::{debug, info, warn};
 
 use super::view::{Pod, View, KINDS};
 use crate::{
-    config::{ConfigError, ObjectRef},
     control::Control,
-    metrics::Metrics,
+    policy::{ConfigError, ObjectRef},
+    telemetry::metrics::Metrics,
 };
 
 pub const GROUP: &str = "policy.egress.dev";
@@ -187,7 +187,7 @@ pub fn report(rejected: &[ConfigError], metrics: Option<&Metrics>) {
 }
 
 /// What is installed: the objects and the pods' cgroups.
-pub type Installed = (crate::store::Store, BTreeMap<ObjectRef, PathBuf>);
+pub type Installed = (crate::policy::Store, BTreeMap<ObjectRef, PathBuf>);
 
 /// What the reconcile loop needs besides the view.
 pub struct Node {
@@ -214,7 +214,7 @@ pub struct PodNetns {
     pub id: (u64, u64),
 }
 
-impl crate::run::InPod for PodNetns {
+impl crate::proxy::inpod::InPod for PodNetns {
     fn label(&self) -> String {
         self.pod.to_string()
     }

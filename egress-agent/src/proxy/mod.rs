@@ -8,6 +8,7 @@
 //! original destination from the agent's own, exempt cgroup, or through the egress gateway
 //! their rule names (or the global one): never direct when a gateway is chosen but down.
 
+pub mod inpod;
 pub mod relay;
 pub mod sniff;
 
@@ -27,11 +28,9 @@ use tokio::{
 use tracing::{debug, info, warn};
 
 use crate::{
-    config::{normalize, EgressGateway},
-    control::Live,
     gateway::{Dialer, Target, Upstream},
-    metrics::Metrics,
-    policy::{Compiled, HostVerdict},
+    policy::{normalize, Compiled, EgressGateway, HostVerdict, Live},
+    telemetry::metrics::Metrics,
 };
 use sniff::Sniffed;
 
@@ -127,7 +126,7 @@ impl Proxy {
 
     async fn accept_loop(self: Arc<Self>, listener: TcpListener) {
         // Clients of a listener share its network namespace (a pod's, or the agent's own).
-        let netns = match crate::podnet::netns_cookie(&listener) {
+        let netns = match crate::datapath::podnet::netns_cookie(&listener) {
             Ok(c) => c,
             Err(e) => {
                 warn!(error = %e, "cannot read the proxy listener's network namespace cookie; not serving it");
@@ -181,7 +180,7 @@ impl Proxy {
             }
         };
         let policy = self.policy();
-        let dst = socket_addr(&orig.dst);
+        let dst = orig.dst.socket_addr();
         let workload = policy
             .workloads
             .iter()
@@ -453,14 +452,5 @@ pub fn sock_addr(a: SocketAddr) -> SockAddr {
     match normalize(a.ip()) {
         IpAddr::V4(v4) => SockAddr::v4(v4.octets(), a.port()),
         IpAddr::V6(v6) => SockAddr::v6(v6.octets(), a.port()),
-    }
-}
-
-pub fn socket_addr(a: &SockAddr) -> SocketAddr {
-    let port = a.port as u16;
-    if a.family == 4 {
-        SocketAddr::from((a.ip4(), port))
-    } else {
-        SocketAddr::from((a.addr, port))
     }
 }

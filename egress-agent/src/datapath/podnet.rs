@@ -29,7 +29,7 @@ use std::{
     process::{Command, Stdio},
 };
 
-use crate::config::{Cidr, Config, Network, ObjectRef};
+use crate::policy::{Cidr, Config, Network, ObjectRef};
 
 /// The node side answers for these as every pod's default gateway.
 pub const GATEWAY4: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
@@ -341,7 +341,7 @@ pub fn netns_of_cgroup(dir: &Path) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::parse;
+    use crate::policy::parse;
 
     const POLICY: &str = "
 kind: MeshConfig
@@ -379,7 +379,7 @@ spec: {network: pod}
     #[test]
     fn the_pods_example_plans_two_pods() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/pods.yaml");
-        let pods = plan(&crate::config::load(&path).unwrap());
+        let pods = plan(&crate::policy::load(&path).unwrap());
         let names: Vec<&str> = pods.iter().map(|p| p.netns.as_str()).collect();
         assert_eq!(names, ["egress-shop-web", "egress-shop-worker"]);
         assert_eq!(pods[1].ip6, Some("fd00:200::3".parse().unwrap()));

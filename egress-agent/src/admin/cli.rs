@@ -4,7 +4,9 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::ObjectRef;
+use std::str::FromStr as _;
+
+use crate::policy::ObjectRef;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -15,7 +17,7 @@ use crate::config::ObjectRef;
 )]
 pub struct Cli {
     /// The running agent's admin socket (root only).
-    #[arg(long, global = true, value_name = "PATH", default_value = crate::admin::DEFAULT_SOCKET)]
+    #[arg(long, global = true, value_name = "PATH", default_value = crate::admin::protocol::DEFAULT_SOCKET)]
     pub admin_socket: PathBuf,
     /// Output of the commands that talk to the agent: human tables or JSON for scripts.
     #[arg(long, short = 'o', global = true, value_enum, default_value_t = Output::Table)]
@@ -84,7 +86,7 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = Flows::Denied)]
         flows: Flows,
         /// Prometheus metrics, /healthz and /readyz.
-        #[arg(long, value_name = "ADDR", default_value = crate::metrics::DEFAULT_ADDR)]
+        #[arg(long, value_name = "ADDR", default_value = crate::telemetry::metrics::DEFAULT_ADDR)]
         metrics_addr: std::net::SocketAddr,
         /// Where the live policy is saved after every change, for restarts.
         /// Default: /var/lib/egress/<pin dir name>.policy.yaml.
@@ -94,7 +96,7 @@ pub enum Command {
     /// Run a command inside a workload of a running standalone agent.
     Exec {
         /// The workload: NAME or NAMESPACE/NAME (namespace "default" when omitted).
-        #[arg(long, short = 'w', value_name = "NAME", value_parser = parse_workload)]
+        #[arg(long, short = 'w', value_name = "NAME", value_parser = ObjectRef::from_str)]
         workload: ObjectRef,
         /// The agent's --cgroup-root. Default: <cgroup2 mount>/egress.
         #[arg(long, value_name = "DIR")]
@@ -218,22 +220,4 @@ pub enum PolicyAction {
 pub enum Flows {
     Denied,
     All,
-}
-
-/// `NAME` or `NAMESPACE/NAME` (namespace "default" when omitted).
-pub fn parse_workload(s: &str) -> Result<ObjectRef, String> {
-    let (ns, name) = s.split_once('/').unwrap_or(("default", s));
-    let valid = |p: &str| {
-        !p.is_empty()
-            && p.bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-    };
-    if valid(ns) && valid(name) {
-        Ok(ObjectRef {
-            namespace: ns.into(),
-            name: name.into(),
-        })
-    } else {
-        Err(format!("{s:?} is not NAME or NAMESPACE/NAME"))
-    }
 }

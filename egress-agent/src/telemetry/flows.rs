@@ -15,7 +15,7 @@ use tracing::{debug, info, warn};
 use serde::Serialize;
 use tokio::sync::broadcast;
 
-use crate::{control::Live, policy::Compiled, proxy::socket_addr};
+use crate::policy::{Compiled, Live};
 
 /// One logged flow: a distinct (workload, destination, protocol, verdict, rule) seen in one
 /// batch of kernel events, with how many connections it stands for.
@@ -71,14 +71,6 @@ impl Hub {
     }
 }
 
-pub fn protocol_name(p: u8) -> &'static str {
-    match p {
-        proto::TCP => "tcp",
-        proto::UDP => "udp",
-        _ => "other",
-    }
-}
-
 fn log(ev: &VerdictEvent, count: u64, policy: &Compiled, hub: &Hub) {
     let verdict = if ev.hook == egress_common::hook::TC {
         egress_common::tc::tc_event_verdict(ev.outcome)
@@ -98,8 +90,8 @@ fn log(ev: &VerdictEvent, count: u64, policy: &Compiled, hub: &Hub) {
         .map(|r| r.egress.to_string())
         .unwrap_or_default();
     let (workload, rule) = (workload.as_str(), rule.as_str());
-    let dst = socket_addr(&ev.dst);
-    let protocol = protocol_name(ev.proto);
+    let dst = ev.dst.socket_addr();
+    let protocol = proto::name(ev.proto);
     let pid = (ev.pid_tgid >> 32) as u32;
     if matches!(verdict, "allow" | "passthrough") {
         debug!(target: "egress::flow", workload, %dst, protocol, verdict, rule, pid, count, "flow");

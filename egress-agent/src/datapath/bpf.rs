@@ -263,7 +263,7 @@ impl Datapath {
                 .map(|e| (Key::new(e.key_len(), e.key(set)), e.value));
         insert_all::<PolicyKeyV6, PolicyValue>(self.map(names::POLICY_V6)?, names::POLICY_V6, v6)?;
 
-        let mesh = |c: &crate::config::Cidr| 8 + c.len as u32;
+        let mesh = |c: &crate::policy::Cidr| 8 + c.len as u32;
         let m4 = c.mesh.iter().filter_map(|c| match c.addr {
             std::net::IpAddr::V4(a) => Some((Key::new(mesh(c), mesh_key(set, &a.octets())), 1)),
             _ => None,

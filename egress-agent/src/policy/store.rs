@@ -11,7 +11,7 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::config::{self, Config, ConfigError, ObjectRef};
+use crate::policy::{self, Config, ConfigError, ObjectRef};
 
 /// (kind, namespace, name); cluster-scoped kinds have an empty namespace.
 type DocKey = (String, String, String);
@@ -24,7 +24,7 @@ pub struct Store {
 impl Store {
     /// Parses `text` strictly (as a whole policy file) and keeps its documents.
     pub fn parse(text: &str, file: &str) -> Result<(Store, Config), ConfigError> {
-        let cfg = config::parse(text, file)?;
+        let cfg = policy::parse(text, file)?;
         Ok((Self::docs(text), cfg))
     }
 
@@ -65,7 +65,7 @@ impl Store {
     }
 
     fn docs(text: &str) -> Store {
-        // Only called on text config::parse accepted.
+        // Only called on text policy::parse accepted.
         Self::parse_fragment(text, "").unwrap_or_default()
     }
 
@@ -85,7 +85,7 @@ impl Store {
         let mut docs = self.docs.clone();
         docs.extend(other.docs.iter().map(|(k, v)| (k.clone(), v.clone())));
         let merged = Store { docs };
-        let cfg = config::parse(&merged.to_text(), file)?;
+        let cfg = policy::parse(&merged.to_text(), file)?;
         Ok((merged, cfg))
     }
 
@@ -95,7 +95,7 @@ impl Store {
         let mut docs = self.docs.clone();
         docs.remove(&key)?;
         let s = Store { docs };
-        Some(config::parse(&s.to_text(), "live policy").map(|c| (s, c)))
+        Some(policy::parse(&s.to_text(), "live policy").map(|c| (s, c)))
     }
 
     /// The store with MeshConfig's `spec.traffic.enableEgress` set.
@@ -125,7 +125,7 @@ impl Store {
             m.insert(Value::from("enableEgress"), Value::from(enable));
         }
         let s = Store { docs };
-        let cfg = config::parse(&s.to_text(), "live policy")?;
+        let cfg = policy::parse(&s.to_text(), "live policy")?;
         Ok((s, cfg))
     }
 

@@ -5,9 +5,9 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::{
-    admin::{self, Request, Response},
+use super::{
     cli::{EgressAction, Output, PolicyAction},
+    protocol::{self, Request, Response},
 };
 
 /// A failed verb: the message (one line) and the exit status.
@@ -38,7 +38,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, Failed> {
 fn ask(socket: &Path, req: Request) -> Result<Value, Failed> {
     let mut answer: Option<Response> = None;
     runtime()?
-        .block_on(admin::call(socket, &req, |r| {
+        .block_on(protocol::call(socket, &req, |r| {
             answer = Some(r);
             false
         }))
@@ -267,7 +267,7 @@ pub fn flows(socket: &Path, out: Output, follow: bool, json: bool) -> Result<(),
     let json = json || out == Output::Json;
     let mut failure = None;
     runtime()?
-        .block_on(admin::call(socket, &Request::Flows { follow }, |r| {
+        .block_on(protocol::call(socket, &Request::Flows { follow }, |r| {
             if !r.ok {
                 eprintln!("egress-agent: {}", r.error);
                 return true;

@@ -14,7 +14,7 @@ use egress_common::{
     PolicyValue, PortRule, Segment, MAX_SEGMENTS,
 };
 
-use crate::config::{self, Action, Cidr, Config, FailMode, HostPattern, ObjectRef, Via};
+use crate::policy::{self, Action, Cidr, Config, FailMode, HostPattern, ObjectRef, Via};
 
 /// What one Egress object compiled to; `rule_id` is its index + 1. The proxy judges hosts
 /// with these.
@@ -82,7 +82,7 @@ pub struct Compiled {
     /// redirected connection; usually few among many address rules).
     pub host_rules: Vec<usize>,
     /// The EgressGateways, in file order.
-    pub gateways: Vec<config::EgressGateway>,
+    pub gateways: Vec<policy::EgressGateway>,
     /// Index into `gateways` of the global one.
     pub global_gateway: Option<usize>,
 }
@@ -213,11 +213,11 @@ pub fn compile_stable(
             for c in &cidrs {
                 match c.addr {
                     IpAddr::V4(a) => v4
-                        .entry((wid, c.len, config::mask(&a.octets(), c.len)))
+                        .entry((wid, c.len, policy::mask(&a.octets(), c.len)))
                         .or_default()
                         .extend(&port_rules),
                     IpAddr::V6(a) => v6
-                        .entry((wid, c.len, config::mask(&a.octets(), c.len)))
+                        .entry((wid, c.len, policy::mask(&a.octets(), c.len)))
                         .or_default()
                         .extend(&port_rules),
                 }
@@ -294,7 +294,7 @@ fn flatten<const N: usize>(
     for &(wid, len, addr) in prefixes.keys() {
         let mut all: Vec<PortRule> = Vec::new();
         for l in 0..=len {
-            if let Some(rs) = prefixes.get(&(wid, l, config::mask(&addr, l))) {
+            if let Some(rs) = prefixes.get(&(wid, l, policy::mask(&addr, l))) {
                 for r in rs {
                     if !all.contains(r) {
                         all.push(*r);
@@ -419,7 +419,7 @@ impl Compiled {
 
     /// The longest-prefix match the kernel would find, computed in userspace.
     pub fn lookup(&self, workload: u32, ip: IpAddr) -> Option<&PolicyValue> {
-        match config::normalize(ip) {
+        match policy::normalize(ip) {
             IpAddr::V4(a) => longest(&self.v4, workload, &a.octets()),
             IpAddr::V6(a) => longest(&self.v6, workload, &a.octets()),
         }
@@ -427,7 +427,7 @@ impl Compiled {
 
     /// What the kernel decides for a workload's connection (`proxy_ip` is the proxy address).
     pub fn decide(&self, workload: u32, ip: IpAddr, port: u16, protocol: u8) -> Decision {
-        let ip = config::normalize(ip);
+        let ip = policy::normalize(ip);
         let q = Query {
             proto: protocol,
             port,
@@ -440,7 +440,7 @@ impl Compiled {
     /// The gateway a connection the proxy relays leaves through, given the rule that let it
     /// out (0: none, the mesh default): the gateway the rule names, else the global one for
     /// every relayed connection; None: direct.
-    pub fn gateway_for(&self, rule_id: u32) -> Option<&config::EgressGateway> {
+    pub fn gateway_for(&self, rule_id: u32) -> Option<&policy::EgressGateway> {
         let named = self.rule(rule_id).and_then(|r| r.gateway);
         named
             .or(self.global_gateway)
@@ -456,7 +456,7 @@ impl Compiled {
     /// Whether the proxy must learn the host (SNI or Host header) before it can decide a
     /// redirected TCP connection: some rule for this destination names hosts.
     pub fn needs_host(&self, workload: u32, ip: IpAddr, port: u16) -> bool {
-        let ip = config::normalize(ip);
+        let ip = policy::normalize(ip);
         self.host_rules
             .iter()
             .any(|&i| self.rules[i].applies_tcp(workload, ip, port))
@@ -472,7 +472,7 @@ impl Compiled {
         port: u16,
         host: Option<&str>,
     ) -> HostVerdict {
-        let ip = config::normalize(ip);
+        let ip = policy::normalize(ip);
         let applicable = || {
             self.rules
                 .iter()
@@ -533,7 +533,7 @@ fn longest<'a, const N: usize>(
     addr: &[u8; N],
 ) -> Option<&'a PolicyValue> {
     (0..=(N * 8) as u8).rev().find_map(|len| {
-        let want = (workload, len, config::mask(addr, len));
+        let want = (workload, len, policy::mask(addr, len));
         entries
             .binary_search_by(|e| (e.workload, e.cidr_len, e.addr).cmp(&want))
             .ok()
@@ -547,7 +547,7 @@ mod tests {
     use egress_common::Outcome;
 
     fn compiled(text: &str) -> Compiled {
-        compile(&config::parse(text, "t.yaml").unwrap()).unwrap()
+        compile(&policy::parse(text, "t.yaml").unwrap()).unwrap()
     }
 
     const BASE: &str = "kind: MeshConfig\nmetadata: {name: m}\nspec: {traffic: {enableEgress: false, meshCIDRs: [10.0.0.0/8]}}\n---\nkind: Workload\nmetadata: {name: web}\n---\nkind: Workload\nmetadata: {name: db}\n";
@@ -786,7 +786,7 @@ mod tests {
             (Some(1), Some(2))
         );
         // Adding "abc" (sorting first) and removing "web" moves no id; the freed id is reused.
-        let cfg = config::parse(
+        let cfg = policy::parse(
             "kind: Workload\nmetadata: {name: abc}\n---\nkind: Workload\nmetadata: {name: zed}\n",
             "t",
         )
@@ -801,7 +801,7 @@ mod tests {
         // 17 separate ports: 17 ranges (adjacent ones would merge).
         let ports: Vec<String> = (1..=17).map(|p| format!("{{number: {}}}", p * 2)).collect();
         let text = format!("{BASE}---\nkind: Egress\nmetadata: {{name: many}}\nspec: {{sources: [{{name: web}}], ports: [{}]}}\n", ports.join(", "));
-        let e = compile(&config::parse(&text, "t.yaml").unwrap())
+        let e = compile(&policy::parse(&text, "t.yaml").unwrap())
             .unwrap_err()
             .to_string();
         assert!(

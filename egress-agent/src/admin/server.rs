@@ -2,127 +2,31 @@
 //! root can open (mode 0600), answered with one JSON line (`flows --follow`: a stream of them).
 //! Who asked is taken from the socket's peer credentials and logged with every change.
 
-use std::{
-    net::{IpAddr, SocketAddr},
-    os::unix::fs::PermissionsExt,
-    path::{Path, PathBuf},
-    sync::Arc,
-};
+use std::{os::unix::fs::PermissionsExt, path::Path, sync::Arc};
 
-use serde::{Deserialize, Serialize};
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
     net::{UnixListener, UnixStream},
 };
 use tracing::warn;
 
+use super::protocol::{parse_destination, EgressRow, Request, Response, Status, WorkloadStatus};
 use crate::{
-    cli::parse_workload,
-    control::{Control, ControlError},
-    flows::Hub,
+    control::{Applied, Control, ControlError},
+    policy::ObjectRef,
+    telemetry::flows::Hub,
 };
 
-pub const DEFAULT_SOCKET: &str = "/run/egress/admin.sock";
 /// Longest request line accepted (a policy file travels inside one).
 const MAX_REQUEST: usize = 64 * 1024 * 1024;
 
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "kebab-case")]
-pub enum Request {
-    Status,
-    SetEgress {
-        enable: bool,
-    },
-    Apply {
-        file: String,
-        text: String,
-    },
-    List,
-    Delete {
-        name: String,
-    },
-    Check {
-        workload: String,
-        destination: String,
-        protocol: String,
-    },
-    Flows {
-        follow: bool,
-    },
-}
-
-#[derive(Debug, Default, Serialize, Deserialize)]
-pub struct Response {
-    pub ok: bool,
-    /// One line, for stderr.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub error: String,
-    /// The caller's input was at fault (CLI exit status 2).
-    #[serde(default)]
-    pub invalid: bool,
-    #[serde(default)]
-    pub data: serde_json::Value,
-}
-
-impl Response {
-    fn ok(data: impl Serialize) -> Self {
-        Self {
-            ok: true,
-            data: serde_json::to_value(data).unwrap_or_default(),
-            ..Default::default()
-        }
-    }
-
-    fn err(e: impl std::fmt::Display, invalid: bool) -> Self {
-        Self {
-            ok: false,
-            error: e.to_string().replace('\n', " "),
-            invalid,
-            ..Default::default()
-        }
-    }
-}
-
-impl From<Result<crate::control::Applied, ControlError>> for Response {
-    fn from(r: Result<crate::control::Applied, ControlError>) -> Self {
+impl From<Result<Applied, ControlError>> for Response {
+    fn from(r: Result<Applied, ControlError>) -> Self {
         match r {
             Ok(a) => Response::ok(a),
             Err(e) => Response::err(&e, e.is_invalid()),
         }
     }
-}
-
-/// Everything `status` reports.
-#[derive(Debug, Serialize)]
-pub struct Status {
-    pub enable_egress: bool,
-    pub fail_mode: &'static str,
-    pub audit_mode: bool,
-    pub generation: u64,
-    pub rules: usize,
-    pub workloads: Vec<WorkloadStatus>,
-    pub map_entries: Vec<(String, usize)>,
-    pub programs: Vec<String>,
-    pub cgroup_root: String,
-    pub proxy_port: u16,
-}
-
-#[derive(Debug, Serialize)]
-pub struct WorkloadStatus {
-    pub name: String,
-    pub id: u32,
-    pub cgroup: String,
-}
-
-#[derive(Debug, Serialize)]
-pub struct EgressRow {
-    pub name: String,
-    pub rule_id: u32,
-    pub action: String,
-    pub via: String,
-    pub sources: Vec<String>,
-    pub destinations: Vec<String>,
-    pub ports: Vec<String>,
 }
 
 /// Binds the admin socket: root-only directory and socket. A live socket means another agent
@@ -242,7 +146,7 @@ fn dispatch(c: &Control, req: Request, who: &str, programs: &[String]) -> Respon
             tracing::debug!(file, ms = t0.elapsed().as_millis() as u64, "apply request");
             r.into()
         }
-        Request::Delete { name } => match parse_workload(&name) {
+        Request::Delete { name } => match name.parse::<ObjectRef>() {
             Ok(id) => c.delete(&id, who).into(),
             Err(e) => Response::err(e, true),
         },
@@ -252,7 +156,7 @@ fn dispatch(c: &Control, req: Request, who: &str, programs: &[String]) -> Respon
             destination,
             protocol,
         } => {
-            let w = match parse_workload(&workload) {
+            let w = match workload.parse::<ObjectRef>() {
                 Ok(w) => w,
                 Err(e) => return Response::err(e, true),
             };
@@ -274,16 +178,6 @@ fn dispatch(c: &Control, req: Request, who: &str, programs: &[String]) -> Respon
         }
         Request::Flows { .. } => Response::err("flows is streamed", false),
     }
-}
-
-/// `DEST[:PORT]`: an IP, `ip:port` or `[v6]:port`; port 0 (any) when omitted.
-pub fn parse_destination(s: &str) -> Result<(IpAddr, u16), String> {
-    if let Ok(a) = s.parse::<SocketAddr>() {
-        return Ok((a.ip(), a.port()));
-    }
-    s.parse::<IpAddr>()
-        .map(|ip| (ip, 0))
-        .map_err(|_| format!("{s:?} is not an IP address or IP:PORT"))
 }
 
 fn status(c: &Control, programs: &[String]) -> Status {
@@ -350,7 +244,7 @@ fn list(c: &Control) -> Vec<EgressRow> {
                 .ports
                 .iter()
                 .map(|(lo, hi, p)| {
-                    let pr = crate::flows::protocol_name(*p);
+                    let pr = egress_common::proto::name(*p);
                     if lo == hi {
                         format!("{lo}/{pr}")
                     } else {
@@ -360,52 +254,4 @@ fn list(c: &Control) -> Vec<EgressRow> {
                 .collect(),
         })
         .collect()
-}
-
-/// Client side: sends one request and hands every response line to `each` until the agent
-/// closes the connection (or `each` returns false).
-pub async fn call(
-    socket: &Path,
-    req: &Request,
-    mut each: impl FnMut(Response) -> bool,
-) -> Result<(), ClientError> {
-    let stream = UnixStream::connect(socket)
-        .await
-        .map_err(|e| ClientError::Unreachable(socket.to_path_buf(), e))?;
-    let (r, mut w) = stream.into_split();
-    let mut line = serde_json::to_string(req).map_err(|e| ClientError::Protocol(e.to_string()))?;
-    line.push('\n');
-    w.write_all(line.as_bytes())
-        .await
-        .map_err(|e| ClientError::Unreachable(socket.to_path_buf(), e))?;
-    let mut lines = BufReader::new(r).lines();
-    let mut any = false;
-    while let Some(l) = lines
-        .next_line()
-        .await
-        .map_err(|e| ClientError::Protocol(e.to_string()))?
-    {
-        any = true;
-        let resp: Response =
-            serde_json::from_str(&l).map_err(|e| ClientError::Protocol(e.to_string()))?;
-        if !each(resp) {
-            break;
-        }
-    }
-    if !any && !matches!(req, Request::Flows { .. }) {
-        return Err(ClientError::Protocol(
-            "the agent closed the connection without answering".into(),
-        ));
-    }
-    Ok(())
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    #[error(
-        "cannot reach the agent at {0}: {1} (is `egress-agent run` running? see --admin-socket)"
-    )]
-    Unreachable(PathBuf, std::io::Error),
-    #[error("bad answer from the agent: {0}")]
-    Protocol(String),
 }

@@ -45,6 +45,28 @@ pub struct ObjectRef {
     pub name: String,
 }
 
+/// `NAME` or `NAMESPACE/NAME` (namespace "default" when omitted), as the CLI takes it.
+impl std::str::FromStr for ObjectRef {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (ns, name) = s.split_once('/').unwrap_or(("default", s));
+        let valid = |p: &str| {
+            !p.is_empty()
+                && p.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        };
+        if valid(ns) && valid(name) {
+            Ok(ObjectRef {
+                namespace: ns.into(),
+                name: name.into(),
+            })
+        } else {
+            Err(format!("{s:?} is not NAME or NAMESPACE/NAME"))
+        }
+    }
+}
+
 impl fmt::Display for ObjectRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.namespace, self.name)

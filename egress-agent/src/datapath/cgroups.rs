@@ -9,7 +9,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::config::ObjectRef;
+use crate::policy::ObjectRef;
 
 pub const AGENT_CGROUP: &str = "_agent";
 
