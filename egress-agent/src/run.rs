@@ -96,6 +96,7 @@ fn raise_fd_limit() {
 }
 
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
+    crate::datapath::kernel_version::check()?;
     raise_fd_limit();
     let root = CgroupRoot::new(&opts.cgroup_root, opts.allow_root_cgroup)?;
     let state_file = opts

@@ -703,6 +703,8 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
 }
 
+/// Must agree with `license` in Cargo.toml (MIT OR GPL-2.0-only); the kernel reads it as
+/// GPL-compatible.
 #[link_section = "license"]
 #[no_mangle]
 static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -340,7 +340,8 @@ fn bad_cli_usage_exits_2_with_a_clear_line() {
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    // An agent that cannot be reached is a runtime failure (1), not bad input (2).
+    assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
         err.contains("cannot reach the agent at /nonexistent/admin.sock"),
         "{err}"

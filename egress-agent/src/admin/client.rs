@@ -34,6 +34,11 @@ fn runtime() -> Result<tokio::runtime::Runtime, Failed> {
         .map_err(|e| Failed::new(e.to_string(), 1))
 }
 
+/// The agent could not be asked (no socket, no answer): a runtime failure, exit status 1.
+fn unreachable(e: protocol::ClientError) -> Failed {
+    Failed::new(e.to_string(), 1)
+}
+
 /// One request, one answer.
 fn ask(socket: &Path, req: Request) -> Result<Value, Failed> {
     let mut answer: Option<Response> = None;
@@ -42,7 +47,7 @@ fn ask(socket: &Path, req: Request) -> Result<Value, Failed> {
             answer = Some(r);
             false
         }))
-        .map_err(|e| Failed::new(e.to_string(), 2))?;
+        .map_err(unreachable)?;
     let r = answer.ok_or_else(|| Failed::new("no answer from the agent", 1))?;
     if r.ok {
         Ok(r.data)
@@ -294,6 +299,6 @@ pub fn flows(socket: &Path, out: Output, follow: bool, json: bool) -> Result<(),
             }
             true
         }))
-        .map_err(|e| Failed::new(e.to_string(), 2))?;
+        .map_err(unreachable)?;
     failure.map_or(Ok(()), Err)
 }

@@ -3,4 +3,5 @@
 
 pub mod bpf;
 pub mod cgroups;
+pub mod kernel_version;
 pub mod podnet;
