@@ -8,6 +8,7 @@
 
 pub mod decide;
 pub mod maps;
+pub mod packet;
 pub mod tc;
 
 pub use decide::{decide, Decision, Outcome};
