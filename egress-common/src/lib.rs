@@ -9,6 +9,7 @@
 pub mod decide;
 pub mod maps;
 pub mod packet;
+pub mod sockets;
 pub mod tc;
 
 pub use decide::{decide, Decision, Outcome};
@@ -16,7 +17,7 @@ pub use maps::*;
 
 /// Layout version of the maps and programs. Pins live under `<pin dir>/v<LAYOUT_VERSION>/`;
 /// bump it whenever any type in this crate changes shape.
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 
 /// IP protocol numbers as they appear in `bpf_sock_addr.protocol`.
 pub mod proto {

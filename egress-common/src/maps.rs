@@ -93,6 +93,10 @@ pub struct MeshConfig {
     /// root that is no workload (a pod not enrolled yet) is judged an internal error, refused
     /// unless `failMode: open`. 0: such cgroups are untouched. (Was padding: same layout.)
     pub refuse_unenrolled: u32,
+    /// Socket kinds workloads may open beyond TCP, UDP and MPTCP: bits of
+    /// [`crate::sockets::kind`] (`spec.sockets`). The others are refused at `socket()`.
+    pub sockets_allowed: u32,
+    pub _pad1: u32,
 }
 
 /// What the kernel knows about one enrolled cgroup.
@@ -383,7 +387,7 @@ pub const EVENT_LOST: u8 = 15;
 pub const COUNTER_SLOTS: u32 = 64;
 pub const COUNTERS_LEN: u32 = capacity::MAX_WORKLOADS * COUNTER_SLOTS;
 
-const _: () = assert!(size_of::<MeshConfig>() == 64);
+const _: () = assert!(size_of::<MeshConfig>() == 72);
 const _: () = assert!(size_of::<WorkloadInfo>() == 8);
 const _: () = assert!(size_of::<Segment>() == 12);
 const _: () = assert!(size_of::<PolicyValue>() == 4 + 12 * MAX_SEGMENTS);

@@ -1,0 +1,132 @@
+//! Which sockets a workload may open at all. The connect/sendmsg hooks judge TCP, UDP and MPTCP
+//! by destination; the per-packet programs judge ICMP echo. Everything else (raw IP, packet
+//! sockets, UDP-Lite, SCTP, DCCP, any protocol the datapath does not parse) would carry bytes
+//! that no hook judges, so `socket()` itself is refused unless the MeshConfig allows that kind
+//! (`spec.sockets`).
+
+/// Address families (`linux/socket.h`).
+pub const AF_INET: u32 = 2;
+pub const AF_INET6: u32 = 10;
+pub const AF_PACKET: u32 = 17;
+pub const AF_XDP: u32 = 44;
+
+/// Socket types (without SOCK_NONBLOCK/SOCK_CLOEXEC, as the kernel stores them).
+pub const SOCK_STREAM: u32 = 1;
+pub const SOCK_DGRAM: u32 = 2;
+pub const SOCK_RAW: u32 = 3;
+
+pub const IPPROTO_TCP: u32 = 6;
+pub const IPPROTO_UDP: u32 = 17;
+pub const IPPROTO_ICMP: u32 = 1;
+pub const IPPROTO_ICMPV6: u32 = 58;
+pub const IPPROTO_MPTCP: u32 = 262;
+
+/// Kinds of sockets, as bits of [`crate::MeshConfig::sockets_allowed`].
+pub mod kind {
+    /// `SOCK_RAW` in AF_INET/AF_INET6: any IP packet the process writes.
+    pub const RAW: u32 = 1;
+    /// AF_PACKET and AF_XDP: whole link-layer frames.
+    pub const PACKET: u32 = 2;
+    /// Ping sockets (`SOCK_DGRAM` with ICMP/ICMPv6): judged per packet.
+    pub const ICMP: u32 = 4;
+    /// Any other AF_INET/AF_INET6 protocol (UDP-Lite, SCTP, DCCP, ...).
+    pub const OTHER: u32 = 8;
+    /// The defaults: ping works (judged per packet by destination); raw, packet and unknown
+    /// protocols are refused.
+    pub const DEFAULT_ALLOWED: u32 = ICMP;
+}
+
+/// The kind of a new socket; `None` for the sockets the socket hooks judge (TCP, UDP, MPTCP)
+/// and for families that carry no IP traffic of their own (unix, netlink, ...).
+#[inline(always)]
+pub fn kind_of(family: u32, ty: u32, protocol: u32) -> Option<u32> {
+    match family {
+        AF_PACKET | AF_XDP => Some(kind::PACKET),
+        AF_INET | AF_INET6 => {
+            let icmp = if family == AF_INET {
+                IPPROTO_ICMP
+            } else {
+                IPPROTO_ICMPV6
+            };
+            match (ty, protocol) {
+                (SOCK_RAW, _) => Some(kind::RAW),
+                (SOCK_STREAM, IPPROTO_TCP | IPPROTO_MPTCP) => None,
+                (SOCK_DGRAM, IPPROTO_UDP) => None,
+                (SOCK_DGRAM, p) if p == icmp => Some(kind::ICMP),
+                _ => Some(kind::OTHER),
+            }
+        }
+        _ => None,
+    }
+}
+
+/// Whether `socket(family, ty, protocol)` is refused under `allowed` (bits of [`kind`]).
+#[inline(always)]
+pub fn refused(family: u32, ty: u32, protocol: u32, allowed: u32) -> bool {
+    match kind_of(family, ty, protocol) {
+        Some(k) => allowed & k == 0,
+        None => false,
+    }
+}
+
+/// Stable name of a kind (flow log, metrics, MeshConfig field).
+pub fn kind_name(k: u32) -> &'static str {
+    match k {
+        kind::RAW => "raw",
+        kind::PACKET => "packet",
+        kind::ICMP => "icmp",
+        _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const UDPLITE: u32 = 136;
+    const SCTP: u32 = 132;
+
+    #[test]
+    fn judged_sockets_pass() {
+        for (f, t, p) in [
+            (AF_INET, SOCK_STREAM, IPPROTO_TCP),
+            (AF_INET6, SOCK_STREAM, IPPROTO_TCP),
+            (AF_INET, SOCK_STREAM, IPPROTO_MPTCP),
+            (AF_INET, SOCK_DGRAM, IPPROTO_UDP),
+            (AF_INET6, SOCK_DGRAM, IPPROTO_UDP),
+            (1, SOCK_STREAM, 0), // unix
+            (16, SOCK_RAW, 0),   // netlink (getaddrinfo, ip)
+        ] {
+            assert_eq!(kind_of(f, t, p), None, "{f} {t} {p}");
+            assert!(!refused(f, t, p, 0));
+        }
+    }
+
+    #[test]
+    fn unjudged_sockets_are_refused_by_default() {
+        let d = kind::DEFAULT_ALLOWED;
+        assert!(refused(AF_INET, SOCK_RAW, IPPROTO_ICMP, d));
+        assert!(refused(AF_INET6, SOCK_RAW, 255, d));
+        assert!(refused(AF_PACKET, SOCK_RAW, 0x0300, d));
+        assert!(refused(AF_XDP, SOCK_RAW, 0, d));
+        assert!(refused(AF_INET, SOCK_DGRAM, UDPLITE, d));
+        assert!(refused(AF_INET6, SOCK_STREAM, SCTP, d));
+        // Ping sockets are allowed by default; their packets are judged.
+        assert!(!refused(AF_INET, SOCK_DGRAM, IPPROTO_ICMP, d));
+        assert!(!refused(AF_INET6, SOCK_DGRAM, IPPROTO_ICMPV6, d));
+        // ICMPv6 on an AF_INET socket is no ping socket.
+        assert_eq!(
+            kind_of(AF_INET, SOCK_DGRAM, IPPROTO_ICMPV6),
+            Some(kind::OTHER)
+        );
+    }
+
+    #[test]
+    fn kinds_can_be_allowed_one_by_one() {
+        assert!(!refused(AF_INET, SOCK_RAW, 1, kind::RAW));
+        assert!(refused(AF_INET, SOCK_DGRAM, 1, kind::RAW));
+        assert!(!refused(AF_PACKET, SOCK_RAW, 0, kind::PACKET));
+        assert!(!refused(AF_INET, SOCK_DGRAM, UDPLITE, kind::OTHER));
+        assert_eq!(kind_name(kind::PACKET), "packet");
+    }
+}
