@@ -59,6 +59,8 @@ pub fn test(root: &Path, extra: &[String]) -> anyhow::Result<()> {
     setup(root)?;
     step("fmt");
     run(root, &cargo, &["fmt", "--all", "--check"])?;
+    step("layout (no import cycles, no file over 600 lines)");
+    crate::layout::layout(root, false)?;
     step("clippy");
     run(
         root,

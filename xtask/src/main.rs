@@ -1,11 +1,13 @@
-//! Project tasks: `cargo xtask setup | test | demo` (the alias lives in `.cargo/config.toml`).
+//! Project tasks: `cargo xtask setup | test | demo | bench | layout` (the alias lives in `.cargo/config.toml`).
 
 mod bench;
 mod bench_env;
 mod bench_gateway;
+mod bench_measure;
 mod bench_report;
 mod bench_work;
 mod cmd;
+mod layout;
 
 use std::process::ExitCode;
 
@@ -26,7 +28,7 @@ struct Cli {
 enum Task {
     /// Install what the build, the tests and the demo need (scripts/setup.sh, idempotent).
     Setup,
-    /// Setup, then fmt --check, clippy -D warnings and every test (as root).
+    /// Setup, then fmt --check, layout, clippy -D warnings and every test (as root).
     Test {
         /// Extra arguments for `cargo test`, after `--` (e.g. `-- --nocapture`).
         #[arg(last = true, value_name = "ARGS")]
@@ -48,6 +50,12 @@ enum Task {
         #[arg(long, conflicts_with_all = ["quick", "full"])]
         gateway: bool,
     },
+    /// Check the source layout: no import cycle between files, no file over 600 lines.
+    Layout {
+        /// Also print every import edge between files, with the names that make it.
+        #[arg(long)]
+        edges: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -58,6 +66,7 @@ fn main() -> ExitCode {
         Task::Demo => cmd::demo(&root),
         Task::Bench { gateway: true, .. } => bench_gateway::bench(&root),
         Task::Bench { full, .. } => bench::bench(&root, full),
+        Task::Layout { edges } => layout::layout(&root, edges),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,115 @@
+//! Every map the programs share with the agent, and the lookups over them. The map names
+//! (`EGRESS_*`) are what the agent opens and pins; they must not change.
+
+use aya_ebpf::{
+    helpers::bpf_get_current_ancestor_cgroup_id,
+    macros::map,
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+};
+use egress_common::{
+    capacity, mesh_key, policy_key, policy_scope, tc, workload_key, MeshConfig, MeshKeyV4,
+    MeshKeyV6, OrigDst, OrigKey, PolicyKeyV4, PolicyKeyV6, PolicyValue, SockAddr, WorkloadInfo,
+    COUNTERS_LEN,
+};
+
+/// Which policy set (0 or 1) the programs read; see `egress_common::workload_key`.
+#[map(name = "EGRESS_ACTIVE")]
+pub static ACTIVE: Array<u32> = Array::with_max_entries(1, 0);
+
+/// The mesh settings of each policy set.
+#[map(name = "EGRESS_CONFIG")]
+pub static CONFIG: Array<MeshConfig> = Array::with_max_entries(2, 0);
+
+#[map(name = "EGRESS_WORKLOADS")]
+pub static WORKLOADS: HashMap<u64, WorkloadInfo> =
+    HashMap::with_max_entries(capacity::WORKLOAD_CGROUPS, 0);
+
+// LPM tries need BPF_F_NO_PREALLOC.
+const NO_PREALLOC: u32 = 1;
+
+#[map(name = "EGRESS_POLICY_V4")]
+static POLICY_V4: LpmTrie<PolicyKeyV4, PolicyValue> =
+    LpmTrie::with_max_entries(capacity::POLICY_PREFIXES, NO_PREALLOC);
+
+#[map(name = "EGRESS_POLICY_V6")]
+static POLICY_V6: LpmTrie<PolicyKeyV6, PolicyValue> =
+    LpmTrie::with_max_entries(capacity::POLICY_PREFIXES, NO_PREALLOC);
+
+#[map(name = "EGRESS_MESH_V4")]
+static MESH_V4: LpmTrie<MeshKeyV4, u32> =
+    LpmTrie::with_max_entries(capacity::MESH_PREFIXES, NO_PREALLOC);
+
+#[map(name = "EGRESS_MESH_V6")]
+static MESH_V6: LpmTrie<MeshKeyV6, u32> =
+    LpmTrie::with_max_entries(capacity::MESH_PREFIXES, NO_PREALLOC);
+
+#[map(name = "EGRESS_ORIG_COOKIE")]
+pub static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> =
+    LruHashMap::with_max_entries(capacity::ORIG_DST, 0);
+
+#[map(name = "EGRESS_ORIG_TUPLE")]
+pub static ORIG_BY_TUPLE: LruHashMap<OrigKey, OrigDst> =
+    LruHashMap::with_max_entries(capacity::ORIG_DST, 0);
+
+#[map(name = "EGRESS_COUNTERS")]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS_LEN, 0);
+
+#[map(name = "EGRESS_EVENTS")]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(capacity::EVENTS_BYTES, 0);
+
+#[map(name = "EGRESS_TC_COUNTERS")]
+pub static TC_COUNTERS: PerCpuArray<tc::TcCount> =
+    PerCpuArray::with_max_entries(capacity::MAX_WORKLOADS * tc::TC_SLOTS, 0);
+
+#[map(name = "EGRESS_REPLIES")]
+pub static REPLIES: LruHashMap<tc::FlowKey, u8> =
+    LruHashMap::with_max_entries(capacity::REPLIES, 0);
+
+#[inline(always)]
+pub fn active_set() -> u32 {
+    ACTIVE.get(0).copied().unwrap_or(0) & 1
+}
+
+#[inline(always)]
+pub fn workload(cg: u64, set: u32, root_level: Option<u32>) -> Option<WorkloadInfo> {
+    // SAFETY: values are plain data copied out at once; the agent replaces whole entries.
+    if let Some(w) = unsafe { WORKLOADS.get(&workload_key(cg, set)) } {
+        return Some(*w);
+    }
+    // A process in a cgroup nested below its workload's cgroup is still that workload.
+    let mut level = root_level? + 1;
+    for _ in 0..capacity::MAX_CGROUP_NESTING {
+        let anc = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+        if anc == 0 || anc == cg {
+            break;
+        }
+        if let Some(w) = unsafe { WORKLOADS.get(&workload_key(anc, set)) } {
+            return Some(*w);
+        }
+        level += 1;
+    }
+    None
+}
+
+#[inline(always)]
+pub fn policy(workload_id: u32, set: u32, dst: &SockAddr) -> Option<&'static PolicyValue> {
+    let scope = policy_scope(workload_id, set);
+    if dst.family == 4 {
+        let k: PolicyKeyV4 = policy_key(scope, &dst.ip4());
+        POLICY_V4.get(Key::new(32 + 32, k))
+    } else {
+        let k: PolicyKeyV6 = policy_key(scope, &dst.addr);
+        POLICY_V6.get(Key::new(32 + 128, k))
+    }
+}
+
+#[inline(always)]
+pub fn in_mesh(set: u32, dst: &SockAddr) -> bool {
+    if dst.family == 4 {
+        let k: MeshKeyV4 = mesh_key(set, &dst.ip4());
+        MESH_V4.get(Key::new(8 + 32, k)).is_some()
+    } else {
+        let k: MeshKeyV6 = mesh_key(set, &dst.addr);
+        MESH_V6.get(Key::new(8 + 128, k)).is_some()
+    }
+}

@@ -1,0 +1,68 @@
+//! sock_ops: follows a redirected TCP socket so the proxy can find the original destination
+//! by the client address it sees.
+
+use core::ptr::read_volatile;
+
+use aya_ebpf::{
+    bindings::{
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_TCP_CLOSE,
+    },
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    programs::SockOpsContext,
+    EbpfContext,
+};
+use aya_log_ebpf::error;
+use egress_common::{v4_mapped, OrigKey, SockAddr};
+
+use crate::maps::{ORIG_BY_COOKIE, ORIG_BY_TUPLE};
+
+const AF_INET: u32 = 2;
+
+/// The program `egress_sockops` (see main.rs).
+#[inline(always)]
+pub fn on_event(ctx: &SockOpsContext) -> u32 {
+    let ops = ctx.ops;
+    // Read every field unconditionally: the verifier rejects ctx accesses that LLVM turns
+    // into pointer arithmetic behind a branch.
+    let op = unsafe { read_volatile(&(*ops).op) };
+    let family = unsafe { read_volatile(&(*ops).family) };
+    let ip4 = unsafe { read_volatile(&(*ops).local_ip4) }.to_ne_bytes();
+    let mut ip6 = [0u8; 16];
+    for i in 0..4 {
+        let w = unsafe { read_volatile(&(*ops).local_ip6[i]) }.to_ne_bytes();
+        ip6[i * 4..i * 4 + 4].copy_from_slice(&w);
+    }
+    let port = unsafe { read_volatile(&(*ops).local_port) } as u16;
+    let new_state = unsafe { read_volatile(&(*ops).__bindgen_anon_1.args[1]) };
+
+    let local = if family == AF_INET {
+        SockAddr::v4(ip4, port)
+    } else {
+        match v4_mapped(&ip6) {
+            Some(v4) => SockAddr::v4(v4, port),
+            None => SockAddr::v6(ip6, port),
+        }
+    };
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let local = OrigKey {
+        netns: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        addr: local,
+    };
+    if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
+        // SAFETY: copied out at once.
+        if let Some(o) = unsafe { ORIG_BY_COOKIE.get(&cookie) }.copied() {
+            if ORIG_BY_TUPLE.insert(&local, &o, 0).is_err() {
+                error!(
+                    ctx,
+                    "egress: cannot key original destination by client address"
+                );
+            }
+            let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+        }
+    } else if op == BPF_SOCK_OPS_STATE_CB && new_state == BPF_TCP_CLOSE {
+        let _ = ORIG_BY_TUPLE.remove(&local);
+        let _ = ORIG_BY_COOKIE.remove(&cookie);
+    }
+    1
+}
