@@ -409,6 +409,4 @@ mod pod {
     unsafe impl aya::Pod for OrigDst {}
     unsafe impl aya::Pod for VerdictEvent {}
     unsafe impl aya::Pod for OrigKey {}
-    unsafe impl aya::Pod for crate::tc::TcCount {}
-    unsafe impl aya::Pod for crate::tc::FlowKey {}
 }

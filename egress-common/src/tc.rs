@@ -99,6 +99,14 @@ pub fn is_link_control(ip_proto: u8, icmp_type: u8) -> bool {
     ip_proto == proto::ICMPV6 && matches!(icmp_type, 130..=137 | 143)
 }
 
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: repr(C), integers and byte arrays only, explicit padding: every bit pattern is
+    // valid and there are no uninitialised bytes.
+    unsafe impl aya::Pod for super::TcCount {}
+    unsafe impl aya::Pod for super::FlowKey {}
+}
+
 const _: () = assert!(size_of::<TcCount>() == 16);
 const _: () = assert!(size_of::<FlowKey>() == 56);
 
