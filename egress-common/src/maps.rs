@@ -17,8 +17,10 @@ pub mod names {
     pub const EVENTS: &str = "EGRESS_EVENTS";
     pub const TC_COUNTERS: &str = "EGRESS_TC_COUNTERS";
     pub const REPLIES: &str = "EGRESS_REPLIES";
+    pub const FRAGMENTS: &str = "EGRESS_FRAGMENTS";
+    pub const POD_ADDRS: &str = "EGRESS_POD_ADDRS";
     /// Every map the agent pins, in a stable order.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 15] = [
         ACTIVE,
         CONFIG,
         WORKLOADS,
@@ -32,6 +34,8 @@ pub mod names {
         EVENTS,
         TC_COUNTERS,
         REPLIES,
+        FRAGMENTS,
+        POD_ADDRS,
     ];
 }
 
@@ -53,6 +57,10 @@ pub mod capacity {
     pub const MAX_CGROUP_NESTING: u32 = 8;
     /// Connections into workloads whose replies the tc backstop lets out (LRU).
     pub const REPLIES: u32 = 65_536;
+    /// Fragmented datagrams leaving workloads whose first fragment passed (LRU).
+    pub const FRAGMENTS: u32 = 16_384;
+    /// Pod interfaces whose addresses the tc backstop knows.
+    pub const POD_IFACES: u32 = MAX_WORKLOADS;
 }
 
 /// Port segments one (workload, prefix) entry holds, over all protocol classes. The agent

@@ -47,6 +47,41 @@ pub trait Bytes {
     }
 }
 
+/// The bytes of `b` before `end`: the IP datagram's own length. Whatever follows it in the
+/// frame (link padding, or bytes a raw sender appended) is not part of the datagram: the
+/// receiver never sees it, so it must not be judged as its transport header (a first
+/// fragment too short to hold its ports would otherwise be judged by trailing bytes).
+struct Within<'a, B: ?Sized> {
+    b: &'a B,
+    end: usize,
+}
+
+impl<B: Bytes + ?Sized> Bytes for Within<'_, B> {
+    #[inline(always)]
+    fn load<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
+        // Load first, then decide: no early return that leaves the bytes undefined (in the
+        // kernel, LLVM may then read an uninitialised register, which the verifier refuses).
+        let inside = off.checked_add(N).is_some_and(|e| e <= self.end);
+        let r = self.b.load::<N>(off);
+        if inside {
+            r
+        } else {
+            None
+        }
+    }
+}
+
+/// The end of a datagram whose length field says `len` bytes from `start`. 0 (the stack's
+/// BIG TCP / jumbogram convention; the node drops such packets otherwise): the frame's end.
+#[inline(always)]
+fn datagram_end(start: usize, len: u16) -> usize {
+    if len == 0 {
+        usize::MAX
+    } else {
+        start + len as usize
+    }
+}
+
 impl Bytes for [u8] {
     #[inline(always)]
     fn load<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
@@ -89,6 +124,18 @@ pub struct Packet {
     pub frag_id: u32,
     /// Part of a fragmented datagram (first or later fragment).
     pub fragment: bool,
+    /// What ties the fragments of one datagram together besides addresses and id: IPv4's
+    /// protocol field, the IPv6 fragment header's next header (the same in every fragment,
+    /// unlike [`Packet::proto`] when extension headers follow the fragment header). 0 when
+    /// not fragmented.
+    pub frag_proto: u8,
+}
+
+impl Default for Packet {
+    /// An empty, malformed packet.
+    fn default() -> Self {
+        Packet::new(SockAddr::default(), SockAddr::default()).with(Class::Malformed)
+    }
 }
 
 impl Packet {
@@ -101,6 +148,7 @@ impl Packet {
             syn: false,
             frag_id: 0,
             fragment: false,
+            frag_proto: 0,
         }
     }
 
@@ -144,8 +192,9 @@ pub fn parse<B: Bytes + ?Sized>(b: &B, l3: usize, ipv6: bool) -> Packet {
 #[inline(always)]
 fn parse_v4<B: Bytes + ?Sized>(b: &B, l3: usize) -> Packet {
     let none = Packet::new(SockAddr::default(), SockAddr::default());
-    let (Some(vihl), Some(frag), Some(id), Some(p), Some(s), Some(d)) = (
+    let (Some(vihl), Some(total), Some(frag), Some(id), Some(p), Some(s), Some(d)) = (
         b.u8_at(l3),
+        b.be16(l3 + 2),
         b.be16(l3 + 6),
         b.be16(l3 + 4),
         b.u8_at(l3 + 9),
@@ -157,9 +206,13 @@ fn parse_v4<B: Bytes + ?Sized>(b: &B, l3: usize) -> Packet {
     let mut pkt = Packet::new(SockAddr::v4(s, 0), SockAddr::v4(d, 0));
     pkt.proto = p;
     let ihl = ((vihl & 0x0f) as usize) * 4;
-    if vihl >> 4 != 4 || ihl < 20 {
+    if vihl >> 4 != 4 || ihl < 20 || (total != 0 && (total as usize) < ihl) {
         return pkt.with(Class::Malformed);
     }
+    let b = &Within {
+        b,
+        end: datagram_end(l3, total),
+    };
     if v4_source_routed(b, l3 + 20, ihl - 20) {
         return pkt.with(Class::SourceRoute);
     }
@@ -168,6 +221,7 @@ fn parse_v4<B: Bytes + ?Sized>(b: &B, l3: usize) -> Packet {
     if offset != 0 || more {
         pkt.fragment = true;
         pkt.frag_id = id as u32;
+        pkt.frag_proto = p;
     }
     if offset != 0 {
         return pkt.with(Class::LaterFragment);
@@ -203,8 +257,9 @@ fn v4_source_routed<B: Bytes + ?Sized>(b: &B, start: usize, len: usize) -> bool 
 #[inline(always)]
 fn parse_v6<B: Bytes + ?Sized>(b: &B, l3: usize) -> Packet {
     let none = Packet::new(SockAddr::default(), SockAddr::default());
-    let (Some(v), Some(next), Some(s), Some(d)) = (
+    let (Some(v), Some(payload), Some(next), Some(s), Some(d)) = (
         b.u8_at(l3),
+        b.be16(l3 + 4),
         b.u8_at(l3 + 6),
         b.load::<16>(l3 + 8),
         b.load::<16>(l3 + 24),
@@ -215,6 +270,14 @@ fn parse_v6<B: Bytes + ?Sized>(b: &B, l3: usize) -> Packet {
     if v >> 4 != 6 {
         return pkt.with(Class::Malformed);
     }
+    // Payload length 0 is a jumbogram only behind a hop-by-hop header; otherwise the
+    // datagram is the bare header (the node trims the rest).
+    let end = if payload == 0 && next != IPPROTO_HOPOPTS {
+        l3 + 40
+    } else {
+        datagram_end(l3 + 40, payload)
+    };
+    let b = &Within { b, end };
     let mut next = next;
     let mut off = l3 + 40;
     for _ in 0..MAX_EXT_HEADERS {
@@ -243,6 +306,7 @@ fn parse_v6<B: Bytes + ?Sized>(b: &B, l3: usize) -> Packet {
                 };
                 pkt.fragment = true;
                 pkt.frag_id = u32::from_be_bytes(id);
+                pkt.frag_proto = n;
                 next = n;
                 off += 8;
                 if fo >> 3 != 0 {
@@ -316,6 +380,7 @@ mod tests {
     fn v6(next: u8, dst: [u8; 16], rest: &[u8]) -> [u8; 256] {
         let mut p = [0u8; 256];
         p[0] = 0x60;
+        p[4..6].copy_from_slice(&(256u16 - 40).to_be_bytes()); // the whole buffer
         p[6] = next;
         p[7] = 64;
         p[8..24].copy_from_slice(&V6_SRC);
@@ -530,6 +595,60 @@ mod tests {
         rest[1] = 30; // 248 bytes: past the end
         let p = v6(IPPROTO_DSTOPTS, V6_DST, &rest);
         assert_eq!(parse(&p[..], 0, true).class, Class::Malformed);
+    }
+
+    #[test]
+    fn bytes_after_the_datagram_are_not_its_transport_header() {
+        // An IPv4 first fragment whose 20-byte datagram ends before its ports; the frame
+        // carries "ports" after it.
+        let mut p = v4(5, 0x2000, proto::TCP, &[], &tcp(1, 80, TCP_SYN));
+        p[2..4].copy_from_slice(&20u16.to_be_bytes());
+        assert_eq!(parse(&p[..], 0, false).class, Class::Malformed);
+        p[2..4].copy_from_slice(&40u16.to_be_bytes());
+        let r = parse(&p[..], 0, false);
+        assert_eq!(
+            (r.class, r.dst.port, r.frag_proto),
+            (Class::Judge, 80, proto::TCP)
+        );
+        // A total length shorter than the header.
+        p[2..4].copy_from_slice(&19u16.to_be_bytes());
+        assert_eq!(parse(&p[..], 0, false).class, Class::Malformed);
+        // IPv6: payload length 8 holds the destination options, not the TCP header after.
+        let mut rest = [0u8; 48];
+        rest[0] = proto::TCP;
+        rest[8..28].copy_from_slice(&tcp(5555, 22, TCP_SYN));
+        let mut p = v6(IPPROTO_DSTOPTS, V6_DST, &rest);
+        p[4..6].copy_from_slice(&8u16.to_be_bytes());
+        assert_eq!(parse(&p[..], 0, true).class, Class::Malformed);
+        p[4..6].copy_from_slice(&28u16.to_be_bytes());
+        assert_eq!(parse(&p[..], 0, true).dst.port, 22);
+        // Payload length 0 without hop-by-hop: the bare header, nothing after it is read.
+        p[4..6].copy_from_slice(&0u16.to_be_bytes());
+        assert_eq!(parse(&p[..], 0, true).class, Class::Malformed);
+    }
+
+    #[test]
+    fn ipv6_fragments_are_tied_by_the_fragment_headers_next_header() {
+        // Fragment header -> destination options -> TCP, first and later fragment.
+        let mut rest = [0u8; 48];
+        rest[0] = IPPROTO_DSTOPTS;
+        rest[2..4].copy_from_slice(&1u16.to_be_bytes());
+        rest[4..8].copy_from_slice(&7u32.to_be_bytes());
+        rest[8] = proto::TCP;
+        rest[16..36].copy_from_slice(&tcp(1, 22, TCP_SYN));
+        let first = parse(&v6(IPPROTO_FRAGMENT, V6_DST, &rest)[..], 0, true);
+        assert_eq!(
+            (first.class, first.proto, first.dst.port),
+            (Class::Judge, proto::TCP, 22)
+        );
+        rest[2..4].copy_from_slice(&(8u16 << 3).to_be_bytes());
+        let later = parse(&v6(IPPROTO_FRAGMENT, V6_DST, &rest)[..], 0, true);
+        assert_eq!(later.class, Class::LaterFragment);
+        assert_eq!(
+            (first.frag_proto, first.frag_id),
+            (later.frag_proto, later.frag_id)
+        );
+        assert_eq!(first.frag_proto, IPPROTO_DSTOPTS);
     }
 
     /// Every prefix of every test packet parses without panicking (the fuzz target does this on

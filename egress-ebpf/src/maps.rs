@@ -65,6 +65,17 @@ pub static TC_COUNTERS: PerCpuArray<tc::TcCount> =
 pub static REPLIES: LruHashMap<tc::FlowKey, u8> =
     LruHashMap::with_max_entries(capacity::REPLIES, 0);
 
+/// Fragmented datagrams leaving a workload whose first fragment was let through: their later
+/// fragments pass, others are dropped.
+#[map(name = "EGRESS_FRAGMENTS")]
+pub static FRAGMENTS: LruHashMap<tc::FragKey, u8> =
+    LruHashMap::with_max_entries(capacity::FRAGMENTS, 0);
+
+/// The addresses of the pod behind each veth (key: ifindex of the host side).
+#[map(name = "EGRESS_POD_ADDRS")]
+pub static POD_ADDRS: HashMap<u32, tc::PodAddrs> =
+    HashMap::with_max_entries(capacity::POD_IFACES, 0);
+
 #[inline(always)]
 pub fn active_set() -> u32 {
     ACTIVE.get(0).copied().unwrap_or(0) & 1

@@ -1,16 +1,29 @@
 //! The tc backstop on the host side of each workload's veth: packets that did not go through
 //! a judged socket (raw sockets, another network stack) get the same verdict by policy.
+//!
+//! Packets leaving the workload are parsed by `egress_common::packet::parse` (the whole IPv6
+//! extension header chain, IPv4 options, fragments), must carry one of the workload's own
+//! source addresses, and are judged by destination, protocol and port like a connect().
+//! What the parser cannot judge (source routes, too many extension headers, malformed
+//! headers), frames that are neither IP nor ARP, and later fragments whose first fragment
+//! did not pass are dropped and counted under their reason.
 
 use core::ptr::read_volatile;
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
 use egress_common::{
-    decide, decide::Query, hook, iface_key, proto, tc, Outcome, SockAddr, VerdictEvent,
+    decide,
+    decide::Query,
+    hook, iface_key,
+    packet::{parse, Bytes, Class, Packet},
+    proto, tc, Outcome, SockAddr, VerdictEvent,
 };
 
 use crate::{
     events::emit,
-    maps::{active_set, in_mesh, policy, CONFIG, REPLIES, TC_COUNTERS, WORKLOADS},
+    maps::{
+        active_set, in_mesh, policy, CONFIG, FRAGMENTS, POD_ADDRS, REPLIES, TC_COUNTERS, WORKLOADS,
+    },
 };
 
 /// tcx: let the next program (or the stack) have the packet; drop it.
@@ -20,85 +33,56 @@ const TC_DROP: i32 = 2;
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
-const IPPROTO_HOPOPTS: u8 = 0;
-const TCP_SYN: u8 = 0x02;
-const TCP_ACK: u8 = 0x10;
+const ETH_P_ARP: u16 = 0x0806;
 
-/// The headers of one packet the backstop judges.
-struct Packet {
-    proto: u8,
-    src: SockAddr,
-    dst: SockAddr,
-    /// TCP SYN without ACK: a connection being opened.
-    syn: bool,
-    /// Link control (IPv6 neighbour discovery, MLD): never judged.
-    link: bool,
-}
+/// The packet's bytes through `bpf_skb_load_bytes` (any offset, nonlinear data included;
+/// an error past the end).
+struct Skb<'a>(&'a TcContext);
 
-#[inline(always)]
-fn be16(ctx: &TcContext, off: usize) -> Option<u16> {
-    ctx.load::<u16>(off).ok().map(u16::from_be)
-}
-
-/// Parses Ethernet + IPv4/IPv6 + the first bytes of TCP/UDP/ICMP. `None`: not IP.
-#[inline(always)]
-fn parse(ctx: &TcContext) -> Option<Packet> {
-    let (proto, mut src, mut dst, l4, first_fragment) = match be16(ctx, 12)? {
-        ETH_P_IP => {
-            let vihl: u8 = ctx.load(ETH_HLEN).ok()?;
-            let ihl = ((vihl & 0x0f) as usize) * 4;
-            if ihl < 20 {
-                return None;
-            }
-            let frag = be16(ctx, ETH_HLEN + 6)? & 0x1fff;
-            let proto: u8 = ctx.load(ETH_HLEN + 9).ok()?;
-            let s: [u8; 4] = ctx.load(ETH_HLEN + 12).ok()?;
-            let d: [u8; 4] = ctx.load(ETH_HLEN + 16).ok()?;
-            (
-                proto,
-                SockAddr::v4(s, 0),
-                SockAddr::v4(d, 0),
-                ETH_HLEN + ihl,
-                frag == 0,
-            )
-        }
-        ETH_P_IPV6 => {
-            let mut proto: u8 = ctx.load(ETH_HLEN + 6).ok()?;
-            let s: [u8; 16] = ctx.load(ETH_HLEN + 8).ok()?;
-            let d: [u8; 16] = ctx.load(ETH_HLEN + 24).ok()?;
-            let mut l4 = ETH_HLEN + 40;
-            // One hop-by-hop options header (MLD reports carry one) is looked through.
-            if proto == IPPROTO_HOPOPTS {
-                proto = ctx.load(l4).ok()?;
-                let len: u8 = ctx.load(l4 + 1).ok()?;
-                l4 += (len as usize + 1) * 8;
-            }
-            (proto, SockAddr::v6(s, 0), SockAddr::v6(d, 0), l4, true)
-        }
-        _ => return None,
-    };
-    let mut syn = false;
-    let mut link = false;
-    if first_fragment {
-        if proto == proto::TCP || proto == proto::UDP {
-            src.port = be16(ctx, l4).unwrap_or(0) as u32;
-            dst.port = be16(ctx, l4 + 2).unwrap_or(0) as u32;
-            if proto == proto::TCP {
-                let flags: u8 = ctx.load(l4 + 13).unwrap_or(0);
-                syn = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-            }
-        } else if proto == proto::ICMPV6 {
-            let ty: u8 = ctx.load(l4).unwrap_or(0);
-            link = tc::is_link_control(proto, ty);
-        }
+impl Bytes for Skb<'_> {
+    #[inline(always)]
+    fn load<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
+        self.0.load::<[u8; N]>(off).ok()
     }
-    Some(Packet {
-        proto,
-        src,
-        dst,
-        syn,
-        link,
-    })
+}
+
+/// What kind of frame [`frame`] found.
+#[derive(PartialEq, Eq)]
+enum Frame {
+    /// IPv4 or IPv6: the packet is parsed.
+    Ip,
+    Arp,
+    /// Any other ethertype (or an 802.3 length field).
+    Other,
+}
+
+/// Parses the frame into `out`.
+#[inline(always)]
+fn frame(ctx: &TcContext, out: &mut Packet) -> Frame {
+    match Skb(ctx).be16(12) {
+        Some(ETH_P_IP) => {
+            parse4(ctx, out);
+            Frame::Ip
+        }
+        Some(ETH_P_IPV6) => {
+            parse6(ctx, out);
+            Frame::Ip
+        }
+        Some(ETH_P_ARP) => Frame::Arp,
+        _ => Frame::Other,
+    }
+}
+
+// The parsers are BPF functions of their own (not inlined): their temporaries get a stack
+// frame of their own rather than adding to the program's 512 bytes.
+#[inline(never)]
+fn parse4(ctx: &TcContext, out: &mut Packet) {
+    *out = parse(&Skb(ctx), ETH_HLEN, false);
+}
+
+#[inline(never)]
+fn parse6(ctx: &TcContext, out: &mut Packet) {
+    *out = parse(&Skb(ctx), ETH_HLEN, true);
 }
 
 #[inline(always)]
@@ -129,6 +113,33 @@ fn skb_ifindex(ctx: &TcContext) -> u32 {
     unsafe { read_volatile(&(*ctx.skb.skb).ifindex) }
 }
 
+/// Counts a dropped packet under `slot` and, for a connection being opened (or any packet
+/// but a TCP segment), tells the agent; the rest of a dropped flow only counts. Not inlined:
+/// the event's stack is not the program's.
+#[inline(never)]
+/// `rule`: the rule id (high half) and the policy generation (low half); a BPF function takes
+/// at most five arguments.
+fn drop_packet(wid: u32, slot: u8, len: u32, p: &Packet, rule: u64) -> i32 {
+    let (rule_id, generation) = ((rule >> 32) as u32, rule as u32);
+    tc_count(wid, slot, len);
+    if p.syn || p.proto != proto::TCP {
+        emit(&VerdictEvent {
+            ts_ns: unsafe { bpf_ktime_get_ns() },
+            cgroup_id: 0,
+            pid_tgid: 0,
+            dst: p.dst,
+            workload_id: wid,
+            rule_id,
+            generation,
+            outcome: slot,
+            proto: p.proto,
+            hook: hook::TC,
+            _pad0: 0,
+        });
+    }
+    TC_DROP
+}
+
 /// The program `egress_tc_from_workload` (see main.rs).
 #[inline(always)]
 pub fn from_workload(ctx: &TcContext) -> i32 {
@@ -139,56 +150,88 @@ pub fn from_workload(ctx: &TcContext) -> i32 {
         return TC_NEXT; // not a workload's interface (any more)
     };
     let len = ctx.len();
-    let Some(p) = parse(ctx) else {
-        tc_count(w.id, tc::TC_LINK, len);
-        return TC_NEXT;
-    };
-    if p.link {
-        tc_count(w.id, tc::TC_LINK, len);
-        return TC_NEXT;
-    }
-    if p.proto == proto::TCP || p.proto == proto::UDP {
-        if REPLIES
-            .get_ptr(&flow_key(ifindex, p.proto, p.src, p.dst))
-            .is_some()
-        {
-            tc_count(w.id, tc::TC_REPLY, len);
+    let mut p = Packet::default();
+    match frame(ctx, &mut p) {
+        Frame::Ip => {}
+        Frame::Arp => {
+            tc_count(w.id, tc::TC_LINK, len);
             return TC_NEXT;
         }
+        Frame::Other => {
+            tc_count(w.id, tc::TC_NON_IP, len);
+            return TC_DROP;
+        }
     }
+    judge_out(ifindex, w.id, set, len, &p)
+}
+
+/// The verdict on an IP packet leaving workload `wid` through `ifindex`. Its own BPF
+/// function: the parser's stack and this one's are never live at once.
+#[inline(never)]
+fn judge_out(ifindex: u32, wid: u32, set: u32, len: u32, p: &Packet) -> i32 {
     let Some(cfg) = CONFIG.get(set) else {
-        tc_count(w.id, Outcome::DenyError as u8, len);
+        tc_count(wid, Outcome::DenyError as u8, len);
         return TC_DROP;
     };
+    let generation = cfg.generation & 0xffff_ffff;
+    // Anti-spoof: the source must be the pod's (see `PodAddrs::may_send`). An interface
+    // whose addresses are unknown sends nothing but ARP.
+    // SAFETY: copied out at once.
+    let may_send = match unsafe { POD_ADDRS.get(&ifindex) } {
+        Some(a) => a.may_send(p),
+        None => false,
+    };
+    if !may_send {
+        return drop_packet(wid, tc::TC_SPOOFED, len, p, generation);
+    }
+    if let Some(slot) = tc::refused_slot(p.class) {
+        return drop_packet(wid, slot, len, p, generation);
+    }
+    if p.class == Class::Link {
+        tc_count(wid, tc::TC_LINK, len);
+        return TC_NEXT;
+    }
+    let frag = tc::FragKey::of(ifindex, p);
+    if p.class == Class::LaterFragment {
+        // No ports here: the verdict is the first fragment's.
+        if FRAGMENTS.get_ptr(&frag).is_some() {
+            tc_count(wid, tc::TC_FRAGMENT, len);
+            return TC_NEXT;
+        }
+        return drop_packet(wid, tc::TC_ORPHAN_FRAGMENT, len, p, generation);
+    }
+    if (p.proto == proto::TCP || p.proto == proto::UDP)
+        && REPLIES
+            .get_ptr(&flow_key(ifindex, p.proto, p.src, p.dst))
+            .is_some()
+    {
+        tc_count(wid, tc::TC_REPLY, len);
+        if p.fragment {
+            let _ = FRAGMENTS.insert(&frag, &1, 0);
+        }
+        return TC_NEXT;
+    }
     let q = Query {
         proto: p.proto,
         port: p.dst.port as u16,
         in_mesh: in_mesh(set, &p.dst),
         to_proxy: false,
     };
-    let d = decide(cfg, &q, policy(w.id, set, &p.dst));
+    let d = decide(cfg, &q, policy(wid, set, &p.dst));
     let (slot, drop) = tc::tc_verdict(d.outcome);
-    tc_count(w.id, slot, len);
     if !drop {
+        tc_count(wid, slot, len);
+        // Its later fragments follow this one's verdict.
+        if p.fragment {
+            let _ = FRAGMENTS.insert(&frag, &1, 0);
+        }
         return TC_NEXT;
     }
-    // A connection being opened gets a flow event; the rest of a dropped flow only counts.
-    if p.syn || !(p.proto == proto::TCP) {
-        emit(&VerdictEvent {
-            ts_ns: unsafe { bpf_ktime_get_ns() },
-            cgroup_id: 0,
-            pid_tgid: 0,
-            dst: p.dst,
-            workload_id: w.id,
-            rule_id: d.rule_id,
-            generation: cfg.generation as u32,
-            outcome: slot,
-            proto: p.proto,
-            hook: hook::TC,
-            _pad0: 0,
-        });
+    if p.fragment {
+        // A reused identification does not inherit an earlier datagram's pass.
+        let _ = FRAGMENTS.remove(&frag);
     }
-    TC_DROP
+    drop_packet(wid, slot, len, p, (d.rule_id as u64) << 32 | generation)
 }
 
 /// The program `egress_tc_to_workload` (see main.rs).
@@ -201,10 +244,24 @@ pub fn to_workload(ctx: &TcContext) -> i32 {
         return TC_NEXT;
     };
     tc_count(w.id, tc::TC_INBOUND, ctx.len());
-    if let Some(p) = parse(ctx) {
-        if (p.proto == proto::TCP && p.syn) || p.proto == proto::UDP {
-            let _ = REPLIES.insert(&flow_key(ifindex, p.proto, p.dst, p.src), &1, 0);
-        }
+    let mut p = Packet::default();
+    if frame(ctx, &mut p) == Frame::Ip {
+        note_inbound(ifindex, &p);
     }
     TC_NEXT
+}
+
+/// Only a packet really addressed to the pod, from someone else, opens a reply flow; see
+/// `PodAddrs::opens_reply_flow` for why (with anti-spoof on the way out). Its own BPF
+/// function, like [`judge_out`].
+#[inline(never)]
+fn note_inbound(ifindex: u32, p: &Packet) {
+    // SAFETY: copied out at once.
+    let opens = match unsafe { POD_ADDRS.get(&ifindex) } {
+        Some(a) => a.opens_reply_flow(p),
+        None => false,
+    };
+    if opens {
+        let _ = REPLIES.insert(&flow_key(ifindex, p.proto, p.dst, p.src), &1, 0);
+    }
 }
