@@ -154,16 +154,18 @@ fn validate_kustomization(dir: &str) {
 #[test]
 fn daemonset_capabilities_are_the_justified_few() {
     let text = std::fs::read_to_string(format!("{DEPLOY}/kubernetes/base/daemonset.yaml")).unwrap();
-    let ds: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    let ds = egress_agent::policy::documents(&text, "daemonset.yaml").unwrap()[0]
+        .body
+        .clone();
     let c = &ds["spec"]["template"]["spec"]["containers"][0];
     let sc = &c["securityContext"];
-    assert_eq!(sc["privileged"], serde_yaml::Value::from(false));
+    assert_eq!(sc["privileged"], serde_json::Value::from(false));
     assert_eq!(
         sc["capabilities"]["drop"][0],
-        serde_yaml::Value::from("ALL")
+        serde_json::Value::from("ALL")
     );
     let added: Vec<&str> = sc["capabilities"]["add"]
-        .as_sequence()
+        .as_array()
         .unwrap()
         .iter()
         .filter_map(|v| v.as_str())
@@ -180,10 +182,10 @@ fn daemonset_capabilities_are_the_justified_few() {
     }
     assert_eq!(
         ds["spec"]["template"]["spec"]["hostPID"],
-        serde_yaml::Value::from(true)
+        serde_json::Value::from(true)
     );
     let args: Vec<&str> = c["args"]
-        .as_sequence()
+        .as_array()
         .unwrap()
         .iter()
         .filter_map(|v| v.as_str())
