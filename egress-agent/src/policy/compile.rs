@@ -259,6 +259,7 @@ pub fn compile_stable(
         fail_open: (m.fail_mode == FailMode::Open) as u32,
         audit_mode: m.audit_mode as u32,
         proxy_port: m.proxy.port.0,
+        sockets_allowed: m.sockets.allowed_bits(),
         ..Default::default()
     };
     Ok(Compiled {

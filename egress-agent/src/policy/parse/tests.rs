@@ -229,3 +229,20 @@ fn durations_in_a_file() {
         "{e}"
     );
 }
+
+#[test]
+fn sockets_default_to_refusing_what_no_hook_judges() {
+    use egress_common::sockets::kind;
+    let c = parse("kind: Workload\nmetadata: {name: a}\n", "p.yaml").unwrap();
+    assert_eq!(c.mesh.sockets.allowed_bits(), kind::ICMP);
+    let c = parse(
+        "kind: MeshConfig\nmetadata: {name: egress}\nspec:\n  sockets: {raw: allow, icmp: deny}\n",
+        "p.yaml",
+    )
+    .unwrap();
+    assert_eq!(c.mesh.sockets.allowed_bits(), kind::RAW);
+    let e = err("kind: MeshConfig\nmetadata: {name: egress}\nspec:\n  sockets: {raw: maybe}\n");
+    assert!(e.contains("MeshConfig egress: spec.sockets.raw"), "{e}");
+    let e = err("kind: MeshConfig\nmetadata: {name: egress}\nspec:\n  sockets: {sctp: allow}\n");
+    assert!(e.contains("spec.sockets"), "{e}");
+}
