@@ -81,7 +81,7 @@ pub async fn run(
     opts: Options,
     started: Started,
     control: std::sync::Arc<crate::control::Control>,
-    metrics: std::sync::Arc<crate::telemetry::metrics::Metrics>,
+    metrics: watch::RejectedMetrics,
     in_pod: tokio::sync::watch::Sender<Vec<watch::PodNetns>>,
 ) {
     watch::report(&started.rejected, Some(&metrics));
