@@ -10,11 +10,9 @@
 //! - [`watch`]: list/watch against the API server, reconcile into `Control`, status reports,
 //!   the startup taint.
 //! - [`toggle`]: `egress enable|disable|status --kubernetes`.
-//! - [`fake`]: a fake API server for the tests.
 
 pub mod appear;
 pub mod cgroups;
-pub mod fake;
 pub mod toggle;
 pub mod view;
 pub mod watch;
