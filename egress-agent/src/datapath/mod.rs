@@ -3,4 +3,5 @@
 
 pub mod bpf;
 pub mod cgroups;
+pub mod netlink;
 pub mod podnet;
