@@ -221,7 +221,7 @@ fn half_close(to: &TcpStream) {
 fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     let (r, w) = unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
     // A bigger pipe moves bulk data in fewer calls; the default (64 KiB) is fine if refused.
-    let _ = fcntl::fcntl(w.as_raw_fd(), FcntlArg::F_SETPIPE_SZ(CHUNK as libc::c_int));
+    let _ = fcntl::fcntl(&w, FcntlArg::F_SETPIPE_SZ(CHUNK as libc::c_int));
     Ok((r, w))
 }
 
