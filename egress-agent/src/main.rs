@@ -7,9 +7,7 @@ use egress_agent::{
         client, local,
     },
     datapath::cgroups as workload,
-    gateway, k8s,
-    policy::{self, config},
-    run,
+    gateway, k8s, policy, run,
 };
 
 fn main() -> ExitCode {
@@ -73,9 +71,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let cfg = if kubernetes {
                 let text = std::fs::read_to_string(&config)
                     .map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", config.display()))?;
-                config::parse_unlinked(&text, &config.display().to_string())?
+                policy::parse_unlinked(&text, &config.display().to_string())?
             } else {
-                config::load(&config)?
+                policy::load(&config)?
             };
             let c = policy::compile(&cfg)?;
             println!(
@@ -153,7 +151,7 @@ fn exit_status(e: &anyhow::Error) -> u8 {
     if let Some(f) = e.downcast_ref::<client::Failed>() {
         return f.status;
     }
-    let usage = e.downcast_ref::<config::ConfigError>().is_some()
+    let usage = e.downcast_ref::<policy::ConfigError>().is_some()
         || e.downcast_ref::<policy::CompileError>().is_some()
         || matches!(
             e.downcast_ref::<workload::CgroupError>(),

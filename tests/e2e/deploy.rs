@@ -4,6 +4,8 @@
 
 use std::process::Command;
 
+use crate::harness::{require, Need};
+
 const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy");
 
 fn promtool(args: &[&str]) {
@@ -22,6 +24,9 @@ fn promtool(args: &[&str]) {
 
 #[test]
 fn alert_rules_and_scrape_config_pass_promtool() {
+    if !require(&[Need::Tool("promtool")]) {
+        return;
+    }
     promtool(&["check", "config", "prometheus/prometheus.yml"]);
     promtool(&["check", "rules", "prometheus/egress-alerts.yaml"]);
     promtool(&["test", "rules", "prometheus/egress-alerts.test.yaml"]);
@@ -100,6 +105,9 @@ fn kustomize(dir: &str, tag: &str) -> std::path::PathBuf {
 
 #[test]
 fn kustomization_builds_and_every_manifest_validates_against_the_kubernetes_schemas() {
+    if !require(&[Need::Tool("kubectl"), Need::Tool("python3")]) {
+        return;
+    }
     for overlay in ["kubernetes", "kubernetes/cgroupfs"] {
         validate_kustomization(overlay);
     }
@@ -154,16 +162,18 @@ fn validate_kustomization(dir: &str) {
 #[test]
 fn daemonset_capabilities_are_the_justified_few() {
     let text = std::fs::read_to_string(format!("{DEPLOY}/kubernetes/base/daemonset.yaml")).unwrap();
-    let ds: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    let ds = egress_agent::policy::documents(&text, "daemonset.yaml").unwrap()[0]
+        .body
+        .clone();
     let c = &ds["spec"]["template"]["spec"]["containers"][0];
     let sc = &c["securityContext"];
-    assert_eq!(sc["privileged"], serde_yaml::Value::from(false));
+    assert_eq!(sc["privileged"], serde_json::Value::from(false));
     assert_eq!(
         sc["capabilities"]["drop"][0],
-        serde_yaml::Value::from("ALL")
+        serde_json::Value::from("ALL")
     );
     let added: Vec<&str> = sc["capabilities"]["add"]
-        .as_sequence()
+        .as_array()
         .unwrap()
         .iter()
         .filter_map(|v| v.as_str())
@@ -180,10 +190,10 @@ fn daemonset_capabilities_are_the_justified_few() {
     }
     assert_eq!(
         ds["spec"]["template"]["spec"]["hostPID"],
-        serde_yaml::Value::from(true)
+        serde_json::Value::from(true)
     );
     let args: Vec<&str> = c["args"]
-        .as_sequence()
+        .as_array()
         .unwrap()
         .iter()
         .filter_map(|v| v.as_str())
@@ -219,6 +229,9 @@ fn crd_validator() -> Command {
 
 #[test]
 fn example_objects_validate_against_the_crd_schemas_and_the_agent() {
+    if !require(&[Need::Tool("python3")]) {
+        return;
+    }
     let (ok, text) = run_in_deploy(
         crd_validator().args(["examples/kubernetes.yaml", "kubernetes/meshconfig.yaml"]),
     );

@@ -19,7 +19,7 @@ use std::{net::IpAddr, net::SocketAddr, path::Path, time::Duration};
 
 use serde::Deserialize;
 
-use crate::policy::{Cidr, ConfigError, HostPattern, Port, Seconds, API_VERSION};
+use crate::policy::{documents, Cidr, ConfigError, HostPattern, Port, Seconds, API_VERSION};
 
 /// What a listener speaks.
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
@@ -134,7 +134,7 @@ struct Metadata {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct Document {
+struct ServerDocument {
     #[serde(default)]
     api_version: Option<String>,
     #[allow(dead_code)]
@@ -152,55 +152,27 @@ pub struct GatewayServer {
 
 pub fn load(path: &Path) -> Result<GatewayServer, ConfigError> {
     let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-        file: file.clone(),
-        object: "file".into(),
-        field: String::new(),
-        reason: format!("cannot read: {e}"),
-    })?;
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::unreadable(&file, &e))?;
     parse(&text, &file)
 }
 
 pub fn parse(text: &str, file: &str) -> Result<GatewayServer, ConfigError> {
-    let err = |object: &str, field: &str, reason: String| ConfigError {
-        file: file.to_string(),
-        object: object.to_string(),
-        field: field.to_string(),
-        reason,
-    };
+    let err =
+        |object: &str, field: &str, reason: String| ConfigError::new(file, object, field, reason);
     let mut found: Option<GatewayServer> = None;
-    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let doc_label = format!("document {}", i + 1);
-        let value =
-            serde_yaml::Value::deserialize(doc).map_err(|e| err(&doc_label, "", e.to_string()))?;
-        if value.is_null() {
-            continue;
-        }
-        let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or("");
-        if kind != "GatewayServer" {
+    for doc in documents(text, file)? {
+        if doc.kind != "GatewayServer" {
             return Err(err(
-                &doc_label,
+                &format!("document {}", doc.index),
                 "kind",
                 format!(
-                    "{kind:?} is not GatewayServer (the gateway's file holds one GatewayServer)"
+                    "{:?} is not GatewayServer (the gateway's file holds one GatewayServer)",
+                    doc.kind
                 ),
             ));
         }
-        let name = value
-            .get("metadata")
-            .and_then(|m| m.get("name"))
-            .and_then(|n| n.as_str())
-            .unwrap_or("");
-        let label = if name.is_empty() {
-            format!("GatewayServer ({doc_label})")
-        } else {
-            format!("GatewayServer {name}")
-        };
-        let d: Document = serde_path_to_error::deserialize(value).map_err(|e| {
-            let field = e.path().to_string();
-            let field = if field == "." { String::new() } else { field };
-            err(&label, &field, e.into_inner().to_string())
-        })?;
+        let label = doc.label();
+        let d: ServerDocument = doc.typed(file)?;
         if let Some(api) = d.api_version.as_deref().filter(|a| *a != API_VERSION) {
             return Err(err(
                 &label,

@@ -1,8 +1,9 @@
 //! The node's view of the cluster: its pods and the last valid version of every policy
 //! object, turned into the same [`Config`] a standalone policy file gives.
 //!
-//! Every policy object (MeshConfig, Egress, EgressGateway) goes through the standalone file's
-//! strict parser, so validation and error text are the same (`kubernetes: Egress ns/name:
+//! Every policy object (MeshConfig, Egress, EgressGateway) goes from its JSON to the same
+//! typed documents and checks as the standalone file's (no YAML text in between), so
+//! validation and error text are the same (`kubernetes: Egress ns/name:
 //! spec.ports[0].number: ...`). An object that fails is reported and its previous valid
 //! version (or nothing, for a new object) stays in force; the other objects and pod churn are
 //! not held up by it. Pods become `Workload`s named `namespace/name` with the pod's labels,
@@ -16,7 +17,9 @@ use std::{
 use serde_json::Value;
 
 use super::cgroups::{self, Qos};
-use crate::policy::{self as config, Config, ConfigError, ObjectRef, Store};
+use crate::policy::{
+    self, parse, validate::Objects, Config, ConfigError, Document, ObjectRef, PolicyObject, Store,
+};
 
 /// The name errors give as the "file" of a policy object.
 pub const SOURCE: &str = "kubernetes";
@@ -80,8 +83,8 @@ pub struct Resolved {
 #[derive(Clone, Debug, Default)]
 pub struct View {
     pub pods: BTreeMap<ObjectRef, Pod>,
-    /// The accepted version of each policy object, as the policy file would hold it.
-    good: BTreeMap<Key, serde_yaml::Value>,
+    /// The accepted version of each policy object.
+    good: BTreeMap<Key, Accepted>,
     /// `metadata.generation` of each accepted object.
     generations: BTreeMap<Key, i64>,
     /// Objects whose latest version was refused, with the reason.
@@ -113,15 +116,17 @@ impl View {
         if let Some(uid) = obj.pointer("/metadata/uid").and_then(Value::as_str) {
             self.uids.insert(key.clone(), uid.to_string());
         }
-        let doc = policy_doc(kind, obj);
         let mut next = self.good.clone();
-        next.insert(key.clone(), doc.clone());
-        if let Err(e) = validate(&next) {
-            self.refused.insert(key, e.to_string());
-            return Err(e);
+        let checked = Accepted::new(kind, obj).and_then(|a| {
+            next.insert(key.clone(), a.clone());
+            validate(&next).map(|_| a)
+        });
+        if let Err(e) = &checked {
+            self.refused.insert(key.clone(), e.to_string());
         }
+        let a = checked?;
         self.refused.remove(&key);
-        let changed = self.good.get(&key) != Some(&doc);
+        let changed = self.good.get(&key).map(|g| &g.doc) != Some(&a.doc);
         self.good = next;
         let generation = obj.pointer("/metadata/generation").and_then(Value::as_i64);
         self.generations.insert(key, generation.unwrap_or(0));
@@ -133,20 +138,20 @@ impl View {
     /// version across a restart too. Pods are not taken from it (the API server says which
     /// run here). Returns how many objects were taken.
     pub fn seed(&mut self, saved: &str) -> usize {
-        use serde::Deserialize as _;
         let mut n = 0;
-        for doc in serde_yaml::Deserializer::from_str(saved) {
-            let Ok(v) = serde_yaml::Value::deserialize(doc) else {
-                continue;
-            };
-            let kind = v.get("kind").and_then(|k| k.as_str()).unwrap_or("");
-            if !KINDS.iter().any(|(k, _, _)| *k == kind) {
+        let Ok(docs) = policy::documents(saved, "saved policy") else {
+            return 0;
+        };
+        for d in docs {
+            if !KINDS.iter().any(|(k, _, _)| *k == d.kind) {
                 continue;
             }
-            let json = serde_json::to_value(&v).unwrap_or_default();
-            let key = key_of(kind, &json);
+            let key = key_of(&d.kind, &d.body);
+            let Ok(a) = Accepted::new(&d.kind, &d.body) else {
+                continue;
+            };
             let mut next = self.good.clone();
-            next.insert(key.clone(), policy_doc(kind, &json));
+            next.insert(key.clone(), a);
             if validate(&next).is_ok() {
                 self.good = next;
                 self.generations.insert(key, 0);
@@ -177,9 +182,8 @@ impl View {
                 tracing::warn!(error = %e, "the accepted policy objects do not validate together");
                 break;
             };
-            if let Some(doc) = self.good.remove(&key) {
-                self.pending
-                    .insert(key.clone(), serde_json::to_value(doc).unwrap_or_default());
+            if let Some(a) = self.good.remove(&key) {
+                self.pending.insert(key.clone(), a.doc);
             }
             self.generations.remove(&key);
             self.refused.insert(key, e.to_string());
@@ -213,13 +217,16 @@ impl View {
         // Usually all are valid: one check for the lot. Otherwise one by one, so that each
         // invalid object keeps its previous version and the valid ones go in.
         let mut all = self.good.clone();
+        let mut each_valid = true;
         for o in objs {
-            all.insert(key_of(kind, o), policy_doc(kind, o));
+            each_valid &= Accepted::new(kind, o)
+                .map(|a| all.insert(key_of(kind, o), a))
+                .is_ok();
             if let Some(uid) = o.pointer("/metadata/uid").and_then(Value::as_str) {
                 self.uids.insert(key_of(kind, o), uid.to_string());
             }
         }
-        if validate(&all).is_ok() {
+        if each_valid && validate(&all).is_ok() {
             self.good = all;
             for o in objs {
                 let g = o.pointer("/metadata/generation").and_then(Value::as_i64);
@@ -275,7 +282,11 @@ impl View {
     pub fn resolve(&self, root: &Path) -> Result<Resolved, ConfigError> {
         let mut dirs = BTreeMap::new();
         let mut pending = Vec::new();
-        let mut text = to_text(self.good.values());
+        let mut docs: Vec<Value> = self.good.values().map(|a| a.doc.clone()).collect();
+        let mut all = Objects::new(SOURCE);
+        for a in self.good.values() {
+            all.add(a.object.clone())?;
+        }
         for pod in self.pods.values().filter(|p| !p.finished) {
             let Some(dir) = cgroups::find_pod(root, pod.qos, &pod.uid) else {
                 pending.push(pod.id.clone());
@@ -283,9 +294,9 @@ impl View {
             };
             // A pod name the policy format cannot hold (one with a dot, as static pods named
             // after a node's FQDN have) is enrolled as `pod-<uid>`: its labels still select it.
-            let Some((id, doc)) = [pod.id.name.clone(), format!("pod-{}", pod.uid)]
+            let Some((id, doc, object)) = [pod.id.name.clone(), format!("pod-{}", pod.uid)]
                 .into_iter()
-                .map(|name| {
+                .find_map(|name| {
                     let id = ObjectRef {
                         namespace: pod.id.namespace.clone(),
                         name,
@@ -294,38 +305,54 @@ impl View {
                         "kind": "Workload",
                         "metadata": {"name": id.name, "namespace": id.namespace, "labels": pod.labels},
                     });
-                    (id, to_text([&serde_yaml::to_value(doc).unwrap_or_default()]))
+                    let object = to_object(&doc).ok()?;
+                    Some((id, doc, object))
                 })
-                .find(|(_, doc)| config::parse_unlinked(doc, SOURCE).is_ok())
             else {
                 tracing::warn!(pod = %pod.id, "pod left out of enforcement: no valid workload name");
                 continue;
             };
-            text.push_str(&doc);
+            all.add(object)?;
+            docs.push(doc);
             dirs.insert(id, dir);
         }
-        let config = config::parse_unlinked(&text, SOURCE)?;
-        let store = Store::parse_fragment(&text, SOURCE)?;
         Ok(Resolved {
-            store,
-            config,
+            config: all.finish_unlinked()?,
+            store: Store::from_documents(Document::from_values(docs, SOURCE)?, SOURCE)?,
             dirs,
             pending,
         })
     }
 }
 
-fn to_text<'a>(docs: impl IntoIterator<Item = &'a serde_yaml::Value>) -> String {
-    let mut text = String::new();
-    for v in docs {
-        text.push_str("---\n");
-        text.push_str(&serde_yaml::to_string(v).unwrap_or_default());
-    }
-    text
+/// An accepted policy object: its document (what the state file saves) and what it means.
+#[derive(Clone, Debug, PartialEq)]
+struct Accepted {
+    doc: Value,
+    object: PolicyObject,
 }
 
-fn validate(docs: &BTreeMap<Key, serde_yaml::Value>) -> Result<(), ConfigError> {
-    config::parse_unlinked(&to_text(docs.values()), SOURCE).map(drop)
+impl Accepted {
+    /// A CRD object, typed and checked on its own.
+    fn new(kind: &str, obj: &Value) -> Result<Accepted, ConfigError> {
+        let doc = policy_doc(kind, obj);
+        let object = to_object(&doc)?;
+        Ok(Accepted { doc, object })
+    }
+}
+
+/// A policy document as a typed object, checked on its own (errors name [`SOURCE`]).
+fn to_object(doc: &Value) -> Result<PolicyObject, ConfigError> {
+    parse::object(&Document::from_value(doc.clone(), 1, SOURCE)?, SOURCE)
+}
+
+/// The accepted objects checked together.
+fn validate(objs: &BTreeMap<Key, Accepted>) -> Result<Config, ConfigError> {
+    let mut all = Objects::new(SOURCE);
+    for a in objs.values() {
+        all.add(a.object.clone())?;
+    }
+    all.finish_unlinked()
 }
 
 /// How the parser names an object in its errors: `Egress ns/name`, `MeshConfig name`.
@@ -356,7 +383,7 @@ pub fn key_of(kind: &str, obj: &Value) -> Key {
 /// A CRD object as the policy file writes it: apiVersion, kind, the user's metadata (name,
 /// namespace, labels, annotations; not the server's uid, resourceVersion, managedFields...)
 /// and spec. `status` is the agents' own.
-pub fn policy_doc(kind: &str, obj: &Value) -> serde_yaml::Value {
+pub fn policy_doc(kind: &str, obj: &Value) -> Value {
     let mut meta = serde_json::Map::new();
     for f in ["name", "namespace", "labels", "annotations"] {
         if let Some(v) = obj.get("metadata").and_then(|m| m.get(f)) {
@@ -372,7 +399,7 @@ pub fn policy_doc(kind: &str, obj: &Value) -> serde_yaml::Value {
     if let Some(v) = obj.get("spec") {
         doc.insert("spec".into(), v.clone());
     }
-    serde_yaml::to_value(Value::Object(doc)).unwrap_or_default()
+    Value::Object(doc)
 }
 
 #[cfg(test)]
@@ -381,7 +408,7 @@ mod tests {
     use serde_json::json;
 
     fn egress(name: &str, port: i64) -> Value {
-        json!({"apiVersion": config::API_VERSION, "kind": "Egress",
+        json!({"apiVersion": policy::API_VERSION, "kind": "Egress",
             "metadata": {"name": name, "namespace": "shop", "uid": "u", "resourceVersion": "7", "generation": 2,
                          "managedFields": [{"manager": "kubectl"}]},
             "spec": {"sources": [{"podSelector": {"matchLabels": {"app": "web"}}}],
@@ -464,12 +491,12 @@ mod tests {
 
     #[test]
     fn gateway_references_settle_in_any_order_and_a_deleted_gateway_fails_closed() {
-        let via = json!({"apiVersion": config::API_VERSION, "kind": "Egress",
+        let via = json!({"apiVersion": policy::API_VERSION, "kind": "Egress",
             "metadata": {"name": "via-gw", "namespace": "shop"},
             "spec": {"sources": [{"podSelector": {"matchLabels": {"app": "web"}}}],
                      "hosts": ["example.com"], "ports": [{"number": 443, "protocol": "https"}],
                      "gateway": "corp"}});
-        let gw = json!({"apiVersion": config::API_VERSION, "kind": "EgressGateway",
+        let gw = json!({"apiVersion": policy::API_VERSION, "kind": "EgressGateway",
             "metadata": {"name": "corp"},
             "spec": {"endpoints": [{"address": "127.0.0.1:1080", "mode": "socks5"}]}});
         let mut v = View::default();

@@ -3,7 +3,7 @@
 
 use std::sync::{Arc, RwLock};
 
-use super::Compiled;
+use super::compile::Compiled;
 
 /// The compiled policy in force, shared with the proxy and the flow log; subscribers learn
 /// of every change (the proxy re-judges its open connections).

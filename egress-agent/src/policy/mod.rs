@@ -1,14 +1,27 @@
-//! The policy's way in: YAML documents (a file, the admin socket, or Kubernetes objects) are
-//! parsed into the validated model ([`config`]), compiled into the kernel's map entries
-//! ([`compile`]), kept as the live set of objects ([`store`]), and shared while in force
-//! ([`live`]).
+//! The policy's way in: YAML documents (a file, the admin socket) or Kubernetes objects become
+//! [`document::Document`]s ([`document`], the one YAML reader), typed policy objects
+//! ([`mod@parse`], the model in [`model`] and [`scalar`]) that are checked alone and together
+//! ([`validate`]), then compiled into the kernel's map entries ([`mod@compile`]), kept as the
+//! live set of objects ([`store`]), and shared while in force ([`live`]).
+//!
+//! The files depend on each other in one direction only: `scalar` ← `model` ← `validate` ←
+//! `parse` ← `store`; `error` ← `document` ← `parse`, `store`; `model` ← `compile` ← `live`.
 
 pub mod compile;
-pub mod config;
+pub mod document;
+pub mod error;
 pub mod live;
+pub mod model;
+pub mod parse;
+pub mod scalar;
 pub mod store;
+pub mod validate;
 
 pub use compile::*;
-pub use config::*;
+pub use document::{documents, Document};
+pub use error::ConfigError;
 pub use live::Live;
+pub use model::*;
+pub use parse::{load, parse, parse_unlinked};
+pub use scalar::*;
 pub use store::Store;

@@ -1,4 +1,4 @@
-//! The agent's live policy: YAML documents keyed by (kind, namespace, name). It starts as the
+//! The agent's live policy: documents keyed by (kind, namespace, name). It starts as the
 //! policy file (or the state saved by the last run), `policy apply` upserts objects,
 //! `policy delete` removes Egress objects, `egress enable|disable` edits the MeshConfig. Every
 //! candidate goes through the same strict parser and compiler before it can take effect, and
@@ -9,74 +9,74 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use serde::Deserialize;
+use serde_json::{json, Map, Value};
 
-use crate::policy::{self, Config, ConfigError, ObjectRef};
-
-/// (kind, namespace, name); cluster-scoped kinds have an empty namespace.
-type DocKey = (String, String, String);
+use super::{
+    document::{documents, to_yaml, DocKey, Document},
+    error::ConfigError,
+    model::{Config, ObjectRef},
+    parse,
+};
 
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Store {
-    docs: BTreeMap<DocKey, serde_yaml::Value>,
+    docs: BTreeMap<DocKey, Value>,
 }
 
 impl Store {
     /// Parses `text` strictly (as a whole policy file) and keeps its documents.
     pub fn parse(text: &str, file: &str) -> Result<(Store, Config), ConfigError> {
-        let cfg = policy::parse(text, file)?;
-        Ok((Self::docs(text), cfg))
+        let docs = documents(text, file)?;
+        let cfg = parse::objects(&docs, file)?.finish()?;
+        // A valid policy has no two objects of a kind and name.
+        let store = Self::from_documents(docs, file)?;
+        Ok((store, cfg))
     }
 
     /// Reads the documents of a file to apply onto the live set. Only the YAML syntax and
     /// duplicates are checked here; [`Store::merge`] validates every object, and the whole,
     /// strictly, with errors naming `file`.
     pub fn parse_fragment(text: &str, file: &str) -> Result<Store, ConfigError> {
-        let err = |object: String, field: &str, reason: String| ConfigError {
-            file: file.to_string(),
-            object,
-            field: field.to_string(),
-            reason,
-        };
-        let mut docs = BTreeMap::new();
-        for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-            let v = serde_yaml::Value::deserialize(doc)
-                .map_err(|e| err(format!("document {}", i + 1), "", e.to_string()))?;
-            if v.is_null() {
-                continue;
-            }
-            let k = key_of(&v);
-            if docs.contains_key(&k) {
+        Self::from_documents(documents(text, file)?, file)
+    }
+
+    /// A store of `docs`; two of the same kind and name are an error naming `file`.
+    pub fn from_documents(
+        docs: impl IntoIterator<Item = Document>,
+        file: &str,
+    ) -> Result<Store, ConfigError> {
+        let mut out = BTreeMap::new();
+        for d in docs {
+            let k = d.key();
+            if out.contains_key(&k) {
                 let (kind, ns, name) = &k;
                 let id = if ns.is_empty() {
                     name.clone()
                 } else {
                     format!("{ns}/{name}")
                 };
-                return Err(err(
-                    format!("{kind} {id}"),
+                return Err(ConfigError::new(
+                    file,
+                    &format!("{kind} {id}"),
                     "metadata.name",
                     format!("duplicate {kind} {id}"),
                 ));
             }
-            docs.insert(k, v);
+            out.insert(k, d.body);
         }
-        Ok(Store { docs })
-    }
-
-    fn docs(text: &str) -> Store {
-        // Only called on text policy::parse accepted.
-        Self::parse_fragment(text, "").unwrap_or_default()
+        Ok(Store { docs: out })
     }
 
     pub fn load(path: &Path) -> Result<(Store, Config), ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            file: path.display().to_string(),
-            object: "file".into(),
-            field: String::new(),
-            reason: format!("cannot read: {e}"),
-        })?;
-        Self::parse(&text, &path.display().to_string())
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::unreadable(&file, &e))?;
+        Self::parse(&text, &file)
+    }
+
+    /// The whole policy these documents make, strictly (`file` names it in errors).
+    fn config(&self, file: &str) -> Result<Config, ConfigError> {
+        let docs = Document::from_values(self.docs.values().cloned(), file)?;
+        parse::objects(&docs, file)?.finish()
     }
 
     /// The store with `other`'s objects added or replacing those of the same kind and name,
@@ -85,7 +85,7 @@ impl Store {
         let mut docs = self.docs.clone();
         docs.extend(other.docs.iter().map(|(k, v)| (k.clone(), v.clone())));
         let merged = Store { docs };
-        let cfg = policy::parse(&merged.to_text(), file)?;
+        let cfg = merged.config(file)?;
         Ok((merged, cfg))
     }
 
@@ -95,47 +95,38 @@ impl Store {
         let mut docs = self.docs.clone();
         docs.remove(&key)?;
         let s = Store { docs };
-        Some(policy::parse(&s.to_text(), "live policy").map(|c| (s, c)))
+        Some(s.config("live policy").map(|c| (s, c)))
     }
 
     /// The store with MeshConfig's `spec.traffic.enableEgress` set.
     pub fn with_enable_egress(&self, enable: bool) -> Result<(Store, Config), ConfigError> {
-        use serde_yaml::{Mapping, Value};
         let mut docs = self.docs.clone();
         let key = docs
             .keys()
             .find(|k| k.0 == "MeshConfig")
             .cloned()
             .unwrap_or_else(|| ("MeshConfig".into(), String::new(), "egress".into()));
-        let doc = docs.entry(key).or_insert_with(|| {
-            serde_yaml::from_str("kind: MeshConfig\nmetadata: {name: egress}\nspec: {}\n")
-                .unwrap_or(Value::Null)
-        });
+        let doc = docs.entry(key).or_insert_with(
+            || json!({"kind": "MeshConfig", "metadata": {"name": "egress"}, "spec": {}}),
+        );
         let mut cursor = doc;
         for field in ["spec", "traffic"] {
-            let Value::Mapping(m) = cursor else { break };
-            cursor = m
-                .entry(Value::from(field))
-                .or_insert_with(|| Value::Mapping(Mapping::new()));
+            let Value::Object(m) = cursor else { break };
+            cursor = m.entry(field).or_insert_with(|| Value::Object(Map::new()));
             if cursor.is_null() {
-                *cursor = Value::Mapping(Mapping::new());
+                *cursor = Value::Object(Map::new());
             }
         }
-        if let Value::Mapping(m) = cursor {
-            m.insert(Value::from("enableEgress"), Value::from(enable));
+        if let Value::Object(m) = cursor {
+            m.insert("enableEgress".into(), Value::from(enable));
         }
         let s = Store { docs };
-        let cfg = policy::parse(&s.to_text(), "live policy")?;
+        let cfg = s.config("live policy")?;
         Ok((s, cfg))
     }
 
     pub fn to_text(&self) -> String {
-        let mut out = String::new();
-        for v in self.docs.values() {
-            out.push_str("---\n");
-            out.push_str(&serde_yaml::to_string(v).unwrap_or_default());
-        }
-        out
+        to_yaml(self.docs.values())
     }
 
     /// Writes the store to `path` atomically (temp file, fsync, rename).
@@ -151,25 +142,6 @@ impl Store {
         f.sync_all()?;
         std::fs::rename(&tmp, path)
     }
-}
-
-fn key_of(v: &serde_yaml::Value) -> DocKey {
-    let s = |x: Option<&serde_yaml::Value>| x.and_then(|v| v.as_str()).unwrap_or("").to_string();
-    let kind = s(v.get("kind"));
-    let meta = v.get("metadata");
-    let name = s(meta.and_then(|m| m.get("name")));
-    let ns = match kind.as_str() {
-        "MeshConfig" | "EgressGateway" => String::new(),
-        _ => {
-            let ns = s(meta.and_then(|m| m.get("namespace")));
-            if ns.is_empty() {
-                "default".into()
-            } else {
-                ns
-            }
-        }
-    };
-    (kind, ns, name)
 }
 
 #[cfg(test)]

@@ -1,0 +1,442 @@
+//! The policy model: what a validated policy holds (MeshConfig, Workload, Egress and
+//! EgressGateway objects), as the compiler and the rest of the agent use it. The document
+//! shapes are the `Deserialize` impls; [`mod@super::parse`] reads documents into these types and
+//! [`super::validate`] checks them.
+
+use std::{collections::BTreeMap, fmt};
+
+use serde::Deserialize;
+
+use super::scalar::{Cidr, HostPattern, Port, Seconds};
+
+pub const API_VERSION: &str = "policy.egress.dev/v1alpha1";
+pub const DEFAULT_PROXY_PORT: u16 = 15001;
+
+/// The whole policy of a standalone agent.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Config {
+    pub mesh: MeshSpec,
+    pub workloads: Vec<Workload>,
+    pub egresses: Vec<Egress>,
+    pub gateways: Vec<EgressGateway>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+/// `NAME` or `NAMESPACE/NAME` (namespace "default" when omitted), as the CLI takes it.
+impl std::str::FromStr for ObjectRef {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (ns, name) = s.split_once('/').unwrap_or(("default", s));
+        let valid = |p: &str| {
+            !p.is_empty()
+                && p.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        };
+        if valid(ns) && valid(name) {
+            Ok(ObjectRef {
+                namespace: ns.into(),
+                name: name.into(),
+            })
+        } else {
+            Err(format!("{s:?} is not NAME or NAMESPACE/NAME"))
+        }
+    }
+}
+
+impl fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+// ---- MeshConfig -------------------------------------------------------------------------
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct MeshSpec {
+    pub traffic: TrafficSpec,
+    pub proxy: ProxySpec,
+    pub fail_mode: FailMode,
+    pub audit_mode: bool,
+    /// Standalone mode: addresses of workloads with `network: pod`.
+    pub pod_network: Option<PodNetwork>,
+    /// Socket kinds that no destination hook judges: refused at `socket()` unless allowed.
+    pub sockets: SocketsSpec,
+}
+
+impl Default for MeshSpec {
+    fn default() -> Self {
+        Self {
+            traffic: TrafficSpec::default(),
+            proxy: ProxySpec::default(),
+            fail_mode: FailMode::Closed,
+            audit_mode: false,
+            pod_network: None,
+            sockets: SocketsSpec::default(),
+        }
+    }
+}
+
+/// `spec.sockets`: which socket kinds workloads may open beyond TCP, UDP and MPTCP (whose
+/// connections the socket hooks judge by destination).
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct SocketsSpec {
+    /// Raw IP sockets (`SOCK_RAW`, root or CAP_NET_RAW): any packet the process writes.
+    pub raw: SocketRule,
+    /// AF_PACKET and AF_XDP sockets: whole frames, below IP.
+    pub packet: SocketRule,
+    /// Ping sockets (`SOCK_DGRAM` ICMP/ICMPv6): each echo is judged by its destination.
+    pub icmp: SocketRule,
+    /// Every other IP protocol (UDP-Lite, SCTP, DCCP, ...).
+    pub other: SocketRule,
+}
+
+impl Default for SocketsSpec {
+    fn default() -> Self {
+        Self {
+            raw: SocketRule::Deny,
+            packet: SocketRule::Deny,
+            icmp: SocketRule::Allow,
+            other: SocketRule::Deny,
+        }
+    }
+}
+
+impl SocketsSpec {
+    /// The kernel's bit set ([`egress_common::sockets::kind`]) of allowed kinds.
+    pub fn allowed_bits(&self) -> u32 {
+        use egress_common::sockets::kind;
+        [
+            (self.raw, kind::RAW),
+            (self.packet, kind::PACKET),
+            (self.icmp, kind::ICMP),
+            (self.other, kind::OTHER),
+        ]
+        .into_iter()
+        .filter(|(r, _)| *r == SocketRule::Allow)
+        .fold(0, |bits, (_, k)| bits | k)
+    }
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SocketRule {
+    Allow,
+    Deny,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct TrafficSpec {
+    /// true: unmatched external traffic passes; false: only what an Egress allows.
+    pub enable_egress: bool,
+    #[serde(rename = "meshCIDRs")]
+    pub mesh_cidrs: Vec<Cidr>,
+}
+
+impl Default for TrafficSpec {
+    fn default() -> Self {
+        Self {
+            enable_egress: true,
+            mesh_cidrs: Vec::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct ProxySpec {
+    pub port: Port,
+    /// How long a client has to name its host (SNI, Host) when a rule needs it.
+    pub sniff_timeout: Seconds,
+    /// A relayed connection with no bytes either way for this long is closed.
+    pub idle_timeout: Seconds,
+    /// Connections the proxy relays at once.
+    pub max_connections: u32,
+    /// When a policy change refuses a destination, close the relayed connections to it.
+    pub close_on_tighten: bool,
+}
+
+impl Default for ProxySpec {
+    fn default() -> Self {
+        Self {
+            port: Port(DEFAULT_PROXY_PORT),
+            sniff_timeout: Seconds(std::time::Duration::from_secs(5)),
+            idle_timeout: Seconds(std::time::Duration::from_secs(3600)),
+            max_connections: 16_384,
+            close_on_tighten: true,
+        }
+    }
+}
+
+/// Standalone mode: the network of workloads that own a network namespace, as a CNI would
+/// set it up on a Kubernetes node (see `podnet`).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct PodNetwork {
+    /// Pod addresses are taken from here in the order the workloads are declared (.2 on).
+    pub ipv4: Option<Cidr>,
+    pub ipv6: Option<Cidr>,
+    /// Network namespaces are `/run/netns/<prefix><namespace>-<name>`.
+    pub netns_prefix: String,
+}
+
+impl Default for PodNetwork {
+    fn default() -> Self {
+        Self {
+            ipv4: None,
+            ipv6: None,
+            netns_prefix: "egress-".into(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Network {
+    /// The workload shares the agent's network namespace.
+    #[default]
+    Host,
+    /// The workload has its own network namespace behind a veth pair, like a pod.
+    Pod,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum FailMode {
+    Closed,
+    Open,
+}
+
+// ---- Workload ---------------------------------------------------------------------------
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Workload {
+    pub id: ObjectRef,
+    pub labels: BTreeMap<String, String>,
+    pub network: Network,
+}
+
+// ---- Egress -----------------------------------------------------------------------------
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Egress {
+    pub id: ObjectRef,
+    pub spec: EgressSpec,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct EgressSpec {
+    pub sources: Vec<Source>,
+    #[serde(default)]
+    pub hosts: Vec<HostPattern>,
+    #[serde(default)]
+    pub ip_addresses: Vec<Cidr>,
+    #[serde(default)]
+    pub ports: Vec<PortSpec>,
+    #[serde(default)]
+    pub action: Action,
+    #[serde(default)]
+    pub via: Option<Via>,
+    /// The EgressGateway (by name) this policy's connections leave through; implies
+    /// `via: gateway`. Without it, `via: gateway` means the global gateway.
+    #[serde(default)]
+    pub gateway: Option<String>,
+}
+
+impl EgressSpec {
+    /// Where matching connections go: hosts imply the proxy, a named gateway implies
+    /// `via: gateway`.
+    pub fn route(&self) -> Via {
+        match self.via {
+            Some(v) => v,
+            None if self.gateway.is_some() => Via::Gateway,
+            None if !self.hosts.is_empty() => Via::Proxy,
+            None => Via::Direct,
+        }
+    }
+}
+
+/// A source: one workload by name, or workloads by label.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Source {
+    #[serde(default)]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub namespace: Option<String>,
+    #[serde(default)]
+    pub pod_selector: Option<LabelSelector>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LabelSelector {
+    #[serde(default)]
+    pub match_labels: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PortSpec {
+    pub number: Port,
+    /// Last port of a range (inclusive), as in Kubernetes NetworkPolicy.
+    #[serde(default)]
+    pub end_port: Option<Port>,
+    #[serde(default)]
+    pub protocol: Protocol,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Tcp,
+    Http,
+    Https,
+    Udp,
+}
+
+impl Protocol {
+    pub fn is_tcp(self) -> bool {
+        !matches!(self, Protocol::Udp)
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    #[default]
+    Allow,
+    Deny,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Via {
+    Direct,
+    Proxy,
+    Gateway,
+}
+
+// ---- EgressGateway ----------------------------------------------------------------------
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct EgressGateway {
+    pub id: ObjectRef,
+    pub spec: GatewaySpec,
+}
+
+/// A gateway is either global (FSM semantics: every connection the proxy relays leaves
+/// through it, unless its policy names another gateway) or per policy (`endpoints`: used only
+/// by the Egress policies that name it with `gateway:`). Endpoints are tried in order.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GatewaySpec {
+    #[serde(default)]
+    pub global: Vec<GatewayEndpoint>,
+    #[serde(default)]
+    pub endpoints: Vec<GatewayEndpoint>,
+}
+
+impl GatewaySpec {
+    pub fn is_global(&self) -> bool {
+        !self.global.is_empty()
+    }
+
+    /// The endpoints, whichever list holds them.
+    pub fn all(&self) -> &[GatewayEndpoint] {
+        if self.is_global() {
+            &self.global
+        } else {
+            &self.endpoints
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayEndpoint {
+    pub address: std::net::SocketAddr,
+    pub mode: GatewayMode,
+}
+
+/// How the node proxy talks to a gateway.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Hash)]
+pub enum GatewayMode {
+    /// HTTP/2 CONNECT, one stream per connection over one reused h2c connection.
+    #[serde(rename = "http2tunnel")]
+    Http2tunnel,
+    /// SOCKS5 CONNECT (RFC 1928, no authentication).
+    #[serde(rename = "socks5")]
+    Socks5,
+    /// HTTP/1.1 CONNECT, one TCP connection per tunnel (squid, tinyproxy and friends).
+    #[serde(rename = "http-connect")]
+    HttpConnect,
+}
+
+impl GatewayMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            GatewayMode::Http2tunnel => "http2tunnel",
+            GatewayMode::Socks5 => "socks5",
+            GatewayMode::HttpConnect => "http-connect",
+        }
+    }
+}
+
+impl Egress {
+    /// The workloads this policy applies to.
+    pub fn sources<'a>(
+        &'a self,
+        workloads: &'a [Workload],
+    ) -> impl Iterator<Item = &'a Workload> + 'a {
+        workloads.iter().filter(move |w| {
+            self.spec.sources.iter().any(|s| {
+                let ns = s.namespace.as_deref().unwrap_or(&self.id.namespace);
+                if w.id.namespace != ns {
+                    return false;
+                }
+                match (&s.name, &s.pod_selector) {
+                    (Some(n), _) => &w.id.name == n,
+                    (None, Some(sel)) => sel
+                        .match_labels
+                        .iter()
+                        .all(|(k, v)| w.labels.get(k) == Some(v)),
+                    (None, None) => false,
+                }
+            })
+        })
+    }
+}
+
+/// One object of a policy, validated on its own (not yet against the others).
+#[derive(Clone, Debug, PartialEq)]
+pub enum PolicyObject {
+    Mesh { name: String, spec: MeshSpec },
+    Workload(Workload),
+    Egress(Egress),
+    Gateway(EgressGateway),
+}
+
+impl PolicyObject {
+    /// How errors name it: `Egress ns/name`, `MeshConfig name`.
+    pub fn label(&self) -> String {
+        match self {
+            PolicyObject::Mesh { name, .. } => format!("MeshConfig {name}"),
+            PolicyObject::Workload(w) => format!("Workload {}", w.id),
+            PolicyObject::Egress(e) => format!("Egress {}", e.id),
+            PolicyObject::Gateway(g) => format!("EgressGateway {}", g.id.name),
+        }
+    }
+}
