@@ -20,6 +20,7 @@ use crate::{
     datapath::{
         bpf::{BpfError, Datapath},
         cgroups::{self, CgroupError, CgroupRoot},
+        pod_addrs,
         podnet::{self, Pod, PodNetError},
     },
     policy::{self, CompileError, Compiled, Config, ConfigError, Live, ObjectRef, Store},
@@ -251,10 +252,12 @@ impl Control {
             if let Some((_, id)) = compiled.workloads.iter().find(|(w, _)| *w == p.workload) {
                 cgroups.push((egress_common::IFACE_TAG | ifindex as u64, *id));
             }
-            ifaces.push((p.host_if.clone(), ifindex));
+            ifaces.push((p.host_if.clone(), ifindex, p.ip4, p.ip6));
         }
         let mut dp = self.datapath();
-        for (name, ifindex) in &ifaces {
+        for (name, ifindex, ip4, ip6) in &ifaces {
+            // Before the set that judges the interface: the backstop's anti-spoof needs them.
+            dp.set_pod_addrs(*ifindex, pod_addrs::pod_addrs(*ip4, *ip6))?;
             let report = dp.attach_tc(name, *ifindex)?;
             info!(interface = %name, ifindex, programs = %report.join(", "), "tc backstop");
         }
@@ -267,8 +270,11 @@ impl Control {
         let generation = cur.generation + 1;
         let mesh = self.mesh_config(&compiled, generation, events_all);
         let old = dp.apply(&compiled, mesh, &cgroups)?;
-        let keep: Vec<u32> = ifaces.iter().map(|(_, i)| *i).collect();
+        let keep: Vec<u32> = ifaces.iter().map(|(_, i, _, _)| *i).collect();
         dp.prune_tc(&keep);
+        if let Err(e) = dp.prune_pod_addrs(&keep) {
+            warn!(error = %e, "cannot forget the addresses of removed pods");
+        }
         drop(dp);
         let gone: Vec<Pod> = self
             .pods

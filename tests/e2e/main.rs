@@ -16,4 +16,5 @@ mod metrics;
 mod pods;
 mod proxy;
 mod semantics;
+mod tc_attacks;
 mod tc_prog;

@@ -3,6 +3,8 @@
 
   packets.py syn DST PORT          a TCP SYN from a raw socket (IPv4 or IPv6)
   packets.py echo DST              an ICMP (or ICMPv6) echo request from a raw socket
+  packets.py raw4|raw6 DST HEX    a whole IP packet (header included) from an IPPROTO_RAW socket
+  packets.py frame IFACE MAC TYPE HEX  an Ethernet frame to MAC (ethertype TYPE, hex) on IFACE
   packets.py sniff IFACE DST SECS  prints how many IP packets to DST crossed IFACE
 """
 import socket
@@ -63,8 +65,34 @@ def sniff(iface, dst, secs):
     print(seen, flush=True)
 
 
+def raw(family, dst, hexpkt):
+    """Sends a whole IP packet (header included, as given: any source, any extension
+    headers) from an IPPROTO_RAW socket."""
+    s = socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    s.sendto(bytes.fromhex(hexpkt), (dst, 0))
+    print("sent")
+
+
+def frame(iface, dstmac, ethertype, hexpkt):
+    """Sends an IP packet in an Ethernet frame of our own on IFACE (AF_PACKET): it leaves
+    even when its destination is a local address."""
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+    s.bind((iface, 0))
+    with open("/sys/class/net/%s/address" % iface) as f:
+        src = bytes.fromhex(f.read().strip().replace(":", ""))
+    dst = bytes.fromhex(dstmac.replace(":", ""))
+    s.send(dst + src + struct.pack("!H", int(ethertype, 16)) + bytes.fromhex(hexpkt))
+    print("sent")
+
+
 if __name__ == "__main__":
     cmd = sys.argv[1]
+    if cmd == "frame":
+        frame(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5])
+    elif cmd == "raw4":
+        raw(socket.AF_INET, sys.argv[2], sys.argv[3])
+    elif cmd == "raw6":
+        raw(socket.AF_INET6, sys.argv[2], sys.argv[3])
     if cmd == "syn":
         syn(sys.argv[2], int(sys.argv[3]))
     elif cmd == "echo":

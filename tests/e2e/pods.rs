@@ -18,22 +18,22 @@ use crate::harness::{
 };
 
 /// External stand-ins, on the outside namespace's loopback.
-const ALLOW4: &str = "192.0.2.10";
+pub(crate) const ALLOW4: &str = "192.0.2.10";
 const PROXY4: &str = "192.0.2.20";
-const DENY4: &str = "192.0.2.30";
+pub(crate) const DENY4: &str = "192.0.2.30";
 const PING4: &str = "192.0.2.40";
-const ALLOW6: &str = "2001:db8::10";
+pub(crate) const ALLOW6: &str = "2001:db8::10";
 const PROXY6: &str = "2001:db8::20";
-const DENY6: &str = "2001:db8::30";
-const POD4: &str = "10.200.0.2";
-const POD6: &str = "fd00:200::2";
+pub(crate) const DENY6: &str = "2001:db8::30";
+pub(crate) const POD4: &str = "10.200.0.2";
+pub(crate) const POD6: &str = "fd00:200::2";
 const NODE_UPLINK4: &str = "10.99.0.1";
 const NODE_UPLINK6: &str = "fd99::1";
-const PORT: u16 = 8080;
+pub(crate) const PORT: u16 = 8080;
 
 /// A node namespace (where the agent runs, like a Kubernetes node's) linked to an outside
 /// namespace that holds the "external" addresses and routes the pod network back.
-struct Net {
+pub(crate) struct Net {
     tag: String,
     node: Netns,
     out: Netns,
@@ -41,7 +41,7 @@ struct Net {
 }
 
 impl Net {
-    fn new() -> Net {
+    pub(crate) fn new() -> Net {
         static N: AtomicUsize = AtomicUsize::new(0);
         let tag = format!(
             "e{}x{}",
@@ -93,7 +93,7 @@ impl Net {
         net
     }
 
-    fn node_path(&self) -> PathBuf {
+    pub(crate) fn node_path(&self) -> PathBuf {
         self.node.path()
     }
 
@@ -106,16 +106,16 @@ impl Net {
         Path::new("/run/netns").join(format!("{}-default-web", self.tag))
     }
 
-    fn server(&self, addr: &str) -> TcpServer {
+    pub(crate) fn server(&self, addr: &str) -> TcpServer {
         TcpServer::start_in(&self.out_path(), addr, PORT)
     }
 
     /// Starts a sniffer on the outside end of the node's uplink that counts packets to `dst`.
-    fn sniff(&self, dst: &str, secs: f32) -> Sniffer {
+    pub(crate) fn sniff(&self, dst: &str, secs: f32) -> Sniffer {
         Sniffer::start(&self.out_path(), &self.ext_if, dst, secs)
     }
 
-    fn policy(&self, enable_egress: bool) -> String {
+    pub(crate) fn policy(&self, enable_egress: bool) -> String {
         format!(
             "
 kind: MeshConfig
@@ -166,7 +166,7 @@ impl Drop for Unplug {
 }
 
 /// The sum of a metric's samples whose line contains every one of `labels`.
-fn metric(a: &Agent, name: &str, labels: &[&str]) -> u64 {
+pub(crate) fn metric(a: &Agent, name: &str, labels: &[&str]) -> u64 {
     let (_, body) = a.http_get("/metrics");
     body.lines()
         .filter(|l| l.starts_with(name) && labels.iter().all(|x| l.contains(x)))
@@ -185,11 +185,11 @@ fn tc_link_state(log: &str) -> String {
     rest[open + 1..close].to_string()
 }
 
-fn drops(a: &Agent) -> u64 {
+pub(crate) fn drops(a: &Agent) -> u64 {
     metric(a, "egress_tc_dropped_packets_total{", &[])
 }
 
-fn raw_syn(a: &Agent, dst: &str) {
+pub(crate) fn raw_syn(a: &Agent, dst: &str) {
     let out = a.exec("web", &["python3", PACKETS, "syn", dst, &PORT.to_string()]);
     assert!(
         out.status.success(),

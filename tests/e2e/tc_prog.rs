@@ -70,7 +70,9 @@ impl Backstop {
         let mut ebpf = EbpfLoader::new().load(OBJECT).expect("load the object");
         for name in [FROM, TO] {
             let p: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
+            let t = std::time::Instant::now();
             p.load().unwrap_or_else(|e| panic!("{name}: {e:?}"));
+            eprintln!("{name}: loaded in {:?}", t.elapsed());
         }
         let mut active: Array<_, u32> = ebpf.map_mut(names::ACTIVE).unwrap().try_into().unwrap();
         active.set(0, 0, 0).unwrap();
@@ -195,12 +197,12 @@ impl Backstop {
 
 // --- Packet crafting -------------------------------------------------------------------
 
-const TCP: u8 = 6;
+pub(crate) const TCP: u8 = 6;
 const UDP: u8 = 17;
-const ICMPV6: u8 = 58;
-const DSTOPTS: u8 = 60;
-const FRAGMENT: u8 = 44;
-const HOPOPTS: u8 = 0;
+pub(crate) const ICMPV6: u8 = 58;
+pub(crate) const DSTOPTS: u8 = 60;
+pub(crate) const FRAGMENT: u8 = 44;
+pub(crate) const HOPOPTS: u8 = 0;
 
 fn eth(ethertype: u16, payload: &[u8]) -> Vec<u8> {
     let mut f = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2];
@@ -209,7 +211,7 @@ fn eth(ethertype: u16, payload: &[u8]) -> Vec<u8> {
     f
 }
 
-fn tcp(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+pub(crate) fn tcp(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
     let mut t = vec![0u8; 20];
     t[0..2].copy_from_slice(&sport.to_be_bytes());
     t[2..4].copy_from_slice(&dport.to_be_bytes());
@@ -218,10 +220,17 @@ fn tcp(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
     t
 }
 
-const SYN: u8 = 0x02;
+pub(crate) const SYN: u8 = 0x02;
 
 /// IPv4 with options `opts` (a multiple of 4 bytes) and fragment field `frag`.
-fn ipv4(src: [u8; 4], dst: [u8; 4], proto: u8, frag: u16, opts: &[u8], l4: &[u8]) -> Vec<u8> {
+pub(crate) fn ipv4(
+    src: [u8; 4],
+    dst: [u8; 4],
+    proto: u8,
+    frag: u16,
+    opts: &[u8],
+    l4: &[u8],
+) -> Vec<u8> {
     let ihl = 20 + opts.len();
     let mut p = vec![0u8; ihl];
     p[0] = 0x40 | (ihl / 4) as u8;
@@ -233,11 +242,20 @@ fn ipv4(src: [u8; 4], dst: [u8; 4], proto: u8, frag: u16, opts: &[u8], l4: &[u8]
     p[12..16].copy_from_slice(&src);
     p[16..20].copy_from_slice(&dst);
     p[20..].copy_from_slice(opts);
+    // The header checksum, so the node's stack would take it too.
+    let mut sum: u32 = p
+        .chunks(2)
+        .map(|w| u16::from_be_bytes([w[0], w[1]]) as u32)
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    p[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
     p.extend_from_slice(l4);
     eth(0x0800, &p)
 }
 
-fn ipv6(src: [u8; 16], dst: [u8; 16], next: u8, rest: &[u8]) -> Vec<u8> {
+pub(crate) fn ipv6(src: [u8; 16], dst: [u8; 16], next: u8, rest: &[u8]) -> Vec<u8> {
     let mut p = vec![0u8; 40];
     p[0] = 0x60;
     p[4..6].copy_from_slice(&(rest.len() as u16).to_be_bytes());
@@ -250,20 +268,20 @@ fn ipv6(src: [u8; 16], dst: [u8; 16], next: u8, rest: &[u8]) -> Vec<u8> {
 }
 
 /// An 8-byte destination options (or hop-by-hop) header followed by `rest`.
-fn opts_header(next: u8, rest: &[u8]) -> Vec<u8> {
+pub(crate) fn opts_header(next: u8, rest: &[u8]) -> Vec<u8> {
     let mut h = vec![next, 0, 1, 4, 0, 0, 0, 0]; // PadN
     h.extend_from_slice(rest);
     h
 }
 
 /// Neighbour solicitation for `target`.
-fn ns(target: [u8; 16]) -> Vec<u8> {
+pub(crate) fn ns(target: [u8; 16]) -> Vec<u8> {
     let mut m = vec![135, 0, 0, 0, 0, 0, 0, 0];
     m.extend_from_slice(&target);
     m
 }
 
-fn solicited_node(a: [u8; 16]) -> [u8; 16] {
+pub(crate) fn solicited_node(a: [u8; 16]) -> [u8; 16] {
     let mut m = [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff, 0, 0, 0];
     m[13..].copy_from_slice(&a[13..]);
     m

@@ -1,6 +1,7 @@
 //! What the kernel enforces: the eBPF object, its maps, links and pins ([`bpf`], with
 //! [`attach`], [`policy_maps`], [`counters`], [`pins`] and [`error`]), the workloads' cgroups
-//! ([`cgroups`]), the network namespaces of pods ([`podnet`], plumbed over rtnetlink by
+//! ([`cgroups`]), the network namespaces of pods ([`podnet`]; their addresses for the tc backstop in
+//! [`pod_addrs`]; plumbed over rtnetlink by
 //! [`netlink`]), and the oldest kernel the programs load on ([`kernel_version`]).
 
 pub mod attach;
@@ -11,5 +12,6 @@ pub mod error;
 pub mod kernel_version;
 pub mod netlink;
 pub mod pins;
+pub mod pod_addrs;
 pub mod podnet;
 pub mod policy_maps;
