@@ -99,6 +99,12 @@ egress_tc_dropped_packets_total{workload="db",namespace="shop",reason="deny-rule
 egress_tc_dropped_packets_total{workload="db",namespace="shop",reason="deny-default"} 0
 egress_tc_dropped_packets_total{workload="db",namespace="shop",reason="deny-error"} 0
 egress_tc_dropped_packets_total{workload="db",namespace="shop",reason="proxy-bypass"} 2
+egress_tc_dropped_packets_total{workload="db",namespace="shop",reason="source-route"} 0
+egress_tc_dropped_packets_total{workload="db",namespace="shop",reason="too-many-headers"} 0
+egress_tc_dropped_packets_total{workload="db",namespace="shop",reason="malformed"} 0
+egress_tc_dropped_packets_total{workload="db",namespace="shop",reason="spoofed-source"} 0
+egress_tc_dropped_packets_total{workload="db",namespace="shop",reason="orphan-fragment"} 0
+egress_tc_dropped_packets_total{workload="db",namespace="shop",reason="non-ip"} 0
 # HELP egress_tc_packets_total Packets through the tc backstop on a workload's interface, by verdict (inbound: into the workload)
 # TYPE egress_tc_packets_total counter
 egress_tc_packets_total{workload="db",namespace="shop",verdict="proxy-bypass"} 2
