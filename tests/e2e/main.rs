@@ -14,3 +14,4 @@ mod metrics;
 mod pods;
 mod proxy;
 mod semantics;
+mod sockets;

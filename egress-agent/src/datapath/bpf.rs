@@ -406,6 +406,17 @@ impl Datapath {
         out
     }
 
+    /// Socket refusals by (workload id, kind): [`super::sockets::refusals`].
+    pub fn socket_refusals(
+        &mut self,
+        workloads: &[u32],
+    ) -> std::collections::HashMap<(u32, u32), u64> {
+        match self.map::<PerCpuArray<_, u64>>(names::COUNTERS) {
+            Ok(c) => super::sockets::refusals(&c, workloads),
+            Err(_) => Default::default(),
+        }
+    }
+
     /// (map, entries, capacity) for the metrics. Policy entries are known from the policy
     /// in force; the LRU maps are counted.
     pub fn map_fill(&mut self, policy: &Compiled) -> Vec<(&'static str, usize, u32)> {
@@ -561,6 +572,7 @@ impl Datapath {
                 report.push(format!("{name} (attached)"));
             }
         }
+        super::sockets::attach(&mut self.ebpf, &cg, &links_dir, &mut self.links, report)?;
         Ok(())
     }
 

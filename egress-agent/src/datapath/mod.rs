@@ -5,3 +5,4 @@ pub mod bpf;
 pub mod cgroups;
 pub mod kernel_version;
 pub mod podnet;
+pub mod sockets;

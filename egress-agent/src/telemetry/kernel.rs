@@ -31,6 +31,8 @@ pub struct KernelSnapshot {
     pub sums: HashMap<(u32, u8, u8), u64>,
     /// tc backstop (packets, bytes) by (workload id, slot).
     pub tc: HashMap<(u32, u8), (u64, u64)>,
+    /// `socket()` calls refused, by (workload id, socket kind).
+    pub sockets: HashMap<(u32, u32), u64>,
     /// (map, entries, capacity).
     pub entries: Vec<(&'static str, usize, u32)>,
     pub generation: u64,
@@ -103,6 +105,7 @@ impl Collector for KernelCollector {
             pods,
             sums,
             tc,
+            sockets,
             entries,
             generation,
         } = self.kernel.snapshot();
@@ -211,6 +214,27 @@ impl Collector for KernelCollector {
             "egress_tc_bytes",
             "Bytes through the tc backstop on a workload's interface, by verdict (inbound: into the workload)",
             &tc_bytes,
+        )?;
+        let refused: Vec<(Labels, u64)> = policy
+            .workloads
+            .iter()
+            .flat_map(|(w, id)| {
+                let sockets = &sockets;
+                egress_common::sockets::KINDS.into_iter().map(move |k| {
+                    let l = vec![
+                        ("workload", w.name.clone()),
+                        ("namespace", w.namespace.clone()),
+                        ("kind", egress_common::sockets::kind_name(k).into()),
+                    ];
+                    (l, sockets.get(&(*id, k)).copied().unwrap_or(0))
+                })
+            })
+            .collect();
+        counter(
+            &mut enc,
+            "egress_sockets_refused",
+            "socket() calls refused in the kernel because spec.sockets does not allow their kind (raw, packet, icmp, other)",
+            &refused,
         )?;
         counter(
             &mut enc,
