@@ -24,7 +24,7 @@ use aya::{
 };
 use egress_common::sockets::kind;
 
-use super::bpf::BpfError;
+use super::{bpf::Datapath, error::BpfError};
 
 pub const SOCK_CREATE: &str = "egress_sock_create";
 pub const LSM_SOCKET_CREATE: &str = "egress_lsm_socket_create";
@@ -216,22 +216,29 @@ pub fn packet_sockets(programs: &[String], sockets_allowed: u32) -> String {
     }
 }
 
-/// The socket refusals of the given workloads, summed over the CPUs, keyed by (workload id,
-/// kind). Read from `EGRESS_COUNTERS` (see [`egress_common::sockets::counter_index`]).
-pub fn refusals(
-    counters: &aya::maps::PerCpuArray<&mut aya::maps::MapData, u64>,
-    workloads: &[u32],
-) -> std::collections::HashMap<(u32, u32), u64> {
-    let mut out = std::collections::HashMap::new();
-    for &w in workloads {
-        for k in egress_common::sockets::KINDS {
-            let i = egress_common::sockets::counter_index(w, k);
-            if let Ok(v) = counters.get(&i, 0) {
-                out.insert((w, k), v.iter().sum());
+impl Datapath {
+    /// The socket refusals of the given workloads, summed over the CPUs, keyed by (workload
+    /// id, kind). Read from `EGRESS_COUNTERS` (see [`egress_common::sockets::counter_index`]).
+    pub fn socket_refusals(
+        &mut self,
+        workloads: &[u32],
+    ) -> std::collections::HashMap<(u32, u32), u64> {
+        let mut out = std::collections::HashMap::new();
+        let Ok(counters) =
+            self.map::<aya::maps::PerCpuArray<_, u64>>(egress_common::names::COUNTERS)
+        else {
+            return out;
+        };
+        for &w in workloads {
+            for k in egress_common::sockets::KINDS {
+                let i = egress_common::sockets::counter_index(w, k);
+                if let Ok(v) = counters.get(&i, 0) {
+                    out.insert((w, k), v.iter().sum());
+                }
             }
         }
+        out
     }
-    out
 }
 
 #[cfg(test)]
