@@ -128,7 +128,10 @@ fn print_status(v: &Value) {
         .collect();
     println!(
         "programs:     {} attached to {}",
-        progs.len(),
+        progs
+            .iter()
+            .filter(|p| !p.contains("(not attached"))
+            .count(),
         s(v, "cgroup_root")
     );
     for p in progs {
