@@ -349,6 +349,10 @@ pub mod hook {
     pub const SENDMSG6: u8 = 4;
     /// The tc backstop on a workload's interface.
     pub const TC: u8 = 5;
+    /// `cgroup/sock_create`: a socket kind no hook judges ([`crate::sockets::event_addr`]).
+    pub const SOCK_CREATE: u8 = 6;
+    /// The `socket_create` LSM (cgroup) hook: packet sockets.
+    pub const LSM_SOCKET_CREATE: u8 = 7;
 }
 
 /// One decision, written to the `EGRESS_EVENTS` ring buffer.

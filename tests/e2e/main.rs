@@ -16,3 +16,4 @@ mod metrics;
 mod pods;
 mod proxy;
 mod semantics;
+mod sockets;

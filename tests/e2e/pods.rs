@@ -124,6 +124,7 @@ spec:
   traffic: {{enableEgress: {enable_egress}}}
   proxy: {{port: {{proxy_port}}}}
   podNetwork: {{ipv4: 10.200.0.0/24, ipv6: 'fd00:200::/64', netnsPrefix: {}-}}
+  sockets: {{raw: allow}}  # the raw packets the tc backstop must drop
 ---
 kind: Workload
 metadata: {{name: web}}

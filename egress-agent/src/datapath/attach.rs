@@ -135,6 +135,7 @@ impl Datapath {
                 report.push(format!("{name} (attached)"));
             }
         }
+        super::sockets::attach(&mut self.ebpf, &cg, &links_dir, &mut self.links, report)?;
         Ok(())
     }
 

@@ -13,3 +13,4 @@ pub mod netlink;
 pub mod pins;
 pub mod podnet;
 pub mod policy_maps;
+pub mod sockets;

@@ -118,6 +118,14 @@ pub struct TcLabels {
     pub verdict: &'static str,
 }
 
+/// `egress_sockets_refused`: the kind is [`egress_common::sockets::kind_name`].
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SocketLabels {
+    pub workload: String,
+    pub namespace: String,
+    pub kind: &'static str,
+}
+
 /// `egress_map_entries` and `egress_map_capacity`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MapLabels {
@@ -183,6 +191,8 @@ pub struct KernelSnapshot {
     pub sums: HashMap<(u32, u8, u8), u64>,
     /// tc backstop (packets, bytes) by (workload id, slot).
     pub tc: HashMap<(u32, u8), (u64, u64)>,
+    /// `socket()` calls refused, by (workload id, socket kind).
+    pub sockets: HashMap<(u32, u32), u64>,
     /// (map, entries, capacity).
     pub entries: Vec<(&'static str, usize, u32)>,
     pub generation: u64,
@@ -255,6 +265,7 @@ impl Collector for KernelCollector {
             pods,
             sums,
             tc,
+            sockets,
             entries,
             generation,
         } = self.kernel.snapshot();
@@ -352,6 +363,27 @@ impl Collector for KernelCollector {
             "egress_tc_bytes",
             "Bytes through the tc backstop on a workload's interface, by verdict (inbound: into the workload)",
             &tc_bytes,
+        )?;
+        let refused: Vec<(SocketLabels, u64)> = policy
+            .workloads
+            .iter()
+            .flat_map(|(w, id)| {
+                let sockets = &sockets;
+                egress_common::sockets::KINDS.into_iter().map(move |k| {
+                    let l = SocketLabels {
+                        workload: w.name.clone(),
+                        namespace: w.namespace.clone(),
+                        kind: egress_common::sockets::kind_name(k),
+                    };
+                    (l, sockets.get(&(*id, k)).copied().unwrap_or(0))
+                })
+            })
+            .collect();
+        counter(
+            &mut enc,
+            "egress_sockets_refused",
+            "socket() calls refused in the kernel because spec.sockets does not allow their kind (raw, packet, icmp, other)",
+            &refused,
         )?;
         counter1(
             &mut enc,

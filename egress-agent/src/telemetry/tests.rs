@@ -39,6 +39,7 @@ impl KernelSource for Fake {
             pods: vec![db.0],
             sums,
             tc: tcs,
+            sockets: HashMap::from([((web, egress_common::sockets::kind::OTHER), 5)]),
             entries: vec![
                 ("EGRESS_WORKLOADS", 2, 4096),
                 ("EGRESS_POLICY_V4", 1, 65536),
@@ -107,6 +108,16 @@ egress_tc_packets_total{workload="db",namespace="shop",verdict="inbound"} 7
 # TYPE egress_tc_bytes_total counter
 egress_tc_bytes_total{workload="db",namespace="shop",verdict="proxy-bypass"} 120
 egress_tc_bytes_total{workload="db",namespace="shop",verdict="inbound"} 700
+# HELP egress_sockets_refused_total socket() calls refused in the kernel because spec.sockets does not allow their kind (raw, packet, icmp, other)
+# TYPE egress_sockets_refused_total counter
+egress_sockets_refused_total{workload="db",namespace="shop",kind="raw"} 0
+egress_sockets_refused_total{workload="db",namespace="shop",kind="packet"} 0
+egress_sockets_refused_total{workload="db",namespace="shop",kind="icmp"} 0
+egress_sockets_refused_total{workload="db",namespace="shop",kind="other"} 0
+egress_sockets_refused_total{workload="web",namespace="shop",kind="raw"} 0
+egress_sockets_refused_total{workload="web",namespace="shop",kind="packet"} 0
+egress_sockets_refused_total{workload="web",namespace="shop",kind="icmp"} 0
+egress_sockets_refused_total{workload="web",namespace="shop",kind="other"} 5
 # HELP egress_flow_events_lost_total Verdict events the kernel could not hand to the agent (the counters still count their connections)
 # TYPE egress_flow_events_lost_total counter
 egress_flow_events_lost_total 4
