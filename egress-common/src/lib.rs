@@ -9,6 +9,7 @@
 pub mod decide;
 pub mod maps;
 pub mod packet;
+pub mod skb;
 pub mod sockets;
 pub mod tc;
 

@@ -9,13 +9,14 @@
 
 mod events;
 mod maps;
+mod skb;
 mod sock_addr;
 mod sockops;
 mod tc;
 
 use aya_ebpf::{
-    macros::{cgroup_sock_addr, classifier, sock_ops},
-    programs::{SockAddrContext, SockOpsContext, TcContext},
+    macros::{cgroup_skb, cgroup_sock_addr, classifier, sock_ops},
+    programs::{SkBuffContext, SockAddrContext, SockOpsContext, TcContext},
 };
 use egress_common::{hook, proto};
 
@@ -59,6 +60,14 @@ pub fn egress_getpeername6(ctx: SockAddrContext) -> i32 {
 #[sock_ops]
 pub fn egress_sockops(ctx: SockOpsContext) -> u32 {
     sockops::on_event(&ctx)
+}
+
+/// Every packet a workload's sockets send, judged by its real destination (fast path: the
+/// socket's remembered verdict). Catches connections older than the agent or the policy,
+/// source routes, and ping sockets' unconnected sendto().
+#[cgroup_skb(egress)]
+pub fn egress_skb_egress(ctx: SkBuffContext) -> i32 {
+    skb::egress(&ctx)
 }
 
 /// Packets leaving a workload (ingress of the host side of its veth): judged by the policy

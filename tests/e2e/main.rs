@@ -11,6 +11,7 @@ mod harness;
 mod k8s;
 mod lifecycle;
 mod metrics;
+mod packets;
 mod pods;
 mod proxy;
 mod semantics;

@@ -14,7 +14,8 @@ use aya::{
         links::FdLink,
         links::PinnedLink,
         tc::{NlOptions, TcAttachOptions},
-        CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, SockOps, TcAttachType,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, ProgramError,
+        SchedClassifier, SockOps, TcAttachType,
     },
     Ebpf, EbpfError, EbpfLoader,
 };
@@ -29,8 +30,9 @@ use crate::policy::Compiled;
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/egress"));
 
 /// The programs, in the order they are attached.
-pub const PROGRAMS: [&str; 7] = [
+pub const PROGRAMS: [&str; 8] = [
     "egress_sockops",
+    PACKET_PROGRAM,
     "egress_getpeername4",
     "egress_getpeername6",
     "egress_sendmsg4",
@@ -38,6 +40,17 @@ pub const PROGRAMS: [&str; 7] = [
     "egress_connect4",
     "egress_connect6",
 ];
+
+/// The per-packet `cgroup_skb/egress` program.
+pub const PACKET_PROGRAM: &str = "egress_skb_egress";
+
+/// Set (to anything but 0) in the agent's environment: run without the per-packet program
+/// (the benchmark compares the two; not for production).
+pub const NO_PACKET_PROGRAM_ENV: &str = "EGRESS_NO_PACKET_PROGRAM";
+
+fn packet_program_disabled() -> bool {
+    std::env::var(NO_PACKET_PROGRAM_ENV).is_ok_and(|v| !v.is_empty() && v != "0")
+}
 
 /// The tc backstop: (program, hook on the host side of a workload's veth, pin suffix).
 pub const TC_PROGRAMS: [(&str, TcAttachType, &str); 2] = [
@@ -346,7 +359,42 @@ impl Datapath {
                 ))?;
             t.set(i, zeros, 0).map_err(map_err(names::TC_COUNTERS))?;
         }
+        let mut d: PerCpuArray<_, u64> = self.map(names::PACKET_DROPS)?;
+        let first = egress_common::skb::skb_index(workload_id, 0);
+        for i in first..first + egress_common::skb::SKB_SLOTS {
+            let zeros = aya::maps::PerCpuValues::try_from(vec![0u64; ncpu]).map_err(io(
+                Path::new("/sys/devices/system/cpu/possible"),
+                "per-CPU values",
+            ))?;
+            d.set(i, zeros, 0).map_err(map_err(names::PACKET_DROPS))?;
+        }
         Ok(())
+    }
+
+    /// Packets the per-packet program dropped, summed over the CPUs, by (workload id, drop
+    /// slot: a denying outcome or `egress_common::skb::DROP_*`). Zero slots are left out.
+    pub fn packet_drop_sums(
+        &mut self,
+        workloads: &[u32],
+    ) -> std::collections::HashMap<(u32, u8), u64> {
+        let mut out = std::collections::HashMap::new();
+        let Ok(c) = self.map::<PerCpuArray<_, u64>>(names::PACKET_DROPS) else {
+            return out;
+        };
+        for &w in workloads {
+            for slot in 0..egress_common::skb::SKB_SLOTS as u8 {
+                if egress_common::skb::skb_drop_reason(slot).is_none() {
+                    continue;
+                }
+                if let Ok(v) = c.get(&egress_common::skb::skb_index(w, slot), 0) {
+                    let n: u64 = v.iter().sum();
+                    if n > 0 {
+                        out.insert((w, slot), n);
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// The tc backstop's counters of the given workloads, summed over the CPUs, keyed by
@@ -485,10 +533,21 @@ impl Datapath {
         fs::create_dir_all(&links_dir).map_err(io(&links_dir, "mkdir"))?;
         for name in PROGRAMS {
             let path = links_dir.join(name);
+            let packet = name == PACKET_PROGRAM;
+            if packet && packet_program_disabled() {
+                let _ = fs::remove_file(&path);
+                report.push(format!("{name} (disabled by {NO_PACKET_PROGRAM_ENV})"));
+                continue;
+            }
             let prog = self.ebpf.program_mut(name).ok_or(BpfError::Missing(name))?;
             let perr = |source| BpfError::Program { name, source };
             let sock_ops = name == "egress_sockops";
-            if sock_ops {
+            if packet {
+                <&mut CgroupSkb>::try_from(&mut *prog)
+                    .map_err(perr)?
+                    .load()
+                    .map_err(perr)?;
+            } else if sock_ops {
                 <&mut SockOps>::try_from(&mut *prog)
                     .map_err(perr)?
                     .load()
@@ -522,7 +581,20 @@ impl Datapath {
                 }
             }
             // aya's "Single" with a bpf link is the kernel's multi-attach for links: flags 0.
-            let link: FdLink = if sock_ops {
+            let link: FdLink = if packet {
+                let p: &mut CgroupSkb = prog.try_into().map_err(perr)?;
+                let id = p
+                    .attach(
+                        cg.as_fd(),
+                        CgroupSkbAttachType::Egress,
+                        CgroupAttachMode::Single,
+                    )
+                    .map_err(perr)?;
+                p.take_link(id)
+                    .map_err(perr)?
+                    .try_into()
+                    .map_err(|source| BpfError::Link { name, source })?
+            } else if sock_ops {
                 let p: &mut SockOps = prog.try_into().map_err(perr)?;
                 let id = p
                     .attach(cg.as_fd(), CgroupAttachMode::Single)
@@ -780,9 +852,11 @@ fn clear_trie<K: aya::Pod, V: aya::Pod>(
 fn map_of(name: &str, data: MapData) -> aya::maps::Map {
     use aya::maps::Map;
     match name {
-        names::COUNTERS | names::TC_COUNTERS => Map::PerCpuArray(data),
+        names::COUNTERS | names::TC_COUNTERS | names::PACKET_DROPS => Map::PerCpuArray(data),
         names::EVENTS => Map::RingBuf(data),
-        names::ORIG_BY_COOKIE | names::ORIG_BY_TUPLE | names::REPLIES => Map::LruHashMap(data),
+        names::ORIG_BY_COOKIE | names::ORIG_BY_TUPLE | names::REPLIES | names::SOCK_VERDICTS => {
+            Map::LruHashMap(data)
+        }
         names::WORKLOADS => Map::HashMap(data),
         names::CONFIG | names::ACTIVE => Map::Array(data),
         _ => Map::LpmTrie(data),

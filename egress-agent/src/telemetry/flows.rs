@@ -74,6 +74,8 @@ impl Hub {
 fn log(ev: &VerdictEvent, count: u64, policy: &Compiled, hub: &Hub) {
     let verdict = if ev.hook == egress_common::hook::TC {
         egress_common::tc::tc_event_verdict(ev.outcome)
+    } else if ev.hook == egress_common::hook::SKB {
+        egress_common::skb::skb_event_verdict(ev.outcome)
     } else {
         Outcome::from_u8(ev.outcome).map(Outcome::name)
     };

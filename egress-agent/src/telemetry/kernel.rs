@@ -31,6 +31,8 @@ pub struct KernelSnapshot {
     pub sums: HashMap<(u32, u8, u8), u64>,
     /// tc backstop (packets, bytes) by (workload id, slot).
     pub tc: HashMap<(u32, u8), (u64, u64)>,
+    /// Packets the per-packet program dropped, by (workload id, drop slot).
+    pub packet_drops: HashMap<(u32, u8), u64>,
     /// (map, entries, capacity).
     pub entries: Vec<(&'static str, usize, u32)>,
     pub generation: u64,
@@ -103,6 +105,7 @@ impl Collector for KernelCollector {
             pods,
             sums,
             tc,
+            packet_drops,
             entries,
             generation,
         } = self.kernel.snapshot();
@@ -139,6 +142,26 @@ impl Collector for KernelCollector {
                     l.push(("verdict", name.into()));
                     tc_packets.push((l.clone(), p));
                     tc_bytes.push((l, b));
+                }
+            }
+        }
+
+        // Every workload has its deny-rule and deny-default series; other reasons once seen.
+        let mut packet_dropped = Vec::new();
+        for (w, id) in &policy.workloads {
+            for slot in 0..egress_common::skb::SKB_SLOTS as u8 {
+                let Some(reason) = egress_common::skb::skb_drop_reason(slot) else {
+                    continue;
+                };
+                let v = packet_drops.get(&(*id, slot)).copied().unwrap_or(0);
+                let always = slot == Outcome::DenyRule as u8 || slot == Outcome::DenyDefault as u8;
+                if v > 0 || always {
+                    let l = vec![
+                        ("workload", w.name.clone()),
+                        ("namespace", w.namespace.clone()),
+                        ("reason", reason.into()),
+                    ];
+                    packet_dropped.push((l, v));
                 }
             }
         }
@@ -199,6 +222,12 @@ impl Collector for KernelCollector {
             "egress_tc_dropped_packets",
             "Packets the tc backstop dropped on a workload's interface (they skipped the socket hooks), by reason",
             &tc_dropped,
+        )?;
+        counter(
+            &mut enc,
+            "egress_packet_dropped",
+            "Packets of workloads' sockets the per-packet program dropped (source routes, connections the policy in force refuses), by reason",
+            &packet_dropped,
         )?;
         counter(
             &mut enc,
