@@ -28,9 +28,10 @@ use crate::{
     },
     k8s,
     policy::{self, Live, Store},
-    proxy::{self, inpod::serve_pods, Proxy},
+    proxy::{self, inpod::serve_pods, metrics::ProxyMetrics, Proxy},
     telemetry::{
         flows,
+        kernel::HostDenials,
         metrics::{self, Metrics},
     },
 };
@@ -82,15 +83,10 @@ impl Drop for Leave {
 /// Each relayed connection holds two sockets and two pipes: allow as many fds as the system
 /// lets this process have.
 fn raise_fd_limit() {
-    let mut r = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit with a struct we own.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
-            r.rlim_cur = r.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((cur, max)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if cur < max {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, max, max);
         }
     }
 }
@@ -209,7 +205,12 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         format!("proxy cannot listen on 127.0.0.1:{port} (MeshConfig spec.proxy.port)")
     })?;
     let p = &cfg.mesh.proxy;
-    let metrics = Metrics::new(control.clone());
+    // Each component registers its metrics; the kernel's come last.
+    let mut registry = prometheus_client::registry::Registry::default();
+    let host_denials = HostDenials::default();
+    let proxy_metrics = Arc::new(ProxyMetrics::register(&mut registry, host_denials.clone()));
+    let rejected = k8s::watch::RejectedMetrics::register(&mut registry);
+    let metrics = Metrics::agent(registry, control.clone(), host_denials);
     let relay = Proxy::new(
         orig,
         live.clone(),
@@ -220,7 +221,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             close_on_tighten: p.close_on_tighten,
             ..proxy::Limits::default()
         },
-        metrics.clone(),
+        proxy_metrics,
     );
     let programs = control.datapath().attach(&root.path)?;
     let hub = flows::Hub::new();
@@ -242,13 +243,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     ));
     tasks.spawn(metrics::serve(metrics_listener, metrics.clone()));
     if let (Some(k), Some(started)) = (opts.kubernetes.clone(), cluster) {
-        tasks.spawn(k8s::run(
-            k,
-            started,
-            control.clone(),
-            metrics.clone(),
-            k8s_pods.0,
-        ));
+        tasks.spawn(k8s::run(k, started, control.clone(), rejected, k8s_pods.0));
     }
     metrics.set_ready();
     if let Some(l) = kernel_logs {

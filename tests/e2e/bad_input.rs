@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use crate::harness::{cgroup2_mount, AGENT};
+use crate::harness::{cgroup2_mount, require, Need, AGENT};
 
 const GOOD: &str = r#"kind: MeshConfig
 metadata: {name: egress}
@@ -47,6 +47,9 @@ fn run_with(
 
 #[test]
 fn invalid_policies_exit_2_with_one_line_naming_file_object_and_field() {
+    if !require(&[Need::Cgroup2]) {
+        return;
+    }
     let cases: &[(&str, String, &str)] = &[
         (
             "yaml",
@@ -112,6 +115,9 @@ fn invalid_policies_exit_2_with_one_line_naming_file_object_and_field() {
 
 #[test]
 fn the_root_cgroup_is_refused() {
+    if !require(&[Need::Cgroup2]) {
+        return;
+    }
     let file = std::env::temp_dir().join(format!("egress-root-{}.yaml", std::process::id()));
     std::fs::write(&file, GOOD).unwrap();
     let out = Command::new(AGENT)

@@ -4,6 +4,8 @@
 
 use std::process::Command;
 
+use crate::harness::{require, Need};
+
 const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy");
 
 fn promtool(args: &[&str]) {
@@ -22,6 +24,9 @@ fn promtool(args: &[&str]) {
 
 #[test]
 fn alert_rules_and_scrape_config_pass_promtool() {
+    if !require(&[Need::Tool("promtool")]) {
+        return;
+    }
     promtool(&["check", "config", "prometheus/prometheus.yml"]);
     promtool(&["check", "rules", "prometheus/egress-alerts.yaml"]);
     promtool(&["test", "rules", "prometheus/egress-alerts.test.yaml"]);
@@ -100,6 +105,9 @@ fn kustomize(dir: &str, tag: &str) -> std::path::PathBuf {
 
 #[test]
 fn kustomization_builds_and_every_manifest_validates_against_the_kubernetes_schemas() {
+    if !require(&[Need::Tool("kubectl"), Need::Tool("python3")]) {
+        return;
+    }
     for overlay in ["kubernetes", "kubernetes/cgroupfs"] {
         validate_kustomization(overlay);
     }
@@ -221,6 +229,9 @@ fn crd_validator() -> Command {
 
 #[test]
 fn example_objects_validate_against_the_crd_schemas_and_the_agent() {
+    if !require(&[Need::Tool("python3")]) {
+        return;
+    }
     let (ok, text) = run_in_deploy(
         crd_validator().args(["examples/kubernetes.yaml", "kubernetes/meshconfig.yaml"]),
     );

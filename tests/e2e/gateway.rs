@@ -8,17 +8,15 @@
 //! gateways on 127.0.9.x.
 
 use std::{
-    io::{BufRead, BufReader, Read, Write},
+    io::{Read, Write},
     net::{IpAddr, TcpStream},
-    path::PathBuf,
-    process::{Child, Command, Stdio},
-    sync::{Arc, Mutex},
-    thread,
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use crate::harness::{
-    free_port, http_server, privileged, run_ok, temp_dir, Agent, Daemon, TcpServer, AGENT,
+    free_port, http_server, privileged, privileged_with, run_ok, temp_dir, wait_listening,
+    wait_until, Agent, Daemon, Log, Stopped, TcpServer, AGENT,
 };
 
 /// A running `egress-agent gateway`, stopped (by its PID) when dropped.
@@ -28,7 +26,7 @@ struct Gateway {
     socks: String,
     http: String,
     metrics_port: u16,
-    log: Arc<Mutex<String>>,
+    log: Log,
 }
 
 impl Gateway {
@@ -61,15 +59,8 @@ impl Gateway {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn egress-agent gateway");
-        let log = Arc::new(Mutex::new(String::new()));
-        let (stderr, sink) = (child.stderr.take().unwrap(), log.clone());
-        thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let mut l = sink.lock().unwrap();
-                l.push_str(&line);
-                l.push('\n');
-            }
-        });
+        let log = Log::default();
+        log.capture(child.stderr.take().unwrap());
         let mut gw = Gateway {
             process: Stopped {
                 child,
@@ -80,64 +71,29 @@ impl Gateway {
             metrics_port,
             log,
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !gw.log().contains("gateway ready") {
-            if let Some(st) = gw.process.child.try_wait().unwrap() {
-                panic!("gateway exited ({st}) before ready:\n{}", gw.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "gateway not ready:\n{}",
-                gw.log()
-            );
-            thread::sleep(Duration::from_millis(20));
+        let mut exited = None;
+        let ready = wait_until(Duration::from_secs(30), || {
+            exited = gw.process.child.try_wait().unwrap();
+            exited.is_some() || gw.log().contains("gateway ready")
+        });
+        if let Some(st) = exited {
+            panic!("gateway exited ({st}) before ready:\n{}", gw.log());
         }
+        assert!(ready, "gateway not ready:\n{}", gw.log());
         gw
     }
 
     fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
+        self.log.text()
     }
 
     /// Waits until the log contains `needle`.
     fn wait_log(&self, needle: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let l = self.log();
-            if l.contains(needle) {
-                return l;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "gateway log never showed {needle:?}:\n{l}"
-            );
-            thread::sleep(Duration::from_millis(10));
-        }
+        self.log.wait_for("gateway", needle, Duration::from_secs(5))
     }
 
     fn metrics(&self) -> String {
         http_get(self.metrics_port, "/metrics")
-    }
-}
-
-/// A process a test started, stopped by its PID with SIGTERM (so that one which forks
-/// workers, like danted, stops them), then SIGKILL if it lingers; its temp dir is removed.
-struct Stopped {
-    child: Child,
-    dir: PathBuf,
-}
-
-impl Drop for Stopped {
-    fn drop(&mut self) {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-            thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -190,7 +146,7 @@ fn peers_of(log: &str, protocol: &str) -> Vec<String> {
 
 #[test]
 fn per_policy_gateways_http2tunnel_and_socks5() {
-    if !privileged() {
+    if !privileged_with(&["curl"]) {
         return;
     }
     let a = TcpServer::start("127.50.1.1");
@@ -379,7 +335,7 @@ fn curl(args: &[&str]) -> (i32, String) {
 
 #[test]
 fn standard_clients_use_our_gateway() {
-    if !privileged() {
+    if !privileged_with(&["curl"]) {
         return;
     }
     let dst = TcpServer::start("127.50.4.1");
@@ -614,15 +570,9 @@ fn dante(ip: &str, port: u16) -> Stopped {
         .stderr(Stdio::null())
         .spawn()
         .expect("start danted");
+    // Stopped with SIGTERM so that danted stops the workers it forked.
     let d = Stopped { child, dir };
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while TcpStream::connect((ip, port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "danted does not listen on {ip}:{port}"
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
+    wait_listening("danted", &format!("{ip}:{port}"), Duration::from_secs(15));
     d
 }
 
@@ -630,7 +580,7 @@ fn dante(ip: &str, port: u16) -> Stopped {
 /// proxy mode in front of squid (HTTP/2 CONNECT, "http2tunnel") as the agent's gateways.
 #[test]
 fn agent_uses_standard_gateways() {
-    if !privileged() {
+    if !privileged_with(&["microsocks", "danted", "squid", "nghttpx"]) {
         return;
     }
     let dst = TcpServer::start("127.50.7.1");

@@ -9,17 +9,16 @@
 use std::{
     path::{Path, PathBuf},
     process::{Child, Command},
-    thread,
     time::{Duration, Instant},
 };
 
-use egress_agent::k8s::{
-    cgroups::{container_dir, pod_dir, Driver, Qos},
-    fake::FakeApiServer,
-};
+use egress_agent::k8s::cgroups::{container_dir, pod_dir, Driver, Qos};
 use serde_json::{json, Value};
 
-use crate::harness::{client_in_cgroup, privileged, Agent, CgroupTree, TcpServer, AGENT, CLIENT};
+use crate::harness::{
+    client_in_cgroup, in_cgroup, privileged, privileged_with, wait_until, Agent, CgroupTree,
+    FakeApiServer, Netns, TcpServer, AGENT, CLIENT,
+};
 
 const EPERM: &str = "err EPERM";
 const ALLOWED: &str = "err ECONNREFUSED";
@@ -36,17 +35,13 @@ fn verdict(dir: &Path, ip: &str) -> &'static str {
     }
 }
 
-/// Polls `f` until it returns true (10 s).
+/// Waits until `f` returns true (10 s at most).
 fn eventually(what: &str, agent: &Agent, f: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !f() {
-        assert!(
-            Instant::now() < deadline,
-            "never: {what}\nagent log:\n{}",
-            agent.log()
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
+    assert!(
+        wait_until(Duration::from_secs(10), f),
+        "never: {what}\nagent log:\n{}",
+        agent.log()
+    );
 }
 
 fn uid(n: u32) -> String {
@@ -121,7 +116,14 @@ fn kube_agent(fake: &FakeApiServer, root: PathBuf) -> (Agent, PathBuf) {
     agent.run_args = ["--kubernetes", "--node-name", NODE]
         .map(String::from)
         .to_vec();
-    agent.env = vec![("KUBECONFIG".into(), kubeconfig.display().to_string())];
+    agent.env = vec![
+        ("KUBECONFIG".into(), kubeconfig.display().to_string()),
+        // The watcher's debug lines say which pods still wait for their cgroup.
+        (
+            "EGRESS_LOG".into(),
+            "info,egress::flow=debug,egress_agent::k8s::watch=debug".into(),
+        ),
+    ];
     agent.spawn();
     (agent, kubeconfig)
 }
@@ -220,7 +222,12 @@ fn pods_are_enforced_per_pod(driver: Driver, kubepods: &str, runtime: &str) {
     // Churn: a new web pod whose cgroup the kubelet makes only after the API object exists
     // (pending, then enforced); web-a deleted. db-b is judged the same throughout.
     fake.put("pods", pod("web-c", &c, "web", "Guaranteed", NODE));
-    thread::sleep(Duration::from_millis(300));
+    eventually("web-c is pending (known, no cgroup yet)", &agent, || {
+        agent
+            .log()
+            .lines()
+            .any(|l| l.contains("pods without a cgroup yet") && l.contains("web-c"))
+    });
     let t0 = Instant::now();
     let web_c = make_pod(&tree, kubepods, driver, Qos::Guaranteed, &c, &cid("c3"));
     eventually("web-c is enrolled", &agent, || {
@@ -349,53 +356,38 @@ fn kubernetes_cgroupfs_driver_cri_o() {
 /// process (`sleep`, standing in for pause) in the sandbox's container cgroup. Removed, and
 /// the process killed, when dropped.
 struct PodNetns {
-    name: String,
+    netns: Netns,
     sandbox: Child,
 }
 
 impl PodNetns {
     fn new(sandbox_cgroup: &Path, tag: &str) -> PodNetns {
-        let name = format!("egress-k8s-{}-{tag}", std::process::id());
-        let ip = |args: &[&str]| {
-            let st = Command::new("ip").args(args).status().expect("ip");
-            assert!(st.success(), "ip {args:?}");
-        };
-        ip(&["netns", "add", &name]);
-        ip(&["-n", &name, "link", "set", "lo", "up"]);
+        let netns = Netns::new(&format!("egress-k8s-{}-{tag}", std::process::id()));
         // Into the cgroup first, then the namespace (nsenter keeps the host's /sys, where
         // the cgroup hierarchy is; `ip netns exec` would remount it).
-        let sandbox = Command::new("sh")
-            .args(["-c", "echo $$ > \"$0/cgroup.procs\" && exec \"$@\""])
-            .arg(sandbox_cgroup)
-            .arg("nsenter")
-            .arg(format!("--net=/run/netns/{name}"))
+        let sandbox = in_cgroup(sandbox_cgroup, "nsenter")
+            .arg(format!("--net={}", netns.path().display()))
             .args(["sleep", "600"])
             .spawn()
             .expect("sandbox process");
-        let pod = PodNetns { name, sandbox };
+        let pod = PodNetns { netns, sandbox };
         let procs = sandbox_cgroup.join("cgroup.procs");
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while std::fs::read_to_string(&procs)
-            .unwrap_or_default()
-            .trim()
-            .is_empty()
-        {
-            assert!(
-                Instant::now() < deadline,
-                "the sandbox never joined its cgroup"
-            );
-            thread::sleep(Duration::from_millis(10));
-        }
+        assert!(
+            wait_until(Duration::from_secs(5), || {
+                !std::fs::read_to_string(&procs)
+                    .unwrap_or_default()
+                    .trim()
+                    .is_empty()
+            }),
+            "the sandbox never joined its cgroup"
+        );
         pod
     }
 
     /// client.py inside the pod: in its namespace and in container cgroup `dir`.
     fn client(&self, dir: &Path, args: &[&str]) -> String {
-        let out = Command::new("sh")
-            .args(["-c", "echo $$ > \"$0/cgroup.procs\" && exec \"$@\""])
-            .arg(dir)
-            .arg("nsenter")
-            .arg(format!("--net=/run/netns/{}", self.name))
+        let out = in_cgroup(dir, "nsenter")
+            .arg(format!("--net={}", self.netns.path().display()))
             .args(["python3", CLIENT])
             .args(args)
             .output()
@@ -405,12 +397,10 @@ impl PodNetns {
 }
 
 impl Drop for PodNetns {
+    /// The sandbox process first; then the namespace goes (the `netns` field drops).
     fn drop(&mut self) {
         let _ = self.sandbox.kill();
         let _ = self.sandbox.wait();
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
     }
 }
 
@@ -420,7 +410,7 @@ impl Drop for PodNetns {
 /// destination exists only on the node's loopback, so a reply proves the relay.
 #[test]
 fn kubernetes_pod_in_its_own_netns_uses_the_in_pod_proxy() {
-    if !privileged() {
+    if !privileged_with(&["ip", "nsenter"]) {
         return;
     }
     let kubepods = "kubepods.slice";

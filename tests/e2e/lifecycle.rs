@@ -2,7 +2,7 @@
 
 use std::{path::Path, process::Command};
 
-use crate::harness::{self, privileged, program_exists, Agent, TcpServer, CLIENT};
+use crate::harness::{self, privileged, privileged_with, program_exists, Agent, TcpServer, CLIENT};
 
 const LOOP: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/e2e/connect_loop.py");
 
@@ -92,7 +92,7 @@ fn the_proxy_port_is_not_a_way_out() {
 
 #[test]
 fn a_stop_keeps_enforcing_and_uninstall_leaves_nothing() {
-    if !privileged() {
+    if !privileged_with(&["bpftool"]) {
         return;
     }
     let mut agent = Agent::start(POLICY);
@@ -154,7 +154,7 @@ fn a_stop_keeps_enforcing_and_uninstall_leaves_nothing() {
 
 #[test]
 fn an_older_layout_is_replaced_only_after_the_new_programs_attach() {
-    if !privileged() {
+    if !privileged_with(&["bpftool"]) {
         return;
     }
     let mut agent = Agent::start(POLICY);
@@ -190,7 +190,13 @@ fn an_older_layout_is_replaced_only_after_the_new_programs_attach() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    // `egress-agent exec` joined the workload and exec'd the loop before the new agent starts.
+    assert!(
+        harness::wait_until(std::time::Duration::from_secs(5), || {
+            harness::runs(looper.id(), "connect_loop.py")
+        }),
+        "the connect loop never started"
+    );
     agent.spawn();
     let out = looper.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);

@@ -1,6 +1,8 @@
 //! End-to-end tests: the real agent binary, real eBPF programs on a real kernel, real cgroups,
-//! real sockets and real clients (python3, curl). They need root; without it they skip, except
-//! under CI=true where they fail.
+//! real sockets and real clients (python3, curl). A test whose environment is missing (root,
+//! cgroup v2, bpffs, a tool) prints `SKIPPED: <test>: <reason>` and returns, except under
+//! CI=true where it fails: one rule, `egress_test_support::env::require`, used through
+//! `harness::privileged`/`privileged_with` or directly.
 
 mod bad_input;
 mod control;

@@ -4,11 +4,13 @@
 
 use std::{
     process::{Command, Stdio},
-    thread,
     time::{Duration, Instant},
 };
 
-use crate::harness::{free_port, http_server, privileged, run_ok, temp_dir, Agent, Daemon};
+use crate::harness::{
+    free_port, http_server, privileged, privileged_with, run_ok, temp_dir, wait_until, Agent,
+    Daemon,
+};
 
 const POLICY: &str = "kind: MeshConfig\nmetadata: {name: egress}\nspec: {traffic: {enableEgress: false}, proxy: {port: {proxy_port}}}\n---\nkind: Workload\nmetadata: {name: web, namespace: shop}\n---\nkind: Egress\nmetadata: {name: api, namespace: shop}\nspec: {sources: [{name: web}], ipAddresses: [127.51.0.1/32], ports: [{number: 8080}]}\n";
 
@@ -40,7 +42,7 @@ fn metric(agent: &Agent, series: &str) -> u64 {
 
 #[test]
 fn prometheus_scrapes_exact_counts() {
-    if !privileged() {
+    if !privileged_with(&["curl", "prometheus", "promtool"]) {
         return;
     }
     let www = temp_dir("www51");
@@ -124,17 +126,12 @@ fn prometheus_scrapes_exact_counts() {
     ];
     let deadline = Instant::now() + Duration::from_secs(60);
     for (q, v) in want {
-        loop {
-            let got = prom_query(web, q);
-            if got.as_deref() == Some(v) {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "Prometheus says {q} = {got:?}, want {v}"
-            );
-            thread::sleep(Duration::from_millis(250));
-        }
+        let mut got = None;
+        let seen = wait_until(deadline.saturating_duration_since(Instant::now()), || {
+            got = prom_query(web, q);
+            got.as_deref() == Some(v)
+        });
+        assert!(seen, "Prometheus says {q} = {got:?}, want {v}");
     }
 }
 

@@ -7,14 +7,15 @@ use std::{
     io::{BufRead, BufReader, Read, Write},
     net::TcpStream,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::Command,
     sync::atomic::{AtomicUsize, Ordering},
     time::Duration,
 };
 
-use crate::harness::{in_netns, privileged, Agent, TcpServer};
-
-const PACKETS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/e2e/packets.py");
+use crate::harness::{
+    in_netns, ip, privileged_with, wait_until, Agent, Netns, Sniffer, TcpServer,
+    PACKETS_PY as PACKETS,
+};
 
 /// External stand-ins, on the outside namespace's loopback.
 const ALLOW4: &str = "192.0.2.10";
@@ -30,21 +31,12 @@ const NODE_UPLINK4: &str = "10.99.0.1";
 const NODE_UPLINK6: &str = "fd99::1";
 const PORT: u16 = 8080;
 
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("run ip");
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// A node namespace (where the agent runs, like a Kubernetes node's) linked to an outside
 /// namespace that holds the "external" addresses and routes the pod network back.
 struct Net {
     tag: String,
-    node: String,
-    out: String,
+    node: Netns,
+    out: Netns,
     ext_if: String,
 }
 
@@ -57,37 +49,28 @@ impl Net {
             N.fetch_add(1, Ordering::Relaxed)
         );
         let net = Net {
-            node: format!("{tag}-node"),
-            out: format!("{tag}-out"),
+            node: Netns::new(&format!("{tag}-node")),
+            out: Netns::new(&format!("{tag}-out")),
             ext_if: format!("{tag}o"),
             tag,
         };
-        let (n, o, up, ext) = (&net.node, &net.out, format!("{}u", net.tag), &net.ext_if);
-        ip(&["netns", "add", n]);
-        ip(&["netns", "add", o]);
+        let (n, o, up, ext) = (
+            &net.node.name,
+            &net.out.name,
+            format!("{}u", net.tag),
+            &net.ext_if,
+        );
         ip(&[
             "link", "add", &up, "netns", n, "type", "veth", "peer", "name", ext, "netns", o,
         ]);
-        let batch = |ns: &str, cmds: &[String]| {
-            for c in cmds {
-                let mut a = vec!["-n", ns];
-                a.extend(c.split_whitespace());
-                ip(&a);
-            }
-        };
-        batch(
-            n,
-            &[
-                "link set lo up".into(),
-                format!("link set {up} up"),
-                format!("addr add {NODE_UPLINK4}/24 dev {up}"),
-                format!("addr add {NODE_UPLINK6}/64 dev {up} nodad"),
-                "route add default via 10.99.0.2".into(),
-                "route add default via fd99::2".into(),
-            ],
-        );
+        net.node.ip_batch(&[
+            format!("link set {up} up"),
+            format!("addr add {NODE_UPLINK4}/24 dev {up}"),
+            format!("addr add {NODE_UPLINK6}/64 dev {up} nodad"),
+            "route add default via 10.99.0.2".into(),
+            "route add default via fd99::2".into(),
+        ]);
         let mut outside = vec![
-            "link set lo up".to_string(),
             format!("link set {ext} up"),
             format!("addr add 10.99.0.2/24 dev {ext}"),
             format!("addr add fd99::2/64 dev {ext} nodad"),
@@ -100,7 +83,7 @@ impl Net {
         for a in [ALLOW6, PROXY6, DENY6] {
             outside.push(format!("addr add {a}/128 dev lo nodad"));
         }
-        batch(o, &outside);
+        net.out.ip_batch(&outside);
         // Forwarding only inside the test's own node namespace.
         for f in ["ipv4/ip_forward", "ipv6/conf/all/forwarding"] {
             in_netns(&net.node_path(), move || {
@@ -111,11 +94,11 @@ impl Net {
     }
 
     fn node_path(&self) -> PathBuf {
-        Path::new("/run/netns").join(&self.node)
+        self.node.path()
     }
 
     fn out_path(&self) -> PathBuf {
-        Path::new("/run/netns").join(&self.out)
+        self.out.path()
     }
 
     /// The namespace of the policy's pod `web`.
@@ -129,24 +112,7 @@ impl Net {
 
     /// Starts a sniffer on the outside end of the node's uplink that counts packets to `dst`.
     fn sniff(&self, dst: &str, secs: f32) -> Sniffer {
-        let mut child = Command::new("nsenter")
-            .arg(format!("--net={}", self.out_path().display()))
-            .args([
-                "python3",
-                PACKETS,
-                "sniff",
-                &self.ext_if,
-                dst,
-                &secs.to_string(),
-            ])
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start sniffer");
-        let mut r = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        r.read_line(&mut line).expect("sniffer ready");
-        assert_eq!(line.trim(), "ready");
-        Sniffer { child, out: r }
+        Sniffer::start(&self.out_path(), &self.ext_if, dst, secs)
     }
 
     fn policy(&self, enable_egress: bool) -> String {
@@ -189,14 +155,6 @@ spec:
     }
 }
 
-impl Drop for Net {
-    fn drop(&mut self) {
-        for ns in [&self.node, &self.out] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-    }
-}
-
 /// Removes a pod's namespace the test plugged in itself, also when it fails before an agent
 /// (whose uninstall would) has taken it over.
 struct Unplug(egress_agent::datapath::podnet::Pod);
@@ -204,30 +162,6 @@ struct Unplug(egress_agent::datapath::podnet::Pod);
 impl Drop for Unplug {
     fn drop(&mut self) {
         egress_agent::datapath::podnet::remove(&self.0);
-    }
-}
-
-struct Sniffer {
-    child: Child,
-    out: BufReader<std::process::ChildStdout>,
-}
-
-impl Sniffer {
-    /// Packets seen, once the sniffing time is over.
-    fn count(mut self) -> usize {
-        let mut s = String::new();
-        self.out.read_to_string(&mut s).expect("sniffer output");
-        let _ = self.child.wait();
-        s.trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("sniffer said {s:?}"))
-    }
-}
-
-impl Drop for Sniffer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -266,7 +200,7 @@ fn raw_syn(a: &Agent, dst: &str) {
 
 #[test]
 fn pod_connections_are_allowed_redirected_and_denied_for_ipv4_and_ipv6() {
-    if !privileged() {
+    if !privileged_with(&["ip", "nsenter"]) {
         return;
     }
     let net = Net::new();
@@ -337,7 +271,7 @@ fn pod_connections_are_allowed_redirected_and_denied_for_ipv4_and_ipv6() {
 
 #[test]
 fn tc_drops_raw_packets_and_icmp_that_skip_the_socket_hooks() {
-    if !privileged() {
+    if !privileged_with(&["ip", "nsenter"]) {
         return;
     }
     let net = Net::new();
@@ -412,7 +346,7 @@ fn tc_drops_raw_packets_and_icmp_that_skip_the_socket_hooks() {
 
 #[test]
 fn tc_drops_a_connection_opened_before_the_agent_started_and_survives_restarts() {
-    if !privileged() {
+    if !privileged_with(&["ip", "nsenter"]) {
         return;
     }
     let net = Net::new();
@@ -440,12 +374,7 @@ fn tc_drops_a_connection_opened_before_the_agent_started_and_survives_restarts()
     early
         .set_read_timeout(Some(Duration::from_secs(2)))
         .unwrap();
-    for _ in 0..200 {
-        if server.accepted() == 1 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_until(Duration::from_secs(2), || server.accepted() == 1);
     assert_eq!(server.accepted(), 1);
 
     let mut a = Agent::start_in(&policy, Some(&net.node_path()));
@@ -489,7 +418,7 @@ fn tc_drops_a_connection_opened_before_the_agent_started_and_survives_restarts()
 
 #[test]
 fn the_clsact_fallback_drops_what_skips_the_socket_hooks_too() {
-    if !privileged() {
+    if !privileged_with(&["ip", "nsenter"]) {
         return;
     }
     let net = Net::new();
@@ -527,7 +456,7 @@ fn the_clsact_fallback_drops_what_skips_the_socket_hooks_too() {
 
 #[test]
 fn a_pod_leaving_the_policy_is_unplugged_without_touching_the_others() {
-    if !privileged() {
+    if !privileged_with(&["ip", "nsenter"]) {
         return;
     }
     let net = Net::new();

@@ -7,7 +7,8 @@ use std::{
 };
 
 use crate::harness::{
-    http_server, privileged, ssh_server, temp_dir, tls_server, Agent, TcpServer, CLIENT,
+    http_server, privileged, privileged_with, ssh_server, temp_dir, tls_server, Agent, TcpServer,
+    CLIENT,
 };
 
 const HOSTILE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/e2e/hostile.py");
@@ -73,7 +74,7 @@ spec:
 
 #[test]
 fn http_by_host_and_https_by_sni() {
-    if !privileged() {
+    if !privileged_with(&["curl", "openssl"]) {
         return;
     }
     let ip = "127.31.0.1";
@@ -147,7 +148,7 @@ fn tcp_by_port_only_and_another_ip_on_the_same_port() {
 
 #[test]
 fn ssh_and_git_through_the_proxy_with_passthrough_on_80_and_22() {
-    if !privileged() {
+    if !privileged_with(&["/usr/sbin/sshd", "ssh", "ssh-keygen", "git"]) {
         return;
     }
     let (_sshd, key) = ssh_server("127.32.0.1");

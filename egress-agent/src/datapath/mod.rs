@@ -1,7 +1,15 @@
-//! What the kernel enforces: the eBPF object, its maps, links and pins ([`bpf`]), the workloads'
-//! cgroups ([`cgroups`]) and the network namespaces of pods ([`podnet`]).
+//! What the kernel enforces: the eBPF object, its maps, links and pins ([`bpf`], with
+//! [`attach`], [`policy_maps`], [`counters`], [`pins`] and [`error`]), the workloads' cgroups
+//! ([`cgroups`]), the network namespaces of pods ([`podnet`], plumbed over rtnetlink by
+//! [`netlink`]), and the oldest kernel the programs load on ([`kernel_version`]).
 
+pub mod attach;
 pub mod bpf;
 pub mod cgroups;
+pub mod counters;
+pub mod error;
 pub mod kernel_version;
+pub mod netlink;
+pub mod pins;
 pub mod podnet;
+pub mod policy_maps;

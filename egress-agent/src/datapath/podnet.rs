@@ -15,20 +15,32 @@
 //! a pod reaches only its own proxy socket. Upstream connections leave from the agent's own
 //! namespace, so they never cross the pod's veth (and never meet the tc backstop there).
 //!
-//! The plumbing runs `ip` (iproute2) in batch mode: two processes per pod.
+//! The plumbing speaks rtnetlink ([`super::netlink`]) for links, addresses and routes, and
+//! makes the namespace itself as `ip netns add` does (a bind mount of a fresh namespace on a
+//! file under /run/netns). Failures are typed: [`PodNetError`] names the pod, the operation,
+//! the interface or path and the kernel's errno.
 
 use std::{
     ffi::CString,
-    io::{self, Write as _},
+    fmt,
+    fs::File,
+    io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::{
         fd::{AsFd, AsRawFd},
         unix::ffi::OsStrExt,
     },
     path::{Path, PathBuf},
-    process::{Command, Stdio},
 };
 
+use nix::{
+    errno::Errno,
+    mount::{mount, umount2, MntFlags, MsFlags},
+    sched::{setns, unshare, CloneFlags},
+    sys::statfs::{statfs, NSFS_MAGIC},
+};
+
+use super::netlink::{self, NetlinkError, Route};
 use crate::policy::{Cidr, Config, Network, ObjectRef};
 
 /// The node side answers for these as every pod's default gateway.
@@ -41,20 +53,71 @@ pub const POD_IF: &str = "eth0";
 const NETNS_XATTR: &str = "user.egress.netns";
 const NETNS_DIR: &str = "/run/netns";
 
+/// What podnet did outside netlink.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SysOp {
+    /// mkdir /run/netns, or make it a shared mount point.
+    PrepareNetnsDir,
+    /// Create the file the namespace is mounted on.
+    CreateNetnsFile,
+    /// unshare(CLONE_NEWNET) on a helper thread.
+    NewNetns,
+    /// Bind-mount the new namespace on its file.
+    MountNetns,
+    /// Open the namespace's file.
+    OpenNetns,
+    WriteSysctl,
+}
+
+impl fmt::Display for SysOp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SysOp::PrepareNetnsDir => "prepare",
+            SysOp::CreateNetnsFile => "create the namespace file",
+            SysOp::NewNetns => "create a network namespace for",
+            SysOp::MountNetns => "mount the network namespace on",
+            SysOp::OpenNetns => "open the network namespace",
+            SysOp::WriteSysctl => "write",
+        })
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum PodNetError {
-    #[error("pod {pod}: `ip {cmd}` failed: {reason}")]
-    Ip {
+    /// A link, address or route request (in the node's namespace or the pod's).
+    #[error("pod {pod}: {source}")]
+    Netlink {
         pod: String,
-        cmd: String,
-        reason: String,
+        /// Boxed: keeps the error (and `ControlError`) small.
+        #[source]
+        source: Box<NetlinkError>,
     },
-    #[error("pod {pod}: {what}: {source}")]
-    Io {
+    /// A system call about the namespace or a sysctl.
+    #[error("pod {pod}: cannot {op} {}: {errno}", .path.display())]
+    Sys {
         pod: String,
-        what: String,
-        source: io::Error,
+        op: SysOp,
+        path: PathBuf,
+        errno: Errno,
     },
+    /// A helper thread panicked.
+    #[error("pod {pod}: the thread that would {op} panicked")]
+    Panicked { pod: String, op: SysOp },
+}
+
+impl PodNetError {
+    /// The kernel's errno, when the kernel refused.
+    pub fn errno(&self) -> Option<Errno> {
+        match self {
+            PodNetError::Netlink { source, .. } => source.errno(),
+            PodNetError::Sys { errno, .. } => Some(*errno),
+            PodNetError::Panicked { .. } => None,
+        }
+    }
+}
+
+fn errno_of(e: &io::Error) -> Errno {
+    Errno::from_raw(e.raw_os_error().unwrap_or(0))
 }
 
 /// The network of one pod workload.
@@ -120,114 +183,202 @@ fn nth(c: &Cidr, i: u128) -> IpAddr {
     }
 }
 
-fn ip_batch(pod: &Pod, netns: Option<&str>, cmds: &[String]) -> Result<(), PodNetError> {
-    let mut c = Command::new("ip");
-    if let Some(ns) = netns {
-        c.args(["-n", ns]);
-    }
-    let err = |reason: String| PodNetError::Ip {
-        pod: pod.workload.to_string(),
-        cmd: cmds.join("; "),
-        reason,
-    };
-    let mut child = c
-        .args(["-batch", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| err(format!("cannot run ip (iproute2): {e}")))?;
-    let script = cmds.join("\n") + "\n";
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(script.as_bytes())
-            .map_err(|e| err(e.to_string()))?;
-    }
-    let out = child.wait_with_output().map_err(|e| err(e.to_string()))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(err(String::from_utf8_lossy(&out.stderr).trim().to_string()))
-    }
-}
-
 /// The index of interface `name` in the calling thread's network namespace.
 pub fn ifindex(name: &str) -> Option<u32> {
-    let c = CString::new(name).ok()?;
-    // SAFETY: a valid NUL-terminated string.
-    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    (i != 0).then_some(i)
+    nix::net::if_::if_nametoindex(name).ok()
+}
+
+impl Pod {
+    fn name(&self) -> String {
+        self.workload.to_string()
+    }
+
+    fn sys(&self, op: SysOp, path: impl Into<PathBuf>) -> impl FnOnce(Errno) -> PodNetError {
+        let (pod, path) = (self.name(), path.into());
+        move |errno| PodNetError::Sys {
+            pod,
+            op,
+            path,
+            errno,
+        }
+    }
+
+    fn nl(&self) -> impl FnOnce(NetlinkError) -> PodNetError {
+        let pod = self.name();
+        move |e| PodNetError::Netlink {
+            pod,
+            source: Box::new(e),
+        }
+    }
 }
 
 fn write_sysctl(pod: &Pod, path: &str, value: &str) -> Result<(), PodNetError> {
-    std::fs::write(path, value).map_err(|source| PodNetError::Io {
-        pod: pod.workload.to_string(),
-        what: format!("write {path}"),
-        source,
-    })
+    std::fs::write(path, value).map_err(|e| pod.sys(SysOp::WriteSysctl, path)(errno_of(&e)))
+}
+
+/// Whether `path` is a mounted network namespace (rather than missing, or the bare file of an
+/// interrupted creation).
+fn is_netns(path: &Path) -> bool {
+    statfs(path).is_ok_and(|s| s.filesystem_type() == NSFS_MAGIC)
+}
+
+/// `ip netns add`: makes /run/netns a shared mount point (so that namespaces mounted there
+/// show in every mount namespace that shares it), then mounts a new network namespace on
+/// /run/netns/NAME. A namespace already mounted there is adopted as it is; a bare file left
+/// by an interrupted run gets a new namespace. Tells whether the namespace is new.
+fn ensure_netns(pod: &Pod) -> Result<bool, PodNetError> {
+    let path = pod.netns_path();
+    if is_netns(&path) {
+        return Ok(false);
+    }
+    let dir = Path::new(NETNS_DIR);
+    std::fs::create_dir_all(dir).map_err(|e| pod.sys(SysOp::PrepareNetnsDir, dir)(errno_of(&e)))?;
+    let shared = || {
+        mount(
+            None::<&str>,
+            dir,
+            None::<&str>,
+            MsFlags::MS_SHARED | MsFlags::MS_REC,
+            None::<&str>,
+        )
+    };
+    if let Err(e) = shared() {
+        if e != Errno::EINVAL {
+            return Err(pod.sys(SysOp::PrepareNetnsDir, dir)(e));
+        }
+        // Not a mount point yet: make it one.
+        mount(
+            Some(dir),
+            dir,
+            Some("none"),
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .and_then(|()| shared())
+        .map_err(pod.sys(SysOp::PrepareNetnsDir, dir))?;
+    }
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| pod.sys(SysOp::CreateNetnsFile, &path)(errno_of(&e)))?;
+    // unshare() changes the namespace of the calling thread only: a thread of its own, which
+    // ends once the namespace is mounted (the mount keeps it alive).
+    let made = std::thread::scope(|s| {
+        s.spawn(|| {
+            unshare(CloneFlags::CLONE_NEWNET).map_err(pod.sys(SysOp::NewNetns, &path))?;
+            mount(
+                Some("/proc/thread-self/ns/net"),
+                &path,
+                Some("none"),
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .map_err(pod.sys(SysOp::MountNetns, &path))
+        })
+        .join()
+        .unwrap_or_else(|_| {
+            Err(PodNetError::Panicked {
+                pod: pod.name(),
+                op: SysOp::NewNetns,
+            })
+        })
+    });
+    if made.is_err() {
+        let _ = std::fs::remove_file(&path);
+    }
+    made.map(|()| true)
 }
 
 /// Creates (or adopts, when it exists) the pod's namespace, veth pair, addresses and routes.
 /// Idempotent. Returns the index of the node side of the veth.
 pub fn ensure(pod: &Pod) -> Result<u32, PodNetError> {
-    let io_err = |what: &str| {
-        let pod = pod.workload.to_string();
-        let what = what.to_string();
-        move |source| PodNetError::Io { pod, what, source }
+    let fresh = ensure_netns(pod)?;
+    let (h, ns) = (pod.host_if.as_str(), pod.netns_path());
+    let host = netlink::session(None, async |nl| nl.find(h).await).map_err(pod.nl())?;
+    let inside = match fresh {
+        true => None,
+        false => netlink::session(Some(&ns), async |nl| nl.find(POD_IF).await).map_err(pod.nl())?,
     };
-    if !pod.netns_path().exists() {
-        ip_batch(pod, None, &[format!("netns add {}", pod.netns)])?;
+    if host.is_none() || inside.is_none() {
+        // A half-made pair from an interrupted run, or a node side whose namespace was
+        // replaced: start over.
+        netlink::session(None, async |nl| nl.delete(h).await).map_err(pod.nl())?;
+        if inside.is_some() {
+            netlink::session(Some(&ns), async |nl| nl.delete(POD_IF).await).map_err(pod.nl())?;
+        }
+        let fd = File::open(&ns).map_err(|e| pod.sys(SysOp::OpenNetns, &ns)(errno_of(&e)))?;
+        netlink::session(None, async |nl| {
+            nl.add_veth(h, POD_IF, fd.as_fd(), &pod.netns).await
+        })
+        .map_err(pod.nl())?;
     }
-    let h = &pod.host_if;
-    if ifindex(h).is_none() {
-        // A half-made pair from an interrupted run: start over inside.
-        let _ = ip_batch(pod, Some(&pod.netns), &[format!("link del {POD_IF}")]);
-        ip_batch(
-            pod,
-            None,
-            &[format!(
-                "link add {h} type veth peer name {POD_IF} netns {}",
-                pod.netns
-            )],
-        )?;
-    }
-    let mut host = vec![format!("link set {h} up")];
-    let mut inside = vec![
-        "link set lo up".to_string(),
-        format!("link set {POD_IF} up"),
-    ];
-    if let Some(a) = pod.ip4 {
+    if pod.ip4.is_some() {
         write_sysctl(pod, &format!("/proc/sys/net/ipv4/conf/{h}/forwarding"), "1")?;
-        host.push(format!("addr replace {GATEWAY4}/32 dev {h}"));
-        host.push(format!("route replace {a}/32 dev {h}"));
-        inside.push(format!("addr replace {a}/32 dev {POD_IF}"));
-        inside.push(format!("route replace {GATEWAY4} dev {POD_IF} scope link"));
-        inside.push(format!("route replace default via {GATEWAY4} dev {POD_IF}"));
     }
-    if let Some(a) = pod.ip6 {
+    if pod.ip6.is_some() {
         write_sysctl(pod, &format!("/proc/sys/net/ipv6/conf/{h}/forwarding"), "1")?;
         write_sysctl(pod, &format!("/proc/sys/net/ipv6/conf/{h}/accept_dad"), "0")?;
-        host.push(format!("addr replace {GATEWAY6}/64 dev {h} nodad"));
-        host.push(format!("route replace {a}/128 dev {h}"));
-        inside.push(format!("addr replace {a}/128 dev {POD_IF} nodad"));
-        inside.push(format!("route replace default via {GATEWAY6} dev {POD_IF}"));
     }
-    ip_batch(pod, None, &host)?;
-    ip_batch(pod, Some(&pod.netns), &inside)?;
-    ifindex(h)
-        .ok_or_else(|| io_err("find the veth")(io::Error::new(io::ErrorKind::NotFound, h.clone())))
+    let index = netlink::session(None, async |nl| {
+        nl.set_up(h).await?;
+        if let Some(a) = pod.ip4 {
+            nl.replace_address(h, GATEWAY4.into(), 32, false).await?;
+            nl.replace_route(h, Route::host(a.into())).await?;
+        }
+        if let Some(a) = pod.ip6 {
+            nl.replace_address(h, GATEWAY6.into(), 64, true).await?;
+            nl.replace_route(h, Route::host(a.into())).await?;
+        }
+        nl.index(h).await
+    })
+    .map_err(pod.nl())?;
+    netlink::session(Some(&ns), async |nl| {
+        nl.set_up("lo").await?;
+        nl.set_up(POD_IF).await?;
+        if let Some(a) = pod.ip4 {
+            nl.replace_address(POD_IF, a.into(), 32, false).await?;
+            // `ip route replace 169.254.1.1 dev eth0 scope link`, then the default through it.
+            nl.replace_route(POD_IF, Route::host(GATEWAY4.into()))
+                .await?;
+            nl.replace_route(POD_IF, Route::default_via(GATEWAY4.into()))
+                .await?;
+        }
+        if let Some(a) = pod.ip6 {
+            nl.replace_address(POD_IF, a.into(), 128, true).await?;
+            nl.replace_route(POD_IF, Route::default_via(GATEWAY6.into()))
+                .await?;
+        }
+        Ok(())
+    })
+    .map_err(pod.nl())?;
+    Ok(index)
 }
 
-/// Deletes the pod's namespace and veth. Processes still inside keep their (now detached)
+/// `ip netns del`: unmounts the pod's namespace and removes its file, then deletes the node
+/// side of the veth if it is still there. Processes still inside keep their (now detached)
 /// namespace until they exit; the veth goes with the namespace or here.
 pub fn remove(pod: &Pod) {
-    if pod.netns_path().exists() {
-        if let Err(e) = ip_batch(pod, None, &[format!("netns del {}", pod.netns)]) {
-            tracing::warn!(error = %e, "cannot delete the pod's network namespace");
+    let path = pod.netns_path();
+    if path.exists() {
+        match umount2(&path, MntFlags::MNT_DETACH) {
+            // EINVAL: not mounted (a bare file left by an interrupted creation).
+            Ok(()) | Err(Errno::EINVAL) => {}
+            Err(e) => {
+                tracing::warn!(pod = %pod.workload, netns = %pod.netns, error = %e, "cannot unmount the pod's network namespace")
+            }
+        }
+        if let Err(e) = std::fs::remove_file(&path) {
+            tracing::warn!(pod = %pod.workload, netns = %pod.netns, error = %e, "cannot delete the pod's network namespace");
         }
     }
     if ifindex(&pod.host_if).is_some() {
-        let _ = ip_batch(pod, None, &[format!("link del {}", pod.host_if)]);
+        let h = pod.host_if.as_str();
+        if let Err(e) = netlink::session(None, async |nl| nl.delete(h).await) {
+            tracing::warn!(pod = %pod.workload, error = %e, "cannot delete the pod's veth");
+        }
     }
 }
 
@@ -263,11 +414,8 @@ pub fn remove_tagged(root: &Path) -> Vec<PathBuf> {
 
 /// Moves the calling thread into the network namespace at `path`.
 pub fn enter(path: &Path) -> io::Result<()> {
-    let f = std::fs::File::open(path)?;
-    // SAFETY: setns on an fd we own; affects only the calling thread.
-    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let f = File::open(path)?;
+    setns(f, CloneFlags::CLONE_NEWNET)?;
     Ok(())
 }
 
@@ -291,25 +439,22 @@ pub fn bind_in(path: &Path, port: u16) -> io::Result<Vec<std::net::TcpListener>>
     .map_err(|_| io::Error::other("the thread binding in the pod's namespace panicked"))?
 }
 
-const SO_NETNS_COOKIE: libc::c_int = 71;
-
 /// The cookie of a socket's network namespace (the kernel's `bpf_get_netns_cookie`).
+/// SO_NETNS_COOKIE (Linux 5.14) has no option type in nix 0.29: getsockopt(2) itself.
 pub fn netns_cookie(s: &impl AsFd) -> io::Result<u64> {
     let mut v: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: getsockopt into a u64 we own, with its size.
+    // SAFETY: getsockopt writes at most `len` bytes into a u64 we own, on a borrowed fd.
     let r = unsafe {
         libc::getsockopt(
             s.as_fd().as_raw_fd(),
             libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            &mut v as *mut u64 as *mut libc::c_void,
+            libc::SO_NETNS_COOKIE,
+            (&mut v as *mut u64).cast(),
             &mut len,
         )
     };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    Errno::result(r)?;
     Ok(v)
 }
 

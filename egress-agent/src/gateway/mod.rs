@@ -9,6 +9,7 @@
 
 pub mod connect;
 pub mod h2tunnel;
+pub mod metrics;
 pub mod server;
 pub mod settings;
 pub mod socks5;

@@ -10,24 +10,13 @@
 use std::{
     net::SocketAddr,
     path::PathBuf,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
 use bytes::Bytes;
-use prometheus_client::{
-    metrics::{
-        counter::Counter,
-        family::Family,
-        gauge::Gauge,
-        histogram::{exponential_buckets, Histogram},
-    },
-    registry::Registry,
-};
+use prometheus_client::registry::Registry;
 use tokio::{
     io::AsyncWriteExt,
     net::{TcpListener, TcpSocket, TcpStream},
@@ -39,96 +28,15 @@ use tracing::{debug, info, warn};
 use super::{
     connect::{self, HOST_HEADER},
     h2tunnel::{self, H2Io},
+    metrics::{GatewayMetrics, TunnelProtocol, TunnelResult},
     settings::{self, GatewayServer, ListenerProtocol},
     socks5::{self, reply},
     GatewayError, Target,
 };
 use crate::{proxy::relay, telemetry::metrics};
 
-type Labels = Vec<(&'static str, String)>;
-
 /// Beside the node agent's 15090.
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:15091";
-
-/// The gateway's metrics.
-pub struct GatewayMetrics {
-    registry: Registry,
-    connections: Family<Labels, Counter>,
-    bytes: Family<Labels, Counter>,
-    connect: Histogram,
-    active: Gauge,
-    ready: AtomicBool,
-}
-
-impl GatewayMetrics {
-    pub fn new() -> Arc<Self> {
-        let mut registry = Registry::default();
-        let connections = Family::<Labels, Counter>::default();
-        registry.register(
-            "egress_gateway_connections",
-            "Tunnels the gateway handled, by protocol (socks5, http-connect, http2tunnel) and result",
-            connections.clone(),
-        );
-        let bytes = Family::<Labels, Counter>::default();
-        registry.register(
-            "egress_gateway_bytes",
-            "Bytes the gateway relayed: upstream (client to destination) and downstream",
-            bytes.clone(),
-        );
-        let connect = Histogram::new(exponential_buckets(0.0001, 4.0, 10));
-        registry.register(
-            "egress_gateway_connect_duration_seconds",
-            "Time the gateway took to connect to a destination",
-            connect.clone(),
-        );
-        let active = Gauge::default();
-        registry.register(
-            "egress_gateway_active_connections",
-            "Tunnels the gateway is relaying now",
-            active.clone(),
-        );
-        let info = Family::<Labels, Gauge>::default();
-        registry.register("egress_build_info", "Build of the gateway", info.clone());
-        info.get_or_create(&vec![("version", env!("CARGO_PKG_VERSION").into())])
-            .set(1);
-        Arc::new(Self {
-            registry,
-            connections,
-            bytes,
-            connect,
-            active,
-            ready: AtomicBool::new(false),
-        })
-    }
-
-    fn count(&self, protocol: &'static str, result: &'static str, bytes: (u64, u64)) {
-        self.connections
-            .get_or_create(&vec![
-                ("protocol", protocol.into()),
-                ("result", result.into()),
-            ])
-            .inc();
-        for (dir, n) in [("upstream", bytes.0), ("downstream", bytes.1)] {
-            self.bytes
-                .get_or_create(&vec![("direction", dir.into())])
-                .inc_by(n);
-        }
-    }
-}
-
-impl metrics::Scrape for GatewayMetrics {
-    fn render(&self) -> String {
-        let mut out = String::new();
-        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
-            warn!(error = %e, "cannot encode the metrics");
-        }
-        metrics::prometheus_text(&out)
-    }
-
-    fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst)
-    }
-}
 
 /// Why a tunnel was not opened, as the client is told.
 #[derive(Debug)]
@@ -164,10 +72,10 @@ impl Refusal {
         }
     }
 
-    fn result(&self) -> &'static str {
+    fn result(&self) -> TunnelResult {
         match self {
-            Refusal::NotAllowed => "refused",
-            _ => "upstream-error",
+            Refusal::NotAllowed => TunnelResult::Refused,
+            _ => TunnelResult::UpstreamError,
         }
     }
 
@@ -190,7 +98,7 @@ pub struct Gateway {
 
 /// One tunnel, for the log and the metrics.
 struct Tunnel {
-    protocol: &'static str,
+    protocol: TunnelProtocol,
     peer: SocketAddr,
     target: String,
     host: Option<String>,
@@ -206,16 +114,22 @@ impl Gateway {
         })
     }
 
-    fn finish(&self, t: &Tunnel, result: &'static str, bytes: (u64, u64), detail: &str) {
-        self.metrics.count(t.protocol, result, bytes);
+    fn finish(&self, t: &Tunnel, res: TunnelResult, bytes: (u64, u64), detail: &str) {
+        self.metrics.count(t.protocol, res, bytes);
         let ms = t.started.elapsed().as_millis() as u64;
         let host = t.host.as_deref().unwrap_or("");
-        let (protocol, target) = (t.protocol, t.target.as_str());
-        if result == "allowed" {
+        let (protocol, target) = (t.protocol.as_str(), t.target.as_str());
+        let result = res.as_str();
+        if res == TunnelResult::Allowed {
             debug!(target: "egress::gateway", protocol, peer = %t.peer, destination = target, host, result, bytes_out = bytes.0, bytes_in = bytes.1, ms, detail, "tunnel");
         } else {
             info!(target: "egress::gateway", protocol, peer = %t.peer, destination = target, host, result, bytes_out = bytes.0, bytes_in = bytes.1, ms, detail, "tunnel");
         }
+    }
+
+    /// A tunnel that did not open (nothing relayed).
+    fn refuse(&self, t: &Tunnel, res: TunnelResult, detail: &str) {
+        self.finish(t, res, (0, 0), detail)
     }
 
     /// Judges `target` and dials it from the egress address.
@@ -255,9 +169,7 @@ impl Gateway {
             .await
             .map_err(|_| Refusal::Timeout)?
             .map_err(Refusal::Connect)?;
-        self.metrics
-            .connect
-            .observe(started.elapsed().as_secs_f64());
+        self.metrics.connected(started.elapsed());
         let _ = s.set_nodelay(true);
         Ok((s, dst))
     }
@@ -291,7 +203,7 @@ impl Gateway {
     async fn relay_tcp(&self, t: &Tunnel, client: TcpStream, upstream: TcpStream, early: &[u8]) {
         let mut upstream = upstream;
         if !early.is_empty() && upstream.write_all(early).await.is_err() {
-            return self.finish(t, "upstream-error", (0, 0), "write failed");
+            return self.refuse(t, TunnelResult::UpstreamError, "write failed");
         }
         let idle = self.cfg.spec.idle_timeout.0;
         let relayed = relay::relay(client, upstream, idle, None, || true);
@@ -305,20 +217,25 @@ impl Gateway {
         relayed: impl std::future::Future<Output = relay::Relayed>,
         early: u64,
     ) {
-        self.metrics.active.inc();
+        self.metrics.active().inc();
         let r = relayed.await;
-        self.metrics.active.dec();
+        self.metrics.active().dec();
         let end = if r.idle_timeout {
             "idle timeout"
         } else {
             "closed"
         };
-        self.finish(t, "allowed", (r.bytes.0 + early, r.bytes.1), end);
+        self.finish(
+            t,
+            TunnelResult::Allowed,
+            (r.bytes.0 + early, r.bytes.1),
+            end,
+        );
     }
 
     async fn socks5(&self, mut client: TcpStream, peer: SocketAddr) {
         let mut t = Tunnel {
-            protocol: "socks5",
+            protocol: TunnelProtocol::Socks5,
             peer,
             target: String::new(),
             host: None,
@@ -328,7 +245,7 @@ impl Gateway {
             let _ = client
                 .write_all(&socks5::encode_reply(reply::GENERAL_FAILURE, None))
                 .await;
-            return self.finish(&t, "over-limit", (0, 0), "too many tunnels");
+            return self.refuse(&t, TunnelResult::OverLimit, "too many tunnels");
         };
         let mut buf = Vec::new();
         let handshake = async {
@@ -371,8 +288,8 @@ impl Gateway {
         let (target, n) =
             match tokio::time::timeout(self.cfg.spec.handshake_timeout.0, handshake).await {
                 Ok(Ok(r)) => r,
-                Ok(Err(e)) => return self.finish(&t, "bad-request", (0, 0), &e.to_string()),
-                Err(_) => return self.finish(&t, "bad-request", (0, 0), "handshake timed out"),
+                Ok(Err(e)) => return self.refuse(&t, TunnelResult::BadRequest, &e.to_string()),
+                Err(_) => return self.refuse(&t, TunnelResult::BadRequest, "handshake timed out"),
             };
         buf.drain(..n);
         t.target = target.to_string();
@@ -387,7 +304,7 @@ impl Gateway {
                     .await
                     .is_err()
                 {
-                    return self.finish(&t, "bad-request", (0, 0), "client went away");
+                    return self.refuse(&t, TunnelResult::BadRequest, "client went away");
                 }
                 self.relay_tcp(&t, client, upstream, &buf).await;
             }
@@ -395,7 +312,7 @@ impl Gateway {
                 let _ = client
                     .write_all(&socks5::encode_reply(r.socks5_reply(), None))
                     .await;
-                self.finish(&t, r.result(), (0, 0), &r.why());
+                self.refuse(&t, r.result(), &r.why());
             }
         }
     }
@@ -412,7 +329,7 @@ impl Gateway {
             return self.h2(client, peer).await;
         }
         let mut t = Tunnel {
-            protocol: "http-connect",
+            protocol: TunnelProtocol::HttpConnect,
             peer,
             target: String::new(),
             host: None,
@@ -420,7 +337,7 @@ impl Gateway {
         };
         let Some(_permit) = self.permit() else {
             let _ = respond_h1(&mut client, 503, "too many tunnels").await;
-            return self.finish(&t, "over-limit", (0, 0), "too many tunnels");
+            return self.refuse(&t, TunnelResult::OverLimit, "too many tunnels");
         };
         let mut buf = Vec::new();
         let read = socks5::read_until(
@@ -438,11 +355,11 @@ impl Gateway {
                     _ => 400,
                 };
                 let _ = respond_h1(&mut client, status, &e.to_string()).await;
-                return self.finish(&t, "bad-request", (0, 0), &e.to_string());
+                return self.refuse(&t, TunnelResult::BadRequest, &e.to_string());
             }
             Err(_) => {
                 let _ = respond_h1(&mut client, 408, "request head timed out").await;
-                return self.finish(&t, "bad-request", (0, 0), "handshake timed out");
+                return self.refuse(&t, TunnelResult::BadRequest, "handshake timed out");
             }
         };
         buf.drain(..n);
@@ -458,13 +375,13 @@ impl Gateway {
                     .await
                     .is_err()
                 {
-                    return self.finish(&t, "bad-request", (0, 0), "client went away");
+                    return self.refuse(&t, TunnelResult::BadRequest, "client went away");
                 }
                 self.relay_tcp(&t, client, upstream, &buf).await;
             }
             Err(r) => {
                 let _ = respond_h1(&mut client, r.http_status(), &r.why()).await;
-                self.finish(&t, r.result(), (0, 0), &r.why());
+                self.refuse(&t, r.result(), &r.why());
             }
         }
     }
@@ -481,11 +398,15 @@ impl Gateway {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
                 let t = self.tunnel_h2(peer);
-                return self.finish(&t, "bad-request", (0, 0), &format!("HTTP/2 handshake: {e}"));
+                return self.refuse(
+                    &t,
+                    TunnelResult::BadRequest,
+                    &format!("HTTP/2 handshake: {e}"),
+                );
             }
             Err(_) => {
                 let t = self.tunnel_h2(peer);
-                return self.finish(&t, "bad-request", (0, 0), "HTTP/2 handshake timed out");
+                return self.refuse(&t, TunnelResult::BadRequest, "HTTP/2 handshake timed out");
             }
         };
         while let Some(next) = conn.accept().await {
@@ -504,7 +425,7 @@ impl Gateway {
 
     fn tunnel_h2(&self, peer: SocketAddr) -> Tunnel {
         Tunnel {
-            protocol: "http2tunnel",
+            protocol: TunnelProtocol::Http2Tunnel,
             peer,
             target: String::new(),
             host: None,
@@ -527,18 +448,18 @@ impl Gateway {
         };
         let Some(_permit) = self.permit() else {
             let _ = respond.send_response(status(503), true);
-            return self.finish(&t, "over-limit", (0, 0), "too many tunnels");
+            return self.refuse(&t, TunnelResult::OverLimit, "too many tunnels");
         };
         if req.method() != http::Method::CONNECT {
             let _ = respond.send_response(status(405), true);
-            return self.finish(&t, "bad-request", (0, 0), "method is not CONNECT");
+            return self.refuse(&t, TunnelResult::BadRequest, "method is not CONNECT");
         }
         let authority = req.uri().authority().map(|a| a.as_str()).unwrap_or("");
         let target = match connect::parse_authority(authority) {
             Ok(t) => t,
             Err(e) => {
                 let _ = respond.send_response(status(400), true);
-                return self.finish(&t, "bad-request", (0, 0), &e.to_string());
+                return self.refuse(&t, TunnelResult::BadRequest, &e.to_string());
             }
         };
         t.target = target.to_string();
@@ -555,12 +476,12 @@ impl Gateway {
             Ok((u, _)) => u,
             Err(r) => {
                 let _ = respond.send_response(status(r.http_status()), true);
-                return self.finish(&t, r.result(), (0, 0), &r.why());
+                return self.refuse(&t, r.result(), &r.why());
             }
         };
         let send = match respond.send_response(status(200), false) {
             Ok(s) => s,
-            Err(e) => return self.finish(&t, "bad-request", (0, 0), &e.to_string()),
+            Err(e) => return self.refuse(&t, TunnelResult::BadRequest, &e.to_string()),
         };
         let stream = H2Io::new(send, req.into_body());
         let idle = self.cfg.spec.idle_timeout.0;
@@ -632,14 +553,16 @@ pub async fn run(config: PathBuf, metrics_addr: SocketAddr) -> anyhow::Result<()
         });
         drop(probe?);
     }
-    let metrics = GatewayMetrics::new();
-    let gw = Gateway::new(cfg.clone(), metrics.clone());
+    let mut registry = Registry::default();
+    let gw_metrics = Arc::new(GatewayMetrics::register(&mut registry));
+    let metrics = metrics::Metrics::new(registry);
+    let gw = Gateway::new(cfg.clone(), gw_metrics);
     let mut tasks = tokio::task::JoinSet::new();
     for (l, p) in listeners {
         tasks.spawn(gw.clone().accept_loop(l, p));
     }
     tasks.spawn(metrics::serve(metrics_listener, metrics.clone()));
-    metrics.ready.store(true, Ordering::SeqCst);
+    metrics.set_ready();
     let addrs: Vec<String> = cfg
         .spec
         .listeners

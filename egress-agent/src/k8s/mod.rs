@@ -10,11 +10,9 @@
 //! - [`watch`]: list/watch against the API server, reconcile into `Control`, status reports,
 //!   the startup taint.
 //! - [`toggle`]: `egress enable|disable|status --kubernetes`.
-//! - [`fake`]: a fake API server for the tests.
 
 pub mod appear;
 pub mod cgroups;
-pub mod fake;
 pub mod toggle;
 pub mod view;
 pub mod watch;
@@ -81,7 +79,7 @@ pub async fn run(
     opts: Options,
     started: Started,
     control: std::sync::Arc<crate::control::Control>,
-    metrics: std::sync::Arc<crate::telemetry::metrics::Metrics>,
+    metrics: watch::RejectedMetrics,
     in_pod: tokio::sync::watch::Sender<Vec<watch::PodNetns>>,
 ) {
     watch::report(&started.rejected, Some(&metrics));

@@ -1,12 +1,13 @@
 //! The watcher, the startup taint and the cluster toggle against [`FakeApiServer`] (a fake:
-//! an in-process server speaking the real list/watch JSON), through the real kube client.
+//! an in-process server speaking the real list/watch JSON, from the `egress-test-support`
+//! dev-dependency), through the real kube client.
 
 use std::time::Duration;
 
+use egress_test_support::{wait_until_async, FakeApiServer};
 use serde_json::{json, Value};
 
 use super::{
-    fake::FakeApiServer,
     toggle,
     view::View,
     watch::{remove_startup_taint, Watch, STARTUP_TAINT},
@@ -94,18 +95,21 @@ async fn watcher_follows_node_pods_and_keeps_the_last_valid_policy() {
     // The server ends every watch (its timeout, a restart): the watcher resumes from the
     // last resourceVersion and misses nothing.
     fake.end_watches();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    fake.put("pods", pod("web-5", "node-a"));
-    until(&mut watch, &mut view, |v| v.pods.contains_key(&id("web-5"))).await;
-    assert!(
+    let pod_watches = |fake: &FakeApiServer| {
         fake.requests()
             .iter()
             .filter(|r| r.starts_with("GET /api/v1/pods?") && r.contains("watch=true"))
             .count()
-            >= 2,
-        "{:?}",
+    };
+    // The change below comes after the watcher watches again, so it must resume, not list.
+    assert!(
+        wait_until_async(Duration::from_secs(10), || pod_watches(&fake) >= 2).await,
+        "the pod watch was not resumed: {:?}",
         fake.requests()
     );
+    fake.put("pods", pod("web-5", "node-a"));
+    until(&mut watch, &mut view, |v| v.pods.contains_key(&id("web-5"))).await;
+    assert!(pod_watches(&fake) >= 2, "{:?}", fake.requests());
 
     // A bad change to the Egress is reported, naming object and field; the old one stays.
     fake.put("egresses", egress(0));
@@ -168,12 +172,20 @@ async fn toggle_patches_the_meshconfig_and_waits_for_every_node() {
                    "node-b": {"generation": 7, "observedGeneration": 1, "enableEgress": true}}}}),
     );
     let c = client(&fake);
-    // Two "agents" converge a little later, as a real node would after its watch event.
+    // Two "agents" converge once the toggle's change is there, as a real node would after
+    // its watch event.
     let f = std::sync::Arc::new(fake);
     let agents = {
         let f = f.clone();
         tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            let disabled = || {
+                f.get("meshconfigs", "", "egress").unwrap()["spec"]["traffic"]["enableEgress"]
+                    == json!(false)
+            };
+            assert!(
+                wait_until_async(Duration::from_secs(10), disabled).await,
+                "the toggle never patched the MeshConfig"
+            );
             let mut m = f.get("meshconfigs", "", "egress").unwrap();
             assert_eq!(m["spec"]["traffic"]["enableEgress"], json!(false));
             let g = m["metadata"]["generation"].clone();

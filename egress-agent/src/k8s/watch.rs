@@ -10,6 +10,11 @@ use kube::{
     runtime::{watcher, WatchStreamExt as _},
     Api, Client,
 };
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family},
+    registry::Registry,
+};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
@@ -18,7 +23,6 @@ use super::view::{Pod, View, KINDS};
 use crate::{
     control::Control,
     policy::{ConfigError, ObjectRef},
-    telemetry::metrics::Metrics,
 };
 
 pub const GROUP: &str = "policy.egress.dev";
@@ -176,12 +180,43 @@ fn spawn_watch(
     });
 }
 
+/// `egress_policy_rejected`: policy objects refused, by kind. Registered in every mode (the
+/// series exist only in Kubernetes mode).
+#[derive(Clone, Debug, Default)]
+pub struct RejectedMetrics {
+    rejected: Family<KindLabels, Counter>,
+}
+
+/// `{kind}`: the kind of a policy object.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: String,
+}
+
+impl RejectedMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.register(
+            "egress_policy_rejected",
+            "Policy objects refused (Kubernetes mode: invalid CRD objects; the previous version stays in force), by kind",
+            m.rejected.clone(),
+        );
+        m
+    }
+
+    /// A policy object of `kind` was refused.
+    pub fn inc(&self, kind: &str) {
+        let labels = KindLabels { kind: kind.into() };
+        self.rejected.get_or_create(&labels).inc();
+    }
+}
+
 /// Reports rejected objects: a warning naming object and field, and the metric.
-pub fn report(rejected: &[ConfigError], metrics: Option<&Metrics>) {
+pub fn report(rejected: &[ConfigError], metrics: Option<&RejectedMetrics>) {
     for e in rejected {
         warn!(error = %e, "policy object rejected; its previous valid version (if any) stays in force");
         if let Some(m) = metrics {
-            m.policy_rejected(e.object.split(' ').next().unwrap_or(""));
+            m.inc(e.object.split(' ').next().unwrap_or(""));
         }
     }
 }
@@ -198,7 +233,7 @@ pub struct Node {
     /// The MeshConfig whose status the node reports into when the policy has none.
     pub mesh_config: String,
     pub control: Arc<Control>,
-    pub metrics: Arc<Metrics>,
+    pub metrics: RejectedMetrics,
     /// The enrolled pods' own network namespaces, where the proxy listens.
     pub in_pod: tokio::sync::watch::Sender<Vec<PodNetns>>,
 }

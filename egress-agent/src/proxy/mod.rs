@@ -9,6 +9,7 @@
 //! their rule names (or the global one): never direct when a gateway is chosen but down.
 
 pub mod inpod;
+pub mod metrics;
 pub mod relay;
 pub mod sniff;
 
@@ -30,8 +31,8 @@ use tracing::{debug, info, warn};
 use crate::{
     gateway::{Dialer, Target, Upstream},
     policy::{normalize, Compiled, EgressGateway, HostVerdict, Live},
-    telemetry::metrics::Metrics,
 };
+use metrics::{ProxyMetrics, ProxyResult};
 use sniff::Sniffed;
 
 /// Original destinations, keyed by the client's address in its network namespace.
@@ -67,7 +68,7 @@ impl Default for Limits {
 
 pub struct Proxy {
     orig: OrigMap,
-    metrics: Arc<Metrics>,
+    metrics: Arc<ProxyMetrics>,
     live: Arc<Live>,
     limits: Limits,
     permits: Arc<Semaphore>,
@@ -99,7 +100,12 @@ struct Record<'a> {
 }
 
 impl Proxy {
-    pub fn new(orig: OrigMap, live: Arc<Live>, limits: Limits, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(
+        orig: OrigMap,
+        live: Arc<Live>,
+        limits: Limits,
+        metrics: Arc<ProxyMetrics>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             orig,
             metrics,
@@ -145,14 +151,14 @@ impl Proxy {
             };
             let Ok(permit) = self.permits.clone().try_acquire_owned() else {
                 self.metrics
-                    .proxy_connection("", None, "over-limit", (0, 0));
+                    .connection("", None, ProxyResult::OverLimit, (0, 0));
                 warn!(%peer, limit = self.limits.max_connections, "proxy connection limit reached, refusing");
                 reset(client);
                 continue;
             };
             let this = self.clone();
             tokio::spawn(async move {
-                this.metrics.proxy_active().inc();
+                this.metrics.active().inc();
                 this.handle(
                     client,
                     OrigKey {
@@ -162,7 +168,7 @@ impl Proxy {
                     peer,
                 )
                 .await;
-                this.metrics.proxy_active().dec();
+                this.metrics.active().dec();
                 drop(permit);
             });
         }
@@ -173,7 +179,7 @@ impl Proxy {
             Ok(o) => o,
             Err(e) => {
                 self.metrics
-                    .proxy_connection("", None, "not-redirected", (0, 0));
+                    .connection("", None, ProxyResult::NotRedirected, (0, 0));
                 warn!(%peer, error = %e, "refused a connection that the kernel did not redirect");
                 reset(client);
                 return;
@@ -256,7 +262,7 @@ impl Proxy {
                 }
             }
         };
-        self.metrics.proxy_connected(connecting.elapsed());
+        self.metrics.connected(connecting.elapsed());
         drop(policy);
         let changes = self.limits.close_on_tighten.then(|| self.live.subscribe());
         let (wid, host) = (orig.workload_id, rec.host.clone());
@@ -349,11 +355,11 @@ impl Proxy {
             .await
         {
             Ok(u) => {
-                self.metrics.proxy_gateway(&gw.id.name, true);
+                self.metrics.gateway(&gw.id.name, true);
                 Ok(u)
             }
             Err((addr, mode, e)) => {
-                self.metrics.proxy_gateway(&gw.id.name, false);
+                self.metrics.gateway(&gw.id.name, false);
                 Err(format!(
                     "EgressGateway {} ({} at {addr}): {e}",
                     gw.id.name,
@@ -380,14 +386,14 @@ impl Proxy {
 
     fn finish(&self, rec: &Record<'_>, bytes: (u64, u64), end: &str) {
         let result = match rec.verdict {
-            "allow" => "allowed",
-            "deny" => "denied",
-            "audit" => "audit",
-            "gateway-error" => "gateway-error",
-            _ => "upstream-error",
+            "allow" => ProxyResult::Allowed,
+            "deny" => ProxyResult::Denied,
+            "audit" => ProxyResult::Audit,
+            "gateway-error" => ProxyResult::GatewayError,
+            _ => ProxyResult::UpstreamError,
         };
         self.metrics
-            .proxy_connection(rec.workload, rec.host.as_deref(), result, bytes);
+            .connection(rec.workload, rec.host.as_deref(), result, bytes);
         let host = rec.host.as_deref().unwrap_or("");
         let ms = rec.started.elapsed().as_millis() as u64;
         let (workload, verdict, rule) = (rec.workload, rec.verdict, rec.rule.as_str());

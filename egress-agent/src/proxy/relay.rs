@@ -4,11 +4,16 @@
 
 use std::{
     io,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+    os::fd::{AsFd, AsRawFd, OwnedFd},
     sync::atomic::{AtomicU64, Ordering},
     time::{Duration, Instant},
 };
 
+use nix::{
+    fcntl::{self, FcntlArg, OFlag, SpliceFFlags},
+    sys::socket,
+    unistd,
+};
 use tokio::{io::Interest, net::TcpStream};
 
 /// How a relay ended.
@@ -182,9 +187,7 @@ async fn pump(
         };
         let n = loop {
             from.readable().await?;
-            match from.try_io(Interest::READABLE, || {
-                splice(from.as_raw_fd(), pw.as_raw_fd(), CHUNK)
-            }) {
+            match from.try_io(Interest::READABLE, || splice(from, pw, CHUNK)) {
                 Ok(n) => break n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),
@@ -198,9 +201,7 @@ async fn pump(
         let mut left = n;
         while left > 0 {
             to.writable().await?;
-            match to.try_io(Interest::WRITABLE, || {
-                splice(pr.as_raw_fd(), to.as_raw_fd(), left)
-            }) {
+            match to.try_io(Interest::WRITABLE, || splice(pr, to, left)) {
                 Ok(m) => {
                     left -= m;
                     moved.fetch_add(m as u64, Ordering::Relaxed);
@@ -214,39 +215,18 @@ async fn pump(
 
 /// EOF one way: pass the half-close on. The peer may already be gone; that is fine.
 fn half_close(to: &TcpStream) {
-    // SAFETY: shutdown(2) on a socket fd `to` keeps open.
-    unsafe { libc::shutdown(to.as_raw_fd(), libc::SHUT_WR) };
+    let _ = socket::shutdown(to.as_raw_fd(), socket::Shutdown::Write);
 }
 
 fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 writes two fds into the array we own.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: both fds were just created and are owned by nobody else.
-    let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let (r, w) = unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
     // A bigger pipe moves bulk data in fewer calls; the default (64 KiB) is fine if refused.
-    // SAFETY: fcntl on an fd we own.
-    unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, CHUNK as libc::c_int) };
+    let _ = fcntl::fcntl(&w, FcntlArg::F_SETPIPE_SZ(CHUNK as libc::c_int));
     Ok((r, w))
 }
 
-fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
-    // SAFETY: plain syscall on fds the caller keeps open; null offsets (sockets and pipes).
-    let n = unsafe {
-        libc::splice(
-            from,
-            std::ptr::null_mut(),
-            to,
-            std::ptr::null_mut(),
-            len,
-            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
-        )
-    };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
+/// splice(2) between a socket and a pipe (no offsets), without blocking.
+fn splice(from: impl AsFd, to: impl AsFd, len: usize) -> io::Result<usize> {
+    let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+    Ok(fcntl::splice(from, None, to, None, len, flags)?)
 }

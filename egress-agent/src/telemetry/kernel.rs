@@ -1,9 +1,10 @@
 //! The kernel's side of `/metrics`: the per-CPU verdict and tc counters, map fill and policy
 //! generation, read into a [`KernelSnapshot`] by whoever owns the datapath ([`KernelSource`])
-//! and encoded at scrape time.
+//! and encoded at scrape time, with the proxy's refusals for a host ([`HostDenials`]).
 
 use std::{
     collections::{BTreeMap, HashMap},
+    hash::{Hash, Hasher},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex,
@@ -13,13 +14,172 @@ use std::{
 use egress_common::{proto, Outcome, EVENT_LOST};
 use prometheus_client::{
     collector::Collector,
-    encoding::{DescriptorEncoder, EncodeMetric},
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric},
     metrics::{counter::ConstCounter, gauge::ConstGauge, MetricType},
 };
 
+use super::labels::label_value;
 use crate::policy::{Compiled, ObjectRef};
 
-type Labels = Vec<(&'static str, String)>;
+/// The kernel's verdict (`verdict` of `egress_connections`): [`Outcome::name`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Verdict(pub Outcome);
+
+impl Verdict {
+    fn as_str(&self) -> &'static str {
+        self.0.name()
+    }
+}
+
+impl Hash for Verdict {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        (self.0 as u8).hash(state)
+    }
+}
+
+label_value!(Verdict);
+
+/// `protocol` of the kernel's series.
+#[allow(non_camel_case_types)] // the variant names are the label values
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum Protocol {
+    tcp,
+    udp,
+    other,
+}
+
+/// Why a connection was refused (`reason` of `egress_denied`): in the kernel, or by the
+/// proxy for its host.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum DenyReason {
+    Rule,
+    Default,
+    ProxyPort,
+    Error,
+    Host,
+}
+
+impl DenyReason {
+    fn of(o: Outcome) -> Option<Self> {
+        match o {
+            Outcome::DenyRule => Some(Self::Rule),
+            Outcome::DenyDefault => Some(Self::Default),
+            Outcome::DenyProxyPort => Some(Self::ProxyPort),
+            Outcome::DenyError => Some(Self::Error),
+            _ => None,
+        }
+    }
+
+    fn as_str(&self) -> &'static str {
+        match self {
+            Self::Rule => "rule",
+            Self::Default => "default",
+            Self::ProxyPort => "proxy-port",
+            Self::Error => "error",
+            Self::Host => "host",
+        }
+    }
+}
+
+label_value!(DenyReason);
+
+/// `egress_connections`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionLabels {
+    pub workload: String,
+    pub namespace: String,
+    pub verdict: Verdict,
+    pub protocol: Protocol,
+}
+
+/// `egress_denied`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeniedLabels {
+    pub workload: String,
+    pub namespace: String,
+    pub reason: DenyReason,
+    pub protocol: Protocol,
+}
+
+/// `egress_tc_dropped_packets`: the reason is [`egress_common::tc::tc_drop_reason`].
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcDropLabels {
+    pub workload: String,
+    pub namespace: String,
+    pub reason: &'static str,
+}
+
+/// `egress_packet_dropped`: the reason is [`egress_common::skb::skb_drop_reason`].
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PacketDropLabels {
+    pub workload: String,
+    pub namespace: String,
+    pub reason: &'static str,
+}
+
+/// `egress_tc_packets` and `egress_tc_bytes`: the verdict is
+/// [`egress_common::tc::tc_slot_name`].
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcLabels {
+    pub workload: String,
+    pub namespace: String,
+    pub verdict: &'static str,
+}
+
+/// `egress_map_entries` and `egress_map_capacity`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MapLabels {
+    pub map: &'static str,
+}
+
+/// `egress_build_info` of the agent.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    pub version: &'static str,
+    pub layout: u32,
+}
+
+/// Refusals the proxy made for a host, by (workload, namespace): `egress_denied` reports them
+/// beside the kernel's, with reason `host`. The proxy counts into a clone.
+#[derive(Clone, Debug, Default)]
+pub struct HostDenials(Arc<Mutex<BTreeMap<(String, String), u64>>>);
+
+impl HostDenials {
+    /// One refusal for `workload` (`namespace/name`).
+    pub fn add(&self, workload: &str) {
+        let (ns, name) = workload.split_once('/').unwrap_or(("", workload));
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((name.to_string(), ns.to_string()))
+            .or_default() += 1;
+    }
+
+    /// The refusals counted for `workload` (`namespace/name`).
+    pub fn get(&self, workload: &str) -> u64 {
+        let (ns, name) = workload.split_once('/').unwrap_or(("", workload));
+        let counts = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (name.to_string(), ns.to_string());
+        counts.get(&key).copied().unwrap_or(0)
+    }
+
+    fn samples(&self) -> Vec<(DeniedLabels, u64)> {
+        let counts = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        counts
+            .iter()
+            .map(|((name, ns), v)| {
+                let l = DeniedLabels {
+                    workload: name.clone(),
+                    namespace: ns.clone(),
+                    reason: DenyReason::Host,
+                    protocol: Protocol::tcp,
+                };
+                (l, *v)
+            })
+            .collect()
+    }
+}
 
 /// What the kernel counted, read at one moment.
 pub struct KernelSnapshot {
@@ -46,7 +206,7 @@ pub trait KernelSource: Send + Sync {
 /// The metrics read from the kernel and the policy at scrape time.
 pub(super) struct KernelCollector {
     pub(super) kernel: Arc<dyn KernelSource>,
-    pub(super) host_denials: Arc<Mutex<BTreeMap<(String, String), u64>>>,
+    pub(super) host_denials: HostDenials,
     pub(super) ready: Arc<AtomicBool>,
 }
 
@@ -56,27 +216,17 @@ impl std::fmt::Debug for KernelCollector {
     }
 }
 
-const PROTOCOLS: [(u8, &str); 3] = [
-    (proto::TCP, "tcp"),
-    (proto::UDP, "udp"),
-    (proto::ANY, "other"),
+const PROTOCOLS: [(u8, Protocol); 3] = [
+    (proto::TCP, Protocol::tcp),
+    (proto::UDP, Protocol::udp),
+    (proto::ANY, Protocol::other),
 ];
 
-fn deny_reason(o: Outcome) -> Option<&'static str> {
-    match o {
-        Outcome::DenyRule => Some("rule"),
-        Outcome::DenyDefault => Some("default"),
-        Outcome::DenyProxyPort => Some("proxy-port"),
-        Outcome::DenyError => Some("error"),
-        _ => None,
-    }
-}
-
-fn counter(
+fn counter<L: EncodeLabelSet>(
     enc: &mut DescriptorEncoder,
     name: &str,
     help: &str,
-    samples: &[(Labels, u64)],
+    samples: &[(L, u64)],
 ) -> std::fmt::Result {
     let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
     for (labels, v) in samples {
@@ -85,17 +235,27 @@ fn counter(
     Ok(())
 }
 
-fn gauge(
+fn gauge<L: EncodeLabelSet>(
     enc: &mut DescriptorEncoder,
     name: &str,
     help: &str,
-    samples: &[(Labels, i64)],
+    samples: &[(L, i64)],
 ) -> std::fmt::Result {
     let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
     for (labels, v) in samples {
         ConstGauge::new(*v).encode(m.encode_family(labels)?)?;
     }
     Ok(())
+}
+
+/// A counter without labels.
+fn counter1(enc: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> std::fmt::Result {
+    ConstCounter::new(v).encode(enc.encode_descriptor(name, help, None, MetricType::Counter)?)
+}
+
+/// A gauge without labels.
+fn gauge1(enc: &mut DescriptorEncoder, name: &str, help: &str, v: i64) -> std::fmt::Result {
+    ConstGauge::new(v).encode(enc.encode_descriptor(name, help, None, MetricType::Gauge)?)
 }
 
 impl Collector for KernelCollector {
@@ -126,20 +286,22 @@ impl Collector for KernelCollector {
                     continue;
                 };
                 let (p, b) = tc.get(&(*id, slot)).copied().unwrap_or((0, 0));
-                let base = vec![
-                    ("workload", w.name.clone()),
-                    ("namespace", w.namespace.clone()),
-                ];
                 if let Some(reason) = egress_common::tc::tc_drop_reason(slot) {
                     if pod || p > 0 {
-                        let mut l = base.clone();
-                        l.push(("reason", reason.into()));
+                        let l = TcDropLabels {
+                            workload: w.name.clone(),
+                            namespace: w.namespace.clone(),
+                            reason,
+                        };
                         tc_dropped.push((l, p));
                     }
                 }
                 if p > 0 {
-                    let mut l = base;
-                    l.push(("verdict", name.into()));
+                    let l = TcLabels {
+                        workload: w.name.clone(),
+                        namespace: w.namespace.clone(),
+                        verdict: name,
+                    };
                     tc_packets.push((l.clone(), p));
                     tc_bytes.push((l, b));
                 }
@@ -156,11 +318,11 @@ impl Collector for KernelCollector {
                 let v = packet_drops.get(&(*id, slot)).copied().unwrap_or(0);
                 let always = slot == Outcome::DenyRule as u8 || slot == Outcome::DenyDefault as u8;
                 if v > 0 || always {
-                    let l = vec![
-                        ("workload", w.name.clone()),
-                        ("namespace", w.namespace.clone()),
-                        ("reason", reason.into()),
-                    ];
+                    let l = PacketDropLabels {
+                        workload: w.name.clone(),
+                        namespace: w.namespace.clone(),
+                        reason,
+                    };
                     packet_dropped.push((l, v));
                 }
             }
@@ -170,46 +332,33 @@ impl Collector for KernelCollector {
         let mut denied = Vec::new();
         for (w, id) in &policy.workloads {
             for o in Outcome::ALL {
-                for (p, pname) in PROTOCOLS {
+                for (p, protocol) in PROTOCOLS {
                     let v = sums.get(&(*id, o as u8, p)).copied().unwrap_or(0);
                     if v == 0
                         && !matches!(o, Outcome::Allow | Outcome::DenyDefault | Outcome::DenyRule)
                     {
                         continue; // keep the output small; the common series always exist
                     }
-                    let base = vec![
-                        ("workload", w.name.clone()),
-                        ("namespace", w.namespace.clone()),
-                    ];
-                    let mut l = base.clone();
-                    l.push(("verdict", o.name().into()));
-                    l.push(("protocol", pname.into()));
+                    let l = ConnectionLabels {
+                        workload: w.name.clone(),
+                        namespace: w.namespace.clone(),
+                        verdict: Verdict(o),
+                        protocol,
+                    };
                     connections.push((l, v));
-                    if let Some(reason) = deny_reason(o) {
-                        let mut l = base;
-                        l.push(("reason", reason.into()));
-                        l.push(("protocol", pname.into()));
+                    if let Some(reason) = DenyReason::of(o) {
+                        let l = DeniedLabels {
+                            workload: w.name.clone(),
+                            namespace: w.namespace.clone(),
+                            reason,
+                            protocol,
+                        };
                         denied.push((l, v));
                     }
                 }
             }
         }
-        for ((name, ns), v) in self
-            .host_denials
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-        {
-            denied.push((
-                vec![
-                    ("workload", name.clone()),
-                    ("namespace", ns.clone()),
-                    ("reason", "host".into()),
-                    ("protocol", "tcp".into()),
-                ],
-                *v,
-            ));
-        }
+        denied.extend(self.host_denials.samples());
         counter(
             &mut enc,
             "egress_connections",
@@ -241,37 +390,37 @@ impl Collector for KernelCollector {
             "Bytes through the tc backstop on a workload's interface, by verdict (inbound: into the workload)",
             &tc_bytes,
         )?;
-        counter(
+        counter1(
             &mut enc,
             "egress_flow_events_lost",
             "Verdict events the kernel could not hand to the agent (the counters still count their connections)",
-            &[(vec![], lost)],
+            lost,
         )?;
-        gauge(
+        gauge1(
             &mut enc,
             "egress_policy_generation",
             "Generation of the policy in force",
-            &[(vec![], generation as i64)],
+            generation as i64,
         )?;
-        gauge(
+        gauge1(
             &mut enc,
             "egress_policy_rules",
             "Egress objects in the policy in force",
-            &[(vec![], policy.rules.len() as i64)],
+            policy.rules.len() as i64,
         )?;
-        gauge(
+        gauge1(
             &mut enc,
             "egress_workloads",
             "Workloads in the policy in force",
-            &[(vec![], policy.workloads.len() as i64)],
+            policy.workloads.len() as i64,
         )?;
-        let fill: Vec<(Labels, i64)> = entries
+        let fill: Vec<(MapLabels, i64)> = entries
             .iter()
-            .map(|(m, n, _)| (vec![("map", m.to_string())], *n as i64))
+            .map(|&(map, n, _)| (MapLabels { map }, n as i64))
             .collect();
-        let cap: Vec<(Labels, i64)> = entries
+        let cap: Vec<(MapLabels, i64)> = entries
             .iter()
-            .map(|(m, _, c)| (vec![("map", m.to_string())], *c as i64))
+            .map(|&(map, _, c)| (MapLabels { map }, c as i64))
             .collect();
         gauge(
             &mut enc,
@@ -285,23 +434,21 @@ impl Collector for KernelCollector {
             "Capacity of each BPF map",
             &cap,
         )?;
-        gauge(
+        gauge1(
             &mut enc,
             "egress_ready",
             "1 once the programs are attached and the first policy is applied",
-            &[(vec![], self.ready.load(Ordering::SeqCst) as i64)],
+            self.ready.load(Ordering::SeqCst) as i64,
         )?;
+        let build = BuildLabels {
+            version: env!("CARGO_PKG_VERSION"),
+            layout: egress_common::LAYOUT_VERSION,
+        };
         gauge(
             &mut enc,
             "egress_build_info",
             "Build of the agent",
-            &[(
-                vec![
-                    ("version", env!("CARGO_PKG_VERSION").into()),
-                    ("layout", egress_common::LAYOUT_VERSION.to_string()),
-                ],
-                1,
-            )],
+            &[(build, 1)],
         )?;
         Ok(())
     }

@@ -1,186 +1,72 @@
 //! Prometheus metrics (prefix `egress_`), `/healthz` and `/readyz` on `--metrics-addr`.
 //!
-//! Kernel verdicts come from the per-CPU counters of the programs, summed at scrape time (the
-//! counters are the truth: every judged connect increments exactly one). The proxy counts its
-//! own connections, bytes and connect latency. Label values that come from traffic (hosts)
-//! are capped; past the cap they are counted as `other`.
+//! Each component registers its own metrics, with typed label sets, into the [`Registry`] it is
+//! given at start (the proxy, the Kubernetes watch, the gateway server); the agent's registry
+//! then gets the kernel's metrics ([`super::kernel`]), read from the per-CPU counters of the
+//! programs and summed at scrape time (the counters are the truth: every judged connect
+//! increments exactly one). [`Metrics`] serves a registry.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::HashSet,
     net::SocketAddr,
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc, Mutex,
+        Arc,
     },
     time::Duration,
 };
 
-use prometheus_client::{
-    metrics::{
-        counter::Counter,
-        family::Family,
-        gauge::Gauge,
-        histogram::{exponential_buckets, Histogram},
-    },
-    registry::Registry,
-};
+use prometheus_client::registry::Registry;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpListener,
 };
 use tracing::warn;
 
-use super::kernel::{KernelCollector, KernelSource};
+use super::kernel::{HostDenials, KernelCollector, KernelSource};
 
 pub const DEFAULT_ADDR: &str = "127.0.0.1:15090";
-/// Distinct host label values of the proxy metrics; more are counted as `other`.
-pub const MAX_HOSTS: usize = 200;
 
-type Labels = Vec<(&'static str, String)>;
-
-/// The agent's metrics.
+/// A registry served on `/metrics`, and the readiness `/readyz` reports.
 pub struct Metrics {
     registry: Registry,
-    proxy_connections: Family<Labels, Counter>,
-    proxy_bytes: Family<Labels, Counter>,
-    proxy_connect: Histogram,
-    proxy_active: Gauge,
-    policy_rejected: Family<Labels, Counter>,
-    proxy_gateway: Family<Labels, Counter>,
-    hosts: Mutex<HashSet<String>>,
-    /// Refusals by the proxy for a host, by (workload, namespace).
-    host_denials: Arc<Mutex<BTreeMap<(String, String), u64>>>,
     ready: Arc<AtomicBool>,
 }
 
 impl Metrics {
-    pub fn new(kernel: Arc<dyn KernelSource>) -> Arc<Self> {
-        let mut registry = Registry::default();
-        let proxy_connections = Family::<Labels, Counter>::default();
-        registry.register(
-            "egress_proxy_connections",
-            "Connections the proxy handled, by host (SNI or Host) and result",
-            proxy_connections.clone(),
-        );
-        let proxy_bytes = Family::<Labels, Counter>::default();
-        registry.register(
-            "egress_proxy_bytes",
-            "Bytes the proxy relayed: upstream (client to destination) and downstream",
-            proxy_bytes.clone(),
-        );
-        let proxy_connect = Histogram::new(exponential_buckets(0.0001, 4.0, 10));
-        registry.register(
-            "egress_proxy_connect_duration_seconds",
-            "Time the proxy took to connect to the original destination",
-            proxy_connect.clone(),
-        );
-        let proxy_active = Gauge::default();
-        registry.register(
-            "egress_proxy_active_connections",
-            "Connections the proxy is relaying now",
-            proxy_active.clone(),
-        );
-        let policy_rejected = Family::<Labels, Counter>::default();
-        registry.register(
-            "egress_policy_rejected",
-            "Policy objects refused (Kubernetes mode: invalid CRD objects; the previous version stays in force), by kind",
-            policy_rejected.clone(),
-        );
-        let proxy_gateway = Family::<Labels, Counter>::default();
-        registry.register(
-            "egress_proxy_gateway_connections",
-            "Tunnels the proxy opened (result ok) or failed to open (result error) through each EgressGateway",
-            proxy_gateway.clone(),
-        );
-        let host_denials = Arc::new(Mutex::new(BTreeMap::new()));
-        let ready = Arc::new(AtomicBool::new(false));
-        registry.register_collector(Box::new(KernelCollector {
-            kernel,
-            host_denials: host_denials.clone(),
-            ready: ready.clone(),
-        }));
+    /// Serves `registry`, whose metrics the components registered (the gateway's).
+    pub fn new(registry: Registry) -> Arc<Self> {
         Arc::new(Self {
             registry,
-            proxy_connections,
-            proxy_bytes,
-            proxy_connect,
-            proxy_active,
-            policy_rejected,
-            proxy_gateway,
-            hosts: Mutex::new(HashSet::new()),
-            host_denials,
-            ready,
+            ready: Arc::new(AtomicBool::new(false)),
         })
     }
 
-    /// Programs attached and the first policy applied.
+    /// The node agent's: `registry` with the kernel's metrics after the components' ones,
+    /// read from `kernel` at every scrape, and the proxy's refusals for a host among the
+    /// kernel's refusals.
+    pub fn agent(
+        mut registry: Registry,
+        kernel: Arc<dyn KernelSource>,
+        host_denials: HostDenials,
+    ) -> Arc<Self> {
+        let ready = Arc::new(AtomicBool::new(false));
+        registry.register_collector(Box::new(KernelCollector {
+            kernel,
+            host_denials,
+            ready: ready.clone(),
+        }));
+        Arc::new(Self { registry, ready })
+    }
+
+    /// Ready: the agent's programs are attached and the first policy applied; the gateway
+    /// listens.
     pub fn set_ready(&self) {
         self.ready.store(true, Ordering::SeqCst);
     }
 
-    fn host_label(&self, host: &str) -> String {
-        let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
-        if hosts.contains(host) {
-            host.to_string()
-        } else if hosts.len() < MAX_HOSTS {
-            hosts.insert(host.to_string());
-            host.to_string()
-        } else {
-            "other".into()
-        }
-    }
-
-    /// One connection the proxy finished with.
-    pub fn proxy_connection(
-        &self,
-        workload: &str,
-        host: Option<&str>,
-        result: &'static str,
-        bytes: (u64, u64),
-    ) {
-        let host = self.host_label(&host.unwrap_or("").to_ascii_lowercase());
-        self.proxy_connections
-            .get_or_create(&vec![("host", host), ("result", result.into())])
-            .inc();
-        self.proxy_bytes
-            .get_or_create(&vec![("direction", "upstream".into())])
-            .inc_by(bytes.0);
-        self.proxy_bytes
-            .get_or_create(&vec![("direction", "downstream".into())])
-            .inc_by(bytes.1);
-        if result == "denied" {
-            let (ns, name) = workload.split_once('/').unwrap_or(("", workload));
-            *self
-                .host_denials
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .entry((name.to_string(), ns.to_string()))
-                .or_default() += 1;
-        }
-    }
-
-    /// A policy object of `kind` was refused.
-    pub fn policy_rejected(&self, kind: &str) {
-        self.policy_rejected
-            .get_or_create(&vec![("kind", kind.to_string())])
-            .inc();
-    }
-
-    /// A tunnel through gateway `name` opened (or not). Gateway names come from the policy,
-    /// not from traffic, so they need no cap.
-    pub fn proxy_gateway(&self, name: &str, ok: bool) {
-        let result = if ok { "ok" } else { "error" };
-        self.proxy_gateway
-            .get_or_create(&vec![("gateway", name.into()), ("result", result.into())])
-            .inc();
-    }
-
-    pub fn proxy_connected(&self, took: Duration) {
-        self.proxy_connect.observe(took.as_secs_f64());
-    }
-
-    pub fn proxy_active(&self) -> &Gauge {
-        &self.proxy_active
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
     }
 
     /// The metrics in the Prometheus text format (0.0.4).
@@ -223,24 +109,8 @@ pub fn prometheus_text(openmetrics: &str) -> String {
     out
 }
 
-/// What `/metrics` and `/readyz` serve: the agent's metrics, or the gateway's.
-pub trait Scrape: Send + Sync + 'static {
-    /// The metrics in the Prometheus text format.
-    fn render(&self) -> String;
-    fn is_ready(&self) -> bool;
-}
-
-impl Scrape for Metrics {
-    fn render(&self) -> String {
-        Metrics::render(self)
-    }
-    fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst)
-    }
-}
-
 /// Serves `/metrics`, `/healthz` and `/readyz` until the task is dropped.
-pub async fn serve<M: Scrape>(listener: TcpListener, metrics: Arc<M>) {
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
     loop {
         let Ok((mut s, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;

@@ -1,6 +1,11 @@
-//! What the agent reports: Prometheus metrics and health endpoints ([`metrics`]) and the flow
-//! log of kernel verdicts ([`flows`]).
+//! What the agent reports: the metrics registry and its endpoint, `/healthz` and `/readyz`
+//! ([`metrics`]), the kernel's counters encoded at scrape time ([`kernel`]), the label types
+//! the components share ([`labels`]) and the flow log of kernel verdicts ([`flows`]).
 
 pub mod flows;
 pub mod kernel;
+pub mod labels;
 pub mod metrics;
+
+#[cfg(test)]
+mod tests;

@@ -1,28 +1,44 @@
 //! `FakeApiServer`: a FAKE Kubernetes API server, for tests only. It is not Kubernetes: an
-//! in-process HTTP/1.1 server on 127.0.0.1 (plain http) that speaks just enough of the real
-//! list/watch JSON protocol for the agent's kube client: lists with a `resourceVersion`,
-//! `watch=true` streams of newline-delimited `{"type":"ADDED","object":{...}}` events (chunked)
-//! replayed from that version, the `spec.nodeName` field selector on pods, GET, POST (create)
-//! and JSON merge PATCH (also on `/status`, and with a `metadata.resourceVersion`
-//! precondition), for any group and version. Tests put,
-//! change and delete objects with [`FakeApiServer::put`] and [`FakeApiServer::delete`].
+//! in-process HTTP/1.1 server (hyper) on 127.0.0.1, plain http, that speaks just enough of
+//! the real list/watch JSON protocol for a kube client: lists with a `resourceVersion`,
+//! `watch=true` streams of newline-delimited `{"type":"ADDED","object":{...}}` events
+//! (a chunked body) replayed from that version, the `spec.nodeName` field selector on pods,
+//! GET, POST (create) and JSON merge PATCH (also on `/status`, and with a
+//! `metadata.resourceVersion` precondition), for any group and version. Tests put, change and
+//! delete objects with [`FakeApiServer::put`] and [`FakeApiServer::delete`], and end every
+//! open watch with [`FakeApiServer::end_watches`] as an API server does at its timeout.
 
 use std::{
     collections::BTreeMap,
+    convert::Infallible,
     net::SocketAddr,
     path::Path,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, MutexGuard},
 };
 
+use bytes::Bytes;
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt as _, Full, Limited, StreamBody};
+use hyper::{
+    body::{Frame, Incoming},
+    header::CONTENT_TYPE,
+    server::conn::http1,
+    service::service_fn,
+    Method, Request, Response, StatusCode,
+};
+use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use tokio::{
-    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
-    net::{TcpListener, TcpStream},
-    sync::broadcast,
+    net::TcpListener,
+    sync::{broadcast, mpsc, oneshot, watch},
 };
 
 /// One stored change: (resourceVersion, collection, event type, object).
 type Event = (u64, String, &'static str, Value);
+
+type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+/// The largest request body the fake reads.
+const MAX_BODY: usize = 1 << 20;
 
 #[derive(Default)]
 struct State {
@@ -33,27 +49,48 @@ struct State {
     requests: Vec<String>,
 }
 
+/// What the test side and the server side share.
+struct Shared {
+    state: Mutex<State>,
+    events: broadcast::Sender<Event>,
+    /// Bumped to end every open watch, as an API server does at its timeout or restart.
+    ends: watch::Sender<u64>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Stores a change in the history and tells the watches.
+    fn publish(&self, st: &mut State, collection: &str, kind: &'static str, obj: Value) {
+        let ev = (st.rv, collection.to_string(), kind, obj);
+        st.history.push(ev.clone());
+        let _ = self.events.send(ev);
+    }
+}
+
 /// A fake API server (see the module documentation). Stops when dropped.
 pub struct FakeApiServer {
     addr: SocketAddr,
-    state: Arc<Mutex<State>>,
-    events: broadcast::Sender<Event>,
-    /// Bumped to end every open watch, as an API server does at its timeout or restart.
-    ends: tokio::sync::watch::Sender<u64>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    shared: Arc<Shared>,
+    stop: Option<oneshot::Sender<()>>,
 }
 
 impl FakeApiServer {
-    /// Starts serving on 127.0.0.1 (an ephemeral port) on a thread of its own.
+    /// Starts serving on 127.0.0.1 (an ephemeral port) on a thread of its own, so that it
+    /// serves whatever runtime (or none) the test uses.
     pub fn start() -> FakeApiServer {
         let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
         std_listener.set_nonblocking(true).expect("nonblocking");
         let addr = std_listener.local_addr().expect("local addr");
-        let state = Arc::new(Mutex::new(State::default()));
-        let (events, _) = broadcast::channel(4096);
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let ends = tokio::sync::watch::channel(0).0;
-        let (st, ev, end) = (state.clone(), events.clone(), ends.clone());
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            events: broadcast::channel(4096).0,
+            ends: watch::channel(0).0,
+        });
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = shared.clone();
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -63,7 +100,16 @@ impl FakeApiServer {
                 let listener = TcpListener::from_std(std_listener).expect("listener");
                 let serve = async {
                     while let Ok((s, _)) = listener.accept().await {
-                        tokio::spawn(connection(s, st.clone(), ev.clone(), end.subscribe()));
+                        let shared = server.clone();
+                        tokio::spawn(async move {
+                            let svc = service_fn(move |req| {
+                                let shared = shared.clone();
+                                async move { Ok::<_, Infallible>(handle(&shared, req).await) }
+                            });
+                            let _ = http1::Builder::new()
+                                .serve_connection(TokioIo::new(s), svc)
+                                .await;
+                        });
                     }
                 };
                 tokio::select! {
@@ -74,9 +120,7 @@ impl FakeApiServer {
         });
         FakeApiServer {
             addr,
-            state,
-            events,
-            ends,
+            shared,
             stop: Some(stop),
         }
     }
@@ -94,35 +138,32 @@ impl FakeApiServer {
         std::fs::write(path, text)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// Adds or replaces an object of `collection` ("pods", "nodes", "meshconfigs",
-    /// "egresses", "egressgateways"); sets uid, resourceVersion and generation as the API
-    /// server would. Returns the stored object.
+    /// "egresses", "egressgateways", ...); sets uid, resourceVersion and generation as the
+    /// API server would. Returns the stored object.
     pub fn put(&self, collection: &str, obj: Value) -> Value {
-        let mut st = self.lock();
-        let stored = upsert(&mut st, collection, obj, None);
-        self.emit(&mut st, collection, stored.1, stored.0.clone());
-        stored.0
+        let mut st = self.shared.lock();
+        let (obj, kind) = upsert(&mut st, collection, obj, None);
+        self.shared.publish(&mut st, collection, kind, obj.clone());
+        obj
     }
 
     /// Deletes an object; false if there was none.
     pub fn delete(&self, collection: &str, namespace: &str, name: &str) -> bool {
-        let mut st = self.lock();
+        let mut st = self.shared.lock();
         let key = (namespace.to_string(), name.to_string());
         let Some(mut obj) = st.objects.get_mut(collection).and_then(|m| m.remove(&key)) else {
             return false;
         };
         st.rv += 1;
         obj["metadata"]["resourceVersion"] = Value::from(st.rv.to_string());
-        self.emit(&mut st, collection, "DELETED", obj);
+        self.shared.publish(&mut st, collection, "DELETED", obj);
         true
     }
 
     pub fn get(&self, collection: &str, namespace: &str, name: &str) -> Option<Value> {
-        self.lock()
+        self.shared
+            .lock()
             .objects
             .get(collection)?
             .get(&(namespace.to_string(), name.to_string()))
@@ -131,25 +172,22 @@ impl FakeApiServer {
 
     /// Ends every open watch cleanly (clients resume from their last resourceVersion).
     pub fn end_watches(&self) {
-        self.ends.send_modify(|n| *n += 1);
+        self.shared.ends.send_modify(|n| *n += 1);
     }
 
     /// Every object of a collection.
     pub fn list(&self, collection: &str) -> Vec<Value> {
-        self.lock()
+        self.shared
+            .lock()
             .objects
             .get(collection)
             .map(|m| m.values().cloned().collect())
             .unwrap_or_default()
     }
 
-    /// Every request so far: `METHOD path?query`.
+    /// Every request so far: `METHOD path?query` (the query decoded, its keys sorted).
     pub fn requests(&self) -> Vec<String> {
-        self.lock().requests.clone()
-    }
-
-    fn emit(&self, st: &mut State, collection: &str, kind: &'static str, obj: Value) {
-        publish(st, &self.events, collection, kind, obj);
+        self.shared.lock().requests.clone()
     }
 }
 
@@ -183,8 +221,7 @@ fn upsert(
             .cloned()
     });
     st.rv += 1;
-    let meta = &mut obj["metadata"];
-    meta["resourceVersion"] = Value::from(st.rv.to_string());
+    obj["metadata"]["resourceVersion"] = Value::from(st.rv.to_string());
     let prev_gen = prev
         .as_ref()
         .and_then(|p| p["metadata"]["generation"].as_i64())
@@ -203,19 +240,6 @@ fn upsert(
         .or_default()
         .insert(key, obj.clone());
     (obj, if prev.is_some() { "MODIFIED" } else { "ADDED" })
-}
-
-/// Stores a change in the history and tells the watches.
-fn publish(
-    st: &mut State,
-    events: &broadcast::Sender<Event>,
-    collection: &str,
-    kind: &'static str,
-    obj: Value,
-) {
-    let ev = (st.rv, collection.to_string(), kind, obj);
-    st.history.push(ev.clone());
-    let _ = events.send(ev);
 }
 
 /// RFC 7386 JSON merge patch.
@@ -238,69 +262,9 @@ fn merge(target: &mut Value, patch: &Value) {
     }
 }
 
-struct Request {
-    method: String,
-    path: String,
-    query: BTreeMap<String, String>,
-    body: Vec<u8>,
-}
-
-async fn read_request(r: &mut BufReader<TcpStream>) -> Option<Request> {
-    let mut line = String::new();
-    if r.read_line(&mut line).await.ok()? == 0 {
-        return None;
-    }
-    let mut parts = line.split_whitespace();
-    let method = parts.next()?.to_string();
-    let target = parts.next()?.to_string();
-    let mut len = 0usize;
-    loop {
-        let mut h = String::new();
-        if r.read_line(&mut h).await.ok()? == 0 {
-            return None;
-        }
-        let h = h.trim_end();
-        if h.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = h.split_once(':') {
-            if k.eq_ignore_ascii_case("content-length") {
-                len = v.trim().parse().ok()?;
-            }
-        }
-    }
-    let mut body = vec![0; len.min(1 << 20)];
-    r.read_exact(&mut body).await.ok()?;
-    let (path, q) = target.split_once('?').unwrap_or((&target, ""));
-    let query = q
-        .split('&')
-        .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (k.to_string(), unescape(v)))
-        .collect();
-    Some(Request {
-        method,
-        path: path.to_string(),
-        query,
-        body,
-    })
-}
-
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let Ok(x) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(x);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(if b[i] == b'+' { b' ' } else { b[i] });
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+/// A query string, decoded (`%XX`, `+`).
+fn query(q: &str) -> BTreeMap<String, String> {
+    form_urlencoded::parse(q.as_bytes()).into_owned().collect()
 }
 
 /// What a request names: a collection, maybe one object of it, maybe its status.
@@ -354,49 +318,51 @@ fn status(code: u16, reason: &str, message: &str) -> (u16, Value) {
     )
 }
 
-async fn connection(
-    s: TcpStream,
-    state: Arc<Mutex<State>>,
-    events: broadcast::Sender<Event>,
-    end: tokio::sync::watch::Receiver<u64>,
-) {
-    let mut r = BufReader::new(s);
-    while let Some(req) = read_request(&mut r).await {
-        let q: Vec<String> = req.query.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .requests
-            .push(format!("{} {}?{}", req.method, req.path, q.join("&")));
-        let Some(t) = target(&req.path) else {
-            let (c, b) = status(404, "NotFound", "no such path in the fake");
-            if respond(r.get_mut(), c, &b).await.is_err() {
-                return;
-            }
-            continue;
-        };
-        let watching = matches!(
-            req.query.get("watch").map(String::as_str),
-            Some("true" | "1")
-        );
-        if req.method == "GET" && t.name.is_none() && watching {
-            watch(r.into_inner(), &t, &req, state, events, end).await;
-            return;
-        }
-        let (code, body) = answer(&state, &events, &t, &req);
-        if respond(r.get_mut(), code, &body).await.is_err() {
-            return;
-        }
+fn json_response(code: u16, body: &Value) -> Response<Body> {
+    Response::builder()
+        .status(StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
+        .header(CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body.to_string())).boxed_unsync())
+        .expect("response")
+}
+
+/// One request: recorded, then a watch stream or a single JSON answer.
+async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let query = query(req.uri().query().unwrap_or(""));
+    let q: Vec<String> = query.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    shared
+        .lock()
+        .requests
+        .push(format!("{method} {path}?{}", q.join("&")));
+    let Some(t) = target(&path) else {
+        let (c, b) = status(404, "NotFound", "no such path in the fake");
+        return json_response(c, &b);
+    };
+    let watching = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
+    if method == Method::GET && t.name.is_none() && watching {
+        return watch(shared, t, query);
     }
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            let (c, b) = status(413, "RequestEntityTooLarge", "the body is too large");
+            return json_response(c, &b);
+        }
+    };
+    let (code, v) = answer(shared, &t, &method, &query, &body);
+    json_response(code, &v)
 }
 
 fn answer(
-    state: &Arc<Mutex<State>>,
-    events: &broadcast::Sender<Event>,
+    shared: &Shared,
     t: &Target,
-    req: &Request,
+    method: &Method,
+    query: &BTreeMap<String, String>,
+    body: &[u8],
 ) -> (u16, Value) {
-    let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+    let mut st = shared.lock();
     let find = |st: &State, name: &str| {
         st.objects.get(&t.collection).and_then(|m| {
             m.iter()
@@ -404,14 +370,21 @@ fn answer(
                 .map(|(_, v)| v.clone())
         })
     };
-    match (req.method.as_str(), &t.name) {
+    let not_found = |name: &str| {
+        status(
+            404,
+            "NotFound",
+            &format!("{} {name} not found", t.collection),
+        )
+    };
+    match (method.as_str(), &t.name) {
         ("GET", None) => {
             let items: Vec<Value> = st
                 .objects
                 .get(&t.collection)
                 .map(|m| {
                     m.values()
-                        .filter(|o| matches(&t.collection, o, &req.query))
+                        .filter(|o| matches(&t.collection, o, query))
                         .cloned()
                         .collect()
                 })
@@ -424,21 +397,13 @@ fn answer(
         }
         ("GET", Some(name)) => match find(&st, name) {
             Some(o) => (200, o),
-            None => status(
-                404,
-                "NotFound",
-                &format!("{} {name} not found", t.collection),
-            ),
+            None => not_found(name),
         },
         ("PATCH", Some(name)) => {
             let Some(cur) = find(&st, name) else {
-                return status(
-                    404,
-                    "NotFound",
-                    &format!("{} {name} not found", t.collection),
-                );
+                return not_found(name);
             };
-            let Ok(mut patch) = serde_json::from_slice::<Value>(&req.body) else {
+            let Ok(mut patch) = serde_json::from_slice::<Value>(body) else {
                 return status(400, "BadRequest", "the patch is not JSON");
             };
             if let Some(want) = patch.pointer("/metadata/resourceVersion").cloned() {
@@ -460,11 +425,11 @@ fn answer(
                 merge(&mut next, &patch);
             }
             let (obj, kind) = upsert(&mut st, &t.collection, next, Some(&cur));
-            publish(&mut st, events, &t.collection, kind, obj.clone());
+            shared.publish(&mut st, &t.collection, kind, obj.clone());
             (200, obj)
         }
         ("POST", None) => {
-            let Ok(mut obj) = serde_json::from_slice::<Value>(&req.body) else {
+            let Ok(mut obj) = serde_json::from_slice::<Value>(body) else {
                 return status(400, "BadRequest", "the object is not JSON");
             };
             if let (Some(ns), true) = (&t.namespace, obj["metadata"]["namespace"].is_null()) {
@@ -479,105 +444,75 @@ fn answer(
                 );
             }
             let (obj, kind) = upsert(&mut st, &t.collection, obj, None);
-            publish(&mut st, events, &t.collection, kind, obj.clone());
+            shared.publish(&mut st, &t.collection, kind, obj.clone());
             (201, obj)
         }
         _ => status(405, "MethodNotAllowed", "not supported by the fake"),
     }
 }
 
-async fn respond(s: &mut TcpStream, code: u16, body: &Value) -> std::io::Result<()> {
-    let body = body.to_string();
-    let head = format!(
-        "HTTP/1.1 {code} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-        match code {
-            200 => "OK",
-            201 => "Created",
-            _ => "Error",
-        },
-        body.len()
-    );
-    s.write_all(head.as_bytes()).await?;
-    s.write_all(body.as_bytes()).await
-}
-
-async fn chunk(s: &mut TcpStream, ev: &Event) -> std::io::Result<()> {
-    let line = format!("{}\n", json!({"type": ev.2, "object": ev.3}));
-    s.write_all(format!("{:x}\r\n{line}\r\n", line.len()).as_bytes())
-        .await
+fn event_line(ev: &Event) -> Bytes {
+    Bytes::from(format!("{}\n", json!({"type": ev.2, "object": ev.3})))
 }
 
 /// A watch: the stored events after the requested resourceVersion, then live ones, until
-/// the client goes away.
-async fn watch(
-    mut s: TcpStream,
-    t: &Target,
-    req: &Request,
-    state: Arc<Mutex<State>>,
-    events: broadcast::Sender<Event>,
-    mut end: tokio::sync::watch::Receiver<u64>,
-) {
-    end.mark_unchanged();
-    let from: u64 = req
-        .query
+/// the client goes away or [`FakeApiServer::end_watches`] (then the chunked body ends and
+/// the connection can be reused, as with a real API server).
+fn watch(shared: &Arc<Shared>, t: Target, query: BTreeMap<String, String>) -> Response<Body> {
+    let mut end = shared.ends.subscribe();
+    let from: u64 = query
         .get("resourceVersion")
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
+    // The backlog and the subscription under one lock: no change is missed or sent twice.
     let (backlog, mut live) = {
-        let st = state.lock().unwrap_or_else(|e| e.into_inner());
+        let st = shared.lock();
         let b: Vec<Event> = st
             .history
             .iter()
-            .filter(|e| e.0 > from && e.1 == t.collection && matches(&e.1, &e.3, &req.query))
+            .filter(|e| e.0 > from && e.1 == t.collection && matches(&e.1, &e.3, &query))
             .cloned()
             .collect();
-        (b, events.subscribe())
+        (b, shared.events.subscribe())
     };
-    let head =
-        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n";
-    if s.write_all(head.as_bytes()).await.is_err() {
-        return;
-    }
-    let mut last = from;
-    for ev in &backlog {
-        if chunk(&mut s, ev).await.is_err() {
-            return;
-        }
-        last = ev.0;
-    }
-    let mut probe = [0u8; 1];
-    loop {
-        tokio::select! {
-            ev = live.recv() => match ev {
-                Ok(ev) if ev.0 > last && ev.1 == t.collection && matches(&ev.1, &ev.3, &req.query) => {
-                    last = ev.0;
-                    if chunk(&mut s, &ev).await.is_err() {
-                        return;
-                    }
-                }
-                Ok(_) => {}
-                Err(_) => return,
-            },
-            n = s.read(&mut probe) => if matches!(n, Ok(0) | Err(_)) { return },
-            _ = end.changed() => {
-                // The chunked body's end: the watch is over, the connection can be reused.
-                let _ = s.write_all(b"0\r\n\r\n").await;
+    let (tx, rx) = mpsc::channel::<Bytes>(64);
+    tokio::spawn(async move {
+        let mut last = from;
+        for ev in &backlog {
+            if tx.send(event_line(ev)).await.is_err() {
                 return;
             }
+            last = ev.0;
         }
-    }
+        loop {
+            tokio::select! {
+                ev = live.recv() => match ev {
+                    Ok(ev) if ev.0 > last && ev.1 == t.collection && matches(&ev.1, &ev.3, &query) => {
+                        last = ev.0;
+                        if tx.send(event_line(&ev)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => return,
+                },
+                // The client went away (hyper dropped the body).
+                _ = tx.closed() => return,
+                // Dropping `tx` ends the body.
+                _ = end.changed() => return,
+            }
+        }
+    });
+    let frames = futures::stream::unfold(rx, |mut rx| async move {
+        let line = rx.recv().await?;
+        Some((Ok::<_, Infallible>(Frame::data(line)), rx))
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(CONTENT_TYPE, "application/json")
+        .body(StreamBody::new(frames).boxed_unsync())
+        .expect("response")
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn merge_patch_and_unescape() {
-        let mut v = json!({"a": {"b": 1, "c": 2}, "d": [1]});
-        merge(&mut v, &json!({"a": {"b": null, "e": 3}, "d": [2]}));
-        assert_eq!(v, json!({"a": {"c": 2, "e": 3}, "d": [2]}));
-        assert_eq!(unescape("spec.nodeName%3Dnode-1"), "spec.nodeName=node-1");
-        assert_eq!(unescape("%3"), "%3");
-    }
-}
+mod tests;

@@ -1,0 +1,277 @@
+//! The proxy's metrics (`egress_proxy_*`), registered into the agent's registry: connections by
+//! host and result, bytes, connect latency, active connections, and tunnels through each
+//! EgressGateway. Host label values come from traffic, so they are capped: past
+//! [`MAX_HOSTS`] distinct hosts, a host is counted as `other`. Refusals for a host also go to
+//! the kernel's `egress_denied` (reason `host`) through [`HostDenials`].
+
+use std::{collections::HashSet, sync::Mutex, time::Duration};
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, EncodeLabelValue},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{exponential_buckets, Histogram},
+    },
+    registry::Registry,
+};
+
+use crate::telemetry::{
+    kernel::HostDenials,
+    labels::{label_value, DirectionLabels},
+};
+
+/// Distinct host label values of the proxy metrics; more are counted as `other`.
+pub const MAX_HOSTS: usize = 200;
+
+/// How the proxy finished with a connection (`result`).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum ProxyResult {
+    Allowed,
+    Denied,
+    Audit,
+    GatewayError,
+    UpstreamError,
+    /// Refused at once: `maxConnections` were open.
+    OverLimit,
+    /// The kernel did not redirect it (no original destination).
+    NotRedirected,
+}
+
+impl ProxyResult {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Allowed => "allowed",
+            Self::Denied => "denied",
+            Self::Audit => "audit",
+            Self::GatewayError => "gateway-error",
+            Self::UpstreamError => "upstream-error",
+            Self::OverLimit => "over-limit",
+            Self::NotRedirected => "not-redirected",
+        }
+    }
+}
+
+label_value!(ProxyResult);
+
+/// `egress_proxy_connections`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionLabels {
+    pub host: String,
+    pub result: ProxyResult,
+}
+
+/// Whether a tunnel through a gateway opened (`result` of
+/// `egress_proxy_gateway_connections`).
+#[allow(non_camel_case_types)] // the variant names are the label values
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum TunnelResult {
+    ok,
+    error,
+}
+
+/// `egress_proxy_gateway_connections`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GatewayLabels {
+    pub gateway: String,
+    pub result: TunnelResult,
+}
+
+/// The proxy's metrics.
+pub struct ProxyMetrics {
+    connections: Family<ConnectionLabels, Counter>,
+    bytes: Family<DirectionLabels, Counter>,
+    connect: Histogram,
+    active: Gauge,
+    gateway: Family<GatewayLabels, Counter>,
+    hosts: Mutex<HashSet<String>>,
+    host_denials: HostDenials,
+}
+
+impl ProxyMetrics {
+    /// Registers the proxy's metrics in `registry`; refusals for a host are also counted into
+    /// `host_denials`.
+    pub fn register(registry: &mut Registry, host_denials: HostDenials) -> Self {
+        let connections = Family::<ConnectionLabels, Counter>::default();
+        registry.register(
+            "egress_proxy_connections",
+            "Connections the proxy handled, by host (SNI or Host) and result",
+            connections.clone(),
+        );
+        let bytes = Family::<DirectionLabels, Counter>::default();
+        registry.register(
+            "egress_proxy_bytes",
+            "Bytes the proxy relayed: upstream (client to destination) and downstream",
+            bytes.clone(),
+        );
+        let connect = Histogram::new(exponential_buckets(0.0001, 4.0, 10));
+        registry.register(
+            "egress_proxy_connect_duration_seconds",
+            "Time the proxy took to connect to the original destination",
+            connect.clone(),
+        );
+        let active = Gauge::default();
+        registry.register(
+            "egress_proxy_active_connections",
+            "Connections the proxy is relaying now",
+            active.clone(),
+        );
+        let gateway = Family::<GatewayLabels, Counter>::default();
+        registry.register(
+            "egress_proxy_gateway_connections",
+            "Tunnels the proxy opened (result ok) or failed to open (result error) through each EgressGateway",
+            gateway.clone(),
+        );
+        Self {
+            connections,
+            bytes,
+            connect,
+            active,
+            gateway,
+            hosts: Mutex::new(HashSet::new()),
+            host_denials,
+        }
+    }
+
+    fn host_label(&self, host: &str) -> String {
+        let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        if hosts.contains(host) {
+            host.to_string()
+        } else if hosts.len() < MAX_HOSTS {
+            hosts.insert(host.to_string());
+            host.to_string()
+        } else {
+            "other".into()
+        }
+    }
+
+    /// One connection the proxy finished with, of `workload` (`namespace/name`).
+    pub fn connection(
+        &self,
+        workload: &str,
+        host: Option<&str>,
+        result: ProxyResult,
+        bytes: (u64, u64),
+    ) {
+        let host = self.host_label(&host.unwrap_or("").to_ascii_lowercase());
+        self.connections
+            .get_or_create(&ConnectionLabels { host, result })
+            .inc();
+        for (labels, n) in DirectionLabels::both(bytes) {
+            self.bytes.get_or_create(&labels).inc_by(n);
+        }
+        if result == ProxyResult::Denied {
+            self.host_denials.add(workload);
+        }
+    }
+
+    /// A tunnel through gateway `name` opened (or not). Gateway names come from the policy,
+    /// not from traffic, so they need no cap.
+    pub fn gateway(&self, name: &str, ok: bool) {
+        let result = if ok {
+            TunnelResult::ok
+        } else {
+            TunnelResult::error
+        };
+        let labels = GatewayLabels {
+            gateway: name.into(),
+            result,
+        };
+        self.gateway.get_or_create(&labels).inc();
+    }
+
+    /// The original destination (or the gateway) answered after `took`.
+    pub fn connected(&self, took: Duration) {
+        self.connect.observe(took.as_secs_f64());
+    }
+
+    /// Connections being relayed.
+    pub fn active(&self) -> &Gauge {
+        &self.active
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use prometheus_client::registry::Registry;
+
+    use super::{ProxyMetrics, ProxyResult};
+    use crate::telemetry::{kernel::HostDenials, metrics::Metrics};
+
+    /// Names, HELP texts, labels and values as before the label sets were typed (sorted: a
+    /// family's series come in hash order).
+    #[test]
+    fn series_are_unchanged() {
+        let mut registry = Registry::default();
+        let m = ProxyMetrics::register(&mut registry, HostDenials::default());
+        let served = Metrics::new(registry);
+        m.connection(
+            "shop/web",
+            Some("A.Example"),
+            ProxyResult::Allowed,
+            (10, 20),
+        );
+        m.connection("shop/web", Some("b.example"), ProxyResult::Denied, (5, 0));
+        m.connection("shop/web", Some("b.example"), ProxyResult::Denied, (5, 0));
+        m.connection("", None, ProxyResult::OverLimit, (0, 0));
+        m.connection("shop/db", None, ProxyResult::GatewayError, (0, 0));
+        m.gateway("gw1", true);
+        m.gateway("gw1", false);
+        m.connected(Duration::from_millis(3));
+        m.active().inc();
+        let mut lines: Vec<String> = served.render().lines().map(str::to_owned).collect();
+        lines.sort();
+        let want = r#"# HELP egress_proxy_active_connections Connections the proxy is relaying now.
+# HELP egress_proxy_bytes_total Bytes the proxy relayed: upstream (client to destination) and downstream.
+# HELP egress_proxy_connect_duration_seconds Time the proxy took to connect to the original destination.
+# HELP egress_proxy_connections_total Connections the proxy handled, by host (SNI or Host) and result.
+# HELP egress_proxy_gateway_connections_total Tunnels the proxy opened (result ok) or failed to open (result error) through each EgressGateway.
+# TYPE egress_proxy_active_connections gauge
+# TYPE egress_proxy_bytes_total counter
+# TYPE egress_proxy_connect_duration_seconds histogram
+# TYPE egress_proxy_connections_total counter
+# TYPE egress_proxy_gateway_connections_total counter
+egress_proxy_active_connections 1
+egress_proxy_bytes_total{direction="downstream"} 20
+egress_proxy_bytes_total{direction="upstream"} 20
+egress_proxy_connect_duration_seconds_bucket{le="+Inf"} 1
+egress_proxy_connect_duration_seconds_bucket{le="0.0001"} 0
+egress_proxy_connect_duration_seconds_bucket{le="0.0004"} 0
+egress_proxy_connect_duration_seconds_bucket{le="0.0016"} 0
+egress_proxy_connect_duration_seconds_bucket{le="0.0064"} 1
+egress_proxy_connect_duration_seconds_bucket{le="0.0256"} 1
+egress_proxy_connect_duration_seconds_bucket{le="0.1024"} 1
+egress_proxy_connect_duration_seconds_bucket{le="0.4096"} 1
+egress_proxy_connect_duration_seconds_bucket{le="1.6384"} 1
+egress_proxy_connect_duration_seconds_bucket{le="26.2144"} 1
+egress_proxy_connect_duration_seconds_bucket{le="6.5536"} 1
+egress_proxy_connect_duration_seconds_count 1
+egress_proxy_connect_duration_seconds_sum 0.003
+egress_proxy_connections_total{host="",result="gateway-error"} 1
+egress_proxy_connections_total{host="",result="over-limit"} 1
+egress_proxy_connections_total{host="a.example",result="allowed"} 1
+egress_proxy_connections_total{host="b.example",result="denied"} 2
+egress_proxy_gateway_connections_total{gateway="gw1",result="error"} 1
+egress_proxy_gateway_connections_total{gateway="gw1",result="ok"} 1
+"#;
+        assert_eq!(lines.join("\n") + "\n", want);
+    }
+
+    #[test]
+    fn hosts_past_the_cap_are_other_and_host_denials_are_counted() {
+        let denials = HostDenials::default();
+        let m = ProxyMetrics::register(&mut Registry::default(), denials.clone());
+        for i in 0..super::MAX_HOSTS {
+            assert_eq!(m.host_label(&format!("h{i}")), format!("h{i}"));
+        }
+        assert_eq!(m.host_label("h0"), "h0");
+        assert_eq!(m.host_label("one-too-many"), "other");
+        m.connection("shop/web", Some("x"), ProxyResult::Denied, (0, 0));
+        m.connection("shop/web", Some("x"), ProxyResult::Allowed, (0, 0));
+        assert_eq!(denials.get("shop/web"), 1);
+        assert_eq!(denials.get("shop/db"), 0);
+    }
+}
