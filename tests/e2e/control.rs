@@ -67,7 +67,7 @@ fn egress_toggle_takes_effect_on_the_very_next_connect() {
     assert_eq!(st["generation"].as_u64().unwrap(), g0 + 1);
     let human = agent.cli_ok(&["egress", "status"]);
     assert!(human.contains("egress:       disabled"), "{human}");
-    assert!(human.contains("programs:     7 attached"), "{human}");
+    assert!(human.contains("programs:     8 attached"), "{human}");
 
     agent.cli_ok(&["egress", "enable"]);
     assert!(

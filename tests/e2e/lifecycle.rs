@@ -99,8 +99,8 @@ fn a_stop_keeps_enforcing_and_uninstall_leaves_nothing() {
     let ids = agent.attached_programs();
     assert_eq!(
         ids.len(),
-        7,
-        "connect4/6, sendmsg4/6, getpeername4/6, sock_ops: {ids:?}"
+        8,
+        "connect4/6, sendmsg4/6, getpeername4/6, sock_ops, cgroup_skb/egress: {ids:?}"
     );
     let v = agent
         .pins
@@ -114,7 +114,7 @@ fn a_stop_keeps_enforcing_and_uninstall_leaves_nothing() {
         .output()
         .unwrap();
     let show = String::from_utf8_lossy(&show.stdout).to_string();
-    assert_eq!(show.matches(" multi ").count(), 7, "{show}");
+    assert_eq!(show.matches(" multi ").count(), 8, "{show}");
 
     // SIGTERM: the agent goes, the enforcement stays (fail closed).
     let log = agent.stop_keep();
@@ -208,7 +208,7 @@ fn an_older_layout_is_replaced_only_after_the_new_programs_attach() {
     assert!(log.contains("retired the pins of an older layout"), "{log}");
     assert!(!old.exists(), "old pins left behind");
     let new_ids = agent.attached_programs();
-    assert_eq!(new_ids.len(), 7, "exactly one set of programs: {new_ids:?}");
+    assert_eq!(new_ids.len(), 8, "exactly one set of programs: {new_ids:?}");
     for id in &old_ids {
         assert!(
             !new_ids.contains(id) && !program_exists(*id),
