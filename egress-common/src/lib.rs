@@ -1,10 +1,14 @@
 //! Types shared between the kernel programs (`egress-ebpf`) and the agent, and the pure
-//! decision functions both sides use.
+//! decision functions both sides use; with the `wire` feature, the agent's pure wire parsers
+//! ([`wire`]).
 //!
 //! Every type here is `#[repr(C)]` with fixed-width fields and explicit padding, so its layout
 //! is the same for `bpfel-unknown-none` and the host; `size_of` asserts pin it. Addresses are
 //! kept as bytes in network order, ports as host-order integers.
 #![no_std]
+
+#[cfg(feature = "wire")]
+extern crate alloc;
 
 pub mod decide;
 pub mod maps;
@@ -12,6 +16,8 @@ pub mod packet;
 pub mod skb;
 pub mod sockets;
 pub mod tc;
+#[cfg(feature = "wire")]
+pub mod wire;
 
 pub use decide::{decide, Decision, Outcome};
 pub use maps::*;

@@ -1,7 +1,7 @@
-//! libFuzzer target for the HTTP CONNECT parsers (egress-agent/src/gateway/connect.rs).
+//! libFuzzer target for the HTTP CONNECT parsers (egress-common/src/wire/connect.rs).
 #![no_main]
 
-use egress_agent::gateway::{
+use egress_common::wire::{
     connect::{parse_authority, parse_connect, parse_response, valid_host, MAX_HEAD},
     Target,
 };

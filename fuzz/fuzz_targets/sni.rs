@@ -1,7 +1,7 @@
-//! libFuzzer target for the TLS ClientHello SNI parser (egress-agent/src/proxy/sniff.rs).
+//! libFuzzer target for the TLS ClientHello SNI parser (egress-common/src/wire/sniff.rs).
 #![no_main]
 
-use egress_agent::proxy::sniff::{client_hello_sni, sniff, Sniffed};
+use egress_common::wire::sniff::{client_hello_sni, sniff, Sniffed};
 use libfuzzer_sys::fuzz_target;
 
 /// Whatever the parser returns as a host name must be something the policy can match on.

@@ -5,16 +5,14 @@ use std::time::Duration;
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{
-        counter::Counter,
-        family::Family,
-        gauge::Gauge,
-        histogram::{exponential_buckets, Histogram},
-    },
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
 
-use crate::telemetry::labels::{label_value, DirectionLabels};
+use crate::telemetry::{
+    labels::label_value,
+    relay::{RelayHelp, RelayMetrics},
+};
 
 /// What a tunnel's client spoke (`protocol`).
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
@@ -78,9 +76,7 @@ pub struct BuildLabels {
 /// The gateway's metrics.
 pub struct GatewayMetrics {
     connections: Family<TunnelLabels, Counter>,
-    bytes: Family<DirectionLabels, Counter>,
-    connect: Histogram,
-    active: Gauge,
+    relay: RelayMetrics,
 }
 
 impl GatewayMetrics {
@@ -91,23 +87,14 @@ impl GatewayMetrics {
             "Tunnels the gateway handled, by protocol (socks5, http-connect, http2tunnel) and result",
             connections.clone(),
         );
-        let bytes = Family::<DirectionLabels, Counter>::default();
-        registry.register(
-            "egress_gateway_bytes",
-            "Bytes the gateway relayed: upstream (client to destination) and downstream",
-            bytes.clone(),
-        );
-        let connect = Histogram::new(exponential_buckets(0.0001, 4.0, 10));
-        registry.register(
-            "egress_gateway_connect_duration_seconds",
-            "Time the gateway took to connect to a destination",
-            connect.clone(),
-        );
-        let active = Gauge::default();
-        registry.register(
-            "egress_gateway_active_connections",
-            "Tunnels the gateway is relaying now",
-            active.clone(),
+        let relay = RelayMetrics::register(
+            registry,
+            "egress_gateway",
+            RelayHelp {
+                bytes: "Bytes the gateway relayed: upstream (client to destination) and downstream",
+                connect: "Time the gateway took to connect to a destination",
+                active: "Tunnels the gateway is relaying now",
+            },
         );
         let info = Family::<BuildLabels, Gauge>::default();
         registry.register("egress_build_info", "Build of the gateway", info.clone());
@@ -115,12 +102,7 @@ impl GatewayMetrics {
             version: env!("CARGO_PKG_VERSION"),
         };
         info.get_or_create(&build).set(1);
-        Self {
-            connections,
-            bytes,
-            connect,
-            active,
-        }
+        Self { connections, relay }
     }
 
     /// One tunnel the gateway finished with.
@@ -128,19 +110,17 @@ impl GatewayMetrics {
         self.connections
             .get_or_create(&TunnelLabels { protocol, result })
             .inc();
-        for (labels, n) in DirectionLabels::both(bytes) {
-            self.bytes.get_or_create(&labels).inc_by(n);
-        }
+        self.relay.relayed(bytes);
     }
 
     /// A destination answered after `took`.
     pub fn connected(&self, took: Duration) {
-        self.connect.observe(took.as_secs_f64());
+        self.relay.connected(took);
     }
 
     /// Tunnels being relayed.
     pub fn active(&self) -> &Gauge {
-        &self.active
+        self.relay.active()
     }
 }
 

@@ -15,8 +15,8 @@ pub mod settings;
 pub mod socks5;
 
 use std::{
-    fmt, io,
-    net::{IpAddr, SocketAddr},
+    io,
+    net::SocketAddr,
     pin::Pin,
     sync::atomic::{AtomicU64, Ordering},
     task::{Context, Poll},
@@ -33,38 +33,7 @@ use crate::{
     proxy::relay::{self, Relayed},
 };
 
-/// Where a tunnel goes: an address, or a name the gateway resolves.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Target {
-    Addr(SocketAddr),
-    Domain(String, u16),
-}
-
-impl Target {
-    /// `host` as an IP address when it is one, else as a (lower-cased) name.
-    pub fn from_host(host: &str, port: u16) -> Target {
-        match host.parse::<IpAddr>() {
-            Ok(ip) => Target::Addr(SocketAddr::new(ip, port)),
-            Err(_) => Target::Domain(host.to_ascii_lowercase(), port),
-        }
-    }
-
-    pub fn port(&self) -> u16 {
-        match self {
-            Target::Addr(a) => a.port(),
-            Target::Domain(_, p) => *p,
-        }
-    }
-}
-
-impl fmt::Display for Target {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Target::Addr(a) => write!(f, "{a}"),
-            Target::Domain(h, p) => write!(f, "{h}:{p}"),
-        }
-    }
-}
+pub use egress_common::wire::Target;
 
 /// Why a tunnel through a gateway could not be opened.
 #[derive(Debug, thiserror::Error)]

@@ -8,18 +8,14 @@ use std::{collections::HashSet, sync::Mutex, time::Duration};
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, EncodeLabelValue},
-    metrics::{
-        counter::Counter,
-        family::Family,
-        gauge::Gauge,
-        histogram::{exponential_buckets, Histogram},
-    },
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
 
 use crate::telemetry::{
     kernel::HostDenials,
-    labels::{label_value, DirectionLabels},
+    labels::label_value,
+    relay::{RelayHelp, RelayMetrics},
 };
 
 /// Distinct host label values of the proxy metrics; more are counted as `other`.
@@ -81,9 +77,7 @@ pub struct GatewayLabels {
 /// The proxy's metrics.
 pub struct ProxyMetrics {
     connections: Family<ConnectionLabels, Counter>,
-    bytes: Family<DirectionLabels, Counter>,
-    connect: Histogram,
-    active: Gauge,
+    relay: RelayMetrics,
     gateway: Family<GatewayLabels, Counter>,
     hosts: Mutex<HashSet<String>>,
     host_denials: HostDenials,
@@ -99,23 +93,14 @@ impl ProxyMetrics {
             "Connections the proxy handled, by host (SNI or Host) and result",
             connections.clone(),
         );
-        let bytes = Family::<DirectionLabels, Counter>::default();
-        registry.register(
-            "egress_proxy_bytes",
-            "Bytes the proxy relayed: upstream (client to destination) and downstream",
-            bytes.clone(),
-        );
-        let connect = Histogram::new(exponential_buckets(0.0001, 4.0, 10));
-        registry.register(
-            "egress_proxy_connect_duration_seconds",
-            "Time the proxy took to connect to the original destination",
-            connect.clone(),
-        );
-        let active = Gauge::default();
-        registry.register(
-            "egress_proxy_active_connections",
-            "Connections the proxy is relaying now",
-            active.clone(),
+        let relay = RelayMetrics::register(
+            registry,
+            "egress_proxy",
+            RelayHelp {
+                bytes: "Bytes the proxy relayed: upstream (client to destination) and downstream",
+                connect: "Time the proxy took to connect to the original destination",
+                active: "Connections the proxy is relaying now",
+            },
         );
         let gateway = Family::<GatewayLabels, Counter>::default();
         registry.register(
@@ -125,9 +110,7 @@ impl ProxyMetrics {
         );
         Self {
             connections,
-            bytes,
-            connect,
-            active,
+            relay,
             gateway,
             hosts: Mutex::new(HashSet::new()),
             host_denials,
@@ -158,9 +141,7 @@ impl ProxyMetrics {
         self.connections
             .get_or_create(&ConnectionLabels { host, result })
             .inc();
-        for (labels, n) in DirectionLabels::both(bytes) {
-            self.bytes.get_or_create(&labels).inc_by(n);
-        }
+        self.relay.relayed(bytes);
         if result == ProxyResult::Denied {
             self.host_denials.add(workload);
         }
@@ -183,12 +164,12 @@ impl ProxyMetrics {
 
     /// The original destination (or the gateway) answered after `took`.
     pub fn connected(&self, took: Duration) {
-        self.connect.observe(took.as_secs_f64());
+        self.relay.connected(took);
     }
 
     /// Connections being relayed.
     pub fn active(&self) -> &Gauge {
-        &self.active
+        self.relay.active()
     }
 }
 

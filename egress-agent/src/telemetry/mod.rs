@@ -6,6 +6,7 @@ pub mod flows;
 pub mod kernel;
 pub mod labels;
 pub mod metrics;
+pub mod relay;
 
 #[cfg(test)]
 mod tests;

@@ -140,7 +140,8 @@ egress_map_capacity{map="EGRESS_POLICY_V4"} 65536
 egress_ready 1
 # HELP egress_build_info Build of the agent
 # TYPE egress_build_info gauge
-egress_build_info{version="0.1.0",layout="6"} 1
+egress_build_info{version="0.1.0",layout="LAYOUT"} 1
 "#;
+    let want = want.replace("LAYOUT", &egress_common::LAYOUT_VERSION.to_string());
     assert_eq!(m.render(), want);
 }
