@@ -17,8 +17,12 @@ pub mod names {
     pub const EVENTS: &str = "EGRESS_EVENTS";
     pub const TC_COUNTERS: &str = "EGRESS_TC_COUNTERS";
     pub const REPLIES: &str = "EGRESS_REPLIES";
+    /// The per-packet program's per-socket verdicts (by socket cookie).
+    pub const SOCK_VERDICTS: &str = "EGRESS_SOCK_VERDICTS";
+    /// Packets the per-packet program dropped, per (workload, reason), per CPU.
+    pub const PACKET_DROPS: &str = "EGRESS_PACKET_DROPS";
     /// Every map the agent pins, in a stable order.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 15] = [
         ACTIVE,
         CONFIG,
         WORKLOADS,
@@ -32,6 +36,8 @@ pub mod names {
         EVENTS,
         TC_COUNTERS,
         REPLIES,
+        SOCK_VERDICTS,
+        PACKET_DROPS,
     ];
 }
 
@@ -53,6 +59,9 @@ pub mod capacity {
     pub const MAX_CGROUP_NESTING: u32 = 8;
     /// Connections into workloads whose replies the tc backstop lets out (LRU).
     pub const REPLIES: u32 = 65_536;
+    /// Sockets whose verdict the per-packet program remembers (LRU; TCP entries are also
+    /// removed on close). A socket that lost its entry is judged again in full.
+    pub const SOCK_VERDICTS: u32 = 131_072;
 }
 
 /// Port segments one (workload, prefix) entry holds, over all protocol classes. The agent
@@ -353,6 +362,8 @@ pub mod hook {
     pub const SOCK_CREATE: u8 = 6;
     /// The `socket_create` LSM (cgroup) hook: packet sockets.
     pub const LSM_SOCKET_CREATE: u8 = 7;
+    /// The per-packet `cgroup_skb/egress` program (outcome: a [`crate::skb`] drop slot).
+    pub const SKB: u8 = 12;
 }
 
 /// One decision, written to the `EGRESS_EVENTS` ring buffer.

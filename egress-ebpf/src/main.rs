@@ -9,14 +9,17 @@
 
 mod events;
 mod maps;
+mod skb;
 mod sock_addr;
 mod sock_create;
 mod sockops;
 mod tc;
 
 use aya_ebpf::{
-    macros::{cgroup_sock, cgroup_sock_addr, classifier, lsm_cgroup, sock_ops},
-    programs::{LsmContext, SockAddrContext, SockContext, SockOpsContext, TcContext},
+    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, classifier, lsm_cgroup, sock_ops},
+    programs::{
+        LsmContext, SkBuffContext, SockAddrContext, SockContext, SockOpsContext, TcContext,
+    },
 };
 use egress_common::{hook, proto};
 
@@ -93,6 +96,14 @@ pub fn egress_lsm_socket_create(ctx: LsmContext) -> i32 {
         egress_common::sockets::kind::PACKET,
         hook::LSM_SOCKET_CREATE,
     )
+}
+
+/// Every packet a workload's sockets send, judged by its real destination (fast path: the
+/// socket's remembered verdict). Catches connections older than the agent or the policy,
+/// source routes, and ping sockets' unconnected sendto().
+#[cgroup_skb(egress)]
+pub fn egress_skb_egress(ctx: SkBuffContext) -> i32 {
+    skb::egress(&ctx)
 }
 
 /// Packets leaving a workload (ingress of the host side of its veth): judged by the policy

@@ -13,6 +13,7 @@ mod harness;
 mod k8s;
 mod lifecycle;
 mod metrics;
+mod packets;
 mod pods;
 mod proxy;
 mod semantics;

@@ -84,6 +84,8 @@ fn log(ev: &VerdictEvent, count: u64, policy: &Compiled, hub: &Hub) {
             Some(Outcome::AuditRule) => "audit-socket",
             _ => "deny-socket",
         })
+    } else if ev.hook == egress_common::hook::SKB {
+        egress_common::skb::skb_event_verdict(ev.outcome)
     } else {
         Outcome::from_u8(ev.outcome).map(Outcome::name)
     };

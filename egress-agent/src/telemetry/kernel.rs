@@ -109,6 +109,14 @@ pub struct TcDropLabels {
     pub reason: &'static str,
 }
 
+/// `egress_packet_dropped`: the reason is [`egress_common::skb::skb_drop_reason`].
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PacketDropLabels {
+    pub workload: String,
+    pub namespace: String,
+    pub reason: &'static str,
+}
+
 /// `egress_tc_packets` and `egress_tc_bytes`: the verdict is
 /// [`egress_common::tc::tc_slot_name`].
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -193,6 +201,8 @@ pub struct KernelSnapshot {
     pub tc: HashMap<(u32, u8), (u64, u64)>,
     /// `socket()` calls refused, by (workload id, socket kind).
     pub sockets: HashMap<(u32, u32), u64>,
+    /// Packets the per-packet program dropped, by (workload id, drop slot).
+    pub packet_drops: HashMap<(u32, u8), u64>,
     /// (map, entries, capacity).
     pub entries: Vec<(&'static str, usize, u32)>,
     pub generation: u64,
@@ -266,6 +276,7 @@ impl Collector for KernelCollector {
             sums,
             tc,
             sockets,
+            packet_drops,
             entries,
             generation,
         } = self.kernel.snapshot();
@@ -304,6 +315,26 @@ impl Collector for KernelCollector {
                     };
                     tc_packets.push((l.clone(), p));
                     tc_bytes.push((l, b));
+                }
+            }
+        }
+
+        // Every workload has its deny-rule and deny-default series; other reasons once seen.
+        let mut packet_dropped = Vec::new();
+        for (w, id) in &policy.workloads {
+            for slot in 0..egress_common::skb::SKB_SLOTS as u8 {
+                let Some(reason) = egress_common::skb::skb_drop_reason(slot) else {
+                    continue;
+                };
+                let v = packet_drops.get(&(*id, slot)).copied().unwrap_or(0);
+                let always = slot == Outcome::DenyRule as u8 || slot == Outcome::DenyDefault as u8;
+                if v > 0 || always {
+                    let l = PacketDropLabels {
+                        workload: w.name.clone(),
+                        namespace: w.namespace.clone(),
+                        reason,
+                    };
+                    packet_dropped.push((l, v));
                 }
             }
         }
@@ -351,6 +382,12 @@ impl Collector for KernelCollector {
             "egress_tc_dropped_packets",
             "Packets the tc backstop dropped on a workload's interface (they skipped the socket hooks), by reason",
             &tc_dropped,
+        )?;
+        counter(
+            &mut enc,
+            "egress_packet_dropped",
+            "Packets of workloads' sockets the per-packet program dropped (source routes, connections the policy in force refuses), by reason",
+            &packet_dropped,
         )?;
         counter(
             &mut enc,

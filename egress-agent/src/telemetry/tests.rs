@@ -40,6 +40,7 @@ impl KernelSource for Fake {
             sums,
             tc: tcs,
             sockets: HashMap::from([((web, egress_common::sockets::kind::OTHER), 5)]),
+            packet_drops: HashMap::from([((web, egress_common::skb::DROP_SOURCE_ROUTE), 5)]),
             entries: vec![
                 ("EGRESS_WORKLOADS", 2, 4096),
                 ("EGRESS_POLICY_V4", 1, 65536),
@@ -100,6 +101,13 @@ egress_tc_dropped_packets_total{workload="db",namespace="shop",reason="deny-rule
 egress_tc_dropped_packets_total{workload="db",namespace="shop",reason="deny-default"} 0
 egress_tc_dropped_packets_total{workload="db",namespace="shop",reason="deny-error"} 0
 egress_tc_dropped_packets_total{workload="db",namespace="shop",reason="proxy-bypass"} 2
+# HELP egress_packet_dropped_total Packets of workloads' sockets the per-packet program dropped (source routes, connections the policy in force refuses), by reason
+# TYPE egress_packet_dropped_total counter
+egress_packet_dropped_total{workload="db",namespace="shop",reason="deny-rule"} 0
+egress_packet_dropped_total{workload="db",namespace="shop",reason="deny-default"} 0
+egress_packet_dropped_total{workload="web",namespace="shop",reason="deny-rule"} 0
+egress_packet_dropped_total{workload="web",namespace="shop",reason="deny-default"} 0
+egress_packet_dropped_total{workload="web",namespace="shop",reason="source-route"} 5
 # HELP egress_tc_packets_total Packets through the tc backstop on a workload's interface, by verdict (inbound: into the workload)
 # TYPE egress_tc_packets_total counter
 egress_tc_packets_total{workload="db",namespace="shop",verdict="proxy-bypass"} 2
