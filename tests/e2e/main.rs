@@ -5,6 +5,7 @@
 //! `harness::privileged`/`privileged_with` or directly.
 
 mod bad_input;
+mod bypass;
 mod control;
 mod datapath;
 mod deploy;
