@@ -497,6 +497,8 @@ impl KernelSource for Control {
         KernelSnapshot {
             sums: dp.counter_sums(&ids),
             tc: dp.tc_sums(&ids),
+            sockets: dp.socket_refusals(&ids),
+            packet_drops: dp.packet_drop_sums(&ids),
             entries: dp.map_fill(&policy),
             generation: dp.active().map(|(_, c)| c.generation).unwrap_or(0),
             pods,

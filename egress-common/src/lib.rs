@@ -13,6 +13,7 @@ extern crate alloc;
 pub mod decide;
 pub mod maps;
 pub mod packet;
+pub mod skb;
 pub mod sockets;
 pub mod tc;
 #[cfg(feature = "wire")]

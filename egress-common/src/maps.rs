@@ -19,8 +19,12 @@ pub mod names {
     pub const REPLIES: &str = "EGRESS_REPLIES";
     pub const FRAGMENTS: &str = "EGRESS_FRAGMENTS";
     pub const POD_ADDRS: &str = "EGRESS_POD_ADDRS";
+    /// The per-packet program's per-socket verdicts (by socket cookie).
+    pub const SOCK_VERDICTS: &str = "EGRESS_SOCK_VERDICTS";
+    /// Packets the per-packet program dropped, per (workload, reason), per CPU.
+    pub const PACKET_DROPS: &str = "EGRESS_PACKET_DROPS";
     /// Every map the agent pins, in a stable order.
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 17] = [
         ACTIVE,
         CONFIG,
         WORKLOADS,
@@ -36,6 +40,8 @@ pub mod names {
         REPLIES,
         FRAGMENTS,
         POD_ADDRS,
+        SOCK_VERDICTS,
+        PACKET_DROPS,
     ];
 }
 
@@ -61,6 +67,9 @@ pub mod capacity {
     pub const FRAGMENTS: u32 = 16_384;
     /// Pod interfaces whose addresses the tc backstop knows.
     pub const POD_IFACES: u32 = MAX_WORKLOADS;
+    /// Sockets whose verdict the per-packet program remembers (LRU; TCP entries are also
+    /// removed on close). A socket that lost its entry is judged again in full.
+    pub const SOCK_VERDICTS: u32 = 131_072;
 }
 
 /// Port segments one (workload, prefix) entry holds, over all protocol classes. The agent
@@ -357,6 +366,12 @@ pub mod hook {
     pub const SENDMSG6: u8 = 4;
     /// The tc backstop on a workload's interface.
     pub const TC: u8 = 5;
+    /// `cgroup/sock_create`: a socket kind no hook judges ([`crate::sockets::event_addr`]).
+    pub const SOCK_CREATE: u8 = 6;
+    /// The `socket_create` LSM (cgroup) hook: packet sockets.
+    pub const LSM_SOCKET_CREATE: u8 = 7;
+    /// The per-packet `cgroup_skb/egress` program (outcome: a [`crate::skb`] drop slot).
+    pub const SKB: u8 = 12;
 }
 
 /// One decision, written to the `EGRESS_EVENTS` ring buffer.

@@ -79,6 +79,62 @@ pub fn kind_name(k: u32) -> &'static str {
     }
 }
 
+/// Where socket refusals are counted in `EGRESS_COUNTERS`: the four protocol slots of outcome 0,
+/// which no [`crate::Outcome`] uses, one per kind (no new map, the same layout).
+#[inline(always)]
+pub fn counter_index(workload_id: u32, k: u32) -> u32 {
+    workload_id * crate::COUNTER_SLOTS + kind_slot(k)
+}
+
+/// 0..4: the counter slot of a kind.
+#[inline(always)]
+pub fn kind_slot(k: u32) -> u32 {
+    match k {
+        kind::RAW => 0,
+        kind::PACKET => 1,
+        kind::ICMP => 2,
+        _ => 3,
+    }
+}
+
+/// Every kind, in counter-slot order.
+pub const KINDS: [u32; 4] = [kind::RAW, kind::PACKET, kind::ICMP, kind::OTHER];
+
+/// A refused (or, in audit mode, reported) `socket()` as a verdict event's destination: the
+/// address family in `family`, the protocol in `port`, the type in the first address bytes
+/// (the event's `proto` is the kind). See [`crate::hook::SOCK_CREATE`].
+#[inline(always)]
+pub fn event_addr(family: u32, ty: u32, protocol: u32) -> crate::SockAddr {
+    let t = ty.to_ne_bytes();
+    let mut addr = [0u8; 16];
+    addr[0] = t[0];
+    addr[1] = t[1];
+    addr[2] = t[2];
+    addr[3] = t[3];
+    crate::SockAddr {
+        family,
+        port: protocol,
+        addr,
+    }
+}
+
+/// `(family, type, protocol)` of an [`event_addr`].
+pub fn event_socket(a: &crate::SockAddr) -> (u32, u32, u32) {
+    let ty = u32::from_ne_bytes([a.addr[0], a.addr[1], a.addr[2], a.addr[3]]);
+    (a.family, ty, a.port)
+}
+
+/// Stable name of an address family (flow log).
+pub fn family_name(f: u32) -> &'static str {
+    match f {
+        AF_INET => "inet",
+        AF_INET6 => "inet6",
+        AF_PACKET => "packet",
+        AF_XDP => "xdp",
+        _ => "other",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,5 +184,20 @@ mod tests {
         assert!(!refused(AF_PACKET, SOCK_RAW, 0, kind::PACKET));
         assert!(!refused(AF_INET, SOCK_DGRAM, UDPLITE, kind::OTHER));
         assert_eq!(kind_name(kind::PACKET), "packet");
+    }
+
+    #[test]
+    fn counters_use_the_free_slots_of_outcome_zero() {
+        let slots: [u32; 4] = KINDS.map(|k| counter_index(3, k));
+        assert_eq!(slots, [192, 193, 194, 195]);
+        // No outcome, nor EVENT_LOST, lands there.
+        for o in crate::Outcome::ALL {
+            for p in [crate::proto::TCP, crate::proto::UDP, 0] {
+                assert!(!slots.contains(&crate::counter_index(3, o as u8, p)));
+            }
+        }
+        assert!(!slots.contains(&crate::counter_index(3, crate::EVENT_LOST, 0)));
+        let a = event_addr(AF_INET, SOCK_DGRAM, 136);
+        assert_eq!(event_socket(&a), (AF_INET, SOCK_DGRAM, 136));
     }
 }

@@ -9,13 +9,17 @@
 
 mod events;
 mod maps;
+mod skb;
 mod sock_addr;
+mod sock_create;
 mod sockops;
 mod tc;
 
 use aya_ebpf::{
-    macros::{cgroup_sock_addr, classifier, sock_ops},
-    programs::{SockAddrContext, SockOpsContext, TcContext},
+    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, classifier, lsm_cgroup, sock_ops},
+    programs::{
+        LsmContext, SkBuffContext, SockAddrContext, SockContext, SockOpsContext, TcContext,
+    },
 };
 use egress_common::{hook, proto};
 
@@ -59,6 +63,47 @@ pub fn egress_getpeername6(ctx: SockAddrContext) -> i32 {
 #[sock_ops]
 pub fn egress_sockops(ctx: SockOpsContext) -> u32 {
     sockops::on_event(&ctx)
+}
+
+/// socket() of an AF_INET/AF_INET6 socket: kinds no hook judges are refused (EPERM) unless
+/// `spec.sockets` allows them.
+#[cgroup_sock(sock_create)]
+pub fn egress_sock_create(ctx: SockContext) -> i32 {
+    let sk = ctx.sock;
+    // SAFETY: the context is the new socket; the verifier checks every field read.
+    let (f, t, p) = unsafe {
+        (
+            core::ptr::read_volatile(&(*sk).family),
+            core::ptr::read_volatile(&(*sk).type_),
+            core::ptr::read_volatile(&(*sk).protocol),
+        )
+    };
+    sock_create::judge(f, t, p, 0, hook::SOCK_CREATE)
+}
+
+/// socket() of any family, for packet sockets (AF_PACKET, AF_XDP), which cgroup/sock_create
+/// never sees: `security_socket_create(family, type, protocol, kern)`.
+#[lsm_cgroup(hook = "socket_create")]
+pub fn egress_lsm_socket_create(ctx: LsmContext) -> i32 {
+    let (f, t, p, kern): (i32, i32, i32, i32) = (ctx.arg(0), ctx.arg(1), ctx.arg(2), ctx.arg(3));
+    if kern != 0 {
+        return sock_create::ALLOW; // the kernel's own sockets
+    }
+    sock_create::judge(
+        f as u32,
+        t as u32,
+        p as u32,
+        egress_common::sockets::kind::PACKET,
+        hook::LSM_SOCKET_CREATE,
+    )
+}
+
+/// Every packet a workload's sockets send, judged by its real destination (fast path: the
+/// socket's remembered verdict). Catches connections older than the agent or the policy,
+/// source routes, and ping sockets' unconnected sendto().
+#[cgroup_skb(egress)]
+pub fn egress_skb_egress(ctx: SkBuffContext) -> i32 {
+    skb::egress(&ctx)
 }
 
 /// Packets leaving a workload (ingress of the host side of its veth): judged by the policy

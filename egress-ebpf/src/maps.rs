@@ -7,7 +7,7 @@ use aya_ebpf::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use egress_common::{
-    capacity, mesh_key, policy_key, policy_scope, tc, workload_key, MeshConfig, MeshKeyV4,
+    capacity, mesh_key, policy_key, policy_scope, skb, tc, workload_key, MeshConfig, MeshKeyV4,
     MeshKeyV6, OrigDst, OrigKey, PolicyKeyV4, PolicyKeyV6, PolicyValue, SockAddr, WorkloadInfo,
     COUNTERS_LEN,
 };
@@ -76,6 +76,16 @@ pub static FRAGMENTS: LruHashMap<tc::FragKey, u8> =
 pub static POD_ADDRS: HashMap<u32, tc::PodAddrs> =
     HashMap::with_max_entries(capacity::POD_IFACES, 0);
 
+/// The verdict each socket got, for the per-packet program's fast path (see
+/// `egress_common::skb`).
+#[map(name = "EGRESS_SOCK_VERDICTS")]
+pub static SOCK_VERDICTS: LruHashMap<u64, skb::SockVerdict> =
+    LruHashMap::with_max_entries(capacity::SOCK_VERDICTS, 0);
+
+#[map(name = "EGRESS_PACKET_DROPS")]
+pub static PACKET_DROPS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(capacity::MAX_WORKLOADS * skb::SKB_SLOTS, 0);
+
 #[inline(always)]
 pub fn active_set() -> u32 {
     ACTIVE.get(0).copied().unwrap_or(0) & 1
@@ -83,6 +93,19 @@ pub fn active_set() -> u32 {
 
 #[inline(always)]
 pub fn workload(cg: u64, set: u32, root_level: Option<u32>) -> Option<WorkloadInfo> {
+    workload_of(cg, set, root_level, |level| unsafe {
+        bpf_get_current_ancestor_cgroup_id(level)
+    })
+}
+
+/// [`workload`] of cgroup `cg`, whose ancestor at a level `ancestor` tells.
+#[inline(always)]
+pub fn workload_of(
+    cg: u64,
+    set: u32,
+    root_level: Option<u32>,
+    ancestor: impl Fn(i32) -> u64,
+) -> Option<WorkloadInfo> {
     // SAFETY: values are plain data copied out at once; the agent replaces whole entries.
     if let Some(w) = unsafe { WORKLOADS.get(&workload_key(cg, set)) } {
         return Some(*w);
@@ -90,7 +113,7 @@ pub fn workload(cg: u64, set: u32, root_level: Option<u32>) -> Option<WorkloadIn
     // A process in a cgroup nested below its workload's cgroup is still that workload.
     let mut level = root_level? + 1;
     for _ in 0..capacity::MAX_CGROUP_NESTING {
-        let anc = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+        let anc = ancestor(level as i32);
         if anc == 0 || anc == cg {
             break;
         }

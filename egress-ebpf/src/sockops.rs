@@ -5,17 +5,17 @@ use core::ptr::read_volatile;
 
 use aya_ebpf::{
     bindings::{
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
-        BPF_TCP_CLOSE,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
     },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::SockOpsContext,
     EbpfContext,
 };
 use aya_log_ebpf::error;
-use egress_common::{v4_mapped, OrigKey, SockAddr};
+use egress_common::{skb, v4_mapped, OrigKey, SockAddr};
 
-use crate::maps::{ORIG_BY_COOKIE, ORIG_BY_TUPLE};
+use crate::maps::{ORIG_BY_COOKIE, ORIG_BY_TUPLE, SOCK_VERDICTS};
 
 const AF_INET: u32 = 2;
 
@@ -60,9 +60,21 @@ pub fn on_event(ctx: &SockOpsContext) -> u32 {
             }
             let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
         }
+    } else if op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
+        // Accepted by a listener of the workload: its packets answer a peer that connected in,
+        // and the per-packet program lets them pass (see `egress_common::skb`).
+        let v = skb::SockVerdict {
+            flags: skb::INBOUND,
+            ..Default::default()
+        };
+        if SOCK_VERDICTS.insert(&cookie, &v, 0).is_err() {
+            error!(ctx, "egress: cannot mark an accepted socket as inbound");
+        }
+        let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
     } else if op == BPF_SOCK_OPS_STATE_CB && new_state == BPF_TCP_CLOSE {
         let _ = ORIG_BY_TUPLE.remove(&local);
         let _ = ORIG_BY_COOKIE.remove(&cookie);
+        let _ = SOCK_VERDICTS.remove(&cookie);
     }
     1
 }

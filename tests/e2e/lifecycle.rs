@@ -99,8 +99,8 @@ fn a_stop_keeps_enforcing_and_uninstall_leaves_nothing() {
     let ids = agent.attached_programs();
     assert_eq!(
         ids.len(),
-        7,
-        "connect4/6, sendmsg4/6, getpeername4/6, sock_ops: {ids:?}"
+        cgroup_programs(&agent),
+        "connect4/6, sendmsg4/6, getpeername4/6, sock_ops, sock_create, cgroup_skb/egress (+ the socket_create LSM): {ids:?}"
     );
     let v = agent
         .pins
@@ -114,7 +114,11 @@ fn a_stop_keeps_enforcing_and_uninstall_leaves_nothing() {
         .output()
         .unwrap();
     let show = String::from_utf8_lossy(&show.stdout).to_string();
-    assert_eq!(show.matches(" multi ").count(), 7, "{show}");
+    assert_eq!(
+        show.matches(" multi ").count(),
+        cgroup_programs(&agent),
+        "{show}"
+    );
 
     // SIGTERM: the agent goes, the enforcement stays (fail closed).
     let log = agent.stop_keep();
@@ -208,7 +212,11 @@ fn an_older_layout_is_replaced_only_after_the_new_programs_attach() {
     assert!(log.contains("retired the pins of an older layout"), "{log}");
     assert!(!old.exists(), "old pins left behind");
     let new_ids = agent.attached_programs();
-    assert_eq!(new_ids.len(), 7, "exactly one set of programs: {new_ids:?}");
+    assert_eq!(
+        new_ids.len(),
+        cgroup_programs(&agent),
+        "exactly one set of programs: {new_ids:?}"
+    );
     for id in &old_ids {
         assert!(
             !new_ids.contains(id) && !program_exists(*id),
@@ -218,4 +226,13 @@ fn an_older_layout_is_replaced_only_after_the_new_programs_attach() {
     assert!(agent
         .client("web", &["tcp", "127.21.0.9", "80"])
         .starts_with("err EPERM"));
+}
+
+/// Programs on the agent's cgroup root: 8, and the socket_create LSM program where it runs.
+fn cgroup_programs(agent: &Agent) -> usize {
+    let lsm = agent.pins.join(format!(
+        "v{}/links/egress_lsm_socket_create",
+        egress_common::LAYOUT_VERSION
+    ));
+    9 + lsm.exists() as usize
 }

@@ -5,6 +5,7 @@
 //! `harness::privileged`/`privileged_with` or directly.
 
 mod bad_input;
+mod bypass;
 mod control;
 mod datapath;
 mod deploy;
@@ -13,8 +14,10 @@ mod harness;
 mod k8s;
 mod lifecycle;
 mod metrics;
+mod packets;
 mod pods;
 mod proxy;
 mod semantics;
+mod sockets;
 mod tc_attacks;
 mod tc_prog;

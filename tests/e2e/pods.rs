@@ -124,6 +124,7 @@ spec:
   traffic: {{enableEgress: {enable_egress}}}
   proxy: {{port: {{proxy_port}}}}
   podNetwork: {{ipv4: 10.200.0.0/24, ipv6: 'fd00:200::/64', netnsPrefix: {}-}}
+  sockets: {{raw: allow}}  # the raw packets the tc backstop must drop
 ---
 kind: Workload
 metadata: {{name: web}}
@@ -275,7 +276,13 @@ fn tc_drops_raw_packets_and_icmp_that_skip_the_socket_hooks() {
         return;
     }
     let net = Net::new();
-    let a = Agent::start_in(&net.policy(false), Some(&net.node_path()));
+    // The per-packet cgroup program would drop these packets first (EPERM at sendto, see
+    // packets.rs): this test is about the veth backstop alone.
+    let a = Agent::start_with(
+        &net.policy(false),
+        Some(&net.node_path()),
+        &[("EGRESS_NO_PACKET_PROGRAM", "1")],
+    );
     let _servers: Vec<TcpServer> = [ALLOW4, DENY4, DENY6]
         .iter()
         .map(|h| net.server(h))
@@ -419,7 +426,11 @@ fn the_clsact_fallback_drops_what_skips_the_socket_hooks_too() {
     let mut a = Agent::start_with(
         &net.policy(false),
         Some(&net.node_path()),
-        &[("EGRESS_TC_ATTACH", "clsact")],
+        // The packet program would drop the raw packets first: the backstop alone here.
+        &[
+            ("EGRESS_TC_ATTACH", "clsact"),
+            ("EGRESS_NO_PACKET_PROGRAM", "1"),
+        ],
     );
     assert_eq!(tc_link_state(&a.log()), "clsact");
     let _servers: Vec<TcpServer> = [ALLOW4, DENY4].iter().map(|h| net.server(h)).collect();
@@ -458,7 +469,12 @@ fn a_pod_leaving_the_policy_is_unplugged_without_touching_the_others() {
         "---\nkind: Egress\nmetadata: {name: direct}",
         "---\nkind: Workload\nmetadata: {name: batch}\nspec: {network: pod}\n---\nkind: Egress\nmetadata: {name: direct}",
     );
-    let a = Agent::start_in(&two, Some(&net.node_path()));
+    // The packet program would drop the raw packets first: the backstop alone here.
+    let a = Agent::start_with(
+        &two,
+        Some(&net.node_path()),
+        &[("EGRESS_NO_PACKET_PROGRAM", "1")],
+    );
     let batch = Path::new("/run/netns").join(format!("{}-default-batch", net.tag));
     assert!(batch.exists() && net.pod_path().exists());
     let pins = |a: &Agent| {

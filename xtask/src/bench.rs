@@ -212,6 +212,22 @@ fn run(root: &Path, env: &mut Env, mode: &Mode) -> anyhow::Result<Report> {
         env.state.display().to_string(),
     );
     let t = Instant::now();
+    let agent_argv = [
+        a.as_str(),
+        "--admin-socket",
+        &sock,
+        "run",
+        "--config",
+        &cfg,
+        "--cgroup-root",
+        &cg,
+        "--pin-dir",
+        &pin,
+        "--state-file",
+        &state,
+        "--metrics-addr",
+        "127.0.0.1:15190",
+    ];
     let agent_pid = env.spawn(
         "agent",
         &[
@@ -290,6 +306,40 @@ fn run(root: &Path, env: &mut Env, mode: &Mode) -> anyhow::Result<Report> {
             "agent RSS after the runs: {:.1} MiB",
             kib as f64 / 1024.0
         ));
+    }
+
+    let mut verdicts_pkt = Vec::new();
+    // The allowed-direct path once more, the agent restarted without the per-packet
+    // cgroup_skb program (EGRESS_NO_PACKET_PROGRAM=1; its link is removed, the rest kept):
+    // what that program costs, against the same direct baseline in the same run.
+    env.stop("agent")?;
+    let mut argv = vec!["env", "EGRESS_NO_PACKET_PROGRAM=1"];
+    argv.extend_from_slice(&agent_argv);
+    env.spawn("agent", &argv)?;
+    env.wait_log("agent", &[" ready", "\"ready\""], 60)?;
+    let [mut n1, mut n2, mut n3] = measure::http_and_bulk(env, &routes[..2], mode)?;
+    for (t, id) in [(&mut n1, "W1n"), (&mut n2, "W2n"), (&mut n3, "W3n")] {
+        t.id = id;
+        t.title = format!("{} without the per-packet program", t.title);
+        t.note = None;
+    }
+    for (with, without, what) in [
+        (&w1, &n1, "keep-alive"),
+        (&w2, &n2, "new connections"),
+        (&w3, &n3, "bulk"),
+    ] {
+        let (r, r0) = (with.ratio("egress-allow"), without.ratio("egress-allow"));
+        let busy = with.rows.iter().chain(&without.rows).any(Row::busy);
+        verdicts_pkt.push(Verdict {
+            target: format!("allow-direct with the packet program, {what} >= 0.97x"),
+            measured: format!(
+                "{} (without it: {}){}",
+                r.map_or("-".into(), |r| format!("{r:.2}x")),
+                r0.map_or("-".into(), |r| format!("{r:.2}x")),
+                if busy { " *busy*" } else { "" }
+            ),
+            pass: r.map(|r| r >= 0.97),
+        });
     }
 
     // --- verdicts ----------------------------------------------------------------------
@@ -392,10 +442,11 @@ fn run(root: &Path, env: &mut Env, mode: &Mode) -> anyhow::Result<Report> {
             v.measured.push_str(" *busy*");
         }
     }
+    verdicts.extend(verdicts_pkt);
     Ok(Report {
         mode: mode.name,
         machine: machine(),
-        tables: vec![w1, w2, w3, w5, w4, w4r, w7, w8],
+        tables: vec![w1, w2, w3, n1, n2, n3, w5, w4, w4r, w7, w8],
         verdicts,
         notes,
     })

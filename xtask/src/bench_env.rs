@@ -218,6 +218,28 @@ impl Env {
         }
     }
 
+    /// Stops the child `name` (SIGTERM, SIGKILL after 10 s) and forgets it.
+    pub fn stop(&mut self, name: &str) -> anyhow::Result<()> {
+        let Some(i) = self.children.iter().position(|(n, _)| n == name) else {
+            return Ok(());
+        };
+        let (_, mut child) = self.children.remove(i);
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .stderr(Stdio::null())
+            .status();
+        let start = Instant::now();
+        while child.try_wait()?.is_none() {
+            if start.elapsed() > Duration::from_secs(10) {
+                let _ = child.kill();
+                let _ = child.wait();
+                break;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
     /// Stops every process the bench started (the agent last, SIGTERM then wait), then lets
     /// the guard uninstall and remove the rest. Fails if anything is left behind.
     pub fn finish(&mut self) -> anyhow::Result<()> {

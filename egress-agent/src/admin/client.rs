@@ -128,12 +128,26 @@ fn print_status(v: &Value) {
         .collect();
     println!(
         "programs:     {} attached to {}",
-        progs.len(),
+        progs
+            .iter()
+            .filter(|p| !p.contains("(not attached"))
+            .count(),
         s(v, "cgroup_root")
     );
     for p in progs {
         println!("              {p}");
     }
+    let allowed: Vec<String> = list("sockets_allowed")
+        .iter()
+        .filter_map(|k| k.as_str().map(String::from))
+        .collect();
+    let allowed = if allowed.is_empty() {
+        "none".to_string()
+    } else {
+        allowed.join(", ")
+    };
+    println!("sockets:      tcp, udp, mptcp; also allowed: {allowed}");
+    println!("              packet sockets: {}", s(v, "packet_sockets"));
     let port = n(v, "proxy_port");
     println!("proxy:        127.0.0.1:{port} [::1]:{port}");
     let wl = list("workloads");

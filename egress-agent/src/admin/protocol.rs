@@ -84,6 +84,10 @@ pub struct Status {
     pub programs: Vec<String>,
     pub cgroup_root: String,
     pub proxy_port: u16,
+    /// Socket kinds workloads may open beyond TCP/UDP/MPTCP (`spec.sockets`).
+    pub sockets_allowed: Vec<&'static str>,
+    /// Whether packet sockets are refused (needs the BPF LSM), and why not.
+    pub packet_sockets: String,
 }
 
 #[derive(Debug, Serialize)]

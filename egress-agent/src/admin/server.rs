@@ -213,6 +213,15 @@ fn status(c: &Control, programs: &[String]) -> Status {
         programs: programs.to_vec(),
         cgroup_root: c.root.path.display().to_string(),
         proxy_port: p.config.proxy_port,
+        sockets_allowed: egress_common::sockets::KINDS
+            .into_iter()
+            .filter(|k| p.config.sockets_allowed & k != 0)
+            .map(egress_common::sockets::kind_name)
+            .collect(),
+        packet_sockets: crate::datapath::sockets::packet_sockets(
+            programs,
+            p.config.sockets_allowed,
+        ),
     }
 }
 

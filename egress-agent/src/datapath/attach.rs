@@ -6,7 +6,8 @@ use std::{fs, os::fd::AsFd, path::Path};
 use aya::programs::{
     links::{FdLink, PinnedLink},
     tc::{NlOptions, TcAttachOptions},
-    CgroupAttachMode, CgroupSockAddr, SchedClassifier, SockOps, TcAttachType,
+    CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SchedClassifier, SockOps,
+    TcAttachType,
 };
 
 use super::{
@@ -16,8 +17,9 @@ use super::{
 };
 
 /// The programs, in the order they are attached.
-pub const PROGRAMS: [&str; 7] = [
+pub const PROGRAMS: [&str; 8] = [
     "egress_sockops",
+    PACKET_PROGRAM,
     "egress_getpeername4",
     "egress_getpeername6",
     "egress_sendmsg4",
@@ -25,6 +27,17 @@ pub const PROGRAMS: [&str; 7] = [
     "egress_connect4",
     "egress_connect6",
 ];
+
+/// The per-packet `cgroup_skb/egress` program.
+pub const PACKET_PROGRAM: &str = "egress_skb_egress";
+
+/// Set (to anything but 0) in the agent's environment: run without the per-packet program
+/// (the benchmark compares the two, a tc-only test isolates the backstop; not for production).
+pub const NO_PACKET_PROGRAM_ENV: &str = "EGRESS_NO_PACKET_PROGRAM";
+
+fn packet_program_disabled() -> bool {
+    std::env::var(NO_PACKET_PROGRAM_ENV).is_ok_and(|v| !v.is_empty() && v != "0")
+}
 
 /// The tc backstop: (program, hook on the host side of a workload's veth, pin suffix).
 pub const TC_PROGRAMS: [(&str, TcAttachType, &str); 2] = [
@@ -59,10 +72,21 @@ impl Datapath {
         fs::create_dir_all(&links_dir).map_err(io(&links_dir, "mkdir"))?;
         for name in PROGRAMS {
             let path = links_dir.join(name);
+            let packet = name == PACKET_PROGRAM;
+            if packet && packet_program_disabled() {
+                let _ = fs::remove_file(&path);
+                report.push(format!("{name} (disabled by {NO_PACKET_PROGRAM_ENV})"));
+                continue;
+            }
             let prog = self.ebpf.program_mut(name).ok_or(BpfError::Missing(name))?;
             let perr = |source| BpfError::Program { name, source };
             let sock_ops = name == "egress_sockops";
-            if sock_ops {
+            if packet {
+                <&mut CgroupSkb>::try_from(&mut *prog)
+                    .map_err(perr)?
+                    .load()
+                    .map_err(perr)?;
+            } else if sock_ops {
                 <&mut SockOps>::try_from(&mut *prog)
                     .map_err(perr)?
                     .load()
@@ -96,7 +120,20 @@ impl Datapath {
                 }
             }
             // aya's "Single" with a bpf link is the kernel's multi-attach for links: flags 0.
-            let link: FdLink = if sock_ops {
+            let link: FdLink = if packet {
+                let p: &mut CgroupSkb = prog.try_into().map_err(perr)?;
+                let id = p
+                    .attach(
+                        cg.as_fd(),
+                        CgroupSkbAttachType::Egress,
+                        CgroupAttachMode::Single,
+                    )
+                    .map_err(perr)?;
+                p.take_link(id)
+                    .map_err(perr)?
+                    .try_into()
+                    .map_err(|source| BpfError::Link { name, source })?
+            } else if sock_ops {
                 let p: &mut SockOps = prog.try_into().map_err(perr)?;
                 let id = p
                     .attach(cg.as_fd(), CgroupAttachMode::Single)
@@ -135,6 +172,7 @@ impl Datapath {
                 report.push(format!("{name} (attached)"));
             }
         }
+        super::sockets::attach(&mut self.ebpf, &cg, &links_dir, &mut self.links, report)?;
         Ok(())
     }
 

@@ -122,11 +122,13 @@ impl Datapath {
 fn map_of(name: &str, data: MapData) -> aya::maps::Map {
     use aya::maps::Map;
     match name {
-        names::COUNTERS | names::TC_COUNTERS => Map::PerCpuArray(data),
+        names::COUNTERS | names::TC_COUNTERS | names::PACKET_DROPS => Map::PerCpuArray(data),
         names::EVENTS => Map::RingBuf(data),
-        names::ORIG_BY_COOKIE | names::ORIG_BY_TUPLE | names::REPLIES | names::FRAGMENTS => {
-            Map::LruHashMap(data)
-        }
+        names::ORIG_BY_COOKIE
+        | names::ORIG_BY_TUPLE
+        | names::REPLIES
+        | names::SOCK_VERDICTS
+        | names::FRAGMENTS => Map::LruHashMap(data),
         names::WORKLOADS | names::POD_ADDRS => Map::HashMap(data),
         names::CONFIG | names::ACTIVE => Map::Array(data),
         _ => Map::LpmTrie(data),

@@ -42,7 +42,42 @@ impl Datapath {
                 ))?;
             t.set(i, zeros, 0).map_err(map_err(names::TC_COUNTERS))?;
         }
+        let mut d: PerCpuArray<_, u64> = self.map(names::PACKET_DROPS)?;
+        let first = egress_common::skb::skb_index(workload_id, 0);
+        for i in first..first + egress_common::skb::SKB_SLOTS {
+            let zeros = aya::maps::PerCpuValues::try_from(vec![0u64; ncpu]).map_err(io(
+                Path::new("/sys/devices/system/cpu/possible"),
+                "per-CPU values",
+            ))?;
+            d.set(i, zeros, 0).map_err(map_err(names::PACKET_DROPS))?;
+        }
         Ok(())
+    }
+
+    /// Packets the per-packet program dropped, summed over the CPUs, by (workload id, drop
+    /// slot: a denying outcome or `egress_common::skb::DROP_*`). Zero slots are left out.
+    pub fn packet_drop_sums(
+        &mut self,
+        workloads: &[u32],
+    ) -> std::collections::HashMap<(u32, u8), u64> {
+        let mut out = std::collections::HashMap::new();
+        let Ok(c) = self.map::<PerCpuArray<_, u64>>(names::PACKET_DROPS) else {
+            return out;
+        };
+        for &w in workloads {
+            for slot in 0..egress_common::skb::SKB_SLOTS as u8 {
+                if egress_common::skb::skb_drop_reason(slot).is_none() {
+                    continue;
+                }
+                if let Ok(v) = c.get(&egress_common::skb::skb_index(w, slot), 0) {
+                    let n: u64 = v.iter().sum();
+                    if n > 0 {
+                        out.insert((w, slot), n);
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// The tc backstop's counters of the given workloads, summed over the CPUs, keyed by

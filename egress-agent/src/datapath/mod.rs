@@ -15,3 +15,4 @@ pub mod pins;
 pub mod pod_addrs;
 pub mod podnet;
 pub mod policy_maps;
+pub mod sockets;

@@ -72,8 +72,20 @@ impl Hub {
 }
 
 fn log(ev: &VerdictEvent, count: u64, policy: &Compiled, hub: &Hub) {
+    let socket = matches!(
+        ev.hook,
+        egress_common::hook::SOCK_CREATE | egress_common::hook::LSM_SOCKET_CREATE
+    );
     let verdict = if ev.hook == egress_common::hook::TC {
         egress_common::tc::tc_event_verdict(ev.outcome)
+    } else if socket {
+        // socket() of a kind spec.sockets does not allow (reported only, in audit mode).
+        Some(match Outcome::from_u8(ev.outcome) {
+            Some(Outcome::AuditRule) => "audit-socket",
+            _ => "deny-socket",
+        })
+    } else if ev.hook == egress_common::hook::SKB {
+        egress_common::skb::skb_event_verdict(ev.outcome)
     } else {
         Outcome::from_u8(ev.outcome).map(Outcome::name)
     };
@@ -90,8 +102,14 @@ fn log(ev: &VerdictEvent, count: u64, policy: &Compiled, hub: &Hub) {
         .map(|r| r.egress.to_string())
         .unwrap_or_default();
     let (workload, rule) = (workload.as_str(), rule.as_str());
-    let dst = ev.dst.socket_addr();
-    let protocol = proto::name(ev.proto);
+    let (dst, protocol) = if socket {
+        use egress_common::sockets::{event_socket, family_name, kind_name};
+        let (f, t, p) = event_socket(&ev.dst);
+        let what = format!("socket({}, type {t}, protocol {p})", family_name(f));
+        (what, kind_name(ev.proto as u32))
+    } else {
+        (ev.dst.socket_addr().to_string(), proto::name(ev.proto))
+    };
     let pid = (ev.pid_tgid >> 32) as u32;
     if matches!(verdict, "allow" | "passthrough") {
         debug!(target: "egress::flow", workload, %dst, protocol, verdict, rule, pid, count, "flow");
@@ -104,7 +122,7 @@ fn log(ev: &VerdictEvent, count: u64, policy: &Compiled, hub: &Hub) {
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0),
         workload: workload.into(),
-        destination: dst.to_string(),
+        destination: dst.clone(),
         protocol,
         verdict,
         rule: rule.into(),

@@ -109,6 +109,14 @@ pub struct TcDropLabels {
     pub reason: &'static str,
 }
 
+/// `egress_packet_dropped`: the reason is [`egress_common::skb::skb_drop_reason`].
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PacketDropLabels {
+    pub workload: String,
+    pub namespace: String,
+    pub reason: &'static str,
+}
+
 /// `egress_tc_packets` and `egress_tc_bytes`: the verdict is
 /// [`egress_common::tc::tc_slot_name`].
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -116,6 +124,14 @@ pub struct TcLabels {
     pub workload: String,
     pub namespace: String,
     pub verdict: &'static str,
+}
+
+/// `egress_sockets_refused`: the kind is [`egress_common::sockets::kind_name`].
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SocketLabels {
+    pub workload: String,
+    pub namespace: String,
+    pub kind: &'static str,
 }
 
 /// `egress_map_entries` and `egress_map_capacity`.
@@ -183,6 +199,10 @@ pub struct KernelSnapshot {
     pub sums: HashMap<(u32, u8, u8), u64>,
     /// tc backstop (packets, bytes) by (workload id, slot).
     pub tc: HashMap<(u32, u8), (u64, u64)>,
+    /// `socket()` calls refused, by (workload id, socket kind).
+    pub sockets: HashMap<(u32, u32), u64>,
+    /// Packets the per-packet program dropped, by (workload id, drop slot).
+    pub packet_drops: HashMap<(u32, u8), u64>,
     /// (map, entries, capacity).
     pub entries: Vec<(&'static str, usize, u32)>,
     pub generation: u64,
@@ -255,6 +275,8 @@ impl Collector for KernelCollector {
             pods,
             sums,
             tc,
+            sockets,
+            packet_drops,
             entries,
             generation,
         } = self.kernel.snapshot();
@@ -293,6 +315,26 @@ impl Collector for KernelCollector {
                     };
                     tc_packets.push((l.clone(), p));
                     tc_bytes.push((l, b));
+                }
+            }
+        }
+
+        // Every workload has its deny-rule and deny-default series; other reasons once seen.
+        let mut packet_dropped = Vec::new();
+        for (w, id) in &policy.workloads {
+            for slot in 0..egress_common::skb::SKB_SLOTS as u8 {
+                let Some(reason) = egress_common::skb::skb_drop_reason(slot) else {
+                    continue;
+                };
+                let v = packet_drops.get(&(*id, slot)).copied().unwrap_or(0);
+                let always = slot == Outcome::DenyRule as u8 || slot == Outcome::DenyDefault as u8;
+                if v > 0 || always {
+                    let l = PacketDropLabels {
+                        workload: w.name.clone(),
+                        namespace: w.namespace.clone(),
+                        reason,
+                    };
+                    packet_dropped.push((l, v));
                 }
             }
         }
@@ -343,6 +385,12 @@ impl Collector for KernelCollector {
         )?;
         counter(
             &mut enc,
+            "egress_packet_dropped",
+            "Packets of workloads' sockets the per-packet program dropped (source routes, connections the policy in force refuses), by reason",
+            &packet_dropped,
+        )?;
+        counter(
+            &mut enc,
             "egress_tc_packets",
             "Packets through the tc backstop on a workload's interface, by verdict (inbound: into the workload)",
             &tc_packets,
@@ -352,6 +400,27 @@ impl Collector for KernelCollector {
             "egress_tc_bytes",
             "Bytes through the tc backstop on a workload's interface, by verdict (inbound: into the workload)",
             &tc_bytes,
+        )?;
+        let refused: Vec<(SocketLabels, u64)> = policy
+            .workloads
+            .iter()
+            .flat_map(|(w, id)| {
+                let sockets = &sockets;
+                egress_common::sockets::KINDS.into_iter().map(move |k| {
+                    let l = SocketLabels {
+                        workload: w.name.clone(),
+                        namespace: w.namespace.clone(),
+                        kind: egress_common::sockets::kind_name(k),
+                    };
+                    (l, sockets.get(&(*id, k)).copied().unwrap_or(0))
+                })
+            })
+            .collect();
+        counter(
+            &mut enc,
+            "egress_sockets_refused",
+            "socket() calls refused in the kernel because spec.sockets does not allow their kind (raw, packet, icmp, other)",
+            &refused,
         )?;
         counter1(
             &mut enc,

@@ -39,6 +39,8 @@ impl KernelSource for Fake {
             pods: vec![db.0],
             sums,
             tc: tcs,
+            sockets: HashMap::from([((web, egress_common::sockets::kind::OTHER), 5)]),
+            packet_drops: HashMap::from([((web, egress_common::skb::DROP_SOURCE_ROUTE), 5)]),
             entries: vec![
                 ("EGRESS_WORKLOADS", 2, 4096),
                 ("EGRESS_POLICY_V4", 1, 65536),
@@ -105,6 +107,13 @@ egress_tc_dropped_packets_total{workload="db",namespace="shop",reason="malformed
 egress_tc_dropped_packets_total{workload="db",namespace="shop",reason="spoofed-source"} 0
 egress_tc_dropped_packets_total{workload="db",namespace="shop",reason="orphan-fragment"} 0
 egress_tc_dropped_packets_total{workload="db",namespace="shop",reason="non-ip"} 0
+# HELP egress_packet_dropped_total Packets of workloads' sockets the per-packet program dropped (source routes, connections the policy in force refuses), by reason
+# TYPE egress_packet_dropped_total counter
+egress_packet_dropped_total{workload="db",namespace="shop",reason="deny-rule"} 0
+egress_packet_dropped_total{workload="db",namespace="shop",reason="deny-default"} 0
+egress_packet_dropped_total{workload="web",namespace="shop",reason="deny-rule"} 0
+egress_packet_dropped_total{workload="web",namespace="shop",reason="deny-default"} 0
+egress_packet_dropped_total{workload="web",namespace="shop",reason="source-route"} 5
 # HELP egress_tc_packets_total Packets through the tc backstop on a workload's interface, by verdict (inbound: into the workload)
 # TYPE egress_tc_packets_total counter
 egress_tc_packets_total{workload="db",namespace="shop",verdict="proxy-bypass"} 2
@@ -113,6 +122,16 @@ egress_tc_packets_total{workload="db",namespace="shop",verdict="inbound"} 7
 # TYPE egress_tc_bytes_total counter
 egress_tc_bytes_total{workload="db",namespace="shop",verdict="proxy-bypass"} 120
 egress_tc_bytes_total{workload="db",namespace="shop",verdict="inbound"} 700
+# HELP egress_sockets_refused_total socket() calls refused in the kernel because spec.sockets does not allow their kind (raw, packet, icmp, other)
+# TYPE egress_sockets_refused_total counter
+egress_sockets_refused_total{workload="db",namespace="shop",kind="raw"} 0
+egress_sockets_refused_total{workload="db",namespace="shop",kind="packet"} 0
+egress_sockets_refused_total{workload="db",namespace="shop",kind="icmp"} 0
+egress_sockets_refused_total{workload="db",namespace="shop",kind="other"} 0
+egress_sockets_refused_total{workload="web",namespace="shop",kind="raw"} 0
+egress_sockets_refused_total{workload="web",namespace="shop",kind="packet"} 0
+egress_sockets_refused_total{workload="web",namespace="shop",kind="icmp"} 0
+egress_sockets_refused_total{workload="web",namespace="shop",kind="other"} 5
 # HELP egress_flow_events_lost_total Verdict events the kernel could not hand to the agent (the counters still count their connections)
 # TYPE egress_flow_events_lost_total counter
 egress_flow_events_lost_total 4

@@ -1,0 +1,261 @@
+//! The programs that refuse socket kinds no destination hook judges (`spec.sockets`):
+//! `egress_sock_create` (cgroup/sock_create, AF_INET/AF_INET6) and `egress_lsm_socket_create`
+//! (the `socket_create` LSM hook per cgroup, for AF_PACKET/AF_XDP). Both are attached to the
+//! agent's cgroup root through pinned bpf links, like the other cgroup programs: a pinned link
+//! running the same program is kept across restarts, another one is replaced after the new one
+//! is attached, and `uninstall` removes the pins with the rest.
+//!
+//! The LSM program needs kernel >= 6.0 with the BPF LSM active (`bpf` in
+//! /sys/kernel/security/lsm). Without it the agent runs on, logs why, and `status` says that
+//! packet sockets are not refused.
+
+use std::{
+    fs,
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    programs::{
+        links::{FdLink, PinnedLink},
+        CgroupAttachMode, CgroupSock, LsmCgroup, ProgramError,
+    },
+    Btf, Ebpf,
+};
+use egress_common::sockets::kind;
+
+use super::{bpf::Datapath, error::BpfError};
+
+pub const SOCK_CREATE: &str = "egress_sock_create";
+pub const LSM_SOCKET_CREATE: &str = "egress_lsm_socket_create";
+/// The LSM hook the packet-socket program runs on.
+const LSM_HOOK: &str = "socket_create";
+/// Marks the report line of a packet-socket program that could not be attached.
+const NOT_ATTACHED: &str = "(not attached:";
+
+/// Attaches both programs to `cgroup` (see the module doc). The cgroup/sock_create program
+/// must attach; the LSM one may fail, which is reported (and logged), not returned.
+/// Links attached fresh are pushed to `fresh` (the caller unpins them if a later step fails).
+pub fn attach(
+    ebpf: &mut Ebpf,
+    cgroup: &fs::File,
+    links_dir: &Path,
+    fresh: &mut Vec<PinnedLink>,
+    report: &mut Vec<String>,
+) -> Result<(), BpfError> {
+    let name = SOCK_CREATE;
+    let perr = |source| BpfError::Program { name, source };
+    let prog: &mut CgroupSock = ebpf
+        .program_mut(name)
+        .ok_or(BpfError::Missing(name))?
+        .try_into()
+        .map_err(perr)?;
+    if prog.fd().is_err() {
+        prog.load().map_err(perr)?;
+    }
+    let tag = prog.info().map_err(perr)?.tag();
+    let line = pin_link(name, links_dir, tag, fresh, || {
+        let id = prog.attach(cgroup.as_fd(), CgroupAttachMode::Single)?;
+        Ok(prog.take_link(id)?.try_into()?)
+    })?;
+    report.push(line);
+
+    match attach_lsm(ebpf, cgroup, links_dir, fresh) {
+        Ok(line) => report.push(line),
+        Err(reason) => {
+            tracing::warn!(
+                program = LSM_SOCKET_CREATE,
+                %reason,
+                "packet sockets (AF_PACKET, AF_XDP) are NOT refused: the socket_create LSM program cannot run here (needs kernel >= 6.0 with the BPF LSM active: CONFIG_BPF_LSM=y and \"bpf\" in lsm=)"
+            );
+            report.push(format!("{LSM_SOCKET_CREATE} {NOT_ATTACHED} {reason})"));
+        }
+    }
+    Ok(())
+}
+
+fn attach_lsm(
+    ebpf: &mut Ebpf,
+    cgroup: &fs::File,
+    links_dir: &Path,
+    fresh: &mut Vec<PinnedLink>,
+) -> Result<String, String> {
+    if std::env::var("EGRESS_LSM").as_deref() == Ok("off") {
+        return Err("EGRESS_LSM=off".into());
+    }
+    if let Ok(active) = fs::read_to_string("/sys/kernel/security/lsm") {
+        if !active.trim().split(',').any(|l| l == "bpf") {
+            return Err(format!(
+                "the BPF LSM is not active (/sys/kernel/security/lsm: {})",
+                active.trim()
+            ));
+        }
+    }
+    let name = LSM_SOCKET_CREATE;
+    let prog: &mut LsmCgroup = ebpf
+        .program_mut(name)
+        .ok_or_else(|| format!("the eBPF object has no {name}"))?
+        .try_into()
+        .map_err(|e: ProgramError| e.to_string())?;
+    if prog.fd().is_err() {
+        let btf = Btf::from_sys_fs().map_err(|e| format!("kernel BTF: {e}"))?;
+        prog.load(LSM_HOOK, &btf)
+            .map_err(|e| format!("load: {}", chain(&e)))?;
+    }
+    let tag = prog.info().map_err(|e| e.to_string())?.tag();
+    pin_link(name, links_dir, tag, fresh, || {
+        let id = prog.attach(cgroup.as_fd())?;
+        Ok(prog.take_link(id)?.into())
+    })
+    .map_err(|e| chain(&e))
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(e) = src {
+        s.push_str(": ");
+        s.push_str(&e.to_string());
+        src = e.source();
+    }
+    s
+}
+
+/// Makes sure `links_dir/name` pins a link running a program with `tag`: keeps a pinned link
+/// that does, otherwise attaches (`attach`) and pins the new link, replacing the old pin
+/// after the new link runs.
+fn pin_link(
+    name: &'static str,
+    links_dir: &Path,
+    tag: u64,
+    fresh: &mut Vec<PinnedLink>,
+    attach: impl FnOnce() -> Result<FdLink, AttachError>,
+) -> Result<String, BpfError> {
+    let path = links_dir.join(name);
+    let old = PinnedLink::from_pin(&path).ok().map(FdLink::from);
+    let old_tag = old
+        .as_ref()
+        .and_then(|l| l.info().ok())
+        .and_then(|i| program_tag(i.program_id()));
+    if old.is_some() && old_tag == Some(tag) {
+        return Ok(format!("{name} (kept)"));
+    }
+    let link = attach().map_err(|e| match e {
+        AttachError::Program(source) => BpfError::Program { name, source },
+        AttachError::Link(source) => BpfError::Link { name, source },
+    })?;
+    let pin_err = |path: &PathBuf| {
+        let path = path.clone();
+        move |e: aya::pin::PinError| BpfError::Io {
+            path,
+            op: "pin link",
+            source: std::io::Error::other(format!("{e:?}")),
+        }
+    };
+    match old {
+        Some(old) => {
+            let tmp = links_dir.join(format!("{name}_new"));
+            let _ = fs::remove_file(&tmp);
+            let pinned = link.pin(&tmp).map_err(pin_err(&tmp))?;
+            fs::rename(&tmp, &path).map_err(|source| BpfError::Io {
+                path: path.clone(),
+                op: "replace link pin",
+                source,
+            })?;
+            drop(pinned);
+            drop(old);
+            Ok(format!("{name} (replaced)"))
+        }
+        None => {
+            fresh.push(link.pin(&path).map_err(pin_err(&path))?);
+            Ok(format!("{name} (attached)"))
+        }
+    }
+}
+
+enum AttachError {
+    Program(ProgramError),
+    Link(aya::programs::links::LinkError),
+}
+
+impl From<ProgramError> for AttachError {
+    fn from(e: ProgramError) -> Self {
+        AttachError::Program(e)
+    }
+}
+
+impl From<aya::programs::links::LinkError> for AttachError {
+    fn from(e: aya::programs::links::LinkError) -> Self {
+        AttachError::Link(e)
+    }
+}
+
+fn program_tag(id: u32) -> Option<u64> {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .find(|p| p.id() == id)
+        .map(|p| p.tag())
+}
+
+/// What happens to a workload's packet socket, for `status`: from the policy's
+/// `sockets_allowed` and the attach report.
+pub fn packet_sockets(programs: &[String], sockets_allowed: u32) -> String {
+    if sockets_allowed & kind::PACKET != 0 {
+        return "allowed (spec.sockets.packet: allow)".into();
+    }
+    match programs.iter().find(|p| p.starts_with(LSM_SOCKET_CREATE)) {
+        Some(p) if p.contains(NOT_ATTACHED) => {
+            let reason = p
+                .split_once(NOT_ATTACHED)
+                .map(|(_, r)| r.trim().trim_end_matches(')'))
+                .unwrap_or("");
+            format!("NOT refused: the socket_create LSM program is not attached ({reason})")
+        }
+        Some(_) => "refused (socket_create LSM)".into(),
+        None => "NOT refused: the socket_create LSM program is not attached".into(),
+    }
+}
+
+impl Datapath {
+    /// The socket refusals of the given workloads, summed over the CPUs, keyed by (workload
+    /// id, kind). Read from `EGRESS_COUNTERS` (see [`egress_common::sockets::counter_index`]).
+    pub fn socket_refusals(
+        &mut self,
+        workloads: &[u32],
+    ) -> std::collections::HashMap<(u32, u32), u64> {
+        let mut out = std::collections::HashMap::new();
+        let Ok(counters) =
+            self.map::<aya::maps::PerCpuArray<_, u64>>(egress_common::names::COUNTERS)
+        else {
+            return out;
+        };
+        for &w in workloads {
+            for k in egress_common::sockets::KINDS {
+                let i = egress_common::sockets::counter_index(w, k);
+                if let Ok(v) = counters.get(&i, 0) {
+                    out.insert((w, k), v.iter().sum());
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_says_whether_packet_sockets_are_refused() {
+        let ok = vec![format!("{LSM_SOCKET_CREATE} (attached)")];
+        assert_eq!(packet_sockets(&ok, 0), "refused (socket_create LSM)");
+        let bad = vec![format!(
+            "{LSM_SOCKET_CREATE} {NOT_ATTACHED} the BPF LSM is not active)"
+        )];
+        assert_eq!(
+            packet_sockets(&bad, kind::ICMP),
+            "NOT refused: the socket_create LSM program is not attached (the BPF LSM is not active)"
+        );
+        assert!(packet_sockets(&bad, kind::PACKET).starts_with("allowed"));
+    }
+}
