@@ -1,5 +1,6 @@
 //! Packets crafted inside a pod to slip past the tc backstop (the holes of "Seal the kernel
-//! path"), sent from an IPPROTO_RAW socket (the whole header is the pod's), with a sniffer in
+//! path"), sent as Ethernet frames from a packet socket (the whole frame is the pod's: no socket hook
+//! and no per-packet socket program sees it), with a sniffer in
 //! the outside namespace: none of them reaches the outside, and the drop counters move by
 //! exactly the number of packets, under their reason.
 
@@ -7,7 +8,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use crate::{
     harness::{privileged_with, Agent, PACKETS_PY as PACKETS},
-    pods::{drops, metric, raw_syn, Net, ALLOW4, ALLOW6, DENY4, DENY6, POD4, POD6, PORT},
+    pods::{drops, metric, Net, ALLOW4, ALLOW6, DENY4, DENY6, POD4, POD6, PORT},
     tc_prog::{ipv4, ipv6, ns, opts_header, tcp, DSTOPTS, FRAGMENT, HOPOPTS, ICMPV6, SYN, TCP},
 };
 
@@ -25,15 +26,15 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// Sends the IP packet of `frame` (an Ethernet frame from the crafting helpers) from the pod.
-fn send(a: &Agent, dst: &str, frame: &[u8]) {
-    let cmd = if dst.contains(':') { "raw6" } else { "raw4" };
-    let out = a.exec("web", &["python3", PACKETS, cmd, dst, &hex(&frame[14..])]);
-    assert!(
-        out.status.success(),
-        "{cmd} to {dst}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+/// The pods policy, with packet sockets allowed: the crafted packets go out as Ethernet
+/// frames, past the socket hooks and the per-packet socket program, straight to the veth.
+fn policy(net: &Net) -> String {
+    let p = net.policy(false);
+    assert!(p.contains("sockets: {raw: allow}"));
+    p.replace(
+        "sockets: {raw: allow}",
+        "sockets: {raw: allow, packet: allow}",
+    )
 }
 
 /// Sends `frame` as an Ethernet frame on the pod's eth0, to the node side of its veth.
@@ -88,7 +89,7 @@ fn dropped(a: &Agent, reason: &str) -> u64 {
 fn expect_out(net: &Net, a: &Agent, dst: &str, frames: &[Vec<u8>], out: usize, what: &str) {
     let seen = net.sniff(dst, 1.5);
     for f in frames {
-        send(a, dst, f);
+        send_frame(net, a, f);
     }
     assert_eq!(seen.count(), out, "{what}");
 }
@@ -99,7 +100,7 @@ fn tc_attacks_ipv6_extension_headers_and_link_control_do_not_get_out() {
         return;
     }
     let net = Net::new();
-    let a = Agent::start_in(&net.policy(false), Some(&net.node_path()));
+    let a = Agent::start_in(&policy(&net), Some(&net.node_path()));
     let _server = net.server(ALLOW6);
     let (pod, allow, deny) = (v6(POD6), v6(ALLOW6), v6(DENY6));
     let behind_dstopts = |port| {
@@ -148,7 +149,7 @@ fn tc_attacks_spoofed_sources_and_forged_inbound_syns_do_not_open_a_way_out() {
         return;
     }
     let net = Net::new();
-    let a = Agent::start_in(&net.policy(false), Some(&net.node_path()));
+    let a = Agent::start_in(&policy(&net), Some(&net.node_path()));
     let _server = net.server(DENY4);
 
     // A packet from an address that is not the pod's, to an allowed destination.
@@ -171,15 +172,12 @@ fn tc_attacks_spoofed_sources_and_forged_inbound_syns_do_not_open_a_way_out() {
     let forged6 = ipv6(v6(DENY6), v6(POD6), TCP, &tcp(PORT, 40000, SYN));
     send_frame(&net, &a, &forged6);
     assert_eq!(dropped(&a, "spoofed-source"), 3);
-    for dst in [DENY4, DENY6] {
-        let seen = net.sniff(dst, 1.5);
-        raw_syn(&a, dst);
-        raw_syn(&a, dst);
-        assert_eq!(
-            seen.count(),
-            0,
-            "raw SYNs to {dst} after a forged inbound SYN"
-        );
+    // The pod's own SYNs to the denied host (from the port the forged SYN was sent to).
+    let syn4 = ipv4(v4(POD4), v4(DENY4), TCP, 0, &[], &tcp(40000, PORT, SYN));
+    let syn6 = ipv6(v6(POD6), v6(DENY6), TCP, &tcp(40000, PORT, SYN));
+    for (dst, syn) in [(DENY4, syn4), (DENY6, syn6)] {
+        let what = format!("SYNs to {dst} after a forged inbound SYN");
+        expect_out(&net, &a, dst, &[syn.clone(), syn], 0, &what);
     }
     assert_eq!(dropped(&a, "deny-default"), 4);
     assert_eq!(
