@@ -8,8 +8,8 @@
 #   pod   (egress-demo-PID-default-web)  created by the agent: eth0 10.200.0.2, fd00:200::2
 # The agent enforces deploy/examples/demo-pods.yaml on the pod "web": api allowed directly,
 # partner through the proxy listener the agent opens inside the pod, blocked refused. Then a
-# raw socket in the pod sends a TCP SYN to the blocked host, skipping the socket hooks: the tc
-# backstop on the pod's veth drops it.
+# raw socket in the pod, to send a TCP SYN past the socket hooks, is refused at socket(); with
+# raw sockets allowed by the operator, the per-packet program drops the SYN itself.
 #
 # Everything gets a unique name and is removed on exit, whatever happens. Exit status 0 when
 # every check passed. Needs root.
@@ -151,20 +151,35 @@ c=$(curl_in_web http://192.0.2.30/)
 echo "curl: exit ${c#* } (7: could not connect)"
 check "pod refused:    curl exits 7" test "${c#* }" = "7"
 
-header "d) a raw socket in the pod sends a SYN to the blocked host: the tc backstop drops it"
-drops() { in_node curl -s 127.0.0.1:15090/metrics | awk '/^egress_tc_dropped_packets_total/ { s += $2 } END { print s + 0 }'; }
-before=$(drops)
-nsenter --net="/run/netns/$OUT" python3 "$PACKETS" sniff "$EXT" 192.0.2.30 2 >"$WORK/sniff.out" &
-sniffer=$!
-sleep 0.5
-in_web python3 "$PACKETS" syn 192.0.2.30 80 >/dev/null
-wait "$sniffer"
-seen=$(tail -n 1 "$WORK/sniff.out")
-after=$(drops)
-echo "packets the outside saw: $seen; egress_tc_dropped_packets_total: $before -> $after"
-in_node curl -s 127.0.0.1:15090/metrics | grep -E '^egress_tc_(dropped|packets)' | grep -v ' 0$' | sed 's/^/  | /'
-check "backstop:       the raw SYN never reaches the outside" test "$seen" = 0
-check "backstop:       the drop counter moved" test "$after" -gt "$before"
+metric() { in_node curl -s 127.0.0.1:15090/metrics | awk -v m="^$1" '$0 ~ m { s += $NF } END { print s + 0 }'; }
+raw_syn() { # -> "sent" or the error, and the packets the outside saw
+  nsenter --net="/run/netns/$OUT" python3 "$PACKETS" sniff "$EXT" 192.0.2.30 2 >"$WORK/sniff.out" &
+  local sniffer=$! out
+  sleep 0.5
+  if out=$(in_web python3 "$PACKETS" syn 192.0.2.30 80 2>&1); then out=sent; else out=$(echo "$out" | tail -n 1); fi
+  wait "$sniffer"
+  echo "$out; the outside saw $(tail -n 1 "$WORK/sniff.out") packets"
+}
+
+header "d) a raw socket in the pod, to send a SYN past the socket hooks: refused at socket()"
+before=$(metric egress_sockets_refused_total)
+d=$(raw_syn)
+after=$(metric egress_sockets_refused_total)
+echo "python3 raw SYN: $d; egress_sockets_refused_total: $before -> $after"
+check "socket kinds:   the raw socket is refused (EPERM)" grep -q "Operation not permitted" <<<"$d"
+check "socket kinds:   the outside sees nothing" grep -q "saw 0 packets" <<<"$d"
+check "socket kinds:   the refusal is counted" test "$after" -gt "$before"
+
+header "e) the operator allows raw sockets; the per-packet program drops the SYN itself"
+sed 's/^  proxy: {port: 15001}$/  proxy: {port: 15001}\n  sockets: {raw: allow}/' "$CONFIG" >"$WORK/raw-allowed.yaml"
+echo "\$ egress-agent policy apply -f raw-allowed.yaml   # MeshConfig spec.sockets: {raw: allow}"
+in_node "$AGENT" --admin-socket "$WORK/admin.sock" policy apply -f "$WORK/raw-allowed.yaml" | sed 's/^/  | /'
+before=$(metric egress_packet_dropped_total)
+e=$(raw_syn)
+after=$(metric egress_packet_dropped_total)
+echo "python3 raw SYN: $e; egress_packet_dropped_total: $before -> $after"
+check "per packet:     the raw SYN never reaches the outside" grep -q "saw 0 packets" <<<"$e"
+check "per packet:     the drop counter moved" test "$after" -gt "$before"
 
 header "summary"
 printf '%s\n' "${RESULTS[@]}"
@@ -172,4 +187,4 @@ if printf '%s\n' "${RESULTS[@]}" | grep -q '^FAIL'; then
   sed 's/^/  | /' "$LOG"
   exit 1
 fi
-echo "pods: allowed, redirected, refused and backstopped as expected"
+echo "pods: allowed, redirected, refused, raw sockets refused and raw packets dropped as expected"
