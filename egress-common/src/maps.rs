@@ -23,8 +23,10 @@ pub mod names {
     pub const SOCK_VERDICTS: &str = "EGRESS_SOCK_VERDICTS";
     /// Packets the per-packet program dropped, per (workload, reason), per CPU.
     pub const PACKET_DROPS: &str = "EGRESS_PACKET_DROPS";
+    /// Addresses workloads learned from DNS answers for name rules (see [`crate::names`]).
+    pub const NAMES: &str = "EGRESS_NAMES";
     /// Every map the agent pins, in a stable order.
-    pub const ALL: [&str; 17] = [
+    pub const ALL: [&str; 18] = [
         ACTIVE,
         CONFIG,
         WORKLOADS,
@@ -42,6 +44,7 @@ pub mod names {
         POD_ADDRS,
         SOCK_VERDICTS,
         PACKET_DROPS,
+        NAMES,
     ];
 }
 
@@ -70,6 +73,8 @@ pub mod capacity {
     /// Sockets whose verdict the per-packet program remembers (LRU; TCP entries are also
     /// removed on close). A socket that lost its entry is judged again in full.
     pub const SOCK_VERDICTS: u32 = 131_072;
+    /// (workload, address) pairs learned from DNS answers for name rules, over all workloads.
+    pub const NAMES: u32 = 131_072;
 }
 
 /// Port segments one (workload, prefix) entry holds, over all protocol classes. The agent
@@ -98,7 +103,9 @@ pub struct MeshConfig {
     pub root_level: u32,
     /// The proxy's port, host order.
     pub proxy_port: u16,
-    pub _pad0: u16,
+    /// The DNS proxy's port (UDP and TCP, on the proxy's addresses), host order; 0: workloads'
+    /// DNS is not steered (`spec.dns` off). See [`crate::names`].
+    pub dns_port: u16,
     /// The proxy's IPv4 address (network order bytes), also used for IPv4-mapped destinations.
     pub proxy_ip4: [u8; 4],
     /// The proxy's IPv6 address (network order bytes).
