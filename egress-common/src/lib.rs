@@ -12,7 +12,7 @@ extern crate alloc;
 
 pub mod decide;
 pub mod maps;
-pub mod names;
+pub mod fqdn;
 pub mod packet;
 pub mod skb;
 pub mod sockets;

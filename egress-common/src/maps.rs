@@ -23,7 +23,7 @@ pub mod names {
     pub const SOCK_VERDICTS: &str = "EGRESS_SOCK_VERDICTS";
     /// Packets the per-packet program dropped, per (workload, reason), per CPU.
     pub const PACKET_DROPS: &str = "EGRESS_PACKET_DROPS";
-    /// Addresses workloads learned from DNS answers for name rules (see [`crate::names`]).
+    /// Addresses workloads learned from DNS answers for name rules (see [`crate::fqdn`]).
     pub const NAMES: &str = "EGRESS_NAMES";
     /// Every map the agent pins, in a stable order.
     pub const ALL: [&str; 18] = [
@@ -104,7 +104,7 @@ pub struct MeshConfig {
     /// The proxy's port, host order.
     pub proxy_port: u16,
     /// The DNS proxy's port (UDP and TCP, on the proxy's addresses), host order; 0: workloads'
-    /// DNS is not steered (`spec.dns` off). See [`crate::names`].
+    /// DNS is not steered (`spec.dns` off). See [`crate::fqdn`].
     pub dns_port: u16,
     /// The proxy's IPv4 address (network order bytes), also used for IPv4-mapped destinations.
     pub proxy_ip4: [u8; 4],

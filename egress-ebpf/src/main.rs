@@ -7,6 +7,7 @@
 #![no_std]
 #![no_main]
 
+mod dns;
 mod events;
 mod maps;
 mod skb;
@@ -44,6 +45,17 @@ pub fn egress_sendmsg4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(sendmsg6)]
 pub fn egress_sendmsg6(ctx: SockAddrContext) -> i32 {
     sock_addr::sock6(&ctx, proto::UDP, hook::SENDMSG6)
+}
+
+/// A reply from the DNS proxy to an unconnected UDP client shows the resolver it asked.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn egress_recvmsg4(ctx: SockAddrContext) -> i32 {
+    dns::recvmsg4(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn egress_recvmsg6(ctx: SockAddrContext) -> i32 {
+    dns::recvmsg6(&ctx)
 }
 
 /// The application sees the address it dialled, not the proxy's.

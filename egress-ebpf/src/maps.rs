@@ -7,7 +7,7 @@ use aya_ebpf::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use egress_common::{
-    capacity, mesh_key, policy_key, policy_scope, skb, tc, workload_key, MeshConfig, MeshKeyV4,
+    capacity, mesh_key, fqdn::NameKey, policy_key, policy_scope, skb, tc, workload_key, MeshConfig, MeshKeyV4,
     MeshKeyV6, OrigDst, OrigKey, PolicyKeyV4, PolicyKeyV6, PolicyValue, SockAddr, WorkloadInfo,
     COUNTERS_LEN,
 };
@@ -85,6 +85,17 @@ pub static SOCK_VERDICTS: LruHashMap<u64, skb::SockVerdict> =
 #[map(name = "EGRESS_PACKET_DROPS")]
 pub static PACKET_DROPS: PerCpuArray<u64> =
     PerCpuArray::with_max_entries(capacity::MAX_WORKLOADS * skb::SKB_SLOTS, 0);
+
+/// Addresses workloads learned from DNS answers for name rules (see `egress_common::fqdn`).
+#[map(name = "EGRESS_NAMES")]
+static NAMES: HashMap<NameKey, PolicyValue> = HashMap::with_max_entries(capacity::NAMES, 0);
+
+/// The name rules' segments for a workload's destination, when its DNS gave that address.
+#[inline(always)]
+pub fn named(workload_id: u32, dst: &SockAddr) -> Option<&'static PolicyValue> {
+    // SAFETY: the agent replaces whole values; the decision copies what it reads.
+    unsafe { NAMES.get(&NameKey::of(workload_id, dst)) }
+}
 
 #[inline(always)]
 pub fn active_set() -> u32 {

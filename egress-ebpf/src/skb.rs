@@ -21,7 +21,6 @@ use aya_ebpf::{
     EbpfContext,
 };
 use egress_common::{
-    decide,
     decide::{on_error, Query},
     hook,
     packet::{self, Bytes, Class},
@@ -228,7 +227,12 @@ pub fn egress(ctx: &SkBuffContext) -> i32 {
         in_mesh: in_mesh(set, &target),
         to_proxy: to_proxy && !redirected,
     };
-    let d = decide(cfg, &q, policy(w.id, set, &target));
+    let d = egress_common::fqdn::decide_named(
+        cfg,
+        &q,
+        policy(w.id, set, &target),
+        crate::maps::named(w.id, &target),
+    );
     let slot = if d.outcome.is_denied() {
         d.outcome as u8
     } else if d.outcome == Outcome::Proxy && !redirected {

@@ -12,13 +12,13 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::error;
 use egress_common::{
-    decide, decide::on_error, decide::Query, skb::SockVerdict, v4_mapped, Decision, MeshConfig,
-    OrigDst, Outcome, SockAddr,
+    decide::on_error, decide::Query, fqdn::decide_named, skb::SockVerdict, v4_mapped, Decision,
+    MeshConfig, OrigDst, Outcome, SockAddr,
 };
 
 use crate::{
     events::record,
-    maps::{active_set, in_mesh, policy, workload, CONFIG, ORIG_BY_COOKIE, SOCK_VERDICTS},
+    maps::{active_set, in_mesh, named, policy, workload, CONFIG, ORIG_BY_COOKIE, SOCK_VERDICTS},
 };
 
 /// cgroup/connect* and sendmsg* return values.
@@ -43,7 +43,8 @@ enum Act {
 
 #[inline(always)]
 pub fn is_proxy(cfg: &MeshConfig, dst: &SockAddr) -> bool {
-    if dst.port != cfg.proxy_port as u32 {
+    let dns = cfg.dns_port != 0 && dst.port == cfg.dns_port as u32;
+    if dst.port != cfg.proxy_port as u32 && !dns {
         return false;
     }
     if dst.family == 4 {
@@ -104,7 +105,8 @@ fn judge(ctx: &SockAddrContext, dst: &Dst, proto: u8, hook: u8) -> Act {
         in_mesh: in_mesh(set, &dst.addr),
         to_proxy,
     };
-    let mut d = decide(cfg, &q, policy(w.id, set, &dst.addr));
+    let rules = policy(w.id, set, &dst.addr);
+    let mut d = decide_named(cfg, &q, rules, named(w.id, &dst.addr));
     if d.outcome == Outcome::Proxy {
         let orig = OrigDst {
             dst: dst.addr,
@@ -124,6 +126,13 @@ fn judge(ctx: &SockAddrContext, dst: &Dst, proto: u8, hook: u8) -> Act {
         }
     }
     record(Some(cfg), cg, w.id, &dst.addr, proto, hook, d);
+    if crate::dns::steer(ctx, cfg, cg, w.id, &q, dst.addr, dst.mapped, d) {
+        // To the agent's DNS proxy, on its port.
+        return Act::Redirect(MeshConfig {
+            proxy_port: cfg.dns_port,
+            ..*cfg
+        });
+    }
     if !d.outcome.is_denied() {
         remember(ctx, cfg, w.id, &dst.addr, d.outcome);
     }

@@ -17,11 +17,13 @@ use super::{
 };
 
 /// The programs, in the order they are attached.
-pub const PROGRAMS: [&str; 8] = [
+pub const PROGRAMS: [&str; 10] = [
     "egress_sockops",
     PACKET_PROGRAM,
     "egress_getpeername4",
     "egress_getpeername6",
+    "egress_recvmsg4",
+    "egress_recvmsg6",
     "egress_sendmsg4",
     "egress_sendmsg6",
     "egress_connect4",

@@ -129,7 +129,7 @@ fn map_of(name: &str, data: MapData) -> aya::maps::Map {
         | names::REPLIES
         | names::SOCK_VERDICTS
         | names::FRAGMENTS => Map::LruHashMap(data),
-        names::WORKLOADS | names::POD_ADDRS => Map::HashMap(data),
+        names::WORKLOADS | names::POD_ADDRS | names::NAMES => Map::HashMap(data),
         names::CONFIG | names::ACTIVE => Map::Array(data),
         _ => Map::LpmTrie(data),
     }

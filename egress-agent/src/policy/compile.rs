@@ -84,6 +84,12 @@ pub struct Compiled {
     /// Indices into `rules` of the rules that name hosts (what the proxy checks on every
     /// redirected connection; usually few among many address rules).
     pub host_rules: Vec<usize>,
+    /// Indices into `rules` of the name rules (`spec.dns` on: hosts on plain tcp/udp ports),
+    /// which the kernel enforces on the addresses the names resolved to (`crate::dns`).
+    pub name_rules: Vec<usize>,
+    /// `spec.dns` and the effective `spec.hostBinding`.
+    pub dns: super::DnsSpec,
+    pub host_binding: super::HostBinding,
     /// The EgressGateways, in file order.
     pub gateways: Vec<EgressGateway>,
     /// Index into `gateways` of the global one.
@@ -174,6 +180,9 @@ pub fn compile_stable(
                 .as_ref()
                 .and_then(|g| cfg.gateways.iter().position(|x| &x.id.name == g)),
         });
+        if cfg.mesh.dns.enabled && s.is_name_rule() {
+            continue; // only on the addresses its names resolve to (crate::dns)
+        }
         // Host rules are judged by the proxy, whatever their action; the kernel only routes.
         let act = match (s.route(), s.action) {
             (Via::Proxy | Via::Gateway, _) => action::PROXY,
@@ -254,11 +263,19 @@ pub fn compile_stable(
         .collect();
 
     let m = &cfg.mesh;
+    let name_rules: Vec<usize> = cfg
+        .egresses
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| m.dns.enabled && e.spec.is_name_rule())
+        .map(|(i, _)| i)
+        .collect();
     let config = MeshConfig {
         enable_egress: m.traffic.enable_egress as u32,
         fail_open: (m.fail_mode == FailMode::Open) as u32,
         audit_mode: m.audit_mode as u32,
         proxy_port: m.proxy.port.0,
+        dns_port: if m.dns.enabled { m.dns.port.0 } else { 0 },
         sockets_allowed: m.sockets.allowed_bits(),
         ..Default::default()
     };
@@ -269,8 +286,11 @@ pub fn compile_stable(
         v6,
         mesh: m.traffic.mesh_cidrs.clone(),
         host_rules: (0..rules.len())
-            .filter(|&i| !rules[i].hosts.is_empty())
+            .filter(|&i| !rules[i].hosts.is_empty() && !name_rules.contains(&i))
             .collect(),
+        name_rules,
+        dns: m.dns.clone(),
+        host_binding: super::HostBinding::effective(m.host_binding, &m.dns),
         rules,
         gateways: cfg.gateways.clone(),
         global_gateway: cfg.gateways.iter().position(|g| g.spec.is_global()),

@@ -68,6 +68,10 @@ pub struct MeshSpec {
     pub pod_network: Option<PodNetwork>,
     /// Socket kinds that no destination hook judges: refused at `socket()` unless allowed.
     pub sockets: SocketsSpec,
+    /// Workloads' DNS through the agent, for name rules on any protocol.
+    pub dns: super::names::DnsSpec,
+    /// strict | off (default: strict when `dns.enabled`).
+    pub host_binding: Option<super::names::HostBinding>,
 }
 
 impl Default for MeshSpec {
@@ -79,6 +83,8 @@ impl Default for MeshSpec {
             audit_mode: false,
             pod_network: None,
             sockets: SocketsSpec::default(),
+            dns: Default::default(),
+            host_binding: None,
         }
     }
 }

@@ -68,7 +68,7 @@ pub fn check_egress(file: &str, label: &str, s: &EgressSpec) -> Result<(), Confi
                 ));
             }
         }
-        if !s.hosts.is_empty() && !p.protocol.is_tcp() {
+        if !s.hosts.is_empty() && !p.protocol.is_tcp() && !s.is_name_rule() {
             return Err(err(
                 &format!("{f}.protocol"),
                 "host rules need TCP (tcp, http or https); udp cannot carry a host name",
@@ -239,6 +239,16 @@ impl Objects {
     pub fn finish_unlinked(self) -> Result<Config, ConfigError> {
         for e in &self.cfg.egresses {
             self.check_gateway_named(e)?;
+            if e.spec.is_name_rule()
+                && !self.cfg.mesh.dns.enabled
+                && e.spec.ports.iter().any(|p| !p.protocol.is_tcp())
+            {
+                return Err(self.err(
+                    &format!("Egress {}", e.id),
+                    "spec.hosts",
+                    "hosts on udp ports need the MeshConfig's spec.dns.enabled: true (the agent learns the names' addresses from DNS)",
+                ));
+            }
         }
         self.check_pods()?;
         Ok(self.cfg)
