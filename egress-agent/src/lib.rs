@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod control;
 pub mod datapath;
+pub mod dns;
 pub mod gateway;
 pub mod k8s;
 pub mod policy;

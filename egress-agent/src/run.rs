@@ -209,6 +209,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let mut registry = prometheus_client::registry::Registry::default();
     let host_denials = HostDenials::default();
     let proxy_metrics = Arc::new(ProxyMetrics::register(&mut registry, host_denials.clone()));
+    let dns_metrics = crate::dns::metrics::DnsMetrics::register(&mut registry);
     let rejected = k8s::watch::RejectedMetrics::register(&mut registry);
     let metrics = Metrics::agent(registry, control.clone(), host_denials);
     let relay = Proxy::new(
@@ -223,11 +224,36 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         },
         proxy_metrics,
     );
+    let names = crate::dns::Names::open(
+        &control.datapath(),
+        live.clone(),
+        dns_metrics,
+        Some(state_file.with_extension("dns.json")),
+    )?;
+    relay.bind_names(names.clone());
+    let dns_proxy = if compiled.dns.enabled {
+        let port = compiled.dns.port.0;
+        let (udp, tcp) = crate::dns::server::bind(port).await.with_context(|| {
+            format!("DNS proxy cannot listen on 127.0.0.1:{port} (MeshConfig spec.dns.port)")
+        })?;
+        let server = crate::dns::server::DnsProxy::new(
+            names.clone(),
+            control.datapath().orig_by_tuple()?,
+            compiled.dns.upstream_timeout.0,
+        );
+        Some((server, udp, tcp))
+    } else {
+        None
+    };
     let programs = control.datapath().attach(&root.path)?;
     let hub = flows::Hub::new();
 
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(relay.clone().serve(listeners));
+    tasks.spawn(names.clone().maintain());
+    if let Some((server, udp, tcp)) = dns_proxy {
+        tasks.spawn(server.serve(udp, tcp));
+    }
     tasks.spawn(serve_pods(control.pods(), relay.clone(), port));
     // Kubernetes pods: their namespaces are the CNI's, found from their cgroups.
     let k8s_pods = tokio::sync::watch::channel(Vec::<k8s::watch::PodNetns>::new());

@@ -107,7 +107,7 @@ impl Datapath {
         RingBuf::try_from(m).map_err(map_err(names::EVENTS))
     }
 
-    fn shared_map<T>(&self, name: &'static str) -> Result<T, BpfError>
+    pub(crate) fn shared_map<T>(&self, name: &'static str) -> Result<T, BpfError>
     where
         T: TryFrom<aya::maps::Map, Error = MapError>,
     {

@@ -367,7 +367,7 @@ fn strength(r: &PortRule) -> (u8, u32) {
 /// Compiles the rules that apply to one prefix into the kernel's segments: per protocol
 /// class, the port ranges where one action wins, sorted, non-overlapping, adjacent equal
 /// ranges merged. Err(n): n segments needed, more than [`MAX_SEGMENTS`].
-fn segments(rules: &[PortRule]) -> Result<PolicyValue, usize> {
+pub fn segments(rules: &[PortRule]) -> Result<PolicyValue, usize> {
     let mut v = PolicyValue::default();
     let mut all: Vec<Segment> = Vec::new();
     for (class, p) in [(0, proto::TCP), (1, proto::UDP), (2, proto::ANY)] {

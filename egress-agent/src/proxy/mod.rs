@@ -73,6 +73,8 @@ pub struct Proxy {
     limits: Limits,
     permits: Arc<Semaphore>,
     gateways: Dialer,
+    /// What workloads' DNS answered (`hostBinding`); unset: no binding.
+    names: std::sync::OnceLock<Arc<crate::dns::Names>>,
 }
 
 /// Binds the proxy's listeners: 127.0.0.1 and, where the host has IPv6, [::1].
@@ -113,7 +115,22 @@ impl Proxy {
             live,
             limits,
             gateways: Dialer::default(),
+            names: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Binds hosts to the addresses workloads' DNS gave them (`hostBinding: strict`).
+    pub fn bind_names(&self, names: Arc<crate::dns::Names>) {
+        let _ = self.names.set(names);
+    }
+
+    /// `hostBinding: strict`: whether `host`, which rule `id` allowed, resolved to `dst` for
+    /// the workload (see [`crate::dns::Names::binding`]).
+    fn host_bound(&self, p: &Compiled, wid: u32, host: Option<&str>, dst: SocketAddr, id: u32) -> bool {
+        match (self.names.get(), host) {
+            (Some(n), Some(h)) => n.binding(p, wid, h, dst.ip(), id),
+            _ => true,
+        }
     }
 
     /// The policy in force (a change applies to new connections).
@@ -218,6 +235,17 @@ impl Proxy {
             };
             rec.host = host.clone();
             match policy.decide_host(orig.workload_id, dst.ip(), dst.port(), host.as_deref()) {
+                HostVerdict::Allow(id)
+                    if !self.host_bound(&policy, orig.workload_id, host.as_deref(), dst, id) =>
+                {
+                    rec.verdict = HOST_MISMATCH;
+                    rec.rule = rule_name(&policy, id);
+                    warn!(workload = rec.workload, dst = %dst, host = host.as_deref().unwrap_or(""), reason = HOST_MISMATCH, "refused: the host did not resolve to this address for the workload (hostBinding: strict)");
+                    let tls = matches!(sniffed, Some(Sniffed::Tls(_)));
+                    refuse(client, is_http, &rec, tls).await;
+                    self.finish(&rec, (head.len() as u64, 0), HOST_MISMATCH);
+                    return;
+                }
                 HostVerdict::Allow(id) => {
                     rec.rule = rule_name(&policy, id);
                     rule_id = id;
@@ -387,7 +415,7 @@ impl Proxy {
     fn finish(&self, rec: &Record<'_>, bytes: (u64, u64), end: &str) {
         let result = match rec.verdict {
             "allow" => ProxyResult::Allowed,
-            "deny" => ProxyResult::Denied,
+            "deny" | HOST_MISMATCH => ProxyResult::Denied,
             "audit" => ProxyResult::Audit,
             "gateway-error" => ProxyResult::GatewayError,
             _ => ProxyResult::UpstreamError,
@@ -406,6 +434,9 @@ impl Proxy {
     }
 }
 
+/// The verdict and reason of a host refused by `hostBinding: strict`.
+pub const HOST_MISMATCH: &str = "host-address-mismatch";
+
 /// How a relayed connection that a policy change refused ends, in the log.
 const REVOKED: &str = "closed: the policy now refuses it";
 
@@ -418,7 +449,9 @@ fn rule_name(p: &Compiled, id: u32) -> String {
 async fn refuse(mut client: TcpStream, http: bool, rec: &Record<'_>, tls: bool) {
     if http {
         let host = rec.host.as_deref().unwrap_or("(none)");
-        let why = if rec.rule.is_empty() {
+        let why = if rec.verdict == HOST_MISMATCH {
+            format!("{HOST_MISMATCH}: {host} did not resolve to {} for this workload", rec.dst.ip())
+        } else if rec.rule.is_empty() {
             "no Egress policy allows it".to_string()
         } else {
             format!("Egress policy {} denies it", rec.rule)

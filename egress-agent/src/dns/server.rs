@@ -1,0 +1,274 @@
+//! The DNS proxy's sockets: UDP and TCP on the proxy's addresses and `spec.dns.port`. Each
+//! query goes to the resolver the workload asked (from the kernel's record of the steered
+//! socket), from the agent's exempt cgroup; the answer is parsed and learned before it is
+//! sent back. Malformed or oversized messages are dropped and counted; a resolver that does
+//! not answer leaves the client to its own timeout.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use egress_common::{
+    fqdn::udp_key_addr,
+    wire::dns::{parse_answer, parse_query, MAX_MESSAGE},
+    OrigDst, OrigKey,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream, UdpSocket},
+    sync::Semaphore,
+};
+use tracing::{debug, warn};
+
+use super::{metrics::Drop, Names};
+use crate::proxy::{sock_addr, OrigMap};
+
+/// Queries in flight at once; more are dropped (the clients retry).
+const MAX_INFLIGHT: usize = 4096;
+
+pub struct DnsProxy {
+    names: Arc<Names>,
+    orig: OrigMap,
+    timeout: Duration,
+    inflight: Arc<Semaphore>,
+}
+
+/// Binds UDP and TCP on 127.0.0.1 and, where the host has IPv6, [::1].
+pub async fn bind(port: u16) -> std::io::Result<(Vec<UdpSocket>, Vec<TcpListener>)> {
+    let mut udp = vec![UdpSocket::bind((Ipv4Addr::LOCALHOST, port)).await?];
+    let mut tcp = vec![TcpListener::bind((Ipv4Addr::LOCALHOST, port)).await?];
+    if let Ok(u) = UdpSocket::bind((Ipv6Addr::LOCALHOST, port)).await {
+        udp.push(u);
+        if let Ok(t) = TcpListener::bind((Ipv6Addr::LOCALHOST, port)).await {
+            tcp.push(t);
+        }
+    }
+    Ok((udp, tcp))
+}
+
+impl DnsProxy {
+    pub fn new(names: Arc<Names>, orig: OrigMap, timeout: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            names,
+            orig,
+            timeout,
+            inflight: Arc::new(Semaphore::new(MAX_INFLIGHT)),
+        })
+    }
+
+    pub async fn serve(self: Arc<Self>, udp: Vec<UdpSocket>, tcp: Vec<TcpListener>) {
+        let mut tasks = tokio::task::JoinSet::new();
+        for u in udp {
+            tasks.spawn(self.clone().udp_loop(Arc::new(u)));
+        }
+        for t in tcp {
+            tasks.spawn(self.clone().tcp_loop(t));
+        }
+        while tasks.join_next().await.is_some() {}
+    }
+
+    fn original(&self, key: &OrigKey) -> Option<OrigDst> {
+        let o = self.orig.get(key, 0).ok()?;
+        (o.dst.port == egress_common::fqdn::DNS_PORT as u32).then_some(o)
+    }
+
+    async fn udp_loop(self: Arc<Self>, sock: Arc<UdpSocket>) {
+        let netns = match crate::datapath::podnet::netns_cookie(&*sock) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "DNS proxy: cannot read the socket's network namespace");
+                return;
+            }
+        };
+        let mut buf = vec![0u8; MAX_MESSAGE];
+        loop {
+            let (n, peer) = match sock.recv_from(&mut buf).await {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!(error = %e, "DNS proxy: receive failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            };
+            self.names.metrics.request("udp");
+            let Ok(permit) = self.inflight.clone().try_acquire_owned() else {
+                self.names.metrics.dropped(Drop::Timeout);
+                continue;
+            };
+            let query = buf[..n].to_vec();
+            let key = OrigKey {
+                netns,
+                addr: udp_key_addr(sock_addr(peer).family, peer.port()),
+            };
+            let (this, sock) = (self.clone(), sock.clone());
+            tokio::spawn(async move {
+                if let Some(reply) = this.udp_query(&key, &query).await {
+                    let _ = sock.send_to(&reply, peer).await;
+                }
+                drop(permit);
+            });
+        }
+    }
+
+    /// One UDP query: to the resolver, back with its answer learned (None: dropped).
+    async fn udp_query(&self, key: &OrigKey, query: &[u8]) -> Option<Vec<u8>> {
+        let m = &self.names.metrics;
+        let Some(orig) = self.original(key) else {
+            m.dropped(Drop::NotSteered);
+            debug!(port = key.addr.port, "DNS query from a socket the kernel did not steer");
+            return None;
+        };
+        let Ok(q) = parse_query(query) else {
+            m.dropped(Drop::Malformed);
+            return None;
+        };
+        let resolver = orig.dst.socket_addr();
+        let local: SocketAddr = match resolver.ip() {
+            IpAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+            IpAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+        };
+        let up = match UdpSocket::bind(local).await {
+            Ok(s) => s,
+            Err(_) => {
+                m.dropped(Drop::Upstream);
+                return None;
+            }
+        };
+        if up.connect(resolver).await.is_err() || up.send(query).await.is_err() {
+            m.dropped(Drop::Upstream);
+            return None;
+        }
+        let mut buf = vec![0u8; MAX_MESSAGE];
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        loop {
+            let n = match tokio::time::timeout_at(deadline, up.recv(&mut buf)).await {
+                Ok(Ok(n)) => n,
+                Ok(Err(_)) => {
+                    m.dropped(Drop::Upstream);
+                    return None;
+                }
+                Err(_) => {
+                    m.dropped(Drop::Timeout);
+                    return None;
+                }
+            };
+            let got = Instant::now();
+            // Only the answer to this query (same id); anything else is ignored.
+            if n < 2 || buf[..2] != q.id.to_be_bytes() {
+                continue;
+            }
+            return self.learned(orig.workload_id, &buf[..n], got);
+        }
+    }
+
+    /// Parses and learns an answer; None when it must be dropped.
+    fn learned(&self, wid: u32, answer: &[u8], got: Instant) -> Option<Vec<u8>> {
+        let m = &self.names.metrics;
+        match parse_answer(answer) {
+            Ok(a) => {
+                let n = self.names.learn(wid, &a, got);
+                m.answer(got.elapsed(), n);
+                Some(answer.to_vec())
+            }
+            Err(e) => {
+                m.dropped(Drop::Malformed);
+                debug!(error = %e, "DNS proxy dropped an answer");
+                None
+            }
+        }
+    }
+
+    async fn tcp_loop(self: Arc<Self>, listener: TcpListener) {
+        let netns = match crate::datapath::podnet::netns_cookie(&listener) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "DNS proxy: cannot read the listener's network namespace");
+                return;
+            }
+        };
+        loop {
+            let (client, peer) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(error = %e, "DNS proxy: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let key = OrigKey {
+                netns,
+                addr: sock_addr(peer),
+            };
+            let this = self.clone();
+            tokio::spawn(async move { this.tcp_conn(client, key).await });
+        }
+    }
+
+    /// A DNS-over-TCP connection: each length-prefixed query to the resolver, each answer
+    /// learned before it goes back.
+    async fn tcp_conn(&self, mut client: TcpStream, key: OrigKey) {
+        let m = &self.names.metrics;
+        let Some(orig) = self.original(&key) else {
+            m.dropped(Drop::NotSteered);
+            return;
+        };
+        let resolver = orig.dst.socket_addr();
+        let mut up =
+            match tokio::time::timeout(self.timeout, TcpStream::connect(resolver)).await {
+                Ok(Ok(s)) => s,
+                _ => {
+                    m.dropped(Drop::Upstream);
+                    return;
+                }
+            };
+        let _ = client.set_nodelay(true);
+        let _ = up.set_nodelay(true);
+        loop {
+            // The client may keep the connection idle between queries.
+            let Ok(query) = read_msg(&mut client, Duration::from_secs(30)).await else {
+                return;
+            };
+            m.request("tcp");
+            if parse_query(&query).is_err() {
+                m.dropped(Drop::Malformed);
+                return;
+            }
+            if write_msg(&mut up, &query).await.is_err() {
+                m.dropped(Drop::Upstream);
+                return;
+            }
+            let Ok(answer) = read_msg(&mut up, self.timeout).await else {
+                m.dropped(Drop::Timeout);
+                return;
+            };
+            let got = Instant::now();
+            let Some(reply) = self.learned(orig.workload_id, &answer, got) else {
+                return;
+            };
+            if write_msg(&mut client, &reply).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+async fn read_msg(s: &mut TcpStream, timeout: Duration) -> std::io::Result<Vec<u8>> {
+    let read = async {
+        let n = s.read_u16().await? as usize;
+        let mut buf = vec![0u8; n];
+        s.read_exact(&mut buf).await?;
+        Ok(buf)
+    };
+    tokio::time::timeout(timeout, read)
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+}
+
+async fn write_msg(s: &mut TcpStream, msg: &[u8]) -> std::io::Result<()> {
+    let mut out = Vec::with_capacity(msg.len() + 2);
+    out.extend_from_slice(&(msg.len() as u16).to_be_bytes());
+    out.extend_from_slice(msg);
+    s.write_all(&out).await
+}
