@@ -84,6 +84,8 @@ pub struct Control {
     kubernetes: std::sync::atomic::AtomicBool,
     /// The pods (workloads with their own network namespace) of the policy in force.
     pods: tokio::sync::watch::Sender<Vec<Pod>>,
+    /// What workloads' DNS taught the agent (set once at start).
+    pub names: std::sync::OnceLock<Arc<crate::dns::Names>>,
 }
 
 impl Control {
@@ -105,6 +107,7 @@ impl Control {
             dirs: RwLock::default(),
             kubernetes: Default::default(),
             pods: tokio::sync::watch::channel(Vec::new()).0,
+            names: std::sync::OnceLock::new(),
         }
     }
 

@@ -125,6 +125,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Egress { action, .. } => Ok(client::egress(&socket, out, action)?),
         Command::Policy { action } => Ok(client::policy(&socket, out, action)?),
         Command::Flows { follow, json } => Ok(client::flows(&socket, out, follow, json)?),
+        Command::Dns { json } => Ok(client::dns(&socket, out, json)?),
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,

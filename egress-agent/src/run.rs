@@ -228,9 +228,10 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         &control.datapath(),
         live.clone(),
         dns_metrics,
-        Some(state_file.with_extension("dns.json")),
+        Some(crate::dns::names_file(&state_file)),
     )?;
     relay.bind_names(names.clone());
+    let _ = control.names.set(names.clone());
     let dns_proxy = if compiled.dns.enabled {
         let port = compiled.dns.port.0;
         let (udp, tcp) = crate::dns::server::bind(port).await.with_context(|| {

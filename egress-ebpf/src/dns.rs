@@ -18,6 +18,7 @@ use aya_ebpf::{
 };
 use egress_common::{
     decide::Query,
+    hook,
     fqdn::{dns_redirect, udp_key_addr},
     proto,
     skb::SockVerdict,
@@ -119,6 +120,7 @@ pub fn steer(
     dst: SockAddr,
     mapped: bool,
     d: Decision,
+    hook: u8,
 ) -> bool {
     if !dns_redirect(cfg, q, d.outcome) {
         return false;
@@ -133,7 +135,9 @@ pub fn steer(
     };
     if q.proto == proto::UDP {
         let mut port = src_port(ctx);
-        if port == 0 {
+        // Only connect may bind (sendmsg sockets are bound already; the verifier refuses
+        // bpf_bind elsewhere and sees `hook` as a constant).
+        if port == 0 && (hook == hook::CONNECT4 || hook == hook::CONNECT6) {
             port = bind_ephemeral(ctx);
         }
         if port == 0 {

@@ -126,7 +126,7 @@ fn judge(ctx: &SockAddrContext, dst: &Dst, proto: u8, hook: u8) -> Act {
         }
     }
     record(Some(cfg), cg, w.id, &dst.addr, proto, hook, d);
-    if crate::dns::steer(ctx, cfg, cg, w.id, &q, dst.addr, dst.mapped, d) {
+    if crate::dns::steer(ctx, cfg, cg, w.id, &q, dst.addr, dst.mapped, d, hook) {
         // To the agent's DNS proxy, on its port.
         return Act::Redirect(MeshConfig {
             proxy_port: cfg.dns_port,

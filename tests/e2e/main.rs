@@ -9,6 +9,7 @@ mod bypass;
 mod control;
 mod datapath;
 mod deploy;
+mod dns;
 mod gateway;
 mod harness;
 mod k8s;

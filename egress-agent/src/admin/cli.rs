@@ -145,6 +145,13 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show what workloads' DNS answered (spec.dns): learned names with their addresses and
+    /// seconds of TTL left, and recent answers with the rules they fed.
+    Dns {
+        /// JSON (same as -o json).
+        #[arg(long)]
+        json: bool,
+    },
     /// Run an egress gateway: accept tunnels from node agents (and standard clients) over
     /// SOCKS5 and HTTP CONNECT (HTTP/1.1, and HTTP/2 "http2tunnel" with many tunnels over one
     /// connection), let out only what the file's allowlist names, from its egressAddress.

@@ -40,7 +40,7 @@ fn unreachable(e: protocol::ClientError) -> Failed {
 }
 
 /// One request, one answer.
-fn ask(socket: &Path, req: Request) -> Result<Value, Failed> {
+pub(super) fn ask(socket: &Path, req: Request) -> Result<Value, Failed> {
     let mut answer: Option<Response> = None;
     runtime()?
         .block_on(protocol::call(socket, &req, |r| {
@@ -315,4 +315,47 @@ pub fn flows(socket: &Path, out: Output, follow: bool, json: bool) -> Result<(),
         }))
         .map_err(unreachable)?;
     failure.map_or(Ok(()), Err)
+}
+
+/// `egress-agent dns`: learned names, then recent answers.
+pub fn dns(socket: &Path, out: Output, json: bool) -> Result<(), Failed> {
+    let v = ask(socket, Request::Dns)?;
+    if json || matches!(out, Output::Json) {
+        print_json(&v);
+        return Ok(());
+    }
+    let view: crate::dns::DnsView =
+        serde_json::from_value(v).map_err(|e| Failed::new(e.to_string(), 1))?;
+    if !view.enabled {
+        println!("DNS is not seen by this agent (MeshConfig spec.dns.enabled: false)");
+    }
+    println!("{:<24} {:<32} {:<8} ADDRESSES (TTL LEFT)", "WORKLOAD", "NAME", "CHAIN");
+    for l in &view.learned {
+        let addrs: Vec<String> = l
+            .addrs
+            .iter()
+            .take(8)
+            .map(|(a, t)| format!("{a} ({t}s)"))
+            .collect();
+        let more = l.addrs.len().saturating_sub(8);
+        let more = if more > 0 { format!(" +{more}") } else { String::new() };
+        let chain = l.chain.len().saturating_sub(1);
+        println!("{:<24} {:<32} {:<8} {}{more}", l.workload, l.name, chain, addrs.join(", "));
+    }
+    println!();
+    println!("{:<24} {:<32} {:<6} {:<6} {:<8} ANSWERS / RULES", "WORKLOAD", "NAME", "RCODE", "TTL", "ADDED");
+    for s in view.recent.iter().rev().take(50) {
+        let answers: Vec<&str> = s.answers.iter().take(4).map(String::as_str).collect();
+        println!(
+            "{:<24} {:<32} {:<6} {:<6} {:<8} {} / {}",
+            s.workload,
+            s.name,
+            s.rcode,
+            s.ttl,
+            format!("{}us", s.added_us),
+            answers.join(","),
+            if s.rules.is_empty() { "-".to_string() } else { s.rules.join(",") }
+        );
+    }
+    Ok(())
 }

@@ -38,8 +38,10 @@ pub fn exec(root: &Path, workload: &ObjectRef, cmd: &[String]) -> anyhow::Result
 pub fn uninstall(pin_dir: &Path, cgroup_root: &Path, state_file: &Path) -> anyhow::Result<()> {
     let removed = bpf::remove_pins(pin_dir);
     println!("removed {} pins under {}", removed.len(), pin_dir.display());
-    if std::fs::remove_file(state_file).is_ok() {
-        println!("removed {}", state_file.display());
+    for f in [state_file.to_path_buf(), crate::dns::names_file(state_file)] {
+        if std::fs::remove_file(&f).is_ok() {
+            println!("removed {}", f.display());
+        }
     }
     if let Ok(root) = CgroupRoot::new(cgroup_root, false) {
         for netns in podnet::remove_tagged(&root.path) {

@@ -37,6 +37,8 @@ pub enum Request {
     Flows {
         follow: bool,
     },
+    /// What workloads' DNS answered, and what it fed.
+    Dns,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]

@@ -177,6 +177,10 @@ fn dispatch(c: &Control, req: Request, who: &str, programs: &[String]) -> Respon
             }
         }
         Request::Flows { .. } => Response::err("flows is streamed", false),
+        Request::Dns => match c.names.get() {
+            Some(n) => Response::ok(n.view()),
+            None => Response::ok(crate::dns::DnsView::default()),
+        },
     }
 }
 

@@ -38,6 +38,11 @@ use metrics::DnsMetrics;
 /// Answers kept for `egress-agent dns`.
 const RECENT: usize = 200;
 
+/// Where the learned names are saved: next to the live policy's state file.
+pub fn names_file(state_file: &std::path::Path) -> PathBuf {
+    state_file.with_extension("dns.json")
+}
+
 pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

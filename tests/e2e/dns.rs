@@ -1,0 +1,307 @@
+//! Names you can trust: workloads' DNS through the agent's DNS proxy, name rules for any
+//! protocol enforced by the kernel on the addresses the names resolved to, and the proxy's
+//! host binding (anti domain fronting). Real resolver (dnsmasq on a loopback address), real
+//! clients (dig, curl, python sockets).
+
+use std::{
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::harness::{
+    free_port, http_server, privileged_with, temp_dir, wait_until, Agent, Daemon, TcpServer,
+    UdpServer,
+};
+
+/// dnsmasq answering on `ip`:53 (UDP and TCP) from `records` (dnsmasq options such as
+/// `--host-record=NAME,ADDR`), with TTL `ttl` seconds and no upstream.
+fn resolver(ip: &str, ttl: u32, records: &[String]) -> Daemon {
+    let mut args: Vec<String> = [
+        "dnsmasq",
+        "--keep-in-foreground",
+        "--conf-file=/dev/null",
+        "--no-resolv",
+        "--no-hosts",
+        "--bind-interfaces",
+        "--port=53",
+        "--user=root",
+        "--group=root",
+        "--pid-file=",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.push(format!("--listen-address={ip}"));
+    args.push(format!("--local-ttl={ttl}"));
+    args.extend(records.iter().cloned());
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    Daemon::start("dnsmasq", &refs, &format!("{ip}:53"), temp_dir("dnsmasq"))
+}
+
+fn host_record(name: &str, ip: &str) -> String {
+    format!("--host-record={name},{ip}")
+}
+
+fn mesh(resolver: &str, extra: &str) -> String {
+    format!(
+        r#"
+kind: MeshConfig
+metadata: {{name: egress}}
+spec:
+  traffic: {{enableEgress: false}}
+  proxy: {{port: {{proxy_port}}, sniffTimeout: 1s}}
+  dns: {{enabled: true, port: {{dns_port}}, minTtl: 1s, grace: 1s, upstreamTimeout: 500ms}}
+{extra}
+---
+kind: Workload
+metadata: {{name: web}}
+---
+kind: Egress
+metadata: {{name: resolver}}
+spec:
+  sources: [{{name: web}}]
+  ipAddresses: [{resolver}/32]
+  ports: [{{number: 53, protocol: udp}}, {{number: 53}}]
+"#
+    )
+}
+
+/// Starts the agent on `policy` with a free DNS proxy port for `{dns_port}`.
+fn agent(policy: &str) -> Agent {
+    Agent::start(&policy.replace("{dns_port}", &free_port().to_string()))
+}
+
+/// `dig` inside the workload: the answer's addresses (`+short`), one per line.
+fn dig(agent: &Agent, resolver: &str, name: &str, extra: &[&str]) -> (i32, String) {
+    let at = format!("@{resolver}");
+    let mut cmd = vec!["dig", &at, name, "+short", "+time=2", "+tries=1"];
+    cmd.extend_from_slice(extra);
+    let out = agent.exec("web", &cmd);
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).trim().to_string(),
+    )
+}
+
+fn tcp(agent: &Agent, ip: &str, port: &str) -> String {
+    agent.client("web", &["tcp", ip, port, "x"])
+}
+
+fn here() -> &'static Path {
+    Path::new("/proc/self/ns/net")
+}
+
+fn metric(agent: &Agent, name: &str) -> f64 {
+    let (_, body) = agent.http_get("/metrics");
+    body.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn dns_name_rule_tcp_udp_cname_and_expiry() {
+    if !privileged_with(&["dnsmasq", "dig"]) {
+        return;
+    }
+    let ns = "127.53.1.1";
+    let db = TcpServer::start("127.60.1.1");
+    let port = db.port();
+    let p: u16 = port.parse().unwrap();
+    let other = TcpServer::start_in(here(), "127.60.1.2", p);
+    let via_cname = TcpServer::start_in(here(), "127.60.1.5", p);
+    let via_tcp_dns = TcpServer::start_in(here(), "127.60.1.6", p);
+    let udp = UdpServer::start("127.60.1.3");
+    let _dns = resolver(
+        ns,
+        1,
+        &[
+            host_record("db.test.example", "127.60.1.1"),
+            host_record("udp.test.example", "127.60.1.3"),
+            host_record("real.test.example", "127.60.1.5"),
+            "--cname=alias.test.example,real.test.example".into(),
+            host_record("tcp.test.example", "127.60.1.6"),
+        ],
+    );
+    let policy = format!(
+        r#"{}---
+kind: Egress
+metadata: {{name: db-by-name}}
+spec:
+  sources: [{{name: web}}]
+  hosts: [db.test.example, udp.test.example, alias.test.example, tcp.test.example]
+  ports: [{{number: {port}}}, {{number: {up}, protocol: udp}}]
+"#,
+        mesh(ns, ""),
+        up = udp.port()
+    );
+    let a = agent(&policy);
+
+    // Before any answer, the name's address is refused like any other.
+    assert!(tcp(&a, "127.60.1.1", &port).starts_with("err EPERM"));
+
+    let t = Instant::now();
+    assert_eq!(dig(&a, ns, "db.test.example", &[]), (0, "127.60.1.1".into()));
+    let dig_ms = t.elapsed().as_millis();
+    // Straight to the answered address: the server sees the client itself (no proxy).
+    let (out, local) = a.client_from("web", &["tcp", "127.60.1.1", &port, "x"]);
+    assert!(out.starts_with("ok peer=127.60.1.1:"), "{out}");
+    assert_eq!(Some(db.peer(0)), local, "no proxy on the path");
+    // Another address on the same port: refused.
+    assert!(tcp(&a, "127.60.1.2", &port).starts_with("err EPERM"));
+    assert_eq!(other.accepted(), 0);
+
+    // UDP the same way.
+    assert_eq!(dig(&a, ns, "udp.test.example", &[]).1, "127.60.1.3");
+    assert_eq!(
+        a.client("web", &["udp", "127.60.1.3", &udp.port(), "by-name"]),
+        "ok sent"
+    );
+    assert!(udp.got("by-name"));
+    assert!(a
+        .client("web", &["udp", "127.60.1.4", &udp.port(), "x"])
+        .starts_with("err EPERM"));
+
+    // A CNAME chain in one answer: the rule names the alias, the address is the target's.
+    let (_, short) = dig(&a, ns, "alias.test.example", &[]);
+    assert!(short.ends_with("127.60.1.5"), "{short}");
+    assert!(tcp(&a, "127.60.1.5", &port).starts_with("ok "));
+    assert_eq!(via_cname.accepted(), 1);
+
+    // DNS over TCP is seen too.
+    assert_eq!(dig(&a, ns, "tcp.test.example", &["+tcp"]).1, "127.60.1.6");
+    assert!(tcp(&a, "127.60.1.6", &port).starts_with("ok "));
+    assert_eq!(via_tcp_dns.accepted(), 1);
+
+    // After TTL (1 s) plus grace (1 s): an open connection lives on, a new one is refused.
+    dig(&a, ns, "db.test.example", &[]);
+    let open = Command::new(crate::harness::AGENT)
+        .args(["exec", "--workload", "web", "--cgroup-root"])
+        .arg(&a.root)
+        .args([
+            "--",
+            "python3",
+            "-c",
+            &format!(
+                "import socket,time\ns=socket.create_connection(('127.60.1.1',{port}))\nprint('connected',flush=True)\ntime.sleep(3)\ns.sendall(b'late\\n')\nprint(s.makefile().readline().strip())"
+            ),
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("long-lived client");
+    std::thread::sleep(Duration::from_millis(2600));
+    assert!(tcp(&a, "127.60.1.1", &port).starts_with("err EPERM"));
+    let out = open.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("connected") && text.contains("|late"), "{text}");
+
+    assert!(metric(&a, "egress_dns_requests_total") >= 5.0);
+    assert!(metric(&a, "egress_dns_answers_total") >= 5.0);
+    eprintln!("dig through the agent: {dig_ms} ms (incl. exec)");
+}
+
+#[test]
+fn dns_host_binding_refuses_domain_fronting() {
+    if !privileged_with(&["dnsmasq", "dig", "curl"]) {
+        return;
+    }
+    let ns = "127.53.2.1";
+    let (good, front) = ("127.61.0.1", "127.61.0.2");
+    let www = temp_dir("www");
+    std::fs::write(www.join("index.html"), "destination\n").unwrap();
+    let hp = free_port();
+    let _h1 = http_server(good, hp, www.clone());
+    let _h2 = http_server(front, hp, www);
+    let _dns = resolver(ns, 60, &[host_record("good.test.example", good)]);
+    let policy = format!(
+        r#"{}---
+kind: Egress
+metadata: {{name: good}}
+spec:
+  sources: [{{name: web}}]
+  hosts: [good.test.example]
+  ports: [{{number: {hp}, protocol: http}}]
+"#,
+        mesh(ns, "")
+    );
+    let a = agent(&policy);
+    let curl = |ip: &str| {
+        let resolve = format!("good.test.example:{hp}:{ip}");
+        let url = format!("http://good.test.example:{hp}/");
+        let out = a.exec(
+            "web",
+            &["curl", "-s", "--max-time", "5", "--resolve", &resolve, "-w", "\n%{http_code}", &url],
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // Not resolved yet: the name is bound to no address.
+    assert!(curl(good).ends_with("403"), "before DNS");
+    assert_eq!(dig(&a, ns, "good.test.example", &[]).1, good);
+    assert!(curl(good).ends_with("200"));
+    let fronted = curl(front);
+    assert!(fronted.ends_with("403"), "{fronted}");
+    assert!(fronted.contains("host-address-mismatch"), "{fronted}");
+    a.wait_log("reason=\"host-address-mismatch\"");
+    assert!(metric(&a, "egress_proxy_host_address_mismatch_total") >= 2.0);
+}
+
+#[test]
+fn dns_silent_resolver_and_garbage() {
+    if !privileged_with(&["dig"]) {
+        return;
+    }
+    let ns = "127.53.3.1";
+    // A resolver that never answers.
+    let _silent = std::net::UdpSocket::bind((ns, 53)).expect("bind the silent resolver");
+    let a = agent(&mesh(ns, ""));
+    let (code, out) = dig(&a, ns, "db.test.example", &[]);
+    assert_eq!(code, 9, "dig: no servers could be reached: {out}");
+    assert!(wait_until(Duration::from_secs(3), || metric(
+        &a,
+        "egress_dns_dropped_total{reason=\"timeout\"}"
+    ) >= 1.0));
+    // Garbage to port 53 is steered, dropped and counted; the proxy carries on.
+    assert_eq!(a.client("web", &["udp", ns, "53", "not dns"]), "ok sent");
+    assert!(wait_until(Duration::from_secs(3), || metric(
+        &a,
+        "egress_dns_dropped_total{reason=\"malformed\"}"
+    ) >= 1.0));
+    assert_eq!(metric(&a, "egress_dns_cache_entries"), 0.0);
+}
+
+#[test]
+fn dns_names_survive_kill9() {
+    if !privileged_with(&["dnsmasq", "dig"]) {
+        return;
+    }
+    let ns = "127.53.4.1";
+    let db = TcpServer::start("127.62.0.1");
+    let port = db.port();
+    let _dns = resolver(ns, 60, &[host_record("db.test.example", "127.62.0.1")]);
+    let policy = format!(
+        r#"{}---
+kind: Egress
+metadata: {{name: db-by-name}}
+spec:
+  sources: [{{name: web}}]
+  hosts: [db.test.example]
+  ports: [{{number: {port}}}]
+"#,
+        mesh(ns, "")
+    );
+    let mut a = agent(&policy);
+    assert_eq!(dig(&a, ns, "db.test.example", &[]).1, "127.62.0.1");
+    let shown = a.cli_ok(&["dns"]);
+    assert!(shown.contains("db.test.example") && shown.contains("127.62.0.1"), "{shown}");
+    // Saved within the expiry tick.
+    std::thread::sleep(Duration::from_millis(600));
+    a.kill();
+    // The kernel keeps enforcing on the pinned map while the agent is down.
+    assert!(tcp(&a, "127.62.0.1", &port).starts_with("ok "));
+    a.spawn();
+    assert!(tcp(&a, "127.62.0.1", &port).starts_with("ok "));
+    let shown = a.cli_ok(&["dns"]);
+    assert!(shown.contains("db.test.example"), "{shown}");
+    assert!(a.log().contains("restored the learned DNS names"));
+}
