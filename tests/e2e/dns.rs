@@ -305,3 +305,61 @@ spec:
     assert!(shown.contains("db.test.example"), "{shown}");
     assert!(a.log().contains("restored the learned DNS names"));
 }
+
+#[test]
+fn dns_glibc_and_a_thousand_addresses_over_tcp() {
+    if !privileged_with(&["dnsmasq", "dig", "getent", "unshare"]) {
+        return;
+    }
+    let ns = "127.53.5.1";
+    let dir = temp_dir("dns-big");
+    let hosts = dir.join("big.hosts");
+    let lines: String = (0..1000)
+        .map(|i| format!("127.77.{}.{} big.test.example\n", i / 250, i % 250 + 1))
+        .collect();
+    std::fs::write(&hosts, lines).unwrap();
+    let resolv = dir.join("resolv.conf");
+    std::fs::write(&resolv, format!("nameserver {ns}\noptions attempts:1 timeout:2\n")).unwrap();
+    let db = TcpServer::start("127.63.0.1");
+    let port = db.port();
+    let p: u16 = port.parse().unwrap();
+    let big = TcpServer::start_in(here(), "127.77.3.201", p);
+    let _dns = resolver(
+        ns,
+        60,
+        &[
+            host_record("db.test.example", "127.63.0.1"),
+            format!("--addn-hosts={}", hosts.display()),
+        ],
+    );
+    let policy = format!(
+        r#"{}---
+kind: Egress
+metadata: {{name: by-name}}
+spec:
+  sources: [{{name: web}}]
+  hosts: [db.test.example, big.test.example]
+  ports: [{{number: {port}}}]
+"#,
+        mesh(ns, "")
+    );
+    let a = agent(&policy);
+
+    // glibc's resolver (getaddrinfo over UDP), with the workload's own resolv.conf.
+    let script = format!(
+        "mount --bind {} /etc/resolv.conf && getent ahostsv4 db.test.example",
+        resolv.display()
+    );
+    let out = a.exec("web", &["unshare", "-m", "sh", "-c", &script]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("127.63.0.1"), "getent: {text} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(tcp(&a, "127.63.0.1", &port).starts_with("ok "));
+
+    // 1000 addresses: truncated over UDP, then the whole answer (about 16 KB) over TCP.
+    let (code, short) = dig(&a, ns, "big.test.example", &[]);
+    assert_eq!((code, short.lines().count()), (0, 1000));
+    assert!(tcp(&a, "127.77.3.201", &port).starts_with("ok "));
+    assert_eq!(big.accepted(), 1);
+    assert!(metric(&a, "egress_dns_cache_entries") >= 1001.0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
