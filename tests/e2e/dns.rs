@@ -363,3 +363,54 @@ spec:
     assert!(metric(&a, "egress_dns_cache_entries") >= 1001.0);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `dns_rtt.py` output: (p50, p99) in microseconds.
+fn rtt(out: &[u8]) -> (u64, u64) {
+    let text = String::from_utf8_lossy(out);
+    let field = |k: &str| -> u64 {
+        text.split_whitespace()
+            .find_map(|f| f.strip_prefix(k)?.parse().ok())
+            .unwrap_or_else(|| panic!("no {k} in {text:?}"))
+    };
+    (field("p50_us="), field("p99_us="))
+}
+
+/// The DNS round trip through the agent against the same queries straight to the resolver,
+/// from the same kind of client: what the DNS proxy adds (parse, learn into the kernel map,
+/// relay). Prints the figures; asserts only a loose bound (debug build, shared machine).
+#[test]
+fn dns_round_trip_added_latency() {
+    if !privileged_with(&["dnsmasq"]) {
+        return;
+    }
+    let ns = "127.53.6.1";
+    let _dns = resolver(ns, 60, &[host_record("db.test.example", "127.64.0.1")]);
+    let policy = format!(
+        r#"{}---
+kind: Egress
+metadata: {{name: by-name}}
+spec:
+  sources: [{{name: web}}]
+  hosts: [db.test.example]
+  ports: [{{number: 5432}}]
+"#,
+        mesh(ns, "")
+    );
+    let a = agent(&policy);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/e2e/dns_rtt.py");
+    let n = "3000";
+    let direct = Command::new("python3")
+        .args([script, ns, "db.test.example", n])
+        .output()
+        .unwrap();
+    let through = a.exec("web", &["python3", script, ns, "db.test.example", n]);
+    let (d50, d99) = rtt(&direct.stdout);
+    let (t50, t99) = rtt(&through.stdout);
+    eprintln!(
+        "DNS round trip: direct p50 {d50} µs p99 {d99} µs; through the agent p50 {t50} µs p99 {t99} µs; added p50 {} µs p99 {} µs",
+        t50 as i64 - d50 as i64,
+        t99 as i64 - d99 as i64
+    );
+    assert!(t50 < d50 + 5_000, "p50 added over 5 ms");
+    assert!(metric(&a, "egress_dns_answers_total") >= 3000.0);
+}
