@@ -142,7 +142,13 @@ mod tests {
         let named = allow_tcp(5432, 7);
         let c = cfg(false);
         let d = decide_named(&c, &q(proto::TCP, 5432), None, Some(&named));
-        assert_eq!(d, Decision { outcome: Outcome::Allow, rule_id: 7 });
+        assert_eq!(
+            d,
+            Decision {
+                outcome: Outcome::Allow,
+                rule_id: 7
+            }
+        );
         let other = decide_named(&c, &q(proto::TCP, 5433), None, Some(&named));
         assert_eq!(other.outcome, Outcome::DenyDefault);
         let udp = decide_named(&c, &q(proto::UDP, 5432), None, Some(&named));
@@ -168,8 +174,17 @@ mod tests {
         let d = decide_named(&cfg(false), &q(proto::TCP, 5432), Some(&deny), Some(&named));
         assert_eq!(d.outcome, Outcome::DenyRule);
         let pass = decide_named(&cfg(true), &q(proto::TCP, 5432), None, Some(&named));
-        assert_eq!(pass, Decision { outcome: Outcome::Allow, rule_id: 7 });
-        let audit = MeshConfig { audit_mode: 1, ..cfg(false) };
+        assert_eq!(
+            pass,
+            Decision {
+                outcome: Outcome::Allow,
+                rule_id: 7
+            }
+        );
+        let audit = MeshConfig {
+            audit_mode: 1,
+            ..cfg(false)
+        };
         let a = decide_named(&audit, &q(proto::TCP, 5432), None, Some(&named));
         assert_eq!(a.outcome, Outcome::Allow);
     }

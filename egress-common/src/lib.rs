@@ -11,8 +11,8 @@
 extern crate alloc;
 
 pub mod decide;
-pub mod maps;
 pub mod fqdn;
+pub mod maps;
 pub mod packet;
 pub mod skb;
 pub mod sockets;

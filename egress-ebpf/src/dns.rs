@@ -18,9 +18,8 @@ use aya_ebpf::{
 };
 use egress_common::{
     decide::Query,
-    hook,
     fqdn::{dns_redirect, udp_key_addr},
-    proto,
+    hook, proto,
     skb::SockVerdict,
     Decision, MeshConfig, OrigDst, OrigKey, Outcome, SockAddr,
 };
@@ -199,7 +198,10 @@ pub fn recvmsg4(ctx: &SockAddrContext) -> i32 {
             let ip = u32::from_ne_bytes(o.dst.ip4());
             unsafe {
                 write_volatile(&mut (*sa(ctx)).user_ip4, ip);
-                write_volatile(&mut (*sa(ctx)).user_port, (o.dst.port as u16).to_be() as u32);
+                write_volatile(
+                    &mut (*sa(ctx)).user_port,
+                    (o.dst.port as u16).to_be() as u32,
+                );
             }
         }
     }
@@ -221,7 +223,12 @@ pub fn recvmsg6(ctx: &SockAddrContext) -> i32 {
             let w = u32::from_ne_bytes([ip[i * 4], ip[i * 4 + 1], ip[i * 4 + 2], ip[i * 4 + 3]]);
             unsafe { write_volatile(&mut (*sa(ctx)).user_ip6[i], w) };
         }
-        unsafe { write_volatile(&mut (*sa(ctx)).user_port, (o.dst.port as u16).to_be() as u32) };
+        unsafe {
+            write_volatile(
+                &mut (*sa(ctx)).user_port,
+                (o.dst.port as u16).to_be() as u32,
+            )
+        };
     }
     PASS
 }

@@ -7,9 +7,9 @@ use aya_ebpf::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use egress_common::{
-    capacity, mesh_key, fqdn::NameKey, policy_key, policy_scope, skb, tc, workload_key, MeshConfig, MeshKeyV4,
-    MeshKeyV6, OrigDst, OrigKey, PolicyKeyV4, PolicyKeyV6, PolicyValue, SockAddr, WorkloadInfo,
-    COUNTERS_LEN,
+    capacity, fqdn::NameKey, mesh_key, policy_key, policy_scope, skb, tc, workload_key, MeshConfig,
+    MeshKeyV4, MeshKeyV6, OrigDst, OrigKey, PolicyKeyV4, PolicyKeyV6, PolicyValue, SockAddr,
+    WorkloadInfo, COUNTERS_LEN,
 };
 
 /// Which policy set (0 or 1) the programs read; see `egress_common::workload_key`.

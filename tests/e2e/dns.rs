@@ -142,7 +142,10 @@ spec:
     assert!(tcp(&a, "127.60.1.1", &port).starts_with("err EPERM"));
 
     let t = Instant::now();
-    assert_eq!(dig(&a, ns, "db.test.example", &[]), (0, "127.60.1.1".into()));
+    assert_eq!(
+        dig(&a, ns, "db.test.example", &[]),
+        (0, "127.60.1.1".into())
+    );
     let dig_ms = t.elapsed().as_millis();
     // Straight to the answered address: the server sees the client itself (no proxy).
     let (out, local) = a.client_from("web", &["tcp", "127.60.1.1", &port, "x"]);
@@ -194,7 +197,10 @@ spec:
     assert!(tcp(&a, "127.60.1.1", &port).starts_with("err EPERM"));
     let out = open.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("connected") && text.contains("|late"), "{text}");
+    assert!(
+        text.contains("connected") && text.contains("|late"),
+        "{text}"
+    );
 
     assert!(metric(&a, "egress_dns_requests_total") >= 5.0);
     assert!(metric(&a, "egress_dns_answers_total") >= 5.0);
@@ -231,7 +237,17 @@ spec:
         let url = format!("http://good.test.example:{hp}/");
         let out = a.exec(
             "web",
-            &["curl", "-s", "--max-time", "5", "--resolve", &resolve, "-w", "\n%{http_code}", &url],
+            &[
+                "curl",
+                "-s",
+                "--max-time",
+                "5",
+                "--resolve",
+                &resolve,
+                "-w",
+                "\n%{http_code}",
+                &url,
+            ],
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
@@ -293,7 +309,10 @@ spec:
     let mut a = agent(&policy);
     assert_eq!(dig(&a, ns, "db.test.example", &[]).1, "127.62.0.1");
     let shown = a.cli_ok(&["dns"]);
-    assert!(shown.contains("db.test.example") && shown.contains("127.62.0.1"), "{shown}");
+    assert!(
+        shown.contains("db.test.example") && shown.contains("127.62.0.1"),
+        "{shown}"
+    );
     // Saved within the expiry tick.
     std::thread::sleep(Duration::from_millis(600));
     a.kill();
@@ -319,7 +338,11 @@ fn dns_glibc_and_a_thousand_addresses_over_tcp() {
         .collect();
     std::fs::write(&hosts, lines).unwrap();
     let resolv = dir.join("resolv.conf");
-    std::fs::write(&resolv, format!("nameserver {ns}\noptions attempts:1 timeout:2\n")).unwrap();
+    std::fs::write(
+        &resolv,
+        format!("nameserver {ns}\noptions attempts:1 timeout:2\n"),
+    )
+    .unwrap();
     let db = TcpServer::start("127.63.0.1");
     let port = db.port();
     let p: u16 = port.parse().unwrap();
@@ -352,7 +375,11 @@ spec:
     );
     let out = a.exec("web", &["unshare", "-m", "sh", "-c", &script]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("127.63.0.1"), "getent: {text} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        text.contains("127.63.0.1"),
+        "getent: {text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(tcp(&a, "127.63.0.1", &port).starts_with("ok "));
 
     // 1000 addresses: truncated over UDP, then the whole answer (about 16 KB) over TCP.

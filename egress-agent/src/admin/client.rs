@@ -329,7 +329,10 @@ pub fn dns(socket: &Path, out: Output, json: bool) -> Result<(), Failed> {
     if !view.enabled {
         println!("DNS is not seen by this agent (MeshConfig spec.dns.enabled: false)");
     }
-    println!("{:<24} {:<32} {:<8} ADDRESSES (TTL LEFT)", "WORKLOAD", "NAME", "CHAIN");
+    println!(
+        "{:<24} {:<32} {:<8} ADDRESSES (TTL LEFT)",
+        "WORKLOAD", "NAME", "CHAIN"
+    );
     for l in &view.learned {
         let addrs: Vec<String> = l
             .addrs
@@ -338,12 +341,25 @@ pub fn dns(socket: &Path, out: Output, json: bool) -> Result<(), Failed> {
             .map(|(a, t)| format!("{a} ({t}s)"))
             .collect();
         let more = l.addrs.len().saturating_sub(8);
-        let more = if more > 0 { format!(" +{more}") } else { String::new() };
+        let more = if more > 0 {
+            format!(" +{more}")
+        } else {
+            String::new()
+        };
         let chain = l.chain.len().saturating_sub(1);
-        println!("{:<24} {:<32} {:<8} {}{more}", l.workload, l.name, chain, addrs.join(", "));
+        println!(
+            "{:<24} {:<32} {:<8} {}{more}",
+            l.workload,
+            l.name,
+            chain,
+            addrs.join(", ")
+        );
     }
     println!();
-    println!("{:<24} {:<32} {:<6} {:<6} {:<8} ANSWERS / RULES", "WORKLOAD", "NAME", "RCODE", "TTL", "ADDED");
+    println!(
+        "{:<24} {:<32} {:<6} {:<6} {:<8} ANSWERS / RULES",
+        "WORKLOAD", "NAME", "RCODE", "TTL", "ADDED"
+    );
     for s in view.recent.iter().rev().take(50) {
         let answers: Vec<&str> = s.answers.iter().take(4).map(String::as_str).collect();
         println!(
@@ -354,7 +370,11 @@ pub fn dns(socket: &Path, out: Output, json: bool) -> Result<(), Failed> {
             s.ttl,
             format!("{}us", s.added_us),
             answers.join(","),
-            if s.rules.is_empty() { "-".to_string() } else { s.rules.join(",") }
+            if s.rules.is_empty() {
+                "-".to_string()
+            } else {
+                s.rules.join(",")
+            }
         );
     }
     Ok(())

@@ -218,7 +218,14 @@ impl Cache {
     pub fn restore(&mut self, saved: Vec<NameEntry>, now_ms: u64, grace_ms: u64) {
         for e in saved {
             let addrs: Vec<(IpAddr, u64)> = e.addrs.iter().map(|(ip, t)| (*ip, *t)).collect();
-            self.learn(e.workload, &e.chain, &addrs, e.ttl, e.updated_ms, usize::MAX);
+            self.learn(
+                e.workload,
+                &e.chain,
+                &addrs,
+                e.ttl,
+                e.updated_ms,
+                usize::MAX,
+            );
         }
         self.expire(now_ms, grace_ms);
     }

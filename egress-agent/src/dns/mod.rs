@@ -118,10 +118,14 @@ impl Names {
             match std::fs::read(path) {
                 Ok(bytes) => match serde_json::from_slice::<Vec<NameEntry>>(&bytes) {
                     Ok(saved) => cache.restore(saved, now_ms(), grace),
-                    Err(e) => warn!(path = %path.display(), error = %e, "ignoring the saved DNS names"),
+                    Err(e) => {
+                        warn!(path = %path.display(), error = %e, "ignoring the saved DNS names")
+                    }
                 },
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => warn!(path = %path.display(), error = %e, "cannot read the saved DNS names"),
+                Err(e) => {
+                    warn!(path = %path.display(), error = %e, "cannot read the saved DNS names")
+                }
             }
         }
         let names = Arc::new(Self {
@@ -338,8 +342,7 @@ fn rules_fed(p: &Compiled, wid: u32, chain: &[String]) -> Vec<String> {
         .chain(&p.host_rules)
         .filter(|&&i| {
             let r = &p.rules[i];
-            r.workloads.contains(&wid)
-                && chain.iter().any(|n| r.hosts.iter().any(|h| h.matches(n)))
+            r.workloads.contains(&wid) && chain.iter().any(|n| r.hosts.iter().any(|h| h.matches(n)))
         })
         .map(|&i| p.rules[i].egress.to_string())
         .collect()
@@ -364,7 +367,9 @@ fn put(st: &mut State, k: NameKey, v: PolicyValue) {
         Ok(()) => {
             st.installed.insert(k, v);
         }
-        Err(e) => warn!(error = %e, "cannot write a learned address into EGRESS_NAMES (full?); connections to it are refused"),
+        Err(e) => {
+            warn!(error = %e, "cannot write a learned address into EGRESS_NAMES (full?); connections to it are refused")
+        }
     }
 }
 

@@ -117,7 +117,10 @@ impl DnsProxy {
         let m = &self.names.metrics;
         let Some(orig) = self.original(key) else {
             m.dropped(Drop::NotSteered);
-            debug!(port = key.addr.port, "DNS query from a socket the kernel did not steer");
+            debug!(
+                port = key.addr.port,
+                "DNS query from a socket the kernel did not steer"
+            );
             return None;
         };
         let Ok(q) = parse_query(query) else {
@@ -215,14 +218,13 @@ impl DnsProxy {
             return;
         };
         let resolver = orig.dst.socket_addr();
-        let mut up =
-            match tokio::time::timeout(self.timeout, TcpStream::connect(resolver)).await {
-                Ok(Ok(s)) => s,
-                _ => {
-                    m.dropped(Drop::Upstream);
-                    return;
-                }
-            };
+        let mut up = match tokio::time::timeout(self.timeout, TcpStream::connect(resolver)).await {
+            Ok(Ok(s)) => s,
+            _ => {
+                m.dropped(Drop::Upstream);
+                return;
+            }
+        };
         let _ = client.set_nodelay(true);
         let _ = up.set_nodelay(true);
         loop {

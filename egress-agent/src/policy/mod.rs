@@ -4,7 +4,7 @@
 //! ([`validate`]), then compiled into the kernel's map entries ([`mod@compile`]), kept as the
 //! live set of objects ([`store`]), and shared while in force ([`live`]).
 //!
-//! The files depend on each other in one direction only: `scalar` ← `model` ← `validate` ←
+//! The files depend on each other in one direction only: `scalar` ← `names` ← `model` ← `validate` ←
 //! `parse` ← `store`; `error` ← `document` ← `parse`, `store`; `model` ← `compile` ← `live`.
 
 pub mod compile;

@@ -259,6 +259,20 @@ pub struct EgressSpec {
 }
 
 impl EgressSpec {
+    /// An allow with hosts, plain `tcp`/`udp` ports and no route of its own: with `spec.dns`
+    /// on, the kernel allows the addresses those names resolved to, with no proxy.
+    pub fn is_name_rule(&self) -> bool {
+        !self.hosts.is_empty()
+            && self.via.is_none()
+            && self.gateway.is_none()
+            && self.action == Action::Allow
+            && !self.ports.is_empty()
+            && self
+                .ports
+                .iter()
+                .all(|p| matches!(p.protocol, Protocol::Tcp | Protocol::Udp))
+    }
+
     /// Where matching connections go: hosts imply the proxy, a named gateway implies
     /// `via: gateway`.
     pub fn route(&self) -> Via {

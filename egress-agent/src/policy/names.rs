@@ -1,14 +1,11 @@
-//! The MeshConfig settings of DNS-aware name rules (`spec.dns`, `spec.hostBinding`), and
-//! which Egress objects are name rules.
+//! The MeshConfig settings of DNS-aware name rules (`spec.dns`, `spec.hostBinding`); which
+//! Egress objects are name rules is `EgressSpec::is_name_rule` (model).
 
 use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{
-    model::{Action, EgressSpec, Protocol},
-    scalar::{Port, Seconds},
-};
+use super::scalar::{Port, Seconds};
 
 pub const DEFAULT_DNS_PORT: u16 = 15053;
 /// Addresses kept per name and workload (CDN answers rotate): the oldest go first.
@@ -63,21 +60,5 @@ impl HostBinding {
         } else {
             HostBinding::Off
         })
-    }
-}
-
-impl EgressSpec {
-    /// An allow with hosts, plain `tcp`/`udp` ports and no route of its own: with `spec.dns`
-    /// on, the kernel allows the addresses those names resolved to, with no proxy.
-    pub fn is_name_rule(&self) -> bool {
-        !self.hosts.is_empty()
-            && self.via.is_none()
-            && self.gateway.is_none()
-            && self.action == Action::Allow
-            && !self.ports.is_empty()
-            && self
-                .ports
-                .iter()
-                .all(|p| matches!(p.protocol, Protocol::Tcp | Protocol::Udp))
     }
 }

@@ -126,7 +126,14 @@ impl Proxy {
 
     /// `hostBinding: strict`: whether `host`, which rule `id` allowed, resolved to `dst` for
     /// the workload (see [`crate::dns::Names::binding`]).
-    fn host_bound(&self, p: &Compiled, wid: u32, host: Option<&str>, dst: SocketAddr, id: u32) -> bool {
+    fn host_bound(
+        &self,
+        p: &Compiled,
+        wid: u32,
+        host: Option<&str>,
+        dst: SocketAddr,
+        id: u32,
+    ) -> bool {
         match (self.names.get(), host) {
             (Some(n), Some(h)) => n.binding(p, wid, h, dst.ip(), id),
             _ => true,
@@ -450,7 +457,10 @@ async fn refuse(mut client: TcpStream, http: bool, rec: &Record<'_>, tls: bool) 
     if http {
         let host = rec.host.as_deref().unwrap_or("(none)");
         let why = if rec.verdict == HOST_MISMATCH {
-            format!("{HOST_MISMATCH}: {host} did not resolve to {} for this workload", rec.dst.ip())
+            format!(
+                "{HOST_MISMATCH}: {host} did not resolve to {} for this workload",
+                rec.dst.ip()
+            )
         } else if rec.rule.is_empty() {
             "no Egress policy allows it".to_string()
         } else {

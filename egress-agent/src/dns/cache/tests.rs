@@ -60,7 +60,11 @@ fn name_rules_compile_to_no_address_entries() {
     assert_eq!(c.config.dns_port, 15053);
     assert_eq!(c.host_binding, HostBinding::Strict);
     let d = c.decide(web, ip("192.0.2.1"), 5432, proto::TCP);
-    assert_eq!(d.outcome, Outcome::DenyDefault, "no address is allowed by name alone");
+    assert_eq!(
+        d.outcome,
+        Outcome::DenyDefault,
+        "no address is allowed by name alone"
+    );
 }
 
 #[test]
@@ -96,7 +100,10 @@ fn cname_targets_and_wildcards_count() {
     assert!(wanted(&c, web, &ch), "the chain reaches *.cdn.example");
     cache.learn(web, &ch, &[(ip("198.51.100.1"), 10_000)], 60, 0, 1000);
     assert!(cache.value(&c, web, ip("198.51.100.1")).is_some());
-    assert!(!wanted(&c, web, &chain(&["a.b.cdn.example"])), "* is one label");
+    assert!(
+        !wanted(&c, web, &chain(&["a.b.cdn.example"])),
+        "* is one label"
+    );
 }
 
 #[test]
@@ -119,7 +126,12 @@ fn per_name_bound_keeps_the_latest() {
     let mut cache = Cache::default();
     let ch = chain(&["db.test.example"]);
     let addrs: Vec<(IpAddr, u64)> = (0..1200u32)
-        .map(|i| (IpAddr::from((0x0a00_0000 + i).to_be_bytes()), 1_000 + i as u64))
+        .map(|i| {
+            (
+                IpAddr::from((0x0a00_0000 + i).to_be_bytes()),
+                1_000 + i as u64,
+            )
+        })
         .collect();
     cache.learn(web, &ch, &addrs, 60, 0, 1000);
     assert_eq!(cache.addresses().count(), 1000);
@@ -150,8 +162,22 @@ fn binding_is_per_workload_and_name() {
 fn restore_drops_the_expired() {
     let (_, web, _) = setup();
     let mut cache = Cache::default();
-    cache.learn(web, &chain(&["db.test.example"]), &[(ip("192.0.2.7"), 5_000)], 5, 0, 9);
-    cache.learn(web, &chain(&["x.cdn.example"]), &[(ip("192.0.2.8"), 1_000)], 1, 0, 9);
+    cache.learn(
+        web,
+        &chain(&["db.test.example"]),
+        &[(ip("192.0.2.7"), 5_000)],
+        5,
+        0,
+        9,
+    );
+    cache.learn(
+        web,
+        &chain(&["x.cdn.example"]),
+        &[(ip("192.0.2.8"), 1_000)],
+        1,
+        0,
+        9,
+    );
     let saved: Vec<NameEntry> = cache.entries().cloned().collect();
     let mut back = Cache::default();
     back.restore(saved, 3_000, 0);

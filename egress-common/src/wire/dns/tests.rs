@@ -163,7 +163,10 @@ fn truncated_and_oversized() {
 
 #[test]
 fn huge_ttls_read_as_zero() {
-    let m = answer("db.x", &[record(&PTR_Q, TYPE_A, 0x8000_0000, &[10, 0, 0, 1])]);
+    let m = answer(
+        "db.x",
+        &[record(&PTR_Q, TYPE_A, 0x8000_0000, &[10, 0, 0, 1])],
+    );
     assert_eq!(parse_answer(&m).unwrap().addrs[0].ttl, 0);
 }
 
