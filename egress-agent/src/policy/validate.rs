@@ -237,16 +237,23 @@ impl Objects {
     /// The checks across objects that hold in Kubernetes mode too: named gateways exist,
     /// pods fit their network.
     pub fn finish_unlinked(self) -> Result<Config, ConfigError> {
+        let m = &self.cfg.mesh;
+        if m.host_binding == Some(super::names::HostBinding::Strict) && !m.dns.enabled {
+            let mesh = format!("MeshConfig {}", self.mesh_seen.as_deref().unwrap_or(""));
+            return Err(self.err(
+                mesh.trim_end(),
+                "spec.hostBinding",
+                "strict needs spec.dns.enabled: true (names are bound to the addresses DNS gave them)",
+            ));
+        }
         for e in &self.cfg.egresses {
             self.check_gateway_named(e)?;
-            if e.spec.is_name_rule()
-                && !self.cfg.mesh.dns.enabled
-                && e.spec.ports.iter().any(|p| !p.protocol.is_tcp())
-            {
+            let udp = e.spec.ports.iter().position(|p| !p.protocol.is_tcp());
+            if let (true, false, Some(i)) = (e.spec.is_name_rule(), m.dns.enabled, udp) {
                 return Err(self.err(
                     &format!("Egress {}", e.id),
-                    "spec.hosts",
-                    "hosts on udp ports need the MeshConfig's spec.dns.enabled: true (the agent learns the names' addresses from DNS)",
+                    &format!("spec.ports[{i}].protocol"),
+                    "host rules need TCP (tcp, http or https); names on udp need the MeshConfig's spec.dns.enabled: true (the agent learns their addresses from DNS)",
                 ));
             }
         }

@@ -184,3 +184,25 @@ fn restore_drops_the_expired() {
     assert_eq!(back.len(), 1);
     assert!(back.bound(web, "db.test.example", ip("192.0.2.7"), 3_000, 0));
 }
+
+const HEAD: &str = "kind: Workload\nmetadata: {name: web}\n---\nkind: Egress\nmetadata: {name: e}\nspec:\n  sources: [{name: web}]\n  hosts: [db.example]\n  ports: [{number: 5353, protocol: udp}]\n---\n";
+
+#[test]
+fn udp_hosts_need_dns_and_strict_binding_needs_dns() {
+    let off = format!("{HEAD}kind: MeshConfig\nmetadata: {{name: m}}\nspec: {{}}\n");
+    let e = parse(&off, "f.yaml").unwrap_err().to_string();
+    assert!(
+        e.contains("spec.ports[0].protocol") && e.contains("spec.dns.enabled"),
+        "{e}"
+    );
+    let on = format!(
+        "{HEAD}kind: MeshConfig\nmetadata: {{name: m}}\nspec: {{dns: {{enabled: true}}}}\n"
+    );
+    let cfg = parse(&on, "f.yaml").unwrap();
+    assert!(cfg.egresses[0].spec.is_name_rule());
+    let strict = "kind: MeshConfig\nmetadata: {name: m}\nspec: {hostBinding: strict}\n";
+    let e = parse(strict, "f.yaml").unwrap_err().to_string();
+    assert!(e.contains("spec.hostBinding"), "{e}");
+    let bad = "kind: MeshConfig\nmetadata: {name: m}\nspec: {dns: {enabled: true, minTtl: 0s}}\n";
+    assert!(parse(bad, "f.yaml").is_err());
+}
