@@ -67,6 +67,14 @@ spec:
     )
 }
 
+/// [`mesh`], and an allow Egress `name` for `hosts` on `ports` (YAML flow list items).
+fn by_name(ns: &str, name: &str, hosts: &str, ports: &str) -> String {
+    format!(
+        "{}---\nkind: Egress\nmetadata: {{name: {name}}}\nspec:\n  sources: [{{name: web}}]\n  hosts: [{hosts}]\n  ports: [{ports}]\n",
+        mesh(ns, "")
+    )
+}
+
 /// Starts the agent on `policy` with a free DNS proxy port for `{dns_port}`.
 fn agent(policy: &str) -> Agent {
     Agent::start(&policy.replace("{dns_port}", &free_port().to_string()))
@@ -124,17 +132,15 @@ fn dns_name_rule_tcp_udp_cname_and_expiry() {
             host_record("tcp.test.example", "127.60.1.6"),
         ],
     );
-    let policy = format!(
-        r#"{}---
-kind: Egress
-metadata: {{name: db-by-name}}
-spec:
-  sources: [{{name: web}}]
-  hosts: [db.test.example, udp.test.example, alias.test.example, tcp.test.example]
-  ports: [{{number: {port}}}, {{number: {up}, protocol: udp}}]
-"#,
-        mesh(ns, ""),
-        up = udp.port()
+    let ports = format!(
+        "{{number: {port}}}, {{number: {}, protocol: udp}}",
+        udp.port()
+    );
+    let policy = by_name(
+        ns,
+        "db-by-name",
+        "db.test.example, udp.test.example, alias.test.example, tcp.test.example",
+        &ports,
     );
     let a = agent(&policy);
 
@@ -220,16 +226,11 @@ fn dns_host_binding_refuses_domain_fronting() {
     let _h1 = http_server(good, hp, www.clone());
     let _h2 = http_server(front, hp, www);
     let _dns = resolver(ns, 60, &[host_record("good.test.example", good)]);
-    let policy = format!(
-        r#"{}---
-kind: Egress
-metadata: {{name: good}}
-spec:
-  sources: [{{name: web}}]
-  hosts: [good.test.example]
-  ports: [{{number: {hp}, protocol: http}}]
-"#,
-        mesh(ns, "")
+    let policy = by_name(
+        ns,
+        "good",
+        "good.test.example",
+        &format!("{{number: {hp}, protocol: http}}"),
     );
     let a = agent(&policy);
     let curl = |ip: &str| {
@@ -295,16 +296,11 @@ fn dns_names_survive_kill9() {
     let db = TcpServer::start("127.62.0.1");
     let port = db.port();
     let _dns = resolver(ns, 60, &[host_record("db.test.example", "127.62.0.1")]);
-    let policy = format!(
-        r#"{}---
-kind: Egress
-metadata: {{name: db-by-name}}
-spec:
-  sources: [{{name: web}}]
-  hosts: [db.test.example]
-  ports: [{{number: {port}}}]
-"#,
-        mesh(ns, "")
+    let policy = by_name(
+        ns,
+        "db-by-name",
+        "db.test.example",
+        &format!("{{number: {port}}}"),
     );
     let mut a = agent(&policy);
     assert_eq!(dig(&a, ns, "db.test.example", &[]).1, "127.62.0.1");
@@ -355,16 +351,11 @@ fn dns_glibc_and_a_thousand_addresses_over_tcp() {
             format!("--addn-hosts={}", hosts.display()),
         ],
     );
-    let policy = format!(
-        r#"{}---
-kind: Egress
-metadata: {{name: by-name}}
-spec:
-  sources: [{{name: web}}]
-  hosts: [db.test.example, big.test.example]
-  ports: [{{number: {port}}}]
-"#,
-        mesh(ns, "")
+    let policy = by_name(
+        ns,
+        "by-name",
+        "db.test.example, big.test.example",
+        &format!("{{number: {port}}}"),
     );
     let a = agent(&policy);
 
@@ -412,17 +403,7 @@ fn dns_round_trip_added_latency() {
     }
     let ns = "127.53.6.1";
     let _dns = resolver(ns, 60, &[host_record("db.test.example", "127.64.0.1")]);
-    let policy = format!(
-        r#"{}---
-kind: Egress
-metadata: {{name: by-name}}
-spec:
-  sources: [{{name: web}}]
-  hosts: [db.test.example]
-  ports: [{{number: 5432}}]
-"#,
-        mesh(ns, "")
-    );
+    let policy = by_name(ns, "by-name", "db.test.example", "{number: 5432}");
     let a = agent(&policy);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/e2e/dns_rtt.py");
     let n = "3000";
