@@ -409,7 +409,8 @@ impl Control {
         let wid = c
             .workload_id(workload)
             .ok_or_else(|| ControlError::NotFound(format!("no Workload {workload}")))?;
-        let d = c.decide(wid, ip, port, protocol);
+        let named = self.names.get().and_then(|n| n.value(wid, ip));
+        let d = c.decide_named(wid, ip, port, protocol, named.as_ref());
         let rule = c.rule(d.rule_id);
         let hosts = if d.outcome == egress_common::Outcome::Proxy
             && protocol == proto::TCP

@@ -10,8 +10,8 @@ use std::{
 };
 
 use crate::harness::{
-    free_port, http_server, privileged_with, temp_dir, wait_until, Agent, Daemon, TcpServer,
-    UdpServer,
+    free_port, http_server, privileged_with, temp_dir, tls_server, wait_until, Agent, Daemon,
+    TcpServer, UdpServer,
 };
 
 /// dnsmasq answering on `ip`:53 (UDP and TCP) from `records` (dnsmasq options such as
@@ -222,25 +222,27 @@ fn dns_host_binding_refuses_domain_fronting() {
     let (good, front) = ("127.61.0.1", "127.61.0.2");
     let www = temp_dir("www");
     std::fs::write(www.join("index.html"), "destination\n").unwrap();
-    let hp = free_port();
+    let (hp, tp) = (free_port(), free_port());
     let _h1 = http_server(good, hp, www.clone());
     let _h2 = http_server(front, hp, www);
+    let _t1 = tls_server(good, tp);
+    let _t2 = tls_server(front, tp);
     let _dns = resolver(ns, 60, &[host_record("good.test.example", good)]);
     let policy = by_name(
         ns,
         "good",
         "good.test.example",
-        &format!("{{number: {hp}, protocol: http}}"),
+        &format!("{{number: {hp}, protocol: http}}, {{number: {tp}, protocol: https}}"),
     );
     let a = agent(&policy);
-    let curl = |ip: &str| {
-        let resolve = format!("good.test.example:{hp}:{ip}");
-        let url = format!("http://good.test.example:{hp}/");
+    let curl_on = |scheme: &str, port: u16, ip: &str| {
+        let resolve = format!("good.test.example:{port}:{ip}");
+        let url = format!("{scheme}://good.test.example:{port}/");
         let out = a.exec(
             "web",
             &[
                 "curl",
-                "-s",
+                "-sk",
                 "--max-time",
                 "5",
                 "--resolve",
@@ -250,8 +252,12 @@ fn dns_host_binding_refuses_domain_fronting() {
                 &url,
             ],
         );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            out.status.code().unwrap_or(-1),
+        )
     };
+    let curl = |ip: &str| curl_on("http", hp, ip).0;
     // Not resolved yet: the name is bound to no address.
     assert!(curl(good).ends_with("403"), "before DNS");
     assert_eq!(dig(&a, ns, "good.test.example", &[]).1, good);
@@ -259,8 +265,12 @@ fn dns_host_binding_refuses_domain_fronting() {
     let fronted = curl(front);
     assert!(fronted.ends_with("403"), "{fronted}");
     assert!(fronted.contains("host-address-mismatch"), "{fronted}");
+    // TLS: the SNI is bound the same way (curl: 35, the proxy's access_denied alert).
+    let (tls_ok, code) = curl_on("https", tp, good);
+    assert_eq!((code, tls_ok.ends_with("200")), (0, true), "{tls_ok}");
+    assert_eq!(curl_on("https", tp, front).1, 35, "TLS fronting");
     a.wait_log("reason=\"host-address-mismatch\"");
-    assert!(metric(&a, "egress_proxy_host_address_mismatch_total") >= 2.0);
+    assert!(metric(&a, "egress_proxy_host_address_mismatch_total") >= 3.0);
 }
 
 #[test]
@@ -319,6 +329,23 @@ fn dns_names_survive_kill9() {
     let shown = a.cli_ok(&["dns"]);
     assert!(shown.contains("db.test.example"), "{shown}");
     assert!(a.log().contains("restored the learned DNS names"));
+    // A policy change moves the rule's id: the learned entry follows.
+    let current = std::fs::read_to_string(&a.config).unwrap();
+    let first = "kind: Egress\nmetadata: {name: aaa-first}\nspec:\n  sources: [{name: web}]\n  ipAddresses: [127.99.0.1/32]\n";
+    let (mesh_doc, rest) = current.split_once("---").unwrap();
+    a.reload(&format!("{mesh_doc}---\n{first}---{rest}"));
+    let check = a.cli_ok(&[
+        "policy",
+        "check",
+        "--workload",
+        "web",
+        &format!("127.62.0.1:{port}"),
+    ]);
+    assert!(
+        check.contains("allowed directly by Egress default/db-by-name"),
+        "{check}"
+    );
+    assert!(tcp(&a, "127.62.0.1", &port).starts_with("ok "));
 }
 
 #[test]

@@ -229,6 +229,12 @@ impl Names {
         ok
     }
 
+    /// The kernel's entry for a workload's address (what `policy check` needs).
+    pub fn value(&self, wid: u32, ip: IpAddr) -> Option<PolicyValue> {
+        let policy = self.live.get();
+        self.state().cache.value(&policy, wid, ip)
+    }
+
     /// Forgets what expired, and saves the names when they changed. Call it every second.
     pub fn tick(&self) {
         let policy = self.live.get();

@@ -10,8 +10,8 @@ use std::{
 };
 
 use egress_common::{
-    action, decide, decide::Query, policy_key, policy_scope, proto, Decision, MeshConfig,
-    PolicyValue, PortRule, Segment, MAX_SEGMENTS,
+    action, decide::Query, policy_key, policy_scope, proto, Decision, MeshConfig, PolicyValue,
+    PortRule, Segment, MAX_SEGMENTS,
 };
 
 use super::{
@@ -451,6 +451,19 @@ impl Compiled {
 
     /// What the kernel decides for a workload's connection (`proxy_ip` is the proxy address).
     pub fn decide(&self, workload: u32, ip: IpAddr, port: u16, protocol: u8) -> Decision {
+        self.decide_named(workload, ip, port, protocol, None)
+    }
+
+    /// [`Compiled::decide`] with the workload's learned name entry for `ip` (`crate::dns`),
+    /// as the kernel decides with `EGRESS_NAMES`.
+    pub fn decide_named(
+        &self,
+        workload: u32,
+        ip: IpAddr,
+        port: u16,
+        protocol: u8,
+        named: Option<&PolicyValue>,
+    ) -> Decision {
         let ip = scalar::normalize(ip);
         let q = Query {
             proto: protocol,
@@ -458,7 +471,7 @@ impl Compiled {
             in_mesh: self.mesh.iter().any(|c| c.contains(ip)),
             to_proxy: port == self.config.proxy_port && (ip.is_loopback() || ip.is_unspecified()),
         };
-        decide(&self.config, &q, self.lookup(workload, ip))
+        egress_common::fqdn::decide_named(&self.config, &q, self.lookup(workload, ip), named)
     }
 
     /// The gateway a connection the proxy relays leaves through, given the rule that let it
