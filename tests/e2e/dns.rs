@@ -298,6 +298,43 @@ fn dns_silent_resolver_and_garbage() {
 }
 
 #[test]
+fn dns_a_flooding_workload_does_not_starve_another() {
+    if !privileged_with(&["dnsmasq", "dig"]) {
+        return;
+    }
+    let (silent_ns, ns) = ("127.53.7.1", "127.53.7.2");
+    let _silent = std::net::UdpSocket::bind((silent_ns, 53)).expect("bind the silent resolver");
+    let _dns = resolver(ns, 60, &[host_record("db.test.example", "127.65.0.1")]);
+    let policy = format!(
+        "{}---\nkind: Workload\nmetadata: {{name: other}}\n---\nkind: Egress\nmetadata: {{name: both}}\nspec:\n  sources: [{{name: web}}, {{name: other}}]\n  ipAddresses: [{ns}/32]\n  ports: [{{number: 53, protocol: udp}}]\n",
+        mesh(silent_ns, "")
+    );
+    let a = agent(&policy);
+    // `web` floods the resolver that never answers: each query holds its slot for the
+    // upstream timeout (500 ms); past 256 in flight they are dropped.
+    let flood = format!(
+        "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\nq=bytes.fromhex('abcd01000001000000000000')+bytes([2])+b'db'+bytes([4])+b'test'+bytes([7])+b'example'+bytes([0,0,1,0,1])\nfor i in range(2000): s.sendto(q,('{silent_ns}',53))\nprint('sent')"
+    );
+    let out = a.exec("web", &["python3", "-c", &flood]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "sent");
+    // Meanwhile `other` resolves through the same proxy.
+    let at = format!("@{ns}");
+    let got = a.exec(
+        "other",
+        &[
+            "dig",
+            &at,
+            "db.test.example",
+            "+short",
+            "+time=2",
+            "+tries=1",
+        ],
+    );
+    assert_eq!(String::from_utf8_lossy(&got.stdout).trim(), "127.65.0.1");
+    assert!(metric(&a, "egress_dns_dropped_total{reason=\"busy\"}") >= 1.0);
+}
+
+#[test]
 fn dns_names_survive_kill9() {
     if !privileged_with(&["dnsmasq", "dig"]) {
         return;

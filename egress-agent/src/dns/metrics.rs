@@ -13,7 +13,7 @@ use prometheus_client::{
 
 /// Why a DNS message was dropped (`reason` of `egress_dns_dropped`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Drop {
+pub enum Dropped {
     /// A query that is no DNS query, or an answer the parser refused (malformed, oversized).
     Malformed,
     /// A query from a socket the kernel did not steer (no original resolver known).
@@ -22,15 +22,18 @@ pub enum Drop {
     Timeout,
     /// The resolver could not be reached.
     Upstream,
+    /// Too many queries in flight (of the workload, or in all).
+    Busy,
 }
 
-impl Drop {
+impl Dropped {
     fn as_str(self) -> &'static str {
         match self {
-            Drop::Malformed => "malformed",
-            Drop::NotSteered => "not-steered",
-            Drop::Timeout => "timeout",
-            Drop::Upstream => "upstream-error",
+            Dropped::Malformed => "malformed",
+            Dropped::NotSteered => "not-steered",
+            Dropped::Timeout => "timeout",
+            Dropped::Upstream => "upstream-error",
+            Dropped::Busy => "busy",
         }
     }
 }
@@ -86,7 +89,7 @@ impl DnsMetrics {
         );
         registry.register(
             "egress_dns_dropped",
-            "DNS messages the proxy dropped, by reason (malformed, not-steered, timeout, upstream-error)",
+            "DNS messages the proxy dropped, by reason (malformed, not-steered, timeout, upstream-error, busy)",
             m.dropped.clone(),
         );
         registry.register(
@@ -126,7 +129,7 @@ impl DnsMetrics {
         self.added.observe(added.as_secs_f64());
     }
 
-    pub fn dropped(&self, why: Drop) {
+    pub fn dropped(&self, why: Dropped) {
         self.dropped
             .get_or_create(&ReasonLabel {
                 reason: why.as_str().into(),

@@ -5,8 +5,9 @@
 //! not answer leaves the client to its own timeout.
 
 use std::{
+    collections::HashMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -22,17 +23,36 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
-use super::{metrics::Drop, Names};
+use super::{metrics::Dropped, Names};
 use crate::proxy::{sock_addr, OrigMap};
 
 /// Queries in flight at once; more are dropped (the clients retry).
 const MAX_INFLIGHT: usize = 4096;
+/// Queries of one workload in flight at once: a flooding workload cannot take the others'
+/// share.
+const MAX_PER_WORKLOAD: usize = 256;
 
 pub struct DnsProxy {
     names: Arc<Names>,
     orig: OrigMap,
     timeout: Duration,
     inflight: Arc<Semaphore>,
+    per_workload: Arc<Mutex<HashMap<u32, usize>>>,
+}
+
+/// One query of a workload in flight (released on drop).
+struct Slot(Arc<Mutex<HashMap<u32, usize>>>, u32);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.1);
+            }
+        }
+    }
 }
 
 /// Binds UDP and TCP on 127.0.0.1 and, where the host has IPv6, [::1].
@@ -55,6 +75,7 @@ impl DnsProxy {
             orig,
             timeout,
             inflight: Arc::new(Semaphore::new(MAX_INFLIGHT)),
+            per_workload: Arc::default(),
         })
     }
 
@@ -67,6 +88,17 @@ impl DnsProxy {
             tasks.spawn(self.clone().tcp_loop(t));
         }
         while tasks.join_next().await.is_some() {}
+    }
+
+    /// A slot for one more query of workload `wid`, unless it has too many in flight.
+    fn slot(&self, wid: u32) -> Option<Slot> {
+        let mut m = self.per_workload.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(wid).or_insert(0);
+        if *n >= MAX_PER_WORKLOAD {
+            return None;
+        }
+        *n += 1;
+        Some(Slot(self.per_workload.clone(), wid))
     }
 
     fn original(&self, key: &OrigKey) -> Option<OrigDst> {
@@ -92,39 +124,40 @@ impl DnsProxy {
                     continue;
                 }
             };
-            self.names.metrics.request("udp");
-            let Ok(permit) = self.inflight.clone().try_acquire_owned() else {
-                self.names.metrics.dropped(Drop::Timeout);
-                continue;
-            };
-            let query = buf[..n].to_vec();
+            let m = &self.names.metrics;
+            m.request("udp");
             let key = OrigKey {
                 netns,
                 addr: udp_key_addr(sock_addr(peer).family, peer.port()),
             };
+            let Some(orig) = self.original(&key) else {
+                m.dropped(Dropped::NotSteered);
+                debug!(%peer, "DNS query from a socket the kernel did not steer");
+                continue;
+            };
+            let (Ok(permit), Some(slot)) = (
+                self.inflight.clone().try_acquire_owned(),
+                self.slot(orig.workload_id),
+            ) else {
+                m.dropped(Dropped::Busy);
+                continue;
+            };
+            let query = buf[..n].to_vec();
             let (this, sock) = (self.clone(), sock.clone());
             tokio::spawn(async move {
-                if let Some(reply) = this.udp_query(&key, &query).await {
+                if let Some(reply) = this.udp_query(orig, &query).await {
                     let _ = sock.send_to(&reply, peer).await;
                 }
-                drop(permit);
+                drop((permit, slot));
             });
         }
     }
 
     /// One UDP query: to the resolver, back with its answer learned (None: dropped).
-    async fn udp_query(&self, key: &OrigKey, query: &[u8]) -> Option<Vec<u8>> {
+    async fn udp_query(&self, orig: OrigDst, query: &[u8]) -> Option<Vec<u8>> {
         let m = &self.names.metrics;
-        let Some(orig) = self.original(key) else {
-            m.dropped(Drop::NotSteered);
-            debug!(
-                port = key.addr.port,
-                "DNS query from a socket the kernel did not steer"
-            );
-            return None;
-        };
         let Ok(q) = parse_query(query) else {
-            m.dropped(Drop::Malformed);
+            m.dropped(Dropped::Malformed);
             return None;
         };
         let resolver = orig.dst.socket_addr();
@@ -135,12 +168,12 @@ impl DnsProxy {
         let up = match UdpSocket::bind(local).await {
             Ok(s) => s,
             Err(_) => {
-                m.dropped(Drop::Upstream);
+                m.dropped(Dropped::Upstream);
                 return None;
             }
         };
         if up.connect(resolver).await.is_err() || up.send(query).await.is_err() {
-            m.dropped(Drop::Upstream);
+            m.dropped(Dropped::Upstream);
             return None;
         }
         let mut buf = vec![0u8; MAX_MESSAGE];
@@ -149,11 +182,11 @@ impl DnsProxy {
             let n = match tokio::time::timeout_at(deadline, up.recv(&mut buf)).await {
                 Ok(Ok(n)) => n,
                 Ok(Err(_)) => {
-                    m.dropped(Drop::Upstream);
+                    m.dropped(Dropped::Upstream);
                     return None;
                 }
                 Err(_) => {
-                    m.dropped(Drop::Timeout);
+                    m.dropped(Dropped::Timeout);
                     return None;
                 }
             };
@@ -176,7 +209,7 @@ impl DnsProxy {
                 Some(answer.to_vec())
             }
             Err(e) => {
-                m.dropped(Drop::Malformed);
+                m.dropped(Dropped::Malformed);
                 debug!(error = %e, "DNS proxy dropped an answer");
                 None
             }
@@ -214,14 +247,14 @@ impl DnsProxy {
     async fn tcp_conn(&self, mut client: TcpStream, key: OrigKey) {
         let m = &self.names.metrics;
         let Some(orig) = self.original(&key) else {
-            m.dropped(Drop::NotSteered);
+            m.dropped(Dropped::NotSteered);
             return;
         };
         let resolver = orig.dst.socket_addr();
         let mut up = match tokio::time::timeout(self.timeout, TcpStream::connect(resolver)).await {
             Ok(Ok(s)) => s,
             _ => {
-                m.dropped(Drop::Upstream);
+                m.dropped(Dropped::Upstream);
                 return;
             }
         };
@@ -234,15 +267,15 @@ impl DnsProxy {
             };
             m.request("tcp");
             if parse_query(&query).is_err() {
-                m.dropped(Drop::Malformed);
+                m.dropped(Dropped::Malformed);
                 return;
             }
             if write_msg(&mut up, &query).await.is_err() {
-                m.dropped(Drop::Upstream);
+                m.dropped(Dropped::Upstream);
                 return;
             }
             let Ok(answer) = read_msg(&mut up, self.timeout).await else {
-                m.dropped(Drop::Timeout);
+                m.dropped(Dropped::Timeout);
                 return;
             };
             let got = Instant::now();
