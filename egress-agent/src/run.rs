@@ -230,9 +230,15 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         dns_metrics,
         Some(crate::dns::names_file(&state_file)),
     )?;
-    relay.bind_names(names.clone());
+    if opts.kubernetes.is_some() {
+        if compiled.dns.enabled {
+            warn!("MeshConfig spec.dns is not supported in Kubernetes mode yet (pods have their own network namespace, where the DNS proxy does not listen): DNS is not steered, name rules allow nothing, hostBinding is off");
+        }
+    } else {
+        relay.bind_names(names.clone());
+    }
     let _ = control.names.set(names.clone());
-    let dns_proxy = if compiled.dns.enabled {
+    let dns_proxy = if compiled.dns.enabled && opts.kubernetes.is_none() {
         let port = compiled.dns.port.0;
         let (udp, tcp) = crate::dns::server::bind(port).await.with_context(|| {
             format!("DNS proxy cannot listen on 127.0.0.1:{port} (MeshConfig spec.dns.port)")

@@ -206,3 +206,10 @@ fn udp_hosts_need_dns_and_strict_binding_needs_dns() {
     let bad = "kind: MeshConfig\nmetadata: {name: m}\nspec: {dns: {enabled: true, minTtl: 0s}}\n";
     assert!(parse(bad, "f.yaml").is_err());
 }
+
+#[test]
+fn dns_is_refused_with_standalone_pods() {
+    let text = "kind: MeshConfig\nmetadata: {name: m}\nspec:\n  dns: {enabled: true}\n  podNetwork: {ipv4: 10.200.0.0/24}\n---\nkind: Workload\nmetadata: {name: p}\nspec: {network: pod}\n";
+    let e = parse(text, "f.yaml").unwrap_err().to_string();
+    assert!(e.contains("Workload default/p: spec.network"), "{e}");
+}
