@@ -419,6 +419,32 @@ impl Drop for PodNetns {
     }
 }
 
+/// A Burstable pod of the systemd driver with uid `u`: its sandbox process in its own network
+/// namespace, and an empty application container cgroup (returned, with the namespace).
+pub(crate) fn pod_in_netns(
+    tree: &CgroupTree,
+    kubepods: &str,
+    u: &str,
+    tag: &str,
+) -> (PathBuf, PodNetns) {
+    let driver = Driver::Systemd;
+    let sandbox = make_pod(
+        tree,
+        kubepods,
+        driver,
+        Qos::Burstable,
+        u,
+        &format!("containerd://{}", "5a".repeat(32)),
+    );
+    let app = sandbox
+        .parent()
+        .unwrap()
+        .join(container_dir(driver, &format!("containerd://{}", "a9".repeat(32))).unwrap());
+    std::fs::create_dir(&app).unwrap();
+    let netns = PodNetns::new(&sandbox, tag);
+    (app, netns)
+}
+
 /// A pod in its own network namespace (not the node's): a `via: proxy` rule redirects its
 /// connection to 127.0.0.1:<proxy port> inside the pod, where the agent opened a listener
 /// (found through the pod's cgroup), and the proxy reaches the destination from the node. The
@@ -429,26 +455,12 @@ fn kubernetes_pod_in_its_own_netns_uses_the_in_pod_proxy() {
         return;
     }
     let kubepods = "kubepods.slice";
-    let driver = Driver::Systemd;
     let tree = CgroupTree::new();
     tree.mkdir(kubepods);
     let fake = FakeApiServer::start();
     let server = TcpServer::start("127.79.0.1");
     let u = uid(0x70);
-    let sandbox = make_pod(
-        &tree,
-        kubepods,
-        driver,
-        Qos::Burstable,
-        &u,
-        &format!("containerd://{}", "5a".repeat(32)),
-    );
-    let app = sandbox
-        .parent()
-        .unwrap()
-        .join(container_dir(driver, &format!("containerd://{}", "a9".repeat(32))).unwrap());
-    std::fs::create_dir(&app).unwrap();
-    let netns = PodNetns::new(&sandbox, "api");
+    let (app, netns) = pod_in_netns(&tree, kubepods, &u, "api");
     fake.put("pods", pod("api-1", &u, "api", "Burstable", NODE));
     fake.put(
         "egresses",

@@ -7,12 +7,11 @@
 
 use std::path::Path;
 
-use egress_agent::k8s::cgroups::{container_dir, Driver, Qos};
 use serde_json::json;
 
 use crate::{
     harness::{in_cgroup, in_netns, ip, privileged_with, CgroupTree, FakeApiServer},
-    k8s::{eventually, kube_agent_in, make_pod, pod, uid, PodNetns, NODE},
+    k8s::{eventually, kube_agent_in, pod, pod_in_netns, uid, PodNetns, NODE},
     pods::{metric, Net, ALLOW4, DENY4, PORT},
     tc_prog::{ipv4, tcp, SYN, TCP},
 };
@@ -110,25 +109,11 @@ fn kubernetes_pod_veth_gets_the_tc_backstop() {
     }
     let net = Net::new();
     let kubepods = "kubepods.slice";
-    let driver = Driver::Systemd;
     let tree = CgroupTree::new();
     tree.mkdir(kubepods);
     let fake = FakeApiServer::start_in(&net.node_path());
     let u = uid(0x71);
-    let sandbox = make_pod(
-        &tree,
-        kubepods,
-        driver,
-        Qos::Burstable,
-        &u,
-        &format!("containerd://{}", "5b".repeat(32)),
-    );
-    let app = sandbox
-        .parent()
-        .unwrap()
-        .join(container_dir(driver, &format!("containerd://{}", "b9".repeat(32))).unwrap());
-    std::fs::create_dir(&app).unwrap();
-    let pod_ns = PodNetns::new(&sandbox, "tc");
+    let (app, pod_ns) = pod_in_netns(&tree, kubepods, &u, "tc");
     let host_if = format!("eg{}k", std::process::id());
     plug(&net, &pod_ns, &host_if);
     fake.put("pods", pod("web-1", &u, "web", "Burstable", NODE));
