@@ -19,12 +19,10 @@ use aya_ebpf::{
 use egress_common::{
     decide::Query,
     fqdn::{dns_redirect, udp_key_addr},
-    hook, proto,
-    skb::SockVerdict,
-    Decision, MeshConfig, OrigDst, OrigKey, Outcome, SockAddr,
+    hook, proto, Decision, MeshConfig, OrigDst, OrigKey, SockAddr,
 };
 
-use crate::maps::{active_set, CONFIG, ORIG_BY_COOKIE, ORIG_BY_TUPLE, SOCK_VERDICTS};
+use crate::maps::{active_set, CONFIG, ORIG_BY_COOKIE, ORIG_BY_TUPLE};
 
 const AF_INET: u32 = 2;
 const PASS: i32 = 1;
@@ -105,7 +103,8 @@ fn bind_ephemeral(ctx: &SockAddrContext) -> u16 {
 }
 
 /// Steers the query when the decision allows DNS and the mesh has a DNS proxy; records the
-/// resolver for the proxy, recvmsg/getpeername and the per-packet program. False: leave the
+/// resolver for the proxy, recvmsg/getpeername and the per-packet program (which judges a
+/// steered socket's packets by the resolver, through `EGRESS_ORIG_COOKIE`). False: leave the
 /// connection to the caller (also when the socket cannot be keyed: it then goes its way
 /// unseen, as the policy allowed).
 #[inline(always)]
@@ -154,23 +153,6 @@ pub fn steer(
     if ORIG_BY_COOKIE.insert(&cookie, &orig, 0).is_err() {
         return false;
     }
-    let given = if dst.family == 4 {
-        SockAddr::v4(cfg.proxy_ip4, cfg.dns_port)
-    } else {
-        SockAddr::v6(cfg.proxy_ip6, cfg.dns_port)
-    };
-    let v = SockVerdict {
-        generation: cfg.generation,
-        dst: given,
-        orig: dst,
-        outcome: Outcome::Proxy as u8,
-        drop: 0,
-        _pad0: [0; 2],
-        flags: 0,
-        workload_id: wid,
-        _pad1: 0,
-    };
-    let _ = SOCK_VERDICTS.insert(&cookie, &v, 0);
     true
 }
 

@@ -13,6 +13,7 @@ mod dns;
 mod gateway;
 mod harness;
 mod k8s;
+mod k8s_pods;
 mod lifecycle;
 mod metrics;
 mod packets;
