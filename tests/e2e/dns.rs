@@ -123,7 +123,7 @@ fn dns_name_rule_tcp_udp_cname_and_expiry() {
     let udp = UdpServer::start("127.60.1.3");
     let _dns = resolver(
         ns,
-        1,
+        3,
         &[
             host_record("db.test.example", "127.60.1.1"),
             host_record("udp.test.example", "127.60.1.3"),
@@ -183,9 +183,10 @@ fn dns_name_rule_tcp_udp_cname_and_expiry() {
     assert!(tcp(&a, "127.60.1.6", &port).starts_with("ok "));
     assert_eq!(via_tcp_dns.accepted(), 1);
 
-    // After TTL (1 s) plus grace (1 s): an open connection lives on, a new one is refused.
+    // After TTL (3 s) plus grace (1 s): an open connection lives on, a new one is refused.
+    let t0 = Instant::now();
     dig(&a, ns, "db.test.example", &[]);
-    let open = Command::new(crate::harness::AGENT)
+    let mut open = Command::new(crate::harness::AGENT)
         .args(["exec", "--workload", "web", "--cgroup-root"])
         .arg(&a.root)
         .args([
@@ -193,20 +194,29 @@ fn dns_name_rule_tcp_udp_cname_and_expiry() {
             "python3",
             "-c",
             &format!(
-                "import socket,time\ns=socket.create_connection(('127.60.1.1',{port}))\nprint('connected',flush=True)\ntime.sleep(3)\ns.sendall(b'late\\n')\nprint(s.makefile().readline().strip())"
+                "import socket,sys\ns=socket.create_connection(('127.60.1.1',{port}))\nprint('connected',flush=True)\nsys.stdin.readline()\ns.sendall(b'late\\n')\nprint(s.makefile().readline().strip())"
             ),
         ])
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
         .expect("long-lived client");
-    std::thread::sleep(Duration::from_millis(2600));
-    assert!(tcp(&a, "127.60.1.1", &port).starts_with("err EPERM"));
-    let out = open.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        text.contains("connected") && text.contains("|late"),
-        "{text}"
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(open.stdout.take().unwrap()));
+    let first = lines.next().and_then(Result::ok).unwrap_or_default();
+    assert_eq!(
+        first, "connected",
+        "the long-lived client could not connect in time"
     );
+    assert!(
+        t0.elapsed() < Duration::from_secs(4),
+        "the machine is too slow for this TTL"
+    );
+    std::thread::sleep(Duration::from_millis(4600).saturating_sub(t0.elapsed()));
+    assert!(tcp(&a, "127.60.1.1", &port).starts_with("err EPERM"));
+    std::io::Write::write_all(&mut open.stdin.take().unwrap(), b"go\n").unwrap();
+    let reply = lines.next().and_then(Result::ok).unwrap_or_default();
+    assert!(reply.ends_with("|late"), "the open connection: {reply:?}");
+    let _ = open.wait();
 
     assert!(metric(&a, "egress_dns_requests_total") >= 5.0);
     assert!(metric(&a, "egress_dns_answers_total") >= 5.0);
