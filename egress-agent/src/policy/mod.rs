@@ -12,8 +12,10 @@ pub mod document;
 pub mod error;
 pub mod live;
 pub mod model;
+pub mod netpol;
 pub mod parse;
 pub mod scalar;
+pub mod selector;
 pub mod store;
 pub mod validate;
 

@@ -7,7 +7,11 @@ use std::{collections::BTreeMap, fmt};
 
 use serde::Deserialize;
 
-use super::scalar::{Cidr, HostPattern, Port, Seconds};
+pub use super::selector::{LabelSelector, Labels};
+use super::{
+    netpol::NetworkPolicy,
+    scalar::{Cidr, HostPattern, Port, Seconds},
+};
 
 pub const API_VERSION: &str = "policy.egress.dev/v1alpha1";
 pub const DEFAULT_PROXY_PORT: u16 = 15001;
@@ -19,6 +23,11 @@ pub struct Config {
     pub workloads: Vec<Workload>,
     pub egresses: Vec<Egress>,
     pub gateways: Vec<EgressGateway>,
+    /// Namespace labels (`kind: Namespace` objects; watched in Kubernetes mode), for
+    /// `namespaceSelector`s.
+    pub namespaces: BTreeMap<String, Labels>,
+    /// Kubernetes NetworkPolicies (their egress part; see [`super::netpol`]).
+    pub network_policies: Vec<NetworkPolicy>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -222,6 +231,9 @@ pub struct Workload {
     pub id: ObjectRef,
     pub labels: BTreeMap<String, String>,
     pub network: Network,
+    /// The ServiceAccount it runs as (a pod's `spec.serviceAccountName`), for sources of
+    /// `kind: ServiceAccount`.
+    pub service_account: Option<String>,
 }
 
 // ---- Egress -----------------------------------------------------------------------------
@@ -265,7 +277,9 @@ impl EgressSpec {
     }
 }
 
-/// A source: one workload by name, or workloads by label.
+/// A source: one workload by name, every workload of a ServiceAccount (`kind:
+/// ServiceAccount`, as OSM and FSM mean it), or workloads by label, in the policy's namespace,
+/// the one named, or those a `namespaceSelector` selects.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Source {
@@ -277,13 +291,40 @@ pub struct Source {
     pub namespace: Option<String>,
     #[serde(default)]
     pub pod_selector: Option<LabelSelector>,
+    #[serde(default)]
+    pub namespace_selector: Option<LabelSelector>,
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct LabelSelector {
-    #[serde(default)]
-    pub match_labels: BTreeMap<String, String>,
+impl Source {
+    pub fn is_service_account(&self) -> bool {
+        self.kind.as_deref() == Some("ServiceAccount")
+    }
+
+    /// Whether workload `w` is this source of a policy of namespace `policy_ns`.
+    pub fn selects(
+        &self,
+        w: &Workload,
+        policy_ns: &str,
+        namespaces: &BTreeMap<String, Labels>,
+    ) -> bool {
+        let in_ns = match &self.namespace_selector {
+            Some(sel) => {
+                let empty = Labels::new();
+                sel.matches(namespaces.get(&w.id.namespace).unwrap_or(&empty))
+            }
+            None => w.id.namespace == self.namespace.as_deref().unwrap_or(policy_ns),
+        };
+        in_ns
+            && match (&self.name, &self.pod_selector) {
+                (Some(n), _) if self.is_service_account() => {
+                    w.service_account.as_deref().unwrap_or("default") == n
+                }
+                (Some(n), _) => &w.id.name == n,
+                (None, Some(sel)) => sel.matches(&w.labels),
+                // A namespaceSelector alone: every workload of those namespaces.
+                (None, None) => self.namespace_selector.is_some(),
+            }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -401,21 +442,21 @@ impl Egress {
         &'a self,
         workloads: &'a [Workload],
     ) -> impl Iterator<Item = &'a Workload> + 'a {
+        static NO_NAMESPACES: BTreeMap<String, Labels> = BTreeMap::new();
+        self.sources_in(workloads, &NO_NAMESPACES)
+    }
+
+    /// The workloads this policy applies to, given the namespaces' labels.
+    pub fn sources_in<'a>(
+        &'a self,
+        workloads: &'a [Workload],
+        namespaces: &'a BTreeMap<String, Labels>,
+    ) -> impl Iterator<Item = &'a Workload> + 'a {
         workloads.iter().filter(move |w| {
-            self.spec.sources.iter().any(|s| {
-                let ns = s.namespace.as_deref().unwrap_or(&self.id.namespace);
-                if w.id.namespace != ns {
-                    return false;
-                }
-                match (&s.name, &s.pod_selector) {
-                    (Some(n), _) => &w.id.name == n,
-                    (None, Some(sel)) => sel
-                        .match_labels
-                        .iter()
-                        .all(|(k, v)| w.labels.get(k) == Some(v)),
-                    (None, None) => false,
-                }
-            })
+            self.spec
+                .sources
+                .iter()
+                .any(|s| s.selects(w, &self.id.namespace, namespaces))
         })
     }
 }
@@ -423,10 +464,19 @@ impl Egress {
 /// One object of a policy, validated on its own (not yet against the others).
 #[derive(Clone, Debug, PartialEq)]
 pub enum PolicyObject {
-    Mesh { name: String, spec: MeshSpec },
+    Mesh {
+        name: String,
+        spec: MeshSpec,
+    },
     Workload(Workload),
     Egress(Egress),
     Gateway(EgressGateway),
+    /// A namespace's labels.
+    Namespace {
+        name: String,
+        labels: Labels,
+    },
+    NetworkPolicy(NetworkPolicy),
 }
 
 impl PolicyObject {
@@ -437,6 +487,8 @@ impl PolicyObject {
             PolicyObject::Workload(w) => format!("Workload {}", w.id),
             PolicyObject::Egress(e) => format!("Egress {}", e.id),
             PolicyObject::Gateway(g) => format!("EgressGateway {}", g.id.name),
+            PolicyObject::Namespace { name, .. } => format!("Namespace {name}"),
+            PolicyObject::NetworkPolicy(n) => format!("NetworkPolicy {}", n.id),
         }
     }
 }
