@@ -37,7 +37,8 @@ pub fn resource(kind: &str) -> ApiResource {
         .find(|(k, _, _)| *k == kind)
         .map(|(_, p, _)| *p)
         .unwrap_or("unknown");
-    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(GROUP, VERSION, kind), plural)
+    let (group, version) = super::pod::api(kind);
+    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural)
 }
 
 /// One event of one of the watched kinds ("Pod" or a policy kind).
@@ -357,7 +358,7 @@ async fn announce(node: &Node, view: &View, before: &BTreeMap<super::view::Key, 
         }
         let (kind, namespace, name) = key;
         let reference = k8s_openapi::api::core::v1::ObjectReference {
-            api_version: Some(format!("{GROUP}/{VERSION}")),
+            api_version: Some(resource(kind).api_version),
             kind: Some(kind.clone()),
             namespace: (!namespace.is_empty()).then(|| namespace.clone()),
             name: Some(name.clone()),

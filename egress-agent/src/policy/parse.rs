@@ -63,8 +63,8 @@ struct NamespaceSpec {
     finalizers: Vec<String>,
 }
 
-/// OSM's and FSM's API groups: their Egress and EgressGateway are read as written (the
-/// fields we cannot honour are refused by name, as unknown fields).
+/// OSM's and FSM's API groups: their Egress is read as written (the fields we cannot honour,
+/// `matches` and `sources[].mtls`, are refused by name, as unknown fields).
 pub const FOREIGN_EGRESS_APIS: [&str; 2] = [
     "policy.openservicemesh.io/v1alpha1",
     "policy.flomesh.io/v1alpha1",
@@ -154,7 +154,10 @@ pub fn object(doc: &Document, file: &str) -> Result<PolicyObject, ConfigError> {
             PolicyObject::Egress(Egress { id, spec })
         }
         "EgressGateway" => {
-            let o: Object<GatewaySpec> = typed(doc, file, egress_apis)?;
+            if doc.body.get("apiVersion") == Some(&FOREIGN_EGRESS_APIS[1].into()) {
+                return Err(err("apiVersion", "FSM's EgressGateway names Services (spec.global[].service), which is not supported yet: write an EgressGateway of policy.egress.dev/v1alpha1 with the gateway's addresses and mode"));
+            }
+            let o: Object<GatewaySpec> = typed(doc, file, ours)?;
             let spec = o.spec.ok_or_else(|| err("spec", "missing"))?;
             check_gateway(file, &label, &spec)?;
             PolicyObject::Gateway(EgressGateway { id, spec })
@@ -193,5 +196,7 @@ fn typed<S: for<'de> Deserialize<'de>>(
     Ok(o)
 }
 
+#[cfg(test)]
+mod sources_tests;
 #[cfg(test)]
 mod tests;
