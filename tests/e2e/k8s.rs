@@ -24,7 +24,7 @@ const EPERM: &str = "err EPERM";
 const ALLOWED: &str = "err ECONNREFUSED";
 const NODE: &str = "node-a";
 
-fn verdict(dir: &Path, ip: &str) -> &'static str {
+pub(crate) fn verdict(dir: &Path, ip: &str) -> &'static str {
     let out = client_in_cgroup(dir, &["tcp", ip, "9"]);
     if out.starts_with(EPERM) {
         EPERM
@@ -36,7 +36,7 @@ fn verdict(dir: &Path, ip: &str) -> &'static str {
 }
 
 /// Waits until `f` returns true (10 s at most).
-fn eventually(what: &str, agent: &Agent, f: impl Fn() -> bool) {
+pub(crate) fn eventually(what: &str, agent: &Agent, f: impl Fn() -> bool) {
     assert!(
         wait_until(Duration::from_secs(10), f),
         "never: {what}\nagent log:\n{}",
@@ -44,7 +44,7 @@ fn eventually(what: &str, agent: &Agent, f: impl Fn() -> bool) {
     );
 }
 
-fn uid(n: u32) -> String {
+pub(crate) fn uid(n: u32) -> String {
     format!("{n:08x}-0d4e-4f5a-8b6c-{:012x}", std::process::id())
 }
 
@@ -63,7 +63,7 @@ fn egress(port: i64) -> Value {
 }
 
 /// The kubelet's and the runtime's part: the pod cgroup and one container cgroup in it.
-fn make_pod(
+pub(crate) fn make_pod(
     tree: &CgroupTree,
     kubepods: &str,
     driver: Driver,
@@ -76,7 +76,7 @@ fn make_pod(
     tree.mkdir(rel.join(container_dir(driver, container).expect("container id")))
 }
 
-fn metric(agent: &Agent, name: &str) -> Option<f64> {
+pub(crate) fn metric(agent: &Agent, name: &str) -> Option<f64> {
     let (_, body) = agent.http_get("/metrics");
     body.lines()
         .find(|l| l.starts_with(name))
@@ -102,7 +102,7 @@ fn cluster_cli(kubeconfig: &Path, args: &[&str]) -> String {
 /// An agent in Kubernetes mode for node NODE on the kubepods cgroup `root`, against `fake`,
 /// whose MeshConfig `egress` (enableEgress false, this agent's proxy port) is put first.
 /// Started, and ready. Returns it and its kubeconfig file.
-fn kube_agent(fake: &FakeApiServer, root: PathBuf) -> (Agent, PathBuf) {
+pub(crate) fn kube_agent(fake: &FakeApiServer, root: PathBuf) -> (Agent, PathBuf) {
     let mut agent = Agent::new("");
     fake.put(
         "meshconfigs",

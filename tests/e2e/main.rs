@@ -14,6 +14,7 @@ mod harness;
 mod k8s;
 mod lifecycle;
 mod metrics;
+mod netpol;
 mod packets;
 mod pods;
 mod proxy;

@@ -47,7 +47,8 @@ pub enum Command {
     /// the metrics until SIGTERM/SIGINT. Enforcement stays after the agent stops (see uninstall);
     /// a restart on the same pins resumes the live policy without a gap.
     Run {
-        /// Policy file: MeshConfig, Workload, Egress and EgressGateway documents (YAML).
+        /// Policy file: MeshConfig, Workload, Egress, EgressGateway, NetworkPolicy and
+        /// Namespace documents (YAML).
         /// Not used with --kubernetes.
         #[arg(
             long,
@@ -191,20 +192,20 @@ pub enum EgressAction {
 
 #[derive(Debug, Subcommand)]
 pub enum PolicyAction {
-    /// Add or replace the objects of FILE (MeshConfig, Workload, Egress, EgressGateway) in the
-    /// live policy.
+    /// Add or replace the objects of FILE (MeshConfig, Workload, Egress, EgressGateway,
+    /// NetworkPolicy, Namespace) in the live policy.
     Apply {
         #[arg(long, short = 'f', value_name = "FILE")]
         file: PathBuf,
     },
-    /// List the Egress policies in force.
+    /// List the policies in force (Egress and NetworkPolicy objects).
     List,
     /// Remove an Egress policy: NAME or NAMESPACE/NAME.
     Delete {
         #[arg(value_name = "NAME")]
         name: String,
     },
-    /// What the kernel decides for a workload's connection, and which rule decides it.
+    /// What the kernel decides for a workload's connection, and which object decides it.
     Check {
         #[arg(long, short = 'w', value_name = "NAME")]
         workload: String,
