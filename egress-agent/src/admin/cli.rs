@@ -115,6 +115,12 @@ pub enum Command {
         #[arg(long)]
         kubernetes: bool,
     },
+    /// Print FILE with its OSM and FSM Egress objects as policy.egress.dev ones (for
+    /// `kubectl apply -f -`); a field that cannot be honoured is refused by name (exit 2).
+    Convert {
+        #[arg(long, short = 'f', value_name = "FILE")]
+        file: PathBuf,
+    },
     /// Toggle egress mesh-wide (OSM/FSM enableEgress), or show the agent's state.
     /// With --kubernetes: patch the MeshConfig object so every node converges, and show the
     /// MeshConfig generation each node reports.

@@ -8,6 +8,7 @@
 //! `parse` ← `store`; `error` ← `document` ← `parse`, `store`; `model` ← `compile` ← `live`.
 
 pub mod compile;
+pub mod convert;
 pub mod document;
 pub mod error;
 pub mod live;
