@@ -8,13 +8,17 @@ use serde_json::{json, Value};
 use super::cgroups::Qos;
 use crate::policy::ObjectRef;
 
+/// The API group and version of the CRDs.
+pub const GROUP: &str = "policy.egress.dev";
+pub const VERSION: &str = "v1alpha1";
+
 /// (group, version) of a watched kind: Kubernetes' own for NetworkPolicy and Namespace, ours
 /// for the CRDs.
 pub fn api(kind: &str) -> (&'static str, &'static str) {
     match kind {
         "NetworkPolicy" => ("networking.k8s.io", "v1"),
         "Namespace" => ("", "v1"),
-        _ => (super::watch::GROUP, super::watch::VERSION),
+        _ => (GROUP, VERSION),
     }
 }
 

@@ -25,8 +25,7 @@ use crate::{
     policy::{ConfigError, ObjectRef},
 };
 
-pub const GROUP: &str = "policy.egress.dev";
-pub const VERSION: &str = "v1alpha1";
+pub use super::pod::{GROUP, VERSION};
 /// The startup taint the agent removes from its node once enforcement is in place.
 pub const STARTUP_TAINT: &str = "egress.dev/agent-not-ready";
 

@@ -16,7 +16,7 @@ use egress_common::{
 
 use super::{
     model::{Action, Config, EgressGateway, FailMode, ObjectRef, Via},
-    netpol,
+    netpol::{self, Prefixes},
     scalar::{self, Cidr, HostPattern},
 };
 
@@ -116,8 +116,6 @@ pub enum CompileError {
     #[error("{count} workloads is more than the {max} this agent supports")]
     TooManyWorkloads { count: usize, max: u32 },
 }
-
-pub(super) type Prefixes<const N: usize> = BTreeMap<(u32, u8, [u8; N]), Vec<PortRule>>;
 
 pub fn compile(cfg: &Config) -> Result<Compiled, CompileError> {
     compile_stable(cfg, &BTreeMap::new())
@@ -245,7 +243,21 @@ pub fn compile_stable(
         }
     }
 
-    let isolation = netpol::isolate(cfg, &ids, &mut rules, &mut v4, &mut v6);
+    let first = rules.len() as u32 + 1;
+    let isolation = netpol::isolate(cfg, &ids, first, &mut v4, &mut v6);
+    for np in &cfg.network_policies {
+        rules.push(RuleInfo {
+            egress: np.id.clone(),
+            kind: "NetworkPolicy",
+            action: Action::Deny,
+            via: Via::Direct,
+            hosts: Vec::new(),
+            workloads: netpol::selected(cfg, &ids, np),
+            cidrs: np.cidrs(),
+            ports: np.ports(),
+            gateway: None,
+        });
+    }
     let names = |wid: u32| {
         ids.iter()
             .find(|(_, id)| **id == wid)

@@ -7,11 +7,8 @@ use std::{collections::BTreeMap, fmt};
 
 use serde::Deserialize;
 
+use super::scalar::{Cidr, HostPattern, Port, Seconds};
 pub use super::selector::{LabelSelector, Labels};
-use super::{
-    netpol::NetworkPolicy,
-    scalar::{Cidr, HostPattern, Port, Seconds},
-};
 
 pub const API_VERSION: &str = "policy.egress.dev/v1alpha1";
 pub const DEFAULT_PROXY_PORT: u16 = 15001;
@@ -368,6 +365,32 @@ pub enum Via {
     Direct,
     Proxy,
     Gateway,
+}
+
+// ---- NetworkPolicy (see super::netpol) ---------------------------------------------
+
+/// The egress part of a NetworkPolicy, validated.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NetworkPolicy {
+    pub id: ObjectRef,
+    pub pod_selector: LabelSelector,
+    /// None: `Egress` is not among its policy types (it does not isolate for egress).
+    pub egress: Option<Vec<Allow>>,
+}
+
+/// What one egress rule allows outside the mesh.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Allow {
+    /// None: every destination (`to` empty or missing).
+    pub blocks: Option<Vec<Block>>,
+    /// None: every port and protocol. (first, last, protocol)
+    pub ports: Option<Vec<(u16, u16, u8)>>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Block {
+    pub cidr: Cidr,
+    pub except: Vec<Cidr>,
 }
 
 // ---- EgressGateway ----------------------------------------------------------------------

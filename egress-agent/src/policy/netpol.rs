@@ -28,38 +28,16 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::{
-    compile::{Prefixes, RuleInfo},
     error::ConfigError,
-    model::{Action, Config, ObjectRef, Via},
+    model::{Allow, Block, Config, NetworkPolicy, ObjectRef},
     scalar::{self, Cidr},
     selector::{LabelSelector, Labels},
 };
 
+/// A workload's LPM prefixes (workload id, prefix length, address) → the rules given there.
+pub type Prefixes<const N: usize> = BTreeMap<(u32, u8, [u8; N]), Vec<PortRule>>;
+
 pub const API_VERSION: &str = "networking.k8s.io/v1";
-
-/// The egress part of a NetworkPolicy, validated.
-#[derive(Clone, Debug, PartialEq)]
-pub struct NetworkPolicy {
-    pub id: ObjectRef,
-    pub pod_selector: LabelSelector,
-    /// None: `Egress` is not among its policy types (it does not isolate for egress).
-    pub egress: Option<Vec<Allow>>,
-}
-
-/// What one egress rule allows outside the mesh.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Allow {
-    /// None: every destination (`to` empty or missing).
-    pub blocks: Option<Vec<Block>>,
-    /// None: every port and protocol. (first, last, protocol)
-    pub ports: Option<Vec<(u16, u16, u8)>>,
-}
-
-#[derive(Clone, Debug, PartialEq)]
-pub struct Block {
-    pub cidr: Cidr,
-    pub except: Vec<Cidr>,
-}
 
 // ---- the document ---------------------------------------------------------------------
 
@@ -388,38 +366,18 @@ impl Isolation {
     }
 }
 
-/// Adds a rule (for `policy list`, `check` and the flow log) per NetworkPolicy after the
-/// Egress rules, and the prefixes isolated workloads need; returns what the denials are
-/// computed from.
-pub(super) fn isolate(
+/// The prefixes isolated workloads need, added to `v4` and `v6`; NetworkPolicy `i` of
+/// `cfg` gets rule id `first_rule + i`.
+pub fn isolate(
     cfg: &Config,
     ids: &BTreeMap<&ObjectRef, u32>,
-    rules: &mut Vec<RuleInfo>,
+    first_rule: u32,
     v4: &mut Prefixes<4>,
     v6: &mut Prefixes<16>,
 ) -> Isolation {
-    let selected = |np: &NetworkPolicy| -> BTreeSet<u32> {
-        cfg.workloads
-            .iter()
-            .filter(|w| np.selects(&w.id.namespace, &w.labels))
-            .filter_map(|w| ids.get(&w.id).copied())
-            .collect()
-    };
-    let first = rules.len() as u32 + 1;
-    for np in &cfg.network_policies {
-        rules.push(RuleInfo {
-            egress: np.id.clone(),
-            kind: "NetworkPolicy",
-            action: Action::Deny,
-            via: Via::Direct,
-            hosts: Vec::new(),
-            workloads: selected(np),
-            cidrs: np.cidrs(),
-            ports: np.ports(),
-            gateway: None,
-        });
-    }
-    let isolation = Isolation::new(&cfg.network_policies, first, selected);
+    let isolation = Isolation::new(&cfg.network_policies, first_rule, |np| {
+        selected(cfg, ids, np)
+    });
     for (wid, c) in isolation.prefixes() {
         if let Some(k) = key_of::<4>(&c) {
             v4.entry((wid, c.len, k)).or_default();
@@ -431,17 +389,31 @@ pub(super) fn isolate(
     isolation
 }
 
+/// The workload ids NetworkPolicy `np` isolates.
+pub fn selected(
+    cfg: &Config,
+    ids: &BTreeMap<&ObjectRef, u32>,
+    np: &NetworkPolicy,
+) -> BTreeSet<u32> {
+    cfg.workloads
+        .iter()
+        .filter(|w| np.selects(&w.id.namespace, &w.labels))
+        .filter_map(|w| ids.get(&w.id).copied())
+        .collect()
+}
+
 /// `policy check`'s reason when a NetworkPolicy decided; None otherwise.
-pub fn explain(o: egress_common::Outcome, rule: Option<&RuleInfo>) -> Option<String> {
+/// `rule`: the deciding rule's (kind, object).
+pub fn explain(o: egress_common::Outcome, rule: Option<(&str, &ObjectRef)>) -> Option<String> {
     use egress_common::Outcome::*;
-    let r = rule.filter(|r| r.kind == "NetworkPolicy")?;
+    let (_, id) = rule.filter(|(k, _)| *k == "NetworkPolicy")?;
     let what = "the workload is isolated for egress, and no NetworkPolicy selecting it allows this destination, port and protocol";
     Some(match o {
         AuditRule => format!(
             "would be refused by NetworkPolicy {}: {what}; allowed by auditMode",
-            r.egress
+            id
         ),
-        _ => format!("refused by NetworkPolicy {}: {what}", r.egress),
+        _ => format!("refused by NetworkPolicy {}: {what}", id),
     })
 }
 
