@@ -431,7 +431,7 @@ impl Control {
             verdict: d.outcome.name().into(),
             refused: d.outcome.is_denied(),
             rule: rule.map(|r| r.name()).unwrap_or_default(),
-            reason: crate::policy::netpol::explain(d.outcome, rule.map(|r| (r.kind, &r.egress)))
+            reason: crate::policy::tiers::explain(d.outcome, rule.map(|r| (r.kind, &r.egress)))
                 .unwrap_or_else(|| reason(d.outcome, rule.map(|r| r.egress.to_string()))),
             hosts,
             generation: self.generation(),

@@ -16,8 +16,8 @@ use egress_common::{
 
 use super::{
     model::{Action, Config, EgressGateway, FailMode, ObjectRef, Via},
-    netpol::{self, Prefixes},
     scalar::{self, Cidr, HostPattern},
+    tiers::{Prefixes, Tiers},
 };
 
 /// What one Egress object compiled to; `rule_id` is its index + 1. The proxy judges hosts
@@ -43,10 +43,11 @@ pub struct RuleInfo {
 
 impl RuleInfo {
     /// How logs, `check` and `list` name its object: `ns/name` for an Egress,
-    /// `NetworkPolicy ns/name` for the others.
+    /// `NetworkPolicy ns/name`, `AdminNetworkPolicy name` for the others.
     pub fn name(&self) -> String {
         match self.kind {
             "Egress" => self.egress.to_string(),
+            k if self.egress.namespace.is_empty() => format!("{k} {}", self.egress.name),
             k => format!("{k} {}", self.egress),
         }
     }
@@ -244,27 +245,25 @@ pub fn compile_stable(
     }
 
     let first = rules.len() as u32 + 1;
-    let isolation = netpol::isolate(cfg, &ids, first, &mut v4, &mut v6);
-    for np in &cfg.network_policies {
-        rules.push(RuleInfo {
-            egress: np.id.clone(),
-            kind: "NetworkPolicy",
-            action: Action::Deny,
-            via: Via::Direct,
-            hosts: Vec::new(),
-            workloads: netpol::selected(cfg, &ids, np),
-            cidrs: np.cidrs(),
-            ports: np.ports(),
-            gateway: None,
-        });
-    }
+    let (tiers, objects) = Tiers::new(cfg, &ids, first, &mut v4, &mut v6);
+    rules.extend(objects.into_iter().map(|o| RuleInfo {
+        egress: o.id,
+        kind: o.kind,
+        action: Action::Deny,
+        via: Via::Direct,
+        hosts: Vec::new(),
+        workloads: o.workloads,
+        cidrs: o.cidrs,
+        ports: o.ports,
+        gateway: None,
+    }));
     let names = |wid: u32| {
         ids.iter()
             .find(|(_, id)| **id == wid)
             .map(|(w, _)| (*w).clone())
             .unwrap_or_default()
     };
-    let v4 = flatten(&v4, &rules, names, |w, l, a| isolation.denials(w, l, a))?
+    let v4 = flatten(&v4, &rules, names, |w, l, a| tiers.denials(w, l, a))?
         .into_iter()
         .map(|(workload, cidr_len, addr, value)| Entry {
             workload,
@@ -273,7 +272,7 @@ pub fn compile_stable(
             value,
         })
         .collect();
-    let v6 = flatten(&v6, &rules, names, |w, l, a| isolation.denials(w, l, a))?
+    let v6 = flatten(&v6, &rules, names, |w, l, a| tiers.denials(w, l, a))?
         .into_iter()
         .map(|(workload, cidr_len, addr, value)| Entry {
             workload,

@@ -25,6 +25,8 @@ pub struct Config {
     pub namespaces: BTreeMap<String, Labels>,
     /// Kubernetes NetworkPolicies (their egress part; see [`super::netpol`]).
     pub network_policies: Vec<NetworkPolicy>,
+    /// AdminNetworkPolicies and the BaselineAdminNetworkPolicy.
+    pub admin_policies: Vec<AdminPolicy>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -393,6 +395,53 @@ pub struct Block {
     pub except: Vec<Cidr>,
 }
 
+/// An AdminNetworkPolicy or the BaselineAdminNetworkPolicy (`policy.networking.k8s.io`),
+/// their egress part, validated (see `super::tiers` for how they decide).
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdminPolicy {
+    pub name: String,
+    /// The BaselineAdminNetworkPolicy (after NetworkPolicy) rather than an AdminNetworkPolicy.
+    pub baseline: bool,
+    /// 0-1000, lower first (0 for the baseline).
+    pub priority: u32,
+    /// Namespaces, and pods in them (None: every pod of those namespaces).
+    pub namespaces: LabelSelector,
+    pub pods: Option<LabelSelector>,
+    /// In order; the first that matches a connection decides.
+    pub rules: Vec<AdminRule>,
+}
+
+impl AdminPolicy {
+    pub fn kind(&self) -> &'static str {
+        if self.baseline {
+            "BaselineAdminNetworkPolicy"
+        } else {
+            "AdminNetworkPolicy"
+        }
+    }
+
+    /// Whether it applies to a workload of namespace `ns` (whose labels are `ns_labels`)
+    /// labelled `labels`.
+    pub fn selects(&self, ns_labels: &Labels, labels: &Labels) -> bool {
+        self.namespaces.matches(ns_labels) && self.pods.as_ref().is_none_or(|p| p.matches(labels))
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdminRule {
+    pub action: AdminAction,
+    /// Where it applies (`networks` peers as blocks without exceptions).
+    pub to: Allow,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdminAction {
+    Allow,
+    Deny,
+    /// Leave the decision to NetworkPolicy (then the baseline).
+    Pass,
+}
+
 // ---- EgressGateway ----------------------------------------------------------------------
 
 #[derive(Clone, Debug, PartialEq)]
@@ -500,6 +549,7 @@ pub enum PolicyObject {
         labels: Labels,
     },
     NetworkPolicy(NetworkPolicy),
+    Admin(AdminPolicy),
 }
 
 impl PolicyObject {
@@ -512,6 +562,7 @@ impl PolicyObject {
             PolicyObject::Gateway(g) => format!("EgressGateway {}", g.id.name),
             PolicyObject::Namespace { name, .. } => format!("Namespace {name}"),
             PolicyObject::NetworkPolicy(n) => format!("NetworkPolicy {}", n.id),
+            PolicyObject::Admin(a) => format!("{} {}", a.kind(), a.name),
         }
     }
 }

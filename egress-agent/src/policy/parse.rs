@@ -11,6 +11,7 @@ use std::{collections::BTreeMap, path::Path};
 use serde::Deserialize;
 
 use super::{
+    anp,
     document::{documents, Document},
     error::ConfigError,
     model::{
@@ -147,6 +148,12 @@ pub fn object(doc: &Document, file: &str) -> Result<PolicyObject, ConfigError> {
             let spec = o.spec.ok_or_else(|| err("spec", "missing"))?;
             PolicyObject::NetworkPolicy(netpol::from_spec(file, &label, id, spec)?)
         }
+        "AdminNetworkPolicy" | "BaselineAdminNetworkPolicy" => {
+            let o: Object<anp::Spec> = typed(doc, file, &[anp::API_VERSION])?;
+            let spec = o.spec.ok_or_else(|| err("spec", "missing"))?;
+            let baseline = doc.kind.starts_with("Baseline");
+            PolicyObject::Admin(anp::from_spec(file, &label, o.metadata.name, baseline, spec)?)
+        }
         "Egress" => {
             let o: Object<EgressSpec> = typed(doc, file, egress_apis)?;
             let spec = o.spec.ok_or_else(|| err("spec", "missing"))?;
@@ -166,7 +173,7 @@ pub fn object(doc: &Document, file: &str) -> Result<PolicyObject, ConfigError> {
             return Err(err(
                 "kind",
                 &format!(
-                "unknown kind {other:?} (expected MeshConfig, Workload, Egress, EgressGateway, NetworkPolicy or Namespace)"
+                "unknown kind {other:?} (expected MeshConfig, Workload, Egress, EgressGateway, NetworkPolicy, AdminNetworkPolicy, BaselineAdminNetworkPolicy or Namespace)"
             ),
             ))
         }

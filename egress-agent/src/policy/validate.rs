@@ -229,6 +229,14 @@ impl Objects {
                 self.unique(&label, "NetworkPolicy", &n.id)?;
                 self.cfg.network_policies.push(n);
             }
+            PolicyObject::Admin(a) => {
+                let id = ObjectRef {
+                    namespace: String::new(),
+                    name: a.name.clone(),
+                };
+                self.unique(&label, a.kind(), &id)?;
+                self.cfg.admin_policies.push(a);
+            }
         }
         Ok(())
     }
