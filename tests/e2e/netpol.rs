@@ -295,3 +295,121 @@ fn fake_api_server_service_account_sources_and_network_policies() {
         pod_verdict(curl2, "127.77.2.1") == ALLOWED
     });
 }
+
+/// AdminNetworkPolicy tiers on real cgroups: a higher-priority Deny beats a lower Allow,
+/// Pass hands over to NetworkPolicy, the BaselineAdminNetworkPolicy is the default.
+const ADMIN: &str = r#"---
+apiVersion: policy.networking.k8s.io/v1alpha1
+kind: AdminNetworkPolicy
+metadata: {name: deny-metadata}
+spec:
+  priority: 5
+  subject: {namespaces: {}}
+  egress:
+  - {name: no-metadata, action: Deny, to: [{networks: [127.31.0.254/32]}]}
+  - {name: pass-corp, action: Pass, to: [{networks: [127.32.0.0/16]}]}
+---
+apiVersion: policy.networking.k8s.io/v1alpha1
+kind: AdminNetworkPolicy
+metadata: {name: allow-cloud}
+spec:
+  priority: 50
+  subject: {namespaces: {}}
+  egress:
+  - {name: cloud, action: Allow, to: [{networks: [127.31.0.0/16, 127.32.0.0/16]}]}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web-corp-443}
+spec:
+  podSelector: {matchLabels: {role: web}}
+  policyTypes: [Egress]
+  egress: [{to: [{ipBlock: {cidr: 127.32.1.0/24}}], ports: [{port: 443}]}]
+---
+apiVersion: policy.networking.k8s.io/v1alpha1
+kind: BaselineAdminNetworkPolicy
+metadata: {name: default}
+spec:
+  subject: {namespaces: {}}
+  egress:
+  - {action: Allow, to: [{networks: [127.33.0.1/32]}], ports: [{portNumber: {protocol: TCP, port: 8080}}]}
+  - {action: Deny, to: [{networks: [127.0.0.0/8]}]}
+"#;
+
+#[test]
+fn admin_network_policy_priority_pass_and_baseline() {
+    if !privileged() {
+        return;
+    }
+    let agent = Agent::start(&format!("{WORKLOADS}{ADMIN}"));
+    let cases: &[(&str, &str, u16, &str, &str)] = &[
+        (
+            "web",
+            "127.31.0.254",
+            80,
+            EPERM,
+            "priority 5 Deny beats priority 50 Allow",
+        ),
+        ("web", "127.31.0.1", 80, ALLOWED, "priority 50 Allow"),
+        (
+            "web",
+            "127.32.1.1",
+            443,
+            ALLOWED,
+            "Pass: NetworkPolicy allows",
+        ),
+        (
+            "web",
+            "127.32.1.1",
+            80,
+            EPERM,
+            "Pass: NetworkPolicy refuses (the lower Allow is skipped)",
+        ),
+        (
+            "web",
+            "127.32.2.1",
+            443,
+            EPERM,
+            "Pass: outside the NetworkPolicy's block",
+        ),
+        (
+            "db",
+            "127.32.1.1",
+            80,
+            EPERM,
+            "Pass, not isolated: the baseline denies",
+        ),
+        ("db", "127.33.0.1", 8080, ALLOWED, "baseline Allow"),
+        ("db", "127.33.0.1", 8081, EPERM, "baseline Deny"),
+        ("jobs/db", "127.99.0.1", 80, EPERM, "baseline Deny"),
+        ("db", "127.60.0.1", 80, ALLOWED, "meshCIDRs are the CNI's"),
+    ];
+    let mut failures = Vec::new();
+    for &(w, ip, port, want, why) in cases {
+        let got = verdict(&agent, w, ip, port);
+        if got != want {
+            failures.push(format!(
+                "{w} -> {ip}:{port} ({why}): want {want}, got {got}"
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    let check = agent.cli_ok(&["policy", "check", "--workload", "web", "127.31.0.254:80"]);
+    assert!(
+        check.contains("refused by AdminNetworkPolicy deny-metadata"),
+        "{check}"
+    );
+    let check = agent.cli_ok(&["policy", "check", "--workload", "db", "127.99.0.1:80"]);
+    assert!(
+        check.contains("refused by BaselineAdminNetworkPolicy default"),
+        "{check}"
+    );
+    let list = agent.cli_ok(&["policy", "list"]);
+    for name in [
+        "AdminNetworkPolicy allow-cloud",
+        "BaselineAdminNetworkPolicy default",
+        "NetworkPolicy default/web-corp-443",
+    ] {
+        assert!(list.contains(name), "{name}:\n{list}");
+    }
+}
