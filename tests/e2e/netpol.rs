@@ -294,6 +294,15 @@ fn fake_api_server_service_account_sources_and_network_policies() {
     eventually("the NetworkPolicy is gone", &agent, || {
         pod_verdict(curl2, "127.77.2.1") == ALLOWED
     });
+    // An AdminNetworkPolicy, cluster-scoped, watched too.
+    fake.put("adminnetworkpolicies", json!({"apiVersion": "policy.networking.k8s.io/v1alpha1",
+        "kind": "AdminNetworkPolicy", "metadata": {"name": "no-77-2"},
+        "spec": {"priority": 1, "subject": {"namespaces": {}},
+                 "egress": [{"name": "deny", "action": "Deny", "to": [{"networks": ["127.77.2.0/24"]}]}]}}));
+    eventually("the AdminNetworkPolicy refuses", &agent, || {
+        pod_verdict(curl2, "127.77.2.1") == EPERM
+    });
+    assert_eq!(pod_verdict(curl1, "127.77.1.1"), ALLOWED);
 }
 
 /// AdminNetworkPolicy tiers on real cgroups: a higher-priority Deny beats a lower Allow,

@@ -12,12 +12,21 @@ use crate::policy::ObjectRef;
 pub const GROUP: &str = "policy.egress.dev";
 pub const VERSION: &str = "v1alpha1";
 
+/// Kinds whose CRDs a cluster may not have (network-policy-api's): the first sync does not
+/// wait for them.
+pub fn optional(kind: &str) -> bool {
+    api(kind).0 == "policy.networking.k8s.io"
+}
+
 /// (group, version) of a watched kind: Kubernetes' own for NetworkPolicy and Namespace, ours
 /// for the CRDs.
 pub fn api(kind: &str) -> (&'static str, &'static str) {
     match kind {
         "NetworkPolicy" => ("networking.k8s.io", "v1"),
         "Namespace" => ("", "v1"),
+        "AdminNetworkPolicy" | "BaselineAdminNetworkPolicy" => {
+            ("policy.networking.k8s.io", "v1alpha1")
+        }
         _ => (GROUP, VERSION),
     }
 }
@@ -207,8 +216,10 @@ mod tests {
                 verbs.contains(&"list") && verbs.contains(&"watch"),
                 "{plural}: {verbs:?}"
             );
-            if matches!(kind, "NetworkPolicy" | "Namespace") {
+            if group != GROUP {
                 assert_eq!(verbs, ["list", "watch"], "{plural}");
+            }
+            if matches!(kind, "NetworkPolicy" | "Namespace") {
                 assert_eq!(rule["resources"].as_array().unwrap().len(), 1, "{plural}");
             }
         }

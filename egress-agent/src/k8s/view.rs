@@ -27,12 +27,18 @@ pub const SOURCE: &str = "kubernetes";
 
 /// The policy kinds watched (CRDs, then Kubernetes' own: see [`super::pod::api`]), with
 /// their plural (URL) names and scope.
-pub const KINDS: [(&str, &str, bool); 5] = [
+pub const KINDS: [(&str, &str, bool); 7] = [
     ("MeshConfig", "meshconfigs", false),
     ("Egress", "egresses", true),
     ("EgressGateway", "egressgateways", false),
     ("NetworkPolicy", "networkpolicies", true),
     ("Namespace", "namespaces", false),
+    ("AdminNetworkPolicy", "adminnetworkpolicies", false),
+    (
+        "BaselineAdminNetworkPolicy",
+        "baselineadminnetworkpolicies",
+        false,
+    ),
 ];
 
 /// (kind, namespace, name); cluster-scoped kinds have an empty namespace.

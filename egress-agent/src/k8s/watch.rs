@@ -163,11 +163,21 @@ fn spawn_watch(
 ) {
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(watcher(api, cfg).default_backoff());
+        // A kind whose CRD is optional counts as listed (none) until its first list succeeds.
+        let (mut listed, mut absent) = (false, false);
         while let Some(item) = stream.next().await {
             match item {
                 Ok(event) => {
+                    listed |= matches!(event, watcher::Event::InitDone);
                     if tx.send((kind, event)).await.is_err() {
                         return;
+                    }
+                }
+                Err(e) if super::pod::optional(kind) && !listed => {
+                    if !absent {
+                        info!(kind, error = %e, "cannot list this optional kind (CRD not installed?): none in force; trying again");
+                        absent = true;
+                        let _ = tx.send((kind, watcher::Event::InitDone)).await;
                     }
                 }
                 Err(e) => warn!(
