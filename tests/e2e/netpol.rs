@@ -76,77 +76,49 @@ fn verdict(agent: &Agent, w: &str, ip: &str, port: u16) -> String {
         .to_string()
 }
 
+/// Each case: `WORKLOAD IP:PORT allowed|EPERM WHY`; every case is tried, the failures listed.
+fn check_cases(agent: &Agent, cases: &[&str]) {
+    let mut failures = Vec::new();
+    for c in cases {
+        let f: Vec<&str> = c.splitn(4, ' ').collect();
+        let (ip, port) = f[1].rsplit_once(':').unwrap();
+        let want = if f[2] == "allowed" { ALLOWED } else { EPERM };
+        let got = verdict(agent, f[0], ip, port.parse().unwrap());
+        if got != want {
+            failures.push(format!("{c}: got {got}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
 #[test]
 fn network_policy_documentation_examples_allow_refuse_and_leave_others_untouched() {
     if !privileged() {
         return;
     }
     let agent = Agent::start(&format!("{WORKLOADS}{POLICIES}"));
-    let cases: &[(&str, &str, u16, &str, &str)] = &[
-        (
-            "db",
-            "127.21.0.16",
-            80,
-            ALLOWED,
-            "first address of the /28, TCP 80",
-        ),
-        ("db", "127.21.0.31", 80, ALLOWED, "last address of the /28"),
-        ("db", "127.21.0.15", 80, EPERM, "just below the /28"),
-        ("db", "127.21.0.32", 80, EPERM, "just above the /28"),
-        ("db", "127.21.0.17", 81, EPERM, "another port"),
-        (
-            "db",
-            "127.21.0.18",
-            80,
-            EPERM,
-            "allowed by NetworkPolicy, denied by an Egress",
-        ),
-        (
-            "db",
-            "127.22.0.1",
-            32000,
-            ALLOWED,
-            "first port of the range",
-        ),
-        ("db", "127.22.0.1", 32768, ALLOWED, "last port of the range"),
-        ("db", "127.22.0.1", 31999, EPERM, "below the range"),
-        ("db", "127.22.0.1", 32769, EPERM, "above the range"),
-        (
-            "db",
-            "127.22.0.127",
-            32000,
-            ALLOWED,
-            "last address before the exception",
-        ),
-        ("db", "127.22.0.128", 32000, EPERM, "inside ipBlock.except"),
-        ("db", "127.99.0.1", 443, EPERM, "anywhere else"),
-        ("db", "127.60.0.1", 443, ALLOWED, "meshCIDRs are the CNI's"),
-        ("web", "127.99.0.1", 443, ALLOWED, "not selected: untouched"),
-        (
-            "web",
-            "127.22.0.128",
-            32000,
-            ALLOWED,
-            "not selected: untouched",
-        ),
-        (
-            "jobs/db",
-            "127.99.0.1",
-            443,
-            ALLOWED,
-            "same labels, another namespace: untouched",
-        ),
-    ];
-    let mut failures = Vec::new();
-    for &(w, ip, port, want, why) in cases {
-        let got = verdict(&agent, w, ip, port);
-        if got != want {
-            failures.push(format!(
-                "{w} -> {ip}:{port} ({why}): want {want}, got {got}"
-            ));
-        }
-    }
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    check_cases(
+        &agent,
+        &[
+            "db 127.21.0.16:80 allowed first address of the /28, TCP 80",
+            "db 127.21.0.31:80 allowed last address of the /28",
+            "db 127.21.0.15:80 EPERM just below the /28",
+            "db 127.21.0.32:80 EPERM just above the /28",
+            "db 127.21.0.17:81 EPERM another port",
+            "db 127.21.0.18:80 EPERM allowed by NetworkPolicy, denied by an Egress",
+            "db 127.22.0.1:32000 allowed first port of the range",
+            "db 127.22.0.1:32768 allowed last port of the range",
+            "db 127.22.0.1:31999 EPERM below the range",
+            "db 127.22.0.1:32769 EPERM above the range",
+            "db 127.22.0.127:32000 allowed last address before the exception",
+            "db 127.22.0.128:32000 EPERM inside ipBlock.except",
+            "db 127.99.0.1:443 EPERM anywhere else",
+            "db 127.60.0.1:443 allowed meshCIDRs are the CNI's",
+            "web 127.99.0.1:443 allowed not selected: untouched",
+            "web 127.22.0.128:32000 allowed not selected: untouched",
+            "jobs/db 127.99.0.1:443 allowed same labels, another namespace: untouched",
+        ],
+    );
     // UDP: the policies allow TCP only.
     assert!(agent
         .client("db", &["udp", "127.21.0.16", "80"])
@@ -351,58 +323,21 @@ fn admin_network_policy_priority_pass_and_baseline() {
         return;
     }
     let agent = Agent::start(&format!("{WORKLOADS}{ADMIN}"));
-    let cases: &[(&str, &str, u16, &str, &str)] = &[
-        (
-            "web",
-            "127.31.0.254",
-            80,
-            EPERM,
-            "priority 5 Deny beats priority 50 Allow",
-        ),
-        ("web", "127.31.0.1", 80, ALLOWED, "priority 50 Allow"),
-        (
-            "web",
-            "127.32.1.1",
-            443,
-            ALLOWED,
-            "Pass: NetworkPolicy allows",
-        ),
-        (
-            "web",
-            "127.32.1.1",
-            80,
-            EPERM,
-            "Pass: NetworkPolicy refuses (the lower Allow is skipped)",
-        ),
-        (
-            "web",
-            "127.32.2.1",
-            443,
-            EPERM,
-            "Pass: outside the NetworkPolicy's block",
-        ),
-        (
-            "db",
-            "127.32.1.1",
-            80,
-            EPERM,
-            "Pass, not isolated: the baseline denies",
-        ),
-        ("db", "127.33.0.1", 8080, ALLOWED, "baseline Allow"),
-        ("db", "127.33.0.1", 8081, EPERM, "baseline Deny"),
-        ("jobs/db", "127.99.0.1", 80, EPERM, "baseline Deny"),
-        ("db", "127.60.0.1", 80, ALLOWED, "meshCIDRs are the CNI's"),
-    ];
-    let mut failures = Vec::new();
-    for &(w, ip, port, want, why) in cases {
-        let got = verdict(&agent, w, ip, port);
-        if got != want {
-            failures.push(format!(
-                "{w} -> {ip}:{port} ({why}): want {want}, got {got}"
-            ));
-        }
-    }
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    check_cases(
+        &agent,
+        &[
+            "web 127.31.0.254:80 EPERM priority 5 Deny beats priority 50 Allow",
+            "web 127.31.0.1:80 allowed priority 50 Allow",
+            "web 127.32.1.1:443 allowed Pass: NetworkPolicy allows",
+            "web 127.32.1.1:80 EPERM Pass: NetworkPolicy refuses (the lower Allow is skipped)",
+            "web 127.32.2.1:443 EPERM Pass: outside the NetworkPolicy's block",
+            "db 127.32.1.1:80 EPERM Pass, not isolated: the baseline denies",
+            "db 127.33.0.1:8080 allowed baseline Allow",
+            "db 127.33.0.1:8081 EPERM baseline Deny",
+            "jobs/db 127.99.0.1:80 EPERM baseline Deny",
+            "db 127.60.0.1:80 allowed meshCIDRs are the CNI's",
+        ],
+    );
     let check = agent.cli_ok(&["policy", "check", "--workload", "web", "127.31.0.254:80"]);
     assert!(
         check.contains("refused by AdminNetworkPolicy deny-metadata"),

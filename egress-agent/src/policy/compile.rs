@@ -343,7 +343,7 @@ fn flatten<const N: usize>(
         if let Err(count) = value {
             let egresses: BTreeSet<String> = all
                 .iter()
-                .map(|r| rules[r.rule_id as usize - 1].egress.to_string())
+                .map(|r| rules[r.rule_id as usize - 1].name())
                 .collect();
             return Err(CompileError::TooManyRules {
                 workload: names(wid),
