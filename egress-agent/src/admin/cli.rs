@@ -59,7 +59,8 @@ pub enum Command {
         config: Option<PathBuf>,
         /// Kubernetes mode: the workloads are this node's pods (watched with the field
         /// selector spec.nodeName), the policy is the MeshConfig, Egress and EgressGateway
-        /// objects (CRDs, policy.egress.dev/v1alpha1); --cgroup-root is the kubepods cgroup.
+        /// objects (CRDs, policy.egress.dev/v1alpha1) with the NetworkPolicies,
+        /// AdminNetworkPolicies and Namespaces; --cgroup-root is the kubepods cgroup.
         /// The API server is found from KUBECONFIG or, in a pod, the ServiceAccount.
         #[arg(long, requires = "node_name")]
         kubernetes: bool,

@@ -56,4 +56,15 @@ mod tests {
             "{e}"
         );
     }
+
+    #[test]
+    fn the_example_file_validates_and_converts() {
+        let text = include_str!("../../../deploy/examples/policies-you-have.yaml");
+        let cfg = crate::policy::parse_unlinked(text, "example").unwrap();
+        assert_eq!(cfg.egresses.len(), 1);
+        assert_eq!(cfg.network_policies.len(), 1);
+        assert_eq!(cfg.admin_policies.len(), 2);
+        let out = convert(text, "example").unwrap();
+        assert!(!out.contains("openservicemesh"), "{out}");
+    }
 }
