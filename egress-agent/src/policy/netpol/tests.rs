@@ -89,53 +89,94 @@ fn both_must_allow() {
     let egress_deny = "---\nkind: Egress\nmetadata: {name: no-dns}\nspec: {sources: [{name: web}], ipAddresses: [1.1.1.1/32], action: deny}\n";
     let closed = WORKLOADS.replace("enableEgress: true", "enableEgress: false");
     let egress_allow = "---\nkind: Egress\nmetadata: {name: web-out}\nspec: {sources: [{name: web}], ipAddresses: [1.1.1.0/24]}\n";
-    // Deny everything: even an Egress allow does not open it.
-    let t = format!("{closed}{deny_all}{egress_allow}");
-    assert_eq!(
-        decide(&t, "web", "1.1.1.1", 443, proto::TCP).0,
-        Outcome::DenyRule
-    );
-    assert_eq!(
-        decide(&t, "web", "1.1.1.1", 0, proto::ICMP).0,
-        Outcome::DenyRule
-    );
-    // Allow everything: the Egress objects and enableEgress decide.
-    let t = format!("{closed}{allow_all}{egress_allow}");
-    assert_eq!(
-        decide(&t, "web", "1.1.1.1", 443, proto::TCP).0,
-        Outcome::Allow
-    );
-    assert_eq!(
-        decide(&t, "web", "1.2.1.1", 443, proto::TCP).0,
-        Outcome::DenyDefault
-    );
-    let t = format!("{WORKLOADS}{allow_all}{egress_deny}");
-    assert_eq!(
-        decide(&t, "web", "1.1.1.1", 53, proto::UDP).0,
-        Outcome::DenyRule
-    );
-    assert_eq!(
-        decide(&t, "web", "1.1.1.2", 53, proto::UDP).0,
-        Outcome::Pass
-    );
-    // A policy without Egress among its types isolates nothing.
     let ingress_only = "---\nkind: NetworkPolicy\nmetadata: {name: in}\nspec: {podSelector: {}, policyTypes: [Ingress]}\n";
-    let t = format!("{WORKLOADS}{ingress_only}");
-    assert_eq!(
-        decide(&t, "web", "1.1.1.1", 443, proto::TCP).0,
-        Outcome::Pass
-    );
     // Pod peers are in-cluster: nothing outside the mesh.
     let pods = "---\nkind: NetworkPolicy\nmetadata: {name: to-pods}\nspec: {podSelector: {matchExpressions: [{key: role, operator: In, values: [web]}]}, egress: [{to: [{podSelector: {}}]}]}\n";
-    let t = format!("{WORKLOADS}{pods}");
-    assert_eq!(
-        decide(&t, "web", "1.1.1.1", 443, proto::TCP).0,
-        Outcome::DenyRule
-    );
-    assert_eq!(
-        decide(&t, "db", "1.1.1.1", 443, proto::TCP).0,
-        Outcome::Pass
-    );
+    use Outcome::*;
+    let cases: &[(String, &str, &str, u16, u8, Outcome)] = &[
+        // Deny everything: even an Egress allow does not open it.
+        (
+            format!("{closed}{deny_all}{egress_allow}"),
+            "web",
+            "1.1.1.1",
+            443,
+            proto::TCP,
+            DenyRule,
+        ),
+        (
+            format!("{closed}{deny_all}{egress_allow}"),
+            "web",
+            "1.1.1.1",
+            0,
+            proto::ICMP,
+            DenyRule,
+        ),
+        // Allow everything: the Egress objects and enableEgress decide.
+        (
+            format!("{closed}{allow_all}{egress_allow}"),
+            "web",
+            "1.1.1.1",
+            443,
+            proto::TCP,
+            Allow,
+        ),
+        (
+            format!("{closed}{allow_all}{egress_allow}"),
+            "web",
+            "1.2.1.1",
+            443,
+            proto::TCP,
+            DenyDefault,
+        ),
+        (
+            format!("{WORKLOADS}{allow_all}{egress_deny}"),
+            "web",
+            "1.1.1.1",
+            53,
+            proto::UDP,
+            DenyRule,
+        ),
+        (
+            format!("{WORKLOADS}{allow_all}{egress_deny}"),
+            "web",
+            "1.1.1.2",
+            53,
+            proto::UDP,
+            Pass,
+        ),
+        // A policy without Egress among its types isolates nothing.
+        (
+            format!("{WORKLOADS}{ingress_only}"),
+            "web",
+            "1.1.1.1",
+            443,
+            proto::TCP,
+            Pass,
+        ),
+        (
+            format!("{WORKLOADS}{pods}"),
+            "web",
+            "1.1.1.1",
+            443,
+            proto::TCP,
+            DenyRule,
+        ),
+        (
+            format!("{WORKLOADS}{pods}"),
+            "db",
+            "1.1.1.1",
+            443,
+            proto::TCP,
+            Pass,
+        ),
+    ];
+    for (t, w, ip, port, p, want) in cases {
+        assert_eq!(
+            decide(t, w, ip, *port, *p).0,
+            *want,
+            "{w} -> {ip}:{port}/{p}\n{t}"
+        );
+    }
 }
 
 #[test]
