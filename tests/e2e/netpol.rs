@@ -5,13 +5,15 @@
 //! watched through `FakeApiServer` (a FAKE API server) in Kubernetes mode. A refusal is EPERM;
 //! an allowed connect to a port where nothing listens is ECONNREFUSED.
 
-use std::process::Command;
+use std::{process::Command, time::Duration};
 
 use egress_agent::k8s::cgroups::{Driver, Qos};
 use serde_json::json;
 
 use crate::{
-    harness::{privileged, require, Agent, CgroupTree, FakeApiServer, Need, TcpServer, AGENT},
+    harness::{
+        privileged, require, wait_until, Agent, CgroupTree, FakeApiServer, Need, TcpServer, AGENT,
+    },
     k8s::{eventually, kube_agent, make_pod, metric, uid, verdict as pod_verdict},
 };
 
@@ -215,6 +217,10 @@ fn fake_api_server_service_account_sources_and_network_policies() {
             "spec": {"nodeName": "node-a", "serviceAccountName": sa, "containers": [{"name": "main", "image": "curl"}]},
             "status": {"qosClass": "BestEffort", "phase": "Running"}}));
     }
+    // This cluster has no AdminNetworkPolicy CRDs (yet): the first sync does not wait.
+    for c in ["adminnetworkpolicies", "baselineadminnetworkpolicies"] {
+        fake.set_installed(c, false);
+    }
     fake.put(
         "egresses",
         json!({"apiVersion": "policy.openservicemesh.io/v1alpha1", "kind": "Egress",
@@ -223,6 +229,7 @@ fn fake_api_server_service_account_sources_and_network_policies() {
                  "ipAddresses": ["127.77.0.0/16"], "ports": [{"number": 9, "protocol": "tcp"}]}}),
     );
     let (agent, _kubeconfig) = kube_agent(&fake, tree.path.join(kubepods));
+    agent.wait_log("cannot list this optional kind (CRD not installed?)");
     let [curl1, curl2, web] = [&dirs[0], &dirs[1], &dirs[2]];
     assert_eq!(pod_verdict(curl1, "127.77.1.1"), ALLOWED);
     assert_eq!(pod_verdict(curl2, "127.77.2.1"), ALLOWED);
@@ -266,14 +273,22 @@ fn fake_api_server_service_account_sources_and_network_policies() {
     eventually("the NetworkPolicy is gone", &agent, || {
         pod_verdict(curl2, "127.77.2.1") == ALLOWED
     });
-    // An AdminNetworkPolicy, cluster-scoped, watched too.
+    // The AdminNetworkPolicy CRDs get installed: the watch (retrying with backoff) finds
+    // them, and an AdminNetworkPolicy, cluster-scoped, is enforced.
+    for c in ["adminnetworkpolicies", "baselineadminnetworkpolicies"] {
+        fake.set_installed(c, true);
+    }
     fake.put("adminnetworkpolicies", json!({"apiVersion": "policy.networking.k8s.io/v1alpha1",
         "kind": "AdminNetworkPolicy", "metadata": {"name": "no-77-2"},
         "spec": {"priority": 1, "subject": {"namespaces": {}},
                  "egress": [{"name": "deny", "action": "Deny", "to": [{"networks": ["127.77.2.0/24"]}]}]}}));
-    eventually("the AdminNetworkPolicy refuses", &agent, || {
-        pod_verdict(curl2, "127.77.2.1") == EPERM
-    });
+    // The watch's backoff (up to 30 s) decides when it looks again.
+    assert!(
+        wait_until(Duration::from_secs(45), || pod_verdict(curl2, "127.77.2.1")
+            == EPERM),
+        "the AdminNetworkPolicy never took effect:\n{}",
+        agent.log()
+    );
     assert_eq!(pod_verdict(curl1, "127.77.1.1"), ALLOWED);
 }
 
