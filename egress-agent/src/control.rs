@@ -466,8 +466,9 @@ impl Control {
             protocol: egress_common::proto::name(protocol).into(),
             verdict: d.outcome.name().into(),
             refused: d.outcome.is_denied(),
-            rule: rule.map(|r| r.egress.to_string()).unwrap_or_default(),
-            reason: reason(d.outcome, rule.map(|r| r.egress.to_string())),
+            rule: rule.map(|r| r.name()).unwrap_or_default(),
+            reason: crate::policy::tiers::explain(d.outcome, rule.map(|r| (r.kind, &r.egress)))
+                .unwrap_or_else(|| reason(d.outcome, rule.map(|r| r.egress.to_string()))),
             hosts,
             generation: self.generation(),
         })

@@ -86,6 +86,15 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Convert { file } => {
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| policy::ConfigError::unreadable(&file.display().to_string(), &e))?;
+            print!(
+                "{}",
+                policy::convert::convert(&text, &file.display().to_string())?
+            );
+            Ok(())
+        }
         Command::Gateway {
             config,
             metrics_addr,

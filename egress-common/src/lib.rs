@@ -34,6 +34,8 @@ pub mod proto {
     pub const UDP: u8 = 17;
     pub const ICMP: u8 = 1;
     pub const ICMPV6: u8 = 58;
+    /// SCTP: judged in the class of every other protocol (NetworkPolicy ports may name it).
+    pub const SCTP: u8 = 132;
 
     /// The protocol's label in flows and metrics (`other` for any protocol but TCP and UDP).
     pub fn name(p: u8) -> &'static str {

@@ -15,6 +15,7 @@ mod k8s;
 mod k8s_pods;
 mod lifecycle;
 mod metrics;
+mod netpol;
 mod packets;
 mod pods;
 mod proxy;

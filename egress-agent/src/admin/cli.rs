@@ -47,7 +47,8 @@ pub enum Command {
     /// the metrics until SIGTERM/SIGINT. Enforcement stays after the agent stops (see uninstall);
     /// a restart on the same pins resumes the live policy without a gap.
     Run {
-        /// Policy file: MeshConfig, Workload, Egress and EgressGateway documents (YAML).
+        /// Policy file: MeshConfig, Workload, Egress, EgressGateway, NetworkPolicy and
+        /// Namespace documents (YAML).
         /// Not used with --kubernetes.
         #[arg(
             long,
@@ -58,7 +59,8 @@ pub enum Command {
         config: Option<PathBuf>,
         /// Kubernetes mode: the workloads are this node's pods (watched with the field
         /// selector spec.nodeName), the policy is the MeshConfig, Egress and EgressGateway
-        /// objects (CRDs, policy.egress.dev/v1alpha1); --cgroup-root is the kubepods cgroup.
+        /// objects (CRDs, policy.egress.dev/v1alpha1) with the NetworkPolicies,
+        /// AdminNetworkPolicies and Namespaces; --cgroup-root is the kubepods cgroup.
         /// The API server is found from KUBECONFIG or, in a pod, the ServiceAccount.
         #[arg(long, requires = "node_name")]
         kubernetes: bool,
@@ -113,6 +115,12 @@ pub enum Command {
         /// does not hold.
         #[arg(long)]
         kubernetes: bool,
+    },
+    /// Print FILE with its OSM and FSM Egress objects as policy.egress.dev ones (for
+    /// `kubectl apply -f -`); a field that cannot be honoured is refused by name (exit 2).
+    Convert {
+        #[arg(long, short = 'f', value_name = "FILE")]
+        file: PathBuf,
     },
     /// Toggle egress mesh-wide (OSM/FSM enableEgress), or show the agent's state.
     /// With --kubernetes: patch the MeshConfig object so every node converges, and show the
@@ -191,20 +199,20 @@ pub enum EgressAction {
 
 #[derive(Debug, Subcommand)]
 pub enum PolicyAction {
-    /// Add or replace the objects of FILE (MeshConfig, Workload, Egress, EgressGateway) in the
-    /// live policy.
+    /// Add or replace the objects of FILE (MeshConfig, Workload, Egress, EgressGateway,
+    /// NetworkPolicy, Namespace) in the live policy.
     Apply {
         #[arg(long, short = 'f', value_name = "FILE")]
         file: PathBuf,
     },
-    /// List the Egress policies in force.
+    /// List the policies in force (Egress and NetworkPolicy objects).
     List,
     /// Remove an Egress policy: NAME or NAMESPACE/NAME.
     Delete {
         #[arg(value_name = "NAME")]
         name: String,
     },
-    /// What the kernel decides for a workload's connection, and which rule decides it.
+    /// What the kernel decides for a workload's connection, and which object decides it.
     Check {
         #[arg(long, short = 'w', value_name = "NAME")]
         workload: String,

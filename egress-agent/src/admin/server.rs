@@ -238,7 +238,7 @@ fn list(c: &Control) -> Vec<EgressRow> {
         .iter()
         .zip(1u32..)
         .map(|(r, id)| EgressRow {
-            name: r.egress.to_string(),
+            name: r.name(),
             rule_id: id,
             action: format!("{:?}", r.action).to_lowercase(),
             via: format!("{:?}", r.via).to_lowercase(),

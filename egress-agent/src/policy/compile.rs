@@ -17,13 +17,17 @@ use egress_common::{
 use super::{
     model::{Action, Config, EgressGateway, FailMode, ObjectRef, Via},
     scalar::{self, Cidr, HostPattern},
+    tiers::{Prefixes, Tiers},
 };
 
 /// What one Egress object compiled to; `rule_id` is its index + 1. The proxy judges hosts
 /// with these.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RuleInfo {
+    /// The object: an Egress, or a NetworkPolicy (see [`RuleInfo::kind`]).
     pub egress: ObjectRef,
+    /// "Egress" or "NetworkPolicy".
+    pub kind: &'static str,
     pub action: Action,
     pub via: Via,
     pub hosts: Vec<HostPattern>,
@@ -38,6 +42,16 @@ pub struct RuleInfo {
 }
 
 impl RuleInfo {
+    /// How logs, `check` and `list` name its object: `ns/name` for an Egress,
+    /// `NetworkPolicy ns/name`, `AdminNetworkPolicy name` for the others.
+    pub fn name(&self) -> String {
+        match self.kind {
+            "Egress" => self.egress.to_string(),
+            k if self.egress.namespace.is_empty() => format!("{k} {}", self.egress.name),
+            k => format!("{k} {}", self.egress),
+        }
+    }
+
     /// Whether the rule applies to a TCP connection of `workload` to `ip:port`.
     pub fn applies_tcp(&self, workload: u32, ip: IpAddr, port: u16) -> bool {
         self.workloads.contains(&workload)
@@ -104,8 +118,6 @@ pub enum CompileError {
     TooManyWorkloads { count: usize, max: u32 },
 }
 
-type Prefixes<const N: usize> = BTreeMap<(u32, u8, [u8; N]), Vec<PortRule>>;
-
 pub fn compile(cfg: &Config) -> Result<Compiled, CompileError> {
     compile_stable(cfg, &BTreeMap::new())
 }
@@ -152,10 +164,14 @@ pub fn compile_stable(
         let s = &e.spec;
         rules.push(RuleInfo {
             egress: e.id.clone(),
+            kind: "Egress",
             action: s.action,
             via: s.route(),
             hosts: s.hosts.clone(),
-            workloads: e.sources(&cfg.workloads).map(|w| ids[&w.id]).collect(),
+            workloads: e
+                .sources_in(&cfg.workloads, &cfg.namespaces)
+                .map(|w| ids[&w.id])
+                .collect(),
             cidrs: s.ip_addresses.clone(),
             ports: s
                 .ports
@@ -211,7 +227,7 @@ pub fn compile_stable(
         } else {
             s.ip_addresses.clone()
         };
-        for w in e.sources(&cfg.workloads) {
+        for w in e.sources_in(&cfg.workloads, &cfg.namespaces) {
             let wid = ids[&w.id];
             for c in &cidrs {
                 match c.addr {
@@ -228,13 +244,26 @@ pub fn compile_stable(
         }
     }
 
+    let first = rules.len() as u32 + 1;
+    let (tiers, objects) = Tiers::new(cfg, &ids, first, &mut v4, &mut v6);
+    rules.extend(objects.into_iter().map(|o| RuleInfo {
+        egress: o.id,
+        kind: o.kind,
+        action: Action::Deny,
+        via: Via::Direct,
+        hosts: Vec::new(),
+        workloads: o.workloads,
+        cidrs: o.cidrs,
+        ports: o.ports,
+        gateway: None,
+    }));
     let names = |wid: u32| {
         ids.iter()
             .find(|(_, id)| **id == wid)
             .map(|(w, _)| (*w).clone())
             .unwrap_or_default()
     };
-    let v4 = flatten(&v4, &rules, names)?
+    let v4 = flatten(&v4, &rules, names, |w, l, a| tiers.denials(w, l, a))?
         .into_iter()
         .map(|(workload, cidr_len, addr, value)| Entry {
             workload,
@@ -243,7 +272,7 @@ pub fn compile_stable(
             value,
         })
         .collect();
-    let v6 = flatten(&v6, &rules, names)?
+    let v6 = flatten(&v6, &rules, names, |w, l, a| tiers.denials(w, l, a))?
         .into_iter()
         .map(|(workload, cidr_len, addr, value)| Entry {
             workload,
@@ -289,10 +318,13 @@ fn port_rule(lo: u16, hi: u16, proto: u8, action: u8, rule_id: u32) -> PortRule 
 
 type Flat<const N: usize> = Vec<(u32, u8, [u8; N], PolicyValue)>;
 
+/// `extra`: rules of one exact prefix that shorter prefixes do not pass on (NetworkPolicy's
+/// denials).
 fn flatten<const N: usize>(
     prefixes: &Prefixes<N>,
     rules: &[RuleInfo],
     names: impl Fn(u32) -> ObjectRef,
+    extra: impl Fn(u32, u8, &[u8; N]) -> Vec<PortRule>,
 ) -> Result<Flat<N>, CompileError> {
     let mut out = Vec::with_capacity(prefixes.len());
     for &(wid, len, addr) in prefixes.keys() {
@@ -306,11 +338,12 @@ fn flatten<const N: usize>(
                 }
             }
         }
+        all.extend(extra(wid, len, &addr));
         let value = segments(&all);
         if let Err(count) = value {
             let egresses: BTreeSet<String> = all
                 .iter()
-                .map(|r| rules[r.rule_id as usize - 1].egress.to_string())
+                .map(|r| rules[r.rule_id as usize - 1].name())
                 .collect();
             return Err(CompileError::TooManyRules {
                 workload: names(wid),
@@ -354,7 +387,11 @@ fn segments(rules: &[PortRule]) -> Result<PolicyValue, usize> {
         // Other protocols only see protocol-less rules; only TCP is ever proxied.
         let relevant: Vec<&PortRule> = rules
             .iter()
-            .filter(|r| r.proto == proto::ANY || (class < 2 && r.proto == p))
+            .filter(|r| {
+                r.proto == proto::ANY
+                    || (class < 2 && r.proto == p)
+                    || (class == 2 && r.proto == proto::SCTP)
+            })
             .filter(|r| r.action != action::PROXY || p == proto::TCP)
             .collect();
         let mut cuts: BTreeSet<u32> = [0, 65536].into();

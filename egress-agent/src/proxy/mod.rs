@@ -410,7 +410,7 @@ impl Proxy {
 const REVOKED: &str = "closed: the policy now refuses it";
 
 fn rule_name(p: &Compiled, id: u32) -> String {
-    p.rule(id).map(|r| r.egress.to_string()).unwrap_or_default()
+    p.rule(id).map(|r| r.name()).unwrap_or_default()
 }
 
 /// Refuses a connection whose host is denied: HTTP gets a 403 naming the policy, TLS a fatal

@@ -99,7 +99,7 @@ fn log(ev: &VerdictEvent, count: u64, policy: &Compiled, hub: &Hub) {
         .unwrap_or_default();
     let rule = policy
         .rule(ev.rule_id)
-        .map(|r| r.egress.to_string())
+        .map(|r| r.name())
         .unwrap_or_default();
     let (workload, rule) = (workload.as_str(), rule.as_str());
     let (dst, protocol) = if socket {

@@ -47,6 +47,8 @@ struct State {
     objects: BTreeMap<String, BTreeMap<(String, String), Value>>,
     history: Vec<Event>,
     requests: Vec<String>,
+    /// Collections whose CRD is "not installed": every request to them is a 404.
+    missing: std::collections::BTreeSet<String>,
 }
 
 /// What the test side and the server side share.
@@ -180,6 +182,16 @@ impl FakeApiServer {
             .get(collection)?
             .get(&(namespace.to_string(), name.to_string()))
             .cloned()
+    }
+
+    /// Makes `collection` absent (its CRD not installed: 404) or present again.
+    pub fn set_installed(&self, collection: &str, installed: bool) {
+        let mut st = self.shared.lock();
+        if installed {
+            st.missing.remove(collection);
+        } else {
+            st.missing.insert(collection.to_string());
+        }
     }
 
     /// Ends every open watch cleanly (clients resume from their last resourceVersion).
@@ -348,7 +360,7 @@ async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> 
         .lock()
         .requests
         .push(format!("{method} {path}?{}", q.join("&")));
-    let Some(t) = target(&path) else {
+    let Some(t) = target(&path).filter(|t| !shared.lock().missing.contains(&t.collection)) else {
         let (c, b) = status(404, "NotFound", "no such path in the fake");
         return json_response(c, &b);
     };
