@@ -361,6 +361,23 @@ impl Control {
         Ok(applied)
     }
 
+    /// `policy preview`: the policy `text` would make, compiled as [`Control::apply`] (or,
+    /// with `replace`, [`Control::replace`]) would, keeping the workload ids; nothing changes.
+    pub fn candidate(
+        &self,
+        text: &str,
+        file: &str,
+        replace: bool,
+    ) -> Result<Compiled, ControlError> {
+        let store = self.store();
+        let cfg = if replace {
+            Store::parse(text, file)?.1
+        } else {
+            store.merge(&Store::parse_fragment(text, file)?, file)?.1
+        };
+        Ok(policy::compile_stable(&cfg, &self.live.get().ids())?)
+    }
+
     /// `egress enable|disable`: one u32 in the policy in force, no rebuild.
     pub fn set_enable_egress(&self, enable: bool, who: &str) -> Result<Applied, ControlError> {
         self.local_change()?;

@@ -19,7 +19,7 @@ pub struct Failed {
 }
 
 impl Failed {
-    fn new(message: impl Into<String>, status: u8) -> Self {
+    pub(super) fn new(message: impl Into<String>, status: u8) -> Self {
         Self {
             message: message.into(),
             status,
@@ -40,7 +40,7 @@ fn unreachable(e: protocol::ClientError) -> Failed {
 }
 
 /// One request, one answer.
-fn ask(socket: &Path, req: Request) -> Result<Value, Failed> {
+pub(super) fn ask(socket: &Path, req: Request) -> Result<Value, Failed> {
     let mut answer: Option<Response> = None;
     runtime()?
         .block_on(protocol::call(socket, &req, |r| {
@@ -56,7 +56,7 @@ fn ask(socket: &Path, req: Request) -> Result<Value, Failed> {
     }
 }
 
-fn print_json(v: &Value) {
+pub(super) fn print_json(v: &Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
@@ -241,6 +241,22 @@ pub fn policy(socket: &Path, out: Output, action: PolicyAction) -> Result<(), Fa
                 );
             }
         }
+        PolicyAction::Preview {
+            file,
+            replace,
+            workload,
+            since,
+            fail_on_new_denies,
+        } => {
+            let args = super::preview::PreviewArgs {
+                file: &file,
+                replace,
+                workload,
+                since,
+                fail_on_new_denies,
+            };
+            return super::preview::preview(socket, out, args);
+        }
         PolicyAction::Check {
             workload,
             destination,
@@ -282,13 +298,25 @@ pub fn policy(socket: &Path, out: Output, action: PolicyAction) -> Result<(), Fa
     Ok(())
 }
 
-pub fn flows(socket: &Path, out: Output, follow: bool, json: bool) -> Result<(), Failed> {
-    let json = json || out == Output::Json;
+/// `flows [--follow] [--since D]`: the recent verdicts (those seen within `since`).
+pub fn flows(
+    socket: &Path,
+    out: Output,
+    follow: bool,
+    since: Option<std::time::Duration>,
+) -> Result<(), Failed> {
+    let json = out == Output::Json;
+    let since_ms = since.map_or(0, |d| {
+        crate::telemetry::flows::now_ms().saturating_sub(d.as_millis() as u64)
+    });
     let mut failure = None;
     runtime()?
         .block_on(protocol::call(socket, &Request::Flows { follow }, |r| {
             if !r.ok {
                 eprintln!("egress-agent: {}", r.error);
+                return true;
+            }
+            if n(&r.data, "time_ms") < since_ms {
                 return true;
             }
             if json {

@@ -5,5 +5,6 @@
 pub mod cli;
 pub mod client;
 pub mod local;
+pub mod preview;
 pub mod protocol;
 pub mod server;

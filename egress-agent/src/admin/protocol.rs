@@ -37,6 +37,19 @@ pub enum Request {
     Flows {
         follow: bool,
     },
+    /// The flow history, entries last seen at or after `since_ms` (Unix ms).
+    History {
+        since_ms: u64,
+    },
+    /// `policy preview`: the history judged under the live policy and under `text`.
+    Preview {
+        file: String,
+        text: String,
+        replace: bool,
+        #[serde(default)]
+        workload: Option<String>,
+        since_ms: u64,
+    },
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
