@@ -492,7 +492,7 @@ fn reason(o: egress_common::Outcome, rule: Option<String>) -> String {
         DenyDefault => "no Egress rule matches and enableEgress is false".into(),
         DenyProxyPort => "the proxy port is never dialled directly".into(),
         DenyError => "internal error, failMode closed".into(),
-        AuditRule => format!("would be denied by Egress {rule}; allowed by auditMode"),
+        AuditRule => format!("would be denied by Egress {rule}; allowed and reported (audit mode)"),
         AuditDefault => {
             "would be denied (no rule, enableEgress false); allowed by auditMode".into()
         }

@@ -16,6 +16,7 @@ mod lifecycle;
 mod metrics;
 mod packets;
 mod pods;
+mod preview;
 mod proxy;
 mod semantics;
 mod sockets;
