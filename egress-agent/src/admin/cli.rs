@@ -250,6 +250,13 @@ pub enum PolicyAction {
         /// Exit 1 when the candidate would refuse a flow the policy in force lets through.
         #[arg(long)]
         fail_on_new_denies: bool,
+        /// Without an agent: the policy in force from this file (with --history).
+        #[arg(long, value_name = "FILE", requires = "history")]
+        current: Option<PathBuf>,
+        /// Without an agent: the flow history from this file (`flows --aggregate -o json`
+        /// or the agent's saved <name>.flows.json; with --current).
+        #[arg(long, value_name = "FILE", requires = "current")]
+        history: Option<PathBuf>,
     },
     /// What the kernel decides for a workload's connection, and which rule decides it.
     Check {

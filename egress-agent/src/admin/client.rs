@@ -247,6 +247,8 @@ pub fn policy(socket: &Path, out: Output, action: PolicyAction) -> Result<(), Fa
             workload,
             since,
             fail_on_new_denies,
+            current,
+            history,
         } => {
             let args = super::preview::PreviewArgs {
                 file: &file,
@@ -254,6 +256,7 @@ pub fn policy(socket: &Path, out: Output, action: PolicyAction) -> Result<(), Fa
                 workload,
                 since,
                 fail_on_new_denies,
+                offline: current.as_deref().zip(history.as_deref()),
             };
             return super::preview::preview(socket, out, args);
         }

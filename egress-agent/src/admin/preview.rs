@@ -13,8 +13,11 @@ use super::{
 };
 use crate::{
     control::Control,
-    policy::{preview, ObjectRef},
-    telemetry::{flows::now_ms, history::History},
+    policy::{self, preview, Compiled, ObjectRef, Store},
+    telemetry::{
+        flows::now_ms,
+        history::{FlowRecord, History},
+    },
 };
 
 /// The agent's side of `policy preview`: an invalid candidate or an unknown workload is the
@@ -32,23 +35,63 @@ pub fn serve(
         Ok(p) => p,
         Err(e) => return Response::err(&e, e.is_invalid()),
     };
-    let current = c.live.get();
-    let workload = match workload.map(|w| w.parse::<ObjectRef>()).transpose() {
-        Ok(w) => w,
-        Err(e) => return Response::err(e, true),
-    };
+    let flows = history.since(since_ms);
+    match judge(&c.live.get(), &candidate, &flows, workload, file) {
+        Ok(p) => Response::ok(p),
+        Err(e) => Response::err(e, true),
+    }
+}
+
+/// The preview of `candidate` (from `file`) against the policy in force, for the flows of
+/// `workload` (all when None). Err: the workload is in neither policy, or not a name.
+fn judge(
+    current: &Compiled,
+    candidate: &Compiled,
+    flows: &[FlowRecord],
+    workload: Option<String>,
+    file: &str,
+) -> Result<preview::Preview, String> {
+    let t0 = std::time::Instant::now();
+    let workload = workload.map(|w| w.parse::<ObjectRef>()).transpose()?;
     if let Some(w) = &workload {
         if current.workload_id(w).is_none() && candidate.workload_id(w).is_none() {
-            return Response::err(
-                format!("no Workload {w} in the live policy or in {file}"),
-                true,
-            );
+            return Err(format!(
+                "no Workload {w} in the policy in force or in {file}"
+            ));
         }
     }
-    let flows = history.since(since_ms);
     let name = workload.map(|w| w.to_string());
-    let changes = preview::preview(&current, &candidate, &flows, name.as_deref());
-    Response::ok(preview::Preview::new(flows.len(), changes))
+    let changes = preview::preview(current, candidate, flows, name.as_deref());
+    let mut p = preview::Preview::new(flows.len(), changes);
+    p.judge_ms = t0.elapsed().as_secs_f64() * 1000.0;
+    Ok(p)
+}
+
+/// `policy preview --current FILE --history FILE`: the same, without an agent: the policy in
+/// force and the history (`flows --aggregate -o json`, or the agent's saved history) are read
+/// from files. Bad input is exit status 2.
+fn offline(a: &PreviewArgs<'_>, current: &Path, history: &Path) -> Result<Value, Failed> {
+    let bad = |e: &dyn std::fmt::Display| Failed::new(e.to_string(), 2);
+    let read = |p: &Path| {
+        std::fs::read_to_string(p)
+            .map_err(|e| Failed::new(format!("{}: cannot read: {e}", p.display()), 2))
+    };
+    let (cur_file, file) = (current.display().to_string(), a.file.display().to_string());
+    let (store, cur_cfg) = Store::parse(&read(current)?, &cur_file).map_err(|e| bad(&e))?;
+    let cur = policy::compile(&cur_cfg).map_err(|e| bad(&e))?;
+    let text = read(a.file)?;
+    let cfg = if a.replace {
+        Store::parse(&text, &file).map(|(_, c)| c)
+    } else {
+        Store::parse_fragment(&text, &file).and_then(|add| store.merge(&add, &file).map(|(_, c)| c))
+    }
+    .map_err(|e| bad(&e))?;
+    let cand = policy::compile_stable(&cfg, &cur.ids()).map_err(|e| bad(&e))?;
+    let flows = History::load(history, usize::MAX)
+        .map_err(|e| bad(&e))?
+        .since(since_ms(a.since));
+    let p = judge(&cur, &cand, &flows, a.workload.clone(), &file).map_err(|e| bad(&e))?;
+    serde_json::to_value(p).map_err(|e| Failed::new(e.to_string(), 1))
 }
 
 fn since_ms(since: Option<Duration>) -> u64 {
@@ -123,22 +166,27 @@ pub struct PreviewArgs<'a> {
     pub workload: Option<String>,
     pub since: Option<Duration>,
     pub fail_on_new_denies: bool,
+    /// Offline: the policy in force and the history, from files.
+    pub offline: Option<(&'a Path, &'a Path)>,
 }
 
 /// `policy preview -f FILE`: per workload, the flows whose verdict would change.
 pub fn preview(socket: &Path, out: Output, a: PreviewArgs<'_>) -> Result<(), Failed> {
-    let text = std::fs::read_to_string(a.file)
-        .map_err(|e| Failed::new(format!("{}: cannot read: {e}", a.file.display()), 2))?;
-    let v = ask(
-        socket,
-        Request::Preview {
-            file: a.file.display().to_string(),
-            text,
-            replace: a.replace,
-            workload: a.workload,
-            since_ms: since_ms(a.since),
-        },
-    )?;
+    let v = match a.offline {
+        Some((current, history)) => offline(&a, current, history)?,
+        None => {
+            let text = std::fs::read_to_string(a.file)
+                .map_err(|e| Failed::new(format!("{}: cannot read: {e}", a.file.display()), 2))?;
+            let req = Request::Preview {
+                file: a.file.display().to_string(),
+                text,
+                replace: a.replace,
+                workload: a.workload.clone(),
+                since_ms: since_ms(a.since),
+            };
+            ask(socket, req)?
+        }
+    };
     let changes = v
         .get("changes")
         .and_then(Value::as_array)

@@ -154,6 +154,8 @@ pub struct Preview {
     pub changes: Vec<Change>,
     /// Changes to refused.
     pub new_denies: usize,
+    /// How long judging took (both policies, every flow), milliseconds.
+    pub judge_ms: f64,
 }
 
 impl Preview {
@@ -163,6 +165,7 @@ impl Preview {
             flows,
             changes,
             new_denies,
+            judge_ms: 0.0,
         }
     }
 }
