@@ -5,68 +5,12 @@ use std::path::Path;
 
 use serde_json::Value;
 
+pub use super::ask::Failed;
 use super::{
+    ask::{ask, n, print_json, runtime, s, unreachable},
     cli::{EgressAction, Output, PolicyAction},
-    protocol::{self, Request, Response},
+    protocol::{self, Request},
 };
-
-/// A failed verb: the message (one line) and the exit status.
-#[derive(Debug, thiserror::Error)]
-#[error("{message}")]
-pub struct Failed {
-    pub message: String,
-    pub status: u8,
-}
-
-impl Failed {
-    pub(super) fn new(message: impl Into<String>, status: u8) -> Self {
-        Self {
-            message: message.into(),
-            status,
-        }
-    }
-}
-
-fn runtime() -> Result<tokio::runtime::Runtime, Failed> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| Failed::new(e.to_string(), 1))
-}
-
-/// The agent could not be asked (no socket, no answer): a runtime failure, exit status 1.
-fn unreachable(e: protocol::ClientError) -> Failed {
-    Failed::new(e.to_string(), 1)
-}
-
-/// One request, one answer.
-pub(super) fn ask(socket: &Path, req: Request) -> Result<Value, Failed> {
-    let mut answer: Option<Response> = None;
-    runtime()?
-        .block_on(protocol::call(socket, &req, |r| {
-            answer = Some(r);
-            false
-        }))
-        .map_err(unreachable)?;
-    let r = answer.ok_or_else(|| Failed::new("no answer from the agent", 1))?;
-    if r.ok {
-        Ok(r.data)
-    } else {
-        Err(Failed::new(r.error, if r.invalid { 2 } else { 1 }))
-    }
-}
-
-pub(super) fn print_json(v: &Value) {
-    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
-}
-
-fn s<'a>(v: &'a Value, k: &str) -> &'a str {
-    v.get(k).and_then(Value::as_str).unwrap_or("")
-}
-
-fn n(v: &Value, k: &str) -> u64 {
-    v.get(k).and_then(Value::as_u64).unwrap_or(0)
-}
 
 fn b(v: &Value, k: &str) -> bool {
     v.get(k).and_then(Value::as_bool).unwrap_or(false)

@@ -2,6 +2,7 @@
 //! wire, [`server`] in the agent, [`client`] in the CLI), and the verbs that act on this node
 //! without a running agent ([`local`]).
 
+pub mod ask;
 pub mod cli;
 pub mod client;
 pub mod local;

@@ -7,8 +7,8 @@ use std::{path::Path, time::Duration};
 use serde_json::Value;
 
 use super::{
+    ask::{ask, n, print_json, s, Failed},
     cli::Output,
-    client::{ask, print_json, Failed},
     protocol::{Request, Response},
 };
 use crate::{
@@ -107,14 +107,6 @@ fn ago(ms: u64) -> String {
         3600..86_400 => format!("{}h ago", s / 3600),
         _ => format!("{}d ago", s / 86_400),
     }
-}
-
-fn s<'a>(v: &'a Value, k: &str) -> &'a str {
-    v.get(k).and_then(Value::as_str).unwrap_or("")
-}
-
-fn n(v: &Value, k: &str) -> u64 {
-    v.get(k).and_then(Value::as_u64).unwrap_or(0)
 }
 
 fn destination(v: &Value) -> String {
