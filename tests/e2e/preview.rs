@@ -117,6 +117,18 @@ fn audit_mode_per_policy_reports_while_another_enforces() {
     // `policy list` and `check` say which policy only audits.
     let check = agent.cli_ok(&["policy", "check", "-w", "web", "127.51.0.1:9"]);
     assert!(check.contains("audit-rule"), "{check}");
+    let list = json(&agent, &["policy", "list"]);
+    let modes: Vec<(&str, &str)> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["name"].as_str().unwrap(), r["mode"].as_str().unwrap()))
+        .collect();
+    assert!(modes.contains(&("default/audited", "audit")), "{modes:?}");
+    assert!(
+        modes.contains(&("default/enforced", "enforce")),
+        "{modes:?}"
+    );
 }
 
 fn policy(rules: &str) -> String {

@@ -169,16 +169,17 @@ pub fn policy(socket: &Path, out: Output, action: PolicyAction) -> Result<(), Fa
                     .unwrap_or_else(|| "*".into())
             };
             println!(
-                "{:<32} {:>4} {:<6} {:<7} {:<24} {:<32} PORTS",
-                "NAME", "ID", "ACTION", "VIA", "SOURCES", "DESTINATIONS"
+                "{:<32} {:>4} {:<6} {:<7} {:<7} {:<24} {:<32} PORTS",
+                "NAME", "ID", "ACTION", "VIA", "MODE", "SOURCES", "DESTINATIONS"
             );
             for r in v.as_array().cloned().unwrap_or_default() {
                 println!(
-                    "{:<32} {:>4} {:<6} {:<7} {:<24} {:<32} {}",
+                    "{:<32} {:>4} {:<6} {:<7} {:<7} {:<24} {:<32} {}",
                     s(&r, "name"),
                     n(&r, "rule_id"),
                     s(&r, "action"),
                     s(&r, "via"),
+                    s(&r, "mode"),
                     join(&r, "sources"),
                     join(&r, "destinations"),
                     join(&r, "ports")

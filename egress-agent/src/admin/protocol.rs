@@ -116,6 +116,8 @@ pub struct EgressRow {
     pub rule_id: u32,
     pub action: String,
     pub via: String,
+    /// `enforce` or `audit`.
+    pub mode: String,
     pub sources: Vec<String>,
     pub destinations: Vec<String>,
     pub ports: Vec<String>,

@@ -250,6 +250,7 @@ fn list(c: &Control) -> Vec<EgressRow> {
             rule_id: id,
             action: format!("{:?}", r.action).to_lowercase(),
             via: format!("{:?}", r.via).to_lowercase(),
+            mode: if r.audit { "audit" } else { "enforce" }.into(),
             sources: r.workloads.iter().map(wname).collect(),
             destinations: r
                 .hosts
