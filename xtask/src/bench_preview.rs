@@ -23,9 +23,18 @@ fn addr(i: usize) -> String {
     format!("100.64.{}.{}", i / 256, i % 256)
 }
 
-/// A policy of [`RULES`] Egress objects over [`WORKLOADS`] workloads: /32 allows, every 10th
-/// only on port 443, every 50th a deny, every 200th a host rule (via the proxy).
-/// `candidate`: rule 1 (an allow) removed and a deny added for rule 2's address.
+/// /32 rules per Egress object (a file holds at most 1024 documents).
+const PER_EGRESS: usize = 100;
+
+/// The workload of rule `i`'s Egress object.
+fn workload(i: usize) -> usize {
+    (i / PER_EGRESS) % WORKLOADS
+}
+
+/// A policy of [`RULES`] /32 rules in Egress objects of [`PER_EGRESS`], over [`WORKLOADS`]
+/// workloads: allows; every 20th object a host rule (via the proxy), every 10th a deny,
+/// every 5th only port 443. `candidate`: rule 101 (an allow) removed and a deny added for
+/// rule 201's address.
 fn policy(candidate: bool) -> String {
     let mut s = String::from(
         "kind: MeshConfig\nmetadata: {name: egress}\nspec: {traffic: {enableEgress: false}}\n",
@@ -33,31 +42,33 @@ fn policy(candidate: bool) -> String {
     for w in 0..WORKLOADS {
         let _ = write!(s, "---\nkind: Workload\nmetadata: {{name: w{w}}}\n");
     }
-    for i in 0..RULES {
-        if candidate && i == 1 {
-            continue;
-        }
-        let ip = addr(i);
-        let spec = if i % 200 == 0 {
-            format!("hosts: [h{i}.example], ipAddresses: [{ip}/32], ports: [{{number: 443, protocol: https}}]")
-        } else if i % 50 == 0 {
-            format!("ipAddresses: [{ip}/32], action: deny")
-        } else if i % 10 == 0 {
-            format!("ipAddresses: [{ip}/32], ports: [{{number: 443}}]")
+    for g in 0..RULES / PER_EGRESS {
+        let ips: Vec<String> = (g * PER_EGRESS..(g + 1) * PER_EGRESS)
+            .filter(|&i| !(candidate && i == 101))
+            .map(|i| format!("{}/32", addr(i)))
+            .collect();
+        let ips = ips.join(", ");
+        let spec = if g % 20 == 0 {
+            format!("hosts: [h{g}.example], ipAddresses: [{ips}], ports: [{{number: 443, protocol: https}}]")
+        } else if g % 10 == 0 {
+            format!("ipAddresses: [{ips}], action: deny")
+        } else if g % 5 == 0 {
+            format!("ipAddresses: [{ips}], ports: [{{number: 443}}]")
         } else {
-            format!("ipAddresses: [{ip}/32]")
+            format!("ipAddresses: [{ips}]")
         };
         let _ = write!(
             s,
-            "---\nkind: Egress\nmetadata: {{name: r{i}}}\nspec: {{sources: [{{name: w{}}}], {spec}}}\n",
-            i % WORKLOADS
+            "---\nkind: Egress\nmetadata: {{name: g{g}}}\nspec: {{sources: [{{name: w{}}}], {spec}}}\n",
+            g % WORKLOADS
         );
     }
     if candidate {
         let _ = write!(
             s,
-            "---\nkind: Egress\nmetadata: {{name: new-deny}}\nspec: {{sources: [{{name: w2}}], ipAddresses: [{}/32], action: deny}}\n",
-            addr(2)
+            "---\nkind: Egress\nmetadata: {{name: new-deny}}\nspec: {{sources: [{{name: w{}}}], ipAddresses: [{}/32], action: deny}}\n",
+            workload(201),
+            addr(201)
         );
     }
     s
@@ -69,13 +80,14 @@ fn history() -> String {
     let mut s = String::from("[");
     for k in 0..FLOWS {
         let (j, port) = (k % RULES, 440 + (k / RULES) as u16);
-        let (ip, workload) = if k % 10 == 9 {
-            (format!("198.18.{}.{}", j / 256, j % 256), j % WORKLOADS)
+        let ip = if k % 10 == 9 {
+            format!("198.18.{}.{}", j / 256, j % 256)
         } else {
-            (addr(j), j % WORKLOADS)
+            addr(j)
         };
-        let host = if j % 200 == 0 {
-            format!(",\"host\":\"h{j}.example\"")
+        let (g, workload) = (j / PER_EGRESS, workload(j));
+        let host = if g % 20 == 0 {
+            format!(",\"host\":\"h{g}.example\"")
         } else {
             String::new()
         };
@@ -133,7 +145,7 @@ pub fn measure(agent: &Path, work: &Path) -> anyhow::Result<Table> {
         let text = String::from_utf8_lossy(&out.stdout);
         let judge_ms = field(&text, "judge_ms").context("no judge_ms in the preview")?;
         let changes = text.matches("\"destination\"").count();
-        // Rule 1's address on its ten ports, rule 2's on its ten: nothing else.
+        // Rule 101's address on its ten ports, rule 201's on its ten: nothing else.
         if changes != 20 {
             bail!("policy preview listed {changes} changes, not 20:\n{text}");
         }
@@ -192,8 +204,10 @@ mod tests {
 
     #[test]
     fn files_have_the_advertised_size() {
-        assert_eq!(policy(false).matches("kind: Egress\n").count(), RULES);
-        assert_eq!(policy(true).matches("kind: Egress\n").count(), RULES);
+        let (cur, cand) = (policy(false), policy(true));
+        assert_eq!(cur.matches("/32").count(), RULES);
+        assert_eq!(cand.matches("/32").count(), RULES);
+        assert!(cur.matches("\n---\n").count() < 1024);
         assert_eq!(history().matches("\"workload\"").count(), FLOWS);
         assert_eq!(field("{\n  \"judge_ms\": 12.5,\n}", "judge_ms"), Some(12.5));
     }

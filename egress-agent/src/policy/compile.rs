@@ -551,19 +551,26 @@ pub enum HostVerdict {
 }
 
 /// The longest-prefix match among `entries`, which the compiler emits sorted by (workload,
-/// prefix length, address): one binary search per prefix length, longest first.
+/// prefix length, address): within the workload's entries, one binary search per prefix
+/// length that is present, longest first (a workload usually has a few lengths, not 33).
 fn longest<'a, const N: usize>(
     entries: &'a [Entry<N>],
     workload: u32,
     addr: &[u8; N],
 ) -> Option<&'a PolicyValue> {
-    (0..=(N * 8) as u8).rev().find_map(|len| {
-        let want = (workload, len, scalar::mask(addr, len));
-        entries
-            .binary_search_by(|e| (e.workload, e.cidr_len, e.addr).cmp(&want))
-            .ok()
-            .map(|i| &entries[i].value)
-    })
+    let start = entries.partition_point(|e| e.workload < workload);
+    let end = start + entries[start..].partition_point(|e| e.workload == workload);
+    let mut mine = &entries[start..end];
+    while let Some(last) = mine.last() {
+        let len = last.cidr_len;
+        let from = mine.partition_point(|e| e.cidr_len < len);
+        let want = scalar::mask(addr, len);
+        if let Ok(i) = mine[from..].binary_search_by(|e| e.addr.cmp(&want)) {
+            return Some(&mine[from + i].value);
+        }
+        mine = &mine[..from];
+    }
+    None
 }
 
 #[cfg(test)]
