@@ -154,7 +154,7 @@ impl History {
                 path: path.into(),
                 source,
             })?;
-        records.sort_by(|a, b| b.last_ms.cmp(&a.last_ms));
+        records.sort_by_key(|r| std::cmp::Reverse(r.last_ms));
         records.truncate(h.size);
         h.inner().entries = records.into_iter().map(|r| (r.key.clone(), r)).collect();
         Ok(h)
@@ -200,11 +200,8 @@ pub async fn save_every(
     loop {
         tick.tick().await;
         let (h, p) = (history.clone(), path.clone());
-        match tokio::task::spawn_blocking(move || h.save(&p)).await {
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "the flow history was not saved; retrying later")
-            }
-            Ok(Ok(_)) | Err(_) => {}
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || h.save(&p)).await {
+            tracing::warn!(error = %e, "the flow history was not saved; retrying later");
         }
     }
 }
