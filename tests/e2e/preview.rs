@@ -7,7 +7,9 @@ use std::{collections::BTreeSet, time::Duration};
 
 use serde_json::Value;
 
-use crate::harness::{http_server, privileged_with, temp_dir, wait_until, Agent, TcpServer};
+use crate::harness::{
+    http_server, privileged_with, temp_dir, wait_until, Agent, Daemon, TcpServer,
+};
 
 fn json(agent: &Agent, args: &[&str]) -> Value {
     let mut a = vec!["-o", "json"];
@@ -21,25 +23,14 @@ fn tcp(agent: &Agent, ip: &str, port: &str) -> String {
 
 /// `curl` in `web` to `http://host/` resolved to `ip`: the HTTP status (000: no answer).
 fn curl(agent: &Agent, host: &str, ip: &str) -> String {
-    let resolve = format!("{host}:80:{ip}");
-    let url = format!("http://{host}/");
-    let out = agent.exec(
-        "web",
-        &[
-            "curl",
-            "-s",
-            "--max-time",
-            "10",
-            "--resolve",
-            &resolve,
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            &url,
-        ],
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    crate::proxy::curl(agent, "http", host, ip, 80).1
+}
+
+/// An HTTP server on `ip`:80 serving `hello`.
+fn web(ip: &str) -> Daemon {
+    let www = temp_dir("www");
+    std::fs::write(www.join("index.html"), "hello\n").unwrap();
+    http_server(ip, 80, www)
 }
 
 /// The value of one series on `/metrics` (0 when absent).
@@ -82,9 +73,7 @@ fn audit_mode_per_policy_reports_while_another_enforces() {
     }
     let audited_srv = TcpServer::start("127.51.0.1");
     let enforced_srv = TcpServer::start("127.51.0.2");
-    let www = temp_dir("www");
-    std::fs::write(www.join("index.html"), "hello\n").unwrap();
-    let _http = http_server("127.51.0.3", 80, www);
+    let _http = web("127.51.0.3");
     let agent = Agent::start(AUDIT_POLICY);
 
     // The audited deny lets the connection through, to the real server.
@@ -158,9 +147,7 @@ fn preview_lists_exactly_the_changed_flows_and_apply_refuses_them() {
     }
     let a = TcpServer::start("127.52.0.1");
     let b = TcpServer::start("127.52.0.2");
-    let www = temp_dir("www");
-    std::fs::write(www.join("index.html"), "hello\n").unwrap();
-    let _http = http_server("127.52.0.3", 80, www);
+    let _http = web("127.52.0.3");
     let current = policy(
         &(rule("allow-a", "127.52.0.1", "allow") + &rule("allow-b", "127.52.0.2", "allow") + HOSTS),
     );

@@ -36,22 +36,26 @@ const PACKAGES: &[&str] = &[
     "gcc",
     "curl",
 ];
+/// Builds the release agent; its path.
+pub fn release_agent(root: &Path) -> anyhow::Result<std::path::PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let argv = [
+        &cargo,
+        "build",
+        "--release",
+        "--quiet",
+        "-p",
+        "egress-agent",
+    ];
+    run_in(root, &argv)?;
+    Ok(root.join("target/release/egress-agent"))
+}
+
 /// `cargo xtask bench --preview`: only W9 (policy preview), with the release agent; no root.
 pub fn preview_only(root: &Path) -> anyhow::Result<()> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    run_in(
-        root,
-        &[
-            &cargo,
-            "build",
-            "--release",
-            "--quiet",
-            "-p",
-            "egress-agent",
-        ],
-    )?;
+    let agent = release_agent(root)?;
     let work = root.join("target/bench/preview");
-    let w9 = bench_preview::measure(&root.join("target/release/egress-agent"), &work)?;
+    let w9 = bench_preview::measure(&agent, &work)?;
     let report = Report {
         mode: "preview",
         machine: machine(),
@@ -68,20 +72,8 @@ pub fn bench(root: &Path, full: bool) -> anyhow::Result<()> {
     let started = Instant::now();
     eprintln!("==> setup (scripts/setup.sh) and the release agent");
     run_in(root, &["bash", "scripts/setup.sh"])?;
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    run_in(
-        root,
-        &[
-            &cargo,
-            "build",
-            "--release",
-            "--quiet",
-            "-p",
-            "egress-agent",
-        ],
-    )?;
+    let agent = release_agent(root)?;
     ensure_packages(PACKAGES)?;
-    let agent = root.join("target/release/egress-agent");
     let mut env = Env::new(&agent)?;
     eprintln!(
         "==> bench ({} mode) in network namespace {}, cgroup root {}, pins {}",
