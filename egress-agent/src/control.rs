@@ -361,20 +361,17 @@ impl Control {
         Ok(applied)
     }
 
-    /// `policy preview`: the policy `text` would make, compiled as [`Control::apply`] (or,
-    /// with `replace`, [`Control::replace`]) would, keeping the workload ids; nothing changes.
+    /// `policy preview`: the policy `text` would make ([`Store::candidate`]), compiled with
+    /// the workload ids in force; nothing changes.
     pub fn candidate(
         &self,
         text: &str,
         file: &str,
         replace: bool,
+        kubernetes: bool,
     ) -> Result<Compiled, ControlError> {
-        let store = self.store();
-        let cfg = if replace {
-            Store::parse(text, file)?.1
-        } else {
-            store.merge(&Store::parse_fragment(text, file)?, file)?.1
-        };
+        let add = Store::parse_fragment(text, file)?;
+        let cfg = self.store().candidate(&add, file, replace, kubernetes)?;
         Ok(policy::compile_stable(&cfg, &self.live.get().ids())?)
     }
 

@@ -241,6 +241,10 @@ pub enum PolicyAction {
         file: PathBuf,
         #[arg(long)]
         replace: bool,
+        /// FILE holds Kubernetes CRD objects (Egress, MeshConfig): a source may select pods
+        /// that do not run on this node; the node agent's pods stay the workloads.
+        #[arg(long)]
+        kubernetes: bool,
         /// Only this workload's flows: NAME or NAMESPACE/NAME.
         #[arg(long, short = 'w', value_name = "NAME")]
         workload: Option<String>,

@@ -189,6 +189,7 @@ pub fn policy(socket: &Path, out: Output, action: PolicyAction) -> Result<(), Fa
         PolicyAction::Preview {
             file,
             replace,
+            kubernetes,
             workload,
             since,
             fail_on_new_denies,
@@ -198,6 +199,7 @@ pub fn policy(socket: &Path, out: Output, action: PolicyAction) -> Result<(), Fa
             let args = super::preview::PreviewArgs {
                 file: &file,
                 replace,
+                kubernetes,
                 workload,
                 since,
                 fail_on_new_denies,

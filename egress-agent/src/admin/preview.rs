@@ -12,7 +12,7 @@ use super::{
     protocol::{Request, Response},
 };
 use crate::{
-    control::Control,
+    control::{Control, ControlError},
     policy::{self, preview, Compiled, ObjectRef, Store},
     telemetry::{
         flows::now_ms,
@@ -25,13 +25,12 @@ use crate::{
 pub fn serve(
     c: &Control,
     history: &History,
+    candidate: Result<Compiled, ControlError>,
     file: &str,
-    text: &str,
-    replace: bool,
     workload: Option<String>,
     since_ms: u64,
 ) -> Response {
-    let candidate = match c.candidate(text, file, replace) {
+    let candidate = match candidate {
         Ok(p) => p,
         Err(e) => return Response::err(&e, e.is_invalid()),
     };
@@ -77,15 +76,15 @@ fn offline(a: &PreviewArgs<'_>, current: &Path, history: &Path) -> Result<Value,
             .map_err(|e| Failed::new(format!("{}: cannot read: {e}", p.display()), 2))
     };
     let (cur_file, file) = (current.display().to_string(), a.file.display().to_string());
-    let (store, cur_cfg) = Store::parse(&read(current)?, &cur_file).map_err(|e| bad(&e))?;
+    let store = Store::parse_fragment(&read(current)?, &cur_file).map_err(|e| bad(&e))?;
+    let cur_cfg = Store::default()
+        .candidate(&store, &cur_file, false, a.kubernetes)
+        .map_err(|e| bad(&e))?;
     let cur = policy::compile(&cur_cfg).map_err(|e| bad(&e))?;
-    let text = read(a.file)?;
-    let cfg = if a.replace {
-        Store::parse(&text, &file).map(|(_, c)| c)
-    } else {
-        Store::parse_fragment(&text, &file).and_then(|add| store.merge(&add, &file).map(|(_, c)| c))
-    }
-    .map_err(|e| bad(&e))?;
+    let add = Store::parse_fragment(&read(a.file)?, &file).map_err(|e| bad(&e))?;
+    let cfg = store
+        .candidate(&add, &file, a.replace, a.kubernetes)
+        .map_err(|e| bad(&e))?;
     let cand = policy::compile_stable(&cfg, &cur.ids()).map_err(|e| bad(&e))?;
     let flows = History::load(history, usize::MAX)
         .map_err(|e| bad(&e))?
@@ -155,6 +154,7 @@ pub fn history(socket: &Path, out: Output, since: Option<Duration>) -> Result<()
 pub struct PreviewArgs<'a> {
     pub file: &'a Path,
     pub replace: bool,
+    pub kubernetes: bool,
     pub workload: Option<String>,
     pub since: Option<Duration>,
     pub fail_on_new_denies: bool,
@@ -173,6 +173,7 @@ pub fn preview(socket: &Path, out: Output, a: PreviewArgs<'_>) -> Result<(), Fai
                 file: a.file.display().to_string(),
                 text,
                 replace: a.replace,
+                kubernetes: a.kubernetes,
                 workload: a.workload.clone(),
                 since_ms: since_ms(a.since),
             };

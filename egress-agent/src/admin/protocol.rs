@@ -46,6 +46,9 @@ pub enum Request {
         file: String,
         text: String,
         replace: bool,
+        /// The file holds CRD objects (sources may name pods of other nodes).
+        #[serde(default)]
+        kubernetes: bool,
         #[serde(default)]
         workload: Option<String>,
         since_ms: u64,

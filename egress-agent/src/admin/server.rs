@@ -143,9 +143,13 @@ fn dispatch(c: &Control, hub: &Hub, req: Request, who: &str, programs: &[String]
             file,
             text,
             replace,
+            kubernetes,
             workload,
             since_ms,
-        } => super::preview::serve(c, &hub.history, &file, &text, replace, workload, since_ms),
+        } => {
+            let candidate = c.candidate(&text, &file, replace, kubernetes);
+            super::preview::serve(c, &hub.history, candidate, &file, workload, since_ms)
+        }
         Request::Status => Response::ok(status(c, programs)),
         Request::SetEgress { enable } => c.set_enable_egress(enable, who).into(),
         Request::Apply { file, text } => {
