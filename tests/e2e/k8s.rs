@@ -20,11 +20,11 @@ use crate::harness::{
     FakeApiServer, Netns, TcpServer, AGENT, CLIENT,
 };
 
-const EPERM: &str = "err EPERM";
-const ALLOWED: &str = "err ECONNREFUSED";
-const NODE: &str = "node-a";
+pub const EPERM: &str = "err EPERM";
+pub const ALLOWED: &str = "err ECONNREFUSED";
+pub const NODE: &str = "node-a";
 
-fn verdict(dir: &Path, ip: &str) -> &'static str {
+pub fn verdict(dir: &Path, ip: &str) -> &'static str {
     let out = client_in_cgroup(dir, &["tcp", ip, "9"]);
     if out.starts_with(EPERM) {
         EPERM
@@ -44,11 +44,11 @@ fn eventually(what: &str, agent: &Agent, f: impl Fn() -> bool) {
     );
 }
 
-fn uid(n: u32) -> String {
+pub fn uid(n: u32) -> String {
     format!("{n:08x}-0d4e-4f5a-8b6c-{:012x}", std::process::id())
 }
 
-fn pod(name: &str, uid: &str, app: &str, qos: &str, node: &str) -> Value {
+pub fn pod(name: &str, uid: &str, app: &str, qos: &str, node: &str) -> Value {
     json!({"apiVersion": "v1", "kind": "Pod",
            "metadata": {"name": name, "namespace": "shop", "uid": uid, "labels": {"app": app}},
            "spec": {"nodeName": node, "containers": [{"name": "main", "image": "busybox"}]},
@@ -63,7 +63,7 @@ fn egress(port: i64) -> Value {
 }
 
 /// The kubelet's and the runtime's part: the pod cgroup and one container cgroup in it.
-fn make_pod(
+pub fn make_pod(
     tree: &CgroupTree,
     kubepods: &str,
     driver: Driver,
@@ -102,7 +102,7 @@ fn cluster_cli(kubeconfig: &Path, args: &[&str]) -> String {
 /// An agent in Kubernetes mode for node NODE on the kubepods cgroup `root`, against `fake`,
 /// whose MeshConfig `egress` (enableEgress false, this agent's proxy port) is put first.
 /// Started, and ready. Returns it and its kubeconfig file.
-fn kube_agent(fake: &FakeApiServer, root: PathBuf) -> (Agent, PathBuf) {
+pub fn kube_agent(fake: &FakeApiServer, root: PathBuf) -> (Agent, PathBuf) {
     let mut agent = Agent::new("");
     fake.put(
         "meshconfigs",

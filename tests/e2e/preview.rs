@@ -8,7 +8,7 @@ use std::{collections::BTreeSet, time::Duration};
 use serde_json::Value;
 
 use crate::harness::{
-    http_server, privileged_with, temp_dir, wait_until, Agent, Daemon, TcpServer,
+    http_server, privileged, privileged_with, temp_dir, wait_until, Agent, Daemon, TcpServer,
 };
 
 fn json(agent: &Agent, args: &[&str]) -> Value {
@@ -308,4 +308,68 @@ fn preview_of_bad_input_exits_2_and_changes_nothing() {
     assert_eq!(json(&agent, &["egress", "status"])["generation"], g0);
     let list = agent.cli_ok(&["policy", "list"]);
     assert!(!list.contains("allow-b"), "{list}");
+}
+
+#[test]
+fn preview_of_a_crd_file_against_a_kubernetes_node_agent() {
+    use crate::k8s::{kube_agent, make_pod, pod, uid, verdict, ALLOWED, EPERM};
+    use egress_agent::k8s::cgroups::{Driver, Qos};
+    if !privileged() {
+        return;
+    }
+    let tree = crate::harness::CgroupTree::new();
+    let kubepods = "kubepods.slice";
+    tree.mkdir(kubepods);
+    let fake = crate::harness::FakeApiServer::start();
+    let a = uid(0x19);
+    let container = format!("containerd://{}", "c9".repeat(32));
+    let web = make_pod(
+        &tree,
+        kubepods,
+        Driver::Systemd,
+        Qos::Burstable,
+        &a,
+        &container,
+    );
+    fake.put(
+        "pods",
+        pod("web-a", &a, "web", "Burstable", crate::k8s::NODE),
+    );
+    fake.put(
+        "egresses",
+        serde_json::json!({"apiVersion": "policy.egress.dev/v1alpha1", "kind": "Egress",
+            "metadata": {"name": "web-out", "namespace": "shop"},
+            "spec": {"sources": [{"podSelector": {"matchLabels": {"app": "web"}}}],
+                     "ipAddresses": ["127.79.0.0/16"]}}),
+    );
+    let (agent, _kubeconfig) = kube_agent(&fake, tree.path.join(kubepods));
+    assert_eq!(verdict(&web, "127.79.0.1"), ALLOWED);
+    assert_eq!(verdict(&web, "127.79.0.2"), ALLOWED);
+    assert_eq!(verdict(&web, "127.80.0.1"), EPERM);
+    assert!(
+        wait_until(Duration::from_secs(5), || history(&agent).len() == 3),
+        "{:?}",
+        history(&agent)
+    );
+    // A CRD file: a deny for one address, selecting pods by label (also other nodes').
+    let file = temp_dir("crd").join("deny.yaml");
+    std::fs::write(&file, "apiVersion: policy.egress.dev/v1alpha1\nkind: Egress\nmetadata: {name: no-one, namespace: shop}\nspec: {sources: [{podSelector: {matchLabels: {app: web}}}], ipAddresses: [127.79.0.1/32], action: deny}\n").unwrap();
+    let v = json(
+        &agent,
+        &[
+            "policy",
+            "preview",
+            "--kubernetes",
+            "-f",
+            file.to_str().unwrap(),
+        ],
+    );
+    let changes = v["changes"].as_array().unwrap();
+    assert_eq!(changes.len(), 1, "{v:#}");
+    assert_eq!(changes[0]["workload"], "shop/web-a");
+    assert_eq!(changes[0]["destination"], "127.79.0.1:9");
+    assert_eq!(changes[0]["after"]["rule"], "shop/no-one");
+    assert_eq!(changes[0]["after"]["route"], "refused");
+    // Nothing changed on the node.
+    assert_eq!(verdict(&web, "127.79.0.1"), ALLOWED);
 }
