@@ -82,6 +82,18 @@ impl FakeApiServer {
     /// serves whatever runtime (or none) the test uses.
     pub fn start() -> FakeApiServer {
         let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        Self::serve(std_listener)
+    }
+
+    /// [`FakeApiServer::start`], listening on 127.0.0.1 of network namespace `netns` (a test's
+    /// "node", where its agent runs).
+    pub fn start_in(netns: &std::path::Path) -> FakeApiServer {
+        let l = crate::net::in_netns(netns, || std::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("bind 127.0.0.1:0 in the node namespace");
+        Self::serve(l)
+    }
+
+    fn serve(std_listener: std::net::TcpListener) -> FakeApiServer {
         std_listener.set_nonblocking(true).expect("nonblocking");
         let addr = std_listener.local_addr().expect("local addr");
         let shared = Arc::new(Shared {
