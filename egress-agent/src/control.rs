@@ -397,6 +397,20 @@ impl Control {
         Ok(applied)
     }
 
+    /// `policy preview`: the policy `text` would make ([`Store::candidate`]), compiled with
+    /// the workload ids in force; nothing changes.
+    pub fn candidate(
+        &self,
+        text: &str,
+        file: &str,
+        replace: bool,
+        kubernetes: bool,
+    ) -> Result<Compiled, ControlError> {
+        let add = Store::parse_fragment(text, file)?;
+        let cfg = self.store().candidate(&add, file, replace, kubernetes)?;
+        Ok(policy::compile_stable(&cfg, &self.live.get().ids())?)
+    }
+
     /// `egress enable|disable`: one u32 in the policy in force, no rebuild.
     pub fn set_enable_egress(&self, enable: bool, who: &str) -> Result<Applied, ControlError> {
         self.local_change()?;
@@ -512,7 +526,7 @@ fn reason(o: egress_common::Outcome, rule: Option<String>) -> String {
         DenyDefault => "no Egress rule matches and enableEgress is false".into(),
         DenyProxyPort => "the proxy port is never dialled directly".into(),
         DenyError => "internal error, failMode closed".into(),
-        AuditRule => format!("would be denied by Egress {rule}; allowed by auditMode"),
+        AuditRule => format!("would be denied by Egress {rule}; allowed and reported (audit mode)"),
         AuditDefault => {
             "would be denied (no rule, enableEgress false); allowed by auditMode".into()
         }

@@ -20,8 +20,8 @@ use crate::harness::{
     FakeApiServer, Netns, TcpServer, AGENT, CLIENT,
 };
 
-const EPERM: &str = "err EPERM";
-const ALLOWED: &str = "err ECONNREFUSED";
+pub(crate) const EPERM: &str = "err EPERM";
+pub(crate) const ALLOWED: &str = "err ECONNREFUSED";
 pub(crate) const NODE: &str = "node-a";
 
 pub(crate) fn verdict(dir: &Path, ip: &str) -> &'static str {

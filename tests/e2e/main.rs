@@ -18,6 +18,7 @@ mod metrics;
 mod netpol;
 mod packets;
 mod pods;
+mod preview;
 mod proxy;
 mod semantics;
 mod sockets;

@@ -15,7 +15,7 @@ use egress_common::{
 };
 
 use super::{
-    model::{Action, Config, EgressGateway, FailMode, ObjectRef, Via},
+    model::{Action, Config, EgressGateway, FailMode, Mode, ObjectRef, Via},
     scalar::{self, Cidr, HostPattern},
     tiers::{Prefixes, Tiers},
 };
@@ -39,6 +39,8 @@ pub struct RuleInfo {
     pub ports: Vec<(u16, u16, u8)>,
     /// Index into [`Compiled::gateways`] of the gateway this rule names (`gateway: NAME`).
     pub gateway: Option<usize>,
+    /// `spec.mode: audit`: what the rule would refuse is reported, not refused.
+    pub audit: bool,
 }
 
 impl RuleInfo {
@@ -189,6 +191,7 @@ pub fn compile_stable(
                 .gateway
                 .as_ref()
                 .and_then(|g| cfg.gateways.iter().position(|x| &x.id.name == g)),
+            audit: s.mode == Mode::Audit,
         });
         // Host rules are judged by the proxy, whatever their action; the kernel only routes.
         let act = match (s.route(), s.action) {
@@ -256,6 +259,7 @@ pub fn compile_stable(
         cidrs: o.cidrs,
         ports: o.ports,
         gateway: None,
+        audit: false,
     }));
     let names = |wid: u32| {
         ids.iter()
@@ -339,7 +343,7 @@ fn flatten<const N: usize>(
             }
         }
         all.extend(extra(wid, len, &addr));
-        let value = segments(&all);
+        let value = segments(&all, |id| rules[id as usize - 1].audit);
         if let Err(count) = value {
             let egresses: BTreeSet<String> = all
                 .iter()
@@ -379,8 +383,11 @@ fn strength(r: &PortRule) -> (u8, u32) {
 
 /// Compiles the rules that apply to one prefix into the kernel's segments: per protocol
 /// class, the port ranges where one action wins, sorted, non-overlapping, adjacent equal
-/// ranges merged. Err(n): n segments needed, more than [`MAX_SEGMENTS`].
-fn segments(rules: &[PortRule]) -> Result<PolicyValue, usize> {
+/// ranges merged. Rules in audit mode (`audited(rule_id)`) never change what the enforced
+/// ones decide: their denies only mark where the enforced verdict would let the connection
+/// through ([`action::AUDIT_ALLOW`], [`action::AUDIT_DEFAULT`]), their allows and redirects
+/// are left out. Err(n): n segments needed, more than [`MAX_SEGMENTS`].
+fn segments(rules: &[PortRule], audited: impl Fn(u32) -> bool) -> Result<PolicyValue, usize> {
     let mut v = PolicyValue::default();
     let mut all: Vec<Segment> = Vec::new();
     for (class, p) in [(0, proto::TCP), (1, proto::UDP), (2, proto::ANY)] {
@@ -403,27 +410,35 @@ fn segments(rules: &[PortRule]) -> Result<PolicyValue, usize> {
         let mut segs: Vec<Segment> = Vec::new();
         for w in cuts.windows(2) {
             let (a, b) = (w[0], w[1] - 1);
-            let Some(best) = relevant
-                .iter()
-                .filter(|r| r.port_lo as u32 <= a && r.port_hi as u32 >= b)
-                .max_by_key(|r| strength(r))
-            else {
-                continue;
+            let covering = || {
+                relevant
+                    .iter()
+                    .filter(move |r| r.port_lo as u32 <= a && r.port_hi as u32 >= b)
+            };
+            let enforced = covering()
+                .filter(|r| !audited(r.rule_id))
+                .max_by_key(|r| strength(r));
+            let audit_deny = covering()
+                .filter(|r| r.action == action::DENY && audited(r.rule_id))
+                .max_by_key(|r| r.rule_id);
+            let (act, rule_id) = match (enforced, audit_deny) {
+                (Some(e), Some(d)) if e.action == action::ALLOW => (action::AUDIT_ALLOW, d.rule_id),
+                (Some(e), _) => (e.action, e.rule_id),
+                (None, Some(d)) => (action::AUDIT_DEFAULT, d.rule_id),
+                (None, None) => continue,
             };
             match segs.last_mut() {
                 Some(last)
-                    if last.action == best.action
-                        && last.rule_id == best.rule_id
-                        && last.hi as u32 + 1 == a =>
+                    if last.action == act && last.rule_id == rule_id && last.hi as u32 + 1 == a =>
                 {
                     last.hi = b as u16
                 }
                 _ => segs.push(Segment {
                     lo: a as u16,
                     hi: b as u16,
-                    action: best.action,
+                    action: act,
                     _pad0: [0; 3],
-                    rule_id: best.rule_id,
+                    rule_id,
                 }),
             }
         }
@@ -505,7 +520,8 @@ impl Compiled {
 
     /// The proxy's verdict for a redirected TCP connection whose host is `host` (None: the
     /// client named none, or spoke neither TLS nor HTTP). Host denies win, then host allows,
-    /// then allows by address; otherwise `enableEgress` decides, as in the kernel.
+    /// then allows by address; otherwise `enableEgress` decides, as in the kernel. Policies in
+    /// audit mode only turn what the enforced ones let through into [`HostVerdict::Audit`].
     pub fn decide_host(
         &self,
         workload: u32,
@@ -514,44 +530,50 @@ impl Compiled {
         host: Option<&str>,
     ) -> HostVerdict {
         let ip = scalar::normalize(ip);
-        let applicable = || {
-            self.rules
-                .iter()
-                .zip(1u32..)
-                .filter(move |(r, _)| r.applies_tcp(workload, ip, port))
-        };
+        let audit = self.config.audit_mode != 0;
+        match self.host_verdict(workload, ip, port, host, false) {
+            Err(id) if audit => HostVerdict::Audit(id),
+            Err(id) => HostVerdict::Deny(id),
+            Ok(id) => match self.host_verdict(workload, ip, port, host, true) {
+                Err(audited) => HostVerdict::Audit(audited),
+                Ok(_) => HostVerdict::Allow(id),
+            },
+        }
+    }
+
+    /// [`Compiled::decide_host`] over the enforced rules (and those in audit mode with
+    /// `audited`): Ok(rule) lets through, Err(rule) refuses.
+    fn host_verdict(
+        &self,
+        workload: u32,
+        ip: IpAddr,
+        port: u16,
+        host: Option<&str>,
+        audited: bool,
+    ) -> Result<u32, u32> {
+        let counts = |r: &RuleInfo| (audited || !r.audit) && r.applies_tcp(workload, ip, port);
         let by_host = |action: Action| {
             let host = host?;
             self.host_rules.iter().find_map(|&i| {
                 let r = &self.rules[i];
-                (r.action == action
-                    && r.applies_tcp(workload, ip, port)
-                    && r.hosts.iter().any(|p| p.matches(host)))
-                .then_some((r, i as u32 + 1))
+                (r.action == action && counts(r) && r.hosts.iter().any(|p| p.matches(host)))
+                    .then_some(i as u32 + 1)
             })
         };
-        let audit = self.config.audit_mode != 0;
-        if let Some((_, id)) = by_host(Action::Deny) {
-            return if audit {
-                HostVerdict::Audit(id)
-            } else {
-                HostVerdict::Deny(id)
-            };
+        if let Some(id) = by_host(Action::Deny) {
+            return Err(id);
         }
-        if let Some((_, id)) = by_host(Action::Allow) {
-            return HostVerdict::Allow(id);
+        if let Some(id) = by_host(Action::Allow) {
+            return Ok(id);
         }
-        if let Some((_, id)) =
-            applicable().find(|(r, _)| r.hosts.is_empty() && r.action == Action::Allow)
-        {
-            return HostVerdict::Allow(id);
-        }
-        if self.config.enable_egress != 0 {
-            HostVerdict::Allow(0)
-        } else if audit {
-            HostVerdict::Audit(0)
-        } else {
-            HostVerdict::Deny(0)
+        // An audited allow by address lets nothing more through than the enforced ones.
+        let by_address = self.rules.iter().zip(1u32..).find(|(r, _)| {
+            !r.audit && r.hosts.is_empty() && r.action == Action::Allow && counts(r)
+        });
+        match by_address {
+            Some((_, id)) => Ok(id),
+            None if self.config.enable_egress != 0 => Ok(0),
+            None => Err(0),
         }
     }
 }
@@ -567,19 +589,26 @@ pub enum HostVerdict {
 }
 
 /// The longest-prefix match among `entries`, which the compiler emits sorted by (workload,
-/// prefix length, address): one binary search per prefix length, longest first.
+/// prefix length, address): within the workload's entries, one binary search per prefix
+/// length that is present, longest first (a workload usually has a few lengths, not 33).
 fn longest<'a, const N: usize>(
     entries: &'a [Entry<N>],
     workload: u32,
     addr: &[u8; N],
 ) -> Option<&'a PolicyValue> {
-    (0..=(N * 8) as u8).rev().find_map(|len| {
-        let want = (workload, len, scalar::mask(addr, len));
-        entries
-            .binary_search_by(|e| (e.workload, e.cidr_len, e.addr).cmp(&want))
-            .ok()
-            .map(|i| &entries[i].value)
-    })
+    let start = entries.partition_point(|e| e.workload < workload);
+    let end = start + entries[start..].partition_point(|e| e.workload == workload);
+    let mut mine = &entries[start..end];
+    while let Some(last) = mine.last() {
+        let len = last.cidr_len;
+        let from = mine.partition_point(|e| e.cidr_len < len);
+        let want = scalar::mask(addr, len);
+        if let Ok(i) = mine[from..].binary_search_by(|e| e.addr.cmp(&want)) {
+            return Some(&mine[from + i].value);
+        }
+        mine = &mine[..from];
+    }
+    None
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ pub mod live;
 pub mod model;
 pub mod netpol;
 pub mod parse;
+pub mod preview;
 pub mod scalar;
 pub mod selector;
 pub mod store;

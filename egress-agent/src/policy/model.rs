@@ -261,6 +261,19 @@ pub struct EgressSpec {
     /// `via: gateway`. Without it, `via: gateway` means the global gateway.
     #[serde(default)]
     pub gateway: Option<String>,
+    /// `enforce` (the default) or `audit`: what this policy would refuse is reported
+    /// (`audit-rule` flows, `egress_audit_total`) and let through; the others keep enforcing.
+    #[serde(default)]
+    pub mode: Mode,
+}
+
+/// `spec.mode` of an Egress.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    #[default]
+    Enforce,
+    Audit,
 }
 
 impl EgressSpec {
