@@ -292,7 +292,10 @@ impl Control {
         // orders it with the next change, and retire() skips a set that is active again.
         let datapath = self.datapath.clone();
         std::thread::spawn(move || {
-            std::thread::sleep(std::time::Duration::from_millis(20));
+            // Until no program can still be reading it (a grace period, not a guess).
+            if let Err(e) = crate::datapath::policy_maps::wait_for_readers() {
+                warn!(error = %e, "cannot wait for the programs reading the replaced policy set");
+            }
             let mut dp = datapath.lock().unwrap_or_else(|e| e.into_inner());
             if let Err(e) = dp.retire(old) {
                 warn!(error = %e, "cannot delete the replaced policy set; the next change retries");

@@ -91,6 +91,21 @@ fn raise_fd_limit() {
     }
 }
 
+/// Creates `<root>/_agent` (or reuses it: its id is the one the pinned policy exempts), makes
+/// sure pinned policy sets exempt it, and moves this process into it. Returns its id.
+fn enter_agent_cgroup(root: &CgroupRoot, pin_dir: &Path, leave: &mut Leave) -> anyhow::Result<u64> {
+    root.ensure(&root.path)?;
+    let agent_cgroup = root.ensure(&root.agent_dir())?;
+    if crate::datapath::exempt::exempt_agent(pin_dir, agent_cgroup)? {
+        warn!(cgroup = %root.agent_dir().display(), "the agent's cgroup was re-created: the pinned policy now exempts the new one");
+    }
+    let home = cgroups::cgroup_of(std::process::id())?;
+    cgroups::move_pid(&root.agent_dir(), std::process::id())?;
+    leave.agent_home = Some(home);
+    info!(cgroup = %root.agent_dir().display(), id = agent_cgroup, "in the agent's exempt cgroup");
+    Ok(agent_cgroup)
+}
+
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     crate::datapath::kernel_version::check()?;
     raise_fd_limit();
@@ -99,23 +114,15 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         .state_file
         .clone()
         .unwrap_or_else(|| default_state_file(&opts.pin_dir));
-    // Kubernetes mode: the first sync of pods and policy objects stands in for the file.
-    let mut cluster = None;
-    let (file_store, file_cfg) = match &opts.kubernetes {
-        Some(k) => {
-            let started = k8s::first_sync(k, &root.path, &state_file).await?;
-            let r = &started.resolved;
-            let loaded = (r.store.clone(), r.config.clone());
-            cluster = Some(started);
-            loaded
+    // A policy file is parsed and validated before anything on the machine changes.
+    let source = match &opts.kubernetes {
+        Some(k) => Err(k),
+        None => {
+            let loaded = Store::load(&opts.config)?;
+            policy::compile(&loaded.1)?;
+            Ok(loaded)
         }
-        None => Store::load(&opts.config)?,
     };
-    policy::compile(&file_cfg)?;
-    let dirs = cluster
-        .as_ref()
-        .map(|c| c.resolved.dirs.clone())
-        .unwrap_or_default();
 
     // The admin socket doubles as the lock: a second agent on it is refused here.
     let admin_listener = admin::bind(&opts.admin_socket).await?;
@@ -124,11 +131,30 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         agent_home: None,
         admin_socket: Some(opts.admin_socket.clone()),
     };
-    root.ensure(&root.path)?;
-    let agent_cgroup = root.ensure(&root.agent_dir())?;
-    let home = cgroups::cgroup_of(std::process::id())?;
-    cgroups::move_pid(&root.agent_dir(), std::process::id())?;
-    leave.agent_home = Some(home);
+    // Into the exempt cgroup before any network I/O: on a restart or a rollout the pinned
+    // programs still enforce (in Kubernetes mode refusing every cgroup below the root that is
+    // no workload, such as this agent's own new pod), so the first connection to the API
+    // server must already come from the exempt cgroup. `_agent` outlives the agent and its id
+    // is in the pinned policy; exempt_agent covers a re-created one.
+    let agent_cgroup = enter_agent_cgroup(&root, &opts.pin_dir, &mut leave)?;
+
+    // Kubernetes mode: the first sync of pods and policy objects stands in for the file.
+    let mut cluster = None;
+    let (file_store, file_cfg) = match source {
+        Ok(loaded) => loaded,
+        Err(k) => {
+            let started = k8s::first_sync(k, &root.path, &state_file).await?;
+            let r = &started.resolved;
+            let loaded = (r.store.clone(), r.config.clone());
+            cluster = Some(started);
+            policy::compile(&loaded.1)?;
+            loaded
+        }
+    };
+    let dirs = cluster
+        .as_ref()
+        .map(|c| c.resolved.dirs.clone())
+        .unwrap_or_default();
 
     let (mut dp, reused) = Datapath::open(&opts.pin_dir)?;
     let kernel_logs = dp.logger();
