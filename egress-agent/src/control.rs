@@ -486,8 +486,10 @@ fn reason(o: egress_common::Outcome, rule: Option<String>) -> String {
     }
 }
 
-impl KernelSource for Control {
-    fn snapshot(&self) -> KernelSnapshot {
+impl Control {
+    /// What the kernel counted, read through `dp` (the metrics' own handles on the pinned
+    /// maps: the datapath lock is not taken).
+    pub fn read_kernel(&self, dp: &mut Datapath) -> KernelSnapshot {
         let policy = self.live.get();
         let pods = self
             .pods
@@ -495,17 +497,36 @@ impl KernelSource for Control {
             .iter()
             .map(|p| p.workload.clone())
             .collect();
-        let ids: Vec<u32> = policy.workloads.iter().map(|(_, id)| *id).collect();
-        let mut dp = self.datapath();
+        let mut ids: Vec<u32> = policy.workloads.iter().map(|(_, id)| *id).collect();
+        // Workload id 0: the refusals of cgroups that are no workload (Kubernetes mode).
+        let unenrolled = self.kubernetes().then_some(0);
+        ids.extend(unenrolled);
+        let sums = dp.counter_sums(&ids);
+        let unenrolled = unenrolled.map(|w| {
+            [proto::TCP, proto::UDP, proto::ANY].map(|p| {
+                egress_common::Outcome::ALL
+                    .iter()
+                    .filter(|o| o.is_denied())
+                    .filter_map(|o| sums.get(&(w, *o as u8, p)))
+                    .sum()
+            })
+        });
         KernelSnapshot {
-            sums: dp.counter_sums(&ids),
             tc: dp.tc_sums(&ids),
             sockets: dp.socket_refusals(&ids),
             packet_drops: dp.packet_drop_sums(&ids),
             entries: dp.map_fill(&policy),
             generation: dp.active().map(|(_, c)| c.generation).unwrap_or(0),
+            sums,
             pods,
             policy,
+            unenrolled,
         }
+    }
+}
+
+impl KernelSource for Control {
+    fn snapshot(&self) -> KernelSnapshot {
+        self.read_kernel(&mut self.datapath())
     }
 }

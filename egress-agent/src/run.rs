@@ -33,6 +33,7 @@ use crate::{
         flows,
         kernel::HostDenials,
         metrics::{self, Metrics},
+        snapshot::Snapshots,
     },
 };
 
@@ -236,7 +237,13 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let host_denials = HostDenials::default();
     let proxy_metrics = Arc::new(ProxyMetrics::register(&mut registry, host_denials.clone()));
     let rejected = k8s::watch::RejectedMetrics::register(&mut registry);
-    let metrics = Metrics::agent(registry, control.clone(), host_denials);
+    // The metrics read the kernel through their own handles on the pinned maps, on a thread
+    // of their own: a scrape never holds the datapath that policy changes need.
+    let (mut reader, _) = Datapath::open(&opts.pin_dir)?;
+    let first = control.read_kernel(&mut reader);
+    let c = control.clone();
+    let snapshots = Snapshots::spawn(first, move || c.read_kernel(&mut reader))?;
+    let metrics = Metrics::agent_snapshots(registry, snapshots, host_denials);
     let relay = Proxy::new(
         orig,
         live.clone(),

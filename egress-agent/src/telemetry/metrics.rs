@@ -23,7 +23,10 @@ use tokio::{
 };
 use tracing::warn;
 
-use super::kernel::{HostDenials, KernelCollector, KernelSource};
+use super::{
+    kernel::{HostDenials, KernelCollector, KernelSource},
+    snapshot::Snapshots,
+};
 
 pub const DEFAULT_ADDR: &str = "127.0.0.1:15090";
 
@@ -31,7 +34,14 @@ pub const DEFAULT_ADDR: &str = "127.0.0.1:15090";
 pub struct Metrics {
     registry: Registry,
     ready: Arc<AtomicBool>,
+    /// The kernel's snapshot, brought up to date before a scrape is encoded.
+    snapshots: Option<Arc<Snapshots>>,
 }
+
+/// Connections the endpoint serves at once; more wait in the listen backlog.
+pub const MAX_CONNECTIONS: usize = 8;
+/// A connection's whole life: reading the request, the snapshot, writing the reply.
+const CONNECTION_DEADLINE: Duration = Duration::from_secs(10);
 
 impl Metrics {
     /// Serves `registry`, whose metrics the components registered (the gateway's).
@@ -39,6 +49,7 @@ impl Metrics {
         Arc::new(Self {
             registry,
             ready: Arc::new(AtomicBool::new(false)),
+            snapshots: None,
         })
     }
 
@@ -56,7 +67,31 @@ impl Metrics {
             host_denials,
             ready: ready.clone(),
         }));
-        Arc::new(Self { registry, ready })
+        Arc::new(Self {
+            registry,
+            ready,
+            snapshots: None,
+        })
+    }
+
+    /// [`Metrics::agent`] with the kernel's state from `snapshots`, which a scrape brings up
+    /// to date (off the runtime) before it is encoded.
+    pub fn agent_snapshots(
+        mut registry: Registry,
+        snapshots: Arc<Snapshots>,
+        host_denials: HostDenials,
+    ) -> Arc<Self> {
+        let ready = Arc::new(AtomicBool::new(false));
+        registry.register_collector(Box::new(KernelCollector {
+            kernel: snapshots.clone(),
+            host_denials,
+            ready: ready.clone(),
+        }));
+        Arc::new(Self {
+            registry,
+            ready,
+            snapshots: Some(snapshots),
+        })
     }
 
     /// Ready: the agent's programs are attached and the first policy applied; the gateway
@@ -109,66 +144,80 @@ pub fn prometheus_text(openmetrics: &str) -> String {
     out
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` until the task is dropped.
+/// Serves `/metrics`, `/healthz` and `/readyz` until the task is dropped, at most
+/// [`MAX_CONNECTIONS`] connections at once, each for at most 10 s.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let Ok((mut s, _)) = listener.accept().await else {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let Ok((s, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
         let m = metrics.clone();
         tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            let mut n = 0;
-            // The request line is all we need; a slow or silent client gets 5 s.
-            let read = tokio::time::timeout(Duration::from_secs(5), async {
-                while n < buf.len() && !buf[..n].windows(2).any(|w| w == b"\r\n") {
-                    match s.read(&mut buf[n..]).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(k) => n += k,
-                    }
-                }
-            })
-            .await;
-            if read.is_err() {
-                return;
-            }
-            let line = String::from_utf8_lossy(&buf[..n]);
-            let mut parts = line.split_whitespace();
-            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-            let path = path.split('?').next().unwrap_or("");
-            let (status, ctype, body) = match (method, path) {
-                ("GET", "/metrics") => (
-                    "200 OK",
-                    "text/plain; version=0.0.4; charset=utf-8",
-                    m.render(),
-                ),
-                ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
-                ("GET", "/readyz") if m.is_ready() => {
-                    ("200 OK", "text/plain", "ready\n".to_string())
-                }
-                ("GET", "/readyz") => (
-                    "503 Service Unavailable",
-                    "text/plain",
-                    "not ready: programs not attached or no policy applied yet\n".to_string(),
-                ),
-                ("GET", _) => (
-                    "404 Not Found",
-                    "text/plain",
-                    "not found: /metrics, /healthz, /readyz\n".to_string(),
-                ),
-                _ => (
-                    "405 Method Not Allowed",
-                    "text/plain",
-                    "GET only\n".to_string(),
-                ),
-            };
-            let head = format!("HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
-            let _ = s.write_all(head.as_bytes()).await;
-            let _ = s.write_all(body.as_bytes()).await;
-            let _ = s.shutdown().await;
+            let _ = tokio::time::timeout(CONNECTION_DEADLINE, answer(s, &m)).await;
+            drop(slot);
         });
     }
+}
+
+/// One request on connection `s`.
+async fn answer(mut s: tokio::net::TcpStream, m: &Metrics) {
+    let mut buf = vec![0u8; 4096];
+    let mut n = 0;
+    // The request line is all we need; a slow or silent client gets 5 s.
+    let read = tokio::time::timeout(Duration::from_secs(5), async {
+        while n < buf.len() && !buf[..n].windows(2).any(|w| w == b"\r\n") {
+            match s.read(&mut buf[n..]).await {
+                Ok(0) | Err(_) => break,
+                Ok(k) => n += k,
+            }
+        }
+    })
+    .await;
+    if read.is_err() {
+        return;
+    }
+    let line = String::from_utf8_lossy(&buf[..n]);
+    let mut parts = line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = path.split('?').next().unwrap_or("");
+    let (status, ctype, body) = match (method, path) {
+        ("GET", "/metrics") => {
+            if let Some(k) = &m.snapshots {
+                k.fresh().await;
+            }
+            (
+                "200 OK",
+                "text/plain; version=0.0.4; charset=utf-8",
+                m.render(),
+            )
+        }
+        ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
+        ("GET", "/readyz") if m.is_ready() => ("200 OK", "text/plain", "ready\n".to_string()),
+        ("GET", "/readyz") => (
+            "503 Service Unavailable",
+            "text/plain",
+            "not ready: programs not attached or no policy applied yet\n".to_string(),
+        ),
+        ("GET", _) => (
+            "404 Not Found",
+            "text/plain",
+            "not found: /metrics, /healthz, /readyz\n".to_string(),
+        ),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain",
+            "GET only\n".to_string(),
+        ),
+    };
+    let head = format!("HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+    let _ = s.write_all(head.as_bytes()).await;
+    let _ = s.write_all(body.as_bytes()).await;
+    let _ = s.shutdown().await;
 }
 
 /// Binds `--metrics-addr`.
