@@ -203,6 +203,11 @@ impl Agent {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// The agent process' id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// SIGKILL: the agent dies without any cleanup.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {

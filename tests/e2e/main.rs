@@ -14,6 +14,7 @@ mod harness;
 mod k8s;
 mod lifecycle;
 mod metrics;
+mod metrics_storm;
 mod packets;
 mod pods;
 mod proxy;

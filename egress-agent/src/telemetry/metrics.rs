@@ -36,6 +36,9 @@ pub struct Metrics {
     ready: Arc<AtomicBool>,
     /// The kernel's snapshot, brought up to date before a scrape is encoded.
     snapshots: Option<Arc<Snapshots>>,
+    /// The text of the last scrape, by (snapshot number, ready): scrapes served from the
+    /// same snapshot share it.
+    rendered: std::sync::Mutex<Option<(u64, bool, Arc<String>)>>,
 }
 
 /// Connections the endpoint serves at once; more wait in the listen backlog.
@@ -50,6 +53,7 @@ impl Metrics {
             registry,
             ready: Arc::new(AtomicBool::new(false)),
             snapshots: None,
+            rendered: Default::default(),
         })
     }
 
@@ -71,6 +75,7 @@ impl Metrics {
             registry,
             ready,
             snapshots: None,
+            rendered: Default::default(),
         })
     }
 
@@ -91,6 +96,7 @@ impl Metrics {
             registry,
             ready,
             snapshots: Some(snapshots),
+            rendered: Default::default(),
         })
     }
 
@@ -164,8 +170,30 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
     }
 }
 
+/// The body of a `/metrics` scrape: encoded off the runtime, once per kernel snapshot.
+async fn scrape(m: &Arc<Metrics>) -> Arc<String> {
+    let Some(k) = &m.snapshots else {
+        return Arc::new(m.render());
+    };
+    k.fresh().await;
+    let key = (k.reads(), m.is_ready());
+    let cached = m.rendered.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    if let Some((n, ready, text)) = cached {
+        if (n, ready) == key {
+            return text;
+        }
+    }
+    let m2 = m.clone();
+    let text = match tokio::task::spawn_blocking(move || m2.render()).await {
+        Ok(t) => Arc::new(t),
+        Err(_) => return Arc::new(String::new()),
+    };
+    *m.rendered.lock().unwrap_or_else(|e| e.into_inner()) = Some((key.0, key.1, text.clone()));
+    text
+}
+
 /// One request on connection `s`.
-async fn answer(mut s: tokio::net::TcpStream, m: &Metrics) {
+async fn answer(mut s: tokio::net::TcpStream, m: &Arc<Metrics>) {
     let mut buf = vec![0u8; 4096];
     let mut n = 0;
     // The request line is all we need; a slow or silent client gets 5 s.
@@ -186,38 +214,33 @@ async fn answer(mut s: tokio::net::TcpStream, m: &Metrics) {
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let path = path.split('?').next().unwrap_or("");
     let (status, ctype, body) = match (method, path) {
-        ("GET", "/metrics") => {
-            if let Some(k) = &m.snapshots {
-                k.fresh().await;
-            }
-            (
-                "200 OK",
-                "text/plain; version=0.0.4; charset=utf-8",
-                m.render(),
-            )
-        }
-        ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
-        ("GET", "/readyz") if m.is_ready() => ("200 OK", "text/plain", "ready\n".to_string()),
+        ("GET", "/metrics") => (
+            "200 OK",
+            "text/plain; version=0.0.4; charset=utf-8",
+            scrape(m).await,
+        ),
+        ("GET", "/healthz") => ("200 OK", "text/plain", text("ok\n")),
+        ("GET", "/readyz") if m.is_ready() => ("200 OK", "text/plain", text("ready\n")),
         ("GET", "/readyz") => (
             "503 Service Unavailable",
             "text/plain",
-            "not ready: programs not attached or no policy applied yet\n".to_string(),
+            text("not ready: programs not attached or no policy applied yet\n"),
         ),
         ("GET", _) => (
             "404 Not Found",
             "text/plain",
-            "not found: /metrics, /healthz, /readyz\n".to_string(),
+            text("not found: /metrics, /healthz, /readyz\n"),
         ),
-        _ => (
-            "405 Method Not Allowed",
-            "text/plain",
-            "GET only\n".to_string(),
-        ),
+        _ => ("405 Method Not Allowed", "text/plain", text("GET only\n")),
     };
     let head = format!("HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
     let _ = s.write_all(head.as_bytes()).await;
     let _ = s.write_all(body.as_bytes()).await;
     let _ = s.shutdown().await;
+}
+
+fn text(t: &str) -> Arc<String> {
+    Arc::new(t.to_string())
 }
 
 /// Binds `--metrics-addr`.
