@@ -100,9 +100,16 @@ fn enter_agent_cgroup(root: &CgroupRoot, pin_dir: &Path, leave: &mut Leave) -> a
     if crate::datapath::exempt::exempt_agent(pin_dir, agent_cgroup)? {
         warn!(cgroup = %root.agent_dir().display(), "the agent's cgroup was re-created: the pinned policy now exempts the new one");
     }
+    // In a cgroup namespace of its own (a container's, the default with cgroup v2),
+    // /proc/self/cgroup names no host path ("/"): then the agent stays in `_agent` when it
+    // stops (it is exiting anyway) rather than moving to the hierarchy's root.
     let home = cgroups::cgroup_of(std::process::id())?;
+    let named = home != cgroups::cgroup2_mount()?
+        && !home
+            .components()
+            .any(|c| c == std::path::Component::ParentDir);
     cgroups::move_pid(&root.agent_dir(), std::process::id())?;
-    leave.agent_home = Some(home);
+    leave.agent_home = named.then_some(home);
     info!(cgroup = %root.agent_dir().display(), id = agent_cgroup, "in the agent's exempt cgroup");
     Ok(agent_cgroup)
 }
@@ -139,6 +146,15 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     // is in the pinned policy; exempt_agent covers a re-created one.
     let agent_cgroup = enter_agent_cgroup(&root, &opts.pin_dir, &mut leave)?;
 
+    // Until the agent is set up (the first sync can wait long for the API server), the
+    // endpoint says it is alive and not ready.
+    let (stop_early, stopped) = tokio::sync::oneshot::channel();
+    let early = tokio::spawn(metrics::serve_until(
+        metrics_listener,
+        Metrics::new(prometheus_client::registry::Registry::default()),
+        stopped,
+    ));
+
     // Kubernetes mode: the first sync of pods and policy objects stands in for the file.
     let mut cluster = None;
     let (file_store, file_cfg) = match source {
@@ -156,6 +172,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         .as_ref()
         .map(|c| c.resolved.dirs.clone())
         .unwrap_or_default();
+
+    let _ = stop_early.send(());
+    let metrics_listener = early.await?;
 
     let (mut dp, reused) = Datapath::open(&opts.pin_dir)?;
     let kernel_logs = dp.logger();

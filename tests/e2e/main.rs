@@ -15,6 +15,7 @@ mod k8s;
 mod lifecycle;
 mod metrics;
 mod metrics_storm;
+mod node_box;
 mod packets;
 mod pods;
 mod proxy;

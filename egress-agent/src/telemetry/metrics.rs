@@ -153,6 +153,24 @@ pub fn prometheus_text(openmetrics: &str) -> String {
 /// Serves `/metrics`, `/healthz` and `/readyz` until the task is dropped, at most
 /// [`MAX_CONNECTIONS`] connections at once, each for at most 10 s.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+    serve_on(&listener, metrics).await
+}
+
+/// [`serve`] until `stop` fires; then hands the listener back (for the next [`Metrics`]).
+/// The agent answers `/healthz` (and `/readyz`: not ready) so while it waits for the API server.
+pub async fn serve_until(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    stop: tokio::sync::oneshot::Receiver<()>,
+) -> TcpListener {
+    tokio::select! {
+        _ = serve_on(&listener, metrics) => {}
+        _ = stop => {}
+    }
+    listener
+}
+
+async fn serve_on(listener: &TcpListener, metrics: Arc<Metrics>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else {

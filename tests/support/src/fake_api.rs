@@ -81,7 +81,13 @@ impl FakeApiServer {
     /// Starts serving on 127.0.0.1 (an ephemeral port) on a thread of its own, so that it
     /// serves whatever runtime (or none) the test uses.
     pub fn start() -> FakeApiServer {
-        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        Self::start_at("127.0.0.1:0".parse().unwrap())
+    }
+
+    /// [`FakeApiServer::start`] on `addr` (an API server that comes back where it was).
+    pub fn start_at(addr: SocketAddr) -> FakeApiServer {
+        let std_listener =
+            std::net::TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
         std_listener.set_nonblocking(true).expect("nonblocking");
         let addr = std_listener.local_addr().expect("local addr");
         let shared = Arc::new(Shared {
@@ -123,6 +129,10 @@ impl FakeApiServer {
             shared,
             stop: Some(stop),
         }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
     }
 
     pub fn url(&self) -> String {
