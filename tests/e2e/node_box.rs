@@ -19,8 +19,8 @@ use egress_agent::k8s::cgroups::{container_dir, pod_dir, Driver, Qos};
 use serde_json::{json, Value};
 
 use crate::harness::{
-    in_cgroup, privileged_with, temp_dir, wait_until, Agent, CgroupTree, FakeApiServer, Netns,
-    TcpServer,
+    free_port, in_cgroup, privileged_with, temp_dir, unique, wait_until, Agent, CgroupTree,
+    FakeApiServer, Netns, TcpServer,
 };
 
 const DAEMONSET: &str = concat!(
@@ -47,8 +47,14 @@ fn daemonset() -> Granted {
     let text = std::fs::read_to_string(DAEMONSET).unwrap();
     let ds: Value = serde_saphyr::from_str(&text).expect("daemonset.yaml");
     let pod = &ds["spec"]["template"]["spec"];
-    assert_eq!(pod["hostPID"], true, "the box runs the agent in the host's PID namespace");
-    assert_eq!(pod["hostNetwork"], true, "the box runs the agent in the host's network");
+    assert_eq!(
+        pod["hostPID"], true,
+        "the box runs the agent in the host's PID namespace"
+    );
+    assert_eq!(
+        pod["hostNetwork"], true,
+        "the box runs the agent in the host's network"
+    );
     let c = &pod["containers"][0];
     let sc = &c["securityContext"];
     assert_eq!(sc["runAsUser"], 0);
@@ -64,7 +70,12 @@ fn daemonset() -> Granted {
     // The box makes exactly these writable (same roles, the test's own paths).
     assert_eq!(
         mounts,
-        ["/sys/fs/bpf", "/sys/fs/cgroup", "/run/egress", "/var/lib/egress"]
+        [
+            "/sys/fs/bpf",
+            "/sys/fs/cgroup",
+            "/run/egress",
+            "/var/lib/egress"
+        ]
     );
     let caps = sc["capabilities"]["add"]
         .as_array()
@@ -110,6 +121,8 @@ struct Node {
     kubeconfig: PathBuf,
     volumes: PathBuf,
     granted: Granted,
+    /// The agent's proxy port (in the MeshConfig).
+    proxy_port: u16,
     allowed: TcpServer,
     /// Kept listening: a denied connect that got out would reach it.
     _denied: TcpServer,
@@ -137,7 +150,7 @@ impl Node {
         let pod = Path::new(kubepods).join(pod_dir(driver, Qos::Burstable, &web));
         let sandbox_dir = tree.mkdir(pod.join(container_dir(driver, &cid(0x5a)).unwrap()));
         let app = tree.mkdir(pod.join(container_dir(driver, &cid(0xa9)).unwrap()));
-        let netns = Netns::new(&format!("egress-box-{}", std::process::id()));
+        let netns = Netns::new(&unique("egress-box"));
         let sandbox = in_cgroup(&sandbox_dir, "nsenter")
             .arg(format!("--net={}", netns.path().display()))
             .args(["sleep", "600"])
@@ -154,6 +167,7 @@ impl Node {
             objects: Vec::new(),
             volumes,
             granted: daemonset(),
+            proxy_port: free_port(),
             allowed,
             _denied: denied,
             netns,
@@ -161,6 +175,11 @@ impl Node {
             app,
         };
         node.fake().write_kubeconfig(&node.kubeconfig).unwrap();
+        // enableEgress false, no meshCIDRs: the API server is outside them.
+        let mesh = json!({"apiVersion": "policy.egress.dev/v1alpha1", "kind": "MeshConfig",
+               "metadata": {"name": "egress"},
+               "spec": {"traffic": {"enableEgress": false}, "proxy": {"port": node.proxy_port}}});
+        node.put("meshconfigs", mesh);
         node.put("pods", pod_object("web-1", "shop", &web, "web", false));
         node.put(
             "egresses",
@@ -208,7 +227,10 @@ impl Node {
             .mkdir(pod.join(container_dir(self.driver, &cid(c)).unwrap()));
         if self.fake.is_some() {
             let name = format!("egress-agent-{n}");
-            self.put("pods", pod_object(&name, "egress-system", &u, "egress-agent", true));
+            self.put(
+                "pods",
+                pod_object(&name, "egress-system", &u, "egress-agent", true),
+            );
         }
         dir
     }
@@ -216,16 +238,13 @@ impl Node {
     /// The agent, not started, for the container cgroup `container`.
     fn agent(&self, container: &Path) -> Agent {
         let mut agent = Agent::new("");
-        let mesh = json!({"apiVersion": "policy.egress.dev/v1alpha1", "kind": "MeshConfig",
-               "metadata": {"name": "egress"},
-               "spec": {"traffic": {"enableEgress": false}, "proxy": {"port": agent.proxy_port}}});
-        if let Some(f) = &self.fake {
-            f.put("meshconfigs", mesh);
-        }
+        agent.proxy_port = self.proxy_port;
         agent.root = self.tree.path.join(self.kubepods);
         agent.socket = self.volumes.join("run/admin.sock");
         agent.state = self.volumes.join("state/egress.policy.yaml");
-        agent.run_args = ["--kubernetes", "--node-name", NODE].map(String::from).to_vec();
+        agent.run_args = ["--kubernetes", "--node-name", NODE]
+            .map(String::from)
+            .to_vec();
         agent.env = vec![("KUBECONFIG".into(), self.kubeconfig.display().to_string())];
         self.containerize(&mut agent, container);
         agent
@@ -301,9 +320,17 @@ fn finish(looper: Child, what: &str) -> String {
             .find_map(|kv| kv.strip_prefix(k)?.strip_prefix('=')?.parse().ok())
             .unwrap_or_else(|| panic!("no {k} in {counts:?}"))
     };
-    assert_eq!(n("denied_leaked"), 0, "{what}: a denied connection got out: {counts}");
+    assert_eq!(
+        n("denied_leaked"),
+        0,
+        "{what}: a denied connection got out: {counts}"
+    );
     assert!(n("denied_refused") > 0, "{what}: {counts}");
-    assert_eq!(n("allowed_failed"), 0, "{what}: allowed traffic failed: {counts}");
+    assert_eq!(
+        n("allowed_failed"),
+        0,
+        "{what}: allowed traffic failed: {counts}"
+    );
     assert!(n("allowed_ok") > 0, "{what}: {counts}");
     counts
 }
@@ -325,7 +352,11 @@ fn check_container(agent: &Agent, node: &Node) {
         .caps
         .iter()
         .map(|c| {
-            let bit = CAPS.iter().find(|(n, _)| n == c).expect("a known capability").1;
+            let bit = CAPS
+                .iter()
+                .find(|(n, _)| n == c)
+                .expect("a known capability")
+                .1;
             1u64 << bit
         })
         .sum();
@@ -342,9 +373,15 @@ fn check_container(agent: &Agent, node: &Node) {
         .lines()
         .find(|l| l.split_whitespace().nth(4) == Some("/"))
         .unwrap();
-    assert!(root.split_whitespace().nth(5).unwrap().starts_with("ro"), "{root}");
+    assert!(
+        root.split_whitespace().nth(5).unwrap().starts_with("ro"),
+        "{root}"
+    );
     let procs = std::fs::read_to_string(agent.root.join("_agent/cgroup.procs")).unwrap();
-    assert!(procs.lines().any(|p| p == pid.to_string()), "not in _agent: {procs}");
+    assert!(
+        procs.lines().any(|p| p == pid.to_string()),
+        "not in _agent: {procs}"
+    );
 }
 
 fn box_tools() -> bool {
@@ -383,7 +420,6 @@ fn restart_and_rollout(driver: Driver) {
     let c = node.agent_pod(3, 0xc1);
     let mut second = node.agent(&c);
     second.metrics_port = agent.metrics_port;
-    second.proxy_port = agent.proxy_port;
     second.start_process();
     assert!(
         wait_until(Duration::from_secs(30), || second.exited().is_some()),
@@ -391,7 +427,9 @@ fn restart_and_rollout(driver: Driver) {
         second.log()
     );
     assert!(
-        second.log().contains("another egress-agent is serving this admin socket"),
+        second
+            .log()
+            .contains("another egress-agent is serving this admin socket"),
         "{}",
         second.log()
     );
@@ -461,7 +499,10 @@ fn node_box_api_server_unreachable() {
     agent.start_process();
     std::thread::sleep(Duration::from_secs(5));
     assert!(agent.exited().is_none(), "{}", agent.log());
-    assert_eq!(agent.http_get("/readyz").0, "HTTP/1.1 503 Service Unavailable");
+    assert_eq!(
+        agent.http_get("/readyz").0,
+        "HTTP/1.1 503 Service Unavailable"
+    );
     let t = Instant::now();
     node.api_up(addr);
     agent.wait_ready(Duration::from_secs(60));
