@@ -128,6 +128,7 @@ struct Node {
     _denied: TcpServer,
     netns: Netns,
     sandbox: Child,
+    sandbox_dir: PathBuf,
     app: PathBuf,
 }
 
@@ -151,11 +152,7 @@ impl Node {
         let sandbox_dir = tree.mkdir(pod.join(container_dir(driver, &cid(0x5a)).unwrap()));
         let app = tree.mkdir(pod.join(container_dir(driver, &cid(0xa9)).unwrap()));
         let netns = Netns::new(&unique("egress-box"));
-        let sandbox = in_cgroup(&sandbox_dir, "nsenter")
-            .arg(format!("--net={}", netns.path().display()))
-            .args(["sleep", "600"])
-            .spawn()
-            .unwrap();
+        let sandbox = sandbox_process(&sandbox_dir, &netns);
         let allowed = TcpServer::start_in(&netns.path(), "127.77.0.1", 0);
         let denied = TcpServer::start_in(&netns.path(), "127.78.0.1", allowed.addr.port());
         let mut node = Node {
@@ -172,6 +169,7 @@ impl Node {
             _denied: denied,
             netns,
             sandbox,
+            sandbox_dir,
             app,
         };
         node.fake().write_kubeconfig(&node.kubeconfig).unwrap();
@@ -283,6 +281,42 @@ impl Node {
             .stdout(Stdio::piped())
             .spawn()
             .expect("connect loop")
+    }
+}
+
+/// The pod's sandbox process (pause) in its cgroup and network namespace.
+fn sandbox_process(dir: &Path, netns: &Netns) -> Child {
+    in_cgroup(dir, "nsenter")
+        .arg(format!("--net={}", netns.path().display()))
+        .args(["sleep", "600"])
+        .spawn()
+        .unwrap()
+}
+
+impl Node {
+    /// A reboot, as far as the agent sees it: every process ends, bpffs (the pins), the
+    /// cgroups and /run are empty again; the disk (the state file) stays. The kubelet then
+    /// makes the web pod's cgroups and sandbox again.
+    fn reboot(&mut self, agent: &mut Agent) {
+        agent.kill();
+        let _ = self.sandbox.kill();
+        let _ = self.sandbox.wait();
+        std::fs::remove_dir_all(&agent.pins).unwrap();
+        fn rmdirs(dir: &Path) {
+            for e in std::fs::read_dir(dir).unwrap().flatten() {
+                if e.file_type().unwrap().is_dir() {
+                    rmdirs(&e.path());
+                    std::fs::remove_dir(e.path()).unwrap();
+                }
+            }
+        }
+        rmdirs(&self.tree.path);
+        let _ = std::fs::remove_file(&agent.socket);
+        self.tree.mkdir(self.kubepods);
+        for d in [&self.sandbox_dir, &self.app] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        self.sandbox = sandbox_process(&self.sandbox_dir, &self.netns);
     }
 }
 
@@ -513,6 +547,48 @@ fn node_box_api_server_unreachable() {
     eprintln!(
         "API server unreachable: ready {} ms after it came back; loop: {counts}",
         back.as_millis()
+    );
+    drop(agent);
+}
+
+/// A node reboot: pins and cgroups gone, the agent's `_agent` cgroup made anew (a new id). The
+/// pods the kubelet restarts before the agent is ready run unjudged (nothing is attached
+/// after a reboot; the startup taint only keeps new pods away): the loop starts once the
+/// agent is ready, and from then on nothing gets out.
+#[test]
+fn node_box_reboot() {
+    if !box_tools() {
+        return;
+    }
+    let mut node = Node::new(Driver::Cgroupfs);
+    let a1 = node.agent_pod(1, 0xa1);
+    let mut agent = node.agent(&a1);
+    ready(&mut agent);
+    let id = |agent: &Agent| {
+        let log = agent.log();
+        let line = log
+            .lines()
+            .find(|l| l.contains("in the agent's exempt cgroup"))
+            .unwrap();
+        line.split("id=")
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    let before = id(&agent);
+    node.reboot(&mut agent);
+    let a = node.agent_pod(1, 0xa3);
+    node.containerize(&mut agent, &a);
+    let after_reboot = ready(&mut agent);
+    check_container(&agent, &node);
+    assert_ne!(id(&agent), before, "a new _agent cgroup after the reboot");
+    let counts = finish(node.connect_loop(5), "after a reboot");
+    eprintln!(
+        "reboot: ready {} ms after the agent started; loop: {counts}",
+        after_reboot.as_millis()
     );
     drop(agent);
 }
