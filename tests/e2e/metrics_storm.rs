@@ -75,16 +75,25 @@ fn scrape_storm_does_not_slow_policy_changes() {
         port
     };
     apply(&agent, &file, next()); // warm up
-    let quiet: Vec<Duration> = (0..15).map(|_| apply(&agent, &file, next())).collect();
 
-    let stop = Arc::new(AtomicBool::new(false));
+    // Quiet and storm phases alternate (5 rounds, 2 s of storm each: 10 s in all), so that
+    // the machine's other load weighs on both alike.
+    let (stop, storming) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
     let (scrapes, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let metrics_port = agent.metrics_port;
     let scrapers: Vec<_> = (0..SCRAPERS)
         .map(|_| {
-            let (stop, scrapes, failed) = (stop.clone(), scrapes.clone(), failed.clone());
+            let (stop, storming) = (stop.clone(), storming.clone());
+            let (scrapes, failed) = (scrapes.clone(), failed.clone());
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
+                    if !storming.load(Ordering::Relaxed) {
+                        std::thread::sleep(Duration::from_millis(20));
+                        continue;
+                    }
                     let ok = TcpStream::connect(("127.0.0.1", metrics_port))
                         .and_then(|mut s| {
                             s.set_read_timeout(Some(Duration::from_secs(15)))?;
@@ -100,14 +109,22 @@ fn scrape_storm_does_not_slow_policy_changes() {
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(500));
-    let t0 = Instant::now();
+    let mut quiet = Vec::new();
     let mut storm = Vec::new();
     let mut peak = rss(pid);
-    while t0.elapsed() < STORM {
-        storm.push(apply(&agent, &file, next()));
-        peak = peak.max(rss(pid));
-        std::thread::sleep(Duration::from_millis(100));
+    for _ in 0..STORM.as_secs() / 2 {
+        storming.store(false, Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(300));
+        for _ in 0..4 {
+            quiet.push(apply(&agent, &file, next()));
+        }
+        storming.store(true, Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(300));
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(2) {
+            storm.push(apply(&agent, &file, next()));
+            peak = peak.max(rss(pid));
+        }
     }
     stop.store(true, Ordering::Relaxed);
     for s in scrapers {

@@ -42,7 +42,7 @@ pub struct Metrics {
 }
 
 /// Connections the endpoint serves at once; more wait in the listen backlog.
-pub const MAX_CONNECTIONS: usize = 8;
+pub const MAX_CONNECTIONS: usize = 4;
 /// A connection's whole life: reading the request, the snapshot, writing the reply.
 const CONNECTION_DEADLINE: Duration = Duration::from_secs(10);
 

@@ -11,7 +11,7 @@ use std::{
 use super::kernel::{KernelSnapshot, KernelSource};
 
 /// The reading thread reads at most this often.
-pub const MIN_INTERVAL: Duration = Duration::from_millis(250);
+pub const MIN_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a scrape waits for a fresh read before it is served the last one.
 const WAIT: Duration = Duration::from_secs(2);
 
