@@ -41,8 +41,10 @@ pub struct Metrics {
     rendered: std::sync::Mutex<Option<(u64, bool, Arc<String>)>>,
 }
 
-/// Connections the endpoint serves at once; more wait in the listen backlog.
-pub const MAX_CONNECTIONS: usize = 4;
+/// Connections the endpoint serves at once; more wait in the listen backlog. A scrape costs
+/// little (the kernel is read at most once a second, and scrapes of one snapshot share its
+/// text), so the cap is there for memory and slow clients, and leaves room for the probes.
+pub const MAX_CONNECTIONS: usize = 64;
 /// A connection's whole life: reading the request, the snapshot, writing the reply.
 const CONNECTION_DEADLINE: Duration = Duration::from_secs(10);
 
@@ -214,8 +216,8 @@ async fn scrape(m: &Arc<Metrics>) -> Arc<String> {
 async fn answer(mut s: tokio::net::TcpStream, m: &Arc<Metrics>) {
     let mut buf = vec![0u8; 4096];
     let mut n = 0;
-    // The request line is all we need; a slow or silent client gets 5 s.
-    let read = tokio::time::timeout(Duration::from_secs(5), async {
+    // The request line is all we need; a slow or silent client gets 2 s.
+    let read = tokio::time::timeout(Duration::from_secs(2), async {
         while n < buf.len() && !buf[..n].windows(2).any(|w| w == b"\r\n") {
             match s.read(&mut buf[n..]).await {
                 Ok(0) | Err(_) => break,
