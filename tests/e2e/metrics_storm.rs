@@ -156,8 +156,24 @@ fn scrape_storm_does_not_slow_policy_changes() {
     );
     assert!(scrapes.load(Ordering::Relaxed) > 0, "no scrape was served");
     assert!(peak < MEMORY_LIMIT, "agent RSS {peak} bytes");
-    // The endpoint still answers at once afterwards.
+    // Silent clients hold connections but not the endpoint: the probes are still answered
+    // while 60 of them are open, and each is closed after 2 s.
+    let silent: Vec<TcpStream> = (0..60)
+        .map(|_| TcpStream::connect(("127.0.0.1", metrics_port)).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let t = Instant::now();
     assert_eq!(agent.http_get("/readyz").0, "HTTP/1.1 200 OK");
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    for mut s in silent {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 16];
+        assert_eq!(
+            s.read(&mut buf).unwrap_or(1),
+            0,
+            "a silent client is closed"
+        );
+    }
     drop(agent);
     let _ = std::fs::remove_dir_all(dir);
 }

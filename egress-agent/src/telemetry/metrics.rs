@@ -39,11 +39,17 @@ pub struct Metrics {
     /// The text of the last scrape, by (snapshot number, ready): scrapes served from the
     /// same snapshot share it.
     rendered: std::sync::Mutex<Option<(u64, bool, Arc<String>)>>,
+    /// `/metrics` requests served at once (the probes do not wait for these).
+    scrapes: tokio::sync::Semaphore,
 }
 
-/// Connections the endpoint serves at once; more wait in the listen backlog. A scrape costs
-/// little (the kernel is read at most once a second, and scrapes of one snapshot share its
-/// text), so the cap is there for memory and slow clients, and leaves room for the probes.
+/// `/metrics` requests served at once; more wait (within their connection's 10 s). With the
+/// kernel read at most once a second this bounds what a scrape storm costs the node.
+pub const MAX_SCRAPES: usize = 4;
+
+/// Connections the endpoint serves at once; more wait in the listen backlog. Scrapes are
+/// limited on their own ([`MAX_SCRAPES`]): this cap is for memory and slow clients, and leaves
+/// room for the probes.
 pub const MAX_CONNECTIONS: usize = 64;
 /// A connection's whole life: reading the request, the snapshot, writing the reply.
 const CONNECTION_DEADLINE: Duration = Duration::from_secs(10);
@@ -56,6 +62,7 @@ impl Metrics {
             ready: Arc::new(AtomicBool::new(false)),
             snapshots: None,
             rendered: Default::default(),
+            scrapes: tokio::sync::Semaphore::new(MAX_SCRAPES),
         })
     }
 
@@ -78,6 +85,7 @@ impl Metrics {
             ready,
             snapshots: None,
             rendered: Default::default(),
+            scrapes: tokio::sync::Semaphore::new(MAX_SCRAPES),
         })
     }
 
@@ -99,6 +107,7 @@ impl Metrics {
             ready,
             snapshots: Some(snapshots),
             rendered: Default::default(),
+            scrapes: tokio::sync::Semaphore::new(MAX_SCRAPES),
         })
     }
 
@@ -194,6 +203,9 @@ async fn serve_on(listener: &TcpListener, metrics: Arc<Metrics>) {
 async fn scrape(m: &Arc<Metrics>) -> Arc<String> {
     let Some(k) = &m.snapshots else {
         return Arc::new(m.render());
+    };
+    let Ok(_slot) = m.scrapes.acquire().await else {
+        return Arc::new(String::new());
     };
     k.fresh().await;
     let key = (k.reads(), m.is_ready());
