@@ -29,21 +29,15 @@ const DAEMONSET: &str = concat!(
 );
 const LOOP: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/e2e/connect_loop.py");
 const NODE: &str = "node-box";
-const CAPS: [(&str, u32); 5] = [
+const CAPS: [(&str, u32); 4] = [
     ("NET_ADMIN", 12),
     ("SYS_ADMIN", 21),
     ("PERFMON", 38),
     ("BPF", 39),
-    ("DAC_OVERRIDE", 1),
 ];
 
-/// What the DaemonSet's pod template grants the agent's container.
-struct Granted {
-    /// `capabilities.add`, e.g. `BPF` (`drop: [ALL]` is checked).
-    caps: Vec<String>,
-}
-
-fn daemonset() -> Granted {
+/// `capabilities.add` of the DaemonSet's agent container, e.g. `BPF`, its other settings checked.
+fn daemonset() -> Vec<String> {
     let text = std::fs::read_to_string(DAEMONSET).unwrap();
     let ds: Value = serde_saphyr::from_str(&text).expect("daemonset.yaml");
     let pod = &ds["spec"]["template"]["spec"];
@@ -77,13 +71,12 @@ fn daemonset() -> Granted {
             "/var/lib/egress"
         ]
     );
-    let caps = sc["capabilities"]["add"]
+    sc["capabilities"]["add"]
         .as_array()
         .unwrap()
         .iter()
         .map(|c| c.as_str().unwrap().to_string())
-        .collect();
-    Granted { caps }
+        .collect()
 }
 
 /// The container runtime's part, as a shell script: into the container's cgroup, new cgroup
@@ -120,7 +113,8 @@ struct Node {
     objects: Vec<(&'static str, Value)>,
     kubeconfig: PathBuf,
     volumes: PathBuf,
-    granted: Granted,
+    /// The capabilities the DaemonSet grants.
+    caps: Vec<String>,
     /// The agent's proxy port (in the MeshConfig).
     proxy_port: u16,
     allowed: TcpServer,
@@ -163,7 +157,7 @@ impl Node {
             fake: Some(FakeApiServer::start()),
             objects: Vec::new(),
             volumes,
-            granted: daemonset(),
+            caps: daemonset(),
             proxy_port: free_port(),
             allowed,
             _denied: denied,
@@ -252,7 +246,6 @@ impl Node {
     /// another pod).
     fn containerize(&self, agent: &mut Agent, container: &Path) {
         let caps: Vec<String> = self
-            .granted
             .caps
             .iter()
             .map(|c| format!("+{}", c.to_lowercase()))
@@ -382,7 +375,6 @@ fn check_container(agent: &Agent, node: &Node) {
             .unwrap()
     };
     let want: u64 = node
-        .granted
         .caps
         .iter()
         .map(|c| {
@@ -551,10 +543,9 @@ fn node_box_api_server_unreachable() {
     drop(agent);
 }
 
-/// A node reboot: pins and cgroups gone, the agent's `_agent` cgroup made anew (a new id). The
-/// pods the kubelet restarts before the agent is ready run unjudged (nothing is attached
-/// after a reboot; the startup taint only keeps new pods away): the loop starts once the
-/// agent is ready, and from then on nothing gets out.
+/// `_agent` re-created under the pins; then a node reboot (pins and cgroups gone, a new
+/// `_agent`). Pods the kubelet restarts before the agent is ready run unjudged (nothing is
+/// attached; the startup taint only keeps new pods away): the loop starts once it is ready.
 #[test]
 fn node_box_reboot() {
     if !box_tools() {
@@ -578,6 +569,15 @@ fn node_box_reboot() {
             .unwrap()
             .to_string()
     };
+    // `_agent` removed while the pins stay: the next agent makes it anew and has the pinned
+    // policy exempt the new id before its first connection (else it would be locked out).
+    agent.kill();
+    std::fs::remove_dir(agent.root.join("_agent")).unwrap();
+    let a2 = node.agent_pod(1, 0xa2);
+    node.containerize(&mut agent, &a2);
+    ready(&mut agent);
+    let log = agent.log();
+    assert!(log.contains("the agent's cgroup was re-created"), "{log}");
     let before = id(&agent);
     node.reboot(&mut agent);
     let a = node.agent_pod(1, 0xa3);
