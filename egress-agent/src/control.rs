@@ -20,7 +20,7 @@ use crate::{
     datapath::{
         bpf::{BpfError, Datapath},
         cgroups::{self, CgroupError, CgroupRoot},
-        pod_addrs,
+        pod_addrs, pod_iface,
         podnet::{self, Pod, PodNetError},
     },
     policy::{self, CompileError, Compiled, Config, ConfigError, Live, ObjectRef, Store},
@@ -84,7 +84,14 @@ pub struct Control {
     kubernetes: std::sync::atomic::AtomicBool,
     /// The pods (workloads with their own network namespace) of the policy in force.
     pods: tokio::sync::watch::Sender<Vec<Pod>>,
+    /// Kubernetes pods in a network namespace of their own (the CNI's): the tc backstop goes
+    /// on the node side of their veth. By pod: (namespace identity, a path to it).
+    pod_netns: RwLock<PodNamespaces>,
 }
+
+/// Kubernetes pods' own network namespaces: by pod, (the namespace's (device, inode), a path
+/// to it).
+pub type PodNamespaces = BTreeMap<ObjectRef, ((u64, u64), PathBuf)>;
 
 impl Control {
     pub fn new(
@@ -105,7 +112,21 @@ impl Control {
             dirs: RwLock::default(),
             kubernetes: Default::default(),
             pods: tokio::sync::watch::channel(Vec::new()).0,
+            pod_netns: RwLock::default(),
         }
+    }
+
+    /// Kubernetes mode: the pods' own network namespaces, for the next install; true when
+    /// they changed (a pod got or lost one), which needs an install.
+    pub fn set_pod_netns(&self, next: PodNamespaces) -> bool {
+        let mut cur = self.pod_netns.write().unwrap_or_else(|e| e.into_inner());
+        let same = cur.len() == next.len()
+            && cur
+                .iter()
+                .zip(&next)
+                .all(|((a, (x, _)), (b, (y, _)))| a == b && x == y);
+        *cur = next;
+        !same
     }
 
     /// Kubernetes mode: from the next install on, the kernel refuses (failMode closed) every
@@ -253,6 +274,21 @@ impl Control {
                 cgroups.push((egress_common::IFACE_TAG | ifindex as u64, *id));
             }
             ifaces.push((p.host_if.clone(), ifindex, p.ip4, p.ip6));
+        }
+        // Kubernetes pods in the CNI's namespaces: the node side of their veth.
+        let netns: Vec<_> = (self
+            .pod_netns
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter())
+        .filter_map(|(w, (_, path))| {
+            let id = compiled.workloads.iter().find(|(x, _)| x == w)?.1;
+            Some((id, path.clone()))
+        })
+        .collect();
+        for (id, i) in pod_iface::backstops(&netns) {
+            cgroups.push((egress_common::IFACE_TAG | i.ifindex as u64, id));
+            ifaces.push((i.host_if, i.ifindex, i.ip4, i.ip6));
         }
         let mut dp = self.datapath();
         for (name, ifindex, ip4, ip6) in &ifaces {

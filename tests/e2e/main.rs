@@ -12,6 +12,7 @@ mod deploy;
 mod gateway;
 mod harness;
 mod k8s;
+mod k8s_pods;
 mod lifecycle;
 mod metrics;
 mod metrics_storm;

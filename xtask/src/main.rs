@@ -3,6 +3,7 @@
 mod bench;
 mod bench_env;
 mod bench_gateway;
+mod bench_kernel;
 mod bench_measure;
 mod bench_report;
 mod bench_work;

@@ -391,9 +391,19 @@ async fn install(
     if pending {
         debug!(pods = ?r.pending, "pods without a cgroup yet");
     }
-    let same = installed
-        .as_ref()
-        .is_some_and(|(s, d)| *s == r.store && *d == r.dirs);
+    // Pods in their own network namespace get the tc backstop on their veth's node side: a
+    // pod whose namespace appeared (its first process) needs an install too.
+    let (namespaces, missing) = pod_namespaces(&r.dirs);
+    let netns_changed = node.control.set_pod_netns(
+        namespaces
+            .iter()
+            .map(|n| (n.pod.clone(), (n.id, n.path.clone())))
+            .collect(),
+    );
+    let same = !netns_changed
+        && installed
+            .as_ref()
+            .is_some_and(|(s, d)| *s == r.store && *d == r.dirs);
     if !same {
         let control = node.control.clone();
         let (store, dirs) = (r.store.clone(), r.dirs.clone());
@@ -408,10 +418,6 @@ async fn install(
     }
     // The proxy listens inside each pod's own namespace: keep the list current (by
     // namespace identity, so a new first process of the same pod changes nothing).
-    let (namespaces, missing) = installed
-        .as_ref()
-        .map(|(_, dirs)| pod_namespaces(dirs))
-        .unwrap_or_default();
     node.in_pod.send_if_modified(|cur| {
         let same = cur.len() == namespaces.len()
             && cur

@@ -86,8 +86,19 @@ impl FakeApiServer {
 
     /// [`FakeApiServer::start`] on `addr` (an API server that comes back where it was).
     pub fn start_at(addr: SocketAddr) -> FakeApiServer {
-        let std_listener =
-            std::net::TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+        let l = std::net::TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+        Self::serve(l)
+    }
+
+    /// [`FakeApiServer::start`], listening on 127.0.0.1 of network namespace `netns` (a test's
+    /// "node", where its agent runs).
+    pub fn start_in(netns: &std::path::Path) -> FakeApiServer {
+        let l = crate::net::in_netns(netns, || std::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("bind 127.0.0.1:0 in the node namespace");
+        Self::serve(l)
+    }
+
+    fn serve(std_listener: std::net::TcpListener) -> FakeApiServer {
         std_listener.set_nonblocking(true).expect("nonblocking");
         let addr = std_listener.local_addr().expect("local addr");
         let shared = Arc::new(Shared {
