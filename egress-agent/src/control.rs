@@ -338,7 +338,10 @@ impl Control {
         // orders it with the next change, and retire() skips a set that is active again.
         let datapath = self.datapath.clone();
         std::thread::spawn(move || {
-            std::thread::sleep(std::time::Duration::from_millis(20));
+            // Until no program can still be reading it (a grace period, not a guess).
+            if let Err(e) = crate::datapath::policy_maps::wait_for_readers() {
+                warn!(error = %e, "cannot wait for the programs reading the replaced policy set");
+            }
             let mut dp = datapath.lock().unwrap_or_else(|e| e.into_inner());
             if let Err(e) = dp.retire(old) {
                 warn!(error = %e, "cannot delete the replaced policy set; the next change retries");
@@ -405,6 +408,20 @@ impl Control {
         let applied = self.install(&cfg, &next, who, &format!("reload {file}"))?;
         *store = next;
         Ok(applied)
+    }
+
+    /// `policy preview`: the policy `text` would make ([`Store::candidate`]), compiled with
+    /// the workload ids in force; nothing changes.
+    pub fn candidate(
+        &self,
+        text: &str,
+        file: &str,
+        replace: bool,
+        kubernetes: bool,
+    ) -> Result<Compiled, ControlError> {
+        let add = Store::parse_fragment(text, file)?;
+        let cfg = self.store().candidate(&add, file, replace, kubernetes)?;
+        Ok(policy::compile_stable(&cfg, &self.live.get().ids())?)
     }
 
     /// `egress enable|disable`: one u32 in the policy in force, no rebuild.
@@ -477,8 +494,9 @@ impl Control {
             protocol: egress_common::proto::name(protocol).into(),
             verdict: d.outcome.name().into(),
             refused: d.outcome.is_denied(),
-            rule: rule.map(|r| r.egress.to_string()).unwrap_or_default(),
-            reason: reason(d.outcome, rule.map(|r| r.egress.to_string())),
+            rule: rule.map(|r| r.name()).unwrap_or_default(),
+            reason: crate::policy::tiers::explain(d.outcome, rule.map(|r| (r.kind, &r.egress)))
+                .unwrap_or_else(|| reason(d.outcome, rule.map(|r| r.egress.to_string()))),
             hosts,
             generation: self.generation(),
         })
@@ -522,7 +540,7 @@ fn reason(o: egress_common::Outcome, rule: Option<String>) -> String {
         DenyDefault => "no Egress rule matches and enableEgress is false".into(),
         DenyProxyPort => "the proxy port is never dialled directly".into(),
         DenyError => "internal error, failMode closed".into(),
-        AuditRule => format!("would be denied by Egress {rule}; allowed by auditMode"),
+        AuditRule => format!("would be denied by Egress {rule}; allowed and reported (audit mode)"),
         AuditDefault => {
             "would be denied (no rule, enableEgress false); allowed by auditMode".into()
         }
@@ -530,8 +548,10 @@ fn reason(o: egress_common::Outcome, rule: Option<String>) -> String {
     }
 }
 
-impl KernelSource for Control {
-    fn snapshot(&self) -> KernelSnapshot {
+impl Control {
+    /// What the kernel counted, read through `dp` (the metrics' own handles on the pinned
+    /// maps: the datapath lock is not taken).
+    pub fn read_kernel(&self, dp: &mut Datapath) -> KernelSnapshot {
         let policy = self.live.get();
         let pods = self
             .pods
@@ -539,17 +559,36 @@ impl KernelSource for Control {
             .iter()
             .map(|p| p.workload.clone())
             .collect();
-        let ids: Vec<u32> = policy.workloads.iter().map(|(_, id)| *id).collect();
-        let mut dp = self.datapath();
+        let mut ids: Vec<u32> = policy.workloads.iter().map(|(_, id)| *id).collect();
+        // Workload id 0: the refusals of cgroups that are no workload (Kubernetes mode).
+        let unenrolled = self.kubernetes().then_some(0);
+        ids.extend(unenrolled);
+        let sums = dp.counter_sums(&ids);
+        let unenrolled = unenrolled.map(|w| {
+            [proto::TCP, proto::UDP, proto::ANY].map(|p| {
+                egress_common::Outcome::ALL
+                    .iter()
+                    .filter(|o| o.is_denied())
+                    .filter_map(|o| sums.get(&(w, *o as u8, p)))
+                    .sum()
+            })
+        });
         KernelSnapshot {
-            sums: dp.counter_sums(&ids),
             tc: dp.tc_sums(&ids),
             sockets: dp.socket_refusals(&ids),
             packet_drops: dp.packet_drop_sums(&ids),
             entries: dp.map_fill(&policy),
             generation: dp.active().map(|(_, c)| c.generation).unwrap_or(0),
+            sums,
             pods,
             policy,
+            unenrolled,
         }
+    }
+}
+
+impl KernelSource for Control {
+    fn snapshot(&self) -> KernelSnapshot {
+        self.read_kernel(&mut self.datapath())
     }
 }

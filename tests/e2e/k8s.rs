@@ -20,11 +20,11 @@ use crate::harness::{
     FakeApiServer, Netns, TcpServer, AGENT, CLIENT,
 };
 
-const EPERM: &str = "err EPERM";
-const ALLOWED: &str = "err ECONNREFUSED";
+pub(crate) const EPERM: &str = "err EPERM";
+pub(crate) const ALLOWED: &str = "err ECONNREFUSED";
 pub(crate) const NODE: &str = "node-a";
 
-fn verdict(dir: &Path, ip: &str) -> &'static str {
+pub(crate) fn verdict(dir: &Path, ip: &str) -> &'static str {
     let out = client_in_cgroup(dir, &["tcp", ip, "9"]);
     if out.starts_with(EPERM) {
         EPERM
@@ -76,7 +76,7 @@ pub(crate) fn make_pod(
     tree.mkdir(rel.join(container_dir(driver, container).expect("container id")))
 }
 
-fn metric(agent: &Agent, name: &str) -> Option<f64> {
+pub(crate) fn metric(agent: &Agent, name: &str) -> Option<f64> {
     let (_, body) = agent.http_get("/metrics");
     body.lines()
         .find(|l| l.starts_with(name))
@@ -102,7 +102,7 @@ fn cluster_cli(kubeconfig: &Path, args: &[&str]) -> String {
 /// An agent in Kubernetes mode for node NODE on the kubepods cgroup `root`, against `fake`,
 /// whose MeshConfig `egress` (enableEgress false, this agent's proxy port) is put first.
 /// Started, and ready. Returns it and its kubeconfig file.
-fn kube_agent(fake: &FakeApiServer, root: PathBuf) -> (Agent, PathBuf) {
+pub(crate) fn kube_agent(fake: &FakeApiServer, root: PathBuf) -> (Agent, PathBuf) {
     kube_agent_in(fake, root, None, json!({}))
 }
 

@@ -33,13 +33,15 @@ pub fn exec(root: &Path, workload: &ObjectRef, cmd: &[String]) -> anyhow::Result
     Err(err).with_context(|| format!("cannot run {prog:?}"))
 }
 
-/// `egress-agent uninstall`: removes pins (detaching the programs), the saved live policy and
-/// empty cgroups.
+/// `egress-agent uninstall`: removes pins (detaching the programs), the saved live policy, the
+/// flow history beside it and empty cgroups.
 pub fn uninstall(pin_dir: &Path, cgroup_root: &Path, state_file: &Path) -> anyhow::Result<()> {
     let removed = bpf::remove_pins(pin_dir);
     println!("removed {} pins under {}", removed.len(), pin_dir.display());
-    for f in [state_file.to_path_buf(), crate::dns::names_file(state_file)] {
-        if std::fs::remove_file(&f).is_ok() {
+    let history = crate::telemetry::history::default_path(state_file);
+    let names = crate::dns::names_file(state_file);
+    for f in [state_file, history.as_path(), names.as_path()] {
+        if std::fs::remove_file(f).is_ok() {
             println!("removed {}", f.display());
         }
     }

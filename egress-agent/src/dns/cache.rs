@@ -201,7 +201,7 @@ impl Cache {
         // Too many distinct port ranges for one entry: keep what fits (the first rules).
         let mut rules = rules.as_slice();
         loop {
-            match crate::policy::segments(rules) {
+            match crate::policy::compile::segments(rules, |_| false) {
                 Ok(v) => return Some(v),
                 Err(_) if rules.len() > 1 => rules = &rules[..rules.len() - 1],
                 Err(_) => return None,

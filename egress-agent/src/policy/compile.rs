@@ -11,19 +11,23 @@ use std::{
 
 use egress_common::{
     action, decide::Query, policy_key, policy_scope, proto, Decision, MeshConfig, PolicyValue,
-    PortRule, Segment, MAX_SEGMENTS,
+    PortRule, MAX_SEGMENTS,
 };
 
 use super::{
-    model::{Action, Config, EgressGateway, FailMode, ObjectRef, Via},
+    model::{Action, Config, EgressGateway, FailMode, Mode, ObjectRef, Via},
     scalar::{self, Cidr, HostPattern},
+    tiers::{Prefixes, Tiers},
 };
 
 /// What one Egress object compiled to; `rule_id` is its index + 1. The proxy judges hosts
 /// with these.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RuleInfo {
+    /// The object: an Egress, or a NetworkPolicy (see [`RuleInfo::kind`]).
     pub egress: ObjectRef,
+    /// "Egress" or "NetworkPolicy".
+    pub kind: &'static str,
     pub action: Action,
     pub via: Via,
     pub hosts: Vec<HostPattern>,
@@ -35,9 +39,21 @@ pub struct RuleInfo {
     pub ports: Vec<(u16, u16, u8)>,
     /// Index into [`Compiled::gateways`] of the gateway this rule names (`gateway: NAME`).
     pub gateway: Option<usize>,
+    /// `spec.mode: audit`: what the rule would refuse is reported, not refused.
+    pub audit: bool,
 }
 
 impl RuleInfo {
+    /// How logs, `check` and `list` name its object: `ns/name` for an Egress,
+    /// `NetworkPolicy ns/name`, `AdminNetworkPolicy name` for the others.
+    pub fn name(&self) -> String {
+        match self.kind {
+            "Egress" => self.egress.to_string(),
+            k if self.egress.namespace.is_empty() => format!("{k} {}", self.egress.name),
+            k => format!("{k} {}", self.egress),
+        }
+    }
+
     /// Whether the rule applies to a TCP connection of `workload` to `ip:port`.
     pub fn applies_tcp(&self, workload: u32, ip: IpAddr, port: u16) -> bool {
         self.workloads.contains(&workload)
@@ -110,8 +126,6 @@ pub enum CompileError {
     TooManyWorkloads { count: usize, max: u32 },
 }
 
-type Prefixes<const N: usize> = BTreeMap<(u32, u8, [u8; N]), Vec<PortRule>>;
-
 pub fn compile(cfg: &Config) -> Result<Compiled, CompileError> {
     compile_stable(cfg, &BTreeMap::new())
 }
@@ -158,10 +172,14 @@ pub fn compile_stable(
         let s = &e.spec;
         rules.push(RuleInfo {
             egress: e.id.clone(),
+            kind: "Egress",
             action: s.action,
             via: s.route(),
             hosts: s.hosts.clone(),
-            workloads: e.sources(&cfg.workloads).map(|w| ids[&w.id]).collect(),
+            workloads: e
+                .sources_in(&cfg.workloads, &cfg.namespaces)
+                .map(|w| ids[&w.id])
+                .collect(),
             cidrs: s.ip_addresses.clone(),
             ports: s
                 .ports
@@ -179,6 +197,7 @@ pub fn compile_stable(
                 .gateway
                 .as_ref()
                 .and_then(|g| cfg.gateways.iter().position(|x| &x.id.name == g)),
+            audit: s.mode == Mode::Audit,
         });
         if cfg.mesh.dns.enabled && s.is_name_rule() {
             continue; // only on the addresses its names resolve to (crate::dns)
@@ -220,7 +239,7 @@ pub fn compile_stable(
         } else {
             s.ip_addresses.clone()
         };
-        for w in e.sources(&cfg.workloads) {
+        for w in e.sources_in(&cfg.workloads, &cfg.namespaces) {
             let wid = ids[&w.id];
             for c in &cidrs {
                 match c.addr {
@@ -237,13 +256,27 @@ pub fn compile_stable(
         }
     }
 
+    let first = rules.len() as u32 + 1;
+    let (tiers, objects) = Tiers::new(cfg, &ids, first, &mut v4, &mut v6);
+    rules.extend(objects.into_iter().map(|o| RuleInfo {
+        egress: o.id,
+        kind: o.kind,
+        action: Action::Deny,
+        via: Via::Direct,
+        hosts: Vec::new(),
+        workloads: o.workloads,
+        cidrs: o.cidrs,
+        ports: o.ports,
+        gateway: None,
+        audit: false,
+    }));
     let names = |wid: u32| {
         ids.iter()
             .find(|(_, id)| **id == wid)
             .map(|(w, _)| (*w).clone())
             .unwrap_or_default()
     };
-    let v4 = flatten(&v4, &rules, names)?
+    let v4 = flatten(&v4, &rules, names, |w, l, a| tiers.denials(w, l, a))?
         .into_iter()
         .map(|(workload, cidr_len, addr, value)| Entry {
             workload,
@@ -252,7 +285,7 @@ pub fn compile_stable(
             value,
         })
         .collect();
-    let v6 = flatten(&v6, &rules, names)?
+    let v6 = flatten(&v6, &rules, names, |w, l, a| tiers.denials(w, l, a))?
         .into_iter()
         .map(|(workload, cidr_len, addr, value)| Entry {
             workload,
@@ -297,22 +330,15 @@ pub fn compile_stable(
     })
 }
 
-fn port_rule(lo: u16, hi: u16, proto: u8, action: u8, rule_id: u32) -> PortRule {
-    PortRule {
-        port_lo: lo,
-        port_hi: hi,
-        proto,
-        action,
-        rule_id,
-    }
-}
-
 type Flat<const N: usize> = Vec<(u32, u8, [u8; N], PolicyValue)>;
 
+/// `extra`: rules of one exact prefix that shorter prefixes do not pass on (NetworkPolicy's
+/// denials).
 fn flatten<const N: usize>(
     prefixes: &Prefixes<N>,
     rules: &[RuleInfo],
     names: impl Fn(u32) -> ObjectRef,
+    extra: impl Fn(u32, u8, &[u8; N]) -> Vec<PortRule>,
 ) -> Result<Flat<N>, CompileError> {
     let mut out = Vec::with_capacity(prefixes.len());
     for &(wid, len, addr) in prefixes.keys() {
@@ -326,11 +352,12 @@ fn flatten<const N: usize>(
                 }
             }
         }
-        let value = segments(&all);
+        all.extend(extra(wid, len, &addr));
+        let value = segments(&all, |id| rules[id as usize - 1].audit);
         if let Err(count) = value {
             let egresses: BTreeSet<String> = all
                 .iter()
-                .map(|r| rules[r.rule_id as usize - 1].egress.to_string())
+                .map(|r| rules[r.rule_id as usize - 1].name())
                 .collect();
             return Err(CompileError::TooManyRules {
                 workload: names(wid),
@@ -354,72 +381,6 @@ fn flatten<const N: usize>(
 
 /// Which action wins where several rules cover a port: deny, then proxy, then allow; among
 /// equals the later rule (a stable choice, so that `check` and the kernel agree).
-fn strength(r: &PortRule) -> (u8, u32) {
-    let prio = match r.action {
-        action::DENY => 3,
-        action::PROXY => 2,
-        action::ALLOW => 1,
-        _ => 0,
-    };
-    (prio, r.rule_id)
-}
-
-/// Compiles the rules that apply to one prefix into the kernel's segments: per protocol
-/// class, the port ranges where one action wins, sorted, non-overlapping, adjacent equal
-/// ranges merged. Err(n): n segments needed, more than [`MAX_SEGMENTS`].
-pub fn segments(rules: &[PortRule]) -> Result<PolicyValue, usize> {
-    let mut v = PolicyValue::default();
-    let mut all: Vec<Segment> = Vec::new();
-    for (class, p) in [(0, proto::TCP), (1, proto::UDP), (2, proto::ANY)] {
-        // Other protocols only see protocol-less rules; only TCP is ever proxied.
-        let relevant: Vec<&PortRule> = rules
-            .iter()
-            .filter(|r| r.proto == proto::ANY || (class < 2 && r.proto == p))
-            .filter(|r| r.action != action::PROXY || p == proto::TCP)
-            .collect();
-        let mut cuts: BTreeSet<u32> = [0, 65536].into();
-        for r in &relevant {
-            cuts.insert(r.port_lo as u32);
-            cuts.insert(r.port_hi as u32 + 1);
-        }
-        let cuts: Vec<u32> = cuts.into_iter().collect();
-        let mut segs: Vec<Segment> = Vec::new();
-        for w in cuts.windows(2) {
-            let (a, b) = (w[0], w[1] - 1);
-            let Some(best) = relevant
-                .iter()
-                .filter(|r| r.port_lo as u32 <= a && r.port_hi as u32 >= b)
-                .max_by_key(|r| strength(r))
-            else {
-                continue;
-            };
-            match segs.last_mut() {
-                Some(last)
-                    if last.action == best.action
-                        && last.rule_id == best.rule_id
-                        && last.hi as u32 + 1 == a =>
-                {
-                    last.hi = b as u16
-                }
-                _ => segs.push(Segment {
-                    lo: a as u16,
-                    hi: b as u16,
-                    action: best.action,
-                    _pad0: [0; 3],
-                    rule_id: best.rule_id,
-                }),
-            }
-        }
-        v.counts[class] = segs.len().min(255) as u8;
-        all.extend(segs);
-    }
-    if all.len() > MAX_SEGMENTS {
-        return Err(all.len());
-    }
-    v.segs[..all.len()].copy_from_slice(&all);
-    Ok(v)
-}
-
 impl Compiled {
     /// The workload with id `id`.
     pub fn workload(&self, id: u32) -> Option<&ObjectRef> {
@@ -501,7 +462,8 @@ impl Compiled {
 
     /// The proxy's verdict for a redirected TCP connection whose host is `host` (None: the
     /// client named none, or spoke neither TLS nor HTTP). Host denies win, then host allows,
-    /// then allows by address; otherwise `enableEgress` decides, as in the kernel.
+    /// then allows by address; otherwise `enableEgress` decides, as in the kernel. Policies in
+    /// audit mode only turn what the enforced ones let through into [`HostVerdict::Audit`].
     pub fn decide_host(
         &self,
         workload: u32,
@@ -510,44 +472,50 @@ impl Compiled {
         host: Option<&str>,
     ) -> HostVerdict {
         let ip = scalar::normalize(ip);
-        let applicable = || {
-            self.rules
-                .iter()
-                .zip(1u32..)
-                .filter(move |(r, _)| r.applies_tcp(workload, ip, port))
-        };
+        let audit = self.config.audit_mode != 0;
+        match self.host_verdict(workload, ip, port, host, false) {
+            Err(id) if audit => HostVerdict::Audit(id),
+            Err(id) => HostVerdict::Deny(id),
+            Ok(id) => match self.host_verdict(workload, ip, port, host, true) {
+                Err(audited) => HostVerdict::Audit(audited),
+                Ok(_) => HostVerdict::Allow(id),
+            },
+        }
+    }
+
+    /// [`Compiled::decide_host`] over the enforced rules (and those in audit mode with
+    /// `audited`): Ok(rule) lets through, Err(rule) refuses.
+    fn host_verdict(
+        &self,
+        workload: u32,
+        ip: IpAddr,
+        port: u16,
+        host: Option<&str>,
+        audited: bool,
+    ) -> Result<u32, u32> {
+        let counts = |r: &RuleInfo| (audited || !r.audit) && r.applies_tcp(workload, ip, port);
         let by_host = |action: Action| {
             let host = host?;
             self.host_rules.iter().find_map(|&i| {
                 let r = &self.rules[i];
-                (r.action == action
-                    && r.applies_tcp(workload, ip, port)
-                    && r.hosts.iter().any(|p| p.matches(host)))
-                .then_some((r, i as u32 + 1))
+                (r.action == action && counts(r) && r.hosts.iter().any(|p| p.matches(host)))
+                    .then_some(i as u32 + 1)
             })
         };
-        let audit = self.config.audit_mode != 0;
-        if let Some((_, id)) = by_host(Action::Deny) {
-            return if audit {
-                HostVerdict::Audit(id)
-            } else {
-                HostVerdict::Deny(id)
-            };
+        if let Some(id) = by_host(Action::Deny) {
+            return Err(id);
         }
-        if let Some((_, id)) = by_host(Action::Allow) {
-            return HostVerdict::Allow(id);
+        if let Some(id) = by_host(Action::Allow) {
+            return Ok(id);
         }
-        if let Some((_, id)) =
-            applicable().find(|(r, _)| r.hosts.is_empty() && r.action == Action::Allow)
-        {
-            return HostVerdict::Allow(id);
-        }
-        if self.config.enable_egress != 0 {
-            HostVerdict::Allow(0)
-        } else if audit {
-            HostVerdict::Audit(0)
-        } else {
-            HostVerdict::Deny(0)
+        // An audited allow by address lets nothing more through than the enforced ones.
+        let by_address = self.rules.iter().zip(1u32..).find(|(r, _)| {
+            !r.audit && r.hosts.is_empty() && r.action == Action::Allow && counts(r)
+        });
+        match by_address {
+            Some((_, id)) => Ok(id),
+            None if self.config.enable_egress != 0 => Ok(0),
+            None => Err(0),
         }
     }
 }
@@ -563,20 +531,32 @@ pub enum HostVerdict {
 }
 
 /// The longest-prefix match among `entries`, which the compiler emits sorted by (workload,
-/// prefix length, address): one binary search per prefix length, longest first.
+/// prefix length, address): within the workload's entries, one binary search per prefix
+/// length that is present, longest first (a workload usually has a few lengths, not 33).
 fn longest<'a, const N: usize>(
     entries: &'a [Entry<N>],
     workload: u32,
     addr: &[u8; N],
 ) -> Option<&'a PolicyValue> {
-    (0..=(N * 8) as u8).rev().find_map(|len| {
-        let want = (workload, len, scalar::mask(addr, len));
-        entries
-            .binary_search_by(|e| (e.workload, e.cidr_len, e.addr).cmp(&want))
-            .ok()
-            .map(|i| &entries[i].value)
-    })
+    let start = entries.partition_point(|e| e.workload < workload);
+    let end = start + entries[start..].partition_point(|e| e.workload == workload);
+    let mut mine = &entries[start..end];
+    while let Some(last) = mine.last() {
+        let len = last.cidr_len;
+        let from = mine.partition_point(|e| e.cidr_len < len);
+        let want = scalar::mask(addr, len);
+        if let Ok(i) = mine[from..].binary_search_by(|e| e.addr.cmp(&want)) {
+            return Some(&mine[from + i].value);
+        }
+        mine = &mine[..from];
+    }
+    None
 }
+
+mod port_segments;
+
+use port_segments::port_rule;
+pub(crate) use port_segments::segments;
 
 #[cfg(test)]
 mod tests;

@@ -7,15 +7,21 @@
 //! The files depend on each other in one direction only: `scalar` ← `names` ← `model` ← `validate` ←
 //! `parse` ← `store`; `error` ← `document` ← `parse`, `store`; `model` ← `compile` ← `live`.
 
+pub mod anp;
 pub mod compile;
+pub mod convert;
 pub mod document;
 pub mod error;
 pub mod live;
 pub mod model;
 pub mod names;
+pub mod netpol;
 pub mod parse;
+pub mod preview;
 pub mod scalar;
+pub mod selector;
 pub mod store;
+pub mod tiers;
 pub mod validate;
 
 pub use compile::*;

@@ -47,6 +47,8 @@ struct State {
     objects: BTreeMap<String, BTreeMap<(String, String), Value>>,
     history: Vec<Event>,
     requests: Vec<String>,
+    /// Collections whose CRD is "not installed": every request to them is a 404.
+    missing: std::collections::BTreeSet<String>,
 }
 
 /// What the test side and the server side share.
@@ -81,8 +83,13 @@ impl FakeApiServer {
     /// Starts serving on 127.0.0.1 (an ephemeral port) on a thread of its own, so that it
     /// serves whatever runtime (or none) the test uses.
     pub fn start() -> FakeApiServer {
-        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-        Self::serve(std_listener)
+        Self::start_at("127.0.0.1:0".parse().unwrap())
+    }
+
+    /// [`FakeApiServer::start`] on `addr` (an API server that comes back where it was).
+    pub fn start_at(addr: SocketAddr) -> FakeApiServer {
+        let l = std::net::TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+        Self::serve(l)
     }
 
     /// [`FakeApiServer::start`], listening on 127.0.0.1 of network namespace `netns` (a test's
@@ -137,6 +144,10 @@ impl FakeApiServer {
         }
     }
 
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
@@ -180,6 +191,16 @@ impl FakeApiServer {
             .get(collection)?
             .get(&(namespace.to_string(), name.to_string()))
             .cloned()
+    }
+
+    /// Makes `collection` absent (its CRD not installed: 404) or present again.
+    pub fn set_installed(&self, collection: &str, installed: bool) {
+        let mut st = self.shared.lock();
+        if installed {
+            st.missing.remove(collection);
+        } else {
+            st.missing.insert(collection.to_string());
+        }
     }
 
     /// Ends every open watch cleanly (clients resume from their last resourceVersion).
@@ -348,7 +369,7 @@ async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> 
         .lock()
         .requests
         .push(format!("{method} {path}?{}", q.join("&")));
-    let Some(t) = target(&path) else {
+    let Some(t) = target(&path).filter(|t| !shared.lock().missing.contains(&t.collection)) else {
         let (c, b) = status(404, "NotFound", "no such path in the fake");
         return json_response(c, &b);
     };
