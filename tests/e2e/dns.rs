@@ -323,7 +323,7 @@ fn dns_a_flooding_workload_does_not_starve_another() {
     // `web` floods the resolver that never answers: each query holds its slot for the
     // upstream timeout (500 ms); past 256 in flight they are dropped.
     let flood = format!(
-        "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\nq=bytes.fromhex('abcd01000001000000000000')+bytes([2])+b'db'+bytes([4])+b'test'+bytes([7])+b'example'+bytes([0,0,1,0,1])\nfor i in range(2000): s.sendto(q,('{silent_ns}',53))\nprint('sent')"
+        "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\nq=bytes.fromhex('abcd01000001000000000000')+bytes([2])+b'db'+bytes([4])+b'test'+bytes([7])+b'example'+bytes([0,0,1,0,1])\nfor i in range(20000): s.sendto(q,('{silent_ns}',53))\nprint('sent')"
     );
     let out = a.exec("web", &["python3", "-c", &flood]);
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "sent");
