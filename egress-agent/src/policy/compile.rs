@@ -11,7 +11,7 @@ use std::{
 
 use egress_common::{
     action, decide, decide::Query, policy_key, policy_scope, proto, Decision, MeshConfig,
-    PolicyValue, PortRule,
+    PolicyValue, PortRule, MAX_SEGMENTS,
 };
 
 use super::{
@@ -310,6 +310,57 @@ pub fn compile_stable(
     })
 }
 
+type Flat<const N: usize> = Vec<(u32, u8, [u8; N], PolicyValue)>;
+
+/// `extra`: rules of one exact prefix that shorter prefixes do not pass on (NetworkPolicy's
+/// denials).
+fn flatten<const N: usize>(
+    prefixes: &Prefixes<N>,
+    rules: &[RuleInfo],
+    names: impl Fn(u32) -> ObjectRef,
+    extra: impl Fn(u32, u8, &[u8; N]) -> Vec<PortRule>,
+) -> Result<Flat<N>, CompileError> {
+    let mut out = Vec::with_capacity(prefixes.len());
+    for &(wid, len, addr) in prefixes.keys() {
+        let mut all: Vec<PortRule> = Vec::new();
+        for l in 0..=len {
+            if let Some(rs) = prefixes.get(&(wid, l, scalar::mask(&addr, l))) {
+                for r in rs {
+                    if !all.contains(r) {
+                        all.push(*r);
+                    }
+                }
+            }
+        }
+        all.extend(extra(wid, len, &addr));
+        let value = segments(&all, |id| rules[id as usize - 1].audit);
+        if let Err(count) = value {
+            let egresses: BTreeSet<String> = all
+                .iter()
+                .map(|r| rules[r.rule_id as usize - 1].name())
+                .collect();
+            return Err(CompileError::TooManyRules {
+                workload: names(wid),
+                prefix: Cidr {
+                    addr: if N == 4 {
+                        IpAddr::from(<[u8; 4]>::try_from(&addr[..4]).unwrap_or_default())
+                    } else {
+                        IpAddr::from(<[u8; 16]>::try_from(&addr[..]).unwrap_or_default())
+                    },
+                    len,
+                },
+                count,
+                max: MAX_SEGMENTS,
+                egresses: egresses.into_iter().collect::<Vec<_>>().join(", "),
+            });
+        }
+        out.push((wid, len, addr, value.unwrap_or_default()));
+    }
+    Ok(out)
+}
+
+/// Which action wins where several rules cover a port: deny, then proxy, then allow; among
+/// equals the later rule (a stable choice, so that `check` and the kernel agree).
 impl Compiled {
     /// The workload with id `id`.
     pub fn workload(&self, id: u32) -> Option<&ObjectRef> {
@@ -471,9 +522,7 @@ fn longest<'a, const N: usize>(
 
 mod port_segments;
 
-#[cfg(test)]
-use port_segments::segments;
-use port_segments::{flatten, port_rule};
+use port_segments::{port_rule, segments};
 
 #[cfg(test)]
 mod tests;

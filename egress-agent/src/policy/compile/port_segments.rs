@@ -1,18 +1,10 @@
-//! Port segments: every rule that applies to a (workload, prefix) entry, flattened into the
-//! sorted, non-overlapping port ranges the kernel scans (see `egress_common::MAX_SEGMENTS`).
+//! Port segments: the port rules of one (workload, prefix) entry as the sorted,
+//! non-overlapping port ranges the kernel scans (see `egress_common::MAX_SEGMENTS`), each with
+//! the one action that wins there.
 
-use std::{collections::BTreeSet, net::IpAddr};
+use std::collections::BTreeSet;
 
 use egress_common::{action, proto, PolicyValue, PortRule, Segment, MAX_SEGMENTS};
-
-use super::{
-    super::{
-        model::ObjectRef,
-        scalar::{self, Cidr},
-        tiers::Prefixes,
-    },
-    CompileError, RuleInfo,
-};
 
 pub(super) fn port_rule(lo: u16, hi: u16, proto: u8, action: u8, rule_id: u32) -> PortRule {
     PortRule {
@@ -24,57 +16,6 @@ pub(super) fn port_rule(lo: u16, hi: u16, proto: u8, action: u8, rule_id: u32) -
     }
 }
 
-pub(super) type Flat<const N: usize> = Vec<(u32, u8, [u8; N], PolicyValue)>;
-
-/// `extra`: rules of one exact prefix that shorter prefixes do not pass on (NetworkPolicy's
-/// denials).
-pub(super) fn flatten<const N: usize>(
-    prefixes: &Prefixes<N>,
-    rules: &[RuleInfo],
-    names: impl Fn(u32) -> ObjectRef,
-    extra: impl Fn(u32, u8, &[u8; N]) -> Vec<PortRule>,
-) -> Result<Flat<N>, CompileError> {
-    let mut out = Vec::with_capacity(prefixes.len());
-    for &(wid, len, addr) in prefixes.keys() {
-        let mut all: Vec<PortRule> = Vec::new();
-        for l in 0..=len {
-            if let Some(rs) = prefixes.get(&(wid, l, scalar::mask(&addr, l))) {
-                for r in rs {
-                    if !all.contains(r) {
-                        all.push(*r);
-                    }
-                }
-            }
-        }
-        all.extend(extra(wid, len, &addr));
-        let value = segments(&all, |id| rules[id as usize - 1].audit);
-        if let Err(count) = value {
-            let egresses: BTreeSet<String> = all
-                .iter()
-                .map(|r| rules[r.rule_id as usize - 1].name())
-                .collect();
-            return Err(CompileError::TooManyRules {
-                workload: names(wid),
-                prefix: Cidr {
-                    addr: if N == 4 {
-                        IpAddr::from(<[u8; 4]>::try_from(&addr[..4]).unwrap_or_default())
-                    } else {
-                        IpAddr::from(<[u8; 16]>::try_from(&addr[..]).unwrap_or_default())
-                    },
-                    len,
-                },
-                count,
-                max: MAX_SEGMENTS,
-                egresses: egresses.into_iter().collect::<Vec<_>>().join(", "),
-            });
-        }
-        out.push((wid, len, addr, value.unwrap_or_default()));
-    }
-    Ok(out)
-}
-
-/// Which action wins where several rules cover a port: deny, then proxy, then allow; among
-/// equals the later rule (a stable choice, so that `check` and the kernel agree).
 fn strength(r: &PortRule) -> (u8, u32) {
     let prio = match r.action {
         action::DENY => 3,
