@@ -9,6 +9,7 @@ use alloc::string::String;
 use core::net::{IpAddr, SocketAddr};
 
 pub mod connect;
+pub mod http;
 pub mod sniff;
 pub mod socks5;
 
