@@ -11,6 +11,7 @@ mod datapath;
 mod deploy;
 mod gateway;
 mod harness;
+mod host_judging;
 mod k8s;
 mod lifecycle;
 mod metrics;

@@ -35,6 +35,8 @@ pub struct RuleInfo {
     pub ports: Vec<(u16, u16, u8)>,
     /// Index into [`Compiled::gateways`] of the gateway this rule names (`gateway: NAME`).
     pub gateway: Option<usize>,
+    /// `allowWithoutHost`: connections naming no host pass by this rule's addresses.
+    pub without_host: bool,
 }
 
 impl RuleInfo {
@@ -173,6 +175,7 @@ pub fn compile_stable(
                 .gateway
                 .as_ref()
                 .and_then(|g| cfg.gateways.iter().position(|x| &x.id.name == g)),
+            without_host: s.allow_without_host,
         });
         // Host rules are judged by the proxy, whatever their action; the kernel only routes.
         let act = match (s.route(), s.action) {
@@ -468,7 +471,9 @@ impl Compiled {
 
     /// The proxy's verdict for a redirected TCP connection whose host is `host` (None: the
     /// client named none, or spoke neither TLS nor HTTP). Host denies win, then host allows,
-    /// then allows by address; otherwise `enableEgress` decides, as in the kernel.
+    /// then allows by address; otherwise `enableEgress` decides, as in the kernel. Fail
+    /// closed: where a host rule applies, no host is refused (the verdict names that host
+    /// rule) unless an applicable allow rule says `allowWithoutHost`.
     pub fn decide_host(
         &self,
         workload: u32,
@@ -494,6 +499,25 @@ impl Compiled {
             })
         };
         let audit = self.config.audit_mode != 0;
+        if host.is_none() {
+            if let Some((_, id)) = applicable().find(|(r, _)| {
+                r.action == Action::Allow && r.without_host && !r.cidrs.is_empty()
+            }) {
+                return HostVerdict::Allow(id);
+            }
+            if let Some(&i) = self
+                .host_rules
+                .iter()
+                .find(|&&i| self.rules[i].applies_tcp(workload, ip, port))
+            {
+                let id = i as u32 + 1;
+                return if audit {
+                    HostVerdict::Audit(id)
+                } else {
+                    HostVerdict::Deny(id)
+                };
+            }
+        }
         if let Some((_, id)) = by_host(Action::Deny) {
             return if audit {
                 HostVerdict::Audit(id)

@@ -250,6 +250,11 @@ pub struct EgressSpec {
     /// `via: gateway`. Without it, `via: gateway` means the global gateway.
     #[serde(default)]
     pub gateway: Option<String>,
+    /// Where host rules apply, a connection that names no host (TLS without SNI, a protocol
+    /// other than TLS or HTTP/1.x, HTTP/1.0 without Host) is refused; with this, it is let out
+    /// by this rule's `ipAddresses` instead (an allow rule with addresses only).
+    #[serde(default)]
+    pub allow_without_host: bool,
 }
 
 impl EgressSpec {

@@ -3,12 +3,17 @@
 //! For each accepted connection it looks up the original destination the kernel recorded under
 //! the client's address (none: the connection was not redirected, and is refused). When a rule
 //! for that destination names hosts, it reads the TLS SNI or HTTP Host from the client's first
-//! bytes (bounded, timed) and judges it; otherwise it does not wait for the client to speak,
-//! so server-first protocols (SSH, SMTP, MySQL) pass unchanged. Allowed connections go to the
-//! original destination from the agent's own, exempt cgroup, or through the egress gateway
-//! their rule names (or the global one): never direct when a gateway is chosen but down.
+//! bytes (bounded, timed) and judges it, failing closed when it cannot tell the host; HTTP/1.x
+//! connections are then judged request by request ([`http1`]). Otherwise it does not wait for
+//! the client to speak, so server-first protocols (SSH, SMTP, MySQL) pass unchanged. Allowed
+//! connections go to the original destination from the agent's own, exempt cgroup (never into
+//! the node itself, see [`guard`]), or through the egress gateway their rule names (or the
+//! global one): never direct when a gateway is chosen but down.
 
+pub mod guard;
+pub mod http1;
 pub mod inpod;
+mod judging;
 pub mod metrics;
 pub mod relay;
 pub mod sniff;
@@ -58,7 +63,7 @@ impl Default for Limits {
         Self {
             max_connections: 16_384,
             sniff_timeout: Duration::from_secs(5),
-            sniff_bytes: 16 * 1024,
+            sniff_bytes: sniff::MAX_SNIFF,
             connect_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(3600),
             close_on_tighten: true,
@@ -73,6 +78,7 @@ pub struct Proxy {
     limits: Limits,
     permits: Arc<Semaphore>,
     gateways: Dialer,
+    node: guard::NodeAddrs,
 }
 
 /// Binds the proxy's listeners: 127.0.0.1 and, where the host has IPv6, [::1].
@@ -113,6 +119,7 @@ impl Proxy {
             live,
             limits,
             gateways: Dialer::default(),
+            node: guard::NodeAddrs::default(),
         })
     }
 
@@ -209,13 +216,25 @@ impl Proxy {
 
         // Bytes read while sniffing, replayed to the upstream.
         let mut head = Vec::new();
+        // HTTP/1.x where hosts are judged: every request is judged, not only the first.
+        let mut per_request = false;
         if policy.needs_host(orig.workload_id, dst.ip(), dst.port()) {
             let sniffed = self.sniff(&mut client, &mut head).await;
             let (is_http, host) = match &sniffed {
-                Some(Sniffed::Http(h)) => (true, h.map(str::to_owned)),
-                Some(Sniffed::Tls(h)) => (false, h.map(str::to_owned)),
+                Some(Sniffed::Http(h)) => (true, h.clone()),
+                Some(Sniffed::Tls(h)) => (false, h.clone()),
+                Some(Sniffed::BadHttp(why)) => {
+                    rec.verdict = "deny";
+                    rec.rule = "malformed".into();
+                    let resp = http1::forbidden(&format!("request refused: {why}"), "malformed");
+                    let _ = client.write_all(resp.as_bytes()).await;
+                    let _ = client.shutdown().await;
+                    self.finish(&rec, (head.len() as u64, 0), "denied");
+                    return;
+                }
                 _ => (false, None),
             };
+            per_request = is_http;
             rec.host = host.clone();
             match policy.decide_host(orig.workload_id, dst.ip(), dst.port(), host.as_deref()) {
                 HostVerdict::Allow(id) => {
@@ -244,6 +263,12 @@ impl Proxy {
         }
 
         let connecting = Instant::now();
+        if policy.gateway_for(rule_id).is_none() {
+            if let Some(class) = guard::into_node(&policy, orig.workload_id, dst, &self.node.get())
+            {
+                return self.into_node(client, &mut rec, class);
+            }
+        }
         let upstream = match policy.gateway_for(rule_id) {
             Some(gw) => {
                 rec.gateway = gw.id.name.clone();
@@ -270,6 +295,13 @@ impl Proxy {
         let mut upstream = upstream;
         if let Upstream::Tcp(s) = &upstream {
             let _ = s.set_nodelay(true);
+        }
+        if per_request {
+            let served = self.per_request(client, upstream, head, &rec, orig.workload_id).await;
+            if served.refused {
+                rec.verdict = "deny";
+            }
+            return self.finish(&rec, served.bytes, served.end);
         }
         if let Err(e) = upstream.send_head(&head).await {
             return self.upstream_failed(client, &mut rec, &e.to_string());
@@ -311,11 +343,7 @@ impl Proxy {
 
     /// Reads the client's first bytes until they name a host, they cannot, the buffer is
     /// full, or the timeout passes.
-    async fn sniff<'b>(
-        &self,
-        client: &mut TcpStream,
-        head: &'b mut Vec<u8>,
-    ) -> Option<Sniffed<'b>> {
+    async fn sniff(&self, client: &mut TcpStream, head: &mut Vec<u8>) -> Option<Sniffed> {
         let deadline = tokio::time::Instant::now() + self.limits.sniff_timeout;
         let cap = self.limits.sniff_bytes;
         head.reserve(cap.min(4096));
@@ -390,6 +418,7 @@ impl Proxy {
             "deny" => ProxyResult::Denied,
             "audit" => ProxyResult::Audit,
             "gateway-error" => ProxyResult::GatewayError,
+            "into-node" => ProxyResult::IntoNode,
             _ => ProxyResult::UpstreamError,
         };
         self.metrics
@@ -417,21 +446,8 @@ fn rule_name(p: &Compiled, id: u32) -> String {
 /// `access_denied` alert, anything else a reset.
 async fn refuse(mut client: TcpStream, http: bool, rec: &Record<'_>, tls: bool) {
     if http {
-        let host = rec.host.as_deref().unwrap_or("(none)");
-        let why = if rec.rule.is_empty() {
-            "no Egress policy allows it".to_string()
-        } else {
-            format!("Egress policy {} denies it", rec.rule)
-        };
-        let body = format!(
-            "egress: host {host} is refused for workload {}: {why}\n",
-            rec.workload
-        );
-        let resp = format!(
-            "HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\nX-Egress-Policy: {}\r\n\r\n{body}",
-            body.len(),
-            if rec.rule.is_empty() { "default-deny" } else { &rec.rule }
-        );
+        let (why, policy) = judging::refusal(rec.workload, rec.host.as_deref(), &rec.rule);
+        let resp = http1::forbidden(&why, &policy);
         let _ = client.write_all(resp.as_bytes()).await;
         let _ = client.shutdown().await;
     } else if tls {

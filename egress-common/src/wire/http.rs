@@ -11,6 +11,8 @@
 //! - leading empty lines before the request line (RFC 9112 section 2.2) are skipped, so a
 //!   request after a CRLF is judged like any other.
 
+pub use httparse::{Header, EMPTY_HEADER};
+
 /// Longest message head (request or status line and headers) the proxy reads.
 pub const MAX_HEAD: usize = 64 * 1024;
 /// Most header fields in one head.
@@ -25,6 +27,9 @@ pub enum Error {
     Incomplete,
     /// Not an HTTP/1.x head, or one the proxy refuses; the text says why (one line).
     Invalid(&'static str),
+    /// An HTTP/1.x request whose host cannot be told for sure (target and `Host` disagree,
+    /// two `Host` headers, a malformed host): refused like a denied host.
+    Host(&'static str),
 }
 
 /// How the body after a head is delimited.
@@ -103,7 +108,7 @@ pub fn request<'h, 'b>(
     };
     let host = match (from_target, host_header) {
         (Some(t), Some(h)) if !t.eq_ignore_ascii_case(h) => {
-            return Err(Error::Invalid("the request target and Host name different hosts"))
+            return Err(Error::Host("the request target and Host name different hosts"))
         }
         (Some(t), _) => Some(t),
         (None, h) => h,
@@ -228,19 +233,19 @@ fn single_host<'b>(headers: &[httparse::Header<'b>]) -> Result<Option<&'b str>, 
         return Ok(None);
     };
     if hosts.next().is_some() {
-        return Err(Error::Invalid("more than one Host header"));
+        return Err(Error::Host("more than one Host header"));
     }
-    let v = core::str::from_utf8(trim(h.value)).map_err(|_| Error::Invalid("bad Host"))?;
+    let v = core::str::from_utf8(trim(h.value)).map_err(|_| Error::Host("bad Host"))?;
     authority_host(v).map(Some)
 }
 
 /// `scheme://authority/path?query` → (host, path). Userinfo is refused.
 fn absolute(target: &str) -> Result<(&str, &str), Error> {
     let Some((scheme, rest)) = target.split_once("://") else {
-        return Err(Error::Invalid("bad request target"));
+        return Err(Error::Host("bad request target"));
     };
     if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
-        return Err(Error::Invalid("bad request target"));
+        return Err(Error::Host("bad request target"));
     }
     let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let (authority, tail) = rest.split_at(end);
@@ -250,7 +255,7 @@ fn absolute(target: &str) -> Result<(&str, &str), Error> {
 
 /// The host of `host[:port]` or `[v6]:port`; refuses userinfo, empty hosts and odd bytes.
 fn authority_host(a: &str) -> Result<&str, Error> {
-    let bad = Error::Invalid("bad host in the request");
+    let bad = Error::Host("bad host in the request");
     let host = if a.starts_with('[') {
         let end = a.find(']').ok_or(bad)?;
         let port = &a[end + 1..];

@@ -17,6 +17,9 @@ pub enum Sniffed {
     Tls(Option<String>),
     /// An HTTP/1.x request; its host (None: it names none, HTTP/1.0 style).
     Http(Option<String>),
+    /// An HTTP/1.x request the proxy refuses whatever the policy: its host cannot be told
+    /// for sure (target and Host disagree, two Hosts) or its framing is ambiguous.
+    BadHttp(&'static str),
     /// Neither TLS nor HTTP/1.x, malformed, or over the bounds.
     Opaque,
 }
@@ -41,11 +44,24 @@ pub fn sniff(buf: &[u8]) -> Sniffed {
                 Err(http::Error::Incomplete) if looks_like_request_start(buf) => {
                     Sniffed::Incomplete
                 }
+                Err(http::Error::Host(why)) => Sniffed::BadHttp(why),
+                Err(http::Error::Invalid(why)) if http1_request_line(buf) => Sniffed::BadHttp(why),
                 Err(_) => Sniffed::Opaque,
             }
         }
         Some(_) => Sniffed::Opaque,
     }
+}
+
+/// Whether `buf` starts (after empty lines) with an HTTP/1.x request line.
+fn http1_request_line(buf: &[u8]) -> bool {
+    let start = buf
+        .iter()
+        .position(|b| *b != b'\r' && *b != b'\n')
+        .unwrap_or(buf.len());
+    let line = buf[start..].split(|b| *b == b'\n').next().unwrap_or(&[]);
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    line.ends_with(b" HTTP/1.1") || line.ends_with(b" HTTP/1.0")
 }
 
 /// Whether `buf` (incomplete) can still become a request: empty lines, then a method token.
@@ -452,21 +468,21 @@ mod tests {
         // HTTP/2 prior knowledge (h2c): not HTTP/1.x, so no host: refused where one is needed.
         assert_eq!(sniff(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), Sniffed::Opaque);
         assert_eq!(sniff(b"GET /\r\n"), Sniffed::Opaque);
-        assert_eq!(
+        assert!(matches!(
             sniff(b"GET / HTTP/1.1\r\nno-colon\r\n\r\n"),
-            Sniffed::Opaque
-        );
-        assert_eq!(
+            Sniffed::BadHttp(_)
+        ));
+        assert!(matches!(
             sniff(b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n"),
-            Sniffed::Opaque
-        );
+            Sniffed::BadHttp(_)
+        ));
         assert_eq!(
             sniff(b"GET http://denied.example/ HTTP/1.1\r\nHost: allowed.example\r\n\r\n"),
-            Sniffed::Opaque
+            Sniffed::BadHttp("the request target and Host name different hosts")
         );
         assert_eq!(sniff(b"HELO mail.example\r\n"), Sniffed::Opaque);
         let mut big = b"GET / HTTP/1.1\r\nX: ".to_vec();
         big.resize(super::http::MAX_HEAD + 10, b'a');
-        assert_eq!(sniff(&big), Sniffed::Opaque);
+        assert_eq!(sniff(&big), Sniffed::BadHttp("request head longer than 64 KiB"));
     }
 }

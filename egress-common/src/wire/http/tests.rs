@@ -41,7 +41,7 @@ fn evasions_are_refused() {
         b"SSH-2.0-OpenSSH_9.2\r\n",
     ] {
         assert!(
-            matches!(req(bad), Err(Error::Invalid(_))),
+            matches!(req(bad), Err(Error::Invalid(_) | Error::Host(_))),
             "{:?}: {:?}",
             core::str::from_utf8(bad),
             req(bad)
@@ -96,4 +96,16 @@ fn chunked_end_is_found_byte_by_byte_and_at_once() {
     for bad in [&b"x\r\n"[..], b"5\r\nhelloX", b"\r\n", b"0\r\nX\n"] {
         assert!(Chunked::default().feed(bad).is_err(), "{bad:?}");
     }
+}
+
+#[test]
+fn host_problems_are_told_apart() {
+    assert_eq!(
+        req(b"GET http://denied.example/ HTTP/1.1\r\nHost: allowed.example\r\n\r\n"),
+        Err(Error::Host("the request target and Host name different hosts"))
+    );
+    assert!(matches!(
+        req(b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: x\r\n\r\n"),
+        Err(Error::Invalid(_))
+    ));
 }
