@@ -214,3 +214,45 @@ fn every_http_request_is_judged_and_the_host_cannot_be_hidden() {
     let alog = agent.wait_log("method=\"GET\" host=\"denied.example\" path=\"/denied.example\" rule=\"default/no-denied\" verdict=\"deny\" status=403");
     assert!(!alog.contains("panicked"), "{alog}");
 }
+
+/// A pod's connection to its own 127.0.0.1, or to a link-local address, on a port a host
+/// rule covers is redirected to the proxy, which dials from the node's namespace: it would
+/// reach the node's loopback (or the metadata endpoint with the node's identity). Refused and
+/// counted, unless an Egress names the address.
+#[test]
+fn a_pod_cannot_reach_the_node_through_the_proxy() {
+    use crate::pods::{metric, Net};
+    if !privileged_with(&["ip", "nsenter"]) {
+        return;
+    }
+    const P: u16 = 9315;
+    let net = Net::new();
+    let node = net.node_path();
+    let name = node.file_name().unwrap().to_string_lossy().into_owned();
+    crate::harness::ip(&["-n", &name, "addr", "add", "169.254.169.254/32", "dev", "lo"]);
+    let on_node_lo = crate::harness::TcpServer::start_in(&node, "127.0.0.1", P);
+    let metadata = crate::harness::TcpServer::start_in(&node, "169.254.169.254", P);
+    let hosts = format!("---\nkind: Egress\nmetadata: {{name: site}}\nspec: {{sources: [{{name: web}}], hosts: [allowed.example], ports: [{{number: {P}}}]}}\n");
+    let policy = format!("{}{hosts}", net.policy(true));
+    let a = Agent::start_in(&policy, Some(&node));
+    let req = "GET / HTTP/1.1\r\nHost: allowed.example\r\n\r\n";
+    let p = P.to_string();
+    for dst in ["127.0.0.1", "169.254.169.254"] {
+        let out = a.client("web", &["tcp", dst, &p, req]);
+        assert!(!out.contains("reply=127") && !out.contains("reply=169"), "{dst}: {out}");
+    }
+    assert_eq!(on_node_lo.accepted(), 0, "the pod reached the node's loopback");
+    assert_eq!(metadata.accepted(), 0, "the pod reached a link-local address via the node");
+    assert_eq!(
+        metric(&a, "egress_proxy_connections_total", &["result=\"into-node\""]),
+        2
+    );
+    a.wait_log("the proxy does not dial the node's own addresses");
+
+    // Named explicitly, the link-local address is dialled.
+    let named = format!("---\nkind: Egress\nmetadata: {{name: metadata}}\nspec: {{sources: [{{name: web}}], ipAddresses: [169.254.169.254/32], ports: [{{number: {P}}}], via: proxy}}\n");
+    a.reload(&format!("{policy}{named}"));
+    let out = a.client("web", &["tcp", "169.254.169.254", &p, req]);
+    assert!(out.starts_with("ok peer=169.254.169.254"), "{out}");
+    assert_eq!(metadata.accepted(), 1);
+}

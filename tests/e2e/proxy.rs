@@ -258,7 +258,7 @@ fn ssh_and_git_through_the_proxy_with_passthrough_on_80_and_22() {
         "through the egress proxy\n"
     );
     agent.wait_log(
-        "dst=127.33.0.1:80 protocol=\"tcp\" verdict=\"proxy\" rule=\"default/web-hosts\"",
+        "dst=127.33.0.1:80 protocol=\"tcp\" verdict=\"proxy\" rule=\"default/git\"",
     );
     let _ = std::fs::remove_dir_all(dest.parent().unwrap());
     let _ = std::fs::remove_dir_all(work);

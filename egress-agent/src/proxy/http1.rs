@@ -160,6 +160,25 @@ where
         log.bytes.0 = sent;
         let (status, got, resp_end) = match got {
             Ok(r) => r,
+            Err(e) if e.kind() == io::ErrorKind::InvalidData && out.requests == 1 => {
+                // Not an HTTP/1.x response to the first request: what the origin says passes
+                // as it is, but nothing more of the client's does, and the connection ends
+                // when either side closes.
+                let mut drained = 0u64;
+                let mut one = [0u8; 1];
+                tokio::select! {
+                    r = copy_body(&mut ur, &mut cw, &mut ubuf, Body::UntilClose, idle) => {
+                        drained = r.unwrap_or(0);
+                    }
+                    _ = cr.read(&mut one) => {}
+                }
+                let _ = cw.shutdown().await;
+                out.bytes.1 += drained;
+                log.status = 0;
+                on_request(&log);
+                out.end = "closed: not an HTTP/1.x response";
+                return out;
+            }
             Err(e) => {
                 log.status = 502;
                 on_request(&log);
