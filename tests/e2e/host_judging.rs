@@ -18,8 +18,21 @@ const IP: &str = "127.36.0.1";
 pub(crate) fn nginx(ip: &str) -> Stopped {
     let dir = temp_dir("nginx");
     run_ok(Command::new("openssl").current_dir(&dir).args([
-        "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-        "-keyout", "key.pem", "-out", "cert.pem", "-days", "1", "-subj", "/CN=egress-test",
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        "key.pem",
+        "-out",
+        "cert.pem",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=egress-test",
     ]));
     let d = dir.display();
     let vhost = |name: &str, reply: &str| {
@@ -50,7 +63,11 @@ http {{
         .expect("start nginx");
     let s = Stopped { child, dir };
     for port in [80, 443, 8080] {
-        wait_listening("nginx", &format!("{ip}:{port}"), std::time::Duration::from_secs(10));
+        wait_listening(
+            "nginx",
+            &format!("{ip}:{port}"),
+            std::time::Duration::from_secs(10),
+        );
     }
     s
 }
@@ -127,7 +144,16 @@ fn every_http_request_is_judged_and_the_host_cannot_be_hidden() {
     let curl = |host: &str, extra: &[&str]| {
         let resolve = format!("{host}:80:{IP}");
         let url = format!("http://{host}/x");
-        let mut args = vec!["curl", "-s", "--max-time", "10", "--resolve", &resolve, "-w", "\n%{http_code}"];
+        let mut args = vec![
+            "curl",
+            "-s",
+            "--max-time",
+            "10",
+            "--resolve",
+            &resolve,
+            "-w",
+            "\n%{http_code}",
+        ];
         args.extend_from_slice(extra);
         args.push(&url);
         let out = agent.exec("web", &args);
@@ -142,13 +168,35 @@ fn every_http_request_is_judged_and_the_host_cannot_be_hidden() {
     );
 
     // Keep-alive: the second request of the connection, for the denied host, is refused.
-    let out = py(&agent, "keepalive", 80, &["allowed.example", "denied.example", "allowed.example"]);
-    assert!(out.starts_with("200:allowed GET /allowed.example | 403:egress: host denied.example is refused"), "{out}");
+    let out = py(
+        &agent,
+        "keepalive",
+        80,
+        &["allowed.example", "denied.example", "allowed.example"],
+    );
+    assert!(
+        out.starts_with(
+            "200:allowed GET /allowed.example | 403:egress: host denied.example is refused"
+        ),
+        "{out}"
+    );
     assert!(!out.contains("DENIED-VHOST"), "{out}");
     // Pipelined: judged one by one, answered in order.
-    let out = py(&agent, "pipeline", 80, &["allowed.example", "allowed.example", "denied.example", "allowed.example"]);
+    let out = py(
+        &agent,
+        "pipeline",
+        80,
+        &[
+            "allowed.example",
+            "allowed.example",
+            "denied.example",
+            "allowed.example",
+        ],
+    );
     assert!(
-        out.starts_with("200:allowed GET /allowed.example | 200:allowed GET /allowed.example | 403:"),
+        out.starts_with(
+            "200:allowed GET /allowed.example | 200:allowed GET /allowed.example | 403:"
+        ),
         "{out}"
     );
     // Absolute form: the origin follows the target, so the proxy does too; a Host that
@@ -180,20 +228,36 @@ fn every_http_request_is_judged_and_the_host_cannot_be_hidden() {
     // (nginx's own answer to the padded hello, whatever it is, shows that it reached nginx;
     // the proxy's refusal is an access_denied alert, 49.)
     let out = py(&agent, "tls-big", 443, &["allowed.example", "30000"]);
-    assert!(out == "server hello" || out.starts_with("alert 4") && out != "alert 49", "{out}");
-    assert_eq!(py(&agent, "tls-big", 443, &["denied.example", "30000"]), "alert 49");
+    assert!(
+        out == "server hello" || out.starts_with("alert 4") && out != "alert 49",
+        "{out}"
+    );
+    assert_eq!(
+        py(&agent, "tls-big", 443, &["denied.example", "30000"]),
+        "alert 49"
+    );
     assert!(py(&agent, "tls-big", 443, &["allowed.example", "max"]).starts_with("refused"));
     // No SNI: refused, although the address rule allows IP:443.
     let out = agent.exec(
         "web",
-        &["openssl", "s_client", "-connect", &format!("{IP}:443"), "-noservername", "-brief"],
+        &[
+            "openssl",
+            "s_client",
+            "-connect",
+            &format!("{IP}:443"),
+            "-noservername",
+            "-brief",
+        ],
     );
     assert!(!out.status.success(), "openssl without SNI got through");
     let out = agent.exec(
         "web",
         &["sh", "-c", &format!("printf 'GET / HTTP/1.1\\r\\nHost: allowed.example\\r\\nConnection: close\\r\\n\\r\\n' | openssl s_client -quiet -connect {IP}:443 -servername allowed.example 2>/dev/null")],
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("allowed GET /"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("allowed GET /"),
+        "{out:?}"
+    );
 
     // h2c with prior knowledge: not HTTP/1.x, so no host the proxy can judge: refused, for
     // the allowed host too (documented).
@@ -202,14 +266,29 @@ fn every_http_request_is_judged_and_the_host_cannot_be_hidden() {
         let url = format!("http://{host}:8080/h2c");
         let out = agent.exec(
             "web",
-            &["curl", "-s", "--max-time", "10", "--http2-prior-knowledge", "--resolve", &resolve, &url],
+            &[
+                "curl",
+                "-s",
+                "--max-time",
+                "10",
+                "--http2-prior-knowledge",
+                "--resolve",
+                &resolve,
+                &url,
+            ],
         );
         assert!(!out.status.success(), "h2c to {host}: {out:?}");
     }
 
     let log = access_log(&origin.dir);
-    assert!(log.contains("allowed.example \"GET /x HTTP/1.1\" 200"), "{log}");
-    assert!(!log.contains("denied.example"), "the origin saw the denied host:\n{log}");
+    assert!(
+        log.contains("allowed.example \"GET /x HTTP/1.1\" 200"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("denied.example"),
+        "the origin saw the denied host:\n{log}"
+    );
     assert!(!log.contains("/h2c") && !log.contains("/nohost"), "{log}");
     let alog = agent.wait_log("method=\"GET\" host=\"denied.example\" path=\"/denied.example\" rule=\"default/no-denied\" verdict=\"deny\" status=403");
     assert!(!alog.contains("panicked"), "{alog}");
@@ -229,7 +308,15 @@ fn a_pod_cannot_reach_the_node_through_the_proxy() {
     let net = Net::new();
     let node = net.node_path();
     let name = node.file_name().unwrap().to_string_lossy().into_owned();
-    crate::harness::ip(&["-n", &name, "addr", "add", "169.254.169.254/32", "dev", "lo"]);
+    crate::harness::ip(&[
+        "-n",
+        &name,
+        "addr",
+        "add",
+        "169.254.169.254/32",
+        "dev",
+        "lo",
+    ]);
     let on_node_lo = crate::harness::TcpServer::start_in(&node, "127.0.0.1", P);
     let metadata = crate::harness::TcpServer::start_in(&node, "169.254.169.254", P);
     let hosts = format!("---\nkind: Egress\nmetadata: {{name: site}}\nspec: {{sources: [{{name: web}}], hosts: [allowed.example], ports: [{{number: {P}}}]}}\n");
@@ -239,12 +326,27 @@ fn a_pod_cannot_reach_the_node_through_the_proxy() {
     let p = P.to_string();
     for dst in ["127.0.0.1", "169.254.169.254"] {
         let out = a.client("web", &["tcp", dst, &p, req]);
-        assert!(!out.contains("reply=127") && !out.contains("reply=169"), "{dst}: {out}");
+        assert!(
+            !out.contains("reply=127") && !out.contains("reply=169"),
+            "{dst}: {out}"
+        );
     }
-    assert_eq!(on_node_lo.accepted(), 0, "the pod reached the node's loopback");
-    assert_eq!(metadata.accepted(), 0, "the pod reached a link-local address via the node");
     assert_eq!(
-        metric(&a, "egress_proxy_connections_total", &["result=\"into-node\""]),
+        on_node_lo.accepted(),
+        0,
+        "the pod reached the node's loopback"
+    );
+    assert_eq!(
+        metadata.accepted(),
+        0,
+        "the pod reached a link-local address via the node"
+    );
+    assert_eq!(
+        metric(
+            &a,
+            "egress_proxy_connections_total",
+            &["result=\"into-node\""]
+        ),
         2
     );
     a.wait_log("the proxy does not dial the node's own addresses");

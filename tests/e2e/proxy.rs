@@ -257,9 +257,7 @@ fn ssh_and_git_through_the_proxy_with_passthrough_on_80_and_22() {
         std::fs::read_to_string(dest.join("README")).unwrap(),
         "through the egress proxy\n"
     );
-    agent.wait_log(
-        "dst=127.33.0.1:80 protocol=\"tcp\" verdict=\"proxy\" rule=\"default/git\"",
-    );
+    agent.wait_log("dst=127.33.0.1:80 protocol=\"tcp\" verdict=\"proxy\" rule=\"default/git\"");
     let _ = std::fs::remove_dir_all(dest.parent().unwrap());
     let _ = std::fs::remove_dir_all(work);
 }

@@ -500,9 +500,9 @@ impl Compiled {
         };
         let audit = self.config.audit_mode != 0;
         if host.is_none() {
-            if let Some((_, id)) = applicable().find(|(r, _)| {
-                r.action == Action::Allow && r.without_host && !r.cidrs.is_empty()
-            }) {
+            if let Some((_, id)) = applicable()
+                .find(|(r, _)| r.action == Action::Allow && r.without_host && !r.cidrs.is_empty())
+            {
                 return HostVerdict::Allow(id);
             }
             if let Some(&i) = self

@@ -134,9 +134,17 @@ mod tests {
             "[fe80::1]:80",
             "10.9.0.5:80",
         ] {
-            assert!(into_node(&p, web, sa(refused), &node).is_some(), "{refused}");
+            assert!(
+                into_node(&p, web, sa(refused), &node).is_some(),
+                "{refused}"
+            );
         }
-        for allowed in ["127.31.0.1:80", "169.254.10.7:80", "10.9.0.6:80", "93.184.216.34:80"] {
+        for allowed in [
+            "127.31.0.1:80",
+            "169.254.10.7:80",
+            "10.9.0.6:80",
+            "93.184.216.34:80",
+        ] {
             assert_eq!(into_node(&p, web, sa(allowed), &node), None, "{allowed}");
         }
         // Named, but for another port: not this connection's rule.

@@ -253,7 +253,8 @@ where
         cw.write_all(&ubuf[..head.len]).await?;
         ubuf.drain(..head.len);
         total += head.len as u64;
-        let connect_ok = method.eq_ignore_ascii_case("CONNECT") && (200..300).contains(&head.status);
+        let connect_ok =
+            method.eq_ignore_ascii_case("CONNECT") && (200..300).contains(&head.status);
         if head.status == 101 || connect_ok {
             cw.flush().await?;
             return Ok((head.status, total, RespEnd::Upgraded));
@@ -286,7 +287,12 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let eof = || io::Error::new(io::ErrorKind::UnexpectedEof, "closed in the middle of a body");
+    let eof = || {
+        io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "closed in the middle of a body",
+        )
+    };
     let mut moved = 0u64;
     match body {
         Body::None => {}
@@ -307,9 +313,9 @@ where
             let mut c = Chunked::default();
             loop {
                 if !buf.is_empty() {
-                    let n = c
-                        .feed(buf)
-                        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "bad chunked body"))?;
+                    let n = c.feed(buf).map_err(|_| {
+                        io::Error::new(io::ErrorKind::InvalidData, "bad chunked body")
+                    })?;
                     w.write_all(&buf[..n]).await?;
                     buf.drain(..n);
                     moved += n as u64;
@@ -340,7 +346,11 @@ where
 const READ: usize = 64 * 1024;
 
 /// Reads more into `buf`; 0 at EOF. `idle` without a byte is an error.
-async fn fill<R: AsyncRead + Unpin>(r: &mut R, buf: &mut Vec<u8>, idle: Duration) -> io::Result<usize> {
+async fn fill<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+    idle: Duration,
+) -> io::Result<usize> {
     buf.reserve(READ);
     match tokio::time::timeout(idle, r.read_buf(buf)).await {
         Ok(r) => r,

@@ -18,7 +18,11 @@ use crate::{
 
 /// The one-line reason and the `X-Egress-Policy` value of a refused host.
 pub(super) fn refusal(workload: &str, host: Option<&str>, rule: &str) -> (String, String) {
-    let policy = if rule.is_empty() { "default-deny" } else { rule };
+    let policy = if rule.is_empty() {
+        "default-deny"
+    } else {
+        rule
+    };
     let why = match host {
         None => format!(
             "the request names no host, and Egress policy {policy} judges hosts at this destination (workload {workload})"
@@ -45,7 +49,9 @@ impl Proxy {
         workload: u32,
     ) -> Served {
         let dst = rec.dst;
-        let judge = |r: &egress_common::wire::http::Request<'_, '_>| self.judge(workload, dst, rec.workload, r);
+        let judge = |r: &egress_common::wire::http::Request<'_, '_>| {
+            self.judge(workload, dst, rec.workload, r)
+        };
         let log = |l: &RequestLog| self.request_done(rec, l);
         let idle = self.limits.idle_timeout;
         match upstream {
@@ -83,7 +89,12 @@ impl Proxy {
     fn request_done(&self, rec: &Record<'_>, l: &RequestLog) {
         self.metrics.request(&l.method, &l.rule, l.verdict);
         let ms = l.started.map_or(0, |t| t.elapsed().as_millis() as u64);
-        let (workload, method, host, path) = (rec.workload, l.method.as_str(), l.host.as_str(), l.path.as_str());
+        let (workload, method, host, path) = (
+            rec.workload,
+            l.method.as_str(),
+            l.host.as_str(),
+            l.path.as_str(),
+        );
         let (rule, verdict, status) = (l.rule.as_str(), l.verdict, l.status);
         let (bytes_out, bytes_in) = l.bytes;
         if verdict == "allow" {
@@ -94,7 +105,7 @@ impl Proxy {
     }
 
     /// Refuses to dial an address of the node itself for a workload (see [`super::guard`]).
-    pub(super) fn into_node(&self, client: TcpStream, rec: &mut Record<'_>, class: Cidr) {
+    pub(super) fn refuse_into_node(&self, client: TcpStream, rec: &mut Record<'_>, class: Cidr) {
         rec.verdict = "into-node";
         warn!(target: "egress::proxy", workload = rec.workload, dst = %rec.dst, class = %class, "refused: the proxy does not dial the node's own addresses (loopback, link-local, its interfaces) unless an Egress names the address");
         reset(client);

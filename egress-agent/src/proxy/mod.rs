@@ -266,7 +266,7 @@ impl Proxy {
         if policy.gateway_for(rule_id).is_none() {
             if let Some(class) = guard::into_node(&policy, orig.workload_id, dst, &self.node.get())
             {
-                return self.into_node(client, &mut rec, class);
+                return self.refuse_into_node(client, &mut rec, class);
             }
         }
         let upstream = match policy.gateway_for(rule_id) {
@@ -297,7 +297,9 @@ impl Proxy {
             let _ = s.set_nodelay(true);
         }
         if per_request {
-            let served = self.per_request(client, upstream, head, &rec, orig.workload_id).await;
+            let served = self
+                .per_request(client, upstream, head, &rec, orig.workload_id)
+                .await;
             if served.refused {
                 rec.verdict = "deny";
             }

@@ -108,7 +108,9 @@ pub fn request<'h, 'b>(
     };
     let host = match (from_target, host_header) {
         (Some(t), Some(h)) if !t.eq_ignore_ascii_case(h) => {
-            return Err(Error::Host("the request target and Host name different hosts"))
+            return Err(Error::Host(
+                "the request target and Host name different hosts",
+            ))
         }
         (Some(t), _) => Some(t),
         (None, h) => h,
@@ -208,9 +210,7 @@ fn framing(headers: &[httparse::Header<'_>]) -> Result<Body, Error> {
         }
     }
     match (length, chunked) {
-        (Some(_), Some(())) => Err(Error::Invalid(
-            "both Content-Length and Transfer-Encoding",
-        )),
+        (Some(_), Some(())) => Err(Error::Invalid("both Content-Length and Transfer-Encoding")),
         (_, Some(())) => Ok(Body::Chunked),
         (Some(0), None) | (None, None) => Ok(Body::None),
         (Some(n), None) => Ok(Body::Length(n)),
@@ -250,7 +250,10 @@ fn absolute(target: &str) -> Result<(&str, &str), Error> {
     let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let (authority, tail) = rest.split_at(end);
     let path = tail.split(['?', '#']).next().unwrap_or("");
-    Ok((authority_host(authority)?, if path.is_empty() { "/" } else { path }))
+    Ok((
+        authority_host(authority)?,
+        if path.is_empty() { "/" } else { path },
+    ))
 }
 
 /// The host of `host[:port]` or `[v6]:port`; refuses userinfo, empty hosts and odd bytes.
@@ -295,8 +298,14 @@ fn leading_empty_lines(buf: &[u8]) -> Result<usize, Error> {
 }
 
 fn trim(v: &[u8]) -> &[u8] {
-    let s = v.iter().position(|b| !b" \t".contains(b)).unwrap_or(v.len());
-    let e = v.iter().rposition(|b| !b" \t".contains(b)).map_or(s, |i| i + 1);
+    let s = v
+        .iter()
+        .position(|b| !b" \t".contains(b))
+        .unwrap_or(v.len());
+    let e = v
+        .iter()
+        .rposition(|b| !b" \t".contains(b))
+        .map_or(s, |i| i + 1);
     &v[s..e]
 }
 
@@ -324,7 +333,9 @@ enum ChunkState {
     /// At the start of a trailer line (or the final empty line).
     Trailer,
     TrailerLine,
-    TrailerLf { empty: bool },
+    TrailerLf {
+        empty: bool,
+    },
     Done,
 }
 
@@ -383,10 +394,18 @@ impl Chunked {
                     (self.line, self.size, self.digits, self.in_ext) = (0, 0, 0, false);
                 }
                 ChunkState::DataCr => {
-                    self.state = if b == b'\r' { ChunkState::DataLf } else { return Err(bad) };
+                    self.state = if b == b'\r' {
+                        ChunkState::DataLf
+                    } else {
+                        return Err(bad);
+                    };
                 }
                 ChunkState::DataLf => {
-                    self.state = if b == b'\n' { ChunkState::Size } else { return Err(bad) };
+                    self.state = if b == b'\n' {
+                        ChunkState::Size
+                    } else {
+                        return Err(bad);
+                    };
                 }
                 ChunkState::Trailer => {
                     self.line = 0;
@@ -411,7 +430,11 @@ impl Chunked {
                     if b != b'\n' {
                         return Err(bad);
                     }
-                    self.state = if empty { ChunkState::Done } else { ChunkState::Trailer };
+                    self.state = if empty {
+                        ChunkState::Done
+                    } else {
+                        ChunkState::Trailer
+                    };
                 }
             }
             i += 1;

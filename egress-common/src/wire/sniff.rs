@@ -312,7 +312,11 @@ mod tests {
             // The SNI may lie in any record, even straddle two: it is found.
             assert_eq!(sniff(&split), tls("split.example.com"), "records of {size}");
             for n in 0..split.len() {
-                assert_eq!(sniff(&split[..n]), Sniffed::Incomplete, "{size}: prefix {n}");
+                assert_eq!(
+                    sniff(&split[..n]),
+                    Sniffed::Incomplete,
+                    "{size}: prefix {n}"
+                );
             }
         }
     }
@@ -483,6 +487,9 @@ mod tests {
         assert_eq!(sniff(b"HELO mail.example\r\n"), Sniffed::Opaque);
         let mut big = b"GET / HTTP/1.1\r\nX: ".to_vec();
         big.resize(super::http::MAX_HEAD + 10, b'a');
-        assert_eq!(sniff(&big), Sniffed::BadHttp("request head longer than 64 KiB"));
+        assert_eq!(
+            sniff(&big),
+            Sniffed::BadHttp("request head longer than 64 KiB")
+        );
     }
 }

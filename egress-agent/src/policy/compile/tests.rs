@@ -214,8 +214,14 @@ fn no_host_passes_by_address_only_when_a_rule_says_so() {
         "---\nkind: Egress\nmetadata: {name: raw}\nspec: {sources: [{name: web}], ipAddresses: [127.7.0.0/24], ports: [{number: 443}], via: proxy, allowWithoutHost: true}\n",
     ));
     let web = 2;
-    assert_eq!(c.decide_host(web, ip("127.7.0.1"), 443, None), HostVerdict::Allow(2));
-    assert_eq!(c.decide_host(web, ip("127.8.0.1"), 443, None), HostVerdict::Deny(1));
+    assert_eq!(
+        c.decide_host(web, ip("127.7.0.1"), 443, None),
+        HostVerdict::Allow(2)
+    );
+    assert_eq!(
+        c.decide_host(web, ip("127.8.0.1"), 443, None),
+        HostVerdict::Deny(1)
+    );
     let bad = parse(
         "kind: Egress\nmetadata: {name: x}\nspec: {sources: [{name: web}], hosts: [a.example], allowWithoutHost: true}\n",
         "t.yaml",

@@ -10,7 +10,10 @@ fn req(buf: &[u8]) -> Result<(Option<String>, String, Body, usize), Error> {
 #[test]
 fn host_from_header_or_absolute_target() {
     let (h, p, b, n) = req(b"GET /a/b?q=1 HTTP/1.1\r\nHost: Api.Example:8080\r\n\r\nrest").unwrap();
-    assert_eq!((h.as_deref(), p.as_str(), b, n), (Some("Api.Example"), "/a/b", Body::None, 49));
+    assert_eq!(
+        (h.as_deref(), p.as_str(), b, n),
+        (Some("Api.Example"), "/a/b", Body::None, 49)
+    );
     let (h, p, ..) = req(b"GET http://a.example:81/x?y HTTP/1.1\r\n\r\n").unwrap();
     assert_eq!((h.as_deref(), p.as_str()), (Some("a.example"), "/x"));
     let (h, ..) = req(b"GET http://a.example HTTP/1.1\r\nHost: A.EXAMPLE:81\r\n\r\n").unwrap();
@@ -66,15 +69,37 @@ fn leading_crlf_is_skipped_and_prefixes_are_incomplete() {
 fn body_framing() {
     let (.., b, _) = req(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\n\r\n").unwrap();
     assert_eq!(b, Body::Length(5));
-    let (.., b, _) = req(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, Chunked\r\n\r\n").unwrap();
+    let (.., b, _) =
+        req(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, Chunked\r\n\r\n").unwrap();
     assert_eq!(b, Body::Chunked);
     let r = |s: &[u8], m| response(s, m).map(|r| (r.status, r.body));
-    assert_eq!(r(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc", "GET"), Ok((200, Body::Length(3))));
-    assert_eq!(r(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n", "HEAD"), Ok((200, Body::None)));
-    assert_eq!(r(b"HTTP/1.1 304 Not Modified\r\n\r\n", "GET"), Ok((304, Body::None)));
-    assert_eq!(r(b"HTTP/1.1 100 Continue\r\n\r\n", "POST"), Ok((100, Body::None)));
-    assert_eq!(r(b"HTTP/1.0 200 OK\r\n\r\n", "GET"), Ok((200, Body::UntilClose)));
-    assert_eq!(r(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", "GET"), Ok((200, Body::Chunked)));
+    assert_eq!(
+        r(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc", "GET"),
+        Ok((200, Body::Length(3)))
+    );
+    assert_eq!(
+        r(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n", "HEAD"),
+        Ok((200, Body::None))
+    );
+    assert_eq!(
+        r(b"HTTP/1.1 304 Not Modified\r\n\r\n", "GET"),
+        Ok((304, Body::None))
+    );
+    assert_eq!(
+        r(b"HTTP/1.1 100 Continue\r\n\r\n", "POST"),
+        Ok((100, Body::None))
+    );
+    assert_eq!(
+        r(b"HTTP/1.0 200 OK\r\n\r\n", "GET"),
+        Ok((200, Body::UntilClose))
+    );
+    assert_eq!(
+        r(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "GET"
+        ),
+        Ok((200, Body::Chunked))
+    );
     assert_eq!(r(b"HTTP/1.1 200 OK\r\n", "GET"), Err(Error::Incomplete));
 }
 
@@ -102,7 +127,9 @@ fn chunked_end_is_found_byte_by_byte_and_at_once() {
 fn host_problems_are_told_apart() {
     assert_eq!(
         req(b"GET http://denied.example/ HTTP/1.1\r\nHost: allowed.example\r\n\r\n"),
-        Err(Error::Host("the request target and Host name different hosts"))
+        Err(Error::Host(
+            "the request target and Host name different hosts"
+        ))
     );
     assert!(matches!(
         req(b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: x\r\n\r\n"),
