@@ -358,3 +358,101 @@ fn a_pod_cannot_reach_the_node_through_the_proxy() {
     assert!(out.starts_with("ok peer=169.254.169.254"), "{out}");
     assert_eq!(metadata.accepted(), 1);
 }
+
+/// Route rules (OSM/FSM HTTPRouteGroup matches, inline): method, path, header; deny wins; a
+/// refused request is a 403 naming the policy, and the origin never sees it.
+#[test]
+fn routes_allow_and_deny_requests_by_method_path_and_header() {
+    if !privileged_with(&["nginx", "curl"]) {
+        return;
+    }
+    let ip = "127.37.0.1";
+    let origin = nginx(ip);
+    let agent = Agent::start(&format!(
+        r#"kind: MeshConfig
+metadata: {{name: egress}}
+spec: {{traffic: {{enableEgress: false}}, proxy: {{port: {{proxy_port}}}}}}
+---
+kind: Workload
+metadata: {{name: web}}
+---
+kind: Egress
+metadata: {{name: api}}
+spec:
+  sources: [{{name: web}}]
+  hosts: [allowed.example]
+  ipAddresses: [{ip}/32]
+  ports: [{{number: 80, protocol: http}}]
+  http:
+    - {{methods: [GET], paths: [{{exact: /status}}, {{prefix: /v1/public/}}, {{regex: "/items/[0-9]+"}}]}}
+    - {{methods: [POST], paths: [{{exact: /upload}}], headers: {{x-tenant: acme}}}}
+---
+kind: Egress
+metadata: {{name: no-admin}}
+spec:
+  sources: [{{name: web}}]
+  hosts: [allowed.example]
+  ports: [{{number: 80}}]
+  http: [{{paths: [{{prefix: /v1/public/admin}}]}}]
+  action: deny
+"#
+    ));
+    let curl = |method: &str, path: &str, extra: &[&str]| {
+        let resolve = format!("allowed.example:80:{ip}");
+        let url = format!("http://allowed.example{path}");
+        let mut args = vec![
+            "curl",
+            "-s",
+            "--max-time",
+            "10",
+            "--resolve",
+            &resolve,
+            "-X",
+            method,
+            "-w",
+            "|%{http_code}",
+        ];
+        args.extend_from_slice(extra);
+        args.push(&url);
+        let out = agent.exec("web", &args);
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    for (method, path, extra, want) in [
+        ("GET", "/status", &[][..], "allowed GET /status\n|200"),
+        ("GET", "/v1/public/docs", &[], "allowed GET /v1/public/docs\n|200"),
+        ("GET", "/items/7?q=1", &[], "allowed GET /items/7\n|200"),
+        ("POST", "/upload", &["-H", "X-Tenant: acme", "-d", "x=1"], "allowed POST /upload\n|200"),
+        ("GET", "/private", &[], "egress: GET /private on host allowed.example is refused for workload default/web: no route of Egress policy default/api allows it\n|403"),
+        ("DELETE", "/status", &[], "egress: DELETE /status on host allowed.example is refused for workload default/web: no route of Egress policy default/api allows it\n|403"),
+        ("POST", "/upload", &["-H", "X-Tenant: evil", "-d", "x=1"], "egress: POST /upload on host allowed.example is refused for workload default/web: no route of Egress policy default/api allows it\n|403"),
+        ("GET", "/v1/public/admin/users", &[], "egress: GET /v1/public/admin/users on host allowed.example is refused for workload default/web: Egress policy default/no-admin denies it\n|403"),
+    ] {
+        assert_eq!(curl(method, path, extra), want, "{method} {path} {extra:?}");
+    }
+    // Keep-alive: an allowed request, then a refused one on the same connection.
+    let resolve = format!("allowed.example:80:{ip}");
+    let out = agent.exec(
+        "web",
+        &[
+            "curl",
+            "-s",
+            "--resolve",
+            &resolve,
+            "-w",
+            "|%{http_code}|%{num_connects}\n",
+            "http://allowed.example/status",
+            "http://allowed.example/v1/public/admin/x",
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("|200|1") && text.contains("|403|0"), "{text}");
+    let log = access_log(&origin.dir);
+    for seen in ["/status", "/v1/public/docs", "/items/7", "POST /upload"] {
+        assert!(log.contains(seen), "{seen}: {log}");
+    }
+    for never in ["/private", "DELETE", "/admin"] {
+        assert!(!log.contains(never), "the origin saw {never}:\n{log}");
+    }
+    assert_eq!(log.matches("POST /upload").count(), 1, "{log}");
+    agent.wait_log("method=\"DELETE\" host=\"allowed.example\" path=\"/status\" rule=\"default/api\" verdict=\"deny\" status=403");
+}

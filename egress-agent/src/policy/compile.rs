@@ -37,6 +37,8 @@ pub struct RuleInfo {
     pub gateway: Option<usize>,
     /// `allowWithoutHost`: connections naming no host pass by this rule's addresses.
     pub without_host: bool,
+    /// HTTP routes (empty: every request to its hosts).
+    pub http: super::routes::Routes,
 }
 
 impl RuleInfo {
@@ -176,6 +178,8 @@ pub fn compile_stable(
                 .as_ref()
                 .and_then(|g| cfg.gateways.iter().position(|x| &x.id.name == g)),
             without_host: s.allow_without_host,
+            // Validated before (routes::check): compiles.
+            http: super::routes::Routes::compile(&s.http).unwrap_or_default(),
         });
         // Host rules are judged by the proxy, whatever their action; the kernel only routes.
         let act = match (s.route(), s.action) {
@@ -488,11 +492,14 @@ impl Compiled {
                 .zip(1u32..)
                 .filter(move |(r, _)| r.applies_tcp(workload, ip, port))
         };
+        // Without a request to look at, an allow with HTTP routes allows nothing; a deny with
+        // routes refuses the whole host.
         let by_host = |action: Action| {
             let host = host?;
             self.host_rules.iter().find_map(|&i| {
                 let r = &self.rules[i];
                 (r.action == action
+                    && (action == Action::Deny || r.http.is_empty())
                     && r.applies_tcp(workload, ip, port)
                     && r.hosts.iter().any(|p| p.matches(host)))
                 .then_some((r, i as u32 + 1))
@@ -528,6 +535,26 @@ impl Compiled {
         if let Some((_, id)) = by_host(Action::Allow) {
             return HostVerdict::Allow(id);
         }
+        if let Some(id) = host.and_then(|h| self.routes_only(workload, ip, port, h)) {
+            return if audit {
+                HostVerdict::Audit(id)
+            } else {
+                HostVerdict::Deny(id)
+            };
+        }
+        self.decide_by_address(workload, ip, port)
+    }
+
+    /// A host no host rule decided: allows by address, then `enableEgress`.
+    pub fn decide_by_address(&self, workload: u32, ip: IpAddr, port: u16) -> HostVerdict {
+        let ip = scalar::normalize(ip);
+        let audit = self.config.audit_mode != 0;
+        let applicable = || {
+            self.rules
+                .iter()
+                .zip(1u32..)
+                .filter(move |(r, _)| r.applies_tcp(workload, ip, port))
+        };
         if let Some((_, id)) =
             applicable().find(|(r, _)| r.hosts.is_empty() && r.action == Action::Allow)
         {

@@ -13,6 +13,7 @@ pub mod error;
 pub mod live;
 pub mod model;
 pub mod parse;
+pub mod routes;
 pub mod scalar;
 pub mod store;
 pub mod validate;

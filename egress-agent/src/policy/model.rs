@@ -255,6 +255,35 @@ pub struct EgressSpec {
     /// by this rule's `ipAddresses` instead (an allow rule with addresses only).
     #[serde(default)]
     pub allow_without_host: bool,
+    /// HTTP routes ([`super::routes`]): with `hosts`, the requests this rule allows or denies.
+    #[serde(default)]
+    pub http: Vec<HttpRoute>,
+}
+
+/// One HTTP route of an Egress (OSM/FSM HTTPRouteGroup matches, inline): a request matches
+/// when its method is one of `methods`, its path matches one of `paths`, and every header of
+/// `headers` matches its regex (each list empty: anything).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HttpRoute {
+    #[serde(default)]
+    pub paths: Vec<PathMatch>,
+    #[serde(default)]
+    pub methods: Vec<String>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+}
+
+/// A path: `exact`, `prefix` (on `/` boundaries or not, as written) or a whole-path `regex`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PathMatch {
+    #[serde(default)]
+    pub exact: Option<String>,
+    #[serde(default)]
+    pub prefix: Option<String>,
+    #[serde(default)]
+    pub regex: Option<String>,
 }
 
 impl EgressSpec {

@@ -93,6 +93,7 @@ pub fn check_egress(file: &str, label: &str, s: &EgressSpec) -> Result<(), Confi
             "a gateway is named but via is not gateway; remove one of them",
         ));
     }
+    super::routes::check(s).map_err(|(f, why)| err(&f, &why))?;
     if s.allow_without_host && (s.ip_addresses.is_empty() || s.action == Action::Deny) {
         return Err(err(
             "spec.allowWithoutHost",

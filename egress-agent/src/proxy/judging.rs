@@ -13,8 +13,35 @@ use super::{
 };
 use crate::{
     gateway::Upstream,
-    policy::{Cidr, HostVerdict},
+    policy::{routes::RequestView, Action, Cidr, Compiled, HostVerdict},
 };
+use egress_common::wire::http;
+
+/// What the route rules look at in a request.
+fn view<'a>(r: &'a egress_common::wire::http::Request<'_, 'a>) -> RequestView<'a> {
+    RequestView {
+        host: r.host,
+        method: r.method,
+        path: r.path,
+        headers: r.headers,
+    }
+}
+
+/// The verdict on a connection's first bytes: its first request when they are HTTP/1.x
+/// (routes apply), else its host (SNI) alone.
+pub(super) fn first_verdict(
+    p: &Compiled,
+    workload: u32,
+    dst: SocketAddr,
+    host: Option<&str>,
+    http_head: Option<&[u8]>,
+) -> HostVerdict {
+    let mut headers = [http::EMPTY_HEADER; http::MAX_HEADERS];
+    match http_head.map(|h| http::request(h, &mut headers)) {
+        Some(Ok(r)) => p.decide_request(workload, dst.ip(), dst.port(), &view(&r)),
+        _ => p.decide_host(workload, dst.ip(), dst.port(), host),
+    }
+}
 
 /// The one-line reason and the `X-Egress-Policy` value of a refused host.
 pub(super) fn refusal(workload: &str, host: Option<&str>, rule: &str) -> (String, String) {
@@ -67,23 +94,8 @@ impl Proxy {
         name: &str,
         r: &egress_common::wire::http::Request<'_, '_>,
     ) -> Judgement {
-        let p = self.policy();
-        match p.decide_host(workload, dst.ip(), dst.port(), r.host) {
-            HostVerdict::Allow(id) => Judgement::Allow {
-                rule: rule_name(&p, id),
-                audit: false,
-            },
-            HostVerdict::Audit(id) => Judgement::Allow {
-                rule: rule_name(&p, id),
-                audit: true,
-            },
-            HostVerdict::Deny(id) => {
-                let (why, policy) = refusal(name, r.host, &rule_name(&p, id));
-                Judgement::Refuse { why, policy }
-            }
-        }
+        judge(&self.policy(), workload, dst, name, r)
     }
-
     /// The audit line of one request (`egress::proxy`, message `request`): refusals and
     /// audits at info, the rest at debug. The query string is never logged.
     fn request_done(&self, rec: &Record<'_>, l: &RequestLog) {
@@ -110,5 +122,73 @@ impl Proxy {
         warn!(target: "egress::proxy", workload = rec.workload, dst = %rec.dst, class = %class, "refused: the proxy does not dial the node's own addresses (loopback, link-local, its interfaces) unless an Egress names the address");
         reset(client);
         self.finish(rec, (0, 0), "refused: a node address");
+    }
+}
+
+/// The verdict on one request, with the 403's text when refused.
+fn judge(
+    p: &Compiled,
+    workload: u32,
+    dst: SocketAddr,
+    name: &str,
+    r: &egress_common::wire::http::Request<'_, '_>,
+) -> Judgement {
+    match p.decide_request(workload, dst.ip(), dst.port(), &view(r)) {
+        HostVerdict::Allow(id) => Judgement::Allow {
+            rule: rule_name(p, id),
+            audit: false,
+        },
+        HostVerdict::Audit(id) => Judgement::Allow {
+            rule: rule_name(p, id),
+            audit: true,
+        },
+        HostVerdict::Deny(id) => {
+            let rule = rule_name(p, id);
+            let (mut why, policy) = refusal(name, r.host, &rule);
+            if let (Some(info), Some(host)) = (p.rule(id).filter(|i| !i.http.is_empty()), r.host) {
+                let verb = if info.action == Action::Allow {
+                    format!("no route of Egress policy {rule} allows it")
+                } else {
+                    format!("Egress policy {rule} denies it")
+                };
+                why = format!(
+                    "{} {} on host {host} is refused for workload {name}: {verb}",
+                    r.method, r.path
+                );
+            }
+            Judgement::Refuse { why, policy }
+        }
+    }
+}
+
+impl Proxy {
+    /// The 403's (reason, policy) for a connection whose first request `head` is refused;
+    /// its audit line too.
+    pub(super) fn first_request_refused(
+        &self,
+        p: &Compiled,
+        workload: u32,
+        rec: &Record<'_>,
+        head: &[u8],
+    ) -> (String, String) {
+        let mut headers = [http::EMPTY_HEADER; http::MAX_HEADERS];
+        if let Ok(r) = http::request(head, &mut headers) {
+            if let Judgement::Refuse { why, policy } = judge(p, workload, rec.dst, rec.workload, &r)
+            {
+                let log = RequestLog {
+                    method: r.method.into(),
+                    host: r.host.unwrap_or("").into(),
+                    path: r.path.into(),
+                    rule: policy.clone(),
+                    verdict: "deny",
+                    status: 403,
+                    bytes: (r.len as u64, 0),
+                    started: Some(rec.started),
+                };
+                self.request_done(rec, &log);
+                return (why, policy);
+            }
+        }
+        refusal(rec.workload, rec.host.as_deref(), &rec.rule)
     }
 }

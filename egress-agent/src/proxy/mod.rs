@@ -236,7 +236,14 @@ impl Proxy {
             };
             per_request = is_http;
             rec.host = host.clone();
-            match policy.decide_host(orig.workload_id, dst.ip(), dst.port(), host.as_deref()) {
+            let head_if_http = is_http.then_some(&head[..]);
+            match judging::first_verdict(
+                &policy,
+                orig.workload_id,
+                dst,
+                host.as_deref(),
+                head_if_http,
+            ) {
                 HostVerdict::Allow(id) => {
                     rec.rule = rule_name(&policy, id);
                     rule_id = id;
@@ -249,13 +256,10 @@ impl Proxy {
                 HostVerdict::Deny(id) => {
                     rec.verdict = "deny";
                     rec.rule = rule_name(&policy, id);
-                    refuse(
-                        client,
-                        is_http,
-                        &rec,
-                        matches!(sniffed, Some(Sniffed::Tls(_))),
-                    )
-                    .await;
+                    let http = is_http.then(|| {
+                        self.first_request_refused(&policy, orig.workload_id, &rec, &head)
+                    });
+                    refuse(client, http, matches!(sniffed, Some(Sniffed::Tls(_)))).await;
                     self.finish(&rec, (head.len() as u64, 0), "denied");
                     return;
                 }
@@ -446,9 +450,8 @@ fn rule_name(p: &Compiled, id: u32) -> String {
 
 /// Refuses a connection whose host is denied: HTTP gets a 403 naming the policy, TLS a fatal
 /// `access_denied` alert, anything else a reset.
-async fn refuse(mut client: TcpStream, http: bool, rec: &Record<'_>, tls: bool) {
-    if http {
-        let (why, policy) = judging::refusal(rec.workload, rec.host.as_deref(), &rec.rule);
+async fn refuse(mut client: TcpStream, http: Option<(String, String)>, tls: bool) {
+    if let Some((why, policy)) = http {
         let resp = http1::forbidden(&why, &policy);
         let _ = client.write_all(resp.as_bytes()).await;
         let _ = client.shutdown().await;
