@@ -19,12 +19,14 @@ pub mod names {
     pub const REPLIES: &str = "EGRESS_REPLIES";
     pub const FRAGMENTS: &str = "EGRESS_FRAGMENTS";
     pub const POD_ADDRS: &str = "EGRESS_POD_ADDRS";
-    /// The per-packet program's per-socket verdicts (by socket cookie).
-    pub const SOCK_VERDICTS: &str = "EGRESS_SOCK_VERDICTS";
+    /// Sockets accepted by a workload's listener (socket-local storage, `skb::INBOUND`).
+    pub const SOCK_MARKS: &str = "EGRESS_SOCK_MARKS";
+    /// The per-packet program's verdict cache, by (cgroup, destination, protocol).
+    pub const DST_VERDICTS: &str = "EGRESS_DST_VERDICTS";
     /// Packets the per-packet program dropped, per (workload, reason), per CPU.
     pub const PACKET_DROPS: &str = "EGRESS_PACKET_DROPS";
     /// Every map the agent pins, in a stable order.
-    pub const ALL: [&str; 17] = [
+    pub const ALL: [&str; 18] = [
         ACTIVE,
         CONFIG,
         WORKLOADS,
@@ -40,7 +42,8 @@ pub mod names {
         REPLIES,
         FRAGMENTS,
         POD_ADDRS,
-        SOCK_VERDICTS,
+        SOCK_MARKS,
+        DST_VERDICTS,
         PACKET_DROPS,
     ];
 }
@@ -67,9 +70,9 @@ pub mod capacity {
     pub const FRAGMENTS: u32 = 16_384;
     /// Pod interfaces whose addresses the tc backstop knows.
     pub const POD_IFACES: u32 = MAX_WORKLOADS;
-    /// Sockets whose verdict the per-packet program remembers (LRU; TCP entries are also
-    /// removed on close). A socket that lost its entry is judged again in full.
-    pub const SOCK_VERDICTS: u32 = 131_072;
+    /// (cgroup, destination, protocol) verdicts the per-packet program remembers (LRU; an
+    /// evicted or stale entry is judged again in full).
+    pub const DST_VERDICTS: u32 = 65_536;
 }
 
 /// Port segments one (workload, prefix) entry holds, over all protocol classes. The agent

@@ -2,8 +2,10 @@
 //! (`EGRESS_*`) are what the agent opens and pins; they must not change.
 
 use aya_ebpf::{
+    btf_maps::SkStorage,
     helpers::bpf_get_current_ancestor_cgroup_id,
-    macros::map,
+    helpers::bpf_sk_storage_get,
+    macros::{btf_map, map},
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use egress_common::{
@@ -76,11 +78,56 @@ pub static FRAGMENTS: LruHashMap<tc::FragKey, u8> =
 pub static POD_ADDRS: HashMap<u32, tc::PodAddrs> =
     HashMap::with_max_entries(capacity::POD_IFACES, 0);
 
-/// The verdict each socket got, for the per-packet program's fast path (see
-/// `egress_common::skb`).
-#[map(name = "EGRESS_SOCK_VERDICTS")]
-pub static SOCK_VERDICTS: LruHashMap<u64, skb::SockVerdict> =
-    LruHashMap::with_max_entries(capacity::SOCK_VERDICTS, 0);
+/// Sockets accepted by a listener of a workload (`skb::INBOUND`): socket-local storage,
+/// freed with the socket.
+#[btf_map(name = "EGRESS_SOCK_MARKS")]
+static SOCK_MARKS: SkStorage<u32> = SkStorage::new();
+
+/// The per-packet program's verdict cache (see `egress_common::skb`).
+#[map(name = "EGRESS_DST_VERDICTS")]
+pub static DST_VERDICTS: LruHashMap<skb::DstKey, skb::DstVerdict> =
+    LruHashMap::with_max_entries(capacity::DST_VERDICTS, NO_COMMON_LRU);
+
+/// Per-CPU LRU lists: no lock shared by the CPUs on insert.
+const NO_COMMON_LRU: u32 = 2;
+
+/// `bpf_sk_storage_get(F_CREATE)`.
+const SK_STORAGE_CREATE: u64 = 1;
+
+/// The marks of socket `sk` (any socket pointer the verifier accepts for
+/// `bpf_sk_storage_get`: a sock_ops or skb socket); 0 when it has none, or when `sk` is null
+/// or not a full socket.
+#[inline(always)]
+pub fn sock_marks(sk: *mut core::ffi::c_void) -> u32 {
+    if sk.is_null() {
+        return 0;
+    }
+    let map = core::ptr::from_ref(&SOCK_MARKS).cast_mut().cast();
+    // SAFETY: a valid socket pointer from the context; copied out at once.
+    let p = unsafe { bpf_sk_storage_get(map, sk, core::ptr::null_mut(), 0) };
+    if p.is_null() {
+        0
+    } else {
+        unsafe { *(p as *const u32) }
+    }
+}
+
+/// Adds `flags` to the marks of socket `sk`, creating its storage on first use. False when
+/// the storage cannot be had (no memory, not a full socket).
+#[inline(always)]
+pub fn mark_sock(sk: *mut core::ffi::c_void, flags: u32) -> bool {
+    if sk.is_null() {
+        return false;
+    }
+    let map = core::ptr::from_ref(&SOCK_MARKS).cast_mut().cast();
+    // SAFETY: as above; the storage is this socket's own.
+    let p = unsafe { bpf_sk_storage_get(map, sk, core::ptr::null_mut(), SK_STORAGE_CREATE) };
+    if p.is_null() {
+        return false;
+    }
+    unsafe { *(p as *mut u32) |= flags };
+    true
+}
 
 #[map(name = "EGRESS_PACKET_DROPS")]
 pub static PACKET_DROPS: PerCpuArray<u64> =

@@ -6,9 +6,9 @@
 //! source routes (IPv4 LSRR/SSRR, IPv6 routing headers) whose header destination is not the
 //! one the socket was judged for, and ping sockets' unconnected sendto().
 //!
-//! Fast path: the socket's remembered verdict (`EGRESS_SOCK_VERDICTS`, by socket cookie) for
-//! the current policy generation and this destination decides. Otherwise the packet is judged
-//! in full and the verdict is remembered for the socket's next packets.
+//! Fast path: the verdict cache (`EGRESS_DST_VERDICTS`, see `egress_common::skb`) for this
+//! cgroup, destination and protocol under the current policy generation decides. Otherwise
+//! the packet is judged in full and the verdict is cached.
 
 use core::ptr::read_volatile;
 
@@ -25,15 +25,15 @@ use egress_common::{
     decide::{on_error, Query},
     hook,
     packet::{self, Bytes, Class},
-    skb::{self as s, SockVerdict},
-    MeshConfig, Outcome, SockAddr, VerdictEvent,
+    skb::{self as s, DstKey, DstVerdict},
+    MeshConfig, Outcome, VerdictEvent,
 };
 
 use crate::{
     events::emit,
     maps::{
-        active_set, in_mesh, policy, workload_of, CONFIG, ORIG_BY_COOKIE, PACKET_DROPS,
-        SOCK_VERDICTS,
+        active_set, in_mesh, policy, sock_marks, workload_of, CONFIG, DST_VERDICTS, ORIG_BY_COOKIE,
+        PACKET_DROPS,
     },
     sock_addr::is_proxy,
 };
@@ -56,11 +56,6 @@ impl Bytes for Skb<'_> {
 }
 
 #[inline(always)]
-fn same_dst(a: &SockAddr, b: &SockAddr, addr_only: bool) -> bool {
-    a.family == b.family && a.addr == b.addr && (addr_only || a.port == b.port)
-}
-
-#[inline(always)]
 fn count(wid: u32, slot: u8) {
     if let Some(c) = PACKET_DROPS.get_ptr_mut(s::skb_index(wid, slot)) {
         // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
@@ -68,13 +63,11 @@ fn count(wid: u32, slot: u8) {
     }
 }
 
-/// Drops a packet: counts it, and tells the agent unless this socket's drop of this
-/// destination was told already (one flow event per socket and destination, not per packet).
+/// Drops a packet: counts it, and tells the agent unless this drop was told already (one
+/// flow event per cgroup, destination and policy generation, not per packet).
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn drop_packet(
     cfg: Option<&MeshConfig>,
-    cookie: u64,
     told: bool,
     cg: u64,
     wid: u32,
@@ -86,7 +79,6 @@ fn drop_packet(
     if told {
         return DROP;
     }
-    let generation = cfg.map(|c| c.generation).unwrap_or(0);
     emit(&VerdictEvent {
         ts_ns: unsafe { bpf_ktime_get_ns() },
         cgroup_id: cg,
@@ -94,27 +86,26 @@ fn drop_packet(
         dst: pkt.dst,
         workload_id: wid,
         rule_id,
-        generation: generation as u32,
+        generation: cfg.map(|c| c.generation).unwrap_or(0) as u32,
         outcome: slot,
         proto: pkt.proto,
         hook: hook::SKB,
         _pad0: 0,
     });
-    if cookie != 0 {
-        let v = SockVerdict {
-            generation,
-            dst: pkt.dst,
-            orig: pkt.dst,
-            outcome: 0,
-            drop: slot,
-            _pad0: [0; 2],
-            flags: 0,
-            workload_id: wid,
-            _pad1: 0,
-        };
-        let _ = SOCK_VERDICTS.insert(&cookie, &v, 0);
-    }
     DROP
+}
+
+/// Caches a verdict; a full map only evicts older entries.
+#[inline(always)]
+fn cache(key: &DstKey, generation: u64, wid: u32, outcome: Outcome, drop: u8) {
+    let v = DstVerdict {
+        generation,
+        workload_id: wid,
+        drop,
+        outcome: outcome as u8,
+        _pad: [0; 2],
+    };
+    let _ = DST_VERDICTS.insert(key, &v, 0);
 }
 
 /// The program `egress_skb_egress` (see main.rs).
@@ -131,13 +122,6 @@ pub fn egress(ctx: &SkBuffContext) -> i32 {
         _ => return PASS,
     };
     let pkt = packet::parse(&Skb(ctx), 0, v6);
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // SAFETY: copied out at once.
-    let rec = unsafe { SOCK_VERDICTS.get(&cookie) }.copied();
-    let set = active_set();
-    let cfg = CONFIG.get(set);
-    let generation = cfg.map(|c| c.generation).unwrap_or(u64::MAX);
-
     let bad = match pkt.class {
         Class::Link => return PASS,
         Class::SourceRoute => s::DROP_SOURCE_ROUTE,
@@ -145,37 +129,49 @@ pub fn egress(ctx: &SkBuffContext) -> i32 {
         Class::Malformed => s::DROP_MALFORMED,
         Class::Judge | Class::LaterFragment => 0,
     };
-    let later = pkt.class == Class::LaterFragment;
-    // This socket's verdict for this destination under the policy in force, if it has one.
-    let known = rec.filter(|r| r.generation == generation && same_dst(&r.dst, &pkt.dst, later));
-    if bad == 0 {
-        if let Some(r) = rec {
-            if r.flags & s::INBOUND != 0 {
-                return PASS; // an accepted connection's replies
-            }
-        }
-        if let Some(r) = known {
-            if r.drop == 0 {
-                return PASS;
-            }
-            count(r.workload_id, r.drop);
-            return DROP;
-        }
-        if !sk.is_null() {
-            // A listening socket sends only SYN-ACKs: answers to peers connecting in.
-            let state = unsafe { read_volatile(&(*sk).state) };
-            if state == BPF_TCP_LISTEN {
-                return PASS;
-            }
+    if bad == 0 && !sk.is_null() {
+        // A listening socket sends only SYN-ACKs: answers to peers connecting in.
+        let state = unsafe { read_volatile(&(*sk).state) };
+        if state == BPF_TCP_LISTEN || sock_marks(sk.cast()) & s::INBOUND != 0 {
+            return PASS; // an accepted connection's replies
         }
     }
 
+    let set = active_set();
+    let cfg = CONFIG.get(set);
     let cg = unsafe { bpf_skb_cgroup_id(skb) };
+    // A socket redirected to the proxy is judged by its original destination.
+    let mut key = DstKey {
+        cgroup_id: cg,
+        dst: pkt.dst,
+        proto: pkt.proto,
+        redirected: 0,
+        _pad: [0; 6],
+    };
     if let Some(c) = cfg {
         if cg == c.agent_cgroup_id {
             return PASS;
         }
+        if bad == 0 && is_proxy(c, &pkt.dst) {
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+            // SAFETY: copied out at once.
+            if let Some(o) = unsafe { ORIG_BY_COOKIE.get(&cookie) } {
+                key.dst = o.dst;
+                key.redirected = 1;
+            }
+        }
+        // SAFETY: copied out at once.
+        if let Some(v) = unsafe { DST_VERDICTS.get(&key) }.copied() {
+            if v.generation == c.generation && bad == 0 {
+                if v.drop == 0 {
+                    return PASS;
+                }
+                count(v.workload_id, v.drop);
+                return DROP;
+            }
+        }
     }
+
     let w = workload_of(cg, set, cfg.map(|c| c.root_level), |level| unsafe {
         bpf_skb_ancestor_cgroup_id(skb, level)
     });
@@ -186,49 +182,31 @@ pub fn egress(ctx: &SkBuffContext) -> i32 {
             if c.refuse_unenrolled != 0 {
                 let o = on_error(Some(c));
                 if o.is_denied() {
-                    let told = known.map(|r| r.drop == o as u8).unwrap_or(false);
-                    return drop_packet(cfg, cookie, told, cg, 0, &pkt, 0, o as u8);
+                    cache(&key, c.generation, 0, o, o as u8);
+                    return drop_packet(cfg, false, cg, 0, &pkt, 0, o as u8);
                 }
             }
         }
         return PASS;
     };
     if bad != 0 {
-        let told = known.map(|r| r.drop == bad).unwrap_or(false);
-        return drop_packet(cfg, cookie, told, cg, w.id, &pkt, 0, bad);
+        return drop_packet(cfg, false, cg, w.id, &pkt, 0, bad);
     }
     let Some(cfg) = cfg else {
         let o = on_error(None) as u8;
-        return drop_packet(None, cookie, false, cg, w.id, &pkt, 0, o);
+        return drop_packet(None, false, cg, w.id, &pkt, 0, o);
     };
 
-    // Full judgment. A socket redirected to the proxy is judged by its original destination.
+    // Full judgment.
+    let redirected = key.redirected != 0;
     let to_proxy = is_proxy(cfg, &pkt.dst);
-    let mut target = pkt.dst;
-    let mut redirected = false;
-    if to_proxy {
-        if let Some(r) = rec {
-            if r.outcome == Outcome::Proxy as u8 && same_dst(&r.dst, &pkt.dst, later) {
-                target = r.orig;
-                redirected = true;
-            }
-        }
-        if !redirected {
-            // Redirected before this program ran (its original destination is known).
-            // SAFETY: copied out at once.
-            if let Some(o) = unsafe { ORIG_BY_COOKIE.get(&cookie) } {
-                target = o.dst;
-                redirected = true;
-            }
-        }
-    }
     let q = Query {
         proto: pkt.proto,
-        port: target.port as u16,
-        in_mesh: in_mesh(set, &target),
+        port: key.dst.port as u16,
+        in_mesh: in_mesh(set, &key.dst),
         to_proxy: to_proxy && !redirected,
     };
-    let d = decide(cfg, &q, policy(w.id, set, &target));
+    let d = decide(cfg, &q, policy(w.id, set, &key.dst));
     let slot = if d.outcome.is_denied() {
         d.outcome as u8
     } else if d.outcome == Outcome::Proxy && !redirected {
@@ -237,27 +215,9 @@ pub fn egress(ctx: &SkBuffContext) -> i32 {
     } else {
         0
     };
+    cache(&key, cfg.generation, w.id, d.outcome, slot);
     if slot != 0 {
-        return drop_packet(Some(cfg), cookie, false, cg, w.id, &pkt, d.rule_id, slot);
-    }
-    if cookie != 0 && !later {
-        let outcome = if redirected {
-            Outcome::Proxy
-        } else {
-            d.outcome
-        };
-        let v = SockVerdict {
-            generation: cfg.generation,
-            dst: pkt.dst,
-            orig: target,
-            outcome: outcome as u8,
-            drop: 0,
-            _pad0: [0; 2],
-            flags: 0,
-            workload_id: w.id,
-            _pad1: 0,
-        };
-        let _ = SOCK_VERDICTS.insert(&cookie, &v, 0);
+        return drop_packet(Some(cfg), false, cg, w.id, &pkt, d.rule_id, slot);
     }
     PASS
 }

@@ -12,13 +12,13 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::error;
 use egress_common::{
-    decide, decide::on_error, decide::Query, skb::SockVerdict, v4_mapped, Decision, MeshConfig,
-    OrigDst, Outcome, SockAddr,
+    decide, decide::on_error, decide::Query, v4_mapped, Decision, MeshConfig, OrigDst, Outcome,
+    SockAddr,
 };
 
 use crate::{
     events::record,
-    maps::{active_set, in_mesh, policy, workload, CONFIG, ORIG_BY_COOKIE, SOCK_VERDICTS},
+    maps::{active_set, in_mesh, policy, workload, CONFIG, ORIG_BY_COOKIE},
 };
 
 /// cgroup/connect* and sendmsg* return values.
@@ -124,43 +124,11 @@ fn judge(ctx: &SockAddrContext, dst: &Dst, proto: u8, hook: u8) -> Act {
         }
     }
     record(Some(cfg), cg, w.id, &dst.addr, proto, hook, d);
-    if !d.outcome.is_denied() {
-        remember(ctx, cfg, w.id, &dst.addr, d.outcome);
-    }
     match d.outcome {
         Outcome::Proxy => Act::Redirect(*cfg),
         o if o.is_denied() => Act::Refuse,
         _ => Act::Pass,
     }
-}
-
-/// Tells the per-packet program the verdict this socket got, so that its packets to that
-/// destination pass cheaply (see `egress_common::skb`). A failed insert costs only speed: the
-/// packet program then judges in full.
-#[inline(always)]
-fn remember(ctx: &SockAddrContext, cfg: &MeshConfig, wid: u32, dst: &SockAddr, outcome: Outcome) {
-    let given = if outcome == Outcome::Proxy {
-        if dst.family == 4 {
-            SockAddr::v4(cfg.proxy_ip4, cfg.proxy_port)
-        } else {
-            SockAddr::v6(cfg.proxy_ip6, cfg.proxy_port)
-        }
-    } else {
-        *dst
-    };
-    let v = SockVerdict {
-        generation: cfg.generation,
-        dst: given,
-        orig: *dst,
-        outcome: outcome as u8,
-        drop: 0,
-        _pad0: [0; 2],
-        flags: 0,
-        workload_id: wid,
-        _pad1: 0,
-    };
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let _ = SOCK_VERDICTS.insert(&cookie, &v, 0);
 }
 
 #[inline(always)]

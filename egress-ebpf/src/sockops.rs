@@ -15,7 +15,7 @@ use aya_ebpf::{
 use aya_log_ebpf::error;
 use egress_common::{skb, v4_mapped, OrigKey, SockAddr};
 
-use crate::maps::{ORIG_BY_COOKIE, ORIG_BY_TUPLE, SOCK_VERDICTS};
+use crate::maps::{mark_sock, ORIG_BY_COOKIE, ORIG_BY_TUPLE};
 
 const AF_INET: u32 = 2;
 
@@ -35,6 +35,7 @@ pub fn on_event(ctx: &SockOpsContext) -> u32 {
     }
     let port = unsafe { read_volatile(&(*ops).local_port) } as u16;
     let new_state = unsafe { read_volatile(&(*ops).__bindgen_anon_1.args[1]) };
+    let sk = unsafe { read_volatile(&(*ops).__bindgen_anon_2.sk) };
 
     let local = if family == AF_INET {
         SockAddr::v4(ip4, port)
@@ -63,18 +64,12 @@ pub fn on_event(ctx: &SockOpsContext) -> u32 {
     } else if op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
         // Accepted by a listener of the workload: its packets answer a peer that connected in,
         // and the per-packet program lets them pass (see `egress_common::skb`).
-        let v = skb::SockVerdict {
-            flags: skb::INBOUND,
-            ..Default::default()
-        };
-        if SOCK_VERDICTS.insert(&cookie, &v, 0).is_err() {
+        if !mark_sock(sk.cast(), skb::INBOUND) {
             error!(ctx, "egress: cannot mark an accepted socket as inbound");
         }
-        let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
     } else if op == BPF_SOCK_OPS_STATE_CB && new_state == BPF_TCP_CLOSE {
         let _ = ORIG_BY_TUPLE.remove(&local);
         let _ = ORIG_BY_COOKIE.remove(&cookie);
-        let _ = SOCK_VERDICTS.remove(&cookie);
     }
     1
 }

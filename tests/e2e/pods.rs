@@ -393,10 +393,15 @@ fn tc_drops_a_connection_opened_before_the_agent_started_and_survives_restarts()
     let seen = net.sniff(DENY4, 2.0);
     early.write_all(b"after the agent\n").unwrap();
     let mut buf = [0u8; 64];
-    assert!(
-        early.read(&mut buf).is_err(),
-        "the server answered a dropped segment"
-    );
+    // No answer: a timeout, or the server's own idle close (a FIN: it never got the line,
+    // which it would have echoed first; the agent can take seconds to start on a busy
+    // machine).
+    if let Ok(n @ 1..) = early.read(&mut buf) {
+        panic!(
+            "the server answered a dropped segment: {:?}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+    }
     assert_eq!(seen.count(), 0, "a segment of the early connection got out");
     assert!(drops(&a) > before);
 

@@ -127,8 +127,9 @@ fn map_of(name: &str, data: MapData) -> aya::maps::Map {
         names::ORIG_BY_COOKIE
         | names::ORIG_BY_TUPLE
         | names::REPLIES
-        | names::SOCK_VERDICTS
-        | names::FRAGMENTS => Map::LruHashMap(data),
+        | names::FRAGMENTS
+        | names::DST_VERDICTS => Map::LruHashMap(data),
+        names::SOCK_MARKS => Map::SkStorage(data),
         names::WORKLOADS | names::POD_ADDRS => Map::HashMap(data),
         names::CONFIG | names::ACTIVE => Map::Array(data),
         _ => Map::LpmTrie(data),

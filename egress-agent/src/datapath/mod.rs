@@ -1,7 +1,7 @@
 //! What the kernel enforces: the eBPF object, its maps, links and pins ([`bpf`], with
 //! [`attach`], [`policy_maps`], [`counters`], [`pins`] and [`error`]), the workloads' cgroups
 //! ([`cgroups`]), the network namespaces of pods ([`podnet`]; their addresses for the tc backstop in
-//! [`pod_addrs`]; plumbed over rtnetlink by
+//! [`pod_addrs`]; a Kubernetes pod's node-side interface in [`pod_iface`]; plumbed over rtnetlink by
 //! [`netlink`]), and the oldest kernel the programs load on ([`kernel_version`]).
 
 pub mod attach;
@@ -13,6 +13,7 @@ pub mod kernel_version;
 pub mod netlink;
 pub mod pins;
 pub mod pod_addrs;
+pub mod pod_iface;
 pub mod podnet;
 pub mod policy_maps;
 pub mod sockets;

@@ -66,7 +66,7 @@ pub struct Request {
 }
 
 impl Request {
-    fn new(op: Op, iface: &str, arg: Option<String>) -> Request {
+    pub(super) fn new(op: Op, iface: &str, arg: Option<String>) -> Request {
         Request {
             op,
             iface: iface.to_string(),
@@ -126,7 +126,7 @@ impl NetlinkError {
 }
 
 /// The errno of a netlink NACK.
-fn errno_of(e: &rtnetlink::Error) -> Option<Errno> {
+pub(super) fn errno_of(e: &rtnetlink::Error) -> Option<Errno> {
     match e {
         rtnetlink::Error::NetlinkError(m) => m.code.map(|c| Errno::from_raw(-c.get())),
         _ => None,
@@ -220,12 +220,12 @@ impl fmt::Display for Route {
 
 /// A netlink connection to one network namespace.
 pub struct Nl {
-    handle: Handle,
+    pub(super) handle: Handle,
     netns: Option<String>,
 }
 
 impl Nl {
-    fn fail(&self, req: Request) -> impl FnOnce(rtnetlink::Error) -> NetlinkError + '_ {
+    pub(super) fn fail(&self, req: Request) -> impl FnOnce(rtnetlink::Error) -> NetlinkError + '_ {
         move |e| match errno_of(&e) {
             Some(errno) => NetlinkError::Kernel {
                 req,

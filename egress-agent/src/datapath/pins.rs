@@ -48,7 +48,7 @@ pub(super) fn map_data(m: &aya::maps::Map) -> Option<&MapData> {
     use aya::maps::Map;
     match m {
         Map::Array(d) | Map::HashMap(d) | Map::LruHashMap(d) | Map::LpmTrie(d) => Some(d),
-        Map::PerCpuArray(d) | Map::RingBuf(d) => Some(d),
+        Map::PerCpuArray(d) | Map::RingBuf(d) | Map::SkStorage(d) => Some(d),
         _ => None,
     }
 }
