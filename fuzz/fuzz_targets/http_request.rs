@@ -8,15 +8,9 @@ use egress_common::wire::{
 };
 use libfuzzer_sys::fuzz_target;
 
-/// Whatever the parser returns as a host name must be something the policy can match on.
-fn check_host(host: &str) {
-    assert!(!host.is_empty(), "empty host");
-    assert!(host.len() <= 255, "host of {} bytes", host.len());
-    assert!(
-        host.bytes().all(|b| b.is_ascii_graphic()),
-        "non-graphic byte in host {host:?}"
-    );
-}
+#[path = "common.rs"]
+mod common;
+use common::check_host;
 
 fuzz_target!(|data: &[u8]| {
     let mut headers = [EMPTY_HEADER; MAX_HEADERS];

@@ -4,21 +4,16 @@
 use egress_common::wire::sniff::{client_hello_sni, sniff, Sniffed};
 use libfuzzer_sys::fuzz_target;
 
-/// Whatever the parser returns as a host name must be something the policy can match on.
-fn check_host(host: &str) {
-    assert!(!host.is_empty(), "empty host");
-    assert!(host.len() <= 255, "host of {} bytes", host.len());
-    assert!(
-        host.bytes().all(|b| b.is_ascii_graphic()),
-        "non-graphic byte in host {host:?}"
-    );
-}
+#[path = "common.rs"]
+mod common;
+use common::check_host;
 
 /// The handshake bytes of a hello that sits whole in its first record.
 fn handshake(data: &[u8]) -> Option<&[u8]> {
     let len = u16::from_be_bytes([*data.get(3)?, *data.get(4)?]) as usize;
     let rec = data.get(5..5 + len)?;
-    let hl = ((*rec.get(1)? as usize) << 16) | ((*rec.get(2)? as usize) << 8) | *rec.get(3)? as usize;
+    let hl =
+        ((*rec.get(1)? as usize) << 16) | ((*rec.get(2)? as usize) << 8) | *rec.get(3)? as usize;
     rec.get(..4 + hl)
 }
 

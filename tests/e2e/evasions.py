@@ -44,13 +44,17 @@ def request(host, path="/"):
     return f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: evasions\r\n\r\n".encode()
 
 
-def keepalive(ip, port, *hosts):
+def exchange(ip, port, hosts, pipelined):
+    """One connection, a request per host (all at once when pipelined); the responses."""
     s = connect(ip, port)
     f = s.makefile("rb")
+    if pipelined:
+        s.sendall(b"".join(request(h, f"/{h}") for h in hosts))
     out = []
     for h in hosts:
         try:
-            s.sendall(request(h, f"/{h}"))
+            if not pipelined:
+                s.sendall(request(h, f"/{h}"))
             st, body = read_response(f)
         except OSError as e:
             st, body = None, type(e).__name__
@@ -58,22 +62,14 @@ def keepalive(ip, port, *hosts):
         if st is None:
             break
     print(" | ".join(out))
+
+
+def keepalive(ip, port, *hosts):
+    exchange(ip, port, hosts, False)
 
 
 def pipeline(ip, port, *hosts):
-    s = connect(ip, port)
-    s.sendall(b"".join(request(h, f"/{h}") for h in hosts))
-    f = s.makefile("rb")
-    out = []
-    for _ in hosts:
-        try:
-            st, body = read_response(f)
-        except OSError as e:
-            st, body = None, type(e).__name__
-        out.append(f"{st}:{body}")
-        if st is None:
-            break
-    print(" | ".join(out))
+    exchange(ip, port, hosts, True)
 
 
 def raw(ip, port, text):

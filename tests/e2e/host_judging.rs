@@ -8,7 +8,8 @@
 
 use std::{path::Path, process::Command};
 
-use crate::harness::{privileged_with, run_ok, temp_dir, wait_listening, Agent, Stopped};
+use crate::harness::{privileged_with, temp_dir, wait_listening, Agent, Stopped};
+use egress_test_support::process::self_signed;
 
 const EVASIONS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/e2e/evasions.py");
 const IP: &str = "127.36.0.1";
@@ -17,23 +18,7 @@ const IP: &str = "127.36.0.1";
 /// IP:443 (TLS) and IP:8080 (h2c prior knowledge); the access log records `$host`.
 pub(crate) fn nginx(ip: &str) -> Stopped {
     let dir = temp_dir("nginx");
-    run_ok(Command::new("openssl").current_dir(&dir).args([
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-        "-keyout",
-        "key.pem",
-        "-out",
-        "cert.pem",
-        "-days",
-        "1",
-        "-subj",
-        "/CN=egress-test",
-    ]));
+    self_signed(&dir);
     let d = dir.display();
     let vhost = |name: &str, reply: &str| {
         format!(
@@ -125,6 +110,28 @@ fn run(agent: &Agent, args: &[&str]) -> String {
     text
 }
 
+/// curl in the workload for `http://<url>` with its host resolved to `ip`: "<body>|<status>".
+fn curl(agent: &Agent, ip: &str, url: &str, extra: &[&str]) -> String {
+    let host_port = url.split('/').next().unwrap_or(url);
+    let (host, port) = host_port.split_once(':').unwrap_or((host_port, "80"));
+    let resolve = format!("{host}:{port}:{ip}");
+    let url = format!("http://{url}");
+    let mut args = vec![
+        "curl",
+        "-s",
+        "--max-time",
+        "10",
+        "--resolve",
+        &resolve,
+        "-w",
+        "|%{http_code}",
+    ];
+    args.extend_from_slice(extra);
+    args.push(&url);
+    let out = agent.exec("web", &args);
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 fn py(agent: &Agent, mode: &str, port: u16, rest: &[&str]) -> String {
     let port = port.to_string();
     let mut args = vec!["python3", EVASIONS, mode, IP, &port];
@@ -141,26 +148,9 @@ fn every_http_request_is_judged_and_the_host_cannot_be_hidden() {
     let agent = Agent::start(&policy());
 
     // curl: the allowed host passes, the denied one gets a 403 naming the policy.
-    let curl = |host: &str, extra: &[&str]| {
-        let resolve = format!("{host}:80:{IP}");
-        let url = format!("http://{host}/x");
-        let mut args = vec![
-            "curl",
-            "-s",
-            "--max-time",
-            "10",
-            "--resolve",
-            &resolve,
-            "-w",
-            "\n%{http_code}",
-        ];
-        args.extend_from_slice(extra);
-        args.push(&url);
-        let out = agent.exec("web", &args);
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
-    assert_eq!(curl("allowed.example", &[]), "allowed GET /x\n\n200");
-    let denied = curl("denied.example", &[]);
+    let get = |host: &str| curl(&agent, IP, &format!("{host}/x"), &[]);
+    assert_eq!(get("allowed.example"), "allowed GET /x\n|200");
+    let denied = get("denied.example");
     assert!(
         denied.ends_with("403")
             && denied.contains("host denied.example is refused for workload default/web: Egress policy default/no-denied denies it"),
@@ -262,22 +252,13 @@ fn every_http_request_is_judged_and_the_host_cannot_be_hidden() {
     // h2c with prior knowledge: not HTTP/1.x, so no host the proxy can judge: refused, for
     // the allowed host too (documented).
     for host in ["denied.example", "allowed.example"] {
-        let resolve = format!("{host}:8080:{IP}");
-        let url = format!("http://{host}:8080/h2c");
-        let out = agent.exec(
-            "web",
-            &[
-                "curl",
-                "-s",
-                "--max-time",
-                "10",
-                "--http2-prior-knowledge",
-                "--resolve",
-                &resolve,
-                &url,
-            ],
+        let out = curl(
+            &agent,
+            IP,
+            &format!("{host}:8080/h2c"),
+            &["--http2-prior-knowledge"],
         );
-        assert!(!out.status.success(), "h2c to {host}: {out:?}");
+        assert_eq!(out, "|000", "h2c to {host}");
     }
 
     let log = access_log(&origin.dir);
@@ -397,25 +378,10 @@ spec:
   action: deny
 "#
     ));
-    let curl = |method: &str, path: &str, extra: &[&str]| {
-        let resolve = format!("allowed.example:80:{ip}");
-        let url = format!("http://allowed.example{path}");
-        let mut args = vec![
-            "curl",
-            "-s",
-            "--max-time",
-            "10",
-            "--resolve",
-            &resolve,
-            "-X",
-            method,
-            "-w",
-            "|%{http_code}",
-        ];
+    let request = |method: &str, path: &str, extra: &[&str]| {
+        let mut args = vec!["-X", method];
         args.extend_from_slice(extra);
-        args.push(&url);
-        let out = agent.exec("web", &args);
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
+        curl(&agent, ip, &format!("allowed.example{path}"), &args)
     };
     for (method, path, extra, want) in [
         ("GET", "/status", &[][..], "allowed GET /status\n|200"),
@@ -427,7 +393,7 @@ spec:
         ("POST", "/upload", &["-H", "X-Tenant: evil", "-d", "x=1"], "egress: POST /upload on host allowed.example is refused for workload default/web: no route of Egress policy default/api allows it\n|403"),
         ("GET", "/v1/public/admin/users", &[], "egress: GET /v1/public/admin/users on host allowed.example is refused for workload default/web: Egress policy default/no-admin denies it\n|403"),
     ] {
-        assert_eq!(curl(method, path, extra), want, "{method} {path} {extra:?}");
+        assert_eq!(request(method, path, extra), want, "{method} {path} {extra:?}");
     }
     // Keep-alive: an allowed request, then a refused one on the same connection.
     let resolve = format!("allowed.example:80:{ip}");
