@@ -155,6 +155,9 @@ where
         };
         let down = response(&mut ur, &mut cw, &mut ubuf, &method, idle);
         let (sent, got) = tokio::join!(up, down);
+        // The request did not get through whole (the origin closed early, the client stopped
+        // mid-body): whatever follows in `cbuf` is not a request head; end after the response.
+        let request_broken = sent.is_err();
         let sent = sent.unwrap_or(0);
         out.bytes.0 += sent;
         log.bytes.0 = sent;
@@ -190,7 +193,7 @@ where
         log.status = status;
         log.bytes.1 = got;
         on_request(&log);
-        if resp_end == RespEnd::Closed {
+        if resp_end == RespEnd::Closed || request_broken {
             let _ = cw.shutdown().await;
             out.end = "closed";
             return out;
@@ -383,3 +386,6 @@ fn bad_request(why: &str) -> String {
         body.len()
     )
 }
+
+#[cfg(test)]
+mod tests;
