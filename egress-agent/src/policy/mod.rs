@@ -2,10 +2,12 @@
 //! [`document::Document`]s ([`document`], the one YAML reader), typed policy objects
 //! ([`mod@parse`], the model in [`model`] and [`scalar`]) that are checked alone and together
 //! ([`validate`]), then compiled into the kernel's map entries ([`mod@compile`]), kept as the
-//! live set of objects ([`store`]), and shared while in force ([`live`]).
+//! live set of objects ([`store`]), and shared while in force ([`live`]). The proxy's verdicts
+//! on hosts and HTTP requests are in [`verdict`], on the HTTP route rules of [`routes`].
 //!
 //! The files depend on each other in one direction only: `scalar` ← `model` ← `validate` ←
-//! `parse` ← `store`; `error` ← `document` ← `parse`, `store`; `model` ← `compile` ← `live`.
+//! `parse` ← `store`; `error` ← `document` ← `parse`, `store`; `model` ← `compile` ← `live`;
+//! `model` ← `routes` ← `validate`, `compile` ← `verdict`.
 
 pub mod compile;
 pub mod document;
@@ -17,6 +19,7 @@ pub mod routes;
 pub mod scalar;
 pub mod store;
 pub mod validate;
+pub mod verdict;
 
 pub use compile::*;
 pub use document::{documents, Document};
@@ -26,3 +29,4 @@ pub use model::*;
 pub use parse::{load, parse, parse_unlinked};
 pub use scalar::*;
 pub use store::Store;
+pub use verdict::HostVerdict;

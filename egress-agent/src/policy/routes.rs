@@ -14,11 +14,7 @@ use std::fmt;
 
 use regex::{Regex, RegexBuilder};
 
-use super::{
-    compile::{Compiled, HostVerdict},
-    model::{Action, EgressSpec, HttpRoute},
-    scalar,
-};
+use super::model::{EgressSpec, HttpRoute};
 use egress_common::wire::http::Header;
 
 /// What a route looks at in a request.
@@ -179,75 +175,6 @@ pub fn check(s: &EgressSpec) -> Result<(), (String, String)> {
         ));
     }
     Routes::compile(&s.http).map(|_| ())
-}
-
-impl Compiled {
-    /// The first allow rule for `host` with HTTP routes, when one exists: a connection whose
-    /// requests the proxy cannot see (TLS) is refused in its name.
-    pub fn routes_only(
-        &self,
-        workload: u32,
-        ip: std::net::IpAddr,
-        port: u16,
-        host: &str,
-    ) -> Option<u32> {
-        self.host_rules.iter().find_map(|&i| {
-            let r = &self.rules[i];
-            (r.action == Action::Allow
-                && !r.http.is_empty()
-                && r.applies_tcp(workload, ip, port)
-                && r.hosts.iter().any(|p| p.matches(host)))
-            .then_some(i as u32 + 1)
-        })
-    }
-
-    /// The verdict for one HTTP/1.x request of a workload's connection to `ip:port` (see the
-    /// module doc).
-    pub fn decide_request(
-        &self,
-        workload: u32,
-        ip: std::net::IpAddr,
-        port: u16,
-        r: &RequestView<'_>,
-    ) -> HostVerdict {
-        let Some(host) = r.host else {
-            return self.decide_host(workload, ip, port, None);
-        };
-        let ip = scalar::normalize(ip);
-        let audit = self.config.audit_mode != 0;
-        let refuse = |id| {
-            if audit {
-                HostVerdict::Audit(id)
-            } else {
-                HostVerdict::Deny(id)
-            }
-        };
-        let for_host = || {
-            self.host_rules.iter().filter_map(move |&i| {
-                let rule = &self.rules[i];
-                (rule.applies_tcp(workload, ip, port) && rule.hosts.iter().any(|p| p.matches(host)))
-                    .then_some((rule, i as u32 + 1))
-            })
-        };
-        if let Some((_, id)) =
-            for_host().find(|(rule, _)| rule.action == Action::Deny && rule.http.matches(r))
-        {
-            return refuse(id);
-        }
-        let mut allows = for_host().filter(|(rule, _)| rule.action == Action::Allow);
-        let first = allows.next();
-        if let Some((_, id)) = first
-            .into_iter()
-            .chain(allows)
-            .find(|(rule, _)| rule.http.matches(r))
-        {
-            return HostVerdict::Allow(id);
-        }
-        if let Some((_, id)) = first {
-            return refuse(id);
-        }
-        self.decide_by_address(workload, ip, port)
-    }
 }
 
 #[cfg(test)]

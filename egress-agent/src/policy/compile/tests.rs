@@ -3,6 +3,8 @@
 use super::*;
 use egress_common::Outcome;
 
+use crate::policy::HostVerdict;
+
 use crate::policy::parse::parse;
 
 fn compiled(text: &str) -> Compiled {

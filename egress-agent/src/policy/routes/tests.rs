@@ -1,7 +1,7 @@
 //! Route rules: methods, paths (exact, prefix, regex), headers; deny wins; TLS sees no routes.
 
 use super::*;
-use crate::policy::{compile, parse::parse};
+use crate::policy::{compile, parse::parse, Compiled, HostVerdict};
 use egress_common::wire::http::EMPTY_HEADER;
 
 const BASE: &str = "kind: MeshConfig\nmetadata: {name: m}\nspec: {traffic: {enableEgress: false}}\n---\nkind: Workload\nmetadata: {name: web}\n";
