@@ -20,7 +20,7 @@ use crate::{
     datapath::{
         bpf::{BpfError, Datapath},
         cgroups::{self, CgroupError, CgroupRoot},
-        pod_addrs,
+        pod_addrs, pod_iface,
         podnet::{self, Pod, PodNetError},
     },
     policy::{self, CompileError, Compiled, Config, ConfigError, Live, ObjectRef, Store},
@@ -84,7 +84,14 @@ pub struct Control {
     kubernetes: std::sync::atomic::AtomicBool,
     /// The pods (workloads with their own network namespace) of the policy in force.
     pods: tokio::sync::watch::Sender<Vec<Pod>>,
+    /// Kubernetes pods in a network namespace of their own (the CNI's): the tc backstop goes
+    /// on the node side of their veth. By pod: (namespace identity, a path to it).
+    pod_netns: RwLock<PodNamespaces>,
 }
+
+/// Kubernetes pods' own network namespaces: by pod, (the namespace's (device, inode), a path
+/// to it).
+pub type PodNamespaces = BTreeMap<ObjectRef, ((u64, u64), PathBuf)>;
 
 impl Control {
     pub fn new(
@@ -105,7 +112,21 @@ impl Control {
             dirs: RwLock::default(),
             kubernetes: Default::default(),
             pods: tokio::sync::watch::channel(Vec::new()).0,
+            pod_netns: RwLock::default(),
         }
+    }
+
+    /// Kubernetes mode: the pods' own network namespaces, for the next install; true when
+    /// they changed (a pod got or lost one), which needs an install.
+    pub fn set_pod_netns(&self, next: PodNamespaces) -> bool {
+        let mut cur = self.pod_netns.write().unwrap_or_else(|e| e.into_inner());
+        let same = cur.len() == next.len()
+            && cur
+                .iter()
+                .zip(&next)
+                .all(|((a, (x, _)), (b, (y, _)))| a == b && x == y);
+        *cur = next;
+        !same
     }
 
     /// Kubernetes mode: from the next install on, the kernel refuses (failMode closed) every
@@ -254,6 +275,21 @@ impl Control {
             }
             ifaces.push((p.host_if.clone(), ifindex, p.ip4, p.ip6));
         }
+        // Kubernetes pods in the CNI's namespaces: the node side of their veth.
+        let netns: Vec<_> = (self
+            .pod_netns
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter())
+        .filter_map(|(w, (_, path))| {
+            let id = compiled.workloads.iter().find(|(x, _)| x == w)?.1;
+            Some((id, path.clone()))
+        })
+        .collect();
+        for (id, i) in pod_iface::backstops(&netns) {
+            cgroups.push((egress_common::IFACE_TAG | i.ifindex as u64, id));
+            ifaces.push((i.host_if, i.ifindex, i.ip4, i.ip6));
+        }
         let mut dp = self.datapath();
         for (name, ifindex, ip4, ip6) in &ifaces {
             // Before the set that judges the interface: the backstop's anti-spoof needs them.
@@ -361,6 +397,20 @@ impl Control {
         Ok(applied)
     }
 
+    /// `policy preview`: the policy `text` would make ([`Store::candidate`]), compiled with
+    /// the workload ids in force; nothing changes.
+    pub fn candidate(
+        &self,
+        text: &str,
+        file: &str,
+        replace: bool,
+        kubernetes: bool,
+    ) -> Result<Compiled, ControlError> {
+        let add = Store::parse_fragment(text, file)?;
+        let cfg = self.store().candidate(&add, file, replace, kubernetes)?;
+        Ok(policy::compile_stable(&cfg, &self.live.get().ids())?)
+    }
+
     /// `egress enable|disable`: one u32 in the policy in force, no rebuild.
     pub fn set_enable_egress(&self, enable: bool, who: &str) -> Result<Applied, ControlError> {
         self.local_change()?;
@@ -430,8 +480,9 @@ impl Control {
             protocol: egress_common::proto::name(protocol).into(),
             verdict: d.outcome.name().into(),
             refused: d.outcome.is_denied(),
-            rule: rule.map(|r| r.egress.to_string()).unwrap_or_default(),
-            reason: reason(d.outcome, rule.map(|r| r.egress.to_string())),
+            rule: rule.map(|r| r.name()).unwrap_or_default(),
+            reason: crate::policy::tiers::explain(d.outcome, rule.map(|r| (r.kind, &r.egress)))
+                .unwrap_or_else(|| reason(d.outcome, rule.map(|r| r.egress.to_string()))),
             hosts,
             generation: self.generation(),
         })
@@ -475,7 +526,7 @@ fn reason(o: egress_common::Outcome, rule: Option<String>) -> String {
         DenyDefault => "no Egress rule matches and enableEgress is false".into(),
         DenyProxyPort => "the proxy port is never dialled directly".into(),
         DenyError => "internal error, failMode closed".into(),
-        AuditRule => format!("would be denied by Egress {rule}; allowed by auditMode"),
+        AuditRule => format!("would be denied by Egress {rule}; allowed and reported (audit mode)"),
         AuditDefault => {
             "would be denied (no rule, enableEgress false); allowed by auditMode".into()
         }

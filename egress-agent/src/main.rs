@@ -4,7 +4,7 @@ use clap::{CommandFactory as _, Parser as _};
 use egress_agent::{
     admin::{
         cli::{Cli, Command, EgressAction, Flows, LogFormat},
-        client, local,
+        client, local, preview,
     },
     datapath::cgroups as workload,
     gateway, k8s, policy, run,
@@ -32,6 +32,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             allow_root_cgroup,
             flows,
             state_file,
+            history_size,
+            history_file,
             metrics_addr,
             kubernetes,
             node_name,
@@ -51,6 +53,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 admin_socket: socket,
                 metrics_addr,
                 state_file,
+                history_file,
+                history_size,
             };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -83,6 +87,15 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 c.rules.len(),
                 c.v4.len() + c.v6.len(),
                 c.config.enable_egress != 0
+            );
+            Ok(())
+        }
+        Command::Convert { file } => {
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| policy::ConfigError::unreadable(&file.display().to_string(), &e))?;
+            print!(
+                "{}",
+                policy::convert::convert(&text, &file.display().to_string())?
             );
             Ok(())
         }
@@ -124,7 +137,18 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Egress { action, .. } => Ok(client::egress(&socket, out, action)?),
         Command::Policy { action } => Ok(client::policy(&socket, out, action)?),
-        Command::Flows { follow, json } => Ok(client::flows(&socket, out, follow, json)?),
+        Command::Flows {
+            json,
+            aggregate: true,
+            since,
+            ..
+        } => Ok(preview::history(&socket, out.or_json(json), since)?),
+        Command::Flows {
+            follow,
+            json,
+            since,
+            ..
+        } => Ok(client::flows(&socket, out.or_json(json), follow, since)?),
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,

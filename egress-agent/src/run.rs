@@ -30,7 +30,9 @@ use crate::{
     policy::{self, Live, Store},
     proxy::{self, inpod::serve_pods, metrics::ProxyMetrics, Proxy},
     telemetry::{
+        audit::AuditMetrics,
         flows,
+        history::{self, History},
         kernel::HostDenials,
         metrics::{self, Metrics},
     },
@@ -48,6 +50,10 @@ pub struct RunOptions {
     /// Where the live policy is saved after every change. Default: next to the pins' name
     /// under /var/lib/egress.
     pub state_file: Option<PathBuf>,
+    /// Where the flow history is saved. Default: beside the state file.
+    pub history_file: Option<PathBuf>,
+    /// Entries the flow history keeps at most.
+    pub history_size: usize,
     /// Kubernetes mode: the node's pods and the policy CRDs instead of `config`.
     pub kubernetes: Option<k8s::Options>,
 }
@@ -209,6 +215,17 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let mut registry = prometheus_client::registry::Registry::default();
     let host_denials = HostDenials::default();
     let proxy_metrics = Arc::new(ProxyMetrics::register(&mut registry, host_denials.clone()));
+    let audit = AuditMetrics::register(&mut registry);
+    let history_file = opts
+        .history_file
+        .clone()
+        .unwrap_or_else(|| history::default_path(&state_file));
+    let history = Arc::new(
+        History::load(&history_file, opts.history_size).unwrap_or_else(|e| {
+            warn!(error = %e, "starting with an empty flow history");
+            History::new(opts.history_size)
+        }),
+    );
     let rejected = k8s::watch::RejectedMetrics::register(&mut registry);
     let metrics = Metrics::agent(registry, control.clone(), host_denials);
     let relay = Proxy::new(
@@ -222,9 +239,10 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             ..proxy::Limits::default()
         },
         proxy_metrics,
+        (audit.clone(), history.clone()),
     );
     let programs = control.datapath().attach(&root.path)?;
-    let hub = flows::Hub::new();
+    let hub = flows::Hub::new(audit, history.clone());
 
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(relay.clone().serve(listeners));
@@ -235,6 +253,11 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         tasks.spawn(serve_pods(k8s_pods.1, relay.clone(), port));
     }
     tasks.spawn(flows::run(events, live.clone(), hub.clone()));
+    tasks.spawn(history::save_every(
+        history.clone(),
+        history_file.clone(),
+        history::SAVE_EVERY,
+    ));
     tasks.spawn(admin::serve(
         admin_listener,
         control.clone(),
@@ -281,6 +304,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     }
     info!("stopping; the programs stay attached and keep enforcing the policy (`egress-agent uninstall` removes them)");
     tasks.shutdown().await;
+    if let Err(e) = history.save(&history_file) {
+        warn!(error = %e, "the flow history of this run is lost");
+    }
     drop(control);
     drop(leave);
     Ok(())

@@ -108,7 +108,10 @@ impl Decision {
 /// destinations are untouched; the segment of the destination's port (where the agent already
 /// resolved deny over proxy over allow) decides; an unmatched destination passes when
 /// `enableEgress` is on and is refused otherwise. Audit mode turns every refusal by policy into
-/// an allowed, reported one.
+/// an allowed, reported one. A deny of a policy in audit mode (the compiler put it in the
+/// segment as [`action::AUDIT_ALLOW`] or [`action::AUDIT_DEFAULT`]) changes nothing the
+/// enforced policies decide; where they let the connection through, it is reported as audited
+/// with the audited policy's rule.
 #[inline(always)]
 pub fn decide(cfg: &MeshConfig, q: &Query, rules: Option<&PolicyValue>) -> Decision {
     if q.to_proxy {
@@ -150,6 +153,10 @@ pub fn decide(cfg: &MeshConfig, q: &Query, rules: Option<&PolicyValue>) -> Decis
         // Only TCP can be proxied; the agent never puts proxy segments in other classes.
         action::PROXY if q.proto == proto::TCP => Decision::new(Outcome::Proxy, rule_id),
         action::ALLOW => Decision::new(Outcome::Allow, rule_id),
+        action::AUDIT_ALLOW => Decision::new(Outcome::AuditRule, rule_id),
+        action::AUDIT_DEFAULT if cfg.enable_egress != 0 => {
+            Decision::new(Outcome::AuditRule, rule_id)
+        }
         _ if cfg.enable_egress != 0 => Decision::new(Outcome::Pass, 0),
         _ if audit => Decision::new(Outcome::AuditDefault, 0),
         _ => Decision::new(Outcome::DenyDefault, 0),
@@ -284,6 +291,34 @@ mod tests {
             decide(&c, &q(proto::UDP, 54), Some(&v)).outcome,
             Outcome::DenyDefault
         );
+    }
+
+    #[test]
+    fn audited_denies_report_and_never_refuse() {
+        let v = value(
+            &[
+                seg(80, 80, action::AUDIT_ALLOW, 7),
+                seg(81, 81, action::AUDIT_DEFAULT, 8),
+                seg(82, 82, action::DENY, 9),
+            ],
+            &[],
+            &[],
+        );
+        for (enable, mesh_audit, port, want) in [
+            // Over an enforced allow: through and reported, whatever enableEgress says.
+            (true, false, 80, Decision::new(Outcome::AuditRule, 7)),
+            (false, false, 80, Decision::new(Outcome::AuditRule, 7)),
+            // Where nothing enforced matches, enableEgress decides as for an unmatched port.
+            (true, false, 81, Decision::new(Outcome::AuditRule, 8)),
+            (false, false, 81, Decision::new(Outcome::DenyDefault, 0)),
+            (false, true, 81, Decision::new(Outcome::AuditDefault, 0)),
+            // An enforced deny next to them still refuses.
+            (true, false, 82, Decision::new(Outcome::DenyRule, 9)),
+        ] {
+            let d = decide(&cfg(enable, mesh_audit), &q(proto::TCP, port), Some(&v));
+            assert_eq!(d, want, "enable {enable} audit {mesh_audit} port {port}");
+            assert_eq!(d.outcome.is_denied(), want.outcome.is_denied());
+        }
     }
 
     #[test]

@@ -24,7 +24,7 @@ pub use maps::*;
 
 /// Layout version of the maps and programs. Pins live under `<pin dir>/v<LAYOUT_VERSION>/`;
 /// bump it whenever any type in this crate changes shape.
-pub const LAYOUT_VERSION: u32 = 7;
+pub const LAYOUT_VERSION: u32 = 8;
 
 /// IP protocol numbers as they appear in `bpf_sock_addr.protocol`.
 pub mod proto {
@@ -34,6 +34,8 @@ pub mod proto {
     pub const UDP: u8 = 17;
     pub const ICMP: u8 = 1;
     pub const ICMPV6: u8 = 58;
+    /// SCTP: judged in the class of every other protocol (NetworkPolicy ports may name it).
+    pub const SCTP: u8 = 132;
 
     /// The protocol's label in flows and metrics (`other` for any protocol but TCP and UDP).
     pub fn name(p: u8) -> &'static str {
@@ -53,4 +55,10 @@ pub mod action {
     pub const PROXY: u8 = 2;
     /// Refuse it: EPERM from connect()/sendmsg(), no packet sent.
     pub const DENY: u8 = 3;
+    /// A deny of a policy in audit mode (`spec.mode: audit`) over a port where an enforced
+    /// allow wins: let through directly and reported as audited (segment values only).
+    pub const AUDIT_ALLOW: u8 = 4;
+    /// A deny of a policy in audit mode where no enforced rule matches: `enableEgress`
+    /// decides as if unmatched; when it lets the connection through, it is reported as audited.
+    pub const AUDIT_DEFAULT: u8 = 5;
 }

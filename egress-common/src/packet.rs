@@ -196,17 +196,14 @@ pub fn parse<B: Bytes + ?Sized>(b: &B, l3: usize, ipv6: bool) -> Packet {
 #[inline(always)]
 fn parse_v4<B: Bytes + ?Sized>(b: &B, l3: usize) -> Packet {
     let none = Packet::new(SockAddr::default(), SockAddr::default());
-    let (Some(vihl), Some(total), Some(frag), Some(id), Some(p), Some(s), Some(d)) = (
-        b.u8_at(l3),
-        b.be16(l3 + 2),
-        b.be16(l3 + 6),
-        b.be16(l3 + 4),
-        b.u8_at(l3 + 9),
-        b.load::<4>(l3 + 12),
-        b.load::<4>(l3 + 16),
-    ) else {
+    // The fixed header in one read (each read is a helper call in the kernel).
+    let Some(h) = b.load::<20>(l3) else {
         return none.with(Class::Malformed);
     };
+    let be16 = |i: usize| u16::from_be_bytes([h[i], h[i + 1]]);
+    let (vihl, total, id, frag, p) = (h[0], be16(2), be16(4), be16(6), h[9]);
+    let s = [h[12], h[13], h[14], h[15]];
+    let d = [h[16], h[17], h[18], h[19]];
     let mut pkt = Packet::new(SockAddr::v4(s, 0), SockAddr::v4(d, 0));
     pkt.proto = p;
     let ihl = ((vihl & 0x0f) as usize) * 4;
@@ -262,15 +259,15 @@ fn v4_source_routed<B: Bytes + ?Sized>(b: &B, start: usize, len: usize) -> bool 
 #[inline(always)]
 fn parse_v6<B: Bytes + ?Sized>(b: &B, l3: usize) -> Packet {
     let none = Packet::new(SockAddr::default(), SockAddr::default());
-    let (Some(v), Some(payload), Some(next), Some(s), Some(d)) = (
-        b.u8_at(l3),
-        b.be16(l3 + 4),
-        b.u8_at(l3 + 6),
-        b.load::<16>(l3 + 8),
-        b.load::<16>(l3 + 24),
-    ) else {
+    // The fixed header in one read (each read is a helper call in the kernel).
+    let Some(h) = b.load::<40>(l3) else {
         return none.with(Class::Malformed);
     };
+    let (v, payload, next) = (h[0], u16::from_be_bytes([h[4], h[5]]), h[6]);
+    let mut s = [0u8; 16];
+    let mut d = [0u8; 16];
+    s.copy_from_slice(&h[8..24]);
+    d.copy_from_slice(&h[24..40]);
     let mut pkt = Packet::new(SockAddr::v6(s, 0), SockAddr::v6(d, 0));
     if v >> 4 != 6 {
         return pkt.with(Class::Malformed);
@@ -352,11 +349,11 @@ fn transport<B: Bytes + ?Sized>(b: &B, l4: usize, mut pkt: Packet) -> Packet {
         return pkt;
     }
     if has_ports(p) {
-        let (Some(sp), Some(dp)) = (b.be16(l4), b.be16(l4 + 2)) else {
+        let Some(ports) = b.load::<4>(l4) else {
             return pkt.with(Class::Malformed);
         };
-        pkt.src.port = sp as u32;
-        pkt.dst.port = dp as u32;
+        pkt.src.port = u16::from_be_bytes([ports[0], ports[1]]) as u32;
+        pkt.dst.port = u16::from_be_bytes([ports[2], ports[3]]) as u32;
         if p == proto::TCP {
             let Some(flags) = b.u8_at(l4 + 13) else {
                 return pkt.with(Class::Malformed);

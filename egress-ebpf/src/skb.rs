@@ -129,13 +129,15 @@ pub fn egress(ctx: &SkBuffContext) -> i32 {
         Class::Malformed => s::DROP_MALFORMED,
         Class::Judge | Class::LaterFragment => 0,
     };
-    if bad == 0 && !sk.is_null() {
-        // A listening socket sends only SYN-ACKs: answers to peers connecting in.
-        let state = unsafe { read_volatile(&(*sk).state) };
-        if state == BPF_TCP_LISTEN || sock_marks(sk.cast()) & s::INBOUND != 0 {
-            return PASS; // an accepted connection's replies
-        }
-    }
+    // A listening socket sends only SYN-ACKs (answers to peers connecting in); a socket its
+    // listener accepted sends replies. Asked only when a packet would not pass otherwise:
+    // the common case (a cached pass) skips the socket storage lookup.
+    let answers = || {
+        bad == 0
+            && !sk.is_null()
+            && (unsafe { read_volatile(&(*sk).state) } == BPF_TCP_LISTEN
+                || sock_marks(sk.cast()) & s::INBOUND != 0)
+    };
 
     let set = active_set();
     let cfg = CONFIG.get(set);
@@ -163,13 +165,16 @@ pub fn egress(ctx: &SkBuffContext) -> i32 {
         // SAFETY: copied out at once.
         if let Some(v) = unsafe { DST_VERDICTS.get(&key) }.copied() {
             if v.generation == c.generation && bad == 0 {
-                if v.drop == 0 {
+                if v.drop == 0 || answers() {
                     return PASS;
                 }
                 count(v.workload_id, v.drop);
                 return DROP;
             }
         }
+    }
+    if answers() {
+        return PASS;
     }
 
     let w = workload_of(cg, set, cfg.map(|c| c.root_level), |level| unsafe {

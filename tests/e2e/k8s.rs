@@ -20,11 +20,11 @@ use crate::harness::{
     FakeApiServer, Netns, TcpServer, AGENT, CLIENT,
 };
 
-const EPERM: &str = "err EPERM";
-const ALLOWED: &str = "err ECONNREFUSED";
-const NODE: &str = "node-a";
+pub(crate) const EPERM: &str = "err EPERM";
+pub(crate) const ALLOWED: &str = "err ECONNREFUSED";
+pub(crate) const NODE: &str = "node-a";
 
-fn verdict(dir: &Path, ip: &str) -> &'static str {
+pub(crate) fn verdict(dir: &Path, ip: &str) -> &'static str {
     let out = client_in_cgroup(dir, &["tcp", ip, "9"]);
     if out.starts_with(EPERM) {
         EPERM
@@ -36,7 +36,7 @@ fn verdict(dir: &Path, ip: &str) -> &'static str {
 }
 
 /// Waits until `f` returns true (10 s at most).
-fn eventually(what: &str, agent: &Agent, f: impl Fn() -> bool) {
+pub(crate) fn eventually(what: &str, agent: &Agent, f: impl Fn() -> bool) {
     assert!(
         wait_until(Duration::from_secs(10), f),
         "never: {what}\nagent log:\n{}",
@@ -44,11 +44,11 @@ fn eventually(what: &str, agent: &Agent, f: impl Fn() -> bool) {
     );
 }
 
-fn uid(n: u32) -> String {
+pub(crate) fn uid(n: u32) -> String {
     format!("{n:08x}-0d4e-4f5a-8b6c-{:012x}", std::process::id())
 }
 
-fn pod(name: &str, uid: &str, app: &str, qos: &str, node: &str) -> Value {
+pub(crate) fn pod(name: &str, uid: &str, app: &str, qos: &str, node: &str) -> Value {
     json!({"apiVersion": "v1", "kind": "Pod",
            "metadata": {"name": name, "namespace": "shop", "uid": uid, "labels": {"app": app}},
            "spec": {"nodeName": node, "containers": [{"name": "main", "image": "busybox"}]},
@@ -63,7 +63,7 @@ fn egress(port: i64) -> Value {
 }
 
 /// The kubelet's and the runtime's part: the pod cgroup and one container cgroup in it.
-fn make_pod(
+pub(crate) fn make_pod(
     tree: &CgroupTree,
     kubepods: &str,
     driver: Driver,
@@ -76,7 +76,7 @@ fn make_pod(
     tree.mkdir(rel.join(container_dir(driver, container).expect("container id")))
 }
 
-fn metric(agent: &Agent, name: &str) -> Option<f64> {
+pub(crate) fn metric(agent: &Agent, name: &str) -> Option<f64> {
     let (_, body) = agent.http_get("/metrics");
     body.lines()
         .find(|l| l.starts_with(name))
@@ -102,13 +102,28 @@ fn cluster_cli(kubeconfig: &Path, args: &[&str]) -> String {
 /// An agent in Kubernetes mode for node NODE on the kubepods cgroup `root`, against `fake`,
 /// whose MeshConfig `egress` (enableEgress false, this agent's proxy port) is put first.
 /// Started, and ready. Returns it and its kubeconfig file.
-fn kube_agent(fake: &FakeApiServer, root: PathBuf) -> (Agent, PathBuf) {
+pub(crate) fn kube_agent(fake: &FakeApiServer, root: PathBuf) -> (Agent, PathBuf) {
+    kube_agent_in(fake, root, None, json!({}))
+}
+
+/// [`kube_agent`] in network namespace `netns` (a test's node), with `more` added to the
+/// MeshConfig's spec.
+pub(crate) fn kube_agent_in(
+    fake: &FakeApiServer,
+    root: PathBuf,
+    netns: Option<&Path>,
+    more: Value,
+) -> (Agent, PathBuf) {
     let mut agent = Agent::new("");
+    agent.netns = netns.map(Path::to_path_buf);
+    let mut spec = json!({"traffic": {"enableEgress": false}, "proxy": {"port": agent.proxy_port}});
+    if let (Some(s), Some(m)) = (spec.as_object_mut(), more.as_object()) {
+        s.extend(m.clone());
+    }
     fake.put(
         "meshconfigs",
         json!({"apiVersion": "policy.egress.dev/v1alpha1", "kind": "MeshConfig",
-               "metadata": {"name": "egress"},
-               "spec": {"traffic": {"enableEgress": false}, "proxy": {"port": agent.proxy_port}}}),
+               "metadata": {"name": "egress"}, "spec": spec}),
     );
     let kubeconfig = agent.config.with_extension("kubeconfig");
     fake.write_kubeconfig(&kubeconfig).unwrap();
@@ -355,13 +370,13 @@ fn kubernetes_cgroupfs_driver_cri_o() {
 /// A pod's own network namespace as the CNI makes it (here only loopback), with its sandbox
 /// process (`sleep`, standing in for pause) in the sandbox's container cgroup. Removed, and
 /// the process killed, when dropped.
-struct PodNetns {
-    netns: Netns,
+pub(crate) struct PodNetns {
+    pub(crate) netns: Netns,
     sandbox: Child,
 }
 
 impl PodNetns {
-    fn new(sandbox_cgroup: &Path, tag: &str) -> PodNetns {
+    pub(crate) fn new(sandbox_cgroup: &Path, tag: &str) -> PodNetns {
         let netns = Netns::new(&format!("egress-k8s-{}-{tag}", std::process::id()));
         // Into the cgroup first, then the namespace (nsenter keeps the host's /sys, where
         // the cgroup hierarchy is; `ip netns exec` would remount it).
@@ -385,7 +400,7 @@ impl PodNetns {
     }
 
     /// client.py inside the pod: in its namespace and in container cgroup `dir`.
-    fn client(&self, dir: &Path, args: &[&str]) -> String {
+    pub(crate) fn client(&self, dir: &Path, args: &[&str]) -> String {
         let out = in_cgroup(dir, "nsenter")
             .arg(format!("--net={}", self.netns.path().display()))
             .args(["python3", CLIENT])
@@ -404,6 +419,32 @@ impl Drop for PodNetns {
     }
 }
 
+/// A Burstable pod of the systemd driver with uid `u`: its sandbox process in its own network
+/// namespace, and an empty application container cgroup (returned, with the namespace).
+pub(crate) fn pod_in_netns(
+    tree: &CgroupTree,
+    kubepods: &str,
+    u: &str,
+    tag: &str,
+) -> (PathBuf, PodNetns) {
+    let driver = Driver::Systemd;
+    let sandbox = make_pod(
+        tree,
+        kubepods,
+        driver,
+        Qos::Burstable,
+        u,
+        &format!("containerd://{}", "5a".repeat(32)),
+    );
+    let app = sandbox
+        .parent()
+        .unwrap()
+        .join(container_dir(driver, &format!("containerd://{}", "a9".repeat(32))).unwrap());
+    std::fs::create_dir(&app).unwrap();
+    let netns = PodNetns::new(&sandbox, tag);
+    (app, netns)
+}
+
 /// A pod in its own network namespace (not the node's): a `via: proxy` rule redirects its
 /// connection to 127.0.0.1:<proxy port> inside the pod, where the agent opened a listener
 /// (found through the pod's cgroup), and the proxy reaches the destination from the node. The
@@ -414,26 +455,12 @@ fn kubernetes_pod_in_its_own_netns_uses_the_in_pod_proxy() {
         return;
     }
     let kubepods = "kubepods.slice";
-    let driver = Driver::Systemd;
     let tree = CgroupTree::new();
     tree.mkdir(kubepods);
     let fake = FakeApiServer::start();
     let server = TcpServer::start("127.79.0.1");
     let u = uid(0x70);
-    let sandbox = make_pod(
-        &tree,
-        kubepods,
-        driver,
-        Qos::Burstable,
-        &u,
-        &format!("containerd://{}", "5a".repeat(32)),
-    );
-    let app = sandbox
-        .parent()
-        .unwrap()
-        .join(container_dir(driver, &format!("containerd://{}", "a9".repeat(32))).unwrap());
-    std::fs::create_dir(&app).unwrap();
-    let netns = PodNetns::new(&sandbox, "api");
+    let (app, netns) = pod_in_netns(&tree, kubepods, &u, "api");
     fake.put("pods", pod("api-1", &u, "api", "Burstable", NODE));
     fake.put(
         "egresses",

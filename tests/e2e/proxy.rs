@@ -18,7 +18,7 @@ const HELLO: &str = concat!(
 );
 
 /// `curl` inside the workload with `host` resolved to `ip`; returns (exit code, http code, body).
-fn curl(agent: &Agent, scheme: &str, host: &str, ip: &str, port: u16) -> (i32, String, String) {
+pub fn curl(agent: &Agent, scheme: &str, host: &str, ip: &str, port: u16) -> (i32, String, String) {
     let resolve = format!("{host}:{port}:{ip}");
     let url = format!("{scheme}://{host}:{port}/");
     let out = agent.exec(

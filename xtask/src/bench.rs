@@ -21,6 +21,7 @@ use anyhow::Context as _;
 use crate::{
     bench_env::{ensure_packages, run_in, run_quiet, Env},
     bench_measure::{self as measure, Mode, FULL, QUICK},
+    bench_preview,
     bench_report::{self as report, Report, Row, Table, Verdict},
     bench_work::{self as work, Route},
 };
@@ -34,26 +35,46 @@ const PACKAGES: &[&str] = &[
     "iptables",
     "gcc",
     "curl",
+    "bpftool",
 ];
+/// Builds the release agent; its path.
+pub fn release_agent(root: &Path) -> anyhow::Result<std::path::PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let argv = [
+        &cargo,
+        "build",
+        "--release",
+        "--quiet",
+        "-p",
+        "egress-agent",
+    ];
+    run_in(root, &argv)?;
+    Ok(root.join("target/release/egress-agent"))
+}
+
+/// `cargo xtask bench --preview`: only W9 (policy preview), with the release agent; no root.
+pub fn preview_only(root: &Path) -> anyhow::Result<()> {
+    let agent = release_agent(root)?;
+    let work = root.join("target/bench/preview");
+    let w9 = bench_preview::measure(&agent, &work)?;
+    let report = Report {
+        mode: "preview",
+        machine: machine(),
+        verdicts: vec![bench_preview::verdict(&w9)],
+        tables: vec![w9],
+        notes: Vec::new(),
+    };
+    println!("{}", report::text(&report));
+    Ok(())
+}
+
 pub fn bench(root: &Path, full: bool) -> anyhow::Result<()> {
     let mode = if full { FULL } else { QUICK };
     let started = Instant::now();
     eprintln!("==> setup (scripts/setup.sh) and the release agent");
     run_in(root, &["bash", "scripts/setup.sh"])?;
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    run_in(
-        root,
-        &[
-            &cargo,
-            "build",
-            "--release",
-            "--quiet",
-            "-p",
-            "egress-agent",
-        ],
-    )?;
+    let agent = release_agent(root)?;
     ensure_packages(PACKAGES)?;
-    let agent = root.join("target/release/egress-agent");
     let mut env = Env::new(&agent)?;
     eprintln!(
         "==> bench ({} mode) in network namespace {}, cgroup root {}, pins {}",
@@ -299,8 +320,10 @@ fn run(root: &Path, env: &mut Env, mode: &Mode) -> anyhow::Result<Report> {
     let [w1, w2, w3] = measure::http_and_bulk(env, &routes, mode)?;
     let (w5, decays) = measure::churn(env, &routes, mode)?;
     let (w4, w7) = measure::connect(env, &connbench, mode)?;
+    let k1 = crate::bench_kernel::programs(env, &connbench, &routes[1], mode)?;
     let w4r = measure::redirect(env, &connbench, mode, &w4)?;
     let w8 = measure::apply(env, mode)?;
+    let w9 = bench_preview::measure(&env.agent, &env.work.join("preview"))?;
     if let Some(kib) = work::rss_kib(agent_pid) {
         notes.push(format!(
             "agent RSS after the runs: {:.1} MiB",
@@ -351,6 +374,12 @@ fn run(root: &Path, env: &mut Env, mode: &Mode) -> anyhow::Result<Report> {
         target: "connect() added < 0.3 µs".into(),
         measured: added.map_or("-".into(), |a| format!("{:.3} µs", a / 1e3)),
         pass: added.map(|a| a < 300.0),
+    });
+    let k = k1.rows[2].value().filter(|v| v.is_finite());
+    verdicts.push(Verdict {
+        target: "connect() added < 0.3 µs (kernel accounting, K1)".into(),
+        measured: k.map_or("-".into(), |a| format!("{:.3} µs", a / 1e3)),
+        pass: k.map(|a| a < 300.0),
     });
     let eperm = w7.rows[0].value();
     verdicts.push(Verdict {
@@ -429,6 +458,7 @@ fn run(root: &Path, env: &mut Env, mode: &Mode) -> anyhow::Result<Report> {
     let busy = |t: &Table| t.rows.iter().any(Row::busy);
     let sources = [
         busy(&w4),
+        false, // K1: the kernel's accounting, not wall-clock
         busy(&w7),
         busy(&w1),
         busy(&w1),
@@ -442,11 +472,12 @@ fn run(root: &Path, env: &mut Env, mode: &Mode) -> anyhow::Result<Report> {
             v.measured.push_str(" *busy*");
         }
     }
+    verdicts.push(bench_preview::verdict(&w9));
     verdicts.extend(verdicts_pkt);
     Ok(Report {
         mode: mode.name,
         machine: machine(),
-        tables: vec![w1, w2, w3, n1, n2, n3, w5, w4, w4r, w7, w8],
+        tables: vec![w1, w2, w3, n1, n2, n3, w5, w4, k1, w4r, w7, w8, w9],
         verdicts,
         notes,
     })

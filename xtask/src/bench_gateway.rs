@@ -85,20 +85,8 @@ CONNECT to squid (127.0.9.2). *proxy cpu* is redsocks'.\n\n";
 pub fn bench(root: &Path) -> anyhow::Result<()> {
     eprintln!("==> setup (scripts/setup.sh) and the release agent");
     run_in(root, &["bash", "scripts/setup.sh"])?;
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    run_in(
-        root,
-        &[
-            &cargo,
-            "build",
-            "--release",
-            "--quiet",
-            "-p",
-            "egress-agent",
-        ],
-    )?;
+    let agent = crate::bench::release_agent(root)?;
     ensure_packages(PACKAGES)?;
-    let agent = root.join("target/release/egress-agent");
     let mut env = Env::new(&agent)?;
     eprintln!("==> gateway bench in network namespace {}", env.ns);
     let result = run(&mut env);

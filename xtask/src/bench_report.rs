@@ -75,7 +75,11 @@ runs `wrk -d1s -H 'Connection: close'` back to back (10 s in --quick, 60 s in --
 rate ratio, the namespace's TcpRetransSegs delta and its TIME_WAIT sockets. W4r: \
 TCP socket()+connect()+close(RST) outside every workload to one nginx listener \
 (127.0.0.1:8081), dialled directly and through an iptables `nat OUTPUT REDIRECT` \
-(127.65.0.1:8081), to show what the rule adds per connect beside the eBPF hook (W4).\n\n";
+(127.65.0.1:8081), to show what the rule adds per connect beside the eBPF hook (W4). \
+K1 reads the kernel's own per-program accounting (`kernel.bpf_stats_enabled`, `bpftool prog \
+show` for the programs attached to the bench's cgroup root) around W4's in-workload run and a \
+keep-alive wrk run on `egress-allow`: ns per run of `sock_create`, `connect4` and the \
+per-packet `skb_egress`, which other load on the machine hardly moves.\n\n";
 
 pub fn median(mut v: Vec<f64>) -> Option<f64> {
     v.retain(|x| x.is_finite());

@@ -3,7 +3,9 @@
 mod bench;
 mod bench_env;
 mod bench_gateway;
+mod bench_kernel;
 mod bench_measure;
+mod bench_preview;
 mod bench_report;
 mod bench_work;
 mod cmd;
@@ -49,6 +51,10 @@ enum Task {
         /// redsocks → dante/squid; writes docs/benchmarks-gateway.md.
         #[arg(long, conflicts_with_all = ["quick", "full"])]
         gateway: bool,
+        /// Instead: only W9, `policy preview` of a 10k-rule candidate against 100k history
+        /// entries, without an agent (no root).
+        #[arg(long, conflicts_with_all = ["quick", "full", "gateway"])]
+        preview: bool,
     },
     /// Check the source layout: no import cycle between files, no file over 600 lines.
     Layout {
@@ -65,6 +71,7 @@ fn main() -> ExitCode {
         Task::Test { args } => cmd::test(&root, &args),
         Task::Demo => cmd::demo(&root),
         Task::Bench { gateway: true, .. } => bench_gateway::bench(&root),
+        Task::Bench { preview: true, .. } => bench::preview_only(&root),
         Task::Bench { full, .. } => bench::bench(&root, full),
         Task::Layout { edges } => layout::layout(&root, edges),
     };

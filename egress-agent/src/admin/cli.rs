@@ -41,13 +41,25 @@ pub enum Output {
     Json,
 }
 
+impl Output {
+    /// JSON when `json` (a verb's own `--json`) is set.
+    pub fn or_json(self, json: bool) -> Self {
+        if json {
+            Output::Json
+        } else {
+            self
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the agent: enforce the policy on its workloads, serve the proxy, the admin API and
     /// the metrics until SIGTERM/SIGINT. Enforcement stays after the agent stops (see uninstall);
     /// a restart on the same pins resumes the live policy without a gap.
     Run {
-        /// Policy file: MeshConfig, Workload, Egress and EgressGateway documents (YAML).
+        /// Policy file: MeshConfig, Workload, Egress, EgressGateway, NetworkPolicy and
+        /// Namespace documents (YAML).
         /// Not used with --kubernetes.
         #[arg(
             long,
@@ -58,7 +70,8 @@ pub enum Command {
         config: Option<PathBuf>,
         /// Kubernetes mode: the workloads are this node's pods (watched with the field
         /// selector spec.nodeName), the policy is the MeshConfig, Egress and EgressGateway
-        /// objects (CRDs, policy.egress.dev/v1alpha1); --cgroup-root is the kubepods cgroup.
+        /// objects (CRDs, policy.egress.dev/v1alpha1) with the NetworkPolicies,
+        /// AdminNetworkPolicies and Namespaces; --cgroup-root is the kubepods cgroup.
         /// The API server is found from KUBECONFIG or, in a pod, the ServiceAccount.
         #[arg(long, requires = "node_name")]
         kubernetes: bool,
@@ -92,6 +105,14 @@ pub enum Command {
         /// Default: /var/lib/egress/<pin dir name>.policy.yaml.
         #[arg(long, value_name = "FILE")]
         state_file: Option<PathBuf>,
+        /// Entries the flow history keeps (per workload, destination, protocol and host);
+        /// when full, those seen least recently make room.
+        #[arg(long, value_name = "N", default_value_t = crate::telemetry::history::DEFAULT_SIZE)]
+        history_size: usize,
+        /// Where the flow history is saved (every 30 s and at stop) for restarts.
+        /// Default: beside the state file, <name>.flows.json.
+        #[arg(long, value_name = "FILE")]
+        history_file: Option<PathBuf>,
     },
     /// Run a command inside a workload of a running standalone agent.
     Exec {
@@ -113,6 +134,12 @@ pub enum Command {
         /// does not hold.
         #[arg(long)]
         kubernetes: bool,
+    },
+    /// Print FILE with its OSM and FSM Egress objects as policy.egress.dev ones (for
+    /// `kubectl apply -f -`); a field that cannot be honoured is refused by name (exit 2).
+    Convert {
+        #[arg(long, short = 'f', value_name = "FILE")]
+        file: PathBuf,
     },
     /// Toggle egress mesh-wide (OSM/FSM enableEgress), or show the agent's state.
     /// With --kubernetes: patch the MeshConfig object so every node converges, and show the
@@ -136,11 +163,18 @@ pub enum Command {
         #[command(subcommand)]
         action: PolicyAction,
     },
-    /// Show recent verdicts (refused, proxied, audited; all with `run --flows all`).
+    /// Show recent verdicts (refused, proxied, audited; all with `run --flows all`), or with
+    /// --aggregate the flow history: one line per workload, destination, protocol and host.
     Flows {
         /// Keep streaming new flows.
-        #[arg(long, short = 'f')]
+        #[arg(long, short = 'f', conflicts_with = "aggregate")]
         follow: bool,
+        /// The flow history, aggregated, instead of the recent verdicts.
+        #[arg(long)]
+        aggregate: bool,
+        /// Only flows seen within this long: 90s, 30m, 1h, 2d.
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        since: Option<std::time::Duration>,
         /// JSON lines (same as -o json).
         #[arg(long)]
         json: bool,
@@ -191,20 +225,52 @@ pub enum EgressAction {
 
 #[derive(Debug, Subcommand)]
 pub enum PolicyAction {
-    /// Add or replace the objects of FILE (MeshConfig, Workload, Egress, EgressGateway) in the
-    /// live policy.
+    /// Add or replace the objects of FILE (MeshConfig, Workload, Egress, EgressGateway,
+    /// NetworkPolicy, Namespace) in the live policy.
     Apply {
         #[arg(long, short = 'f', value_name = "FILE")]
         file: PathBuf,
     },
-    /// List the Egress policies in force.
+    /// List the policies in force (Egress and NetworkPolicy objects).
     List,
     /// Remove an Egress policy: NAME or NAMESPACE/NAME.
     Delete {
         #[arg(value_name = "NAME")]
         name: String,
     },
-    /// What the kernel decides for a workload's connection, and which rule decides it.
+    /// Which connections of the flow history a candidate policy would treat differently
+    /// (allowed -> refused, refused -> allowed, direct -> proxied, ...), judged by the same
+    /// compiler and decision as `apply`; nothing changes. Exit 0; with --fail-on-new-denies,
+    /// 1 when some flow would become refused; 2 for an invalid file or unknown workload.
+    Preview {
+        /// The candidate: objects added to (or replacing those of) the live policy, as
+        /// `policy apply -f` would; with --replace, the whole policy, as a reload would.
+        #[arg(long, short = 'f', value_name = "FILE")]
+        file: PathBuf,
+        #[arg(long)]
+        replace: bool,
+        /// FILE holds Kubernetes CRD objects (Egress, MeshConfig): a source may select pods
+        /// that do not run on this node; the node agent's pods stay the workloads.
+        #[arg(long)]
+        kubernetes: bool,
+        /// Only this workload's flows: NAME or NAMESPACE/NAME.
+        #[arg(long, short = 'w', value_name = "NAME")]
+        workload: Option<String>,
+        /// Only flows seen within this long: 90s, 30m, 1h, 2d.
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        since: Option<std::time::Duration>,
+        /// Exit 1 when the candidate would refuse a flow the policy in force lets through.
+        #[arg(long)]
+        fail_on_new_denies: bool,
+        /// Without an agent: the policy in force from this file (with --history).
+        #[arg(long, value_name = "FILE", requires = "history")]
+        current: Option<PathBuf>,
+        /// Without an agent: the flow history from this file (`flows --aggregate -o json`
+        /// or the agent's saved <name>.flows.json; with --current).
+        #[arg(long, value_name = "FILE", requires = "current")]
+        history: Option<PathBuf>,
+    },
+    /// What the kernel decides for a workload's connection, and which object decides it.
     Check {
         #[arg(long, short = 'w', value_name = "NAME")]
         workload: String,
@@ -220,4 +286,36 @@ pub enum PolicyAction {
 pub enum Flows {
     Denied,
     All,
+}
+
+/// `90s`, `30m`, `1h`, `2d` (a bare number is seconds).
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 90s, 30m, 1h, 2d"))?;
+    let secs = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("{s:?} is not a duration like 90s, 30m, 1h, 2d")),
+    };
+    Ok(std::time::Duration::from_secs(n.saturating_mul(secs)))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn durations() {
+        use std::time::Duration;
+        assert_eq!(super::parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(super::parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(
+            super::parse_duration("2d"),
+            Ok(Duration::from_secs(172_800))
+        );
+        assert!(super::parse_duration("1w").is_err());
+        assert!(super::parse_duration("h").is_err());
+    }
 }

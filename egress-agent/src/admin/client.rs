@@ -5,68 +5,12 @@ use std::path::Path;
 
 use serde_json::Value;
 
+pub use super::ask::Failed;
 use super::{
+    ask::{ask, n, print_json, runtime, s, unreachable},
     cli::{EgressAction, Output, PolicyAction},
-    protocol::{self, Request, Response},
+    protocol::{self, Request},
 };
-
-/// A failed verb: the message (one line) and the exit status.
-#[derive(Debug, thiserror::Error)]
-#[error("{message}")]
-pub struct Failed {
-    pub message: String,
-    pub status: u8,
-}
-
-impl Failed {
-    fn new(message: impl Into<String>, status: u8) -> Self {
-        Self {
-            message: message.into(),
-            status,
-        }
-    }
-}
-
-fn runtime() -> Result<tokio::runtime::Runtime, Failed> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| Failed::new(e.to_string(), 1))
-}
-
-/// The agent could not be asked (no socket, no answer): a runtime failure, exit status 1.
-fn unreachable(e: protocol::ClientError) -> Failed {
-    Failed::new(e.to_string(), 1)
-}
-
-/// One request, one answer.
-fn ask(socket: &Path, req: Request) -> Result<Value, Failed> {
-    let mut answer: Option<Response> = None;
-    runtime()?
-        .block_on(protocol::call(socket, &req, |r| {
-            answer = Some(r);
-            false
-        }))
-        .map_err(unreachable)?;
-    let r = answer.ok_or_else(|| Failed::new("no answer from the agent", 1))?;
-    if r.ok {
-        Ok(r.data)
-    } else {
-        Err(Failed::new(r.error, if r.invalid { 2 } else { 1 }))
-    }
-}
-
-fn print_json(v: &Value) {
-    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
-}
-
-fn s<'a>(v: &'a Value, k: &str) -> &'a str {
-    v.get(k).and_then(Value::as_str).unwrap_or("")
-}
-
-fn n(v: &Value, k: &str) -> u64 {
-    v.get(k).and_then(Value::as_u64).unwrap_or(0)
-}
 
 fn b(v: &Value, k: &str) -> bool {
     v.get(k).and_then(Value::as_bool).unwrap_or(false)
@@ -225,21 +169,43 @@ pub fn policy(socket: &Path, out: Output, action: PolicyAction) -> Result<(), Fa
                     .unwrap_or_else(|| "*".into())
             };
             println!(
-                "{:<32} {:>4} {:<6} {:<7} {:<24} {:<32} PORTS",
-                "NAME", "ID", "ACTION", "VIA", "SOURCES", "DESTINATIONS"
+                "{:<32} {:>4} {:<6} {:<7} {:<7} {:<24} {:<32} PORTS",
+                "NAME", "ID", "ACTION", "VIA", "MODE", "SOURCES", "DESTINATIONS"
             );
             for r in v.as_array().cloned().unwrap_or_default() {
                 println!(
-                    "{:<32} {:>4} {:<6} {:<7} {:<24} {:<32} {}",
+                    "{:<32} {:>4} {:<6} {:<7} {:<7} {:<24} {:<32} {}",
                     s(&r, "name"),
                     n(&r, "rule_id"),
                     s(&r, "action"),
                     s(&r, "via"),
+                    s(&r, "mode"),
                     join(&r, "sources"),
                     join(&r, "destinations"),
                     join(&r, "ports")
                 );
             }
+        }
+        PolicyAction::Preview {
+            file,
+            replace,
+            kubernetes,
+            workload,
+            since,
+            fail_on_new_denies,
+            current,
+            history,
+        } => {
+            let args = super::preview::PreviewArgs {
+                file: &file,
+                replace,
+                kubernetes,
+                workload,
+                since,
+                fail_on_new_denies,
+                offline: current.as_deref().zip(history.as_deref()),
+            };
+            return super::preview::preview(socket, out, args);
         }
         PolicyAction::Check {
             workload,
@@ -282,13 +248,25 @@ pub fn policy(socket: &Path, out: Output, action: PolicyAction) -> Result<(), Fa
     Ok(())
 }
 
-pub fn flows(socket: &Path, out: Output, follow: bool, json: bool) -> Result<(), Failed> {
-    let json = json || out == Output::Json;
+/// `flows [--follow] [--since D]`: the recent verdicts (those seen within `since`).
+pub fn flows(
+    socket: &Path,
+    out: Output,
+    follow: bool,
+    since: Option<std::time::Duration>,
+) -> Result<(), Failed> {
+    let json = out == Output::Json;
+    let since_ms = since.map_or(0, |d| {
+        crate::telemetry::flows::now_ms().saturating_sub(d.as_millis() as u64)
+    });
     let mut failure = None;
     runtime()?
         .block_on(protocol::call(socket, &Request::Flows { follow }, |r| {
             if !r.ok {
                 eprintln!("egress-agent: {}", r.error);
+                return true;
+            }
+            if n(&r.data, "time_ms") < since_ms {
                 return true;
             }
             if json {

@@ -33,13 +33,16 @@ pub fn exec(root: &Path, workload: &ObjectRef, cmd: &[String]) -> anyhow::Result
     Err(err).with_context(|| format!("cannot run {prog:?}"))
 }
 
-/// `egress-agent uninstall`: removes pins (detaching the programs), the saved live policy and
-/// empty cgroups.
+/// `egress-agent uninstall`: removes pins (detaching the programs), the saved live policy, the
+/// flow history beside it and empty cgroups.
 pub fn uninstall(pin_dir: &Path, cgroup_root: &Path, state_file: &Path) -> anyhow::Result<()> {
     let removed = bpf::remove_pins(pin_dir);
     println!("removed {} pins under {}", removed.len(), pin_dir.display());
-    if std::fs::remove_file(state_file).is_ok() {
-        println!("removed {}", state_file.display());
+    let history = crate::telemetry::history::default_path(state_file);
+    for f in [state_file, history.as_path()] {
+        if std::fs::remove_file(f).is_ok() {
+            println!("removed {}", f.display());
+        }
     }
     if let Ok(root) = CgroupRoot::new(cgroup_root, false) {
         for netns in podnet::remove_tagged(&root.path) {

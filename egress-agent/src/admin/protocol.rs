@@ -37,6 +37,22 @@ pub enum Request {
     Flows {
         follow: bool,
     },
+    /// The flow history, entries last seen at or after `since_ms` (Unix ms).
+    History {
+        since_ms: u64,
+    },
+    /// `policy preview`: the history judged under the live policy and under `text`.
+    Preview {
+        file: String,
+        text: String,
+        replace: bool,
+        /// The file holds CRD objects (sources may name pods of other nodes).
+        #[serde(default)]
+        kubernetes: bool,
+        #[serde(default)]
+        workload: Option<String>,
+        since_ms: u64,
+    },
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -103,6 +119,8 @@ pub struct EgressRow {
     pub rule_id: u32,
     pub action: String,
     pub via: String,
+    /// `enforce` or `audit`.
+    pub mode: String,
     pub sources: Vec<String>,
     pub destinations: Vec<String>,
     pub ports: Vec<String>,

@@ -122,7 +122,7 @@ async fn handle(
         req => {
             let c = control.clone();
             let who2 = who.clone();
-            tokio::task::spawn_blocking(move || dispatch(&c, req, &who2, &programs))
+            tokio::task::spawn_blocking(move || dispatch(&c, &hub, req, &who2, &programs))
                 .await
                 .unwrap_or_else(|e| Response::err(format!("internal error: {e}"), false))
         }
@@ -136,8 +136,20 @@ async fn reply(w: &mut tokio::net::unix::OwnedWriteHalf, resp: &Response) -> std
     w.write_all(s.as_bytes()).await
 }
 
-fn dispatch(c: &Control, req: Request, who: &str, programs: &[String]) -> Response {
+fn dispatch(c: &Control, hub: &Hub, req: Request, who: &str, programs: &[String]) -> Response {
     match req {
+        Request::History { since_ms } => Response::ok(hub.history.since(since_ms)),
+        Request::Preview {
+            file,
+            text,
+            replace,
+            kubernetes,
+            workload,
+            since_ms,
+        } => {
+            let candidate = c.candidate(&text, &file, replace, kubernetes);
+            super::preview::serve(c, &hub.history, candidate, &file, workload, since_ms)
+        }
         Request::Status => Response::ok(status(c, programs)),
         Request::SetEgress { enable } => c.set_enable_egress(enable, who).into(),
         Request::Apply { file, text } => {
@@ -238,10 +250,11 @@ fn list(c: &Control) -> Vec<EgressRow> {
         .iter()
         .zip(1u32..)
         .map(|(r, id)| EgressRow {
-            name: r.egress.to_string(),
+            name: r.name(),
             rule_id: id,
             action: format!("{:?}", r.action).to_lowercase(),
             via: format!("{:?}", r.via).to_lowercase(),
+            mode: if r.audit { "audit" } else { "enforce" }.into(),
             sources: r.workloads.iter().map(wname).collect(),
             destinations: r
                 .hosts

@@ -178,6 +178,28 @@ pub fn find(netns: &Path) -> Result<Vec<PodIface>, NetlinkError> {
     })
 }
 
+/// The node-side interfaces of every pod in `pods` (a key, such as the workload id, and the
+/// path of the pod's network namespace). A pod whose namespace cannot be read (gone, or no
+/// veth to this namespace) is skipped with a warning: the cgroup programs still judge it.
+pub fn backstops<K: Copy>(pods: &[(K, std::path::PathBuf)]) -> Vec<(K, PodIface)> {
+    let mut out = Vec::new();
+    for (key, netns) in pods {
+        match find(netns) {
+            Ok(list) if list.is_empty() => tracing::debug!(
+                netns = %netns.display(),
+                "no veth to this namespace: no tc backstop for this pod"
+            ),
+            Ok(list) => out.extend(list.into_iter().map(|i| (*key, i))),
+            Err(e) => tracing::warn!(
+                netns = %netns.display(),
+                error = %e,
+                "cannot find the pod's node-side interface: no tc backstop for it (the cgroup programs still judge it)"
+            ),
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,6 +13,7 @@
 
 pub mod appear;
 pub mod cgroups;
+pub mod pod;
 pub mod toggle;
 pub mod view;
 pub mod watch;

@@ -16,7 +16,8 @@ use std::{
 
 use serde_json::Value;
 
-use super::cgroups::{self, Qos};
+use super::cgroups;
+pub use super::pod::Pod;
 use crate::policy::{
     self, parse, validate::Objects, Config, ConfigError, Document, ObjectRef, PolicyObject, Store,
 };
@@ -24,51 +25,24 @@ use crate::policy::{
 /// The name errors give as the "file" of a policy object.
 pub const SOURCE: &str = "kubernetes";
 
-/// The policy kinds watched as CRDs, with their plural (URL) names and scope.
-pub const KINDS: [(&str, &str, bool); 3] = [
+/// The policy kinds watched (CRDs, then Kubernetes' own: see [`super::pod::api`]), with
+/// their plural (URL) names and scope.
+pub const KINDS: [(&str, &str, bool); 7] = [
     ("MeshConfig", "meshconfigs", false),
     ("Egress", "egresses", true),
     ("EgressGateway", "egressgateways", false),
+    ("NetworkPolicy", "networkpolicies", true),
+    ("Namespace", "namespaces", false),
+    ("AdminNetworkPolicy", "adminnetworkpolicies", false),
+    (
+        "BaselineAdminNetworkPolicy",
+        "baselineadminnetworkpolicies",
+        false,
+    ),
 ];
 
 /// (kind, namespace, name); cluster-scoped kinds have an empty namespace.
 pub type Key = (String, String, String);
-
-/// A pod of this node, as far as enforcement needs it.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Pod {
-    pub id: ObjectRef,
-    pub uid: String,
-    pub qos: Option<Qos>,
-    pub labels: BTreeMap<String, String>,
-    /// `status.phase` Succeeded or Failed: nothing runs, and the kubelet removed the cgroup.
-    pub finished: bool,
-}
-
-impl Pod {
-    /// From a Pod object's JSON; None without a name or UID.
-    pub fn from_json(v: &Value) -> Option<Pod> {
-        let meta = v.get("metadata")?;
-        let s = |v: Option<&Value>| v.and_then(Value::as_str).map(str::to_string);
-        Some(Pod {
-            id: ObjectRef {
-                namespace: s(meta.get("namespace")).unwrap_or_else(|| "default".into()),
-                name: s(meta.get("name"))?,
-            },
-            uid: s(meta.get("uid"))?,
-            qos: v
-                .pointer("/status/qosClass")
-                .and_then(Value::as_str)
-                .and_then(Qos::parse),
-            labels: serde_json::from_value(meta.get("labels").cloned().unwrap_or_default())
-                .unwrap_or_default(),
-            finished: matches!(
-                v.pointer("/status/phase").and_then(Value::as_str),
-                Some("Succeeded" | "Failed")
-            ),
-        })
-    }
-}
 
 /// What the node enforces, once resolved against the cgroup tree.
 pub struct Resolved {
@@ -301,10 +275,7 @@ impl View {
                         namespace: pod.id.namespace.clone(),
                         name,
                     };
-                    let doc = serde_json::json!({
-                        "kind": "Workload",
-                        "metadata": {"name": id.name, "namespace": id.namespace, "labels": pod.labels},
-                    });
+                    let doc = pod.workload(&id);
                     let object = to_object(&doc).ok()?;
                     Some((id, doc, object))
                 })
@@ -405,6 +376,7 @@ pub fn policy_doc(kind: &str, obj: &Value) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::k8s::cgroups::Qos;
     use serde_json::json;
 
     fn egress(name: &str, port: i64) -> Value {

@@ -25,8 +25,7 @@ use crate::{
     policy::{ConfigError, ObjectRef},
 };
 
-pub const GROUP: &str = "policy.egress.dev";
-pub const VERSION: &str = "v1alpha1";
+pub use super::pod::{GROUP, VERSION};
 /// The startup taint the agent removes from its node once enforcement is in place.
 pub const STARTUP_TAINT: &str = "egress.dev/agent-not-ready";
 
@@ -37,7 +36,8 @@ pub fn resource(kind: &str) -> ApiResource {
         .find(|(k, _, _)| *k == kind)
         .map(|(_, p, _)| *p)
         .unwrap_or("unknown");
-    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(GROUP, VERSION, kind), plural)
+    let (group, version) = super::pod::api(kind);
+    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural)
 }
 
 /// One event of one of the watched kinds ("Pod" or a policy kind).
@@ -163,11 +163,21 @@ fn spawn_watch(
 ) {
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(watcher(api, cfg).default_backoff());
+        // A kind whose CRD is optional counts as listed (none) until its first list succeeds.
+        let (mut listed, mut absent) = (false, false);
         while let Some(item) = stream.next().await {
             match item {
                 Ok(event) => {
+                    listed |= matches!(event, watcher::Event::InitDone);
                     if tx.send((kind, event)).await.is_err() {
                         return;
+                    }
+                }
+                Err(e) if super::pod::optional(kind) && !listed => {
+                    if !absent {
+                        info!(kind, error = %e, "cannot list this optional kind (CRD not installed?): none in force; trying again");
+                        absent = true;
+                        let _ = tx.send((kind, watcher::Event::InitDone)).await;
                     }
                 }
                 Err(e) => warn!(
@@ -357,7 +367,7 @@ async fn announce(node: &Node, view: &View, before: &BTreeMap<super::view::Key, 
         }
         let (kind, namespace, name) = key;
         let reference = k8s_openapi::api::core::v1::ObjectReference {
-            api_version: Some(format!("{GROUP}/{VERSION}")),
+            api_version: Some(resource(kind).api_version),
             kind: Some(kind.clone()),
             namespace: (!namespace.is_empty()).then(|| namespace.clone()),
             name: Some(name.clone()),
@@ -391,9 +401,19 @@ async fn install(
     if pending {
         debug!(pods = ?r.pending, "pods without a cgroup yet");
     }
-    let same = installed
-        .as_ref()
-        .is_some_and(|(s, d)| *s == r.store && *d == r.dirs);
+    // Pods in their own network namespace get the tc backstop on their veth's node side: a
+    // pod whose namespace appeared (its first process) needs an install too.
+    let (namespaces, missing) = pod_namespaces(&r.dirs);
+    let netns_changed = node.control.set_pod_netns(
+        namespaces
+            .iter()
+            .map(|n| (n.pod.clone(), (n.id, n.path.clone())))
+            .collect(),
+    );
+    let same = !netns_changed
+        && installed
+            .as_ref()
+            .is_some_and(|(s, d)| *s == r.store && *d == r.dirs);
     if !same {
         let control = node.control.clone();
         let (store, dirs) = (r.store.clone(), r.dirs.clone());
@@ -408,10 +428,6 @@ async fn install(
     }
     // The proxy listens inside each pod's own namespace: keep the list current (by
     // namespace identity, so a new first process of the same pod changes nothing).
-    let (namespaces, missing) = installed
-        .as_ref()
-        .map(|(_, dirs)| pod_namespaces(dirs))
-        .unwrap_or_default();
     node.in_pod.send_if_modified(|cur| {
         let same = cur.len() == namespaces.len()
             && cur

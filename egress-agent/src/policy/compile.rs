@@ -15,15 +15,19 @@ use egress_common::{
 };
 
 use super::{
-    model::{Action, Config, EgressGateway, FailMode, ObjectRef, Via},
+    model::{Action, Config, EgressGateway, FailMode, Mode, ObjectRef, Via},
     scalar::{self, Cidr, HostPattern},
+    tiers::{Prefixes, Tiers},
 };
 
 /// What one Egress object compiled to; `rule_id` is its index + 1. The proxy judges hosts
 /// with these.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RuleInfo {
+    /// The object: an Egress, or a NetworkPolicy (see [`RuleInfo::kind`]).
     pub egress: ObjectRef,
+    /// "Egress" or "NetworkPolicy".
+    pub kind: &'static str,
     pub action: Action,
     pub via: Via,
     pub hosts: Vec<HostPattern>,
@@ -39,9 +43,21 @@ pub struct RuleInfo {
     pub without_host: bool,
     /// HTTP routes (empty: every request to its hosts).
     pub http: super::routes::Routes,
+    /// `spec.mode: audit`: what the rule would refuse is reported, not refused.
+    pub audit: bool,
 }
 
 impl RuleInfo {
+    /// How logs, `check` and `list` name its object: `ns/name` for an Egress,
+    /// `NetworkPolicy ns/name`, `AdminNetworkPolicy name` for the others.
+    pub fn name(&self) -> String {
+        match self.kind {
+            "Egress" => self.egress.to_string(),
+            k if self.egress.namespace.is_empty() => format!("{k} {}", self.egress.name),
+            k => format!("{k} {}", self.egress),
+        }
+    }
+
     /// Whether the rule applies to a TCP connection of `workload` to `ip:port`.
     pub fn applies_tcp(&self, workload: u32, ip: IpAddr, port: u16) -> bool {
         self.workloads.contains(&workload)
@@ -108,8 +124,6 @@ pub enum CompileError {
     TooManyWorkloads { count: usize, max: u32 },
 }
 
-type Prefixes<const N: usize> = BTreeMap<(u32, u8, [u8; N]), Vec<PortRule>>;
-
 pub fn compile(cfg: &Config) -> Result<Compiled, CompileError> {
     compile_stable(cfg, &BTreeMap::new())
 }
@@ -156,10 +170,14 @@ pub fn compile_stable(
         let s = &e.spec;
         rules.push(RuleInfo {
             egress: e.id.clone(),
+            kind: "Egress",
             action: s.action,
             via: s.route(),
             hosts: s.hosts.clone(),
-            workloads: e.sources(&cfg.workloads).map(|w| ids[&w.id]).collect(),
+            workloads: e
+                .sources_in(&cfg.workloads, &cfg.namespaces)
+                .map(|w| ids[&w.id])
+                .collect(),
             cidrs: s.ip_addresses.clone(),
             ports: s
                 .ports
@@ -180,6 +198,7 @@ pub fn compile_stable(
             without_host: s.allow_without_host,
             // Validated before (routes::check): compiles.
             http: super::routes::Routes::compile(&s.http).unwrap_or_default(),
+            audit: s.mode == Mode::Audit,
         });
         // Host rules are judged by the proxy, whatever their action; the kernel only routes.
         let act = match (s.route(), s.action) {
@@ -218,7 +237,7 @@ pub fn compile_stable(
         } else {
             s.ip_addresses.clone()
         };
-        for w in e.sources(&cfg.workloads) {
+        for w in e.sources_in(&cfg.workloads, &cfg.namespaces) {
             let wid = ids[&w.id];
             for c in &cidrs {
                 match c.addr {
@@ -235,13 +254,29 @@ pub fn compile_stable(
         }
     }
 
+    let first = rules.len() as u32 + 1;
+    let (tiers, objects) = Tiers::new(cfg, &ids, first, &mut v4, &mut v6);
+    rules.extend(objects.into_iter().map(|o| RuleInfo {
+        egress: o.id,
+        kind: o.kind,
+        action: Action::Deny,
+        via: Via::Direct,
+        hosts: Vec::new(),
+        workloads: o.workloads,
+        cidrs: o.cidrs,
+        ports: o.ports,
+        gateway: None,
+        without_host: false,
+        http: Default::default(),
+        audit: false,
+    }));
     let names = |wid: u32| {
         ids.iter()
             .find(|(_, id)| **id == wid)
             .map(|(w, _)| (*w).clone())
             .unwrap_or_default()
     };
-    let v4 = flatten(&v4, &rules, names)?
+    let v4 = flatten(&v4, &rules, names, |w, l, a| tiers.denials(w, l, a))?
         .into_iter()
         .map(|(workload, cidr_len, addr, value)| Entry {
             workload,
@@ -250,7 +285,7 @@ pub fn compile_stable(
             value,
         })
         .collect();
-    let v6 = flatten(&v6, &rules, names)?
+    let v6 = flatten(&v6, &rules, names, |w, l, a| tiers.denials(w, l, a))?
         .into_iter()
         .map(|(workload, cidr_len, addr, value)| Entry {
             workload,
@@ -296,10 +331,13 @@ fn port_rule(lo: u16, hi: u16, proto: u8, action: u8, rule_id: u32) -> PortRule 
 
 type Flat<const N: usize> = Vec<(u32, u8, [u8; N], PolicyValue)>;
 
+/// `extra`: rules of one exact prefix that shorter prefixes do not pass on (NetworkPolicy's
+/// denials).
 fn flatten<const N: usize>(
     prefixes: &Prefixes<N>,
     rules: &[RuleInfo],
     names: impl Fn(u32) -> ObjectRef,
+    extra: impl Fn(u32, u8, &[u8; N]) -> Vec<PortRule>,
 ) -> Result<Flat<N>, CompileError> {
     let mut out = Vec::with_capacity(prefixes.len());
     for &(wid, len, addr) in prefixes.keys() {
@@ -313,11 +351,12 @@ fn flatten<const N: usize>(
                 }
             }
         }
-        let value = segments(&all);
+        all.extend(extra(wid, len, &addr));
+        let value = segments(&all, |id| rules[id as usize - 1].audit);
         if let Err(count) = value {
             let egresses: BTreeSet<String> = all
                 .iter()
-                .map(|r| rules[r.rule_id as usize - 1].egress.to_string())
+                .map(|r| rules[r.rule_id as usize - 1].name())
                 .collect();
             return Err(CompileError::TooManyRules {
                 workload: names(wid),
@@ -353,15 +392,22 @@ fn strength(r: &PortRule) -> (u8, u32) {
 
 /// Compiles the rules that apply to one prefix into the kernel's segments: per protocol
 /// class, the port ranges where one action wins, sorted, non-overlapping, adjacent equal
-/// ranges merged. Err(n): n segments needed, more than [`MAX_SEGMENTS`].
-fn segments(rules: &[PortRule]) -> Result<PolicyValue, usize> {
+/// ranges merged. Rules in audit mode (`audited(rule_id)`) never change what the enforced
+/// ones decide: their denies only mark where the enforced verdict would let the connection
+/// through ([`action::AUDIT_ALLOW`], [`action::AUDIT_DEFAULT`]), their allows and redirects
+/// are left out. Err(n): n segments needed, more than [`MAX_SEGMENTS`].
+fn segments(rules: &[PortRule], audited: impl Fn(u32) -> bool) -> Result<PolicyValue, usize> {
     let mut v = PolicyValue::default();
     let mut all: Vec<Segment> = Vec::new();
     for (class, p) in [(0, proto::TCP), (1, proto::UDP), (2, proto::ANY)] {
         // Other protocols only see protocol-less rules; only TCP is ever proxied.
         let relevant: Vec<&PortRule> = rules
             .iter()
-            .filter(|r| r.proto == proto::ANY || (class < 2 && r.proto == p))
+            .filter(|r| {
+                r.proto == proto::ANY
+                    || (class < 2 && r.proto == p)
+                    || (class == 2 && r.proto == proto::SCTP)
+            })
             .filter(|r| r.action != action::PROXY || p == proto::TCP)
             .collect();
         let mut cuts: BTreeSet<u32> = [0, 65536].into();
@@ -373,27 +419,35 @@ fn segments(rules: &[PortRule]) -> Result<PolicyValue, usize> {
         let mut segs: Vec<Segment> = Vec::new();
         for w in cuts.windows(2) {
             let (a, b) = (w[0], w[1] - 1);
-            let Some(best) = relevant
-                .iter()
-                .filter(|r| r.port_lo as u32 <= a && r.port_hi as u32 >= b)
-                .max_by_key(|r| strength(r))
-            else {
-                continue;
+            let covering = || {
+                relevant
+                    .iter()
+                    .filter(move |r| r.port_lo as u32 <= a && r.port_hi as u32 >= b)
+            };
+            let enforced = covering()
+                .filter(|r| !audited(r.rule_id))
+                .max_by_key(|r| strength(r));
+            let audit_deny = covering()
+                .filter(|r| r.action == action::DENY && audited(r.rule_id))
+                .max_by_key(|r| r.rule_id);
+            let (act, rule_id) = match (enforced, audit_deny) {
+                (Some(e), Some(d)) if e.action == action::ALLOW => (action::AUDIT_ALLOW, d.rule_id),
+                (Some(e), _) => (e.action, e.rule_id),
+                (None, Some(d)) => (action::AUDIT_DEFAULT, d.rule_id),
+                (None, None) => continue,
             };
             match segs.last_mut() {
                 Some(last)
-                    if last.action == best.action
-                        && last.rule_id == best.rule_id
-                        && last.hi as u32 + 1 == a =>
+                    if last.action == act && last.rule_id == rule_id && last.hi as u32 + 1 == a =>
                 {
                     last.hi = b as u16
                 }
                 _ => segs.push(Segment {
                     lo: a as u16,
                     hi: b as u16,
-                    action: best.action,
+                    action: act,
                     _pad0: [0; 3],
-                    rule_id: best.rule_id,
+                    rule_id,
                 }),
             }
         }
@@ -475,19 +529,26 @@ impl Compiled {
 }
 
 /// The longest-prefix match among `entries`, which the compiler emits sorted by (workload,
-/// prefix length, address): one binary search per prefix length, longest first.
+/// prefix length, address): within the workload's entries, one binary search per prefix
+/// length that is present, longest first (a workload usually has a few lengths, not 33).
 fn longest<'a, const N: usize>(
     entries: &'a [Entry<N>],
     workload: u32,
     addr: &[u8; N],
 ) -> Option<&'a PolicyValue> {
-    (0..=(N * 8) as u8).rev().find_map(|len| {
-        let want = (workload, len, scalar::mask(addr, len));
-        entries
-            .binary_search_by(|e| (e.workload, e.cidr_len, e.addr).cmp(&want))
-            .ok()
-            .map(|i| &entries[i].value)
-    })
+    let start = entries.partition_point(|e| e.workload < workload);
+    let end = start + entries[start..].partition_point(|e| e.workload == workload);
+    let mut mine = &entries[start..end];
+    while let Some(last) = mine.last() {
+        let len = last.cidr_len;
+        let from = mine.partition_point(|e| e.cidr_len < len);
+        let want = scalar::mask(addr, len);
+        if let Ok(i) = mine[from..].binary_search_by(|e| e.addr.cmp(&want)) {
+            return Some(&mine[from + i].value);
+        }
+        mine = &mine[..from];
+    }
+    None
 }
 
 #[cfg(test)]

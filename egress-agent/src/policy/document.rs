@@ -13,7 +13,14 @@ use super::error::ConfigError;
 
 /// Kinds without a namespace: errors name them `Kind name`, and the live policy keys them by
 /// name alone.
-const CLUSTER_SCOPED: [&str; 3] = ["MeshConfig", "EgressGateway", "GatewayServer"];
+const CLUSTER_SCOPED: [&str; 6] = [
+    "MeshConfig",
+    "EgressGateway",
+    "GatewayServer",
+    "Namespace",
+    "AdminNetworkPolicy",
+    "BaselineAdminNetworkPolicy",
+];
 
 /// What the parser adds to a duplicate key error.
 const DUPLICATE_ADVICE: &str = ", set DuplicateKeyPolicy in Options if acceptable";

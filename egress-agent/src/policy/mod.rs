@@ -9,15 +9,22 @@
 //! `parse` ← `store`; `error` ← `document` ← `parse`, `store`; `model` ← `compile` ← `live`;
 //! `model` ← `routes` ← `validate`, `compile` ← `verdict`.
 
+pub mod anp;
 pub mod compile;
+pub mod convert;
 pub mod document;
 pub mod error;
+pub mod http_route;
 pub mod live;
 pub mod model;
+pub mod netpol;
 pub mod parse;
+pub mod preview;
 pub mod routes;
 pub mod scalar;
+pub mod selector;
 pub mod store;
+pub mod tiers;
 pub mod validate;
 pub mod verdict;
 

@@ -7,7 +7,9 @@ use std::{collections::BTreeMap, fmt};
 
 use serde::Deserialize;
 
+pub use super::http_route::{HttpRoute, PathMatch};
 use super::scalar::{Cidr, HostPattern, Port, Seconds};
+pub use super::selector::{LabelSelector, Labels};
 
 pub const API_VERSION: &str = "policy.egress.dev/v1alpha1";
 pub const DEFAULT_PROXY_PORT: u16 = 15001;
@@ -19,6 +21,13 @@ pub struct Config {
     pub workloads: Vec<Workload>,
     pub egresses: Vec<Egress>,
     pub gateways: Vec<EgressGateway>,
+    /// Namespace labels (`kind: Namespace` objects; watched in Kubernetes mode), for
+    /// `namespaceSelector`s.
+    pub namespaces: BTreeMap<String, Labels>,
+    /// Kubernetes NetworkPolicies (their egress part; see [`super::netpol`]).
+    pub network_policies: Vec<NetworkPolicy>,
+    /// AdminNetworkPolicies and the BaselineAdminNetworkPolicy.
+    pub admin_policies: Vec<AdminPolicy>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -222,6 +231,9 @@ pub struct Workload {
     pub id: ObjectRef,
     pub labels: BTreeMap<String, String>,
     pub network: Network,
+    /// The ServiceAccount it runs as (a pod's `spec.serviceAccountName`), for sources of
+    /// `kind: ServiceAccount`.
+    pub service_account: Option<String>,
 }
 
 // ---- Egress -----------------------------------------------------------------------------
@@ -258,32 +270,19 @@ pub struct EgressSpec {
     /// HTTP routes ([`super::routes`]): with `hosts`, the requests this rule allows or denies.
     #[serde(default)]
     pub http: Vec<HttpRoute>,
+    /// `enforce` (the default) or `audit`: what this policy would refuse is reported
+    /// (`audit-rule` flows, `egress_audit_total`) and let through; the others keep enforcing.
+    #[serde(default)]
+    pub mode: Mode,
 }
 
-/// One HTTP route of an Egress (OSM/FSM HTTPRouteGroup matches, inline): a request matches
-/// when its method is one of `methods`, its path matches one of `paths`, and every header of
-/// `headers` matches its regex (each list empty: anything).
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct HttpRoute {
-    #[serde(default)]
-    pub paths: Vec<PathMatch>,
-    #[serde(default)]
-    pub methods: Vec<String>,
-    #[serde(default)]
-    pub headers: BTreeMap<String, String>,
-}
-
-/// A path: `exact`, `prefix` (on `/` boundaries or not, as written) or a whole-path `regex`.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct PathMatch {
-    #[serde(default)]
-    pub exact: Option<String>,
-    #[serde(default)]
-    pub prefix: Option<String>,
-    #[serde(default)]
-    pub regex: Option<String>,
+/// `spec.mode` of an Egress.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    #[default]
+    Enforce,
+    Audit,
 }
 
 impl EgressSpec {
@@ -299,7 +298,9 @@ impl EgressSpec {
     }
 }
 
-/// A source: one workload by name, or workloads by label.
+/// A source: one workload by name, every workload of a ServiceAccount (`kind:
+/// ServiceAccount`, as OSM and FSM mean it), or workloads by label, in the policy's namespace,
+/// the one named, or those a `namespaceSelector` selects.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Source {
@@ -311,13 +312,40 @@ pub struct Source {
     pub namespace: Option<String>,
     #[serde(default)]
     pub pod_selector: Option<LabelSelector>,
+    #[serde(default)]
+    pub namespace_selector: Option<LabelSelector>,
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct LabelSelector {
-    #[serde(default)]
-    pub match_labels: BTreeMap<String, String>,
+impl Source {
+    pub fn is_service_account(&self) -> bool {
+        self.kind.as_deref() == Some("ServiceAccount")
+    }
+
+    /// Whether workload `w` is this source of a policy of namespace `policy_ns`.
+    pub fn selects(
+        &self,
+        w: &Workload,
+        policy_ns: &str,
+        namespaces: &BTreeMap<String, Labels>,
+    ) -> bool {
+        let in_ns = match &self.namespace_selector {
+            Some(sel) => {
+                let empty = Labels::new();
+                sel.matches(namespaces.get(&w.id.namespace).unwrap_or(&empty))
+            }
+            None => w.id.namespace == self.namespace.as_deref().unwrap_or(policy_ns),
+        };
+        in_ns
+            && match (&self.name, &self.pod_selector) {
+                (Some(n), _) if self.is_service_account() => {
+                    w.service_account.as_deref().unwrap_or("default") == n
+                }
+                (Some(n), _) => &w.id.name == n,
+                (None, Some(sel)) => sel.matches(&w.labels),
+                // A namespaceSelector alone: every workload of those namespaces.
+                (None, None) => self.namespace_selector.is_some(),
+            }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -361,6 +389,79 @@ pub enum Via {
     Direct,
     Proxy,
     Gateway,
+}
+
+// ---- NetworkPolicy (see super::netpol) ---------------------------------------------
+
+/// The egress part of a NetworkPolicy, validated.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NetworkPolicy {
+    pub id: ObjectRef,
+    pub pod_selector: LabelSelector,
+    /// None: `Egress` is not among its policy types (it does not isolate for egress).
+    pub egress: Option<Vec<Allow>>,
+}
+
+/// What one egress rule allows outside the mesh.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Allow {
+    /// None: every destination (`to` empty or missing).
+    pub blocks: Option<Vec<Block>>,
+    /// None: every port and protocol. (first, last, protocol)
+    pub ports: Option<Vec<(u16, u16, u8)>>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Block {
+    pub cidr: Cidr,
+    pub except: Vec<Cidr>,
+}
+
+/// An AdminNetworkPolicy or the BaselineAdminNetworkPolicy (`policy.networking.k8s.io`),
+/// their egress part, validated (see `super::tiers` for how they decide).
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdminPolicy {
+    pub name: String,
+    /// The BaselineAdminNetworkPolicy (after NetworkPolicy) rather than an AdminNetworkPolicy.
+    pub baseline: bool,
+    /// 0-1000, lower first (0 for the baseline).
+    pub priority: u32,
+    /// Namespaces, and pods in them (None: every pod of those namespaces).
+    pub namespaces: LabelSelector,
+    pub pods: Option<LabelSelector>,
+    /// In order; the first that matches a connection decides.
+    pub rules: Vec<AdminRule>,
+}
+
+impl AdminPolicy {
+    pub fn kind(&self) -> &'static str {
+        if self.baseline {
+            "BaselineAdminNetworkPolicy"
+        } else {
+            "AdminNetworkPolicy"
+        }
+    }
+
+    /// Whether it applies to a workload of namespace `ns` (whose labels are `ns_labels`)
+    /// labelled `labels`.
+    pub fn selects(&self, ns_labels: &Labels, labels: &Labels) -> bool {
+        self.namespaces.matches(ns_labels) && self.pods.as_ref().is_none_or(|p| p.matches(labels))
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdminRule {
+    pub action: AdminAction,
+    /// Where it applies (`networks` peers as blocks without exceptions).
+    pub to: Allow,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdminAction {
+    Allow,
+    Deny,
+    /// Leave the decision to NetworkPolicy (then the baseline).
+    Pass,
 }
 
 // ---- EgressGateway ----------------------------------------------------------------------
@@ -435,21 +536,21 @@ impl Egress {
         &'a self,
         workloads: &'a [Workload],
     ) -> impl Iterator<Item = &'a Workload> + 'a {
+        static NO_NAMESPACES: BTreeMap<String, Labels> = BTreeMap::new();
+        self.sources_in(workloads, &NO_NAMESPACES)
+    }
+
+    /// The workloads this policy applies to, given the namespaces' labels.
+    pub fn sources_in<'a>(
+        &'a self,
+        workloads: &'a [Workload],
+        namespaces: &'a BTreeMap<String, Labels>,
+    ) -> impl Iterator<Item = &'a Workload> + 'a {
         workloads.iter().filter(move |w| {
-            self.spec.sources.iter().any(|s| {
-                let ns = s.namespace.as_deref().unwrap_or(&self.id.namespace);
-                if w.id.namespace != ns {
-                    return false;
-                }
-                match (&s.name, &s.pod_selector) {
-                    (Some(n), _) => &w.id.name == n,
-                    (None, Some(sel)) => sel
-                        .match_labels
-                        .iter()
-                        .all(|(k, v)| w.labels.get(k) == Some(v)),
-                    (None, None) => false,
-                }
-            })
+            self.spec
+                .sources
+                .iter()
+                .any(|s| s.selects(w, &self.id.namespace, namespaces))
         })
     }
 }
@@ -457,10 +558,20 @@ impl Egress {
 /// One object of a policy, validated on its own (not yet against the others).
 #[derive(Clone, Debug, PartialEq)]
 pub enum PolicyObject {
-    Mesh { name: String, spec: MeshSpec },
+    Mesh {
+        name: String,
+        spec: MeshSpec,
+    },
     Workload(Workload),
     Egress(Egress),
     Gateway(EgressGateway),
+    /// A namespace's labels.
+    Namespace {
+        name: String,
+        labels: Labels,
+    },
+    NetworkPolicy(NetworkPolicy),
+    Admin(AdminPolicy),
 }
 
 impl PolicyObject {
@@ -471,6 +582,9 @@ impl PolicyObject {
             PolicyObject::Workload(w) => format!("Workload {}", w.id),
             PolicyObject::Egress(e) => format!("Egress {}", e.id),
             PolicyObject::Gateway(g) => format!("EgressGateway {}", g.id.name),
+            PolicyObject::Namespace { name, .. } => format!("Namespace {name}"),
+            PolicyObject::NetworkPolicy(n) => format!("NetworkPolicy {}", n.id),
+            PolicyObject::Admin(a) => format!("{} {}", a.kind(), a.name),
         }
     }
 }

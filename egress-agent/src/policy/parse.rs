@@ -11,12 +11,14 @@ use std::{collections::BTreeMap, path::Path};
 use serde::Deserialize;
 
 use super::{
+    anp,
     document::{documents, Document},
     error::ConfigError,
     model::{
         Config, Egress, EgressGateway, EgressSpec, GatewaySpec, MeshSpec, Network, ObjectRef,
         PolicyObject, Workload, API_VERSION,
     },
+    netpol,
     validate::{check_egress, check_gateway, check_name, Objects},
 };
 
@@ -44,11 +46,30 @@ struct Object<S> {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct WorkloadSpec {
     #[serde(default)]
     network: Network,
+    /// The ServiceAccount it runs as (sources of `kind: ServiceAccount`).
+    #[serde(default)]
+    service_account: Option<String>,
 }
+
+/// A Namespace (`v1`): only its labels matter (`namespaceSelector`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NamespaceSpec {
+    #[serde(default)]
+    #[allow(dead_code)]
+    finalizers: Vec<String>,
+}
+
+/// OSM's and FSM's API groups: their Egress is read as written (the fields we cannot honour,
+/// `matches` and `sources[].mtls`, are refused by name, as unknown fields).
+pub const FOREIGN_EGRESS_APIS: [&str; 2] = [
+    "policy.openservicemesh.io/v1alpha1",
+    "policy.flomesh.io/v1alpha1",
+];
 
 /// Reads and validates a policy file.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -89,30 +110,61 @@ pub fn object(doc: &Document, file: &str) -> Result<PolicyObject, ConfigError> {
         namespace: doc.namespace.clone().unwrap_or_else(|| "default".into()),
         name: doc.name.clone(),
     };
+    let ours = &[API_VERSION][..];
+    let egress_apis = &[API_VERSION, FOREIGN_EGRESS_APIS[0], FOREIGN_EGRESS_APIS[1]][..];
     let object = match doc.kind.as_str() {
         "MeshConfig" => {
-            let o: Object<MeshSpec> = typed(doc, file)?;
+            let o: Object<MeshSpec> = typed(doc, file, ours)?;
             PolicyObject::Mesh {
                 name: o.metadata.name,
                 spec: o.spec.unwrap_or_default(),
             }
         }
         "Workload" => {
-            let o: Object<WorkloadSpec> = typed(doc, file)?;
+            let o: Object<WorkloadSpec> = typed(doc, file, ours)?;
+            let (network, service_account) = o
+                .spec
+                .map(|s| (s.network, s.service_account))
+                .unwrap_or_default();
+            if let Some(sa) = &service_account {
+                check_name(sa).map_err(|r| err("spec.serviceAccount", &r))?;
+            }
             PolicyObject::Workload(Workload {
                 id,
                 labels: o.metadata.labels,
-                network: o.spec.map(|s| s.network).unwrap_or_default(),
+                network,
+                service_account,
             })
         }
+        "Namespace" => {
+            let o: Object<NamespaceSpec> = typed(doc, file, &["v1"])?;
+            PolicyObject::Namespace {
+                name: o.metadata.name,
+                labels: o.metadata.labels,
+            }
+        }
+        "NetworkPolicy" => {
+            let o: Object<netpol::Spec> = typed(doc, file, &[netpol::API_VERSION])?;
+            let spec = o.spec.ok_or_else(|| err("spec", "missing"))?;
+            PolicyObject::NetworkPolicy(netpol::from_spec(file, &label, id, spec)?)
+        }
+        "AdminNetworkPolicy" | "BaselineAdminNetworkPolicy" => {
+            let o: Object<anp::Spec> = typed(doc, file, &[anp::API_VERSION])?;
+            let spec = o.spec.ok_or_else(|| err("spec", "missing"))?;
+            let baseline = doc.kind.starts_with("Baseline");
+            PolicyObject::Admin(anp::from_spec(file, &label, o.metadata.name, baseline, spec)?)
+        }
         "Egress" => {
-            let o: Object<EgressSpec> = typed(doc, file)?;
+            let o: Object<EgressSpec> = typed(doc, file, egress_apis)?;
             let spec = o.spec.ok_or_else(|| err("spec", "missing"))?;
             check_egress(file, &label, &spec)?;
             PolicyObject::Egress(Egress { id, spec })
         }
         "EgressGateway" => {
-            let o: Object<GatewaySpec> = typed(doc, file)?;
+            if doc.body.get("apiVersion") == Some(&FOREIGN_EGRESS_APIS[1].into()) {
+                return Err(err("apiVersion", "FSM's EgressGateway names Services (spec.global[].service), which is not supported yet: write an EgressGateway of policy.egress.dev/v1alpha1 with the gateway's addresses and mode"));
+            }
+            let o: Object<GatewaySpec> = typed(doc, file, ours)?;
             let spec = o.spec.ok_or_else(|| err("spec", "missing"))?;
             check_gateway(file, &label, &spec)?;
             PolicyObject::Gateway(EgressGateway { id, spec })
@@ -121,7 +173,7 @@ pub fn object(doc: &Document, file: &str) -> Result<PolicyObject, ConfigError> {
             return Err(err(
                 "kind",
                 &format!(
-                "unknown kind {other:?} (expected MeshConfig, Workload, Egress or EgressGateway)"
+                "unknown kind {other:?} (expected MeshConfig, Workload, Egress, EgressGateway, NetworkPolicy, AdminNetworkPolicy, BaselineAdminNetworkPolicy or Namespace)"
             ),
             ))
         }
@@ -129,15 +181,20 @@ pub fn object(doc: &Document, file: &str) -> Result<PolicyObject, ConfigError> {
     Ok(object)
 }
 
-/// The typed document, its apiVersion and names checked.
+/// The typed document, its apiVersion (one of `apis`, or none) and names checked.
 fn typed<S: for<'de> Deserialize<'de>>(
     doc: &Document,
     file: &str,
+    apis: &[&str],
 ) -> Result<Object<S>, ConfigError> {
     let o: Object<S> = doc.typed(file)?;
     let err = |field: &str, reason: String| ConfigError::new(file, &doc.label(), field, reason);
-    if let Some(api) = o.api_version.as_deref().filter(|a| *a != API_VERSION) {
-        return Err(err("apiVersion", format!("{api:?} is not {API_VERSION:?}")));
+    if let Some(api) = o.api_version.as_deref().filter(|a| !apis.contains(a)) {
+        let want: Vec<String> = apis.iter().map(|a| format!("{a:?}")).collect();
+        return Err(err(
+            "apiVersion",
+            format!("{api:?} is not {}", want.join(" or ")),
+        ));
     }
     check_name(&o.metadata.name).map_err(|r| err("metadata.name", r))?;
     if let Some(ns) = &o.metadata.namespace {
@@ -146,5 +203,7 @@ fn typed<S: for<'de> Deserialize<'de>>(
     Ok(o)
 }
 
+#[cfg(test)]
+mod sources_tests;
 #[cfg(test)]
 mod tests;

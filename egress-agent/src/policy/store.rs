@@ -125,6 +125,37 @@ impl Store {
         Ok((s, cfg))
     }
 
+    /// The policy a candidate file (`other`, from `file`) would make, for `policy preview`:
+    /// `other` merged into this store, or with `replace` instead of it. `kubernetes`: the
+    /// objects are CRD objects (a source may name a pod this node does not run), and the
+    /// node's pods (this store's Workloads) stay even with `replace`.
+    pub fn candidate(
+        &self,
+        other: &Store,
+        file: &str,
+        replace: bool,
+        kubernetes: bool,
+    ) -> Result<Config, ConfigError> {
+        let mut docs: BTreeMap<DocKey, Value> = match (replace, kubernetes) {
+            (false, _) => self.docs.clone(),
+            (true, false) => BTreeMap::new(),
+            (true, true) => self
+                .docs
+                .iter()
+                .filter(|(k, _)| k.0 == "Workload")
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        };
+        docs.extend(other.docs.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let docs = Document::from_values(docs.into_values(), file)?;
+        let objects = parse::objects(&docs, file)?;
+        if kubernetes {
+            objects.finish_unlinked()
+        } else {
+            objects.finish()
+        }
+    }
+
     pub fn to_text(&self) -> String {
         to_yaml(self.docs.values())
     }
@@ -182,6 +213,29 @@ mod tests {
             e.starts_with("y.yaml: Egress default/c: spec.sources[0].name"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn candidates_merge_or_replace_and_kubernetes_keeps_the_pods() {
+        let (s, _) = Store::parse(BASE, "base.yaml").unwrap();
+        let crd = "apiVersion: policy.egress.dev/v1alpha1\nkind: Egress\nmetadata: {name: b, namespace: default}\nspec: {sources: [{podSelector: {matchLabels: {app: api}}}], action: deny}\n";
+        let add = Store::parse_fragment(crd, "c.yaml").unwrap();
+        let merged = s.candidate(&add, "c.yaml", false, true).unwrap();
+        assert_eq!((merged.egresses.len(), merged.workloads.len()), (2, 1));
+        let replaced = s.candidate(&add, "c.yaml", true, true).unwrap();
+        assert_eq!((replaced.egresses.len(), replaced.workloads.len()), (1, 1));
+        // A standalone replace is the file alone, strictly: a source naming no workload fails.
+        let named = Store::parse_fragment(
+            "kind: Egress\nmetadata: {name: c}\nspec: {sources: [{name: web}]}\n",
+            "d.yaml",
+        )
+        .unwrap();
+        let e = s
+            .candidate(&named, "d.yaml", true, false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("d.yaml: Egress default/c"), "{e}");
+        assert!(s.candidate(&named, "d.yaml", false, true).is_ok());
     }
 
     #[test]

@@ -38,15 +38,43 @@ pub fn check_egress(file: &str, label: &str, s: &EgressSpec) -> Result<(), Confi
     }
     for (i, src) in s.sources.iter().enumerate() {
         let f = format!("spec.sources[{i}]");
+        if src.namespace.is_some() && src.namespace_selector.is_some() {
+            return Err(err(
+                &format!("{f}.namespaceSelector"),
+                "give either namespace or namespaceSelector, not both",
+            ));
+        }
+        for (name, sel) in [
+            ("podSelector", &src.pod_selector),
+            ("namespaceSelector", &src.namespace_selector),
+        ] {
+            if let Some(Err((field, reason))) = sel.as_ref().map(|s| s.check()) {
+                return Err(err(&format!("{f}.{name}.{field}"), &reason));
+            }
+        }
+        if src.is_service_account() && src.pod_selector.is_some() {
+            return Err(err(
+                &format!("{f}.podSelector"),
+                "a ServiceAccount source is named, not selected: remove podSelector",
+            ));
+        }
         match (&src.name, &src.pod_selector) {
             (Some(_), Some(_)) => return Err(err(&f, "give either name or podSelector, not both")),
-            (None, None) => return Err(err(&f, "name or podSelector is required")),
+            (None, None) if src.namespace_selector.is_some() => {}
+            (None, None) => {
+                return Err(err(
+                    &f,
+                    "name, podSelector or namespaceSelector is required",
+                ))
+            }
             (Some(n), None) => {
                 if let Some(k) = &src.kind {
                     if k != "Workload" && k != "ServiceAccount" && k != "Pod" {
                         return Err(err(
                             &format!("{f}.kind"),
-                            &format!("unknown source kind {k:?} (expected Workload)"),
+                            &format!(
+                                "unknown source kind {k:?} (expected Workload or ServiceAccount)"
+                            ),
                         ));
                     }
                 }
@@ -196,6 +224,26 @@ impl Objects {
                 }
                 self.cfg.gateways.push(g);
             }
+            PolicyObject::Namespace { name, labels } => {
+                let id = ObjectRef {
+                    namespace: String::new(),
+                    name: name.clone(),
+                };
+                self.unique(&label, "Namespace", &id)?;
+                self.cfg.namespaces.insert(name, labels);
+            }
+            PolicyObject::NetworkPolicy(n) => {
+                self.unique(&label, "NetworkPolicy", &n.id)?;
+                self.cfg.network_policies.push(n);
+            }
+            PolicyObject::Admin(a) => {
+                let id = ObjectRef {
+                    namespace: String::new(),
+                    name: a.name.clone(),
+                };
+                self.unique(&label, a.kind(), &id)?;
+                self.cfg.admin_policies.push(a);
+            }
         }
         Ok(())
     }
@@ -220,7 +268,8 @@ impl Objects {
         let names: BTreeSet<&ObjectRef> = self.cfg.workloads.iter().map(|w| &w.id).collect();
         for e in &self.cfg.egresses {
             for (i, src) in e.spec.sources.iter().enumerate() {
-                if let Some(n) = &src.name {
+                // A ServiceAccount may have no workload yet, like a selector.
+                if let Some(n) = src.name.as_ref().filter(|_| !src.is_service_account()) {
                     let want = ObjectRef {
                         namespace: src
                             .namespace

@@ -3,7 +3,12 @@
 
 use std::net::IpAddr;
 
-use super::{compile::Compiled, model::Action, routes::RequestView, scalar};
+use super::{
+    compile::{Compiled, RuleInfo},
+    model::Action,
+    routes::RequestView,
+    scalar,
+};
 
 /// The proxy's decision about a host; the number is the deciding rule id (0: none, the
 /// mesh default).
@@ -20,7 +25,8 @@ impl Compiled {
     /// client named none, or spoke neither TLS nor HTTP). Host denies win, then host allows,
     /// then allows by address; otherwise `enableEgress` decides, as in the kernel. Fail
     /// closed: where a host rule applies, no host is refused (the verdict names that host
-    /// rule) unless an applicable allow rule says `allowWithoutHost`.
+    /// rule) unless an applicable allow rule says `allowWithoutHost`. Policies in audit mode
+    /// only turn what the enforced ones let through into [`HostVerdict::Audit`].
     pub fn decide_host(
         &self,
         workload: u32,
@@ -29,87 +35,7 @@ impl Compiled {
         host: Option<&str>,
     ) -> HostVerdict {
         let ip = scalar::normalize(ip);
-        let applicable = || {
-            self.rules
-                .iter()
-                .zip(1u32..)
-                .filter(move |(r, _)| r.applies_tcp(workload, ip, port))
-        };
-        // Without a request to look at, an allow with HTTP routes allows nothing; a deny with
-        // routes refuses the whole host.
-        let by_host = |action: Action| {
-            let host = host?;
-            self.host_rules.iter().find_map(|&i| {
-                let r = &self.rules[i];
-                (r.action == action
-                    && (action == Action::Deny || r.http.is_empty())
-                    && r.applies_tcp(workload, ip, port)
-                    && r.hosts.iter().any(|p| p.matches(host)))
-                .then_some((r, i as u32 + 1))
-            })
-        };
-        let audit = self.config.audit_mode != 0;
-        if host.is_none() {
-            if let Some((_, id)) = applicable()
-                .find(|(r, _)| r.action == Action::Allow && r.without_host && !r.cidrs.is_empty())
-            {
-                return HostVerdict::Allow(id);
-            }
-            if let Some(&i) = self
-                .host_rules
-                .iter()
-                .find(|&&i| self.rules[i].applies_tcp(workload, ip, port))
-            {
-                let id = i as u32 + 1;
-                return if audit {
-                    HostVerdict::Audit(id)
-                } else {
-                    HostVerdict::Deny(id)
-                };
-            }
-        }
-        if let Some((_, id)) = by_host(Action::Deny) {
-            return if audit {
-                HostVerdict::Audit(id)
-            } else {
-                HostVerdict::Deny(id)
-            };
-        }
-        if let Some((_, id)) = by_host(Action::Allow) {
-            return HostVerdict::Allow(id);
-        }
-        if let Some(id) = host.and_then(|h| self.routes_only(workload, ip, port, h)) {
-            return if audit {
-                HostVerdict::Audit(id)
-            } else {
-                HostVerdict::Deny(id)
-            };
-        }
-        self.decide_by_address(workload, ip, port)
-    }
-
-    /// A host no host rule decided: allows by address, then `enableEgress`.
-    pub fn decide_by_address(&self, workload: u32, ip: IpAddr, port: u16) -> HostVerdict {
-        let ip = scalar::normalize(ip);
-        let audit = self.config.audit_mode != 0;
-        let applicable = || {
-            self.rules
-                .iter()
-                .zip(1u32..)
-                .filter(move |(r, _)| r.applies_tcp(workload, ip, port))
-        };
-        if let Some((_, id)) =
-            applicable().find(|(r, _)| r.hosts.is_empty() && r.action == Action::Allow)
-        {
-            return HostVerdict::Allow(id);
-        }
-        if self.config.enable_egress != 0 {
-            HostVerdict::Allow(0)
-        } else if audit {
-            HostVerdict::Audit(0)
-        } else {
-            HostVerdict::Deny(0)
-        }
+        self.two_passes(|audited| self.host_verdict(workload, ip, port, host, audited))
     }
 
     /// The verdict for one HTTP/1.x request of a workload's connection to `ip:port` (see
@@ -121,29 +47,95 @@ impl Compiled {
         port: u16,
         r: &RequestView<'_>,
     ) -> HostVerdict {
-        let Some(host) = r.host else {
-            return self.decide_host(workload, ip, port, None);
-        };
         let ip = scalar::normalize(ip);
+        self.two_passes(|audited| self.request_verdict(workload, ip, port, r, audited))
+    }
+
+    /// Over the enforced rules, then with those in audit mode too: Ok(rule) lets through,
+    /// Err(rule) refuses.
+    fn two_passes(&self, verdict: impl Fn(bool) -> Result<u32, u32>) -> HostVerdict {
         let audit = self.config.audit_mode != 0;
-        let refuse = |id| {
-            if audit {
-                HostVerdict::Audit(id)
-            } else {
-                HostVerdict::Deny(id)
+        match verdict(false) {
+            Err(id) if audit => HostVerdict::Audit(id),
+            Err(id) => HostVerdict::Deny(id),
+            Ok(id) => match verdict(true) {
+                Err(audited) => HostVerdict::Audit(audited),
+                Ok(_) => HostVerdict::Allow(id),
+            },
+        }
+    }
+
+    fn counts(&self, r: &RuleInfo, workload: u32, ip: IpAddr, port: u16, audited: bool) -> bool {
+        (audited || !r.audit) && r.applies_tcp(workload, ip, port)
+    }
+
+    fn host_verdict(
+        &self,
+        workload: u32,
+        ip: IpAddr,
+        port: u16,
+        host: Option<&str>,
+        audited: bool,
+    ) -> Result<u32, u32> {
+        let counts = |r: &RuleInfo| self.counts(r, workload, ip, port, audited);
+        let Some(host) = host else {
+            if let Some((_, id)) = self.rules.iter().zip(1u32..).find(|(r, _)| {
+                r.action == Action::Allow && r.without_host && !r.cidrs.is_empty() && counts(r)
+            }) {
+                return Ok(id);
             }
+            if let Some(&i) = self.host_rules.iter().find(|&&i| counts(&self.rules[i])) {
+                return Err(i as u32 + 1);
+            }
+            return self.address_verdict(workload, ip, port, audited);
+        };
+        // Without a request to look at, an allow with HTTP routes allows nothing (and refuses
+        // its host); a deny with routes refuses the whole host.
+        let for_host = |action: Action, routes: Option<bool>| {
+            self.host_rules.iter().find_map(|&i| {
+                let r = &self.rules[i];
+                (r.action == action
+                    && routes.is_none_or(|want| r.http.is_empty() != want)
+                    && counts(r)
+                    && r.hosts.iter().any(|p| p.matches(host)))
+                .then_some(i as u32 + 1)
+            })
+        };
+        if let Some(id) = for_host(Action::Deny, None) {
+            return Err(id);
+        }
+        if let Some(id) = for_host(Action::Allow, Some(false)) {
+            return Ok(id);
+        }
+        if let Some(id) = for_host(Action::Allow, Some(true)) {
+            return Err(id);
+        }
+        self.address_verdict(workload, ip, port, audited)
+    }
+
+    fn request_verdict(
+        &self,
+        workload: u32,
+        ip: IpAddr,
+        port: u16,
+        r: &RequestView<'_>,
+        audited: bool,
+    ) -> Result<u32, u32> {
+        let Some(host) = r.host else {
+            return self.host_verdict(workload, ip, port, None, audited);
         };
         let for_host = || {
             self.host_rules.iter().filter_map(move |&i| {
                 let rule = &self.rules[i];
-                (rule.applies_tcp(workload, ip, port) && rule.hosts.iter().any(|p| p.matches(host)))
-                    .then_some((rule, i as u32 + 1))
+                (self.counts(rule, workload, ip, port, audited)
+                    && rule.hosts.iter().any(|p| p.matches(host)))
+                .then_some((rule, i as u32 + 1))
             })
         };
         if let Some((_, id)) =
             for_host().find(|(rule, _)| rule.action == Action::Deny && rule.http.matches(r))
         {
-            return refuse(id);
+            return Err(id);
         }
         let mut allows = for_host().filter(|(rule, _)| rule.action == Action::Allow);
         let first = allows.next();
@@ -152,24 +144,33 @@ impl Compiled {
             .chain(allows)
             .find(|(rule, _)| rule.http.matches(r))
         {
-            return HostVerdict::Allow(id);
+            return Ok(id);
         }
         if let Some((_, id)) = first {
-            return refuse(id);
+            return Err(id);
         }
-        self.decide_by_address(workload, ip, port)
+        self.address_verdict(workload, ip, port, audited)
     }
 
-    /// The first allow rule for `host` with HTTP routes, when one exists: a connection whose
-    /// requests the proxy cannot see (TLS) is refused in its name.
-    fn routes_only(&self, workload: u32, ip: IpAddr, port: u16, host: &str) -> Option<u32> {
-        self.host_rules.iter().find_map(|&i| {
-            let r = &self.rules[i];
-            (r.action == Action::Allow
-                && !r.http.is_empty()
-                && r.applies_tcp(workload, ip, port)
-                && r.hosts.iter().any(|p| p.matches(host)))
-            .then_some(i as u32 + 1)
-        })
+    /// A host no host rule decided: allows by address (an audited one lets nothing more
+    /// through than the enforced ones), then `enableEgress`.
+    fn address_verdict(
+        &self,
+        workload: u32,
+        ip: IpAddr,
+        port: u16,
+        audited: bool,
+    ) -> Result<u32, u32> {
+        let by_address = self.rules.iter().zip(1u32..).find(|(r, _)| {
+            !r.audit
+                && r.hosts.is_empty()
+                && r.action == Action::Allow
+                && self.counts(r, workload, ip, port, audited)
+        });
+        match by_address {
+            Some((_, id)) => Ok(id),
+            None if self.config.enable_egress != 0 => Ok(0),
+            None => Err(0),
+        }
     }
 }

@@ -36,6 +36,11 @@ use tracing::{debug, info, warn};
 use crate::{
     gateway::{Dialer, Target, Upstream},
     policy::{normalize, Compiled, EgressGateway, HostVerdict, Live},
+    telemetry::{
+        audit::{AuditMetrics, Layer},
+        flows::now_ms,
+        history::{FlowKey, History},
+    },
 };
 use metrics::{ProxyMetrics, ProxyResult};
 use sniff::Sniffed;
@@ -79,6 +84,9 @@ pub struct Proxy {
     permits: Arc<Semaphore>,
     gateways: Dialer,
     node: guard::NodeAddrs,
+    /// Audited host verdicts are counted here, and every connection kept in the history.
+    audit: AuditMetrics,
+    history: Arc<History>,
 }
 
 /// Binds the proxy's listeners: 127.0.0.1 and, where the host has IPv6, [::1].
@@ -111,10 +119,13 @@ impl Proxy {
         live: Arc<Live>,
         limits: Limits,
         metrics: Arc<ProxyMetrics>,
+        (audit, history): (AuditMetrics, Arc<History>),
     ) -> Arc<Self> {
         Arc::new(Self {
             orig,
             metrics,
+            audit,
+            history,
             permits: Arc::new(Semaphore::new(limits.max_connections)),
             live,
             limits,
@@ -429,6 +440,7 @@ impl Proxy {
         };
         self.metrics
             .connection(rec.workload, rec.host.as_deref(), result, bytes);
+        self.observe(rec);
         let host = rec.host.as_deref().unwrap_or("");
         let ms = rec.started.elapsed().as_millis() as u64;
         let (workload, verdict, rule) = (rec.workload, rec.verdict, rec.rule.as_str());
@@ -441,11 +453,35 @@ impl Proxy {
     }
 }
 
+impl Proxy {
+    /// Counts an audited host verdict and keeps the connection, with its host, in the flow
+    /// history (the kernel leaves redirected connections to the proxy there).
+    fn observe(&self, rec: &Record<'_>) {
+        if rec.verdict == "audit" {
+            self.audit.count(&rec.rule, rec.workload, Layer::proxy, 1);
+        }
+        let verdict = match rec.verdict {
+            "allow" => "proxy",
+            "deny" => "deny-host",
+            "audit" => "audit-host",
+            other => other,
+        };
+        let key = FlowKey {
+            workload: rec.workload.into(),
+            ip: normalize(rec.dst.ip()),
+            port: rec.dst.port(),
+            proto: egress_common::proto::TCP,
+            host: rec.host.as_ref().map(|h| h.to_ascii_lowercase()),
+        };
+        self.history.record(key, now_ms(), 1, verdict, &rec.rule);
+    }
+}
+
 /// How a relayed connection that a policy change refused ends, in the log.
 const REVOKED: &str = "closed: the policy now refuses it";
 
 fn rule_name(p: &Compiled, id: u32) -> String {
-    p.rule(id).map(|r| r.egress.to_string()).unwrap_or_default()
+    p.rule(id).map(|r| r.name()).unwrap_or_default()
 }
 
 /// Refuses a connection whose host is denied: HTTP gets a 403 naming the policy, TLS a fatal

@@ -15,6 +15,10 @@ use tracing::{debug, info, warn};
 use serde::Serialize;
 use tokio::sync::broadcast;
 
+use super::{
+    audit::{AuditMetrics, Layer},
+    history::{FlowKey as HistoryKey, History},
+};
 use crate::policy::{Compiled, Live};
 
 /// One logged flow: a distinct (workload, destination, protocol, verdict, rule) seen in one
@@ -32,19 +36,24 @@ pub struct Flow {
     pub count: u64,
 }
 
-/// Recent flows and a live feed of new ones, for `egress-agent flows`.
+/// Recent flows and a live feed of new ones, for `egress-agent flows`; and where the kernel's
+/// verdicts are also counted (audits) and kept (the flow history).
 pub struct Hub {
     recent: Mutex<VecDeque<Flow>>,
     tx: broadcast::Sender<Flow>,
+    pub audit: AuditMetrics,
+    pub history: Arc<History>,
 }
 
 const RECENT: usize = 1000;
 
 impl Hub {
-    pub fn new() -> Arc<Self> {
+    pub fn new(audit: AuditMetrics, history: Arc<History>) -> Arc<Self> {
         Arc::new(Self {
             recent: Mutex::new(VecDeque::with_capacity(RECENT)),
             tx: broadcast::channel(4096).0,
+            audit,
+            history,
         })
     }
 
@@ -99,7 +108,7 @@ fn log(ev: &VerdictEvent, count: u64, policy: &Compiled, hub: &Hub) {
         .unwrap_or_default();
     let rule = policy
         .rule(ev.rule_id)
-        .map(|r| r.egress.to_string())
+        .map(|r| r.name())
         .unwrap_or_default();
     let (workload, rule) = (workload.as_str(), rule.as_str());
     let (dst, protocol) = if socket {
@@ -116,11 +125,10 @@ fn log(ev: &VerdictEvent, count: u64, policy: &Compiled, hub: &Hub) {
     } else {
         info!(target: "egress::flow", workload, %dst, protocol, verdict, rule, pid, count, "flow");
     }
+    let time_ms = now_ms();
+    observe(ev, count, verdict, workload, rule, time_ms, hub);
     hub.push(Flow {
-        time_ms: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0),
+        time_ms,
         workload: workload.into(),
         destination: dst.clone(),
         protocol,
@@ -129,6 +137,49 @@ fn log(ev: &VerdictEvent, count: u64, policy: &Compiled, hub: &Hub) {
         pid,
         count,
     });
+}
+
+/// Unix time, milliseconds.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Counts audited verdicts and keeps connection verdicts in the history. Redirected
+/// connections are kept by the proxy instead, which also knows their host.
+fn observe(
+    ev: &VerdictEvent,
+    count: u64,
+    verdict: &str,
+    workload: &str,
+    rule: &str,
+    time_ms: u64,
+    hub: &Hub,
+) {
+    use egress_common::hook;
+    if !matches!(
+        ev.hook,
+        hook::CONNECT4 | hook::CONNECT6 | hook::SENDMSG4 | hook::SENDMSG6
+    ) {
+        return;
+    }
+    let outcome = Outcome::from_u8(ev.outcome);
+    if matches!(outcome, Some(Outcome::AuditRule | Outcome::AuditDefault)) {
+        hub.audit.count(rule, workload, Layer::kernel, count);
+    }
+    if outcome == Some(Outcome::Proxy) || workload.is_empty() {
+        return;
+    }
+    let key = HistoryKey {
+        workload: workload.into(),
+        ip: ev.dst.socket_addr().ip(),
+        port: ev.dst.port as u16,
+        proto: ev.proto,
+        host: None,
+    };
+    hub.history.record(key, time_ms, count, verdict, rule);
 }
 
 fn readable<T: std::os::fd::AsRawFd>(inner: T) -> Option<AsyncFd<T>> {

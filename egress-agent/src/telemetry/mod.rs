@@ -2,7 +2,9 @@
 //! ([`metrics`]), the kernel's counters encoded at scrape time ([`kernel`]), the label types
 //! the components share ([`labels`]) and the flow log of kernel verdicts ([`flows`]).
 
+pub mod audit;
 pub mod flows;
+pub mod history;
 pub mod kernel;
 pub mod labels;
 pub mod metrics;

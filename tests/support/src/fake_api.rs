@@ -47,6 +47,8 @@ struct State {
     objects: BTreeMap<String, BTreeMap<(String, String), Value>>,
     history: Vec<Event>,
     requests: Vec<String>,
+    /// Collections whose CRD is "not installed": every request to them is a 404.
+    missing: std::collections::BTreeSet<String>,
 }
 
 /// What the test side and the server side share.
@@ -82,6 +84,18 @@ impl FakeApiServer {
     /// serves whatever runtime (or none) the test uses.
     pub fn start() -> FakeApiServer {
         let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        Self::serve(std_listener)
+    }
+
+    /// [`FakeApiServer::start`], listening on 127.0.0.1 of network namespace `netns` (a test's
+    /// "node", where its agent runs).
+    pub fn start_in(netns: &std::path::Path) -> FakeApiServer {
+        let l = crate::net::in_netns(netns, || std::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("bind 127.0.0.1:0 in the node namespace");
+        Self::serve(l)
+    }
+
+    fn serve(std_listener: std::net::TcpListener) -> FakeApiServer {
         std_listener.set_nonblocking(true).expect("nonblocking");
         let addr = std_listener.local_addr().expect("local addr");
         let shared = Arc::new(Shared {
@@ -168,6 +182,16 @@ impl FakeApiServer {
             .get(collection)?
             .get(&(namespace.to_string(), name.to_string()))
             .cloned()
+    }
+
+    /// Makes `collection` absent (its CRD not installed: 404) or present again.
+    pub fn set_installed(&self, collection: &str, installed: bool) {
+        let mut st = self.shared.lock();
+        if installed {
+            st.missing.remove(collection);
+        } else {
+            st.missing.insert(collection.to_string());
+        }
     }
 
     /// Ends every open watch cleanly (clients resume from their last resourceVersion).
@@ -336,7 +360,7 @@ async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> 
         .lock()
         .requests
         .push(format!("{method} {path}?{}", q.join("&")));
-    let Some(t) = target(&path) else {
+    let Some(t) = target(&path).filter(|t| !shared.lock().missing.contains(&t.collection)) else {
         let (c, b) = status(404, "NotFound", "no such path in the fake");
         return json_response(c, &b);
     };

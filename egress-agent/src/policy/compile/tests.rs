@@ -111,13 +111,16 @@ fn broad_deny_beats_narrow_allow() {
 #[test]
 fn segments_resolve_precedence_per_port_and_protocol() {
     let r = |lo, hi, p, a, id| port_rule(lo, hi, p, a, id);
-    let v = segments(&[
-        r(0, 65535, proto::ANY, action::ALLOW, 1),
-        r(443, 443, proto::TCP, action::PROXY, 2),
-        r(8000, 8100, proto::TCP, action::DENY, 3),
-        r(53, 53, proto::UDP, action::ALLOW, 4),
-        r(443, 443, proto::UDP, action::PROXY, 5), // never for UDP
-    ])
+    let v = segments(
+        &[
+            r(0, 65535, proto::ANY, action::ALLOW, 1),
+            r(443, 443, proto::TCP, action::PROXY, 2),
+            r(8000, 8100, proto::TCP, action::DENY, 3),
+            r(53, 53, proto::UDP, action::ALLOW, 4),
+            r(443, 443, proto::UDP, action::PROXY, 5), // never for UDP
+        ],
+        |_| false,
+    )
     .unwrap();
     let segs: Vec<(u16, u16, u8, u32)> = v.segs[..v.counts.iter().map(|c| *c as usize).sum()]
         .iter()
@@ -140,9 +143,13 @@ fn segments_resolve_precedence_per_port_and_protocol() {
         ]
     );
     // Adjacent ranges of the same rule merge; nothing at all is an empty value.
-    let v = segments(&[r(80, 80, proto::TCP, a, 7), r(81, 90, proto::TCP, a, 7)]).unwrap();
+    let v = segments(
+        &[r(80, 80, proto::TCP, a, 7), r(81, 90, proto::TCP, a, 7)],
+        |_| false,
+    )
+    .unwrap();
     assert_eq!((v.counts, v.segs[0].lo, v.segs[0].hi), ([1, 0, 0], 80, 90));
-    assert_eq!(segments(&[]).unwrap().counts, [0, 0, 0]);
+    assert_eq!(segments(&[], |_| false).unwrap().counts, [0, 0, 0]);
 }
 
 #[test]

@@ -1,0 +1,149 @@
+//! K1: what the agent's kernel programs cost per run, from the kernel's own accounting
+//! (`kernel.bpf_stats_enabled`: run time and run count per program, read with bpftool). Unlike
+//! the wall-clock rows, these figures hardly move with other load on the machine: they time
+//! the programs only, not the scheduler. The accounting adds two clock reads per run, so the
+//! figures are slightly high.
+
+use std::{collections::BTreeMap, fs, path::Path};
+
+use anyhow::Context as _;
+
+use crate::{
+    bench_env::{run_quiet, Env},
+    bench_measure::Mode,
+    bench_report::{Row, Sample, Table},
+    bench_work::{self as work, Route},
+};
+
+const STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+const REPS: usize = 3;
+
+/// Turns the kernel's per-program accounting on; back to what it was when dropped.
+struct Accounting(String);
+
+impl Accounting {
+    fn on() -> anyhow::Result<Accounting> {
+        let old = fs::read_to_string(STATS).context("read kernel.bpf_stats_enabled")?;
+        fs::write(STATS, "1").context("enable kernel.bpf_stats_enabled")?;
+        Ok(Accounting(old.trim().to_string()))
+    }
+}
+
+impl Drop for Accounting {
+    fn drop(&mut self) {
+        let _ = fs::write(STATS, &self.0);
+    }
+}
+
+/// The ids of the programs attached to cgroup `cg` (`bpftool cgroup show`: `ID  TYPE ...`).
+fn attached(cg: &Path) -> anyhow::Result<Vec<String>> {
+    let text = run_quiet(&["bpftool", "cgroup", "show", &cg.display().to_string()])?;
+    Ok(text
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|id| id.chars().all(|c| c.is_ascii_digit()))
+        .map(String::from)
+        .collect())
+}
+
+/// (run time ns, run count) of the programs attached to the bench's cgroup root, by name,
+/// from `bpftool prog show` (the first line of each program: `ID: TYPE  name NAME ...
+/// run_time_ns N  run_cnt M`). Other agents' programs (tests running beside the bench) are
+/// left out.
+fn snapshot(cg: &Path) -> anyhow::Result<BTreeMap<String, (u64, u64)>> {
+    let ids = attached(cg)?;
+    let text = run_quiet(&["bpftool", "prog", "show"])?;
+    let mut out = BTreeMap::new();
+    for line in text.lines() {
+        let w: Vec<&str> = line.split_whitespace().collect();
+        let ours = w
+            .first()
+            .and_then(|id| id.strip_suffix(':'))
+            .is_some_and(|id| ids.iter().any(|x| x == id));
+        let after = |key: &str| w.iter().position(|x| *x == key).and_then(|i| w.get(i + 1));
+        let Some(name) = after("name").filter(|_| ours) else {
+            continue;
+        };
+        let num = |key| after(key).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        let e = out.entry(name.to_string()).or_insert((0, 0));
+        e.0 += num("run_time_ns");
+        e.1 += num("run_cnt");
+    }
+    Ok(out)
+}
+
+/// Mean ns per run of program `name` between two snapshots (None: it did not run).
+fn per_run(
+    a: &BTreeMap<String, (u64, u64)>,
+    b: &BTreeMap<String, (u64, u64)>,
+    name: &str,
+) -> Option<f64> {
+    let (t0, c0) = a.get(name).copied().unwrap_or_default();
+    let (t1, c1) = b.get(name).copied()?;
+    (c1 > c0).then(|| (t1 - t0) as f64 / (c1 - c0) as f64)
+}
+
+fn sample(value: Option<f64>) -> Sample {
+    let (load, procs_running) = work::load();
+    Sample {
+        value: value.unwrap_or(f64::NAN),
+        load,
+        procs_running,
+        errors: value.is_none().then(|| "the program did not run".into()),
+        ..Sample::default()
+    }
+}
+
+/// K1: `sock_create` and `connect4` per run during W4's UDP socket()+connect()+close() inside
+/// `web`, their sum (what the hooks add to a connect), and the per-packet program per packet
+/// during keep-alive HTTP on the allowed-direct route.
+pub fn programs(env: &mut Env, bin: &Path, allowed: &Route, mode: &Mode) -> anyhow::Result<Table> {
+    eprintln!("==> K1: program run time per run (kernel bpf_stats)");
+    let names = [
+        "sock_create per socket()",
+        "connect4 per connect()",
+        "connect() added: sock_create + connect4",
+        "skb_egress per packet (keep-alive, allowed directly)",
+    ];
+    let mut t = Table {
+        id: "K1",
+        title: "kernel program run time (kernel.bpf_stats_enabled; 10,000 extra rules loaded)"
+            .into(),
+        unit: "ns/run",
+        baseline: None,
+        peers: Vec::new(),
+        higher_is_better: false,
+        rows: names
+            .iter()
+            .map(|n| Row {
+                path: (*n).into(),
+                samples: Vec::new(),
+            })
+            .collect(),
+        note: Some(
+            "from the kernel's own per-program accounting, which times the programs and not \
+             the scheduler: a busy machine moves these far less than the wall-clock rows"
+                .into(),
+        ),
+    };
+    let _on = Accounting::on()?;
+    for _ in 0..REPS {
+        let a = snapshot(&env.cg)?;
+        work::connbench(env, bin, true, "udp", "127.60.0.1", "9999", mode.conn_iters)?;
+        let b = snapshot(&env.cg)?;
+        let create = per_run(&a, &b, "egress_sock_create");
+        let connect = per_run(&a, &b, "egress_connect4");
+        t.rows[0].samples.push(sample(create));
+        t.rows[1].samples.push(sample(connect));
+        t.rows[2]
+            .samples
+            .push(sample(create.zip(connect).map(|(x, y)| x + y)));
+        let c = snapshot(&env.cg)?;
+        work::wrk(env, allowed, mode.wrk_secs.min(3), false)?;
+        let d = snapshot(&env.cg)?;
+        t.rows[3]
+            .samples
+            .push(sample(per_run(&c, &d, "egress_skb_egress")));
+    }
+    Ok(t)
+}
