@@ -328,7 +328,10 @@ impl Control {
         // orders it with the next change, and retire() skips a set that is active again.
         let datapath = self.datapath.clone();
         std::thread::spawn(move || {
-            std::thread::sleep(std::time::Duration::from_millis(20));
+            // Until no program can still be reading it (a grace period, not a guess).
+            if let Err(e) = crate::datapath::policy_maps::wait_for_readers() {
+                warn!(error = %e, "cannot wait for the programs reading the replaced policy set");
+            }
             let mut dp = datapath.lock().unwrap_or_else(|e| e.into_inner());
             if let Err(e) = dp.retire(old) {
                 warn!(error = %e, "cannot delete the replaced policy set; the next change retries");
@@ -534,8 +537,10 @@ fn reason(o: egress_common::Outcome, rule: Option<String>) -> String {
     }
 }
 
-impl KernelSource for Control {
-    fn snapshot(&self) -> KernelSnapshot {
+impl Control {
+    /// What the kernel counted, read through `dp` (the metrics' own handles on the pinned
+    /// maps: the datapath lock is not taken).
+    pub fn read_kernel(&self, dp: &mut Datapath) -> KernelSnapshot {
         let policy = self.live.get();
         let pods = self
             .pods
@@ -543,17 +548,36 @@ impl KernelSource for Control {
             .iter()
             .map(|p| p.workload.clone())
             .collect();
-        let ids: Vec<u32> = policy.workloads.iter().map(|(_, id)| *id).collect();
-        let mut dp = self.datapath();
+        let mut ids: Vec<u32> = policy.workloads.iter().map(|(_, id)| *id).collect();
+        // Workload id 0: the refusals of cgroups that are no workload (Kubernetes mode).
+        let unenrolled = self.kubernetes().then_some(0);
+        ids.extend(unenrolled);
+        let sums = dp.counter_sums(&ids);
+        let unenrolled = unenrolled.map(|w| {
+            [proto::TCP, proto::UDP, proto::ANY].map(|p| {
+                egress_common::Outcome::ALL
+                    .iter()
+                    .filter(|o| o.is_denied())
+                    .filter_map(|o| sums.get(&(w, *o as u8, p)))
+                    .sum()
+            })
+        });
         KernelSnapshot {
-            sums: dp.counter_sums(&ids),
             tc: dp.tc_sums(&ids),
             sockets: dp.socket_refusals(&ids),
             packet_drops: dp.packet_drop_sums(&ids),
             entries: dp.map_fill(&policy),
             generation: dp.active().map(|(_, c)| c.generation).unwrap_or(0),
+            sums,
             pods,
             policy,
+            unenrolled,
         }
+    }
+}
+
+impl KernelSource for Control {
+    fn snapshot(&self) -> KernelSnapshot {
+        self.read_kernel(&mut self.datapath())
     }
 }

@@ -35,6 +35,7 @@ use crate::{
         history::{self, History},
         kernel::HostDenials,
         metrics::{self, Metrics},
+        snapshot::Snapshots,
     },
 };
 
@@ -97,6 +98,28 @@ fn raise_fd_limit() {
     }
 }
 
+/// Creates `<root>/_agent` (or reuses it: its id is the one the pinned policy exempts), makes
+/// sure pinned policy sets exempt it, and moves this process into it. Returns its id.
+fn enter_agent_cgroup(root: &CgroupRoot, pin_dir: &Path, leave: &mut Leave) -> anyhow::Result<u64> {
+    root.ensure(&root.path)?;
+    let agent_cgroup = root.ensure(&root.agent_dir())?;
+    if crate::datapath::exempt::exempt_agent(pin_dir, agent_cgroup)? {
+        warn!(cgroup = %root.agent_dir().display(), "the agent's cgroup was re-created: the pinned policy now exempts the new one");
+    }
+    // In a cgroup namespace of its own (a container's, the default with cgroup v2),
+    // /proc/self/cgroup names no host path ("/"): then the agent stays in `_agent` when it
+    // stops (it is exiting anyway) rather than moving to the hierarchy's root.
+    let home = cgroups::cgroup_of(std::process::id())?;
+    let named = home != cgroups::cgroup2_mount()?
+        && !home
+            .components()
+            .any(|c| c == std::path::Component::ParentDir);
+    cgroups::move_pid(&root.agent_dir(), std::process::id())?;
+    leave.agent_home = named.then_some(home);
+    info!(cgroup = %root.agent_dir().display(), id = agent_cgroup, "in the agent's exempt cgroup");
+    Ok(agent_cgroup)
+}
+
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     crate::datapath::kernel_version::check()?;
     raise_fd_limit();
@@ -105,23 +128,15 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         .state_file
         .clone()
         .unwrap_or_else(|| default_state_file(&opts.pin_dir));
-    // Kubernetes mode: the first sync of pods and policy objects stands in for the file.
-    let mut cluster = None;
-    let (file_store, file_cfg) = match &opts.kubernetes {
-        Some(k) => {
-            let started = k8s::first_sync(k, &root.path, &state_file).await?;
-            let r = &started.resolved;
-            let loaded = (r.store.clone(), r.config.clone());
-            cluster = Some(started);
-            loaded
+    // A policy file is parsed and validated before anything on the machine changes.
+    let source = match &opts.kubernetes {
+        Some(k) => Err(k),
+        None => {
+            let loaded = Store::load(&opts.config)?;
+            policy::compile(&loaded.1)?;
+            Ok(loaded)
         }
-        None => Store::load(&opts.config)?,
     };
-    policy::compile(&file_cfg)?;
-    let dirs = cluster
-        .as_ref()
-        .map(|c| c.resolved.dirs.clone())
-        .unwrap_or_default();
 
     // The admin socket doubles as the lock: a second agent on it is refused here.
     let admin_listener = admin::bind(&opts.admin_socket).await?;
@@ -130,11 +145,42 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         agent_home: None,
         admin_socket: Some(opts.admin_socket.clone()),
     };
-    root.ensure(&root.path)?;
-    let agent_cgroup = root.ensure(&root.agent_dir())?;
-    let home = cgroups::cgroup_of(std::process::id())?;
-    cgroups::move_pid(&root.agent_dir(), std::process::id())?;
-    leave.agent_home = Some(home);
+    // Into the exempt cgroup before any network I/O: on a restart or a rollout the pinned
+    // programs still enforce (in Kubernetes mode refusing every cgroup below the root that is
+    // no workload, such as this agent's own new pod), so the first connection to the API
+    // server must already come from the exempt cgroup. `_agent` outlives the agent and its id
+    // is in the pinned policy; exempt_agent covers a re-created one.
+    let agent_cgroup = enter_agent_cgroup(&root, &opts.pin_dir, &mut leave)?;
+
+    // Until the agent is set up (the first sync can wait long for the API server), the
+    // endpoint says it is alive and not ready.
+    let (stop_early, stopped) = tokio::sync::oneshot::channel();
+    let early = tokio::spawn(metrics::serve_until(
+        metrics_listener,
+        Metrics::new(prometheus_client::registry::Registry::default()),
+        stopped,
+    ));
+
+    // Kubernetes mode: the first sync of pods and policy objects stands in for the file.
+    let mut cluster = None;
+    let (file_store, file_cfg) = match source {
+        Ok(loaded) => loaded,
+        Err(k) => {
+            let started = k8s::first_sync(k, &root.path, &state_file).await?;
+            let r = &started.resolved;
+            let loaded = (r.store.clone(), r.config.clone());
+            cluster = Some(started);
+            policy::compile(&loaded.1)?;
+            loaded
+        }
+    };
+    let dirs = cluster
+        .as_ref()
+        .map(|c| c.resolved.dirs.clone())
+        .unwrap_or_default();
+
+    let _ = stop_early.send(());
+    let metrics_listener = early.await?;
 
     let (mut dp, reused) = Datapath::open(&opts.pin_dir)?;
     let kernel_logs = dp.logger();
@@ -227,7 +273,13 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         }),
     );
     let rejected = k8s::watch::RejectedMetrics::register(&mut registry);
-    let metrics = Metrics::agent(registry, control.clone(), host_denials);
+    // The metrics read the kernel through their own handles on the pinned maps, on a thread
+    // of their own: a scrape never holds the datapath that policy changes need.
+    let (mut reader, _) = Datapath::open(&opts.pin_dir)?;
+    let first = control.read_kernel(&mut reader);
+    let c = control.clone();
+    let snapshots = Snapshots::spawn(first, move || c.read_kernel(&mut reader))?;
+    let metrics = Metrics::agent_snapshots(registry, snapshots, host_denials);
     let relay = Proxy::new(
         orig,
         live.clone(),

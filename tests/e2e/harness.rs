@@ -64,6 +64,8 @@ pub struct Agent {
     pub netns: Option<PathBuf>,
     /// Extra environment of the agent process.
     pub env: Vec<(String, String)>,
+    /// A command line the agent's is appended to (a container runtime's, say).
+    pub wrapper: Vec<String>,
     log: Log,
 }
 
@@ -112,6 +114,7 @@ impl Agent {
             run_args: Vec::new(),
             netns: None,
             env: Vec::new(),
+            wrapper: Vec::new(),
             log: Log::default(),
         }
     }
@@ -119,14 +122,25 @@ impl Agent {
     /// Starts the agent process (again, after [`Agent::kill`] or [`Agent::stop_keep`]) on
     /// the same pins, cgroups, socket and state, and waits until it is ready.
     pub fn spawn(&mut self) {
+        self.start_process();
+        self.wait_ready(Duration::from_secs(90));
+    }
+
+    /// Starts the agent process without waiting for anything.
+    pub fn start_process(&mut self) {
         self.log.clear();
-        let mut cmd = match &self.netns {
-            Some(ns) => {
+        let mut cmd = match (&self.netns, self.wrapper.split_first()) {
+            (Some(ns), _) => {
                 let mut c = Command::new("nsenter");
                 c.arg(format!("--net={}", ns.display())).arg(AGENT);
                 c
             }
-            None => Command::new(AGENT),
+            (None, Some((first, rest))) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(AGENT);
+                c
+            }
+            (None, None) => Command::new(AGENT),
         };
         let mut child = cmd
             .arg("--admin-socket")
@@ -150,16 +164,32 @@ impl Agent {
             .spawn()
             .expect("spawn egress-agent");
         self.log.capture(child.stderr.take().unwrap());
+        self.child = Some(child);
+    }
+
+    /// Waits until the started agent says it is ready; panics if it exits first.
+    pub fn wait_ready(&mut self, within: Duration) {
         let mut exited = None;
-        let ready = wait_until(Duration::from_secs(90), || {
+        let child = self.child.as_mut().expect("agent started");
+        let log = self.log.clone();
+        let ready = wait_until(within, || {
             exited = child.try_wait().unwrap();
-            exited.is_some() || self.log().contains(" ready ")
+            exited.is_some() || log.text().contains(" ready ")
         });
         if let Some(status) = exited {
+            self.child = None;
             panic!("agent exited ({status}) before ready:\n{}", self.log());
         }
-        self.child = Some(child);
-        assert!(ready, "agent not ready after 90 s:\n{}", self.log());
+        assert!(ready, "agent not ready after {within:?}:\n{}", self.log());
+    }
+
+    /// The exit status, once the started agent has exited.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().unwrap();
+        if status.is_some() {
+            self.child = None;
+        }
+        status
     }
 
     /// GET a path of the agent's metrics endpoint: (status line, body).
@@ -201,6 +231,11 @@ impl Agent {
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The agent process' id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// SIGKILL: the agent dies without any cleanup.

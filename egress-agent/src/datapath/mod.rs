@@ -9,6 +9,7 @@ pub mod bpf;
 pub mod cgroups;
 pub mod counters;
 pub mod error;
+pub mod exempt;
 pub mod kernel_version;
 pub mod netlink;
 pub mod pins;

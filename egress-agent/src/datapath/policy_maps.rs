@@ -1,6 +1,20 @@
 //! A compiled policy into the maps: two policy sets, one in force and one being written, so a
 //! change is one flip of `EGRESS_ACTIVE` (atomic for every connect), and the toggle of
 //! `enableEgress` in place.
+//!
+//! A set is written or deleted only after every program that may still read it has returned:
+//! a program reads `EGRESS_ACTIVE` once and then the set it named, so after a flip the old set
+//! has readers until the programs running at the flip have finished. [`wait_for_readers`] waits
+//! for exactly that (an RCU grace period, which the kernel takes on every update of a
+//! map-of-maps), not for a guessed time.
+
+use std::{
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        OnceLock,
+    },
+};
 
 use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData};
 use egress_common::{
@@ -27,6 +41,8 @@ impl Datapath {
     ) -> Result<u32, BpfError> {
         let (cur, _) = self.active()?;
         let next = cur ^ 1;
+        // The set about to be written may still have readers from the last flip.
+        wait_if_flipped()?;
         if !self.clean[next as usize] {
             self.clear_set(next)?;
         }
@@ -37,14 +53,16 @@ impl Datapath {
         }
         let mut a: Array<_, u32> = self.map(names::ACTIVE)?;
         a.set(0, next, 0).map_err(map_err(names::ACTIVE))?;
+        FLIPS.fetch_add(1, Ordering::SeqCst);
         Ok(cur)
     }
 
     /// Deletes the entries of a replaced policy set, unless it became the active one again
-    /// meanwhile. Call it a moment after [`Datapath::apply`]: a program that read the old set
-    /// number just before the flip finishes within microseconds.
+    /// meanwhile, once no program can be reading it (it waits for that if needed; call
+    /// [`wait_for_readers`] first, without holding the datapath, to keep the wait off it).
     pub fn retire(&mut self, set: u32) -> Result<(), BpfError> {
         if self.active()?.0 != set {
+            wait_if_flipped()?;
             self.clear_set(set)?;
         }
         Ok(())
@@ -173,4 +191,80 @@ fn clear_trie<K: aya::Pod, V: aya::Pod>(
         t.remove(&k).map_err(map_err(name))?;
     }
     Ok(())
+}
+
+/// Flips of `EGRESS_ACTIVE` by this process, and how many of them a grace period has covered.
+static FLIPS: AtomicU64 = AtomicU64::new(0);
+static GRACED: AtomicU64 = AtomicU64::new(0);
+
+/// Returns once every BPF program (non-sleepable: all of ours) that was running when it was
+/// called has returned; so a policy set replaced before the call has no reader left. The
+/// kernel waits for an RCU grace period in every update of a map-of-maps
+/// (`maybe_wait_bpf_programs`, since Linux 4.20), which is used here on a private one that no
+/// program reads. Takes milliseconds: call it off the paths that wait for a reply.
+pub fn wait_for_readers() -> Result<(), BpfError> {
+    let seen = FLIPS.load(Ordering::SeqCst);
+    let (outer, inner) = grace_maps()?;
+    let key: u32 = 0;
+    let value: u32 = inner.as_raw_fd() as u32;
+    let mut attr = [0u64; 4];
+    attr[0] = outer.as_raw_fd() as u64; // map_fd (u32) and padding
+    attr[1] = &key as *const u32 as u64;
+    attr[2] = &value as *const u32 as u64;
+    bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map_err(|e| grace_err("update", e))?;
+    GRACED.fetch_max(seen, Ordering::SeqCst);
+    Ok(())
+}
+
+/// [`wait_for_readers`] if a flip happened since the last grace period.
+fn wait_if_flipped() -> Result<(), BpfError> {
+    if GRACED.load(Ordering::SeqCst) < FLIPS.load(Ordering::SeqCst) {
+        wait_for_readers()?;
+    }
+    Ok(())
+}
+
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_TYPE_ARRAY: u32 = 2;
+const BPF_MAP_TYPE_ARRAY_OF_MAPS: u32 = 12;
+
+fn grace_err(op: &'static str, source: std::io::Error) -> BpfError {
+    BpfError::Io {
+        path: "grace-period map-of-maps".into(),
+        op,
+        source,
+    }
+}
+
+fn bpf(cmd: libc::c_long, attr: &mut [u64; 4]) -> std::io::Result<libc::c_long> {
+    // SAFETY: `attr` is a zero-padded bpf_attr of the command's layout, 32 bytes, alive for
+    // the call; the pointers in it point to live locals of the caller.
+    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), 32usize) };
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+/// The private (outer array-of-maps, inner array) pair, created once.
+fn grace_maps() -> Result<&'static (OwnedFd, OwnedFd), BpfError> {
+    static MAPS: OnceLock<(OwnedFd, OwnedFd)> = OnceLock::new();
+    if let Some(m) = MAPS.get() {
+        return Ok(m);
+    }
+    let create = |map_type: u32, inner: u32| {
+        // map_type, key_size, value_size, max_entries | map_flags, inner_map_fd
+        let mut attr = [0u64; 4];
+        attr[0] = map_type as u64 | (4u64 << 32);
+        attr[1] = 4 | (1u64 << 32);
+        attr[2] = (inner as u64) << 32;
+        // SAFETY: the kernel returned a new fd that nothing else owns.
+        bpf(BPF_MAP_CREATE, &mut attr).map(|fd| unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    };
+    let inner = create(BPF_MAP_TYPE_ARRAY, 0).map_err(|e| grace_err("create", e))?;
+    let outer = create(BPF_MAP_TYPE_ARRAY_OF_MAPS, inner.as_raw_fd() as u32)
+        .map_err(|e| grace_err("create", e))?;
+    Ok(MAPS.get_or_init(|| (outer, inner)))
 }

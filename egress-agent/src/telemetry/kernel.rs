@@ -57,6 +57,7 @@ pub enum DenyReason {
     ProxyPort,
     Error,
     Host,
+    Unenrolled,
 }
 
 impl DenyReason {
@@ -77,6 +78,7 @@ impl DenyReason {
             Self::ProxyPort => "proxy-port",
             Self::Error => "error",
             Self::Host => "host",
+            Self::Unenrolled => "unenrolled",
         }
     }
 }
@@ -190,6 +192,7 @@ impl HostDenials {
 }
 
 /// What the kernel counted, read at one moment.
+#[derive(Clone)]
 pub struct KernelSnapshot {
     /// The policy in force (its workloads label the counters).
     pub policy: Arc<Compiled>,
@@ -206,6 +209,9 @@ pub struct KernelSnapshot {
     /// (map, entries, capacity).
     pub entries: Vec<(&'static str, usize, u32)>,
     pub generation: u64,
+    /// Kubernetes mode (cgroups below the root that are no workload are refused): the
+    /// refusals of such cgroups (pods not enrolled yet), by protocol TCP, UDP, other.
+    pub unenrolled: Option<[u64; 3]>,
 }
 
 /// Reads the kernel's counters (the control loop, which owns the datapath).
@@ -279,6 +285,7 @@ impl Collector for KernelCollector {
             packet_drops,
             entries,
             generation,
+            unenrolled,
         } = self.kernel.snapshot();
         let lost: u64 = policy
             .workloads
@@ -370,13 +377,23 @@ impl Collector for KernelCollector {
             }
         }
         denied.extend(self.host_denials.samples());
+        // Pods not enrolled yet have no workload: their series has no workload labels.
+        for (v, (_, protocol)) in unenrolled.iter().flatten().zip(PROTOCOLS) {
+            let l = DeniedLabels {
+                workload: String::new(),
+                namespace: String::new(),
+                reason: DenyReason::Unenrolled,
+                protocol,
+            };
+            denied.push((l, *v));
+        }
         counter(
             &mut enc,
             "egress_connections",
             "Connections judged in the kernel, by workload, verdict and protocol",
             &connections,
         )?;
-        counter(&mut enc, "egress_denied", "Connections refused, by workload and reason (rule, default, proxy-port, error in the kernel; host in the proxy)", &denied)?;
+        counter(&mut enc, "egress_denied", "Connections refused, by workload and reason (rule, default, proxy-port, error in the kernel; host in the proxy; unenrolled: a pod not enrolled yet, Kubernetes mode, no workload label)", &denied)?;
         counter(
             &mut enc,
             "egress_tc_dropped_packets",

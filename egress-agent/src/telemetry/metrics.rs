@@ -23,7 +23,10 @@ use tokio::{
 };
 use tracing::warn;
 
-use super::kernel::{HostDenials, KernelCollector, KernelSource};
+use super::{
+    kernel::{HostDenials, KernelCollector, KernelSource},
+    snapshot::Snapshots,
+};
 
 pub const DEFAULT_ADDR: &str = "127.0.0.1:15090";
 
@@ -31,7 +34,25 @@ pub const DEFAULT_ADDR: &str = "127.0.0.1:15090";
 pub struct Metrics {
     registry: Registry,
     ready: Arc<AtomicBool>,
+    /// The kernel's snapshot, brought up to date before a scrape is encoded.
+    snapshots: Option<Arc<Snapshots>>,
+    /// The text of the last scrape, by (snapshot number, ready): scrapes served from the
+    /// same snapshot share it.
+    rendered: std::sync::Mutex<Option<(u64, bool, Arc<String>)>>,
+    /// `/metrics` requests served at once (the probes do not wait for these).
+    scrapes: tokio::sync::Semaphore,
 }
+
+/// `/metrics` requests served at once; more wait (within their connection's 10 s). With the
+/// kernel read at most once a second this bounds what a scrape storm costs the node.
+pub const MAX_SCRAPES: usize = 4;
+
+/// Connections the endpoint serves at once; more wait in the listen backlog. Scrapes are
+/// limited on their own ([`MAX_SCRAPES`]): this cap is for memory and slow clients, and leaves
+/// room for the probes.
+pub const MAX_CONNECTIONS: usize = 64;
+/// A connection's whole life: reading the request, the snapshot, writing the reply.
+const CONNECTION_DEADLINE: Duration = Duration::from_secs(10);
 
 impl Metrics {
     /// Serves `registry`, whose metrics the components registered (the gateway's).
@@ -39,6 +60,9 @@ impl Metrics {
         Arc::new(Self {
             registry,
             ready: Arc::new(AtomicBool::new(false)),
+            snapshots: None,
+            rendered: Default::default(),
+            scrapes: tokio::sync::Semaphore::new(MAX_SCRAPES),
         })
     }
 
@@ -56,7 +80,35 @@ impl Metrics {
             host_denials,
             ready: ready.clone(),
         }));
-        Arc::new(Self { registry, ready })
+        Arc::new(Self {
+            registry,
+            ready,
+            snapshots: None,
+            rendered: Default::default(),
+            scrapes: tokio::sync::Semaphore::new(MAX_SCRAPES),
+        })
+    }
+
+    /// [`Metrics::agent`] with the kernel's state from `snapshots`, which a scrape brings up
+    /// to date (off the runtime) before it is encoded.
+    pub fn agent_snapshots(
+        mut registry: Registry,
+        snapshots: Arc<Snapshots>,
+        host_denials: HostDenials,
+    ) -> Arc<Self> {
+        let ready = Arc::new(AtomicBool::new(false));
+        registry.register_collector(Box::new(KernelCollector {
+            kernel: snapshots.clone(),
+            host_denials,
+            ready: ready.clone(),
+        }));
+        Arc::new(Self {
+            registry,
+            ready,
+            snapshots: Some(snapshots),
+            rendered: Default::default(),
+            scrapes: tokio::sync::Semaphore::new(MAX_SCRAPES),
+        })
     }
 
     /// Ready: the agent's programs are attached and the first policy applied; the gateway
@@ -109,66 +161,118 @@ pub fn prometheus_text(openmetrics: &str) -> String {
     out
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` until the task is dropped.
+/// Serves `/metrics`, `/healthz` and `/readyz` until the task is dropped, at most
+/// [`MAX_CONNECTIONS`] connections at once, each for at most 10 s.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+    serve_on(&listener, metrics).await
+}
+
+/// [`serve`] until `stop` fires; then hands the listener back (for the next [`Metrics`]).
+/// The agent answers `/healthz` (and `/readyz`: not ready) so while it waits for the API server.
+pub async fn serve_until(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    stop: tokio::sync::oneshot::Receiver<()>,
+) -> TcpListener {
+    tokio::select! {
+        _ = serve_on(&listener, metrics) => {}
+        _ = stop => {}
+    }
+    listener
+}
+
+async fn serve_on(listener: &TcpListener, metrics: Arc<Metrics>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let Ok((mut s, _)) = listener.accept().await else {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let Ok((s, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
         let m = metrics.clone();
         tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            let mut n = 0;
-            // The request line is all we need; a slow or silent client gets 5 s.
-            let read = tokio::time::timeout(Duration::from_secs(5), async {
-                while n < buf.len() && !buf[..n].windows(2).any(|w| w == b"\r\n") {
-                    match s.read(&mut buf[n..]).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(k) => n += k,
-                    }
-                }
-            })
-            .await;
-            if read.is_err() {
-                return;
-            }
-            let line = String::from_utf8_lossy(&buf[..n]);
-            let mut parts = line.split_whitespace();
-            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-            let path = path.split('?').next().unwrap_or("");
-            let (status, ctype, body) = match (method, path) {
-                ("GET", "/metrics") => (
-                    "200 OK",
-                    "text/plain; version=0.0.4; charset=utf-8",
-                    m.render(),
-                ),
-                ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
-                ("GET", "/readyz") if m.is_ready() => {
-                    ("200 OK", "text/plain", "ready\n".to_string())
-                }
-                ("GET", "/readyz") => (
-                    "503 Service Unavailable",
-                    "text/plain",
-                    "not ready: programs not attached or no policy applied yet\n".to_string(),
-                ),
-                ("GET", _) => (
-                    "404 Not Found",
-                    "text/plain",
-                    "not found: /metrics, /healthz, /readyz\n".to_string(),
-                ),
-                _ => (
-                    "405 Method Not Allowed",
-                    "text/plain",
-                    "GET only\n".to_string(),
-                ),
-            };
-            let head = format!("HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
-            let _ = s.write_all(head.as_bytes()).await;
-            let _ = s.write_all(body.as_bytes()).await;
-            let _ = s.shutdown().await;
+            let _ = tokio::time::timeout(CONNECTION_DEADLINE, answer(s, &m)).await;
+            drop(slot);
         });
     }
+}
+
+/// The body of a `/metrics` scrape: encoded off the runtime, once per kernel snapshot.
+async fn scrape(m: &Arc<Metrics>) -> Arc<String> {
+    let Some(k) = &m.snapshots else {
+        return Arc::new(m.render());
+    };
+    let Ok(_slot) = m.scrapes.acquire().await else {
+        return Arc::new(String::new());
+    };
+    k.fresh().await;
+    let key = (k.reads(), m.is_ready());
+    let cached = m.rendered.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    if let Some((n, ready, text)) = cached {
+        if (n, ready) == key {
+            return text;
+        }
+    }
+    let m2 = m.clone();
+    let text = match tokio::task::spawn_blocking(move || m2.render()).await {
+        Ok(t) => Arc::new(t),
+        Err(_) => return Arc::new(String::new()),
+    };
+    *m.rendered.lock().unwrap_or_else(|e| e.into_inner()) = Some((key.0, key.1, text.clone()));
+    text
+}
+
+/// One request on connection `s`.
+async fn answer(mut s: tokio::net::TcpStream, m: &Arc<Metrics>) {
+    let mut buf = vec![0u8; 4096];
+    let mut n = 0;
+    // The request line is all we need; a slow or silent client gets 2 s.
+    let read = tokio::time::timeout(Duration::from_secs(2), async {
+        while n < buf.len() && !buf[..n].windows(2).any(|w| w == b"\r\n") {
+            match s.read(&mut buf[n..]).await {
+                Ok(0) | Err(_) => break,
+                Ok(k) => n += k,
+            }
+        }
+    })
+    .await;
+    if read.is_err() {
+        return;
+    }
+    let line = String::from_utf8_lossy(&buf[..n]);
+    let mut parts = line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = path.split('?').next().unwrap_or("");
+    let (status, ctype, body) = match (method, path) {
+        ("GET", "/metrics") => (
+            "200 OK",
+            "text/plain; version=0.0.4; charset=utf-8",
+            scrape(m).await,
+        ),
+        ("GET", "/healthz") => ("200 OK", "text/plain", text("ok\n")),
+        ("GET", "/readyz") if m.is_ready() => ("200 OK", "text/plain", text("ready\n")),
+        ("GET", "/readyz") => (
+            "503 Service Unavailable",
+            "text/plain",
+            text("not ready: programs not attached or no policy applied yet\n"),
+        ),
+        ("GET", _) => (
+            "404 Not Found",
+            "text/plain",
+            text("not found: /metrics, /healthz, /readyz\n"),
+        ),
+        _ => ("405 Method Not Allowed", "text/plain", text("GET only\n")),
+    };
+    let head = format!("HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+    let _ = s.write_all(head.as_bytes()).await;
+    let _ = s.write_all(body.as_bytes()).await;
+    let _ = s.shutdown().await;
+}
+
+fn text(t: &str) -> Arc<String> {
+    Arc::new(t.to_string())
 }
 
 /// Binds `--metrics-addr`.

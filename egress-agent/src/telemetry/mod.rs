@@ -1,5 +1,6 @@
 //! What the agent reports: the metrics registry and its endpoint, `/healthz` and `/readyz`
-//! ([`metrics`]), the kernel's counters encoded at scrape time ([`kernel`]), the label types
+//! ([`metrics`]), the kernel's counters encoded at scrape time ([`kernel`]) from a snapshot read
+//! off the runtime ([`snapshot`]), the label types
 //! the components share ([`labels`]) and the flow log of kernel verdicts ([`flows`]).
 
 pub mod audit;
@@ -9,6 +10,7 @@ pub mod kernel;
 pub mod labels;
 pub mod metrics;
 pub mod relay;
+pub mod snapshot;
 
 #[cfg(test)]
 mod tests;

@@ -46,6 +46,7 @@ impl KernelSource for Fake {
                 ("EGRESS_POLICY_V4", 1, 65536),
             ],
             generation: 3,
+            unenrolled: None,
         }
     }
 }
@@ -79,7 +80,7 @@ egress_connections_total{workload="web",namespace="shop",verdict="deny-default",
 egress_connections_total{workload="web",namespace="shop",verdict="deny-default",protocol="udp"} 2
 egress_connections_total{workload="web",namespace="shop",verdict="deny-default",protocol="other"} 0
 egress_connections_total{workload="web",namespace="shop",verdict="deny-error",protocol="tcp"} 1
-# HELP egress_denied_total Connections refused, by workload and reason (rule, default, proxy-port, error in the kernel; host in the proxy)
+# HELP egress_denied_total Connections refused, by workload and reason (rule, default, proxy-port, error in the kernel; host in the proxy; unenrolled: a pod not enrolled yet, Kubernetes mode, no workload label)
 # TYPE egress_denied_total counter
 egress_denied_total{workload="db",namespace="shop",reason="rule",protocol="tcp"} 0
 egress_denied_total{workload="db",namespace="shop",reason="rule",protocol="udp"} 0
@@ -161,4 +162,33 @@ egress_build_info{version="0.1.0",layout="LAYOUT"} 1
 "#;
     let want = want.replace("LAYOUT", &egress_common::LAYOUT_VERSION.to_string());
     assert_eq!(m.render(), want);
+}
+
+/// Kubernetes mode: the refusals of pods not enrolled yet (workload id 0) have their series.
+struct Unenrolled;
+
+impl KernelSource for Unenrolled {
+    fn snapshot(&self) -> KernelSnapshot {
+        KernelSnapshot {
+            unenrolled: Some([3, 0, 1]),
+            ..Fake.snapshot()
+        }
+    }
+}
+
+#[test]
+fn refusals_of_unenrolled_pods_are_reported() {
+    let m = Metrics::agent(
+        Registry::default(),
+        Arc::new(Unenrolled),
+        HostDenials::default(),
+    );
+    let out = m.render();
+    for line in [
+        "egress_denied_total{workload=\"\",namespace=\"\",reason=\"unenrolled\",protocol=\"tcp\"} 3\n",
+        "egress_denied_total{workload=\"\",namespace=\"\",reason=\"unenrolled\",protocol=\"udp\"} 0\n",
+        "egress_denied_total{workload=\"\",namespace=\"\",reason=\"unenrolled\",protocol=\"other\"} 1\n",
+    ] {
+        assert!(out.contains(line), "no {line} in\n{out}");
+    }
 }

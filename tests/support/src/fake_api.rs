@@ -83,8 +83,13 @@ impl FakeApiServer {
     /// Starts serving on 127.0.0.1 (an ephemeral port) on a thread of its own, so that it
     /// serves whatever runtime (or none) the test uses.
     pub fn start() -> FakeApiServer {
-        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-        Self::serve(std_listener)
+        Self::start_at("127.0.0.1:0".parse().unwrap())
+    }
+
+    /// [`FakeApiServer::start`] on `addr` (an API server that comes back where it was).
+    pub fn start_at(addr: SocketAddr) -> FakeApiServer {
+        let l = std::net::TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+        Self::serve(l)
     }
 
     /// [`FakeApiServer::start`], listening on 127.0.0.1 of network namespace `netns` (a test's
@@ -137,6 +142,10 @@ impl FakeApiServer {
             shared,
             stop: Some(stop),
         }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
     }
 
     pub fn url(&self) -> String {

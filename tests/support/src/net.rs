@@ -17,12 +17,18 @@ use std::{
 
 use crate::{wait_until, PACKETS_PY};
 
-/// A port that was free a moment ago on 127.0.0.1 and [::1].
+/// A port that was free a moment ago on 127.0.0.1 and [::1], below the kernel's ephemeral
+/// range (32768-60999 by default), so that no client socket of a test running alongside (a
+/// scrape storm opens thousands) is given it before its user binds it.
 pub fn free_port() -> u16 {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(7919) % 12000;
     loop {
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let port = l.local_addr().unwrap().port();
-        if TcpListener::bind(("::1", port)).is_ok() {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = 20000 + (start.wrapping_add(n.wrapping_mul(131)) % 12000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && TcpListener::bind(("::1", port)).is_ok()
+        {
             return port;
         }
     }
