@@ -10,7 +10,7 @@ set -euo pipefail
 # (see egress-agent/build.rs). Overridable, e.g. EGRESS_EBPF_TOOLCHAIN=nightly.
 T=${EGRESS_EBPF_TOOLCHAIN:-stable}
 BPF_LINKER_VERSION=0.13.0
-APT_PACKAGES=(build-essential iproute2 iputils-ping curl python3 netcat-openbsd bpftool openssl openssh-server openssh-client git prometheus dante-server microsocks squid nghttp2-proxy dnsmasq-base bind9-dnsutils)
+APT_PACKAGES=(build-essential iproute2 iputils-ping curl python3 netcat-openbsd bpftool openssl openssh-server openssh-client git prometheus dante-server microsocks squid nghttp2-proxy dnsmasq-base bind9-dnsutils nginx)
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 

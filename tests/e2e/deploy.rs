@@ -236,7 +236,7 @@ fn example_objects_validate_against_the_crd_schemas_and_the_agent() {
         crd_validator().args(["examples/kubernetes.yaml", "kubernetes/meshconfig.yaml"]),
     );
     assert!(ok, "{text}");
-    assert_eq!(text.matches("ok   ").count(), 9, "{text}");
+    assert_eq!(text.matches("ok   ").count(), 10, "{text}");
     // The same objects through the agent's own parser (the one the watcher uses).
     agent_ok(
         Command::new(env!("CARGO_BIN_EXE_egress-agent"))

@@ -12,6 +12,7 @@ mod deploy;
 mod dns;
 mod gateway;
 mod harness;
+mod host_judging;
 mod k8s;
 mod k8s_pods;
 mod lifecycle;

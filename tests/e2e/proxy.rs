@@ -59,6 +59,9 @@ metadata: {{name: allow-hosts}}
 spec:
   sources: [{{name: web}}]
   hosts: [allowed.example, "*.wild.example", "**.deep.example"]
+  # The test's stand-in for an external address is on loopback, which the proxy dials only
+  # when a rule names it.
+  ipAddresses: [127.31.0.0/24]
   ports: [{{number: 80, protocol: http}}, {{number: 443, protocol: https}}]
 ---
 kind: Egress
@@ -199,7 +202,7 @@ fn ssh_and_git_through_the_proxy_with_passthrough_on_80_and_22() {
     // enableEgress true: every port-80 connection goes through the proxy (a host rule names
     // port 80), SSH to 127.32.0.1 goes through it too (via: proxy), and nothing collides.
     let agent = Agent::start(
-        "kind: MeshConfig\nmetadata: {name: e}\nspec: {traffic: {enableEgress: true}, proxy: {port: {proxy_port}}}\n---\nkind: Workload\nmetadata: {name: web}\n---\nkind: Egress\nmetadata: {name: web-hosts}\nspec: {sources: [{name: web}], hosts: [only.example], ports: [{number: 80, protocol: http}]}\n---\nkind: Egress\nmetadata: {name: ssh}\nspec: {sources: [{name: web}], ipAddresses: [127.32.0.1/32], ports: [{number: 22}], via: proxy}\n",
+        "kind: MeshConfig\nmetadata: {name: e}\nspec: {traffic: {enableEgress: true}, proxy: {port: {proxy_port}}}\n---\nkind: Workload\nmetadata: {name: web}\n---\nkind: Egress\nmetadata: {name: web-hosts}\nspec: {sources: [{name: web}], hosts: [only.example], ports: [{number: 80, protocol: http}]}\n---\nkind: Egress\nmetadata: {name: ssh}\nspec: {sources: [{name: web}], ipAddresses: [127.32.0.1/32], ports: [{number: 22}], via: proxy}\n---\nkind: Egress\nmetadata: {name: git}\nspec: {sources: [{name: web}], ipAddresses: [127.33.0.1/32], ports: [{number: 80}], via: proxy}\n",
     );
     let key = key.to_string_lossy().into_owned();
     let t0 = Instant::now();
@@ -254,9 +257,7 @@ fn ssh_and_git_through_the_proxy_with_passthrough_on_80_and_22() {
         std::fs::read_to_string(dest.join("README")).unwrap(),
         "through the egress proxy\n"
     );
-    agent.wait_log(
-        "dst=127.33.0.1:80 protocol=\"tcp\" verdict=\"proxy\" rule=\"default/web-hosts\"",
-    );
+    agent.wait_log("dst=127.33.0.1:80 protocol=\"tcp\" verdict=\"proxy\" rule=\"default/git\"");
     let _ = std::fs::remove_dir_all(dest.parent().unwrap());
     let _ = std::fs::remove_dir_all(work);
 }

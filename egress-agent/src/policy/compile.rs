@@ -39,6 +39,10 @@ pub struct RuleInfo {
     pub ports: Vec<(u16, u16, u8)>,
     /// Index into [`Compiled::gateways`] of the gateway this rule names (`gateway: NAME`).
     pub gateway: Option<usize>,
+    /// `allowWithoutHost`: connections naming no host pass by this rule's addresses.
+    pub without_host: bool,
+    /// HTTP routes (empty: every request to its hosts).
+    pub http: super::routes::Routes,
     /// `spec.mode: audit`: what the rule would refuse is reported, not refused.
     pub audit: bool,
 }
@@ -197,6 +201,9 @@ pub fn compile_stable(
                 .gateway
                 .as_ref()
                 .and_then(|g| cfg.gateways.iter().position(|x| &x.id.name == g)),
+            without_host: s.allow_without_host,
+            // Validated before (routes::check): compiles.
+            http: super::routes::Routes::compile(&s.http).unwrap_or_default(),
             audit: s.mode == Mode::Audit,
         });
         if cfg.mesh.dns.enabled && s.is_name_rule() {
@@ -268,6 +275,8 @@ pub fn compile_stable(
         cidrs: o.cidrs,
         ports: o.ports,
         gateway: None,
+        without_host: false,
+        http: Default::default(),
         audit: false,
     }));
     let names = |wid: u32| {
@@ -459,75 +468,6 @@ impl Compiled {
             .iter()
             .any(|&i| self.rules[i].applies_tcp(workload, ip, port))
     }
-
-    /// The proxy's verdict for a redirected TCP connection whose host is `host` (None: the
-    /// client named none, or spoke neither TLS nor HTTP). Host denies win, then host allows,
-    /// then allows by address; otherwise `enableEgress` decides, as in the kernel. Policies in
-    /// audit mode only turn what the enforced ones let through into [`HostVerdict::Audit`].
-    pub fn decide_host(
-        &self,
-        workload: u32,
-        ip: IpAddr,
-        port: u16,
-        host: Option<&str>,
-    ) -> HostVerdict {
-        let ip = scalar::normalize(ip);
-        let audit = self.config.audit_mode != 0;
-        match self.host_verdict(workload, ip, port, host, false) {
-            Err(id) if audit => HostVerdict::Audit(id),
-            Err(id) => HostVerdict::Deny(id),
-            Ok(id) => match self.host_verdict(workload, ip, port, host, true) {
-                Err(audited) => HostVerdict::Audit(audited),
-                Ok(_) => HostVerdict::Allow(id),
-            },
-        }
-    }
-
-    /// [`Compiled::decide_host`] over the enforced rules (and those in audit mode with
-    /// `audited`): Ok(rule) lets through, Err(rule) refuses.
-    fn host_verdict(
-        &self,
-        workload: u32,
-        ip: IpAddr,
-        port: u16,
-        host: Option<&str>,
-        audited: bool,
-    ) -> Result<u32, u32> {
-        let counts = |r: &RuleInfo| (audited || !r.audit) && r.applies_tcp(workload, ip, port);
-        let by_host = |action: Action| {
-            let host = host?;
-            self.host_rules.iter().find_map(|&i| {
-                let r = &self.rules[i];
-                (r.action == action && counts(r) && r.hosts.iter().any(|p| p.matches(host)))
-                    .then_some(i as u32 + 1)
-            })
-        };
-        if let Some(id) = by_host(Action::Deny) {
-            return Err(id);
-        }
-        if let Some(id) = by_host(Action::Allow) {
-            return Ok(id);
-        }
-        // An audited allow by address lets nothing more through than the enforced ones.
-        let by_address = self.rules.iter().zip(1u32..).find(|(r, _)| {
-            !r.audit && r.hosts.is_empty() && r.action == Action::Allow && counts(r)
-        });
-        match by_address {
-            Some((_, id)) => Ok(id),
-            None if self.config.enable_egress != 0 => Ok(0),
-            None => Err(0),
-        }
-    }
-}
-
-/// The proxy's decision about a host; the number is the deciding rule id (0: none, the
-/// mesh default).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum HostVerdict {
-    Allow(u32),
-    Deny(u32),
-    /// Audit mode: would be denied; forwarded and reported.
-    Audit(u32),
 }
 
 /// The longest-prefix match among `entries`, which the compiler emits sorted by (workload,

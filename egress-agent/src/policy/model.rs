@@ -7,8 +7,10 @@ use std::{collections::BTreeMap, fmt};
 
 use serde::Deserialize;
 
+pub use super::http_route::{HttpRoute, PathMatch};
 use super::scalar::{Cidr, HostPattern, Port, Seconds};
 pub use super::selector::{LabelSelector, Labels};
+pub use super::sockets_spec::{SocketRule, SocketsSpec};
 
 pub const API_VERSION: &str = "policy.egress.dev/v1alpha1";
 pub const DEFAULT_PROXY_PORT: u16 = 15001;
@@ -95,55 +97,6 @@ impl Default for MeshSpec {
             host_binding: None,
         }
     }
-}
-
-/// `spec.sockets`: which socket kinds workloads may open beyond TCP, UDP and MPTCP (whose
-/// connections the socket hooks judge by destination).
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
-pub struct SocketsSpec {
-    /// Raw IP sockets (`SOCK_RAW`, root or CAP_NET_RAW): any packet the process writes.
-    pub raw: SocketRule,
-    /// AF_PACKET and AF_XDP sockets: whole frames, below IP.
-    pub packet: SocketRule,
-    /// Ping sockets (`SOCK_DGRAM` ICMP/ICMPv6): each echo is judged by its destination.
-    pub icmp: SocketRule,
-    /// Every other IP protocol (UDP-Lite, SCTP, DCCP, ...).
-    pub other: SocketRule,
-}
-
-impl Default for SocketsSpec {
-    fn default() -> Self {
-        Self {
-            raw: SocketRule::Deny,
-            packet: SocketRule::Deny,
-            icmp: SocketRule::Allow,
-            other: SocketRule::Deny,
-        }
-    }
-}
-
-impl SocketsSpec {
-    /// The kernel's bit set ([`egress_common::sockets::kind`]) of allowed kinds.
-    pub fn allowed_bits(&self) -> u32 {
-        use egress_common::sockets::kind;
-        [
-            (self.raw, kind::RAW),
-            (self.packet, kind::PACKET),
-            (self.icmp, kind::ICMP),
-            (self.other, kind::OTHER),
-        ]
-        .into_iter()
-        .filter(|(r, _)| *r == SocketRule::Allow)
-        .fold(0, |bits, (_, k)| bits | k)
-    }
-}
-
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum SocketRule {
-    Allow,
-    Deny,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -267,6 +220,14 @@ pub struct EgressSpec {
     /// `via: gateway`. Without it, `via: gateway` means the global gateway.
     #[serde(default)]
     pub gateway: Option<String>,
+    /// Where host rules apply, a connection that names no host (TLS without SNI, a protocol
+    /// other than TLS or HTTP/1.x, HTTP/1.0 without Host) is refused; with this, it is let out
+    /// by this rule's `ipAddresses` instead (an allow rule with addresses only).
+    #[serde(default)]
+    pub allow_without_host: bool,
+    /// HTTP routes ([`super::routes`]): with `hosts`, the requests this rule allows or denies.
+    #[serde(default)]
+    pub http: Vec<HttpRoute>,
     /// `enforce` (the default) or `audit`: what this policy would refuse is reported
     /// (`audit-rule` flows, `egress_audit_total`) and let through; the others keep enforcing.
     #[serde(default)]

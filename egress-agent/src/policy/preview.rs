@@ -8,7 +8,7 @@ use std::{collections::HashMap, net::IpAddr};
 use egress_common::{proto, Outcome};
 use serde::Serialize;
 
-use super::compile::{Compiled, HostVerdict};
+use super::{compile::Compiled, verdict::HostVerdict};
 use crate::telemetry::history::FlowRecord;
 
 /// Where a connection goes, in the terms of a preview.

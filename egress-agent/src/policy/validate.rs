@@ -121,6 +121,13 @@ pub fn check_egress(file: &str, label: &str, s: &EgressSpec) -> Result<(), Confi
             "a gateway is named but via is not gateway; remove one of them",
         ));
     }
+    super::routes::check(s).map_err(|(f, why)| err(&f, &why))?;
+    if s.allow_without_host && (s.ip_addresses.is_empty() || s.action == Action::Deny) {
+        return Err(err(
+            "spec.allowWithoutHost",
+            "lets connections that name no host out by address: give ipAddresses, on an allow rule",
+        ));
+    }
     if let Some(g) = &s.gateway {
         check_name(g).map_err(|r| err("spec.gateway", &r))?;
         if s.action == Action::Deny {

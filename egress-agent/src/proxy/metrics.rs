@@ -33,6 +33,9 @@ pub enum ProxyResult {
     OverLimit,
     /// The kernel did not redirect it (no original destination).
     NotRedirected,
+    /// Its destination is the node itself (loopback, link-local, a node address) and no
+    /// Egress names it: not dialled.
+    IntoNode,
 }
 
 impl ProxyResult {
@@ -45,6 +48,7 @@ impl ProxyResult {
             Self::UpstreamError => "upstream-error",
             Self::OverLimit => "over-limit",
             Self::NotRedirected => "not-redirected",
+            Self::IntoNode => "into-node",
         }
     }
 }
@@ -74,9 +78,23 @@ pub struct GatewayLabels {
     pub result: TunnelResult,
 }
 
+/// `egress_proxy_http_requests`: the route is the Egress that decided (never the URL).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub method: String,
+    pub route: String,
+    pub verdict: String,
+}
+
+/// Methods counted under their own name; any other is `other` (the label is bounded).
+const METHODS: [&str; 9] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+];
+
 /// The proxy's metrics.
 pub struct ProxyMetrics {
     connections: Family<ConnectionLabels, Counter>,
+    requests: Family<RequestLabels, Counter>,
     relay: RelayMetrics,
     gateway: Family<GatewayLabels, Counter>,
     hosts: Mutex<HashSet<String>>,
@@ -102,6 +120,12 @@ impl ProxyMetrics {
                 active: "Connections the proxy is relaying now",
             },
         );
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "egress_proxy_http_requests",
+            "HTTP/1.x requests the proxy judged one by one, by method, deciding Egress (route) and verdict",
+            requests.clone(),
+        );
         let gateway = Family::<GatewayLabels, Counter>::default();
         registry.register(
             "egress_proxy_gateway_connections",
@@ -110,6 +134,7 @@ impl ProxyMetrics {
         );
         Self {
             connections,
+            requests,
             relay,
             gateway,
             hosts: Mutex::new(HashSet::new()),
@@ -145,6 +170,20 @@ impl ProxyMetrics {
         if result == ProxyResult::Denied {
             self.host_denials.add(workload);
         }
+    }
+
+    /// One judged HTTP request. Routes come from the policy, methods are bounded.
+    pub fn request(&self, method: &str, route: &str, verdict: &str) {
+        let method = METHODS
+            .iter()
+            .find(|m| m.eq_ignore_ascii_case(method))
+            .map_or("other", |m| m);
+        let labels = RequestLabels {
+            method: method.into(),
+            route: route.into(),
+            verdict: verdict.into(),
+        };
+        self.requests.get_or_create(&labels).inc();
     }
 
     /// A tunnel through gateway `name` opened (or not). Gateway names come from the policy,
@@ -201,6 +240,8 @@ mod tests {
         m.connection("shop/db", None, ProxyResult::GatewayError, (0, 0));
         m.gateway("gw1", true);
         m.gateway("gw1", false);
+        m.request("get", "shop/api", "allow");
+        m.request("BREW", "shop/api", "deny");
         m.connected(Duration::from_millis(3));
         m.active().inc();
         let mut lines: Vec<String> = served.render().lines().map(str::to_owned).collect();
@@ -210,11 +251,13 @@ mod tests {
 # HELP egress_proxy_connect_duration_seconds Time the proxy took to connect to the original destination.
 # HELP egress_proxy_connections_total Connections the proxy handled, by host (SNI or Host) and result.
 # HELP egress_proxy_gateway_connections_total Tunnels the proxy opened (result ok) or failed to open (result error) through each EgressGateway.
+# HELP egress_proxy_http_requests_total HTTP/1.x requests the proxy judged one by one, by method, deciding Egress (route) and verdict.
 # TYPE egress_proxy_active_connections gauge
 # TYPE egress_proxy_bytes_total counter
 # TYPE egress_proxy_connect_duration_seconds histogram
 # TYPE egress_proxy_connections_total counter
 # TYPE egress_proxy_gateway_connections_total counter
+# TYPE egress_proxy_http_requests_total counter
 egress_proxy_active_connections 1
 egress_proxy_bytes_total{direction="downstream"} 20
 egress_proxy_bytes_total{direction="upstream"} 20
@@ -237,6 +280,8 @@ egress_proxy_connections_total{host="a.example",result="allowed"} 1
 egress_proxy_connections_total{host="b.example",result="denied"} 2
 egress_proxy_gateway_connections_total{gateway="gw1",result="error"} 1
 egress_proxy_gateway_connections_total{gateway="gw1",result="ok"} 1
+egress_proxy_http_requests_total{method="GET",route="shop/api",verdict="allow"} 1
+egress_proxy_http_requests_total{method="other",route="shop/api",verdict="deny"} 1
 "#;
         assert_eq!(lines.join("\n") + "\n", want);
     }

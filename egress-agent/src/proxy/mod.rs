@@ -3,12 +3,17 @@
 //! For each accepted connection it looks up the original destination the kernel recorded under
 //! the client's address (none: the connection was not redirected, and is refused). When a rule
 //! for that destination names hosts, it reads the TLS SNI or HTTP Host from the client's first
-//! bytes (bounded, timed) and judges it; otherwise it does not wait for the client to speak,
-//! so server-first protocols (SSH, SMTP, MySQL) pass unchanged. Allowed connections go to the
-//! original destination from the agent's own, exempt cgroup, or through the egress gateway
-//! their rule names (or the global one): never direct when a gateway is chosen but down.
+//! bytes (bounded, timed) and judges it, failing closed when it cannot tell the host; HTTP/1.x
+//! connections are then judged request by request ([`http1`]). Otherwise it does not wait for
+//! the client to speak, so server-first protocols (SSH, SMTP, MySQL) pass unchanged. Allowed
+//! connections go to the original destination from the agent's own, exempt cgroup (never into
+//! the node itself, see [`guard`]), or through the egress gateway their rule names (or the
+//! global one): never direct when a gateway is chosen but down.
 
+pub mod guard;
+pub mod http1;
 pub mod inpod;
+mod judging;
 pub mod metrics;
 pub mod relay;
 pub mod sniff;
@@ -63,7 +68,7 @@ impl Default for Limits {
         Self {
             max_connections: 16_384,
             sniff_timeout: Duration::from_secs(5),
-            sniff_bytes: 16 * 1024,
+            sniff_bytes: sniff::MAX_SNIFF,
             connect_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(3600),
             close_on_tighten: true,
@@ -80,6 +85,7 @@ pub struct Proxy {
     gateways: Dialer,
     /// What workloads' DNS answered (`hostBinding`); unset: no binding.
     names: std::sync::OnceLock<Arc<crate::dns::Names>>,
+    node: guard::NodeAddrs,
     /// Audited host verdicts are counted here, and every connection kept in the history.
     audit: AuditMetrics,
     history: Arc<History>,
@@ -127,6 +133,7 @@ impl Proxy {
             limits,
             gateways: Dialer::default(),
             names: std::sync::OnceLock::new(),
+            node: guard::NodeAddrs::default(),
         })
     }
 
@@ -244,23 +251,49 @@ impl Proxy {
 
         // Bytes read while sniffing, replayed to the upstream.
         let mut head = Vec::new();
+        // HTTP/1.x where hosts are judged: every request is judged, not only the first.
+        let mut per_request = false;
         if policy.needs_host(orig.workload_id, dst.ip(), dst.port()) {
             let sniffed = self.sniff(&mut client, &mut head).await;
             let (is_http, host) = match &sniffed {
-                Some(Sniffed::Http(h)) => (true, h.map(str::to_owned)),
-                Some(Sniffed::Tls(h)) => (false, h.map(str::to_owned)),
+                Some(Sniffed::Http(h)) => (true, h.clone()),
+                Some(Sniffed::Tls(h)) => (false, h.clone()),
+                Some(Sniffed::BadHttp(why)) => {
+                    rec.verdict = "deny";
+                    rec.rule = "malformed".into();
+                    let resp = http1::forbidden(&format!("request refused: {why}"), "malformed");
+                    let _ = client.write_all(resp.as_bytes()).await;
+                    let _ = client.shutdown().await;
+                    self.finish(&rec, (head.len() as u64, 0), "denied");
+                    return;
+                }
                 _ => (false, None),
             };
+            per_request = is_http;
             rec.host = host.clone();
-            match policy.decide_host(orig.workload_id, dst.ip(), dst.port(), host.as_deref()) {
+            let head_if_http = is_http.then_some(&head[..]);
+            match judging::first_verdict(
+                &policy,
+                orig.workload_id,
+                dst,
+                host.as_deref(),
+                head_if_http,
+            ) {
                 HostVerdict::Allow(id)
                     if !self.host_bound(&policy, orig.workload_id, host.as_deref(), dst, id) =>
                 {
                     rec.verdict = HOST_MISMATCH;
                     rec.rule = rule_name(&policy, id);
                     warn!(workload = rec.workload, dst = %dst, host = host.as_deref().unwrap_or(""), reason = HOST_MISMATCH, "refused: the host did not resolve to this address for the workload (hostBinding: strict)");
-                    let tls = matches!(sniffed, Some(Sniffed::Tls(_)));
-                    refuse(client, is_http, &rec, tls).await;
+                    let http = is_http.then(|| {
+                        let why = format!(
+                            "{HOST_MISMATCH}: {} did not resolve to {} for this workload",
+                            host.as_deref().unwrap_or("(none)"),
+                            dst.ip()
+                        );
+                        (why, rec.rule.clone())
+                    });
+                    refuse(client, http, matches!(sniffed, Some(Sniffed::Tls(_)))).await;
                     self.finish(&rec, (head.len() as u64, 0), HOST_MISMATCH);
                     return;
                 }
@@ -276,13 +309,10 @@ impl Proxy {
                 HostVerdict::Deny(id) => {
                     rec.verdict = "deny";
                     rec.rule = rule_name(&policy, id);
-                    refuse(
-                        client,
-                        is_http,
-                        &rec,
-                        matches!(sniffed, Some(Sniffed::Tls(_))),
-                    )
-                    .await;
+                    let http = is_http.then(|| {
+                        self.first_request_refused(&policy, orig.workload_id, &rec, &head)
+                    });
+                    refuse(client, http, matches!(sniffed, Some(Sniffed::Tls(_)))).await;
                     self.finish(&rec, (head.len() as u64, 0), "denied");
                     return;
                 }
@@ -290,6 +320,12 @@ impl Proxy {
         }
 
         let connecting = Instant::now();
+        if policy.gateway_for(rule_id).is_none() {
+            if let Some(class) = guard::into_node(&policy, orig.workload_id, dst, &self.node.get())
+            {
+                return self.refuse_into_node(client, &mut rec, class);
+            }
+        }
         let upstream = match policy.gateway_for(rule_id) {
             Some(gw) => {
                 rec.gateway = gw.id.name.clone();
@@ -316,6 +352,15 @@ impl Proxy {
         let mut upstream = upstream;
         if let Upstream::Tcp(s) = &upstream {
             let _ = s.set_nodelay(true);
+        }
+        if per_request {
+            let served = self
+                .per_request(client, upstream, head, &rec, orig.workload_id)
+                .await;
+            if served.refused {
+                rec.verdict = "deny";
+            }
+            return self.finish(&rec, served.bytes, served.end);
         }
         if let Err(e) = upstream.send_head(&head).await {
             return self.upstream_failed(client, &mut rec, &e.to_string());
@@ -357,11 +402,7 @@ impl Proxy {
 
     /// Reads the client's first bytes until they name a host, they cannot, the buffer is
     /// full, or the timeout passes.
-    async fn sniff<'b>(
-        &self,
-        client: &mut TcpStream,
-        head: &'b mut Vec<u8>,
-    ) -> Option<Sniffed<'b>> {
+    async fn sniff(&self, client: &mut TcpStream, head: &mut Vec<u8>) -> Option<Sniffed> {
         let deadline = tokio::time::Instant::now() + self.limits.sniff_timeout;
         let cap = self.limits.sniff_bytes;
         head.reserve(cap.min(4096));
@@ -436,6 +477,7 @@ impl Proxy {
             "deny" | HOST_MISMATCH => ProxyResult::Denied,
             "audit" => ProxyResult::Audit,
             "gateway-error" => ProxyResult::GatewayError,
+            "into-node" => ProxyResult::IntoNode,
             _ => ProxyResult::UpstreamError,
         };
         self.metrics
@@ -488,28 +530,9 @@ fn rule_name(p: &Compiled, id: u32) -> String {
 
 /// Refuses a connection whose host is denied: HTTP gets a 403 naming the policy, TLS a fatal
 /// `access_denied` alert, anything else a reset.
-async fn refuse(mut client: TcpStream, http: bool, rec: &Record<'_>, tls: bool) {
-    if http {
-        let host = rec.host.as_deref().unwrap_or("(none)");
-        let why = if rec.verdict == HOST_MISMATCH {
-            format!(
-                "{HOST_MISMATCH}: {host} did not resolve to {} for this workload",
-                rec.dst.ip()
-            )
-        } else if rec.rule.is_empty() {
-            "no Egress policy allows it".to_string()
-        } else {
-            format!("Egress policy {} denies it", rec.rule)
-        };
-        let body = format!(
-            "egress: host {host} is refused for workload {}: {why}\n",
-            rec.workload
-        );
-        let resp = format!(
-            "HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\nX-Egress-Policy: {}\r\n\r\n{body}",
-            body.len(),
-            if rec.rule.is_empty() { "default-deny" } else { &rec.rule }
-        );
+async fn refuse(mut client: TcpStream, http: Option<(String, String)>, tls: bool) {
+    if let Some((why, policy)) = http {
+        let resp = http1::forbidden(&why, &policy);
         let _ = client.write_all(resp.as_bytes()).await;
         let _ = client.shutdown().await;
     } else if tls {

@@ -10,6 +10,7 @@ use core::net::{IpAddr, SocketAddr};
 
 pub mod connect;
 pub mod dns;
+pub mod http;
 pub mod sniff;
 pub mod socks5;
 

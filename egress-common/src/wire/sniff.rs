@@ -1,37 +1,78 @@
 //! Finding the host a client asks for in the first bytes it sends: the SNI of a TLS
-//! ClientHello or the `Host` of an HTTP/1.x request. Both parsers work on a bounded buffer,
-//! never allocate while parsing, never panic on any input (fuzzed), and tell "need more bytes"
-//! apart from "this is not it".
+//! ClientHello (reassembled across TLS records up to [`MAX_CLIENT_HELLO`]) or the host of an
+//! HTTP/1.x request ([`super::http`]). Both parsers work on a bounded buffer, never panic on
+//! any input (fuzzed), and tell "need more bytes" apart from "this is not it". A ClientHello
+//! split over several records is copied once into one buffer; nothing else allocates.
+
+use alloc::{borrow::Cow, string::String, vec::Vec};
+
+use super::http;
 
 /// What the first bytes of a connection say about its host.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Sniffed<'a> {
+pub enum Sniffed {
     /// More bytes are needed to decide.
     Incomplete,
     /// A TLS ClientHello; its SNI (None: the client sent none).
-    Tls(Option<&'a str>),
-    /// An HTTP/1.x request; its Host (None: no Host header, HTTP/1.0 style).
-    Http(Option<&'a str>),
-    /// Neither TLS nor HTTP/1.x, or malformed.
+    Tls(Option<String>),
+    /// An HTTP/1.x request; its host (None: it names none, HTTP/1.0 style).
+    Http(Option<String>),
+    /// An HTTP/1.x request the proxy refuses whatever the policy: its host cannot be told
+    /// for sure (target and Host disagree, two Hosts) or its framing is ambiguous.
+    BadHttp(&'static str),
+    /// Neither TLS nor HTTP/1.x, malformed, or over the bounds.
     Opaque,
 }
 
+/// Bytes the proxy reads at most while looking for the host: a ClientHello of
+/// [`MAX_CLIENT_HELLO`] in records of at least 4 KiB each, or an HTTP head.
+pub const MAX_SNIFF: usize = MAX_CLIENT_HELLO + 4096;
+
 /// Classifies `buf`, the bytes received so far.
-pub fn sniff(buf: &[u8]) -> Sniffed<'_> {
+pub fn sniff(buf: &[u8]) -> Sniffed {
     match buf.first() {
         None => Sniffed::Incomplete,
         Some(0x16) => match client_hello_sni(buf) {
             Ok(sni) => Sniffed::Tls(sni),
-            Err(Error::Incomplete) => Sniffed::Incomplete,
-            Err(Error::Invalid) => Sniffed::Opaque,
+            Err(Error::Incomplete) if buf.len() < MAX_SNIFF => Sniffed::Incomplete,
+            Err(_) => Sniffed::Opaque,
         },
-        Some(b) if b.is_ascii_uppercase() => match http_host(buf) {
-            Ok(host) => Sniffed::Http(host),
-            Err(Error::Incomplete) => Sniffed::Incomplete,
-            Err(Error::Invalid) => Sniffed::Opaque,
-        },
+        Some(b) if b.is_ascii_uppercase() || *b == b'\r' || *b == b'\n' => {
+            let mut headers = [httparse::EMPTY_HEADER; http::MAX_HEADERS];
+            match http::request(buf, &mut headers) {
+                Ok(r) => Sniffed::Http(r.host.map(String::from)),
+                Err(http::Error::Incomplete) if looks_like_request_start(buf) => {
+                    Sniffed::Incomplete
+                }
+                Err(http::Error::Host(why)) => Sniffed::BadHttp(why),
+                Err(http::Error::Invalid(why)) if http1_request_line(buf) => Sniffed::BadHttp(why),
+                Err(_) => Sniffed::Opaque,
+            }
+        }
         Some(_) => Sniffed::Opaque,
     }
+}
+
+/// Whether `buf` starts (after empty lines) with an HTTP/1.x request line.
+fn http1_request_line(buf: &[u8]) -> bool {
+    let start = buf
+        .iter()
+        .position(|b| *b != b'\r' && *b != b'\n')
+        .unwrap_or(buf.len());
+    let line = buf[start..].split(|b| *b == b'\n').next().unwrap_or(&[]);
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    line.ends_with(b" HTTP/1.1") || line.ends_with(b" HTTP/1.0")
+}
+
+/// Whether `buf` (incomplete) can still become a request: empty lines, then a method token.
+fn looks_like_request_start(buf: &[u8]) -> bool {
+    let start = buf
+        .iter()
+        .position(|b| *b != b'\r' && *b != b'\n')
+        .unwrap_or(buf.len());
+    let rest = &buf[start..];
+    let method_len = rest.iter().take_while(|b| b.is_ascii_uppercase()).count();
+    method_len == rest.len() || (method_len > 0 && (rest[method_len] == b' '))
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -67,68 +108,80 @@ impl<'a> Reader<'a> {
         Ok(u16::from_be_bytes([b[0], b[1]]) as usize)
     }
 
-    fn u24(&mut self) -> Result<usize, Error> {
-        let b = self.take(3)?;
-        Ok(((b[0] as usize) << 16) | ((b[1] as usize) << 8) | b[2] as usize)
-    }
-
     fn rest(&self) -> &'a [u8] {
         &self.buf[self.pos..]
     }
 }
 
-/// Largest ClientHello we reassemble (it must also fit the caller's buffer).
-pub const MAX_CLIENT_HELLO: usize = 16 * 1024;
+/// Largest ClientHello we reassemble (post-quantum key shares make them grow past 16 KiB).
+pub const MAX_CLIENT_HELLO: usize = 64 * 1024;
+/// Largest TLS record (plaintext 2^14 plus the allowed expansion).
+const MAX_RECORD: usize = 16384 + 2048;
 
-/// The SNI of the TLS ClientHello at the start of `buf`. The handshake message may span
-/// several TLS records; they are reassembled into a fixed stack buffer.
-pub fn client_hello_sni(buf: &[u8]) -> Result<Option<&str>, Error> {
-    // Fast path: the whole ClientHello in the first record (what every client does).
+/// The SNI of the TLS ClientHello at the start of `buf`. The handshake message may span any
+/// number of TLS records (and so TCP segments); it is reassembled up to [`MAX_CLIENT_HELLO`],
+/// beyond which it is `Invalid`. Every strict prefix of a valid hello is `Incomplete`.
+pub fn client_hello_sni(buf: &[u8]) -> Result<Option<String>, Error> {
+    let body = client_hello(buf)?;
+    Ok(parse_hello(&body)?.map(String::from))
+}
+
+/// The ClientHello body (after the 4-byte handshake header) at the start of `buf`, borrowed
+/// when it fits in the first record, else reassembled from the following ones.
+fn client_hello(buf: &[u8]) -> Result<Cow<'_, [u8]>, Error> {
     let mut r = Reader::new(buf);
-    let (typ, _ver, len) = (r.u8()?, r.u16()?, r.u16()?);
-    if typ != 0x16 || len == 0 || len > 16384 + 2048 {
-        return Err(Error::Invalid);
-    }
-    let first = r.take(len).or_else(|e| match e {
-        // Not all of the first record yet: parse what is there if the hello fits in it.
-        Error::Incomplete => Ok(r.rest()),
-        e => Err(e),
-    })?;
-    let mut h = Reader::new(first);
-    if h.u8()? != 1 {
-        return Err(Error::Invalid); // not a ClientHello
-    }
-    let hello_len = h.u24()?;
-    if hello_len > MAX_CLIENT_HELLO {
-        return Err(Error::Invalid);
-    }
-    if hello_len <= first.len().saturating_sub(4) {
-        return parse_hello(&first[4..4 + hello_len]);
-    }
-    if first.len() < len {
-        return Err(Error::Incomplete);
-    }
-    // The hello continues in further handshake records: only names inside the first record
-    // can be borrowed; look for the SNI there, which is where every client puts it early on.
-    match parse_hello(&first[4..]) {
-        Ok(sni) => Ok(sni),
-        Err(Error::Incomplete) => {
-            // Check that what follows is well-formed handshake records before giving up.
-            let mut need = hello_len - (first.len() - 4);
-            while need > 0 {
-                let (typ, _v, l) = (r.u8()?, r.u16()?, r.u16()?);
-                if typ != 0x16 || l == 0 {
+    let mut joined: Vec<u8> = Vec::new();
+    let mut first: &[u8] = &[];
+    let mut records = 0usize;
+    loop {
+        let typ = r.u8()?;
+        let _ver = r.u16()?;
+        let len = r.u16()?;
+        if typ != 0x16 || len == 0 || len > MAX_RECORD {
+            return Err(Error::Invalid);
+        }
+        if records == 0 {
+            // Refuse what cannot be a ClientHello before waiting for the whole record.
+            let partial = &r.rest()[..len.min(r.rest().len())];
+            if let Some(h) = partial.get(..4) {
+                let hello_len = ((h[1] as usize) << 16) | ((h[2] as usize) << 8) | h[3] as usize;
+                if h[0] != 1 || hello_len > MAX_CLIENT_HELLO {
                     return Err(Error::Invalid);
                 }
-                let got = r.take(l.min(need))?;
-                need -= got.len();
-                if l > got.len() {
-                    break;
-                }
             }
-            Ok(None)
         }
-        Err(e) => Err(e),
+        let frag = r.take(len)?;
+        records += 1;
+        if records == 1 {
+            first = frag;
+        } else {
+            if records == 2 {
+                joined.extend_from_slice(first);
+            }
+            joined.extend_from_slice(frag);
+        }
+        let hs: &[u8] = if records == 1 { first } else { &joined };
+        if hs.len() >= 4 {
+            if hs[0] != 1 {
+                return Err(Error::Invalid); // not a ClientHello
+            }
+            let hello_len = ((hs[1] as usize) << 16) | ((hs[2] as usize) << 8) | hs[3] as usize;
+            if hello_len > MAX_CLIENT_HELLO {
+                return Err(Error::Invalid);
+            }
+            if hs.len() >= 4 + hello_len {
+                return Ok(if records == 1 {
+                    Cow::Borrowed(&first[4..4 + hello_len])
+                } else {
+                    joined.truncate(4 + hello_len);
+                    joined.drain(..4);
+                    Cow::Owned(joined)
+                });
+            }
+        }
+        if r.pos > MAX_SNIFF {
+            return Err(Error::Invalid);
+        }
     }
 }
 
@@ -169,104 +222,6 @@ fn parse_hello(body: &[u8]) -> Result<Option<&str>, Error> {
         return Ok(None);
     }
     Ok(None)
-}
-
-/// Longest request head (request line + headers) we read before giving up.
-pub const MAX_HTTP_HEAD: usize = 16 * 1024;
-
-/// The Host of the HTTP/1.x request at the start of `buf` (port stripped), or of its
-/// absolute-form target.
-pub fn http_host(buf: &[u8]) -> Result<Option<&str>, Error> {
-    let line_end = match find(buf, b"\r\n") {
-        Some(i) => i,
-        None if buf.len() >= MAX_HTTP_HEAD => return Err(Error::Invalid),
-        None => {
-            return if looks_like_request_start(buf) {
-                Err(Error::Incomplete)
-            } else {
-                Err(Error::Invalid)
-            }
-        }
-    };
-    let line = &buf[..line_end];
-    let mut parts = line.split(|b| *b == b' ');
-    let (method, target, version) = (parts.next(), parts.next(), parts.next());
-    let (Some(method), Some(target), Some(version)) = (method, target, version) else {
-        return Err(Error::Invalid);
-    };
-    if parts.next().is_some()
-        || method.is_empty()
-        || !method.iter().all(|b| b.is_ascii_uppercase())
-        || !(version == b"HTTP/1.1" || version == b"HTTP/1.0")
-    {
-        return Err(Error::Invalid);
-    }
-    let mut rest = &buf[line_end + 2..];
-    let mut consumed = line_end + 2;
-    loop {
-        let Some(end) = find(rest, b"\r\n") else {
-            return if consumed + rest.len() >= MAX_HTTP_HEAD {
-                Err(Error::Invalid)
-            } else {
-                Err(Error::Incomplete)
-            };
-        };
-        let header = &rest[..end];
-        if header.is_empty() {
-            break; // end of the head: no Host header
-        }
-        if let Some(i) = header.iter().position(|b| *b == b':') {
-            if header[..i].eq_ignore_ascii_case(b"host") {
-                let v = trim(&header[i + 1..]);
-                return valid_host(strip_port(v)).map(Some);
-            }
-        } else {
-            return Err(Error::Invalid);
-        }
-        consumed += end + 2;
-        rest = &rest[end + 2..];
-    }
-    // Absolute-form target: http://host[:port]/path
-    if let Some(t) = target.strip_prefix(b"http://") {
-        let authority = t.split(|b| *b == b'/').next().unwrap_or(t);
-        return valid_host(strip_port(authority)).map(Some);
-    }
-    Ok(None)
-}
-
-fn looks_like_request_start(buf: &[u8]) -> bool {
-    let method_len = buf.iter().take_while(|b| b.is_ascii_uppercase()).count();
-    method_len == buf.len() || (method_len > 0 && buf[method_len] == b' ')
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
-}
-
-fn trim(v: &[u8]) -> &[u8] {
-    let start = v
-        .iter()
-        .position(|b| *b != b' ' && *b != b'\t')
-        .unwrap_or(v.len());
-    let end = v
-        .iter()
-        .rposition(|b| *b != b' ' && *b != b'\t')
-        .map_or(start, |i| i + 1);
-    &v[start..end]
-}
-
-fn strip_port(v: &[u8]) -> &[u8] {
-    if v.first() == Some(&b'[') {
-        // [v6]:port
-        return match v.iter().position(|b| *b == b']') {
-            Some(i) => &v[..=i],
-            None => v,
-        };
-    }
-    match v.iter().rposition(|b| *b == b':') {
-        Some(i) if v[i + 1..].iter().all(u8::is_ascii_digit) => &v[..i],
-        _ => v,
-    }
 }
 
 /// Accepts a host name (or IP literal) of printable, non-space ASCII, at most 253 bytes.
@@ -314,10 +269,29 @@ mod tests {
         rec
     }
 
+    fn tls(name: &str) -> Sniffed {
+        Sniffed::Tls(Some(name.into()))
+    }
+
+    fn http(name: &str) -> Sniffed {
+        Sniffed::Http(Some(name.into()))
+    }
+
+    /// `hs` (a handshake message) cut into TLS records of at most `size` bytes.
+    fn records(hs: &[u8], size: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        for part in hs.chunks(size) {
+            out.extend_from_slice(&[0x16, 3, 1]);
+            out.extend_from_slice(&(part.len() as u16).to_be_bytes());
+            out.extend_from_slice(part);
+        }
+        out
+    }
+
     #[test]
     fn sni_of_a_whole_hello() {
         let h = hello(Some("api.example.com"));
-        assert_eq!(sniff(&h), Sniffed::Tls(Some("api.example.com")));
+        assert_eq!(sniff(&h), tls("api.example.com"));
         assert_eq!(sniff(&hello(None)), Sniffed::Tls(None));
     }
 
@@ -330,19 +304,59 @@ mod tests {
     }
 
     #[test]
-    fn hello_split_over_two_records() {
+    fn hello_reassembled_across_records() {
         let h = hello(Some("split.example.com"));
         let hs = &h[5..];
-        let (a, b) = hs.split_at(20);
-        let mut two = vec![0x16, 3, 1];
-        two.extend_from_slice(&(a.len() as u16).to_be_bytes());
-        two.extend_from_slice(a);
-        two.extend_from_slice(&[0x16, 3, 1]);
-        two.extend_from_slice(&(b.len() as u16).to_be_bytes());
-        two.extend_from_slice(b);
-        // The SNI lies in the second record: reported as no SNI (never guessed).
-        assert_eq!(sniff(&two), Sniffed::Tls(None));
-        assert_eq!(sniff(&two[..30]), Sniffed::Incomplete);
+        for size in [1, 3, 20, 60] {
+            let split = records(hs, size);
+            // The SNI may lie in any record, even straddle two: it is found.
+            assert_eq!(sniff(&split), tls("split.example.com"), "records of {size}");
+            for n in 0..split.len() {
+                assert_eq!(
+                    sniff(&split[..n]),
+                    Sniffed::Incomplete,
+                    "{size}: prefix {n}"
+                );
+            }
+        }
+    }
+
+    /// A ClientHello padded to `len` bytes of handshake body (a padding extension first,
+    /// then the SNI last, as a hello with big post-quantum key shares looks).
+    fn big_hello(len: usize, sni: &str) -> Vec<u8> {
+        let small = hello(Some(sni));
+        let body = &small[9..];
+        let pad = len - body.len() - 4;
+        // Rebuild: version..compression, then extensions = padding(21) + the original ones.
+        let fixed = 2 + 32 + 1 + 4 + 2;
+        let old_ext = &body[fixed + 2..];
+        let mut ext = vec![0, 21];
+        ext.extend_from_slice(&(pad as u16).to_be_bytes());
+        ext.resize(ext.len() + pad, 0);
+        ext.extend_from_slice(old_ext);
+        let mut b = body[..fixed].to_vec();
+        b.extend_from_slice(&(ext.len() as u16).to_be_bytes());
+        b.extend_from_slice(&ext);
+        let mut hs = vec![1];
+        hs.extend_from_slice(&(b.len() as u32).to_be_bytes()[1..]);
+        hs.extend_from_slice(&b);
+        hs
+    }
+
+    #[test]
+    fn hellos_up_to_64_kib_are_judged_and_bigger_refused() {
+        let hs = big_hello(40_000, "pq.example");
+        assert_eq!(sniff(&records(&hs, 16384)), tls("pq.example"));
+        let hs = big_hello(MAX_CLIENT_HELLO - 100, "pq.example");
+        assert_eq!(sniff(&records(&hs, 16384)), tls("pq.example"));
+        // A handshake header announcing more than the bound: refused at once.
+        let mut hs = big_hello(MAX_CLIENT_HELLO - 100, "pq.example");
+        hs[1..4].copy_from_slice(&((MAX_CLIENT_HELLO + 1) as u32).to_be_bytes()[1..]);
+        assert_eq!(sniff(&records(&hs, 16384)[..100]), Sniffed::Opaque);
+        // Tiny records fill the proxy's buffer before the hello is whole: refused.
+        let hs = big_hello(40_000, "pq.example");
+        let tiny = records(&hs, 4);
+        assert_eq!(sniff(&tiny[..MAX_SNIFF]), Sniffed::Opaque);
     }
 
     #[test]
@@ -379,11 +393,7 @@ mod tests {
     #[test]
     fn golden_client_hellos_from_real_clients() {
         for (client, hello) in GOLDEN {
-            assert_eq!(
-                sniff(hello),
-                Sniffed::Tls(Some("golden.example")),
-                "{client}"
-            );
+            assert_eq!(sniff(hello), tls("golden.example"), "{client}");
             for n in 0..hello.len() {
                 assert_eq!(
                     sniff(&hello[..n]),
@@ -434,43 +444,52 @@ mod tests {
     #[test]
     fn http_host_header() {
         let req = b"GET /repo.git/info/refs HTTP/1.1\r\nUser-Agent: git\r\nHOST: Example.COM:8080\r\n\r\n";
-        assert_eq!(sniff(req), Sniffed::Http(Some("Example.COM")));
-        // Decided as soon as the Host line is complete, not before.
-        let host_end = find(req, b"8080\r\n").unwrap() + 6;
+        assert_eq!(sniff(req), http("Example.COM"));
+        // Decided when the head is complete, not before.
         for n in 1..req.len() {
-            let want = if n < host_end {
-                Sniffed::Incomplete
-            } else {
-                Sniffed::Http(Some("Example.COM"))
-            };
-            assert_eq!(sniff(&req[..n]), want, "prefix {n}");
+            assert_eq!(sniff(&req[..n]), Sniffed::Incomplete, "prefix {n}");
         }
         assert_eq!(sniff(b"GET / HTTP/1.0\r\n\r\n"), Sniffed::Http(None));
         assert_eq!(
             sniff(b"GET http://a.example:81/x HTTP/1.1\r\nAccept: */*\r\n\r\n"),
-            Sniffed::Http(Some("a.example"))
+            http("a.example")
         );
         assert_eq!(
             sniff(b"GET / HTTP/1.1\r\nHost: [::1]:80\r\n\r\n"),
-            Sniffed::Http(Some("[::1]"))
+            http("[::1]")
         );
+        // After leading empty lines, the request is judged like any other.
+        assert_eq!(
+            sniff(b"\r\n\r\nGET / HTTP/1.1\r\nHost: denied.example\r\n\r\n"),
+            http("denied.example")
+        );
+        assert_eq!(sniff(b"\r\n"), Sniffed::Incomplete);
     }
 
     #[test]
     fn http_garbage_and_limits() {
         assert_eq!(sniff(b"GET / HTTP/2.0\r\n\r\n"), Sniffed::Opaque);
+        // HTTP/2 prior knowledge (h2c): not HTTP/1.x, so no host: refused where one is needed.
+        assert_eq!(sniff(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), Sniffed::Opaque);
         assert_eq!(sniff(b"GET /\r\n"), Sniffed::Opaque);
-        assert_eq!(
+        assert!(matches!(
             sniff(b"GET / HTTP/1.1\r\nno-colon\r\n\r\n"),
-            Sniffed::Opaque
-        );
-        assert_eq!(
+            Sniffed::BadHttp(_)
+        ));
+        assert!(matches!(
             sniff(b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n"),
-            Sniffed::Opaque
+            Sniffed::BadHttp(_)
+        ));
+        assert_eq!(
+            sniff(b"GET http://denied.example/ HTTP/1.1\r\nHost: allowed.example\r\n\r\n"),
+            Sniffed::BadHttp("the request target and Host name different hosts")
         );
         assert_eq!(sniff(b"HELO mail.example\r\n"), Sniffed::Opaque);
         let mut big = b"GET / HTTP/1.1\r\nX: ".to_vec();
-        big.resize(MAX_HTTP_HEAD + 10, b'a');
-        assert_eq!(sniff(&big), Sniffed::Opaque);
+        big.resize(super::http::MAX_HEAD + 10, b'a');
+        assert_eq!(
+            sniff(&big),
+            Sniffed::BadHttp("request head longer than 64 KiB")
+        );
     }
 }

@@ -4,7 +4,7 @@
 use std::{
     io::{BufRead, BufReader, Read},
     net::TcpStream,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{Arc, Mutex},
     thread,
@@ -177,10 +177,9 @@ pub fn http_server(ip: &str, port: u16, dir: PathBuf) -> Daemon {
     )
 }
 
-/// `openssl s_server -www` (a self-signed certificate) on ip:port.
-pub fn tls_server(ip: &str, port: u16) -> Daemon {
-    let dir = temp_dir("tls");
-    run_ok(Command::new("openssl").current_dir(&dir).args([
+/// A throw-away self-signed certificate (EC P-256, CN egress-test): `dir`/cert.pem, key.pem.
+pub fn self_signed(dir: &Path) {
+    run_ok(Command::new("openssl").current_dir(dir).args([
         "req",
         "-x509",
         "-newkey",
@@ -197,6 +196,12 @@ pub fn tls_server(ip: &str, port: u16) -> Daemon {
         "-subj",
         "/CN=egress-test",
     ]));
+}
+
+/// `openssl s_server -www` (a self-signed certificate) on ip:port.
+pub fn tls_server(ip: &str, port: u16) -> Daemon {
+    let dir = temp_dir("tls");
+    self_signed(&dir);
     let accept = format!("{ip}:{port}");
     Daemon::start(
         "openssl s_server",

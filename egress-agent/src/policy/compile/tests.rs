@@ -3,6 +3,8 @@
 use super::*;
 use egress_common::Outcome;
 
+use crate::policy::HostVerdict;
+
 use crate::policy::parse::parse;
 
 fn compiled(text: &str) -> Compiled {
@@ -199,7 +201,8 @@ fn host_verdicts() {
         c.decide_host(web, ip, 443, Some("evil.com")),
         HostVerdict::Deny(0)
     );
-    assert_eq!(c.decide_host(web, ip, 443, None), HostVerdict::Deny(0));
+    // No host where host rules apply: refused, naming the first host rule.
+    assert_eq!(c.decide_host(web, ip, 443, None), HostVerdict::Deny(1));
     // An address-level allow lets any host through to that address, but host denies win.
     assert_eq!(
         c.decide_host(web, other, 443, Some("evil.com")),
@@ -209,6 +212,31 @@ fn host_verdicts() {
         c.decide_host(web, other, 443, Some("a.gist.github.com")),
         HostVerdict::Deny(2)
     );
+    // Fail closed: an address allow does not let out a connection that names no host.
+    assert_eq!(c.decide_host(web, other, 443, None), HostVerdict::Deny(1));
+}
+
+#[test]
+fn no_host_passes_by_address_only_when_a_rule_says_so() {
+    let c = with(concat!(
+        "---\nkind: Egress\nmetadata: {name: gh}\nspec: {sources: [{name: web}], hosts: [github.com], ports: [{number: 443}]}\n",
+        "---\nkind: Egress\nmetadata: {name: raw}\nspec: {sources: [{name: web}], ipAddresses: [127.7.0.0/24], ports: [{number: 443}], via: proxy, allowWithoutHost: true}\n",
+    ));
+    let web = 2;
+    assert_eq!(
+        c.decide_host(web, ip("127.7.0.1"), 443, None),
+        HostVerdict::Allow(2)
+    );
+    assert_eq!(
+        c.decide_host(web, ip("127.8.0.1"), 443, None),
+        HostVerdict::Deny(1)
+    );
+    let bad = parse(
+        "kind: Egress\nmetadata: {name: x}\nspec: {sources: [{name: web}], hosts: [a.example], allowWithoutHost: true}\n",
+        "t.yaml",
+    );
+    let e = bad.unwrap_err().to_string();
+    assert!(e.contains("spec.allowWithoutHost"), "{e}");
 }
 
 #[test]
