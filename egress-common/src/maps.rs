@@ -27,8 +27,11 @@ pub mod names {
     pub const PACKET_DROPS: &str = "EGRESS_PACKET_DROPS";
     /// Addresses workloads learned from DNS answers for name rules (see [`crate::fqdn`]).
     pub const NAMES: &str = "EGRESS_NAMES";
+    /// Bumped by the agent whenever it writes learned names: cached drops older than it are
+    /// judged again.
+    pub const NAMES_EPOCH: &str = "EGRESS_NAMES_EPOCH";
     /// Every map the agent pins, in a stable order.
-    pub const ALL: [&str; 19] = [
+    pub const ALL: [&str; 20] = [
         ACTIVE,
         CONFIG,
         WORKLOADS,
@@ -48,6 +51,7 @@ pub mod names {
         DST_VERDICTS,
         PACKET_DROPS,
         NAMES,
+        NAMES_EPOCH,
     ];
 }
 

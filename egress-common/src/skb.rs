@@ -46,6 +46,10 @@ pub struct DstVerdict {
     /// [`Outcome`] as u8 of the decision.
     pub outcome: u8,
     pub _pad: [u8; 2],
+    /// `EGRESS_NAMES_EPOCH` when it was judged: a cached drop is judged again once the agent
+    /// learned new names (an address a name rule now allows).
+    pub names_epoch: u32,
+    pub _pad1: u32,
 }
 
 impl DstVerdict {
@@ -110,7 +114,7 @@ mod pod {
 }
 
 const _: () = assert!(size_of::<DstKey>() == 40);
-const _: () = assert!(size_of::<DstVerdict>() == 16);
+const _: () = assert!(size_of::<DstVerdict>() == 24);
 
 #[cfg(test)]
 mod tests {

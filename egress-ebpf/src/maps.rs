@@ -88,6 +88,15 @@ static SOCK_MARKS: SkStorage<u32> = SkStorage::new();
 pub static DST_VERDICTS: LruHashMap<skb::DstKey, skb::DstVerdict> =
     LruHashMap::with_max_entries(capacity::DST_VERDICTS, NO_COMMON_LRU);
 
+/// See `egress_common::names::NAMES_EPOCH`.
+#[map(name = "EGRESS_NAMES_EPOCH")]
+static NAMES_EPOCH: Array<u32> = Array::with_max_entries(1, 0);
+
+#[inline(always)]
+pub fn names_epoch() -> u32 {
+    NAMES_EPOCH.get(0).copied().unwrap_or(0)
+}
+
 /// Per-CPU LRU lists: no lock shared by the CPUs on insert.
 const NO_COMMON_LRU: u32 = 2;
 

@@ -31,8 +31,8 @@ use egress_common::{
 use crate::{
     events::emit,
     maps::{
-        active_set, in_mesh, policy, sock_marks, workload_of, CONFIG, DST_VERDICTS, ORIG_BY_COOKIE,
-        PACKET_DROPS,
+        active_set, in_mesh, names_epoch, policy, sock_marks, workload_of, CONFIG, DST_VERDICTS,
+        ORIG_BY_COOKIE, PACKET_DROPS,
     },
     sock_addr::is_proxy,
 };
@@ -103,6 +103,8 @@ fn cache(key: &DstKey, generation: u64, wid: u32, outcome: Outcome, drop: u8) {
         drop,
         outcome: outcome as u8,
         _pad: [0; 2],
+        names_epoch: names_epoch(),
+        _pad1: 0,
     };
     let _ = DST_VERDICTS.insert(key, &v, 0);
 }
@@ -167,8 +169,11 @@ pub fn egress(ctx: &SkBuffContext) -> i32 {
                 if v.drop == 0 || answers() {
                     return PASS;
                 }
-                count(v.workload_id, v.drop);
-                return DROP;
+                // A drop stands until names are learned (one may now allow this address).
+                if v.names_epoch == names_epoch() {
+                    count(v.workload_id, v.drop);
+                    return DROP;
+                }
             }
         }
     }

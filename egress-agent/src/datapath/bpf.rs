@@ -131,7 +131,7 @@ fn map_of(name: &str, data: MapData) -> aya::maps::Map {
         | names::DST_VERDICTS => Map::LruHashMap(data),
         names::SOCK_MARKS => Map::SkStorage(data),
         names::WORKLOADS | names::POD_ADDRS | names::NAMES => Map::HashMap(data),
-        names::CONFIG | names::ACTIVE => Map::Array(data),
+        names::CONFIG | names::ACTIVE | names::NAMES_EPOCH => Map::Array(data),
         _ => Map::LpmTrie(data),
     }
 }

@@ -23,7 +23,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use aya::maps::{HashMap, MapData};
+use aya::maps::{Array, HashMap, MapData};
 use egress_common::{fqdn::NameKey, names as map_names, wire::dns::Answer, PolicyValue};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
@@ -87,6 +87,9 @@ struct State {
     /// What `EGRESS_NAMES` holds (by this agent's writes).
     installed: BTreeMap<NameKey, PolicyValue>,
     map: HashMap<MapData, NameKey, PolicyValue>,
+    /// `EGRESS_NAMES_EPOCH`: bumped after new entries, so the per-packet program judges its
+    /// cached drops again.
+    epoch: Array<MapData, u32>,
     recent: VecDeque<Seen>,
     dirty: bool,
 }
@@ -108,6 +111,7 @@ impl Names {
         state_file: Option<PathBuf>,
     ) -> anyhow::Result<Arc<Self>> {
         let map: HashMap<MapData, NameKey, PolicyValue> = dp.shared_map(map_names::NAMES)?;
+        let epoch: Array<MapData, u32> = dp.shared_map(map_names::NAMES_EPOCH)?;
         let installed = map
             .iter()
             .filter_map(Result::ok)
@@ -133,6 +137,7 @@ impl Names {
                 cache,
                 installed,
                 map,
+                epoch,
                 recent: VecDeque::new(),
                 dirty: false,
             }),
@@ -356,25 +361,35 @@ fn rules_fed(p: &Compiled, wid: u32, chain: &[String]) -> Vec<String> {
 
 /// Brings the kernel entries of `touched` in line with the cache.
 fn sync_keys(st: &mut State, p: &Compiled, touched: &[(u32, IpAddr)]) {
+    let mut wrote = false;
     for &(wid, ip) in touched {
         let k = name_key(wid, ip);
         match st.cache.value(p, wid, ip) {
-            Some(v) => put(st, k, v),
+            Some(v) => wrote |= put(st, k, v),
             None => remove(st, &k),
+        }
+    }
+    if wrote {
+        let next = st.epoch.get(&0, 0).unwrap_or(0).wrapping_add(1);
+        if let Err(e) = st.epoch.set(0, next, 0) {
+            warn!(error = %e, "cannot bump EGRESS_NAMES_EPOCH; packets to newly learned addresses may stay dropped until the policy changes");
         }
     }
 }
 
-fn put(st: &mut State, k: NameKey, v: PolicyValue) {
+/// Writes one entry; true when the map changed.
+fn put(st: &mut State, k: NameKey, v: PolicyValue) -> bool {
     if st.installed.get(&k) == Some(&v) {
-        return;
+        return false;
     }
     match st.map.insert(k, v, 0) {
         Ok(()) => {
             st.installed.insert(k, v);
+            true
         }
         Err(e) => {
-            warn!(error = %e, "cannot write a learned address into EGRESS_NAMES (full?); connections to it are refused")
+            warn!(error = %e, "cannot write a learned address into EGRESS_NAMES (full?); connections to it are refused");
+            false
         }
     }
 }
