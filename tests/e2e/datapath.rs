@@ -2,7 +2,9 @@
 
 use std::time::{Duration, Instant};
 
-use crate::harness::{privileged, privileged_with, wait_until, Agent, TcpServer, UdpServer};
+use crate::harness::{
+    privileged, privileged_with, wait_until, Agent, TcpServer, UdpServer, WEB_POLICY_HEAD,
+};
 
 fn policy(
     allow: &TcpServer,
@@ -11,17 +13,7 @@ fn policy(
     v6: [&TcpServer; 3],
 ) -> String {
     format!(
-        r#"
-kind: MeshConfig
-metadata: {{name: egress}}
-spec:
-  traffic: {{enableEgress: false}}
-  proxy: {{port: {{proxy_port}}}}
----
-kind: Workload
-metadata: {{name: web}}
----
-kind: Egress
+        r#"{WEB_POLICY_HEAD}kind: Egress
 metadata: {{name: allow-api}}
 spec:
   sources: [{{name: web}}]

@@ -25,6 +25,10 @@ pub use egress_test_support::{
 
 pub const AGENT: &str = env!("CARGO_BIN_EXE_egress-agent");
 
+/// The head of most test policies: the MeshConfig (egress off unless a rule allows it, the
+/// agent's proxy port left as `{proxy_port}`) and the workload `web`; Egress documents follow.
+pub const WEB_POLICY_HEAD: &str = "kind: MeshConfig\nmetadata: {name: egress}\nspec:\n  traffic: {enableEgress: false}\n  proxy: {port: {proxy_port}}\n---\nkind: Workload\nmetadata: {name: web}\n---\n";
+
 /// What every test that runs the agent needs: root, cgroup v2, bpffs, and python3 for the
 /// clients.
 const AGENT_NEEDS: [Need; 4] = [

@@ -20,7 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::harness::{privileged, run_ok, Agent};
+use crate::harness::{privileged, run_ok, Agent, WEB_POLICY_HEAD};
 
 const ATTACK: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/e2e/attack.py");
 const PACKETS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/e2e/packets.py");
@@ -171,17 +171,7 @@ fn dropped(agent: &Agent, reason: &str) -> u64 {
 
 fn netns_policy() -> String {
     format!(
-        r#"
-kind: MeshConfig
-metadata: {{name: egress}}
-spec:
-  traffic: {{enableEgress: false}}
-  proxy: {{port: {{proxy_port}}}}
----
-kind: Workload
-metadata: {{name: web}}
----
-kind: Egress
+        r#"{WEB_POLICY_HEAD}kind: Egress
 metadata: {{name: allow-good}}
 spec:
   sources: [{{name: web}}]
@@ -296,17 +286,7 @@ fn deny_policy(ips: &[&str], allow: bool) -> String {
         .join(", ");
     let action = if allow { "allow" } else { "deny" };
     format!(
-        r#"
-kind: MeshConfig
-metadata: {{name: egress}}
-spec:
-  traffic: {{enableEgress: false}}
-  proxy: {{port: {{proxy_port}}}}
----
-kind: Workload
-metadata: {{name: web}}
----
-kind: Egress
+        r#"{WEB_POLICY_HEAD}kind: Egress
 metadata: {{name: the-rule}}
 spec:
   sources: [{{name: web}}]
