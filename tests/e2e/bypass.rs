@@ -65,14 +65,7 @@ fn run(a: &Agent, nobody: bool, netns: Option<&Path>, script: &str, args: &[&str
     }
     cmd.extend(["/usr/bin/python3", script]);
     cmd.extend(args);
-    let out = a.exec("shop/web", &cmd);
-    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    assert!(
-        out.status.success() && !text.is_empty(),
-        "{args:?} nobody={nobody}: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = a.exec_line("shop/web", &cmd, &format!("{args:?} nobody={nobody}"));
     crate::harness::split_local(&text).0
 }
 

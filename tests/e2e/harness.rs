@@ -294,6 +294,20 @@ impl Agent {
             .expect("run egress-agent exec")
     }
 
+    /// [`Agent::exec`] of a command that must succeed and print something: its trimmed
+    /// stdout. Fails naming `what`, with the exit status and stderr, otherwise.
+    pub fn exec_line(&self, workload: &str, cmd: &[&str], what: &str) -> String {
+        let out = self.exec(workload, cmd);
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert!(
+            out.status.success() && !text.is_empty(),
+            "{what}: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    }
+
     /// Runs tests/e2e/client.py inside a workload; returns its one-line verdict without the
     /// client's own address (see [`Agent::client_from`]).
     pub fn client(&self, workload: &str, args: &[&str]) -> String {

@@ -67,15 +67,7 @@ fn open(a: &Agent, nobody: bool, args: &[&str]) -> String {
     }
     cmd.extend(["/usr/bin/python3", "-c", SOCKET]);
     cmd.extend(args);
-    let out = a.exec("shop/web", &cmd);
-    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    assert!(
-        out.status.success() && !text.is_empty(),
-        "{args:?}: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    text
+    a.exec_line("shop/web", &cmd, &format!("{args:?}"))
 }
 
 /// A ping socket in the workload, in a network namespace of its own where every group may
