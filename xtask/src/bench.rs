@@ -8,11 +8,12 @@
 //! `haproxy-redirect` (outside, 127.62.0.1 REDIRECTed by iptables to haproxy, which forwards
 //! to a fixed backend, nginx on 127.60.0.1) and `nginx-stream-redirect` (outside, 127.64.0.1,
 //! the same REDIRECT to nginx's `stream` TCP proxy, also to that fixed backend). Workloads:
-//! W1 keep-alive HTTP, W2 a new connection per request, W3 bulk (iperf3), W5 a
-//! connection-churn soak sampled per second (direct and egress-proxy: rate decay,
-//! retransmits, TIME_WAIT), W4 connect() cost, W4r TCP connect() with and without an iptables
-//! REDIRECT, W7 refused connects, W8 policy apply time. Each point is the median of 3 runs,
-//! the paths interleaved.
+//! W1 keep-alive HTTP, W1h keep-alive through the proxy with every request judged by Host
+//! against the same relayed without judging ([`crate::bench_hosts`]), W2 a new connection per
+//! request, W3 bulk (iperf3), W5 a connection-churn soak sampled per second (direct and
+//! egress-proxy: rate decay, retransmits, TIME_WAIT), W4 connect() cost, W4r TCP connect()
+//! with and without an iptables REDIRECT, W7 refused connects, W8 policy apply time. Each
+//! point is the median of 3 runs (W1h: 5), the paths interleaved.
 
 use std::{fs, path::Path, time::Instant};
 
@@ -152,9 +153,9 @@ fn machine() -> Vec<(String, String)> {
     ]
 }
 
-fn run(root: &Path, env: &mut Env, mode: &Mode) -> anyhow::Result<Report> {
+/// Writes the page and nginx's configuration, starts nginx and waits for its listeners.
+fn start_nginx(root: &Path, env: &mut Env) -> anyhow::Result<()> {
     let work_dir = env.work.clone();
-    // --- servers, peer, agent ---------------------------------------------------------
     fs::create_dir_all(work_dir.join("www"))?;
     fs::write(
         work_dir.join("www/index.html"),
@@ -164,9 +165,82 @@ fn run(root: &Path, env: &mut Env, mode: &Mode) -> anyhow::Result<Report> {
     fs::write(&nginx_conf, template(root, "nginx.conf.in", &work_dir)?)?;
     let conf = nginx_conf.display().to_string();
     env.spawn("nginx", &["nginx", "-c", &conf])?;
-    env.wait_listen("nginx", "127.60.0.1:8080")?;
-    env.wait_listen("nginx", "127.61.0.1:8080")?;
-    env.wait_listen("nginx", "127.0.0.1:8081")?;
+    for addr in [
+        "127.60.0.1:8080",
+        "127.61.0.1:8080",
+        "127.70.0.1:8080",
+        "127.0.0.1:8081",
+    ] {
+        env.wait_listen("nginx", addr)?;
+    }
+    Ok(())
+}
+
+/// Starts the agent with the bench policy (`env_vars`: `NAME=value` for its environment) and
+/// waits until it is ready; its PID.
+fn start_agent(env: &mut Env, env_vars: &[&str]) -> anyhow::Result<u32> {
+    let cfg_file = env.work.join("policy.yaml");
+    if !cfg_file.exists() {
+        fs::write(&cfg_file, work::policy(10_000, 0))?;
+    }
+    let paths = [
+        &env.agent, &env.sock, &cfg_file, &env.cg, &env.pin, &env.state,
+    ]
+    .map(|p| p.display().to_string());
+    let [a, sock, cfg, cg, pin, state] = paths.each_ref().map(String::as_str);
+    let mut argv = vec!["env"];
+    argv.extend_from_slice(env_vars);
+    argv.extend_from_slice(&[
+        a,
+        "--admin-socket",
+        sock,
+        "run",
+        "--config",
+        cfg,
+        "--cgroup-root",
+        cg,
+        "--pin-dir",
+        pin,
+        "--state-file",
+        state,
+        "--metrics-addr",
+        "127.0.0.1:15190",
+    ]);
+    let pid = env.spawn("agent", &argv)?;
+    env.wait_log("agent", &[" ready", "\"ready\""], 60)?;
+    Ok(pid)
+}
+
+/// `cargo xtask bench --host-judging`: only W1h (per-request host judging against the plain
+/// relay), with nginx and the agent; a minute instead of a quarter of an hour.
+pub fn host_judging_only(root: &Path, full: bool) -> anyhow::Result<()> {
+    let mode = if full { FULL } else { QUICK };
+    let agent = release_agent(root)?;
+    ensure_packages(&["wrk", "nginx-light", "curl"])?;
+    let mut env = Env::new(&agent)?;
+    let result = (|| {
+        start_nginx(root, &mut env)?;
+        let pid = start_agent(&mut env, &[])?;
+        crate::bench_hosts::measure(&env, pid, &mode)
+    })();
+    let cleanup = env.finish();
+    let (table, verdict) = result?;
+    cleanup?;
+    let report = Report {
+        mode: mode.name,
+        machine: machine(),
+        verdicts: vec![verdict],
+        tables: vec![table],
+        notes: Vec::new(),
+    };
+    println!("{}", report::text(&report));
+    Ok(())
+}
+
+fn run(root: &Path, env: &mut Env, mode: &Mode) -> anyhow::Result<Report> {
+    let work_dir = env.work.clone();
+    // --- servers, peer, agent ---------------------------------------------------------
+    start_nginx(root, env)?;
     env.spawn("iperf3", &["iperf3", "-s", "-p", "5201"])?;
     env.wait_listen("iperf3", "*:5201")?;
 
@@ -222,53 +296,8 @@ fn run(root: &Path, env: &mut Env, mode: &Mode) -> anyhow::Result<Report> {
         &src.display().to_string(),
     ])?;
 
-    let cfg_file = work_dir.join("policy.yaml");
-    fs::write(&cfg_file, work::policy(10_000, 0))?;
-    let a = env.agent.display().to_string();
-    let (sock, cfg, cg, pin, state) = (
-        env.sock.display().to_string(),
-        cfg_file.display().to_string(),
-        env.cg.display().to_string(),
-        env.pin.display().to_string(),
-        env.state.display().to_string(),
-    );
     let t = Instant::now();
-    let agent_argv = [
-        a.as_str(),
-        "--admin-socket",
-        &sock,
-        "run",
-        "--config",
-        &cfg,
-        "--cgroup-root",
-        &cg,
-        "--pin-dir",
-        &pin,
-        "--state-file",
-        &state,
-        "--metrics-addr",
-        "127.0.0.1:15190",
-    ];
-    let agent_pid = env.spawn(
-        "agent",
-        &[
-            &a,
-            "--admin-socket",
-            &sock,
-            "run",
-            "--config",
-            &cfg,
-            "--cgroup-root",
-            &cg,
-            "--pin-dir",
-            &pin,
-            "--state-file",
-            &state,
-            "--metrics-addr",
-            "127.0.0.1:15190",
-        ],
-    )?;
-    env.wait_log("agent", &[" ready", "\"ready\""], 60)?;
+    let agent_pid = start_agent(env, &[])?;
     let mut notes = vec![format!(
         "the agent started with 10,000 extra /32 rules and was ready in {:.2} s",
         t.elapsed().as_secs_f64()
@@ -318,6 +347,7 @@ fn run(root: &Path, env: &mut Env, mode: &Mode) -> anyhow::Result<Report> {
         );
     }
     let [w1, w2, w3] = measure::http_and_bulk(env, &routes, mode)?;
+    let (w1h, verdict_hosts) = crate::bench_hosts::measure(env, agent_pid, mode)?;
     let (w5, decays) = measure::churn(env, &routes, mode)?;
     let (w4, w7) = measure::connect(env, &connbench, mode)?;
     let k1 = crate::bench_kernel::programs(env, &connbench, &routes[1], mode)?;
@@ -336,10 +366,7 @@ fn run(root: &Path, env: &mut Env, mode: &Mode) -> anyhow::Result<Report> {
     // cgroup_skb program (EGRESS_NO_PACKET_PROGRAM=1; its link is removed, the rest kept):
     // what that program costs, against the same direct baseline in the same run.
     env.stop("agent")?;
-    let mut argv = vec!["env", "EGRESS_NO_PACKET_PROGRAM=1"];
-    argv.extend_from_slice(&agent_argv);
-    env.spawn("agent", &argv)?;
-    env.wait_log("agent", &[" ready", "\"ready\""], 60)?;
+    start_agent(env, &["EGRESS_NO_PACKET_PROGRAM=1"])?;
     let [mut n1, mut n2, mut n3] = measure::http_and_bulk(env, &routes[..2], mode)?;
     for (t, id) in [(&mut n1, "W1n"), (&mut n2, "W2n"), (&mut n3, "W3n")] {
         t.id = id;
@@ -439,7 +466,7 @@ fn run(root: &Path, env: &mut Env, mode: &Mode) -> anyhow::Result<Report> {
         },
         pass: big.map(|b| b < 1.0),
     });
-    if [&w1, &w2, &w3, &w5, &w4, &w4r, &w7]
+    if [&w1, &w1h, &w2, &w3, &w5, &w4, &w4r, &w7]
         .iter()
         .any(|t| t.rows.iter().any(Row::busy))
     {
@@ -472,12 +499,13 @@ fn run(root: &Path, env: &mut Env, mode: &Mode) -> anyhow::Result<Report> {
             v.measured.push_str(" *busy*");
         }
     }
+    verdicts.push(verdict_hosts);
     verdicts.push(bench_preview::verdict(&w9));
     verdicts.extend(verdicts_pkt);
     Ok(Report {
         mode: mode.name,
         machine: machine(),
-        tables: vec![w1, w2, w3, n1, n2, n3, w5, w4, k1, w4r, w7, w8, w9],
+        tables: vec![w1, w1h, w2, w3, n1, n2, n3, w5, w4, k1, w4r, w7, w8, w9],
         verdicts,
         notes,
     })

@@ -183,13 +183,20 @@ fn prec(unit: &str) -> usize {
 /// The cells of one table: header and rows.
 fn cells(t: &Table) -> (Vec<String>, Vec<Vec<String>>) {
     let mut head = vec!["path".to_string(), format!("median ({})", t.unit)];
-    let with_ratio = t.baseline.is_some();
     let best_peer = t.best_peer();
     let with_peer = best_peer.is_some() && t.rows.iter().any(|r| !t.peers.contains(&&*r.path));
     let with_p = t.has(Row::p99);
     let with_cpu = t.has(Row::cpu);
-    if with_ratio {
-        head.push("vs direct".into());
+    if let Some(base) = t.baseline {
+        // Another baseline than `direct`: the table's note says which.
+        head.push(
+            if base == "direct" {
+                "vs direct"
+            } else {
+                "ratio"
+            }
+            .into(),
+        );
     }
     if with_peer {
         head.push("vs best peer".into());
@@ -206,7 +213,7 @@ fn cells(t: &Table) -> (Vec<String>, Vec<Vec<String>>) {
     let mut rows = Vec::new();
     for r in &t.rows {
         let mut c = vec![r.path.clone(), num(r.value(), prec(t.unit))];
-        if with_ratio {
+        if t.baseline.is_some() {
             c.push(ratio(t.ratio(&r.path)));
         }
         if with_peer {

@@ -132,12 +132,18 @@ pub fn parse_wrk(out: &str) -> anyhow::Result<(Sample, u64)> {
 
 /// W1/W2: wrk against `route`, with the CPU the path's process spent per request.
 pub fn wrk(env: &Env, route: &Route, secs: u32, close: bool) -> anyhow::Result<Sample> {
+    let headers: &[&str] = if close { &["Connection: close"] } else { &[] };
+    wrk_with(env, route, secs, headers)
+}
+
+/// wrk against `route` with extra request `headers`, and the path's CPU per request.
+pub fn wrk_with(env: &Env, route: &Route, secs: u32, headers: &[&str]) -> anyhow::Result<Sample> {
     let mut s = new_sample();
     let url = format!("http://{}:8080/index.html", route.host);
     let d = format!("{secs}s");
     let mut argv = vec!["wrk", "-t1", "-c50", "-d", &d, "--latency"];
-    if close {
-        argv.extend(["-H", "Connection: close"]);
+    for h in headers {
+        argv.extend(["-H", h]);
     }
     argv.push(&url);
     let before = route.cpu_pid.and_then(cpu_ticks);
@@ -296,8 +302,9 @@ pub fn connbench(
 }
 
 /// The bench's policy: `web`, an allow for nginx/iperf3 on 127.60.0.1, the same ports via
-/// proxy on 127.61.0.1, UDP 9999 allowed on 127.60.0.1 (for connbench) and `extra` other /32
-/// rules in `bulk-rules` (10.x.y.z, offset by `salt` so re-applies change every entry).
+/// proxy on 127.61.0.1, 127.70.0.1 judged by host (W1h), UDP 9999 allowed on 127.60.0.1 (for
+/// connbench) and `extra` other /32 rules in `bulk-rules` (10.x.y.z, offset by `salt` so
+/// re-applies change every entry).
 pub fn policy(extra: u32, salt: u32) -> String {
     let mut s = String::from(
         "kind: MeshConfig\nmetadata: {name: egress}\nspec:\n  traffic: {enableEgress: false}\n  \
@@ -310,6 +317,7 @@ pub fn policy(extra: u32, salt: u32) -> String {
          sources: [{kind: Workload, name: web}]\n  ipAddresses: [127.61.0.1/32]\n  \
          ports: [{number: 8080, protocol: tcp}, {number: 5201, protocol: tcp}]\n  via: proxy\n",
     );
+    s.push_str(crate::bench_hosts::POLICY);
     if extra > 0 {
         s.push_str(
             "---\nkind: Egress\nmetadata: {name: bulk-rules, namespace: default}\nspec:\n  \

@@ -3,6 +3,7 @@
 mod bench;
 mod bench_env;
 mod bench_gateway;
+mod bench_hosts;
 mod bench_kernel;
 mod bench_measure;
 mod bench_preview;
@@ -55,6 +56,10 @@ enum Task {
         /// entries, without an agent (no root).
         #[arg(long, conflicts_with_all = ["quick", "full", "gateway"])]
         preview: bool,
+        /// Instead: only W1h, proxied keep-alive with every request judged by Host against
+        /// the same relayed unjudged (nginx and the agent only; about a minute; as root).
+        #[arg(long, conflicts_with_all = ["gateway", "preview"])]
+        host_judging: bool,
     },
     /// Check the source layout: no import cycle between files, no file over 600 lines.
     Layout {
@@ -72,6 +77,11 @@ fn main() -> ExitCode {
         Task::Demo => cmd::demo(&root),
         Task::Bench { gateway: true, .. } => bench_gateway::bench(&root),
         Task::Bench { preview: true, .. } => bench::preview_only(&root),
+        Task::Bench {
+            host_judging: true,
+            full,
+            ..
+        } => bench::host_judging_only(&root, full),
         Task::Bench { full, .. } => bench::bench(&root, full),
         Task::Layout { edges } => layout::layout(&root, edges),
     };
