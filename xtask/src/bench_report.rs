@@ -61,6 +61,10 @@ to 127.61.0.1 `via: proxy`, plus 10,000 other /32 rules.\n\n\
 - `egress-allow`: the client inside `web` (`egress-agent exec`), allowed directly.\n\
 - `egress-proxy`: inside `web`, to 127.61.0.1: every connection through the agent's \
 transparent proxy. *proxy cpu* is the agent's utime+stime per request.\n\
+- W1h, the cost of judging every request: inside `web`, wrk with `Host: bench.example` to \
+127.70.0.1, which an Egress with `hosts: [bench.example]` sends to the proxy (every request of \
+the keep-alive connection parsed and judged), against the same requests to 127.61.0.1 \
+(`via: proxy` by address: relayed unread); 5 rounds, the order alternating.\n\
 - `haproxy-redirect` (peer): outside, to 127.62.0.1, which an iptables `nat OUTPUT REDIRECT` \
 sends to haproxy (TCP mode, `nbthread 1`), which forwards to a fixed backend (127.60.0.1): \
 the cost of the extra userspace hop behind iptables. *proxy cpu* is haproxy's.\n\

@@ -13,6 +13,7 @@
 
 use std::{
     io,
+    pin::Pin,
     time::{Duration, Instant},
 };
 
@@ -40,6 +41,25 @@ pub struct RequestLog {
     /// Request bytes (head and body) and response bytes.
     pub bytes: (u64, u64),
     pub started: Option<Instant>,
+}
+
+impl RequestLog {
+    /// Starts the record of request `r` (the strings keep their allocations).
+    fn start(&mut self, r: &Request<'_, '_>, started: Instant) {
+        for (field, v) in [
+            (&mut self.method, r.method),
+            (&mut self.host, r.host.unwrap_or("")),
+            (&mut self.path, r.path),
+        ] {
+            field.clear();
+            field.push_str(v);
+        }
+        self.rule.clear();
+        self.verdict = "";
+        self.status = 0;
+        self.bytes = (0, 0);
+        self.started = Some(started);
+    }
 }
 
 /// How a judged connection ended.
@@ -72,23 +92,22 @@ where
     let (mut ur, mut uw) = tokio::io::split(upstream);
     let mut cbuf = buf;
     let mut ubuf = Vec::new();
+    // The idle clocks of the three waits that may overlap: the next request head (and, in
+    // step 2, the request's body) and the response.
+    let (mut client_idle, mut origin_idle) = (Idle::new(idle), Idle::new(idle));
     let mut out = Served::default();
+    // One log record for the connection, its strings reused from request to request.
+    let mut log = RequestLog::default();
     loop {
         // 1. The next request head, judged.
         let started = Instant::now();
-        let (mut log, body, upgrade, head_len, verdict) = loop {
+        let (body, upgrade, head_len, verdict) = loop {
             let mut headers = [http::EMPTY_HEADER; http::MAX_HEADERS];
             match http::request(&cbuf, &mut headers) {
                 Ok(r) => {
-                    let log = RequestLog {
-                        method: r.method.to_string(),
-                        host: r.host.unwrap_or("").to_string(),
-                        path: r.path.to_string(),
-                        started: Some(started),
-                        ..Default::default()
-                    };
+                    log.start(&r, started);
                     let j = judge(&r);
-                    break (log, r.body, r.upgrade, r.len, j);
+                    break (r.body, r.upgrade, r.len, j);
                 }
                 Err(http::Error::Incomplete) => {}
                 Err(http::Error::Host(why)) => {
@@ -107,7 +126,7 @@ where
                     return out;
                 }
             }
-            match fill(&mut cr, &mut cbuf, idle).await {
+            match fill(&mut cr, &mut cbuf, &mut client_idle).await {
                 Ok(0) => {
                     out.end = if cbuf.iter().all(|b| *b == b'\r' || *b == b'\n') {
                         "closed"
@@ -143,17 +162,22 @@ where
             }
         }
 
-        // 2. Forward the head, then the body and the response side by side (a client may
+        // 2. Forward the head with the body, and the response, side by side (a client may
         // wait for `100 Continue` before it sends its body).
-        let head = cbuf.drain(..head_len).collect::<Vec<u8>>();
-        let method = log.method.clone();
         let up = async {
-            uw.write_all(&head).await?;
-            let n = copy_body(&mut cr, &mut uw, &mut cbuf, body, idle).await?;
+            let n = copy_body(
+                &mut cr,
+                &mut uw,
+                &mut cbuf,
+                head_len,
+                body,
+                &mut client_idle,
+            )
+            .await?;
             uw.flush().await?;
-            io::Result::Ok(head.len() as u64 + n)
+            io::Result::Ok(n)
         };
-        let down = response(&mut ur, &mut cw, &mut ubuf, &method, idle);
+        let down = response(&mut ur, &mut cw, &mut ubuf, &log.method, &mut origin_idle);
         let (sent, got) = tokio::join!(up, down);
         // The request did not get through whole (the origin closed early, the client stopped
         // mid-body): whatever follows in `cbuf` is not a request head; end after the response.
@@ -170,7 +194,7 @@ where
                 let mut drained = 0u64;
                 let mut one = [0u8; 1];
                 tokio::select! {
-                    r = copy_body(&mut ur, &mut cw, &mut ubuf, Body::UntilClose, idle) => {
+                    r = copy_body(&mut ur, &mut cw, &mut ubuf, 0, Body::UntilClose, &mut origin_idle) => {
                         drained = r.unwrap_or(0);
                     }
                     _ = cr.read(&mut one) => {}
@@ -230,7 +254,7 @@ async fn response<R, W>(
     cw: &mut W,
     ubuf: &mut Vec<u8>,
     method: &str,
-    idle: Duration,
+    idle: &mut Idle,
 ) -> io::Result<(u16, u64, RespEnd)>
 where
     R: AsyncRead + Unpin,
@@ -253,20 +277,20 @@ where
                 ));
             }
         };
-        cw.write_all(&ubuf[..head.len]).await?;
-        ubuf.drain(..head.len);
-        total += head.len as u64;
         let connect_ok =
             method.eq_ignore_ascii_case("CONNECT") && (200..300).contains(&head.status);
         if head.status == 101 || connect_ok {
+            total += send(cw, ubuf, head.len).await?;
             cw.flush().await?;
             return Ok((head.status, total, RespEnd::Upgraded));
         }
         if (100..200).contains(&head.status) {
+            total += send(cw, ubuf, head.len).await?;
             cw.flush().await?;
             continue;
         }
-        total += copy_body(ur, cw, ubuf, head.body, idle).await?;
+        // The head goes out with the body's first bytes: one write, one segment.
+        total += copy_body(ur, cw, ubuf, head.len, head.body, idle).await?;
         cw.flush().await?;
         let end = if head.body == Body::UntilClose {
             RespEnd::Closed
@@ -277,14 +301,17 @@ where
     }
 }
 
-/// Moves one body from `r` to `w`: first from `buf` (bytes already read), then from `r`.
-/// Bytes past the body stay in `buf`. Returns the body's length.
+/// Moves one body from `r` to `w` after the `pre` bytes at the start of `buf` (its head,
+/// already judged), which go out in the same write as the body's first bytes: first from
+/// `buf` (bytes already read), then from `r`. Bytes past the body stay in `buf`. Returns the
+/// bytes written, `pre` included.
 async fn copy_body<R, W>(
     r: &mut R,
     w: &mut W,
     buf: &mut Vec<u8>,
+    mut pre: usize,
     body: Body,
-    idle: Duration,
+    idle: &mut Idle,
 ) -> io::Result<u64>
 where
     R: AsyncRead + Unpin,
@@ -298,33 +325,44 @@ where
     };
     let mut moved = 0u64;
     match body {
-        Body::None => {}
+        Body::None => {
+            if pre > 0 {
+                moved += send(w, buf, pre).await?;
+            }
+        }
         Body::Length(n) => {
             let mut left = n;
-            while left > 0 {
-                if buf.is_empty() && fill(r, buf, idle).await? == 0 {
+            loop {
+                let take = left.min((buf.len() - pre) as u64) as usize;
+                if pre + take > 0 {
+                    moved += send(w, buf, pre + take).await?;
+                    pre = 0;
+                    left -= take as u64;
+                }
+                if left == 0 {
+                    break;
+                }
+                if fill(r, buf, idle).await? == 0 {
                     return Err(eof());
                 }
-                let take = (left.min(buf.len() as u64)) as usize;
-                w.write_all(&buf[..take]).await?;
-                buf.drain(..take);
-                left -= take as u64;
-                moved += take as u64;
             }
         }
         Body::Chunked => {
             let mut c = Chunked::default();
             loop {
-                if !buf.is_empty() {
-                    let n = c.feed(buf).map_err(|_| {
+                let n = if buf.len() > pre {
+                    c.feed(&buf[pre..]).map_err(|_| {
                         io::Error::new(io::ErrorKind::InvalidData, "bad chunked body")
-                    })?;
-                    w.write_all(&buf[..n]).await?;
-                    buf.drain(..n);
-                    moved += n as u64;
-                    if c.done() {
-                        break;
-                    }
+                    })?
+                } else {
+                    0
+                };
+                if pre + n > 0 {
+                    moved += send(w, buf, pre + n).await?;
+                    pre = 0;
+                }
+                if c.done() {
+                    break;
                 }
                 if fill(r, buf, idle).await? == 0 {
                     return Err(eof());
@@ -333,9 +371,7 @@ where
         }
         Body::UntilClose => loop {
             if !buf.is_empty() {
-                w.write_all(buf).await?;
-                moved += buf.len() as u64;
-                buf.clear();
+                moved += send(w, buf, buf.len()).await?;
             }
             if fill(r, buf, idle).await? == 0 {
                 break;
@@ -345,19 +381,47 @@ where
     Ok(moved)
 }
 
+/// Writes the first `n` bytes of `buf` to `w` and drops them from `buf`; `n`.
+async fn send<W: AsyncWrite + Unpin>(w: &mut W, buf: &mut Vec<u8>, n: usize) -> io::Result<u64> {
+    w.write_all(&buf[..n]).await?;
+    buf.drain(..n);
+    Ok(n as u64)
+}
+
 /// Bytes read per call; a buffer grows to at most a head's bound plus this.
 const READ: usize = 64 * 1024;
 
-/// Reads more into `buf`; 0 at EOF. `idle` without a byte is an error.
+/// How long a read may wait for a byte: one timer per wait, pushed back at each read (which
+/// takes no lock in tokio's timer wheel while the deadline only moves later), rather than a
+/// new timer for every read.
+struct Idle {
+    limit: Duration,
+    timer: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Idle {
+    fn new(limit: Duration) -> Self {
+        Self {
+            limit,
+            timer: Box::pin(tokio::time::sleep(limit)),
+        }
+    }
+}
+
+/// Reads more into `buf`; 0 at EOF. `idle.limit` without a byte is an error.
 async fn fill<R: AsyncRead + Unpin>(
     r: &mut R,
     buf: &mut Vec<u8>,
-    idle: Duration,
+    idle: &mut Idle,
 ) -> io::Result<usize> {
     buf.reserve(READ);
-    match tokio::time::timeout(idle, r.read_buf(buf)).await {
-        Ok(r) => r,
-        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout")),
+    idle.timer
+        .as_mut()
+        .reset(tokio::time::Instant::now() + idle.limit);
+    tokio::select! {
+        biased;
+        n = r.read_buf(buf) => n,
+        () = idle.timer.as_mut() => Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout")),
     }
 }
 

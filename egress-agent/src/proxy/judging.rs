@@ -7,9 +7,11 @@ use std::net::SocketAddr;
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
+use prometheus_client::metrics::counter::Counter;
+
 use super::{
     http1::{self, Judgement, RequestLog, Served},
-    reset, rule_name, Proxy, Record,
+    metrics, reset, rule_name, Proxy, Record,
 };
 use crate::{
     gateway::Upstream,
@@ -79,7 +81,26 @@ impl Proxy {
         let judge = |r: &egress_common::wire::http::Request<'_, '_>| {
             self.judge(workload, dst, rec.workload, r)
         };
-        let log = |l: &RequestLog| self.request_done(rec, l);
+        // The connection's request counters, by (method, route, verdict): a keep-alive
+        // connection counts its requests without a label lookup each.
+        let mut counters: Vec<(&'static str, String, &'static str, Counter)> = Vec::new();
+        let log = |l: &RequestLog| {
+            let method = metrics::method_label(&l.method);
+            let known = counters
+                .iter()
+                .find(|(m, r, v, _)| *m == method && *r == l.rule && *v == l.verdict);
+            match known {
+                Some((.., c)) => {
+                    c.inc();
+                }
+                None => {
+                    let c = self.metrics.request_counter(method, &l.rule, l.verdict);
+                    c.inc();
+                    counters.push((method, l.rule.clone(), l.verdict, c));
+                }
+            }
+            self.log_request(rec, l);
+        };
         let idle = self.limits.idle_timeout;
         match upstream {
             Upstream::Tcp(u) => http1::serve(client, u, head, idle, judge, log).await,
@@ -100,6 +121,11 @@ impl Proxy {
     /// audits at info, the rest at debug. The query string is never logged.
     fn request_done(&self, rec: &Record<'_>, l: &RequestLog) {
         self.metrics.request(&l.method, &l.rule, l.verdict);
+        self.log_request(rec, l);
+    }
+
+    /// The audit line of one request alone (its metric counted by the caller).
+    fn log_request(&self, rec: &Record<'_>, l: &RequestLog) {
         let ms = l.started.map_or(0, |t| t.elapsed().as_millis() as u64);
         let (workload, method, host, path) = (
             rec.workload,

@@ -91,6 +91,14 @@ const METHODS: [&str; 9] = [
     "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
 ];
 
+/// The `method` label of a request method: its name, or `other`.
+pub fn method_label(method: &str) -> &'static str {
+    METHODS
+        .iter()
+        .find(|m| m.eq_ignore_ascii_case(method))
+        .map_or("other", |m| m)
+}
+
 /// The proxy's metrics.
 pub struct ProxyMetrics {
     connections: Family<ConnectionLabels, Counter>,
@@ -174,16 +182,20 @@ impl ProxyMetrics {
 
     /// One judged HTTP request. Routes come from the policy, methods are bounded.
     pub fn request(&self, method: &str, route: &str, verdict: &str) {
-        let method = METHODS
-            .iter()
-            .find(|m| m.eq_ignore_ascii_case(method))
-            .map_or("other", |m| m);
+        self.request_counter(method_label(method), route, verdict)
+            .inc();
+    }
+
+    /// The counter of judged requests with these labels (`method` from [`method_label`]): a
+    /// handle on the series, which a connection keeps to count its next requests without a
+    /// lookup.
+    pub fn request_counter(&self, method: &'static str, route: &str, verdict: &str) -> Counter {
         let labels = RequestLabels {
             method: method.into(),
             route: route.into(),
             verdict: verdict.into(),
         };
-        self.requests.get_or_create(&labels).inc();
+        self.requests.get_or_create(&labels).clone()
     }
 
     /// A tunnel through gateway `name` opened (or not). Gateway names come from the policy,
