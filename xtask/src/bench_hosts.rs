@@ -18,18 +18,13 @@ use crate::{
 };
 
 /// The host the wrk requests name (both paths), and the judged path's address.
-pub const HOST: &str = "bench.example";
-pub const JUDGED_ADDR: &str = "127.70.0.1";
+const HOST: &str = "bench.example";
+const JUDGED_ADDR: &str = "127.70.0.1";
 const JUDGED: &str = "proxy, host rule (every request judged)";
 const RELAYED: &str = "proxy, no host rule (relayed)";
 /// Samples per path: more than the other tables' 3, as the two are close.
 const REPS: usize = 5;
-pub const TARGET: f64 = 0.90;
-
-/// The bench policy's Egress that makes 127.70.0.1 a judged destination.
-pub const POLICY: &str = "---\nkind: Egress\nmetadata: {name: nginx-by-host, namespace: default}\n\
-     spec:\n  sources: [{kind: Workload, name: web}]\n  hosts: [bench.example]\n  \
-     ipAddresses: [127.70.0.1/32]\n  ports: [{number: 8080, protocol: tcp}]\n";
+const TARGET: f64 = 0.90;
 
 /// Runs W1h; the table and its verdict (median ratio, with the range of the per-round ratios).
 pub fn measure(env: &Env, agent_pid: u32, mode: &Mode) -> anyhow::Result<(Table, Verdict)> {

@@ -317,7 +317,12 @@ pub fn policy(extra: u32, salt: u32) -> String {
          sources: [{kind: Workload, name: web}]\n  ipAddresses: [127.61.0.1/32]\n  \
          ports: [{number: 8080, protocol: tcp}, {number: 5201, protocol: tcp}]\n  via: proxy\n",
     );
-    s.push_str(crate::bench_hosts::POLICY);
+    // W1h: 127.70.0.1 judged by host, request by request (named, so the proxy may dial it).
+    s.push_str(
+        "---\nkind: Egress\nmetadata: {name: nginx-by-host, namespace: default}\nspec:\n  \
+         sources: [{kind: Workload, name: web}]\n  hosts: [bench.example]\n  \
+         ipAddresses: [127.70.0.1/32]\n  ports: [{number: 8080, protocol: tcp}]\n",
+    );
     if extra > 0 {
         s.push_str(
             "---\nkind: Egress\nmetadata: {name: bulk-rules, namespace: default}\nspec:\n  \
