@@ -115,6 +115,7 @@ pub fn measure(env: &Env, agent_pid: u32, mode: &Mode) -> anyhow::Result<(Table,
         .filter(|(_, b)| b.value > 0.0)
         .map(|(a, b)| a.value / b.value)
         .collect();
+    let mid = crate::bench_report::median(rounds.clone());
     let lo = rounds.iter().copied().reduce(f64::min);
     let hi = rounds.iter().copied().reduce(f64::max);
     let busy = t.rows.iter().any(Row::busy);
@@ -124,12 +125,14 @@ pub fn measure(env: &Env, agent_pid: u32, mode: &Mode) -> anyhow::Result<(Table,
             .map_or("-".into(), |c: f64| format!("{c:.1}"))
     };
     let measured = format!(
-        "{} ({:.0} vs {:.0} req/s; per-round ratios {}-{}; agent CPU {} vs {} µs/req){}",
-        ratio.map_or("-".into(), |r| format!("{r:.2}x")),
+        "{} ({:.0} vs {:.0} req/s; per-round ratios {}-{}, median {}; agent CPU {} vs {} \
+         µs/req){}",
+        ratio.map_or("-".into(), |r| format!("{r:.3}x")),
         t.rows[0].value().unwrap_or(f64::NAN),
         t.rows[1].value().unwrap_or(f64::NAN),
         lo.map_or("-".into(), |v| format!("{v:.2}")),
         hi.map_or("-".into(), |v| format!("{v:.2}")),
+        mid.map_or("-".into(), |v| format!("{v:.2}")),
         cpu(0),
         cpu(1),
         if busy { " *busy*" } else { "" }
