@@ -45,6 +45,8 @@ pub struct Started {
     pub watch: watch::Watch,
     pub view: view::View,
     pub resolved: view::Resolved,
+    /// The EndpointSlices of gateways named by Service (the node proxy reads them).
+    pub services: std::sync::Arc<crate::gateway::services::Services>,
     /// Policy objects refused in the first sync (reported once metrics exist).
     pub rejected: Vec<crate::policy::ConfigError>,
 }
@@ -57,7 +59,8 @@ pub async fn first_sync(
     state_file: &std::path::Path,
 ) -> anyhow::Result<Started> {
     let client = client().await?;
-    let mut watch = watch::Watch::start(client.clone(), &opts.node);
+    let services = std::sync::Arc::new(crate::gateway::services::Services::default());
+    let mut watch = watch::Watch::start(client.clone(), &opts.node, services.clone());
     let mut view = view::View::default();
     if let Ok(saved) = std::fs::read_to_string(state_file) {
         let n = view.seed(&saved);
@@ -71,6 +74,7 @@ pub async fn first_sync(
         watch,
         view,
         resolved,
+        services,
         rejected,
     })
 }

@@ -18,7 +18,7 @@ use super::{
         Config, Egress, EgressGateway, EgressSpec, GatewaySpec, MeshSpec, Network, ObjectRef,
         PolicyObject, Workload, API_VERSION,
     },
-    netpol,
+    fsm_gateway, netpol,
     validate::{check_egress, check_gateway, check_name, Objects},
 };
 
@@ -161,9 +161,8 @@ pub fn object(doc: &Document, file: &str) -> Result<PolicyObject, ConfigError> {
             PolicyObject::Egress(Egress { id, spec })
         }
         "EgressGateway" => {
-            if doc.body.get("apiVersion") == Some(&FOREIGN_EGRESS_APIS[1].into()) {
-                return Err(err("apiVersion", "FSM's EgressGateway names Services (spec.global[].service), which is not supported yet: write an EgressGateway of policy.egress.dev/v1alpha1 with the gateway's addresses and mode"));
-            }
+            let fsm = fsm_gateway::ours(doc, file)?;
+            let doc = fsm.as_ref().unwrap_or(doc);
             let o: Object<GatewaySpec> = typed(doc, file, ours)?;
             let spec = o.spec.ok_or_else(|| err("spec", "missing"))?;
             check_gateway(file, &label, &spec)?;
