@@ -131,7 +131,11 @@ fn fsm_gateway_by_service_follows_its_endpoints_and_fails_closed_without_any() {
         assert!(ok, "{out}");
         assert_eq!(dst.peer(seen + i).ip().to_string(), "127.0.8.22");
     }
-    assert_eq!(tunnels(&gw1), before1, "the old endpoint gets no new connection");
+    assert_eq!(
+        tunnels(&gw1),
+        before1,
+        "the old endpoint gets no new connection"
+    );
     assert_eq!(tunnels(&gw2), before2 + 3, "{}", gw2.log());
 
     // No ready endpoint: refused, counted, never sent direct.

@@ -127,7 +127,9 @@ impl Dialer {
             let Some(svc) = &ep.service else { continue };
             let found = match self.services.get() {
                 Some(s) => s.endpoints(svc),
-                None => Err(format!("Service {svc}: no cluster to find its endpoints in")),
+                None => Err(format!(
+                    "Service {svc}: no cluster to find its endpoints in"
+                )),
             };
             match found {
                 Ok(mut addrs) => {

@@ -43,7 +43,12 @@ impl Slice {
             v.get("addressType").and_then(Value::as_str),
             Some("IPv4" | "IPv6")
         );
-        let list = |k: &str| v.get(k).and_then(Value::as_array).cloned().unwrap_or_default();
+        let list = |k: &str| {
+            v.get(k)
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default()
+        };
         let ports = list("ports")
             .iter()
             .filter(|p| p.get("protocol").and_then(Value::as_str).unwrap_or("TCP") == "TCP")
@@ -202,7 +207,11 @@ mod tests {
             Err("Service fsm/fsm-egress-gateway has no TCP port \"admin\"".into())
         );
         // A slice of another Service, or with no Service label, is not this one's.
-        let mut other = slice("x", json!([{"port": 1}]), json!([{"addresses": ["10.9.0.1"]}]));
+        let mut other = slice(
+            "x",
+            json!([{"port": 1}]),
+            json!([{"addresses": ["10.9.0.1"]}]),
+        );
         other["metadata"]["labels"][SERVICE_NAME_LABEL] = json!("other");
         s.apply(&other);
         let mut unlabelled = other.clone();
@@ -231,10 +240,9 @@ mod tests {
             Err("Service fsm/fsm-egress-gateway has no ready endpoints".into())
         );
         s.relist(&[]);
-        assert!(s
-            .endpoints(&svc(None))
-            .unwrap_err()
-            .starts_with("Service fsm/fsm-egress-gateway has no ready endpoints (no EndpointSlice"));
+        assert!(s.endpoints(&svc(None)).unwrap_err().starts_with(
+            "Service fsm/fsm-egress-gateway has no ready endpoints (no EndpointSlice"
+        ));
     }
 
     #[test]

@@ -229,7 +229,10 @@ mod tests {
             .filter(|r| r["apiGroups"][0] == "discovery.k8s.io")
             .collect();
         assert_eq!(slices.len(), 1);
-        assert_eq!(slices[0]["resources"], serde_json::json!(["endpointslices"]));
+        assert_eq!(
+            slices[0]["resources"],
+            serde_json::json!(["endpointslices"])
+        );
         assert_eq!(slices[0]["verbs"], serde_json::json!(["list", "watch"]));
     }
 }

@@ -70,8 +70,10 @@ mod tests {
         assert_eq!(cfg.egresses.len(), 1);
         assert_eq!(cfg.network_policies.len(), 1);
         assert_eq!(cfg.admin_policies.len(), 2);
+        assert!(cfg.gateways[0].spec.global[0].service.is_some());
         let out = convert(text, "example").unwrap();
         assert!(!out.contains("openservicemesh"), "{out}");
+        assert!(!out.contains("flomesh.io/v1alpha1"), "{out}");
     }
 
     #[test]

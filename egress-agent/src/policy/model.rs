@@ -7,12 +7,10 @@ use std::{collections::BTreeMap, fmt};
 
 use serde::Deserialize;
 
+pub use super::gateway_spec::{GatewayEndpoint, GatewayMode, GatewaySpec, PortRef, ServiceRef};
 pub use super::http_route::{HttpRoute, PathMatch};
 use super::scalar::{Cidr, HostPattern, Port, Seconds};
 pub use super::selector::{LabelSelector, Labels};
-pub use super::gateway_spec::{
-    GatewayEndpoint, GatewayMode, GatewaySpec, PortRef, ServiceRef,
-};
 pub use super::sockets_spec::{SocketRule, SocketsSpec};
 
 pub const API_VERSION: &str = "policy.egress.dev/v1alpha1";

@@ -14,11 +14,12 @@ use super::{
     anp,
     document::{documents, Document},
     error::ConfigError,
+    fsm_gateway,
     model::{
         Config, Egress, EgressGateway, EgressSpec, GatewaySpec, MeshSpec, Network, ObjectRef,
         PolicyObject, Workload, API_VERSION,
     },
-    fsm_gateway, netpol,
+    netpol,
     validate::{check_egress, check_gateway, check_name, Objects},
 };
 
@@ -202,6 +203,8 @@ fn typed<S: for<'de> Deserialize<'de>>(
     Ok(o)
 }
 
+#[cfg(test)]
+mod gateway_tests;
 #[cfg(test)]
 mod sources_tests;
 #[cfg(test)]

@@ -337,8 +337,15 @@ fn target(path: &str) -> Option<Target> {
 
 fn matches(collection: &str, obj: &Value, query: &BTreeMap<String, String>) -> bool {
     // A label selector of one key alone: the label exists.
-    if let Some(key) = query.get("labelSelector").filter(|l| !l.contains(['=', '!', ','])) {
-        if obj.pointer("/metadata/labels").and_then(|l| l.get(key)).is_none() {
+    if let Some(key) = query
+        .get("labelSelector")
+        .filter(|l| !l.contains(['=', '!', ',']))
+    {
+        if obj
+            .pointer("/metadata/labels")
+            .and_then(|l| l.get(key))
+            .is_none()
+        {
             return false;
         }
     }
