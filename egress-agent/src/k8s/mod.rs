@@ -8,7 +8,8 @@
 //!   the same `Config` a policy file gives.
 //! - [`appear`]: inotify on the kubepods cgroup, so a new pod is enrolled at once.
 //! - [`watch`]: list/watch against the API server, reconcile into `Control`, status reports,
-//!   the startup taint.
+//!   the startup taint; EndpointSlices go to the node proxy (gateways named by Service, see
+//!   [`crate::gateway::services`]).
 //! - [`toggle`]: `egress enable|disable|status --kubernetes`.
 
 pub mod appear;
