@@ -312,3 +312,70 @@ where
         error,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::policy::{parse_unlinked, EgressGateway};
+
+    fn gateway() -> EgressGateway {
+        let text = "kind: EgressGateway\nmetadata: {name: g}\nspec: {endpoints: [{service: {name: gw, namespace: fsm}, mode: socks5}, {address: 127.0.8.9:1080, mode: http2tunnel}]}\n";
+        parse_unlinked(text, "g.yaml").unwrap().gateways.remove(0)
+    }
+
+    fn slice(ips: &[&str]) -> serde_json::Value {
+        let endpoints: Vec<_> = ips.iter().map(|ip| json!({"addresses": [ip]})).collect();
+        json!({"metadata": {"name": "gw-1", "namespace": "fsm",
+                            "labels": {services::SERVICE_NAME_LABEL: "gw"}},
+               "addressType": "IPv4", "ports": [{"port": 1080}], "endpoints": endpoints})
+    }
+
+    /// (address or error, mode) of each candidate.
+    fn tried(d: &Dialer, gw: &EgressGateway) -> Vec<String> {
+        d.candidates(gw)
+            .into_iter()
+            .map(|c| match c {
+                Ok((a, m)) => format!("{a} {}", m.name()),
+                Err((at, m, e)) => format!("{at} {}: {e}", m.name()),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_services_endpoints_take_turns_and_none_is_an_error_in_their_place() {
+        let d = Dialer::default();
+        let gw = gateway();
+        let s = Arc::new(services::Services::default());
+        d.bind_services(s.clone());
+        s.apply(&slice(&["10.1.0.1", "10.1.0.2"]));
+        let first = tried(&d, &gw);
+        assert_eq!(
+            first,
+            [
+                "10.1.0.1:1080 socks5",
+                "10.1.0.2:1080 socks5",
+                "127.0.8.9:1080 http2tunnel"
+            ]
+        );
+        assert_eq!(
+            tried(&d, &gw),
+            [
+                "10.1.0.2:1080 socks5",
+                "10.1.0.1:1080 socks5",
+                "127.0.8.9:1080 http2tunnel"
+            ]
+        );
+        s.apply(&slice(&[]));
+        assert_eq!(
+            tried(&d, &gw),
+            [
+                "Service fsm/gw socks5: Service fsm/gw has no ready endpoints",
+                "127.0.8.9:1080 http2tunnel"
+            ]
+        );
+    }
+}
