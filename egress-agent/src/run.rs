@@ -307,6 +307,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     } else {
         relay.bind_names(names.clone());
     }
+    if let Some(c) = &cluster {
+        relay.bind_services(c.services.clone());
+    }
     let _ = control.names.set(names.clone());
     let dns_proxy = if compiled.dns.enabled && opts.kubernetes.is_none() {
         let port = compiled.dns.port.0;

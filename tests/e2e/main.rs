@@ -11,6 +11,7 @@ mod datapath;
 mod deploy;
 mod dns;
 mod gateway;
+mod gateway_service;
 mod harness;
 mod host_judging;
 mod k8s;

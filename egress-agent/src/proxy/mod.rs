@@ -137,6 +137,11 @@ impl Proxy {
         })
     }
 
+    /// Kubernetes mode: gateways named by Service find their endpoints in `s`.
+    pub fn bind_services(&self, s: Arc<crate::gateway::services::Services>) {
+        self.gateways.bind_services(s);
+    }
+
     /// Binds hosts to the addresses workloads' DNS gave them (`hostBinding: strict`).
     pub fn bind_names(&self, names: Arc<crate::dns::Names>) {
         let _ = self.names.set(names);
