@@ -10,6 +10,7 @@ mod control;
 mod datapath;
 mod deploy;
 mod dns;
+mod dns_binding;
 mod gateway;
 mod harness;
 mod host_judging;

@@ -97,8 +97,13 @@ impl Net {
         self.node.path()
     }
 
-    fn out_path(&self) -> PathBuf {
+    pub(crate) fn out_path(&self) -> PathBuf {
         self.out.path()
+    }
+
+    /// One more "external" address on the outside namespace's loopback.
+    pub(crate) fn outside_addr(&self, addr: &str) {
+        self.out.ip_batch(&[format!("addr add {addr}/32 dev lo")]);
     }
 
     /// The namespace of the policy's pod `web`.

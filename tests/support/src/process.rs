@@ -146,6 +146,36 @@ impl Daemon {
         wait_listening(name, addr, Duration::from_secs(15));
         d
     }
+
+    /// [`Daemon::start`] inside network namespace `netns` (`nsenter --net`, which execs
+    /// `cmd`: the PID is the daemon's), waiting until `addr` accepts there.
+    pub fn start_in(netns: &Path, name: &str, cmd: &[&str], addr: &str, dir: PathBuf) -> Daemon {
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", netns.display()))
+            .args(cmd)
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {name} ({}): {e}", cmd[0]));
+        let d = Daemon { child, dir };
+        wait_listening_in(netns, name, addr, Duration::from_secs(15));
+        d
+    }
+}
+
+/// [`wait_listening`] from inside network namespace `netns`.
+pub fn wait_listening_in(netns: &Path, what: &str, addr: &str, within: Duration) {
+    let a = addr.to_string();
+    let up = crate::net::in_netns(netns, move || {
+        wait_until(within, || TcpStream::connect(a.as_str()).is_ok())
+    });
+    assert!(
+        up,
+        "{what} does not listen on {addr} in {}",
+        netns.display()
+    );
 }
 
 impl Drop for Daemon {
