@@ -12,7 +12,7 @@
 //! connection-churn soak sampled per second (direct and egress-proxy: rate decay,
 //! retransmits, TIME_WAIT), W4 connect() cost, W4r TCP connect() with and without an iptables
 //! REDIRECT, W7 refused connects, W8 policy apply time. Each point is the median of 3 runs,
-//! the paths interleaved.
+//! the paths interleaved. Then the DNS tables (D1-D3, `bench_dns`) in a namespace of their own.
 
 use std::{fs, path::Path, time::Instant};
 
@@ -85,8 +85,9 @@ pub fn bench(root: &Path, full: bool) -> anyhow::Result<()> {
     );
     let result = run(root, &mut env, &mode);
     let cleanup = env.finish();
-    let report = result?;
+    let mut report = result?;
     cleanup?;
+    crate::bench_dns::append(root, &agent, &mut report)?;
     let text = report::text(&report);
     println!("{text}");
     let out = root.join("target/bench");
