@@ -217,13 +217,6 @@ impl Control {
             proxy_ip6: Ipv6Addr::LOCALHOST.octets(),
             events_all: events_all as u32,
             refuse_unenrolled: self.kubernetes() as u32,
-            // Pods have their own network namespace, where the DNS proxy does not listen
-            // yet: never steer their DNS (spec.dns is refused for standalone pods).
-            dns_port: if self.kubernetes() {
-                0
-            } else {
-                c.config.dns_port
-            },
             ..c.config
         }
     }

@@ -11,6 +11,7 @@ mod datapath;
 mod deploy;
 mod dns;
 mod dns_binding;
+mod dns_pods;
 mod gateway;
 mod harness;
 mod host_judging;

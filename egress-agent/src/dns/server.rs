@@ -21,7 +21,7 @@ use tokio::{
     net::{TcpListener, TcpStream, UdpSocket},
     sync::Semaphore,
 };
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::{metrics::Dropped, Names};
 use crate::proxy::{sock_addr, OrigMap};
@@ -55,17 +55,66 @@ impl Drop for Slot {
     }
 }
 
+/// The DNS proxy's sockets: UDP and TCP on 127.0.0.1 and, where there is IPv6, [::1].
+pub type Sockets = (Vec<UdpSocket>, Vec<TcpListener>);
+
 /// Binds UDP and TCP on 127.0.0.1 and, where the host has IPv6, [::1].
-pub async fn bind(port: u16) -> std::io::Result<(Vec<UdpSocket>, Vec<TcpListener>)> {
-    let mut udp = vec![UdpSocket::bind((Ipv4Addr::LOCALHOST, port)).await?];
-    let mut tcp = vec![TcpListener::bind((Ipv4Addr::LOCALHOST, port)).await?];
-    if let Ok(u) = UdpSocket::bind((Ipv6Addr::LOCALHOST, port)).await {
+pub async fn bind(port: u16) -> std::io::Result<Sockets> {
+    to_tokio(bind_std(port)?)
+}
+
+/// [`bind`] inside a pod's network namespace at `path` (the steered query's target there
+/// is the pod's own 127.0.0.1/[::1]).
+pub fn bind_in(path: &std::path::Path, port: u16) -> std::io::Result<Sockets> {
+    to_tokio(crate::datapath::podnet::run_in(path, move || {
+        bind_std(port)
+    })?)
+}
+
+/// Keeps the DNS proxy listening inside every pod's network namespace.
+pub async fn serve_pods<P: crate::proxy::inpod::InPod>(
+    pods: tokio::sync::watch::Receiver<Vec<P>>,
+    server: Arc<DnsProxy>,
+    port: u16,
+) {
+    crate::proxy::inpod::serve_in_pods(pods, "DNS proxy", move |p: &P, path| {
+        let (udp, tcp) = bind_in(path, port)?;
+        info!(pod = %p.label(), netns = %path.display(), port, "DNS steered to the agent inside the pod");
+        Ok(server.clone().serve(udp, tcp))
+    })
+    .await
+}
+
+type StdSockets = (Vec<std::net::UdpSocket>, Vec<std::net::TcpListener>);
+
+fn bind_std(port: u16) -> std::io::Result<StdSockets> {
+    use std::net::{TcpListener as T, UdpSocket as U};
+    let mut udp = vec![U::bind((Ipv4Addr::LOCALHOST, port))?];
+    let mut tcp = vec![T::bind((Ipv4Addr::LOCALHOST, port))?];
+    if let Ok(u) = U::bind((Ipv6Addr::LOCALHOST, port)) {
         udp.push(u);
-        if let Ok(t) = TcpListener::bind((Ipv6Addr::LOCALHOST, port)).await {
+        if let Ok(t) = T::bind((Ipv6Addr::LOCALHOST, port)) {
             tcp.push(t);
         }
     }
+    for u in &udp {
+        u.set_nonblocking(true)?;
+    }
+    for t in &tcp {
+        t.set_nonblocking(true)?;
+    }
     Ok((udp, tcp))
+}
+
+fn to_tokio((udp, tcp): StdSockets) -> std::io::Result<Sockets> {
+    Ok((
+        udp.into_iter()
+            .map(UdpSocket::from_std)
+            .collect::<std::io::Result<_>>()?,
+        tcp.into_iter()
+            .map(TcpListener::from_std)
+            .collect::<std::io::Result<_>>()?,
+    ))
 }
 
 impl DnsProxy {
