@@ -332,7 +332,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         tasks.spawn(serve_pods(k8s_pods.1.clone(), relay.clone(), port));
     }
     if let Some((server, udp, tcp, dns_port)) = dns_proxy {
-        tasks.spawn(server.clone().serve(udp, tcp));
+        tasks.spawn(server.clone().serve((udp, tcp), None));
         tasks.spawn(crate::dns::server::serve_pods(
             control.pods(),
             server.clone(),

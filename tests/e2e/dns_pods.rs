@@ -30,7 +30,7 @@ fn egresses() -> String {
 metadata: {{name: resolver}}
 spec:
   sources: [{{name: web}}]
-  ipAddresses: [{RESOLVER}/32]
+  ipAddresses: [{RESOLVER}/32, 127.0.0.1/32]
   ports: [{{number: 53, protocol: udp}}, {{number: 53}}]
 ---
 kind: Egress
@@ -85,6 +85,22 @@ fn dns_a_pod_resolves_through_the_agent_inside_its_own_namespace() {
     assert!(
         shown.contains("db.test.example") && shown.contains(ALLOW4),
         "{shown}"
+    );
+    // A resolver on the pod's own loopback (a sidecar cache): the agent asks it from inside
+    // the pod's namespace, not the node's loopback (where nothing answers), over UDP and TCP.
+    let _sidecar = resolver_in(
+        Some(&net.pod_path()),
+        "127.0.0.1",
+        60,
+        &[host_record("local.test.example", ALLOW4)],
+    );
+    assert_eq!(
+        dig(&a, "127.0.0.1", "local.test.example", &[]),
+        (0, ALLOW4.into())
+    );
+    assert_eq!(
+        dig(&a, "127.0.0.1", "local.test.example", &["+tcp"]),
+        (0, ALLOW4.into())
     );
     assert_eq!(
         crate::pods::drops(&a),
@@ -144,7 +160,9 @@ fn kubernetes_pod_cluster_dns_feeds_name_rules_with_a_fake_api_server() {
                "dns": {"enabled": true, "port": free_port()}}),
     );
     eventually("the DNS proxy inside the pod", &agent, || {
-        agent.log().contains("DNS steered to the agent inside the pod")
+        agent
+            .log()
+            .contains("DNS steered to the agent inside the pod")
     });
     eventually("the tc backstop on the pod's veth", &agent, || {
         agent

@@ -107,7 +107,7 @@ impl Net {
     }
 
     /// The namespace of the policy's pod `web`.
-    fn pod_path(&self) -> PathBuf {
+    pub(crate) fn pod_path(&self) -> PathBuf {
         Path::new("/run/netns").join(format!("{}-default-web", self.tag))
     }
 

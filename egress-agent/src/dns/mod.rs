@@ -14,6 +14,7 @@
 pub mod cache;
 pub mod metrics;
 pub mod server;
+pub mod upstream;
 
 use std::{
     collections::{BTreeMap, BTreeSet, VecDeque},

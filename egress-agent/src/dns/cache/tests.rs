@@ -208,8 +208,8 @@ fn udp_hosts_need_dns_and_strict_binding_needs_dns() {
 }
 
 #[test]
-fn dns_is_refused_with_standalone_pods() {
+fn dns_is_accepted_with_standalone_pods() {
     let text = "kind: MeshConfig\nmetadata: {name: m}\nspec:\n  dns: {enabled: true}\n  podNetwork: {ipv4: 10.200.0.0/24}\n---\nkind: Workload\nmetadata: {name: p}\nspec: {network: pod}\n";
-    let e = parse(text, "f.yaml").unwrap_err().to_string();
-    assert!(e.contains("Workload default/p: spec.network"), "{e}");
+    let cfg = parse(text, "f.yaml").unwrap();
+    assert!(cfg.mesh.dns.enabled);
 }
