@@ -19,7 +19,7 @@ use std::{fmt::Write as _, fs, path::Path};
 use anyhow::Context as _;
 
 use crate::{
-    bench_env::{ensure_packages, run_quiet, Env},
+    bench_env::{ensure_packages, Env},
     bench_kernel::{per_run, sample, snapshot, Accounting},
     bench_report::{self as report, Report, Row, Sample, Table, Verdict},
     bench_work as work,
@@ -52,7 +52,7 @@ fn addr(rep: usize, i: u32) -> String {
 /// `cargo xtask bench --dns`: only these tables, printed and written to target/bench/dns.*.
 pub fn bench(root: &Path) -> anyhow::Result<()> {
     eprintln!("==> the release agent");
-    let agent = crate::bench::release_agent(root)?;
+    let agent = crate::bench_env::release_agent(root)?;
     ensure_packages(&["dnsmasq-base", "gcc", "bpftool"])?;
     let (tables, verdicts, notes) = measure(root, &agent)?;
     let report = Report {
@@ -166,43 +166,8 @@ fn run(root: &Path, env: &mut Env) -> anyhow::Result<(Vec<Table>, Vec<Verdict>, 
     env.wait_listen("dnsmasq", "127.53.0.1:53")?;
     let cfg = work_dir.join("policy.yaml");
     fs::write(&cfg, POLICY)?;
-    let (a, sock, cfg, cg, pin, state) = (
-        env.agent.display().to_string(),
-        env.sock.display().to_string(),
-        cfg.display().to_string(),
-        env.cg.display().to_string(),
-        env.pin.display().to_string(),
-        env.state.display().to_string(),
-    );
-    env.spawn(
-        "agent",
-        &[
-            &a,
-            "--admin-socket",
-            &sock,
-            "run",
-            "--config",
-            &cfg,
-            "--cgroup-root",
-            &cg,
-            "--pin-dir",
-            &pin,
-            "--state-file",
-            &state,
-            "--metrics-addr",
-            "127.0.0.1:15190",
-        ],
-    )?;
-    env.wait_log("agent", &[" ready", "\"ready\""], 60)?;
-    let connbench = work_dir.join("connbench");
-    let src = root.join("scripts/bench/connbench.c");
-    run_quiet(&[
-        "gcc",
-        "-O2",
-        "-o",
-        &connbench.display().to_string(),
-        &src.display().to_string(),
-    ])?;
+    env.start_agent(&cfg, &[])?;
+    let connbench = work::build_connbench(root, &work_dir)?;
     let script = root.join("tests/e2e/dns_rtt.py").display().to_string();
 
     let paths = [
