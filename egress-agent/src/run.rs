@@ -230,6 +230,10 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         Some(state_file.clone()),
     ));
     control.set_dirs(dirs);
+    if compiled.dns.enabled {
+        // The DNS proxy opens on this port below (or the agent stops).
+        let _ = control.dns_serving.set(compiled.dns.port.0);
+    }
     control.set_kubernetes(cluster.is_some());
     // Pods are plugged in by an install (their namespaces are adopted when they exist), so a
     // policy with pods is installed again rather than resumed as it is.

@@ -487,3 +487,27 @@ fn dns_a_cached_drop_does_not_outlive_learning_the_name() {
     assert!(out.starts_with("ok "), "{out}\n{}", a.log());
     assert_eq!(server.accepted(), 1);
 }
+
+/// `spec.dns` turned on by a reload, after the agent started without it: the DNS proxy
+/// opens at start only, so DNS stays unsteered (and working) until a restart, rather than
+/// steered to a port nobody serves; the agent says so.
+#[test]
+fn dns_turned_on_by_a_reload_leaves_dns_working_unsteered() {
+    if !privileged_with(&["dnsmasq", "dig"]) {
+        return;
+    }
+    let ns = "127.53.9.1";
+    let _dns = resolver(ns, 60, &[host_record("db.test.example", "127.66.0.1")]);
+    let on = mesh(ns, "");
+    let off = on.replace("  dns: {enabled: true,", "  dns: {enabled: false,");
+    assert_ne!(on, off);
+    let port = free_port().to_string();
+    let a = Agent::start(&off.replace("{dns_port}", &port));
+    a.reload(&on.replace("{dns_port}", &port));
+    a.wait_log("DNS is not steered until the agent restarts");
+    assert_eq!(
+        dig(&a, ns, "db.test.example", &[]),
+        (0, "127.66.0.1".into())
+    );
+    assert_eq!(metric(&a, "egress_dns_requests_total"), 0.0);
+}

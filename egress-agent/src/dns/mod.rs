@@ -51,6 +51,21 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// The DNS port the kernel steers to: the one the policy asks for, when the DNS proxy serves
+/// it (it is opened at start only). A policy that turns DNS on, or moves its port, after the
+/// agent started leaves DNS unsteered until a restart, rather than steering queries to a
+/// port nobody serves.
+pub fn steered_port(wanted: u16, serving: Option<&u16>) -> u16 {
+    match serving {
+        Some(&p) if p == wanted => wanted,
+        _ if wanted == 0 => 0,
+        _ => {
+            warn!(port = wanted, "spec.dns changed since the agent started (the DNS proxy opens at start): DNS is not steered until the agent restarts");
+            0
+        }
+    }
+}
+
 /// One answer, as `egress-agent dns` shows it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Seen {

@@ -213,3 +213,15 @@ fn dns_is_accepted_with_standalone_pods() {
     let cfg = parse(text, "f.yaml").unwrap();
     assert!(cfg.mesh.dns.enabled);
 }
+
+#[test]
+fn dns_is_steered_only_to_the_port_the_proxy_serves() {
+    use crate::dns::steered_port;
+    assert_eq!(steered_port(15053, Some(&15053)), 15053);
+    // Turned on, or moved, after the start: not steered (nobody serves that port).
+    assert_eq!(steered_port(15053, None), 0);
+    assert_eq!(steered_port(15054, Some(&15053)), 0);
+    // Turned off.
+    assert_eq!(steered_port(0, Some(&15053)), 0);
+    assert_eq!(steered_port(0, None), 0);
+}
