@@ -38,6 +38,8 @@ use metrics::DnsMetrics;
 
 /// Answers kept for `egress-agent dns`.
 const RECENT: usize = 200;
+/// The learned names are saved at most this often (every answer refreshes some expiry).
+const SAVE_EVERY: Duration = Duration::from_secs(1);
 
 /// Where the learned names are saved: next to the live policy's state file.
 pub fn names_file(state_file: &std::path::Path) -> PathBuf {
@@ -106,7 +108,12 @@ struct State {
     /// `EGRESS_NAMES_EPOCH`: bumped after every change of the entries (see [`bump_epoch`]).
     epoch: Array<MapData, u32>,
     recent: VecDeque<Seen>,
+    /// Expiries were refreshed since the last save (saved at most every [`SAVE_EVERY`]).
     dirty: bool,
+    /// Names or addresses came or went since the last save (saved at the next tick, so a
+    /// restart keeps what connections may already use).
+    changed: bool,
+    saved_at: Option<std::time::Instant>,
 }
 
 pub struct Names {
@@ -155,6 +162,8 @@ impl Names {
                 epoch,
                 recent: VecDeque::new(),
                 dirty: false,
+                changed: false,
+                saved_at: None,
             }),
             live,
             metrics,
@@ -190,6 +199,9 @@ impl Names {
                 .collect();
             learned = addrs.len().min(d.max_addresses_per_name as usize);
             let ttl = a.addrs.first().map(|x| x.ttl).unwrap_or(0);
+            let ips: Vec<IpAddr> = a.addrs.iter().map(|x| x.ip).collect();
+            let name = a.chain.first().map(String::as_str).unwrap_or("");
+            st.changed |= !st.cache.knows(wid, name, &ips);
             let touched = st.cache.learn(
                 wid,
                 &a.chain,
@@ -255,7 +267,8 @@ impl Names {
         self.state().cache.value(&policy, wid, ip)
     }
 
-    /// Forgets what expired, and saves the names when they changed. Call it every second.
+    /// Forgets what expired, and saves the names when they changed (at most every
+    /// [`SAVE_EVERY`]). Blocking (file I/O): call it off the async runtime.
     pub fn tick(&self) {
         let policy = self.live.get();
         let grace = policy.dns.grace.0.as_millis() as u64;
@@ -263,12 +276,14 @@ impl Names {
         let touched = st.cache.expire(now_ms(), grace);
         if !touched.is_empty() {
             sync_keys(&mut st, &policy, &touched);
-            st.dirty = true;
+            st.changed = true;
         }
         self.metrics.entries.set(st.installed.len() as i64);
         self.metrics.names.set(st.cache.len() as i64);
-        if st.dirty {
-            st.dirty = false;
+        let due = st.saved_at.is_none_or(|t| t.elapsed() >= SAVE_EVERY);
+        if st.changed || (st.dirty && due) {
+            (st.dirty, st.changed) = (false, false);
+            st.saved_at = Some(std::time::Instant::now());
             let saved: Vec<NameEntry> = st.cache.entries().cloned().collect();
             drop(st);
             self.save(&saved);
@@ -317,7 +332,7 @@ impl Names {
         if changed {
             bump_epoch(&mut st);
         }
-        st.dirty = true;
+        st.changed = true;
     }
 
     /// Runs the expiry and the policy-change resync until dropped.
@@ -326,7 +341,12 @@ impl Names {
         let mut every = tokio::time::interval(Duration::from_millis(250));
         loop {
             tokio::select! {
-                _ = every.tick() => self.tick(),
+                // Off the runtime's workers: saving thousands of names takes milliseconds
+                // that the DNS proxy's queries should not wait behind.
+                _ = every.tick() => {
+                    let me = self.clone();
+                    let _ = tokio::task::spawn_blocking(move || me.tick()).await;
+                }
                 r = changes.changed() => {
                     if r.is_err() { return; }
                     self.resync();
