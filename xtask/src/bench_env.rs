@@ -308,7 +308,13 @@ impl Env {
         }
         if let Ok(rd) = fs::read_dir("/sys/fs/bpf") {
             for e in rd.flatten() {
-                if e.file_name().to_string_lossy().starts_with("egress-bench-") {
+                let name = e.file_name().to_string_lossy().into_owned();
+                // A bench that still runs beside this one (its PID is in the name) is not
+                // left behind.
+                let running = name
+                    .strip_prefix("egress-bench-")
+                    .is_some_and(|pid| Path::new("/proc").join(pid).exists());
+                if name.starts_with("egress-bench-") && !running {
                     left.push(e.path().display().to_string());
                 }
             }
