@@ -16,7 +16,7 @@ use crate::{
     tc_prog::{ipv4, tcp, SYN, TCP},
 };
 
-const POD_IP: &str = "10.200.0.9";
+pub(crate) const POD_IP: &str = "10.200.0.9";
 
 fn v4(a: &str) -> [u8; 4] {
     a.parse::<std::net::Ipv4Addr>().unwrap().octets()
@@ -24,7 +24,7 @@ fn v4(a: &str) -> [u8; 4] {
 
 /// The CNI's part: a veth between the pod's namespace (`eth0`, `POD_IP`/32, a default route
 /// through a link-local next hop) and the node's (`host_if`, proxy ARP, a /32 route back).
-fn plug(net: &Net, pod: &PodNetns, host_if: &str) {
+pub(crate) fn plug(net: &Net, pod: &PodNetns, host_if: &str) {
     let node = net.node_path();
     let node_name = node.file_name().unwrap().to_string_lossy().into_owned();
     ip(&[

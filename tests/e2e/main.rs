@@ -10,6 +10,8 @@ mod control;
 mod datapath;
 mod deploy;
 mod dns;
+mod dns_binding;
+mod dns_pods;
 mod gateway;
 mod gateway_service;
 mod harness;

@@ -12,14 +12,14 @@
 //! connection-churn soak sampled per second (direct and egress-proxy: rate decay,
 //! retransmits, TIME_WAIT), W4 connect() cost, W4r TCP connect() with and without an iptables
 //! REDIRECT, W7 refused connects, W8 policy apply time. Each point is the median of 3 runs,
-//! the paths interleaved.
+//! the paths interleaved. Then the DNS tables (D1-D3, `bench_dns`) in a namespace of their own.
 
 use std::{fs, path::Path, time::Instant};
 
 use anyhow::Context as _;
 
 use crate::{
-    bench_env::{ensure_packages, run_in, run_quiet, Env},
+    bench_env::{ensure_packages, release_agent, run_in, run_quiet, Env},
     bench_measure::{self as measure, Mode, FULL, QUICK},
     bench_preview,
     bench_report::{self as report, Report, Row, Table, Verdict},
@@ -37,21 +37,6 @@ const PACKAGES: &[&str] = &[
     "curl",
     "bpftool",
 ];
-/// Builds the release agent; its path.
-pub fn release_agent(root: &Path) -> anyhow::Result<std::path::PathBuf> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let argv = [
-        &cargo,
-        "build",
-        "--release",
-        "--quiet",
-        "-p",
-        "egress-agent",
-    ];
-    run_in(root, &argv)?;
-    Ok(root.join("target/release/egress-agent"))
-}
-
 /// `cargo xtask bench --preview`: only W9 (policy preview), with the release agent; no root.
 pub fn preview_only(root: &Path) -> anyhow::Result<()> {
     let agent = release_agent(root)?;
@@ -85,8 +70,9 @@ pub fn bench(root: &Path, full: bool) -> anyhow::Result<()> {
     );
     let result = run(root, &mut env, &mode);
     let cleanup = env.finish();
-    let report = result?;
+    let mut report = result?;
     cleanup?;
+    crate::bench_dns::append(root, &agent, &mut report)?;
     let text = report::text(&report);
     println!("{text}");
     let out = root.join("target/bench");
@@ -212,63 +198,12 @@ fn run(root: &Path, env: &mut Env, mode: &Mode) -> anyhow::Result<Report> {
         ])?;
     }
 
-    let connbench = work_dir.join("connbench");
-    let src = root.join("scripts/bench/connbench.c");
-    run_quiet(&[
-        "gcc",
-        "-O2",
-        "-o",
-        &connbench.display().to_string(),
-        &src.display().to_string(),
-    ])?;
+    let connbench = work::build_connbench(root, &work_dir)?;
 
     let cfg_file = work_dir.join("policy.yaml");
     fs::write(&cfg_file, work::policy(10_000, 0))?;
-    let a = env.agent.display().to_string();
-    let (sock, cfg, cg, pin, state) = (
-        env.sock.display().to_string(),
-        cfg_file.display().to_string(),
-        env.cg.display().to_string(),
-        env.pin.display().to_string(),
-        env.state.display().to_string(),
-    );
     let t = Instant::now();
-    let agent_argv = [
-        a.as_str(),
-        "--admin-socket",
-        &sock,
-        "run",
-        "--config",
-        &cfg,
-        "--cgroup-root",
-        &cg,
-        "--pin-dir",
-        &pin,
-        "--state-file",
-        &state,
-        "--metrics-addr",
-        "127.0.0.1:15190",
-    ];
-    let agent_pid = env.spawn(
-        "agent",
-        &[
-            &a,
-            "--admin-socket",
-            &sock,
-            "run",
-            "--config",
-            &cfg,
-            "--cgroup-root",
-            &cg,
-            "--pin-dir",
-            &pin,
-            "--state-file",
-            &state,
-            "--metrics-addr",
-            "127.0.0.1:15190",
-        ],
-    )?;
-    env.wait_log("agent", &[" ready", "\"ready\""], 60)?;
+    let agent_pid = env.start_agent(&cfg_file, &[])?;
     let mut notes = vec![format!(
         "the agent started with 10,000 extra /32 rules and was ready in {:.2} s",
         t.elapsed().as_secs_f64()
@@ -336,10 +271,7 @@ fn run(root: &Path, env: &mut Env, mode: &Mode) -> anyhow::Result<Report> {
     // cgroup_skb program (EGRESS_NO_PACKET_PROGRAM=1; its link is removed, the rest kept):
     // what that program costs, against the same direct baseline in the same run.
     env.stop("agent")?;
-    let mut argv = vec!["env", "EGRESS_NO_PACKET_PROGRAM=1"];
-    argv.extend_from_slice(&agent_argv);
-    env.spawn("agent", &argv)?;
-    env.wait_log("agent", &[" ready", "\"ready\""], 60)?;
+    env.start_agent(&cfg_file, &["EGRESS_NO_PACKET_PROGRAM=1"])?;
     let [mut n1, mut n2, mut n3] = measure::http_and_bulk(env, &routes[..2], mode)?;
     for (t, id) in [(&mut n1, "W1n"), (&mut n2, "W2n"), (&mut n3, "W3n")] {
         t.id = id;

@@ -19,10 +19,10 @@ const STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
 const REPS: usize = 3;
 
 /// Turns the kernel's per-program accounting on; back to what it was when dropped.
-struct Accounting(String);
+pub struct Accounting(String);
 
 impl Accounting {
-    fn on() -> anyhow::Result<Accounting> {
+    pub fn on() -> anyhow::Result<Accounting> {
         let old = fs::read_to_string(STATS).context("read kernel.bpf_stats_enabled")?;
         fs::write(STATS, "1").context("enable kernel.bpf_stats_enabled")?;
         Ok(Accounting(old.trim().to_string()))
@@ -50,7 +50,7 @@ fn attached(cg: &Path) -> anyhow::Result<Vec<String>> {
 /// from `bpftool prog show` (the first line of each program: `ID: TYPE  name NAME ...
 /// run_time_ns N  run_cnt M`). Other agents' programs (tests running beside the bench) are
 /// left out.
-fn snapshot(cg: &Path) -> anyhow::Result<BTreeMap<String, (u64, u64)>> {
+pub fn snapshot(cg: &Path) -> anyhow::Result<BTreeMap<String, (u64, u64)>> {
     let ids = attached(cg)?;
     let text = run_quiet(&["bpftool", "prog", "show"])?;
     let mut out = BTreeMap::new();
@@ -73,7 +73,7 @@ fn snapshot(cg: &Path) -> anyhow::Result<BTreeMap<String, (u64, u64)>> {
 }
 
 /// Mean ns per run of program `name` between two snapshots (None: it did not run).
-fn per_run(
+pub fn per_run(
     a: &BTreeMap<String, (u64, u64)>,
     b: &BTreeMap<String, (u64, u64)>,
     name: &str,
@@ -83,7 +83,7 @@ fn per_run(
     (c1 > c0).then(|| (t1 - t0) as f64 / (c1 - c0) as f64)
 }
 
-fn sample(value: Option<f64>) -> Sample {
+pub fn sample(value: Option<f64>) -> Sample {
     let (load, procs_running) = work::load();
     Sample {
         value: value.unwrap_or(f64::NAN),

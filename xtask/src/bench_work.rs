@@ -295,6 +295,20 @@ pub fn connbench(
     Ok((s, per_sec, ok, eperm))
 }
 
+/// Compiles scripts/bench/connbench.c into `work`; the binary's path.
+pub fn build_connbench(root: &Path, work: &Path) -> anyhow::Result<std::path::PathBuf> {
+    let bin = work.join("connbench");
+    let src = root.join("scripts/bench/connbench.c");
+    crate::bench_env::run_quiet(&[
+        "gcc",
+        "-O2",
+        "-o",
+        &bin.display().to_string(),
+        &src.display().to_string(),
+    ])?;
+    Ok(bin)
+}
+
 /// The bench's policy: `web`, an allow for nginx/iperf3 on 127.60.0.1, the same ports via
 /// proxy on 127.61.0.1, UDP 9999 allowed on 127.60.0.1 (for connbench) and `extra` other /32
 /// rules in `bulk-rules` (10.x.y.z, offset by `salt` so re-applies change every entry).

@@ -334,20 +334,6 @@ impl Objects {
                 "strict needs spec.dns.enabled: true (names are bound to the addresses DNS gave them)",
             ));
         }
-        if let Some(w) = self
-            .cfg
-            .workloads
-            .iter()
-            .find(|w| w.network == Network::Pod)
-        {
-            if m.dns.enabled {
-                return Err(self.err(
-                    &format!("Workload {}", w.id),
-                    "spec.network",
-                    "pods (network: pod) cannot be used with the MeshConfig's spec.dns.enabled yet: the DNS proxy does not listen inside pods",
-                ));
-            }
-        }
         for e in &self.cfg.egresses {
             self.check_gateway_named(e)?;
             let udp = e.spec.ports.iter().position(|p| !p.protocol.is_tcp());
