@@ -348,20 +348,18 @@ fn transport<B: Bytes + ?Sized>(b: &B, l4: usize, mut pkt: Packet) -> Packet {
     if p == IPPROTO_NONE {
         return pkt;
     }
-    if p == proto::TCP {
-        // Ports and flags in one read.
-        let Some(h) = b.load::<14>(l4) else {
-            return pkt.with(Class::Malformed);
-        };
-        pkt.src.port = u16::from_be_bytes([h[0], h[1]]) as u32;
-        pkt.dst.port = u16::from_be_bytes([h[2], h[3]]) as u32;
-        pkt.syn = h[13] & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    } else if has_ports(p) {
+    if has_ports(p) {
         let Some(ports) = b.load::<4>(l4) else {
             return pkt.with(Class::Malformed);
         };
         pkt.src.port = u16::from_be_bytes([ports[0], ports[1]]) as u32;
         pkt.dst.port = u16::from_be_bytes([ports[2], ports[3]]) as u32;
+        if p == proto::TCP {
+            let Some(flags) = b.u8_at(l4 + 13) else {
+                return pkt.with(Class::Malformed);
+            };
+            pkt.syn = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+        }
     } else if p == proto::ICMPV6 {
         let Some(ty) = b.u8_at(l4) else {
             return pkt.with(Class::Malformed);
