@@ -400,7 +400,9 @@ fn tc_drops_a_connection_opened_before_the_agent_started_and_survives_restarts()
         &[("EGRESS_NO_PACKET_PROGRAM", "1")],
     );
     assert_eq!(tc_link_state(&a.log()), "attached");
-    assert_eq!(a.log().matches("proxy listening inside the pod").count(), 1);
+    let listening = || a.log().matches("proxy listening inside the pod").count();
+    wait_until(Duration::from_secs(5), || listening() >= 1);
+    assert_eq!(listening(), 1);
 
     // The established connection's next segment is dropped on the veth: no reply.
     let before = drops(&a);
