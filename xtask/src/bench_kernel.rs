@@ -95,14 +95,17 @@ pub fn sample(value: Option<f64>) -> Sample {
 }
 
 /// K1: `sock_create` and `connect4` per run during W4's UDP socket()+connect()+close() inside
-/// `web`, their sum (what the hooks add to a connect), and the per-packet program per packet
-/// during keep-alive HTTP on the allowed-direct route.
+/// `web`, to one destination (its verdict cached after the first) and to a new destination
+/// each time (judged in full, then cached), their sums (what the hooks add to a connect), and
+/// the per-packet program per packet during keep-alive HTTP on the allowed-direct route.
 pub fn programs(env: &mut Env, bin: &Path, allowed: &Route, mode: &Mode) -> anyhow::Result<Table> {
     eprintln!("==> K1: program run time per run (kernel bpf_stats)");
     let names = [
         "sock_create per socket()",
-        "connect4 per connect()",
-        "connect() added: sock_create + connect4",
+        "connect4 per connect(), destination judged before (cached verdict)",
+        "connect() added: sock_create + connect4 (cached verdict)",
+        "connect4 per connect(), a new destination each time (judged in full, cached: the cache is full, so an LRU eviction too)",
+        "connect() added: sock_create + connect4 (new destination, judged in full)",
         "skb_egress per packet (keep-alive, allowed directly)",
     ];
     let mut t = Table {
@@ -138,10 +141,30 @@ pub fn programs(env: &mut Env, bin: &Path, allowed: &Route, mode: &Mode) -> anyh
         t.rows[2]
             .samples
             .push(sample(create.zip(connect).map(|(x, y)| x + y)));
+        // 65,536 addresses of 127.60.0.0/16 in turn (the policy allows the range): no
+        // connect() finds its verdict cached.
+        let a = snapshot(&env.cg)?;
+        let spread = "udpspread";
+        work::connbench(
+            env,
+            bin,
+            true,
+            spread,
+            "127.60.0.1",
+            "9999",
+            mode.conn_iters,
+        )?;
+        let b = snapshot(&env.cg)?;
+        let create = per_run(&a, &b, "egress_sock_create");
+        let connect = per_run(&a, &b, "egress_connect4");
+        t.rows[3].samples.push(sample(connect));
+        t.rows[4]
+            .samples
+            .push(sample(create.zip(connect).map(|(x, y)| x + y)));
         let c = snapshot(&env.cg)?;
         work::wrk(env, allowed, mode.wrk_secs.min(3), false)?;
         let d = snapshot(&env.cg)?;
-        t.rows[3]
+        t.rows[5]
             .samples
             .push(sample(per_run(&c, &d, "egress_skb_egress")));
     }

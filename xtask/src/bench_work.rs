@@ -322,7 +322,10 @@ pub fn policy(extra: u32, salt: u32) -> String {
          ports: [{number: 8080, protocol: tcp}, {number: 5201, protocol: tcp}, {number: 9999, protocol: udp}]\n---\n\
          kind: Egress\nmetadata: {name: nginx-via-proxy, namespace: default}\nspec:\n  \
          sources: [{kind: Workload, name: web}]\n  ipAddresses: [127.61.0.1/32]\n  \
-         ports: [{number: 8080, protocol: tcp}, {number: 5201, protocol: tcp}]\n  via: proxy\n",
+         ports: [{number: 8080, protocol: tcp}, {number: 5201, protocol: tcp}]\n  via: proxy\n---\n\
+         kind: Egress\nmetadata: {name: spread, namespace: default}\nspec:\n  \
+         sources: [{kind: Workload, name: web}]\n  ipAddresses: [127.60.0.0/16]\n  \
+         ports: [{number: 9999, protocol: udp}]\n",
     );
     if extra > 0 {
         s.push_str(
