@@ -1,6 +1,7 @@
 //! Project tasks: `cargo xtask setup | test | demo | bench | layout` (the alias lives in `.cargo/config.toml`).
 
 mod bench;
+mod bench_dns;
 mod bench_env;
 mod bench_gateway;
 mod bench_hosts;
@@ -58,8 +59,12 @@ enum Task {
         preview: bool,
         /// Instead: only W1h, proxied keep-alive with every request judged by Host against
         /// the same relayed unjudged (nginx and the agent only; about a minute; as root).
-        #[arg(long, conflicts_with_all = ["gateway", "preview"])]
+        #[arg(long, conflicts_with_all = ["gateway", "preview", "dns"])]
         host_judging: bool,
+        /// Instead: only the DNS tables (D1-D3: round trip through the agent's DNS proxy vs
+        /// straight to dnsmasq, connect() with 10k learned names); under a minute.
+        #[arg(long, conflicts_with_all = ["quick", "full", "gateway", "preview"])]
+        dns: bool,
     },
     /// Check the source layout: no import cycle between files, no file over 600 lines.
     Layout {
@@ -82,6 +87,7 @@ fn main() -> ExitCode {
             full,
             ..
         } => bench::host_judging_only(&root, full),
+        Task::Bench { dns: true, .. } => bench_dns::bench(&root),
         Task::Bench { full, .. } => bench::bench(&root, full),
         Task::Layout { edges } => layout::layout(&root, edges),
     };
