@@ -203,7 +203,18 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         None
     };
     let resume = saved.is_some() && running.generation > 0;
-    let (store, cfg) = saved.unwrap_or((file_store, file_cfg));
+    let (mut store, mut cfg) = saved.unwrap_or((file_store, file_cfg));
+    // `egress enable|disable` switches the kernel first and saves after: a crash between the
+    // two leaves the kernel's word newer than the state file, and it wins.
+    let kernel_enable = running.enable_egress != 0;
+    if resume && kernel_enable != cfg.mesh.traffic.enable_egress {
+        info!(
+            enable_egress = kernel_enable,
+            "the pinned policy's enableEgress is newer than the state file; keeping it"
+        );
+        store.set_enable_egress(kernel_enable);
+        cfg.mesh.traffic.enable_egress = kernel_enable;
+    }
     // Workload ids scope policy entries and counters: keep the ones the kernel holds.
     let held = dp.workload_ids()?;
     let previous = cfg
@@ -389,6 +400,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     }
     info!("stopping; the programs stay attached and keep enforcing the policy (`egress-agent uninstall` removes them)");
     tasks.shutdown().await;
+    control.flush_state();
     if let Err(e) = history.save(&history_file) {
         warn!(error = %e, "the flow history of this run is lost");
     }

@@ -113,7 +113,35 @@ fn template(root: &Path, name: &str, work: &Path) -> anyhow::Result<String> {
     Ok(t.replace("@WORK@", &work.display().to_string()))
 }
 
-fn machine() -> Vec<(String, String)> {
+/// Writes the bench's policy (10,000 extra rules), starts the agent (its argv after `prefix`,
+/// e.g. `env VAR=1`) in the namespace and waits until it is ready; its PID.
+pub fn start_agent(env: &mut Env, prefix: &[&str]) -> anyhow::Result<u32> {
+    let cfg_file = env.work.join("policy.yaml");
+    fs::write(&cfg_file, work::policy(10_000, 0))?;
+    let owned = [
+        env.agent.display().to_string(),
+        "--admin-socket".into(),
+        env.sock.display().to_string(),
+        "run".into(),
+        "--config".into(),
+        cfg_file.display().to_string(),
+        "--cgroup-root".into(),
+        env.cg.display().to_string(),
+        "--pin-dir".into(),
+        env.pin.display().to_string(),
+        "--state-file".into(),
+        env.state.display().to_string(),
+        "--metrics-addr".into(),
+        "127.0.0.1:15190".into(),
+    ];
+    let mut argv = prefix.to_vec();
+    argv.extend(owned.iter().map(String::as_str));
+    let pid = env.spawn("agent", &argv)?;
+    env.wait_log("agent", &[" ready", "\"ready\""], 60)?;
+    Ok(pid)
+}
+
+pub fn machine() -> Vec<(String, String)> {
     let nproc = std::thread::available_parallelism()
         .map(|n| n.to_string())
         .unwrap_or_default();
@@ -222,53 +250,8 @@ fn run(root: &Path, env: &mut Env, mode: &Mode) -> anyhow::Result<Report> {
         &src.display().to_string(),
     ])?;
 
-    let cfg_file = work_dir.join("policy.yaml");
-    fs::write(&cfg_file, work::policy(10_000, 0))?;
-    let a = env.agent.display().to_string();
-    let (sock, cfg, cg, pin, state) = (
-        env.sock.display().to_string(),
-        cfg_file.display().to_string(),
-        env.cg.display().to_string(),
-        env.pin.display().to_string(),
-        env.state.display().to_string(),
-    );
     let t = Instant::now();
-    let agent_argv = [
-        a.as_str(),
-        "--admin-socket",
-        &sock,
-        "run",
-        "--config",
-        &cfg,
-        "--cgroup-root",
-        &cg,
-        "--pin-dir",
-        &pin,
-        "--state-file",
-        &state,
-        "--metrics-addr",
-        "127.0.0.1:15190",
-    ];
-    let agent_pid = env.spawn(
-        "agent",
-        &[
-            &a,
-            "--admin-socket",
-            &sock,
-            "run",
-            "--config",
-            &cfg,
-            "--cgroup-root",
-            &cg,
-            "--pin-dir",
-            &pin,
-            "--state-file",
-            &state,
-            "--metrics-addr",
-            "127.0.0.1:15190",
-        ],
-    )?;
-    env.wait_log("agent", &[" ready", "\"ready\""], 60)?;
+    let agent_pid = start_agent(env, &[])?;
     let mut notes = vec![format!(
         "the agent started with 10,000 extra /32 rules and was ready in {:.2} s",
         t.elapsed().as_secs_f64()
@@ -336,10 +319,7 @@ fn run(root: &Path, env: &mut Env, mode: &Mode) -> anyhow::Result<Report> {
     // cgroup_skb program (EGRESS_NO_PACKET_PROGRAM=1; its link is removed, the rest kept):
     // what that program costs, against the same direct baseline in the same run.
     env.stop("agent")?;
-    let mut argv = vec!["env", "EGRESS_NO_PACKET_PROGRAM=1"];
-    argv.extend_from_slice(&agent_argv);
-    env.spawn("agent", &argv)?;
-    env.wait_log("agent", &[" ready", "\"ready\""], 60)?;
+    start_agent(env, &["env", "EGRESS_NO_PACKET_PROGRAM=1"])?;
     let [mut n1, mut n2, mut n3] = measure::http_and_bulk(env, &routes[..2], mode)?;
     for (t, id) in [(&mut n1, "W1n"), (&mut n2, "W2n"), (&mut n3, "W3n")] {
         t.id = id;

@@ -74,7 +74,7 @@ pub fn load() -> (f64, u32) {
     (l, r)
 }
 
-fn new_sample() -> Sample {
+pub fn new_sample() -> Sample {
     let (load, procs_running) = load();
     Sample {
         load,

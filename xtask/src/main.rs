@@ -6,6 +6,7 @@ mod bench_gateway;
 mod bench_kernel;
 mod bench_measure;
 mod bench_preview;
+mod bench_proxy;
 mod bench_report;
 mod bench_work;
 mod cmd;
@@ -55,6 +56,10 @@ enum Task {
         /// entries, without an agent (no root).
         #[arg(long, conflicts_with_all = ["quick", "full", "gateway"])]
         preview: bool,
+        /// Instead: only the proxy's and the toggle's workloads (W10 toggle with 100k
+        /// rules), the agent alone in the namespace (as root).
+        #[arg(long, conflicts_with_all = ["quick", "full", "gateway", "preview"])]
+        proxy: bool,
     },
     /// Check the source layout: no import cycle between files, no file over 600 lines.
     Layout {
@@ -72,6 +77,7 @@ fn main() -> ExitCode {
         Task::Demo => cmd::demo(&root),
         Task::Bench { gateway: true, .. } => bench_gateway::bench(&root),
         Task::Bench { preview: true, .. } => bench::preview_only(&root),
+        Task::Bench { proxy: true, .. } => bench_proxy::proxy_only(&root),
         Task::Bench { full, .. } => bench::bench(&root, full),
         Task::Layout { edges } => layout::layout(&root, edges),
     };

@@ -1,0 +1,165 @@
+//! `cargo xtask bench --proxy` (and part of `--full`): the proxy's and the control path's
+//! issue-18 workloads. W10: `egress disable|enable` with 100k rules loaded, the CLI round
+//! trip and the time from the request's arrival at the agent to the kernel's switch (the
+//! agent reports it, `switch_us`).
+
+use std::{path::Path, process::Command, time::Instant};
+
+use anyhow::{bail, Context as _};
+
+use crate::{
+    bench_env::{ensure_packages, run_in, Env},
+    bench_measure::REPS,
+    bench_report::{self as report, median, Report, Row, Sample, Table, Verdict},
+    bench_work as work,
+};
+
+/// Toggles per sample (each sample's value is their median).
+const TOGGLES: usize = 10;
+
+/// W10: `egress disable` / `egress enable` alternately with `rules` extra rules in force.
+pub fn toggle(env: &Env, rules: u32) -> anyhow::Result<Table> {
+    eprintln!("==> W10: egress enable|disable with {rules} rules");
+    work::apply(env, rules, 7_000_000)?;
+    let mut cli = Row {
+        path: "CLI round trip".into(),
+        samples: Vec::new(),
+    };
+    let mut switch = Row {
+        path: "request to kernel switch".into(),
+        samples: Vec::new(),
+    };
+    let agent = env.agent.display().to_string();
+    let sock = env.sock.display().to_string();
+    for _ in 0..REPS {
+        let (mut round, mut sw) = (Vec::new(), Vec::new());
+        let base = work::new_sample();
+        for i in 0..TOGGLES {
+            let verb = if i % 2 == 0 { "disable" } else { "enable" };
+            let t = Instant::now();
+            let out = Command::new(&agent)
+                .args(["--admin-socket", &sock, "-o", "json", "egress", verb])
+                .output()
+                .context("cannot run the CLI")?;
+            round.push(t.elapsed().as_secs_f64() * 1e6);
+            let text = String::from_utf8_lossy(&out.stdout);
+            if !out.status.success() {
+                bail!(
+                    "egress {verb} failed: {}{text}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            sw.push(json_u64(&text, "switch_us").context("no switch_us in the answer")? as f64);
+        }
+        cli.samples.push(Sample {
+            value: median(round).unwrap_or(f64::NAN),
+            ..base.clone()
+        });
+        switch.samples.push(Sample {
+            value: median(sw).unwrap_or(f64::NAN),
+            ..base
+        });
+    }
+    // Leave the bench's policy as it was (enableEgress false, 10k rules).
+    work::apply(env, 10_000, 0)?;
+    Ok(Table {
+        id: "W10",
+        title: format!(
+            "egress disable|enable with {rules} rules: CLI process round trip, and the agent's \
+             own reading from the request's arrival to the kernel's switch (median of {TOGGLES} \
+             toggles per sample)"
+        ),
+        unit: "µs",
+        baseline: None,
+        peers: Vec::new(),
+        higher_is_better: false,
+        rows: vec![cli, switch],
+        note: None,
+    })
+}
+
+/// The verdicts on W10.
+pub fn toggle_verdicts(w10: &Table) -> Vec<Verdict> {
+    let flag = |r: &str| {
+        if w10.row(r).is_some_and(Row::busy) {
+            " *busy*"
+        } else {
+            ""
+        }
+    };
+    let cli = w10.value("CLI round trip");
+    let sw = w10.value("request to kernel switch");
+    vec![
+        Verdict {
+            target: "toggle with 100k rules: CLI round trip < 15 ms".into(),
+            measured: format!(
+                "{}{}",
+                cli.map_or("-".into(), |v| format!("{:.1} ms", v / 1e3)),
+                flag("CLI round trip")
+            ),
+            pass: cli.map(|v| v < 15_000.0),
+        },
+        Verdict {
+            target: "toggle: kernel switch < 1 ms after the request".into(),
+            measured: format!(
+                "{}{}",
+                sw.map_or("-".into(), |v| format!("{v:.0} µs")),
+                flag("request to kernel switch")
+            ),
+            pass: sw.map(|v| v < 1_000.0),
+        },
+    ]
+}
+
+/// The number after `"key":` in JSON text.
+fn json_u64(text: &str, key: &str) -> Option<u64> {
+    let at = text.find(&format!("\"{key}\""))?;
+    let rest = text[at + key.len() + 2..].trim_start().strip_prefix(':')?;
+    let digits: String = rest
+        .trim_start()
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
+}
+
+/// `cargo xtask bench --proxy`: only these workloads, the agent alone in the namespace.
+pub fn proxy_only(root: &Path) -> anyhow::Result<()> {
+    run_in(root, &["bash", "scripts/setup.sh"])?;
+    let agent = crate::bench::release_agent(root)?;
+    ensure_packages(&["bpftool"])?;
+    let mut env = Env::new(&agent)?;
+    let result = (|| -> anyhow::Result<Report> {
+        crate::bench::start_agent(&mut env, &[])?;
+        let w10 = toggle(&env, 100_000)?;
+        let verdicts = toggle_verdicts(&w10);
+        Ok(Report {
+            mode: "proxy",
+            machine: crate::bench::machine(),
+            tables: vec![w10],
+            verdicts,
+            notes: vec![load_note()],
+        })
+    })();
+    let cleanup = env.finish();
+    let r = result?;
+    cleanup?;
+    println!("{}", report::text(&r));
+    Ok(())
+}
+
+/// The machine's load at the end, and how much of it was this bench's own.
+fn load_note() -> String {
+    let (load, running) = work::load();
+    format!("1-minute load average at the end {load:.2}, {running} runnable (2 cores shared with other work)")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn json_numbers() {
+        let t = "{\n  \"generation\": 7,\n  \"switch_us\": 42\n}";
+        assert_eq!(super::json_u64(t, "switch_us"), Some(42));
+        assert_eq!(super::json_u64(t, "nope"), None);
+    }
+}
