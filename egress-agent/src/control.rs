@@ -354,6 +354,9 @@ impl Control {
             if let Err(e) = dp.retire(old) {
                 warn!(error = %e, "cannot delete the replaced policy set; the next change retries");
             }
+            drop(dp);
+            // The compile's and the switch's peak goes back to the system.
+            crate::telemetry::trim::trim();
         });
         let switch_ms = t0.elapsed().as_millis() as u64 - compile_ms;
         let applied = summary(&compiled, generation, true);

@@ -272,6 +272,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let mut registry = prometheus_client::registry::Registry::default();
     let host_denials = HostDenials::default();
     let proxy_metrics = Arc::new(ProxyMetrics::register(&mut registry, host_denials.clone()));
+    let open = proxy_metrics.clone();
+    let trimmer = crate::telemetry::trim::after_connection_peaks(move || open.active().get());
     let dns_metrics = crate::dns::metrics::DnsMetrics::register(&mut registry);
     let audit = AuditMetrics::register(&mut registry);
     let history_file = opts
@@ -338,6 +340,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
 
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(relay.clone().serve(listeners));
+    tasks.spawn(trimmer);
     tasks.spawn(names.clone().maintain());
     if let Some((server, udp, tcp)) = dns_proxy {
         tasks.spawn(server.serve(udp, tcp));

@@ -1,7 +1,9 @@
 //! `cargo xtask bench --proxy` (and part of `--full`): the proxy's and the control path's
 //! issue-18 workloads. W10: `egress disable|enable` with 100k rules loaded, the CLI round
 //! trip and the time from the request's arrival at the agent to the kernel's switch (the
-//! agent reports it, `switch_us`).
+//! agent reports it, `switch_us`). W11: a burst of 10,000 concurrent connections to a
+//! server-first service (a banner first, like SSH), directly and through the proxy: how many
+//! got the banner, and the time until the last one did.
 
 use std::{path::Path, process::Command, time::Instant};
 
@@ -111,6 +113,105 @@ pub fn toggle_verdicts(w10: &Table) -> Vec<Verdict> {
     ]
 }
 
+/// Concurrent connections of W11.
+pub const BURST: u32 = 10_000;
+/// How long a W11 client waits for every banner.
+const BURST_SECS: &str = "30";
+
+/// Starts the banner server W11 and W12 dial (port 2222 on every address).
+pub fn burst_server(env: &mut Env, root: &Path) -> anyhow::Result<()> {
+    let script = root.join("scripts/bench/burst.py").display().to_string();
+    env.spawn(
+        "burst-server",
+        &["python3", &script, "server", "0.0.0.0", "2222"],
+    )?;
+    env.wait_log("burst-server", &["listening"], 30)
+}
+
+/// W11 (the server of [`burst_server`] listening): `BURST` connections at once to the banner server (scripts/bench/burst.py on port
+/// 2222), directly (127.60.0.1) and through the proxy (127.61.0.1, from inside `web`).
+pub fn burst(env: &mut Env, root: &Path) -> anyhow::Result<Table> {
+    eprintln!("==> W11: a burst of {BURST} connections to a server-first service");
+    let script = root.join("scripts/bench/burst.py").display().to_string();
+    let n = BURST.to_string();
+    const ROUTES: [(&str, &str, bool); 2] = [
+        ("direct", "127.60.0.1", false),
+        ("egress-proxy", "127.61.0.1", true),
+    ];
+    let mut rows: Vec<Row> = ROUTES
+        .iter()
+        .map(|(p, _, _)| Row {
+            path: p.to_string(),
+            samples: Vec::new(),
+        })
+        .collect();
+    for _ in 0..REPS {
+        for (row, (_, host, in_web)) in rows.iter_mut().zip(ROUTES) {
+            let mut s = work::new_sample();
+            let argv = ["python3", &script, "client", host, "2222", &n, BURST_SECS];
+            let out = work::client(env, in_web, &argv)?;
+            let (served, lost, last_ms) =
+                parse_burst(&out).with_context(|| format!("burst client said: {out}"))?;
+            s.value = last_ms / 1e3;
+            if lost > 0 {
+                s.errors = Some(format!("{lost} of {} lost", served + lost));
+            }
+            row.samples.push(s);
+            // Let the closed connections drain before the next run.
+            std::thread::sleep(std::time::Duration::from_secs(2));
+        }
+    }
+    Ok(Table {
+        id: "W11",
+        title: format!(
+            "{BURST} concurrent connections to a server-first service (banner first): time              until the last banner arrived; a lost connection (no banner within              {BURST_SECS} s) is listed under flag"
+        ),
+        unit: "s",
+        baseline: Some("direct"),
+        peers: Vec::new(),
+        higher_is_better: false,
+        rows,
+        note: None,
+    })
+}
+
+/// `served=N lost=N last_ms=X` from burst.py.
+fn parse_burst(out: &str) -> Option<(u64, u64, f64)> {
+    let field = |k: &str| {
+        out.split_whitespace()
+            .find_map(|w| w.strip_prefix(k)?.strip_prefix('='))
+    };
+    Some((
+        field("served")?.parse().ok()?,
+        field("lost")?.parse().ok()?,
+        field("last_ms")?.parse().ok()?,
+    ))
+}
+
+/// The verdict on W11: every connection through the proxy served.
+pub fn burst_verdict(w11: &Table) -> Verdict {
+    let row = w11.row("egress-proxy");
+    let lost: Vec<String> = row
+        .map(|r| r.samples.iter().filter_map(|s| s.errors.clone()).collect())
+        .unwrap_or_default();
+    let busy = row.is_some_and(Row::busy);
+    Verdict {
+        target: format!("burst of {BURST} through the proxy: 0 lost"),
+        measured: format!(
+            "{}, the last served after {} s{}",
+            if lost.is_empty() {
+                "0 lost".to_string()
+            } else {
+                lost.join("; ")
+            },
+            w11.value("egress-proxy")
+                .map_or("-".into(), |v| format!("{v:.2}")),
+            if busy { " *busy*" } else { "" }
+        ),
+        pass: row.map(|r| !r.samples.is_empty() && lost.is_empty()),
+    }
+}
+
 /// The number after `"key":` in JSON text.
 fn json_u64(text: &str, key: &str) -> Option<u64> {
     let at = text.find(&format!("\"{key}\""))?;
@@ -130,13 +231,18 @@ pub fn proxy_only(root: &Path) -> anyhow::Result<()> {
     ensure_packages(&["bpftool"])?;
     let mut env = Env::new(&agent)?;
     let result = (|| -> anyhow::Result<Report> {
-        crate::bench::start_agent(&mut env, &[])?;
+        let pid = crate::bench::start_agent(&mut env, &[])?;
+        burst_server(&mut env, root)?;
+        let w12 = crate::bench_memory::memory(&mut env, root, pid)?;
+        let w11 = burst(&mut env, root)?;
         let w10 = toggle(&env, 100_000)?;
-        let verdicts = toggle_verdicts(&w10);
+        let mut verdicts = toggle_verdicts(&w10);
+        verdicts.push(burst_verdict(&w11));
+        verdicts.extend(crate::bench_memory::verdicts(&w12));
         Ok(Report {
             mode: "proxy",
             machine: crate::bench::machine(),
-            tables: vec![w10],
+            tables: vec![w10, w11, w12],
             verdicts,
             notes: vec![load_note()],
         })
@@ -161,5 +267,13 @@ mod tests {
         let t = "{\n  \"generation\": 7,\n  \"switch_us\": 42\n}";
         assert_eq!(super::json_u64(t, "switch_us"), Some(42));
         assert_eq!(super::json_u64(t, "nope"), None);
+    }
+
+    #[test]
+    fn burst_line() {
+        assert_eq!(
+            super::parse_burst("served=9990 lost=10 last_ms=1234.5\n"),
+            Some((9990, 10, 1234.5))
+        );
     }
 }

@@ -295,8 +295,8 @@ pub fn connbench(
     Ok((s, per_sec, ok, eperm))
 }
 
-/// The bench's policy: `web`, an allow for nginx/iperf3 on 127.60.0.1, the same ports via
-/// proxy on 127.61.0.1, UDP 9999 allowed on 127.60.0.1 (for connbench) and `extra` other /32
+/// The bench's policy: `web`, an allow for nginx/iperf3/the burst server (2222) on
+/// 127.60.0.1, the same ports via proxy on 127.61.0.1, UDP 9999 allowed on 127.60.0.1 (for connbench) and `extra` other /32
 /// rules in `bulk-rules` (10.x.y.z, offset by `salt` so re-applies change every entry).
 pub fn policy(extra: u32, salt: u32) -> String {
     let mut s = String::from(
@@ -305,10 +305,10 @@ pub fn policy(extra: u32, salt: u32) -> String {
          kind: Workload\nmetadata: {name: web, namespace: default}\n---\n\
          kind: Egress\nmetadata: {name: allow-nginx, namespace: default}\nspec:\n  \
          sources: [{kind: Workload, name: web}]\n  ipAddresses: [127.60.0.1/32]\n  \
-         ports: [{number: 8080, protocol: tcp}, {number: 5201, protocol: tcp}, {number: 9999, protocol: udp}]\n---\n\
+         ports: [{number: 8080, protocol: tcp}, {number: 5201, protocol: tcp}, {number: 9999, protocol: udp}, {number: 2222, protocol: tcp}]\n---\n\
          kind: Egress\nmetadata: {name: nginx-via-proxy, namespace: default}\nspec:\n  \
          sources: [{kind: Workload, name: web}]\n  ipAddresses: [127.61.0.1/32]\n  \
-         ports: [{number: 8080, protocol: tcp}, {number: 5201, protocol: tcp}]\n  via: proxy\n",
+         ports: [{number: 8080, protocol: tcp}, {number: 5201, protocol: tcp}, {number: 2222, protocol: tcp}]\n  via: proxy\n",
     );
     if extra > 0 {
         s.push_str(

@@ -5,6 +5,7 @@ mod bench_env;
 mod bench_gateway;
 mod bench_kernel;
 mod bench_measure;
+mod bench_memory;
 mod bench_preview;
 mod bench_proxy;
 mod bench_report;
@@ -57,7 +58,8 @@ enum Task {
         #[arg(long, conflicts_with_all = ["quick", "full", "gateway"])]
         preview: bool,
         /// Instead: only the proxy's and the toggle's workloads (W10 toggle with 100k
-        /// rules), the agent alone in the namespace (as root).
+        /// rules, W11 a burst of 10,000 connections, W12 memory), the agent and a banner
+        /// server alone in the namespace (as root).
         #[arg(long, conflicts_with_all = ["quick", "full", "gateway", "preview"])]
         proxy: bool,
     },

@@ -426,14 +426,7 @@ pub fn bind_in(path: &Path, port: u16) -> io::Result<Vec<std::net::TcpListener>>
     let path = path.to_path_buf();
     std::thread::spawn(move || {
         enter(&path)?;
-        let mut out = vec![std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, port))?];
-        if let Ok(l) = std::net::TcpListener::bind((Ipv6Addr::LOCALHOST, port)) {
-            out.push(l);
-        }
-        for l in &out {
-            l.set_nonblocking(true)?;
-        }
-        Ok(out)
+        Ok(super::listen::loopback(port)?.0)
     })
     .join()
     .map_err(|_| io::Error::other("the thread binding in the pod's namespace panicked"))?

@@ -103,6 +103,9 @@ fn write_loop(shared: &Shared, path: &std::path::Path) {
         let mut q = lock.lock().unwrap_or_else(|e| e.into_inner());
         q.written = ticket;
         cv.notify_all();
+        drop(q);
+        // A change's parse, compile and YAML text are freed by now: give it back.
+        crate::telemetry::trim::trim();
     }
 }
 
