@@ -10,9 +10,9 @@ use std::{path::Path, process::Command, time::Instant};
 use anyhow::{bail, Context as _};
 
 use crate::{
-    bench_env::{ensure_packages, run_in, Env},
+    bench_env::Env,
     bench_measure::REPS,
-    bench_report::{self as report, median, Report, Row, Sample, Table, Verdict},
+    bench_report::{median, Row, Sample, Table, Verdict},
     bench_work as work,
 };
 
@@ -212,6 +212,17 @@ pub fn burst_verdict(w11: &Table) -> Verdict {
     }
 }
 
+/// The verdicts on W10, W11 and W12 (`tables` in that order; none when empty).
+pub fn verdicts(tables: &[Table]) -> Vec<Verdict> {
+    let [w10, w11, w12] = tables else {
+        return Vec::new();
+    };
+    let mut v = toggle_verdicts(w10);
+    v.push(burst_verdict(w11));
+    v.extend(crate::bench_memory::verdicts(w12));
+    v
+}
+
 /// The number after `"key":` in JSON text.
 fn json_u64(text: &str, key: &str) -> Option<u64> {
     let at = text.find(&format!("\"{key}\""))?;
@@ -224,38 +235,8 @@ fn json_u64(text: &str, key: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
-/// `cargo xtask bench --proxy`: only these workloads, the agent alone in the namespace.
-pub fn proxy_only(root: &Path) -> anyhow::Result<()> {
-    run_in(root, &["bash", "scripts/setup.sh"])?;
-    let agent = crate::bench::release_agent(root)?;
-    ensure_packages(&["bpftool"])?;
-    let mut env = Env::new(&agent)?;
-    let result = (|| -> anyhow::Result<Report> {
-        let pid = crate::bench::start_agent(&mut env, &[])?;
-        burst_server(&mut env, root)?;
-        let w12 = crate::bench_memory::memory(&mut env, root, pid)?;
-        let w11 = burst(&mut env, root)?;
-        let w10 = toggle(&env, 100_000)?;
-        let mut verdicts = toggle_verdicts(&w10);
-        verdicts.push(burst_verdict(&w11));
-        verdicts.extend(crate::bench_memory::verdicts(&w12));
-        Ok(Report {
-            mode: "proxy",
-            machine: crate::bench::machine(),
-            tables: vec![w10, w11, w12],
-            verdicts,
-            notes: vec![load_note()],
-        })
-    })();
-    let cleanup = env.finish();
-    let r = result?;
-    cleanup?;
-    println!("{}", report::text(&r));
-    Ok(())
-}
-
 /// The machine's load at the end, and how much of it was this bench's own.
-fn load_note() -> String {
+pub fn load_note() -> String {
     let (load, running) = work::load();
     format!("1-minute load average at the end {load:.2}, {running} runnable (2 cores shared with other work)")
 }

@@ -79,7 +79,7 @@ fn main() -> ExitCode {
         Task::Demo => cmd::demo(&root),
         Task::Bench { gateway: true, .. } => bench_gateway::bench(&root),
         Task::Bench { preview: true, .. } => bench::preview_only(&root),
-        Task::Bench { proxy: true, .. } => bench_proxy::proxy_only(&root),
+        Task::Bench { proxy: true, .. } => bench::proxy_only(&root),
         Task::Bench { full, .. } => bench::bench(&root, full),
         Task::Layout { edges } => layout::layout(&root, edges),
     };
