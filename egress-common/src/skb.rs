@@ -46,8 +46,9 @@ pub struct DstVerdict {
     /// [`Outcome`] as u8 of the decision.
     pub outcome: u8,
     pub _pad: [u8; 2],
-    /// `EGRESS_NAMES_EPOCH` when it was judged: a cached drop is judged again once the agent
-    /// learned new names (an address a name rule now allows).
+    /// `EGRESS_NAMES_EPOCH` when it was judged: once the agent's learned names change, a
+    /// cached drop is judged again (a name rule may now allow the address) and the socket
+    /// hooks stop trusting a cached pass (the name may be forgotten).
     pub names_epoch: u32,
     pub _pad1: u32,
 }
@@ -57,6 +58,32 @@ impl DstVerdict {
     pub fn outcome(&self) -> Option<Outcome> {
         Outcome::from_u8(self.outcome)
     }
+}
+
+/// The socket hooks' fast path (connect, sendmsg): when a cached verdict for this cgroup,
+/// destination and protocol says the destination passes untouched under the policy and the
+/// names in force, the hook passes it without walking the policy tries. Returns the cached
+/// pass [`Outcome`] (counted as usual), or `None` when the hook must judge in full: another
+/// generation, names learned or forgotten since, a drop or a proxy verdict, every verdict
+/// logged (`events_all`: the full path emits the event), or a DNS request the agent steers.
+#[inline(always)]
+pub fn hook_fast_pass(
+    v: &DstVerdict,
+    generation: u64,
+    names_epoch: u32,
+    events_all: bool,
+    dns_steered_port: bool,
+) -> Option<Outcome> {
+    if v.generation != generation
+        || v.names_epoch != names_epoch
+        || v.drop != 0
+        || events_all
+        || dns_steered_port
+    {
+        return None;
+    }
+    v.outcome()
+        .filter(|o| matches!(o, Outcome::Allow | Outcome::Mesh | Outcome::Pass))
 }
 
 /// Counter slots per workload of `EGRESS_PACKET_DROPS`: a dropped packet counts under the
@@ -119,6 +146,42 @@ const _: () = assert!(size_of::<DstVerdict>() == 24);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn verdict(outcome: Outcome, drop: u8) -> DstVerdict {
+        DstVerdict {
+            generation: 7,
+            workload_id: 3,
+            drop,
+            outcome: outcome as u8,
+            names_epoch: 2,
+            ..DstVerdict::default()
+        }
+    }
+
+    #[test]
+    fn hook_fast_pass_only_for_a_current_quiet_pass() {
+        for o in [Outcome::Allow, Outcome::Mesh, Outcome::Pass] {
+            assert_eq!(hook_fast_pass(&verdict(o, 0), 7, 2, false, false), Some(o));
+        }
+        // Stale policy or names, or a verdict the hook must log or steer: judged in full.
+        let v = verdict(Outcome::Allow, 0);
+        assert_eq!(hook_fast_pass(&v, 8, 2, false, false), None);
+        assert_eq!(hook_fast_pass(&v, 7, 3, false, false), None);
+        assert_eq!(hook_fast_pass(&v, 7, 2, true, false), None);
+        assert_eq!(hook_fast_pass(&v, 7, 2, false, true), None);
+        // Denials, proxy verdicts and packet drops never take the fast path.
+        for o in [
+            Outcome::DenyRule,
+            Outcome::DenyDefault,
+            Outcome::Proxy,
+            Outcome::AuditRule,
+            Outcome::DenyProxyPort,
+        ] {
+            assert_eq!(hook_fast_pass(&verdict(o, 0), 7, 2, false, false), None);
+        }
+        let bypass = verdict(Outcome::Allow, DROP_PROXY_BYPASS);
+        assert_eq!(hook_fast_pass(&bypass, 7, 2, false, false), None);
+    }
 
     #[test]
     fn drop_slots_have_reasons_and_fit() {

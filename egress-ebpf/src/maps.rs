@@ -88,6 +88,21 @@ static SOCK_MARKS: SkStorage<u32> = SkStorage::new();
 pub static DST_VERDICTS: LruHashMap<skb::DstKey, skb::DstVerdict> =
     LruHashMap::with_max_entries(capacity::DST_VERDICTS, NO_COMMON_LRU);
 
+/// Caches a verdict; a full map only evicts older entries.
+#[inline(always)]
+pub fn cache_verdict(key: &skb::DstKey, generation: u64, wid: u32, outcome: u8, drop: u8) {
+    let v = skb::DstVerdict {
+        generation,
+        workload_id: wid,
+        drop,
+        outcome,
+        _pad: [0; 2],
+        names_epoch: names_epoch(),
+        _pad1: 0,
+    };
+    let _ = DST_VERDICTS.insert(key, &v, 0);
+}
+
 /// See `egress_common::names::NAMES_EPOCH`.
 #[map(name = "EGRESS_NAMES_EPOCH")]
 static NAMES_EPOCH: Array<u32> = Array::with_max_entries(1, 0);

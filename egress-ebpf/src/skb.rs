@@ -24,15 +24,15 @@ use egress_common::{
     decide::{on_error, Query},
     hook,
     packet::{self, Bytes, Class},
-    skb::{self as s, DstKey, DstVerdict},
+    skb::{self as s, DstKey},
     MeshConfig, Outcome, VerdictEvent,
 };
 
 use crate::{
     events::emit,
     maps::{
-        active_set, in_mesh, names_epoch, policy, sock_marks, workload_of, CONFIG, DST_VERDICTS,
-        ORIG_BY_COOKIE, PACKET_DROPS,
+        active_set, cache_verdict, in_mesh, names_epoch, policy, sock_marks, workload_of, CONFIG,
+        DST_VERDICTS, ORIG_BY_COOKIE, PACKET_DROPS,
     },
     sock_addr::is_proxy,
 };
@@ -92,21 +92,6 @@ fn drop_packet(
         _pad0: 0,
     });
     DROP
-}
-
-/// Caches a verdict; a full map only evicts older entries.
-#[inline(always)]
-fn cache(key: &DstKey, generation: u64, wid: u32, outcome: Outcome, drop: u8) {
-    let v = DstVerdict {
-        generation,
-        workload_id: wid,
-        drop,
-        outcome: outcome as u8,
-        _pad: [0; 2],
-        names_epoch: names_epoch(),
-        _pad1: 0,
-    };
-    let _ = DST_VERDICTS.insert(key, &v, 0);
 }
 
 /// The program `egress_skb_egress` (see main.rs).
@@ -191,7 +176,7 @@ pub fn egress(ctx: &SkBuffContext) -> i32 {
             if c.refuse_unenrolled != 0 {
                 let o = on_error(Some(c));
                 if o.is_denied() {
-                    cache(&key, c.generation, 0, o, o as u8);
+                    cache_verdict(&key, c.generation, 0, o as u8, o as u8);
                     return drop_packet(cfg, false, cg, 0, &pkt, 0, o as u8);
                 }
             }
@@ -229,7 +214,7 @@ pub fn egress(ctx: &SkBuffContext) -> i32 {
     } else {
         0
     };
-    cache(&key, cfg.generation, w.id, d.outcome, slot);
+    cache_verdict(&key, cfg.generation, w.id, d.outcome as u8, slot);
     if slot != 0 {
         return drop_packet(Some(cfg), false, cg, w.id, &pkt, d.rule_id, slot);
     }

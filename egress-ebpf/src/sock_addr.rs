@@ -12,13 +12,19 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::error;
 use egress_common::{
-    decide::on_error, decide::Query, fqdn::decide_named, v4_mapped, Decision, MeshConfig, OrigDst,
-    Outcome, SockAddr,
+    decide::on_error,
+    decide::Query,
+    fqdn::{decide_named, DNS_PORT},
+    skb::{hook_fast_pass, DstKey},
+    v4_mapped, Decision, MeshConfig, OrigDst, Outcome, SockAddr,
 };
 
 use crate::{
     events::record,
-    maps::{active_set, in_mesh, named, policy, workload, CONFIG, ORIG_BY_COOKIE},
+    maps::{
+        active_set, cache_verdict, in_mesh, named, names_epoch, policy, workload, CONFIG,
+        DST_VERDICTS, ORIG_BY_COOKIE,
+    },
 };
 
 /// cgroup/connect* and sendmsg* return values.
@@ -64,6 +70,30 @@ fn judge(ctx: &SockAddrContext, dst: &Dst, proto: u8, hook: u8) -> Act {
     if let Some(c) = cfg {
         if cg == c.agent_cgroup_id {
             return Act::Pass;
+        }
+    }
+    // Fast path: this cgroup's verdict for this destination, cached under the policy and
+    // names in force (by this hook or the per-packet program), passes it untouched.
+    let key = DstKey {
+        cgroup_id: cg,
+        dst: dst.addr,
+        proto,
+        redirected: 0,
+        _pad: [0; 6],
+    };
+    if let Some(c) = cfg {
+        // SAFETY: copied out at once.
+        if let Some(v) = unsafe { DST_VERDICTS.get(&key) }.copied() {
+            let steered = c.dns_port != 0 && dst.addr.port == DNS_PORT as u32;
+            let fast = hook_fast_pass(&v, c.generation, names_epoch(), c.events_all == 1, steered);
+            if let Some(outcome) = fast {
+                let d = Decision {
+                    outcome,
+                    rule_id: 0,
+                };
+                record(Some(c), cg, v.workload_id, &dst.addr, proto, hook, d);
+                return Act::Pass;
+            }
         }
     }
     let Some(w) = workload(cg, set, cfg.map(|c| c.root_level)) else {
@@ -132,6 +162,9 @@ fn judge(ctx: &SockAddrContext, dst: &Dst, proto: u8, hook: u8) -> Act {
             proxy_port: cfg.dns_port,
             ..*cfg
         });
+    }
+    if matches!(d.outcome, Outcome::Allow | Outcome::Mesh | Outcome::Pass) {
+        cache_verdict(&key, cfg.generation, w.id, d.outcome as u8, 0);
     }
     match d.outcome {
         Outcome::Proxy => Act::Redirect(*cfg),

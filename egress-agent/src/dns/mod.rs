@@ -87,8 +87,7 @@ struct State {
     /// What `EGRESS_NAMES` holds (by this agent's writes).
     installed: BTreeMap<NameKey, PolicyValue>,
     map: HashMap<MapData, NameKey, PolicyValue>,
-    /// `EGRESS_NAMES_EPOCH`: bumped after new entries, so the per-packet program judges its
-    /// cached drops again.
+    /// `EGRESS_NAMES_EPOCH`: bumped after every change of the entries (see [`bump_epoch`]).
     epoch: Array<MapData, u32>,
     recent: VecDeque<Seen>,
     dirty: bool,
@@ -292,11 +291,15 @@ impl Names {
             .filter(|k| !want.contains_key(k))
             .copied()
             .collect();
+        let mut changed = false;
         for k in stale {
-            remove(&mut st, &k);
+            changed |= remove(&mut st, &k);
         }
         for (k, v) in want {
-            put(&mut st, k, v);
+            changed |= put(&mut st, k, v);
+        }
+        if changed {
+            bump_epoch(&mut st);
         }
         st.dirty = true;
     }
@@ -361,19 +364,27 @@ fn rules_fed(p: &Compiled, wid: u32, chain: &[String]) -> Vec<String> {
 
 /// Brings the kernel entries of `touched` in line with the cache.
 fn sync_keys(st: &mut State, p: &Compiled, touched: &[(u32, IpAddr)]) {
-    let mut wrote = false;
+    let mut changed = false;
     for &(wid, ip) in touched {
         let k = name_key(wid, ip);
-        match st.cache.value(p, wid, ip) {
-            Some(v) => wrote |= put(st, k, v),
+        changed |= match st.cache.value(p, wid, ip) {
+            Some(v) => put(st, k, v),
             None => remove(st, &k),
-        }
+        };
     }
-    if wrote {
-        let next = st.epoch.get(&0, 0).unwrap_or(0).wrapping_add(1);
-        if let Err(e) = st.epoch.set(0, next, 0) {
-            warn!(error = %e, "cannot bump EGRESS_NAMES_EPOCH; packets to newly learned addresses may stay dropped until the policy changes");
-        }
+    if changed {
+        bump_epoch(st);
+    }
+}
+
+/// Bumps `EGRESS_NAMES_EPOCH` after the entries changed (never before: a hook judging in
+/// between would cache a verdict under the new epoch from the old entries). Cached drops are
+/// judged again (a new address may now pass), and the socket hooks stop trusting cached
+/// passes (a forgotten address no longer does).
+fn bump_epoch(st: &mut State) {
+    let next = st.epoch.get(&0, 0).unwrap_or(0).wrapping_add(1);
+    if let Err(e) = st.epoch.set(0, next, 0) {
+        warn!(error = %e, "cannot bump EGRESS_NAMES_EPOCH; verdicts cached before this DNS change stand until the policy changes");
     }
 }
 
@@ -394,8 +405,11 @@ fn put(st: &mut State, k: NameKey, v: PolicyValue) -> bool {
     }
 }
 
-fn remove(st: &mut State, k: &NameKey) {
-    if st.installed.remove(k).is_some() {
-        let _ = st.map.remove(k);
+/// Deletes one entry; true when the map changed.
+fn remove(st: &mut State, k: &NameKey) -> bool {
+    if st.installed.remove(k).is_none() {
+        return false;
     }
+    let _ = st.map.remove(k);
+    true
 }
