@@ -5,7 +5,7 @@
 
 use std::{fs, path::Path, thread, time::Duration};
 
-use anyhow::{bail, Context as _};
+use anyhow::Context as _;
 
 use crate::{
     bench_env::Env,
@@ -69,9 +69,15 @@ pub fn memory(env: &mut Env, root: &Path, agent: u32) -> anyhow::Result<Table> {
         env.spawn(&name, &argv)?;
         env.wait_log(&name, &["served="], 60)?;
         let line = fs::read_to_string(env.log(&name))?;
-        if !line.contains(&format!("served={HELD} ")) {
-            bail!("not every connection to hold was served: {line}");
-        }
+        // Fewer held than asked is reported (flag), not hidden: the per-connection figure
+        // divides by HELD regardless, so it errs high.
+        let short = (!line.contains(&format!("served={HELD} "))).then(|| {
+            format!(
+                "held: {} ({})",
+                line.trim(),
+                crate::bench_proxy::agent_refusals(env)
+            )
+        });
         let held = rss(agent)?;
         env.wait_log(&name, &["closed"], 60)?;
         env.stop(&name)?;
@@ -101,6 +107,7 @@ pub fn memory(env: &mut Env, root: &Path, agent: u32) -> anyhow::Result<Table> {
         for (row, kib) in rows.iter_mut().zip([idle, held, after, peak, back]) {
             row.samples.push(at(kib));
         }
+        rows[1].samples.last_mut().expect("pushed").errors = short;
     }
     Ok(Table {
         id: "W12",

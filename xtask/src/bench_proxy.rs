@@ -154,7 +154,11 @@ pub fn burst(env: &mut Env, root: &Path) -> anyhow::Result<Table> {
                 parse_burst(&out).with_context(|| format!("burst client said: {out}"))?;
             s.value = last_ms / 1e3;
             if lost > 0 {
-                s.errors = Some(format!("{lost} of {} lost", served + lost));
+                s.errors = Some(format!(
+                    "{lost} of {} lost ({})",
+                    served + lost,
+                    agent_refusals(env)
+                ));
             }
             row.samples.push(s);
             // Let the closed connections drain before the next run.
@@ -173,6 +177,19 @@ pub fn burst(env: &mut Env, root: &Path) -> anyhow::Result<Table> {
         rows,
         note: None,
     })
+}
+
+/// What the agent's log says it refused or failed so far (why connections were lost).
+pub fn agent_refusals(env: &Env) -> String {
+    let log = std::fs::read_to_string(env.log("agent")).unwrap_or_default();
+    let count = |s: &str| log.matches(s).count();
+    format!(
+        "agent log so far: {} not redirected, {} over the limit, {} upstream unreachable, {} accept errors",
+        count("did not redirect"),
+        count("connection limit reached"),
+        count("could not reach the original destination"),
+        count("proxy accept failed"),
+    )
 }
 
 /// `served=N lost=N last_ms=X` from burst.py.
