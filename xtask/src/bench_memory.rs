@@ -71,13 +71,8 @@ pub fn memory(env: &mut Env, root: &Path, agent: u32) -> anyhow::Result<Table> {
         let line = fs::read_to_string(env.log(&name))?;
         // Fewer held than asked is reported (flag), not hidden: the per-connection figure
         // divides by HELD regardless, so it errs high.
-        let short = (!line.contains(&format!("served={HELD} "))).then(|| {
-            format!(
-                "held: {} ({})",
-                line.trim(),
-                crate::bench_proxy::agent_refusals(env)
-            )
-        });
+        let short = (!line.contains(&format!("served={HELD} ")))
+            .then(|| format!("held: {} ({})", line.trim(), work::agent_refusals(env)));
         let held = rss(agent)?;
         env.wait_log(&name, &["closed"], 60)?;
         env.stop(&name)?;

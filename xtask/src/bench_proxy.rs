@@ -157,7 +157,7 @@ pub fn burst(env: &mut Env, root: &Path) -> anyhow::Result<Table> {
                 s.errors = Some(format!(
                     "{lost} of {} lost ({})",
                     served + lost,
-                    agent_refusals(env)
+                    work::agent_refusals(env)
                 ));
             }
             row.samples.push(s);
@@ -177,19 +177,6 @@ pub fn burst(env: &mut Env, root: &Path) -> anyhow::Result<Table> {
         rows,
         note: None,
     })
-}
-
-/// What the agent's log says it refused or failed so far (why connections were lost).
-pub fn agent_refusals(env: &Env) -> String {
-    let log = std::fs::read_to_string(env.log("agent")).unwrap_or_default();
-    let count = |s: &str| log.matches(s).count();
-    format!(
-        "agent log so far: {} not redirected, {} over the limit, {} upstream unreachable, {} accept errors",
-        count("did not redirect"),
-        count("connection limit reached"),
-        count("could not reach the original destination"),
-        count("proxy accept failed"),
-    )
 }
 
 /// `served=N lost=N last_ms=X` from burst.py.

@@ -295,6 +295,19 @@ pub fn connbench(
     Ok((s, per_sec, ok, eperm))
 }
 
+/// What the agent's log says it refused or failed so far (why connections were lost).
+pub fn agent_refusals(env: &Env) -> String {
+    let log = std::fs::read_to_string(env.log("agent")).unwrap_or_default();
+    let count = |s: &str| log.matches(s).count();
+    format!(
+        "agent log so far: {} not redirected, {} over the limit, {} upstream unreachable, {} accept errors",
+        count("did not redirect"),
+        count("connection limit reached"),
+        count("could not reach the original destination"),
+        count("proxy accept failed"),
+    )
+}
+
 /// The bench's policy: `web`, an allow for nginx/iperf3/the burst server (2222) on
 /// 127.60.0.1, the same ports via proxy on 127.61.0.1, UDP 9999 allowed on 127.60.0.1 (for connbench) and `extra` other /32
 /// rules in `bulk-rules` (10.x.y.z, offset by `salt` so re-applies change every entry).
