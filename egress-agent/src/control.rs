@@ -179,11 +179,11 @@ impl Control {
         who: &str,
         what: &str,
     ) -> Result<Applied, ControlError> {
-        let mut store = self.store();
+        let store = self.store();
         let old = self.set_dirs(dirs);
         match self.install(cfg, &next, who, what) {
             Ok(applied) => {
-                *store = next;
+                swap_store(store, next);
                 Ok(applied)
             }
             Err(e) => {
@@ -395,36 +395,36 @@ impl Control {
     /// `policy apply`: upserts the objects of `text` into the live set.
     pub fn apply(&self, text: &str, file: &str, who: &str) -> Result<Applied, ControlError> {
         self.local_change()?;
-        let mut store = self.store();
+        let store = self.store();
         let add = Store::parse_fragment(text, file)?;
         let (next, cfg) = store.merge(&add, file)?;
         if next == *store {
             return Ok(summary(&self.live.get(), self.generation(), false));
         }
         let applied = self.install(&cfg, &next, who, &format!("apply {file}"))?;
-        *store = next;
+        swap_store(store, next);
         Ok(applied)
     }
 
     /// `policy delete`: removes one Egress.
     pub fn delete(&self, id: &ObjectRef, who: &str) -> Result<Applied, ControlError> {
         self.local_change()?;
-        let mut store = self.store();
+        let store = self.store();
         let (next, cfg) = store
             .without_egress(id)
             .ok_or_else(|| ControlError::NotFound(format!("no Egress {id}")))??;
         let applied = self.install(&cfg, &next, who, &format!("delete Egress {id}"))?;
-        *store = next;
+        swap_store(store, next);
         Ok(applied)
     }
 
     /// SIGHUP: the policy file replaces the live set.
     pub fn replace(&self, text: &str, file: &str, who: &str) -> Result<Applied, ControlError> {
         self.local_change()?;
-        let mut store = self.store();
+        let store = self.store();
         let (next, cfg) = Store::parse(text, file)?;
         let applied = self.install(&cfg, &next, who, &format!("reload {file}"))?;
-        *store = next;
+        swap_store(store, next);
         Ok(applied)
     }
 
@@ -491,6 +491,17 @@ impl Control {
             .map(|(_, c)| c.generation)
             .unwrap_or(0)
     }
+}
+
+/// Makes `next` the live store, then frees the old one (a 100k-rule store is tens of MiB)
+/// and gives the memory back, on a thread of its own: off the request path.
+fn swap_store(mut store: std::sync::MutexGuard<'_, Store>, next: Store) {
+    let old = std::mem::replace(&mut *store, next);
+    drop(store);
+    std::thread::spawn(move || {
+        drop(old);
+        crate::telemetry::trim::trim();
+    });
 }
 
 fn summary(c: &Compiled, generation: u64, changed: bool) -> Applied {
