@@ -94,6 +94,8 @@ pub struct Control {
     pods: tokio::sync::watch::Sender<Vec<Pod>>,
     /// What workloads' DNS taught the agent (set once at start).
     pub names: std::sync::OnceLock<Arc<crate::dns::Names>>,
+    /// The port the DNS proxy serves (set once at start; see [`crate::dns::steered_port`]).
+    pub dns_serving: std::sync::OnceLock<u16>,
     /// Kubernetes pods in a network namespace of their own (the CNI's): the tc backstop goes
     /// on the node side of their veth. By pod: (namespace identity, a path to it).
     pod_netns: RwLock<PodNamespaces>,
@@ -123,6 +125,7 @@ impl Control {
             kubernetes: Default::default(),
             pods: tokio::sync::watch::channel(Vec::new()).0,
             names: std::sync::OnceLock::new(),
+            dns_serving: std::sync::OnceLock::new(),
             pod_netns: RwLock::default(),
         }
     }
@@ -225,13 +228,7 @@ impl Control {
             proxy_ip6: Ipv6Addr::LOCALHOST.octets(),
             events_all: events_all as u32,
             refuse_unenrolled: self.kubernetes() as u32,
-            // Pods have their own network namespace, where the DNS proxy does not listen
-            // yet: never steer their DNS (spec.dns is refused for standalone pods).
-            dns_port: if self.kubernetes() {
-                0
-            } else {
-                c.config.dns_port
-            },
+            dns_port: crate::dns::steered_port(c.config.dns_port, self.dns_serving.get()),
             ..c.config
         }
     }

@@ -250,6 +250,10 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         Some(state_file.clone()),
     ));
     control.set_dirs(dirs);
+    if compiled.dns.enabled {
+        // The DNS proxy opens on this port below (or the agent stops).
+        let _ = control.dns_serving.set(compiled.dns.port.0);
+    }
     control.set_kubernetes(cluster.is_some());
     // Pods are plugged in by an install (their namespaces are adopted when they exist), so a
     // policy with pods is installed again rather than resumed as it is.
@@ -322,15 +326,15 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         dns_metrics,
         Some(crate::dns::names_file(&state_file)),
     )?;
-    if opts.kubernetes.is_some() {
-        if compiled.dns.enabled {
-            warn!("MeshConfig spec.dns is not supported in Kubernetes mode yet (pods have their own network namespace, where the DNS proxy does not listen): DNS is not steered, name rules allow nothing, hostBinding is off");
-        }
-    } else {
-        relay.bind_names(names.clone());
+    relay.bind_names(names.clone());
+    if let Some(c) = &cluster {
+        relay.bind_services(c.services.clone());
     }
     let _ = control.names.set(names.clone());
-    let dns_proxy = if compiled.dns.enabled && opts.kubernetes.is_none() {
+    // The DNS proxy on the node (host workloads) and inside every pod's namespace; in
+    // Kubernetes mode too (cluster DNS at a Service IP or a node-local cache is steered like
+    // any resolver the policy lets a pod reach).
+    let dns_proxy = if compiled.dns.enabled {
         let port = compiled.dns.port.0;
         let (udp, tcp) = crate::dns::server::bind(port).await.with_context(|| {
             format!("DNS proxy cannot listen on 127.0.0.1:{port} (MeshConfig spec.dns.port)")
@@ -340,7 +344,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             control.datapath().orig_by_tuple()?,
             compiled.dns.upstream_timeout.0,
         );
-        Some((server, udp, tcp))
+        Some((server, udp, tcp, port))
     } else {
         None
     };
@@ -351,14 +355,26 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     tasks.spawn(relay.clone().serve(listeners));
     tasks.spawn(trimmer);
     tasks.spawn(names.clone().maintain());
-    if let Some((server, udp, tcp)) = dns_proxy {
-        tasks.spawn(server.serve(udp, tcp));
-    }
     tasks.spawn(serve_pods(control.pods(), relay.clone(), port));
     // Kubernetes pods: their namespaces are the CNI's, found from their cgroups.
     let k8s_pods = tokio::sync::watch::channel(Vec::<k8s::watch::PodNetns>::new());
     if opts.kubernetes.is_some() {
-        tasks.spawn(serve_pods(k8s_pods.1, relay.clone(), port));
+        tasks.spawn(serve_pods(k8s_pods.1.clone(), relay.clone(), port));
+    }
+    if let Some((server, udp, tcp, dns_port)) = dns_proxy {
+        tasks.spawn(server.clone().serve((udp, tcp), None));
+        tasks.spawn(crate::dns::server::serve_pods(
+            control.pods(),
+            server.clone(),
+            dns_port,
+        ));
+        if opts.kubernetes.is_some() {
+            tasks.spawn(crate::dns::server::serve_pods(
+                k8s_pods.1.clone(),
+                server,
+                dns_port,
+            ));
+        }
     }
     tasks.spawn(flows::run(events, live.clone(), hub.clone()));
     tasks.spawn(history::save_every(

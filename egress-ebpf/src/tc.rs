@@ -12,8 +12,8 @@ use core::ptr::read_volatile;
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
 use egress_common::{
-    decide,
     decide::Query,
+    fqdn::decide_named,
     hook, iface_key,
     packet::{parse, Bytes, Class, Packet},
     proto, tc, Outcome, SockAddr, VerdictEvent,
@@ -22,7 +22,8 @@ use egress_common::{
 use crate::{
     events::emit,
     maps::{
-        active_set, in_mesh, policy, CONFIG, FRAGMENTS, POD_ADDRS, REPLIES, TC_COUNTERS, WORKLOADS,
+        active_set, in_mesh, named, policy, CONFIG, FRAGMENTS, POD_ADDRS, REPLIES, TC_COUNTERS,
+        WORKLOADS,
     },
 };
 
@@ -217,7 +218,9 @@ fn judge_out(ifindex: u32, wid: u32, set: u32, len: u32, p: &Packet) -> i32 {
         in_mesh: in_mesh(set, &p.dst),
         to_proxy: false,
     };
-    let d = decide(cfg, &q, policy(wid, set, &p.dst));
+    // Name rules too: a pod's connection to an address its DNS taught the agent crosses
+    // the veth like one an address rule allows.
+    let d = decide_named(cfg, &q, policy(wid, set, &p.dst), named(wid, &p.dst));
     let (slot, drop) = tc::tc_verdict(d.outcome);
     if !drop {
         tc_count(wid, slot, len);

@@ -1,17 +1,20 @@
 /* connect() micro-benchmark for `cargo xtask bench` (W4/W7).
  *
- * usage: connbench udp|tcp|tcprst ADDR PORT N
+ * usage: connbench udp|udpspread|tcp|tcprst ADDR PORT N
  * Does socket() + connect() + close() N times and prints one line:
  *   ns_per_iter=<f> ok=<n> eperm=<n> other=<n> per_sec=<f>
  * connect() on a UDP socket sends nothing, so the udp mode measures the syscall plus the
  * cgroup/connect4 hook; the tcp mode is meant for a destination the policy refuses (EPERM
  * at once, no packet). The tcprst mode connects TCP to a listening socket (the full loopback
  * handshake) and closes with SO_LINGER 0 (an RST, no TIME_WAIT, so the ports never run out):
- * W4's iptables REDIRECT rows, where the nat rule only runs on a packet. Build: gcc -O2 -o connbench connbench.c
+ * W4's iptables REDIRECT rows, where the nat rule only runs on a packet. The udpspread mode is
+ * the udp mode to 65,536 addresses in turn (ADDR's last two bytes count up), so that no
+ * connect() finds its destination's verdict cached: the hook's full judgment. Build: gcc -O2 -o connbench connbench.c
  */
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -21,10 +24,11 @@
 
 int main(int argc, char **argv) {
   if (argc != 5) {
-    fprintf(stderr, "usage: %s udp|tcp|tcprst ADDR PORT N\n", argv[0]);
+    fprintf(stderr, "usage: %s udp|udpspread|tcp|tcprst ADDR PORT N\n", argv[0]);
     return 2;
   }
-  int udp = strcmp(argv[1], "udp") == 0;
+  int spread = strcmp(argv[1], "udpspread") == 0;
+  int udp = spread || strcmp(argv[1], "udp") == 0;
   int rst = strcmp(argv[1], "tcprst") == 0;
   struct linger lg = {1, 0};
   struct sockaddr_in sa;
@@ -36,6 +40,7 @@ int main(int argc, char **argv) {
     return 2;
   }
   long n = atol(argv[4]), ok = 0, eperm = 0, other = 0;
+  uint32_t base = ntohl(sa.sin_addr.s_addr) & 0xffff0000u;
   struct timespec t0, t1;
   clock_gettime(CLOCK_MONOTONIC, &t0);
   for (long i = 0; i < n; i++) {
@@ -48,6 +53,8 @@ int main(int argc, char **argv) {
       perror("setsockopt");
       return 1;
     }
+    if (spread)
+      sa.sin_addr.s_addr = htonl(base | (uint32_t)(i & 0xffff));
     if (connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0)
       ok++;
     else if (errno == EPERM)

@@ -96,6 +96,17 @@ fn invalid_policies_exit_2_with_one_line_naming_file_object_and_field() {
             GOOD.replace("sources: [{name: web}]", "sources: [{name: db}]"),
             "Egress default/allow-api: spec.sources[0].name: no Workload default/db in this file",
         ),
+        (
+            // A standalone agent has no cluster to find a Service's endpoints in.
+            "svcgw",
+            format!("{GOOD}---\nkind: EgressGateway\nmetadata: {{name: g}}\nspec: {{global: [{{service: {{name: gw, namespace: fsm}}, mode: socks5}}]}}\n"),
+            "EgressGateway g: spec.global[0].service: a gateway named by Service needs Kubernetes mode",
+        ),
+        (
+            "fsmrules",
+            format!("{GOOD}---\napiVersion: policy.flomesh.io/v1alpha1\nkind: EgressGateway\nmetadata: {{name: g, namespace: fsm}}\nspec: {{global: [{{service: gw, namespace: fsm}}], rules: [{{egressPolicies: [{{name: e, namespace: a}}], egressGateways: [{{service: gw, namespace: fsm}}]}}]}}\n"),
+            "EgressGateway g: spec.rules: FSM's gateway rules",
+        ),
     ];
     for (tag, text, want) in cases {
         let (code, stderr, root, pins) = run_with(text, tag);

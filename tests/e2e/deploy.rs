@@ -263,3 +263,23 @@ fn example_objects_validate_against_the_crd_schemas_and_the_agent() {
         "{text}"
     );
 }
+
+/// The MeshConfig CRD keeps `spec.dns` and `spec.hostBinding` (an API server prunes fields
+/// its schema does not list, which would leave pods' DNS unsteered).
+#[test]
+fn the_meshconfig_crd_accepts_dns_and_host_binding() {
+    if !require(&[Need::Tool("python3")]) {
+        return;
+    }
+    let file = std::env::temp_dir().join(format!("egress-dns-crd-{}.yaml", std::process::id()));
+    std::fs::write(
+        &file,
+        "apiVersion: policy.egress.dev/v1alpha1\nkind: MeshConfig\nmetadata: {name: egress}\nspec:\n  traffic: {enableEgress: false, meshCIDRs: [10.96.0.0/12]}\n  dns: {enabled: true, port: 15053, minTtl: 5s, grace: 5s, maxAddressesPerName: 1000, upstreamTimeout: 500ms}\n  hostBinding: 'off'\n---\napiVersion: policy.egress.dev/v1alpha1\nkind: MeshConfig\nmetadata: {name: typo}\nspec: {dns: {enabled: true, ttl: 5s}}\n",
+    )
+    .unwrap();
+    let (ok, text) = run_in_deploy(crd_validator().arg(&file));
+    let _ = std::fs::remove_file(&file);
+    assert!(!ok, "{text}");
+    assert_eq!(text.matches("ok   ").count(), 1, "{text}");
+    assert!(text.contains("'ttl' was unexpected"), "{text}");
+}

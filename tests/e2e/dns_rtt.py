@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """DNS round trips over one connected UDP socket: dns_rtt.py RESOLVER NAME COUNT
 
-Prints `p50_us=.. p99_us=.. n=..` of the time from send() to the answer's recv()."""
+Prints `p50_us=.. p99_us=.. n=..` of the time from send() to the answer's recv(). A NAME
+with `{i}` in it asks a new name each query (`{i}` = 0 .. COUNT-1)."""
 import socket
 import struct
 import sys
@@ -24,7 +25,7 @@ def main():
     for i in range(count):
         qid = i & 0xFFFF
         t0 = time.perf_counter_ns()
-        s.send(query(name, qid))
+        s.send(query(name.replace("{i}", str(i)), qid))
         while True:
             d = s.recv(4096)
             if d[:2] == struct.pack(">H", qid):

@@ -20,11 +20,11 @@ use crate::harness::{
 };
 
 /// A running `egress-agent gateway`, stopped (by its PID) when dropped.
-struct Gateway {
+pub(crate) struct Gateway {
     process: Stopped,
     /// SOCKS5 and HTTP listener addresses.
-    socks: String,
-    http: String,
+    pub(crate) socks: String,
+    pub(crate) http: String,
     metrics_port: u16,
     log: Log,
 }
@@ -32,7 +32,7 @@ struct Gateway {
 impl Gateway {
     /// A gateway listening on `ip` (SOCKS5 and HTTP), dialling out from `ip`, allowing `allow`
     /// (YAML list of allow rules).
-    fn start(ip: &str, allow: &str) -> Gateway {
+    pub(crate) fn start(ip: &str, allow: &str) -> Gateway {
         let socks = format!("{ip}:{}", free_port());
         Self::start_at(ip, &socks, &format!("{ip}:{}", free_port()), allow)
     }
@@ -83,7 +83,7 @@ impl Gateway {
         gw
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         self.log.text()
     }
 
@@ -92,7 +92,7 @@ impl Gateway {
         self.log.wait_for("gateway", needle, Duration::from_secs(5))
     }
 
-    fn metrics(&self) -> String {
+    pub(crate) fn metrics(&self) -> String {
         http_get(self.metrics_port, "/metrics")
     }
 }
@@ -115,7 +115,7 @@ fn http_get(port: u16, path: &str) -> String {
 }
 
 /// The value of one sample line (`name{labels} value`) in a metrics text; 0 when absent.
-fn sample(text: &str, series: &str) -> u64 {
+pub(crate) fn sample(text: &str, series: &str) -> u64 {
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
         .unwrap_or(0)

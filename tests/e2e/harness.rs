@@ -70,6 +70,9 @@ pub struct Agent {
     pub env: Vec<(String, String)>,
     /// A command line the agent's is appended to (a container runtime's, say).
     pub wrapper: Vec<String>,
+    /// [`Agent::exec`] runs host workloads' commands in the agent's network namespace
+    /// (`netns`) rather than this one.
+    pub exec_in_node: bool,
     log: Log,
 }
 
@@ -119,6 +122,7 @@ impl Agent {
             netns: None,
             env: Vec::new(),
             wrapper: Vec::new(),
+            exec_in_node: false,
             log: Log::default(),
         }
     }
@@ -285,8 +289,15 @@ impl Agent {
 
     /// Runs a command inside a workload through `egress-agent exec`.
     pub fn exec(&self, workload: &str, cmd: &[&str]) -> Output {
-        Command::new(AGENT)
-            .args(["exec", "--workload", workload, "--cgroup-root"])
+        let mut c = match (&self.netns, self.exec_in_node) {
+            (Some(ns), true) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net={}", ns.display())).arg(AGENT);
+                c
+            }
+            _ => Command::new(AGENT),
+        };
+        c.args(["exec", "--workload", workload, "--cgroup-root"])
             .arg(&self.root)
             .arg("--")
             .args(cmd)

@@ -9,7 +9,7 @@
 use std::{path::Path, process::Command};
 
 use crate::harness::{privileged_with, temp_dir, wait_listening, Agent, Stopped};
-use egress_test_support::process::self_signed;
+use egress_test_support::process::{self_signed, wait_listening_in};
 
 const EVASIONS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/e2e/evasions.py");
 const IP: &str = "127.36.0.1";
@@ -17,12 +17,30 @@ const IP: &str = "127.36.0.1";
 /// nginx with two virtual hosts (allowed.example, denied.example) on IP:80 (HTTP/1.1),
 /// IP:443 (TLS) and IP:8080 (h2c prior knowledge); the access log records `$host`.
 pub(crate) fn nginx(ip: &str) -> Stopped {
+    nginx_in(
+        None,
+        &[ip],
+        &[
+            ("allowed.example", "allowed"),
+            ("denied.example", "DENIED-VHOST"),
+        ],
+    )
+}
+
+/// nginx in network namespace `netns` (None: this one) on each of `ips`, ports 80 (HTTP/1.1),
+/// 443 (TLS) and 8080 (h2c), with a virtual host per (name, reply) of `vhosts`; the access
+/// log records `$host "$request" $status $server_addr`.
+pub(crate) fn nginx_in(netns: Option<&Path>, ips: &[&str], vhosts: &[(&str, &str)]) -> Stopped {
     let dir = temp_dir("nginx");
     self_signed(&dir);
     let d = dir.display();
     let vhost = |name: &str, reply: &str| {
+        let listen: String = ips
+            .iter()
+            .map(|ip| format!("listen {ip}:80; listen {ip}:443 ssl; listen {ip}:8080 http2; "))
+            .collect();
         format!(
-            "server {{ listen {ip}:80; listen {ip}:443 ssl; listen {ip}:8080 http2; server_name {name};
+            "server {{ {listen}server_name {name};
                ssl_certificate {d}/cert.pem; ssl_certificate_key {d}/key.pem;
                location / {{ return 200 \"{reply} $request_method $uri\\n\"; }} }}\n"
         )
@@ -32,32 +50,42 @@ pub(crate) fn nginx(ip: &str) -> Stopped {
 error_log {d}/error.log;
 events {{ worker_connections 256; }}
 http {{
-  log_format hosts '$host \"$request\" $status';
+  log_format hosts '$host \"$request\" $status $server_addr';
   access_log {d}/access.log hosts;
   client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};
   keepalive_requests 1000;
-{}{}}}\n",
-        vhost("allowed.example", "allowed"),
-        vhost("denied.example", "DENIED-VHOST"),
+{}}}\n",
+        vhosts.iter().map(|(n, r)| vhost(n, r)).collect::<String>(),
     );
     std::fs::write(dir.join("nginx.conf"), conf).unwrap();
-    let child = Command::new("nginx")
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net={}", ns.display())).arg("nginx");
+            c
+        }
+        None => Command::new("nginx"),
+    };
+    let child = cmd
         .args(["-p", &dir.to_string_lossy(), "-c"])
         .arg(dir.join("nginx.conf"))
         .spawn()
         .expect("start nginx");
     let s = Stopped { child, dir };
-    for port in [80, 443, 8080] {
-        wait_listening(
-            "nginx",
-            &format!("{ip}:{port}"),
-            std::time::Duration::from_secs(10),
-        );
+    for ip in ips {
+        for port in [80, 443, 8080] {
+            let addr = format!("{ip}:{port}");
+            let within = std::time::Duration::from_secs(10);
+            match netns {
+                Some(ns) => wait_listening_in(ns, "nginx", &addr, within),
+                None => wait_listening("nginx", &addr, within),
+            }
+        }
     }
     s
 }
 
-fn access_log(dir: &Path) -> String {
+pub(crate) fn access_log(dir: &Path) -> String {
     std::fs::read_to_string(dir.join("access.log")).unwrap_or_default()
 }
 

@@ -16,7 +16,11 @@ use crate::{
     tc_prog::{ipv4, tcp, SYN, TCP},
 };
 
-const POD_IP: &str = "10.200.0.9";
+pub(crate) const POD_IP: &str = "10.200.0.9";
+
+/// How long each sniffer counts: long enough for a frame sent by a freshly started process
+/// on a loaded machine (at 1.5 s the allowed control frame was missed under load).
+const SNIFF_SECS: f32 = 4.0;
 
 fn v4(a: &str) -> [u8; 4] {
     a.parse::<std::net::Ipv4Addr>().unwrap().octets()
@@ -24,7 +28,7 @@ fn v4(a: &str) -> [u8; 4] {
 
 /// The CNI's part: a veth between the pod's namespace (`eth0`, `POD_IP`/32, a default route
 /// through a link-local next hop) and the node's (`host_if`, proxy ARP, a /32 route back).
-fn plug(net: &Net, pod: &PodNetns, host_if: &str) {
+pub(crate) fn plug(net: &Net, pod: &PodNetns, host_if: &str) {
     let node = net.node_path();
     let node_name = node.file_name().unwrap().to_string_lossy().into_owned();
     ip(&[
@@ -155,7 +159,7 @@ fn kubernetes_pod_veth_gets_the_tc_backstop() {
         )
     };
     // The control: a frame to the allowed host gets out.
-    let seen = net.sniff(ALLOW4, 1.5);
+    let seen = net.sniff(ALLOW4, SNIFF_SECS);
     send_frame(&pod_ns, &app, &to, &syn(ALLOW4, POD_IP));
     assert_eq!(
         seen.count(),
@@ -164,7 +168,7 @@ fn kubernetes_pod_veth_gets_the_tc_backstop() {
         agent.http_get("/metrics").1
     );
     // To the denied host: dropped on the node side of the veth, counted.
-    let seen = net.sniff(DENY4, 1.5);
+    let seen = net.sniff(DENY4, SNIFF_SECS);
     send_frame(&pod_ns, &app, &to, &syn(DENY4, POD_IP));
     send_frame(&pod_ns, &app, &to, &syn(DENY4, POD_IP));
     assert_eq!(seen.count(), 0, "a SYN frame to the denied host got out");
@@ -175,7 +179,7 @@ fn kubernetes_pod_veth_gets_the_tc_backstop() {
         agent.http_get("/metrics").1
     );
     // A source that is not the pod's (its address was read from its namespace).
-    let seen = net.sniff(ALLOW4, 1.5);
+    let seen = net.sniff(ALLOW4, SNIFF_SECS);
     send_frame(&pod_ns, &app, &to, &syn(ALLOW4, "10.200.0.99"));
     assert_eq!(seen.count(), 0, "a spoofed SYN frame got out");
     assert_eq!(dropped("spoofed-source"), 1);

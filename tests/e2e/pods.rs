@@ -97,12 +97,17 @@ impl Net {
         self.node.path()
     }
 
-    fn out_path(&self) -> PathBuf {
+    pub(crate) fn out_path(&self) -> PathBuf {
         self.out.path()
     }
 
+    /// One more "external" address on the outside namespace's loopback.
+    pub(crate) fn outside_addr(&self, addr: &str) {
+        self.out.ip_batch(&[format!("addr add {addr}/32 dev lo")]);
+    }
+
     /// The namespace of the policy's pod `web`.
-    fn pod_path(&self) -> PathBuf {
+    pub(crate) fn pod_path(&self) -> PathBuf {
         Path::new("/run/netns").join(format!("{}-default-web", self.tag))
     }
 
@@ -115,7 +120,9 @@ impl Net {
         Sniffer::start(&self.out_path(), &self.ext_if, dst, secs)
     }
 
-    pub(crate) fn policy(&self, enable_egress: bool) -> String {
+    /// The MeshConfig (egress off unless `enable_egress`, the pod network, `extra` lines of
+    /// its spec) and the pod `web`; Egress documents follow.
+    pub(crate) fn pod_head(&self, enable_egress: bool, extra: &str) -> String {
         format!(
             "
 kind: MeshConfig
@@ -124,13 +131,21 @@ spec:
   traffic: {{enableEgress: {enable_egress}}}
   proxy: {{port: {{proxy_port}}}}
   podNetwork: {{ipv4: 10.200.0.0/24, ipv6: 'fd00:200::/64', netnsPrefix: {}-}}
-  sockets: {{raw: allow}}  # the raw packets the tc backstop must drop
----
+{extra}---
 kind: Workload
 metadata: {{name: web}}
 spec: {{network: pod}}
 ---
-kind: Egress
+",
+            self.tag
+        )
+    }
+
+    pub(crate) fn policy(&self, enable_egress: bool) -> String {
+        // sockets: the raw packets the tc backstop must drop.
+        self.pod_head(enable_egress, "  sockets: {raw: allow}\n")
+            + &format!(
+                "kind: Egress
 metadata: {{name: direct}}
 spec:
   sources: [{{name: web}}]
@@ -150,9 +165,8 @@ metadata: {{name: ping}}
 spec:
   sources: [{{name: web}}]
   ipAddresses: [{PING4}/32]
-",
-            self.tag
-        )
+"
+            )
     }
 }
 
@@ -386,7 +400,9 @@ fn tc_drops_a_connection_opened_before_the_agent_started_and_survives_restarts()
         &[("EGRESS_NO_PACKET_PROGRAM", "1")],
     );
     assert_eq!(tc_link_state(&a.log()), "attached");
-    assert_eq!(a.log().matches("proxy listening inside the pod").count(), 1);
+    let listening = || a.log().matches("proxy listening inside the pod").count();
+    wait_until(Duration::from_secs(5), || listening() >= 1);
+    assert_eq!(listening(), 1);
 
     // The established connection's next segment is dropped on the veth: no reply.
     let before = drops(&a);

@@ -156,6 +156,38 @@ impl Env {
         Ok(pid)
     }
 
+    /// `egress-agent run` on `config` with the bench's admin socket, cgroup root, pins and
+    /// state, metrics on 127.0.0.1:15190.
+    fn agent_argv(&self, config: &Path) -> Vec<String> {
+        let p = |x: &Path| x.display().to_string();
+        let mut v = vec![p(&self.agent), "--admin-socket".into(), p(&self.sock)];
+        v.extend(["run".into(), "--config".into(), p(config)]);
+        v.extend([
+            "--cgroup-root".into(),
+            p(&self.cg),
+            "--pin-dir".into(),
+            p(&self.pin),
+        ]);
+        v.extend(["--state-file".into(), p(&self.state)]);
+        v.extend(["--metrics-addr".into(), "127.0.0.1:15190".into()]);
+        v
+    }
+
+    /// Starts the agent (child `agent`) on `config`, with `env` (`NAME=VALUE`) if any, and
+    /// waits until it is ready; its PID.
+    pub fn start_agent(&mut self, config: &Path, env: &[&str]) -> anyhow::Result<u32> {
+        let argv = self.agent_argv(config);
+        let mut all: Vec<&str> = Vec::new();
+        if !env.is_empty() {
+            all.push("env");
+            all.extend_from_slice(env);
+        }
+        all.extend(argv.iter().map(String::as_str));
+        let pid = self.spawn("agent", &all)?;
+        self.wait_log("agent", &[" ready", "\"ready\""], 60)?;
+        Ok(pid)
+    }
+
     pub fn log(&self, name: &str) -> PathBuf {
         self.work.join(format!("{name}.log"))
     }
@@ -276,7 +308,13 @@ impl Env {
         }
         if let Ok(rd) = fs::read_dir("/sys/fs/bpf") {
             for e in rd.flatten() {
-                if e.file_name().to_string_lossy().starts_with("egress-bench-") {
+                let name = e.file_name().to_string_lossy().into_owned();
+                // A bench that still runs beside this one (its PID is in the name) is not
+                // left behind.
+                let running = name
+                    .strip_prefix("egress-bench-")
+                    .is_some_and(|pid| Path::new("/proc").join(pid).exists());
+                if name.starts_with("egress-bench-") && !running {
                     left.push(e.path().display().to_string());
                 }
             }
@@ -294,6 +332,21 @@ impl Drop for Env {
             let _ = self.finish();
         }
     }
+}
+
+/// Builds the release agent; its path.
+pub fn release_agent(root: &Path) -> anyhow::Result<PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let argv = [
+        &cargo,
+        "build",
+        "--release",
+        "--quiet",
+        "-p",
+        "egress-agent",
+    ];
+    run_in(root, &argv)?;
+    Ok(root.join("target/release/egress-agent"))
 }
 
 /// Where cgroup2 is mounted, from /proc/mounts.

@@ -85,7 +85,7 @@ CONNECT to squid (127.0.9.2). *proxy cpu* is redsocks'.\n\n";
 pub fn bench(root: &Path) -> anyhow::Result<()> {
     eprintln!("==> setup (scripts/setup.sh) and the release agent");
     run_in(root, &["bash", "scripts/setup.sh"])?;
-    let agent = crate::bench::release_agent(root)?;
+    let agent = crate::bench_env::release_agent(root)?;
     ensure_packages(PACKAGES)?;
     let mut env = Env::new(&agent)?;
     eprintln!("==> gateway bench in network namespace {}", env.ns);
@@ -185,32 +185,7 @@ fn run(env: &mut Env) -> anyhow::Result<Report> {
     }
 
     let cfg_file = write(env, "policy.yaml", POLICY)?;
-    let (sock, cg, pin, state) = (
-        env.sock.display().to_string(),
-        env.cg.display().to_string(),
-        env.pin.display().to_string(),
-        env.state.display().to_string(),
-    );
-    env.spawn(
-        "agent",
-        &[
-            &a,
-            "--admin-socket",
-            &sock,
-            "run",
-            "--config",
-            &cfg_file,
-            "--cgroup-root",
-            &cg,
-            "--pin-dir",
-            &pin,
-            "--state-file",
-            &state,
-            "--metrics-addr",
-            "127.0.0.1:15190",
-        ],
-    )?;
-    env.wait_log("agent", &[" ready", "\"ready\""], 60)?;
+    env.start_agent(Path::new(&cfg_file), &[])?;
 
     let routes = [
         Route {

@@ -19,10 +19,10 @@ const STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
 const REPS: usize = 3;
 
 /// Turns the kernel's per-program accounting on; back to what it was when dropped.
-struct Accounting(String);
+pub struct Accounting(String);
 
 impl Accounting {
-    fn on() -> anyhow::Result<Accounting> {
+    pub fn on() -> anyhow::Result<Accounting> {
         let old = fs::read_to_string(STATS).context("read kernel.bpf_stats_enabled")?;
         fs::write(STATS, "1").context("enable kernel.bpf_stats_enabled")?;
         Ok(Accounting(old.trim().to_string()))
@@ -50,7 +50,7 @@ fn attached(cg: &Path) -> anyhow::Result<Vec<String>> {
 /// from `bpftool prog show` (the first line of each program: `ID: TYPE  name NAME ...
 /// run_time_ns N  run_cnt M`). Other agents' programs (tests running beside the bench) are
 /// left out.
-fn snapshot(cg: &Path) -> anyhow::Result<BTreeMap<String, (u64, u64)>> {
+pub fn snapshot(cg: &Path) -> anyhow::Result<BTreeMap<String, (u64, u64)>> {
     let ids = attached(cg)?;
     let text = run_quiet(&["bpftool", "prog", "show"])?;
     let mut out = BTreeMap::new();
@@ -73,7 +73,7 @@ fn snapshot(cg: &Path) -> anyhow::Result<BTreeMap<String, (u64, u64)>> {
 }
 
 /// Mean ns per run of program `name` between two snapshots (None: it did not run).
-fn per_run(
+pub fn per_run(
     a: &BTreeMap<String, (u64, u64)>,
     b: &BTreeMap<String, (u64, u64)>,
     name: &str,
@@ -83,7 +83,7 @@ fn per_run(
     (c1 > c0).then(|| (t1 - t0) as f64 / (c1 - c0) as f64)
 }
 
-fn sample(value: Option<f64>) -> Sample {
+pub fn sample(value: Option<f64>) -> Sample {
     let (load, procs_running) = work::load();
     Sample {
         value: value.unwrap_or(f64::NAN),
@@ -95,14 +95,17 @@ fn sample(value: Option<f64>) -> Sample {
 }
 
 /// K1: `sock_create` and `connect4` per run during W4's UDP socket()+connect()+close() inside
-/// `web`, their sum (what the hooks add to a connect), and the per-packet program per packet
-/// during keep-alive HTTP on the allowed-direct route.
+/// `web`, to one destination (its verdict cached after the first) and to a new destination
+/// each time (judged in full, then cached), their sums (what the hooks add to a connect), and
+/// the per-packet program per packet during keep-alive HTTP on the allowed-direct route.
 pub fn programs(env: &mut Env, bin: &Path, allowed: &Route, mode: &Mode) -> anyhow::Result<Table> {
     eprintln!("==> K1: program run time per run (kernel bpf_stats)");
     let names = [
         "sock_create per socket()",
-        "connect4 per connect()",
-        "connect() added: sock_create + connect4",
+        "connect4 per connect(), destination judged before (cached verdict)",
+        "connect() added: sock_create + connect4 (cached verdict)",
+        "connect4 per connect(), a new destination each time (judged in full, cached: the cache is full, so an LRU eviction too)",
+        "connect() added: sock_create + connect4 (new destination, judged in full)",
         "skb_egress per packet (keep-alive, allowed directly)",
     ];
     let mut t = Table {
@@ -138,10 +141,30 @@ pub fn programs(env: &mut Env, bin: &Path, allowed: &Route, mode: &Mode) -> anyh
         t.rows[2]
             .samples
             .push(sample(create.zip(connect).map(|(x, y)| x + y)));
+        // 65,536 addresses of 127.60.0.0/16 in turn (the policy allows the range): no
+        // connect() finds its verdict cached.
+        let a = snapshot(&env.cg)?;
+        let spread = "udpspread";
+        work::connbench(
+            env,
+            bin,
+            true,
+            spread,
+            "127.60.0.1",
+            "9999",
+            mode.conn_iters,
+        )?;
+        let b = snapshot(&env.cg)?;
+        let create = per_run(&a, &b, "egress_sock_create");
+        let connect = per_run(&a, &b, "egress_connect4");
+        t.rows[3].samples.push(sample(connect));
+        t.rows[4]
+            .samples
+            .push(sample(create.zip(connect).map(|(x, y)| x + y)));
         let c = snapshot(&env.cg)?;
         work::wrk(env, allowed, mode.wrk_secs.min(3), false)?;
         let d = snapshot(&env.cg)?;
-        t.rows[3]
+        t.rows[5]
             .samples
             .push(sample(per_run(&c, &d, "egress_skb_egress")));
     }

@@ -308,8 +308,22 @@ pub fn agent_refusals(env: &Env) -> String {
     )
 }
 
-/// The bench's policy: `web`, an allow for nginx/iperf3/the burst server (2222) on
-/// 127.60.0.1, the same ports via proxy on 127.61.0.1, UDP 9999 allowed on 127.60.0.1 (for connbench) and `extra` other /32
+/// Compiles scripts/bench/connbench.c into `work`; the binary's path.
+pub fn build_connbench(root: &Path, work: &Path) -> anyhow::Result<std::path::PathBuf> {
+    let bin = work.join("connbench");
+    let src = root.join("scripts/bench/connbench.c");
+    crate::bench_env::run_quiet(&[
+        "gcc",
+        "-O2",
+        "-o",
+        &bin.display().to_string(),
+        &src.display().to_string(),
+    ])?;
+    Ok(bin)
+}
+
+/// The bench's policy: `web`, an allow for nginx/iperf3/the burst server (2222) on 127.60.0.1, the same ports via
+/// proxy on 127.61.0.1, UDP 9999 allowed on 127.60.0.1 (for connbench) and `extra` other /32
 /// rules in `bulk-rules` (10.x.y.z, offset by `salt` so re-applies change every entry).
 pub fn policy(extra: u32, salt: u32) -> String {
     let mut s = String::from(
@@ -321,7 +335,10 @@ pub fn policy(extra: u32, salt: u32) -> String {
          ports: [{number: 8080, protocol: tcp}, {number: 5201, protocol: tcp}, {number: 9999, protocol: udp}, {number: 2222, protocol: tcp}]\n---\n\
          kind: Egress\nmetadata: {name: nginx-via-proxy, namespace: default}\nspec:\n  \
          sources: [{kind: Workload, name: web}]\n  ipAddresses: [127.61.0.1/32]\n  \
-         ports: [{number: 8080, protocol: tcp}, {number: 5201, protocol: tcp}, {number: 2222, protocol: tcp}]\n  via: proxy\n",
+         ports: [{number: 8080, protocol: tcp}, {number: 5201, protocol: tcp}, {number: 2222, protocol: tcp}]\n  via: proxy\n---\n\
+         kind: Egress\nmetadata: {name: spread, namespace: default}\nspec:\n  \
+         sources: [{kind: Workload, name: web}]\n  ipAddresses: [127.60.0.0/16]\n  \
+         ports: [{number: 9999, protocol: udp}]\n",
     );
     if extra > 0 {
         s.push_str(

@@ -1,6 +1,7 @@
 //! Project tasks: `cargo xtask setup | test | demo | bench | layout` (the alias lives in `.cargo/config.toml`).
 
 mod bench;
+mod bench_dns;
 mod bench_env;
 mod bench_gateway;
 mod bench_kernel;
@@ -60,8 +61,12 @@ enum Task {
         /// Instead: only the proxy's and the toggle's workloads (W10 toggle with 100k
         /// rules, W11 a burst of 10,000 connections, W12 memory), the agent and a banner
         /// server alone in the namespace (as root).
-        #[arg(long, conflicts_with_all = ["quick", "full", "gateway", "preview"])]
+        #[arg(long, conflicts_with_all = ["quick", "full", "gateway", "preview", "dns"])]
         proxy: bool,
+        /// Instead: only the DNS tables (D1-D3: round trip through the agent's DNS proxy vs
+        /// straight to dnsmasq, connect() with 10k learned names); under a minute.
+        #[arg(long, conflicts_with_all = ["quick", "full", "gateway", "preview"])]
+        dns: bool,
     },
     /// Check the source layout: no import cycle between files, no file over 600 lines.
     Layout {
@@ -80,6 +85,7 @@ fn main() -> ExitCode {
         Task::Bench { gateway: true, .. } => bench_gateway::bench(&root),
         Task::Bench { preview: true, .. } => bench::preview_only(&root),
         Task::Bench { proxy: true, .. } => bench::proxy_only(&root),
+        Task::Bench { dns: true, .. } => bench_dns::bench(&root),
         Task::Bench { full, .. } => bench::bench(&root, full),
         Task::Layout { edges } => layout::layout(&root, edges),
     };

@@ -131,12 +131,13 @@ pub enum Command {
         #[arg(long, short = 'c', value_name = "FILE")]
         config: PathBuf,
         /// Check the objects as Kubernetes CRD objects: a source may name a pod the file
-        /// does not hold.
+        /// does not hold, and a gateway may name a Service.
         #[arg(long)]
         kubernetes: bool,
     },
-    /// Print FILE with its OSM and FSM Egress objects as policy.egress.dev ones (for
-    /// `kubectl apply -f -`); a field that cannot be honoured is refused by name (exit 2).
+    /// Print FILE with its OSM and FSM Egress objects and FSM's EgressGateway as
+    /// policy.egress.dev ones (for `kubectl apply -f -`); a field that cannot be honoured is
+    /// refused by name (exit 2).
     Convert {
         #[arg(long, short = 'f', value_name = "FILE")]
         file: PathBuf,

@@ -419,17 +419,25 @@ pub fn enter(path: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// Opens the proxy's listeners (127.0.0.1 and [::1] on `port`) inside the network namespace
-/// at `path`, from a short-lived thread: the sockets stay in that namespace and are served
-/// from the agent's runtime like any other.
-pub fn bind_in(path: &Path, port: u16) -> io::Result<Vec<std::net::TcpListener>> {
+/// Runs `f` inside the network namespace at `path`, on a short-lived thread: the sockets it
+/// opens stay in that namespace and are served from the agent's runtime like any other.
+pub fn run_in<T: Send + 'static>(
+    path: &Path,
+    f: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
     let path = path.to_path_buf();
     std::thread::spawn(move || {
         enter(&path)?;
-        Ok(super::listen::loopback(port)?.0)
+        f()
     })
     .join()
-    .map_err(|_| io::Error::other("the thread binding in the pod's namespace panicked"))?
+    .map_err(|_| io::Error::other("the thread in the pod's namespace panicked"))?
+}
+
+/// Opens the proxy's listeners (127.0.0.1 and [::1] on `port`) inside the network namespace
+/// at `path` (see [`run_in`]).
+pub fn bind_in(path: &Path, port: u16) -> io::Result<Vec<std::net::TcpListener>> {
+    run_in(path, move || Ok(super::listen::loopback(port)?.0))
 }
 
 /// The cookie of a socket's network namespace (the kernel's `bpf_get_netns_cookie`).

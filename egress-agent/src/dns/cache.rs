@@ -56,6 +56,14 @@ impl Cache {
         self.entries.values()
     }
 
+    /// Whether `wid` learned `name` with every one of `ips` already (a new answer would only
+    /// refresh expiries).
+    pub fn knows(&self, wid: u32, name: &str, ips: &[IpAddr]) -> bool {
+        self.entries
+            .get(&(wid, name.to_string()))
+            .is_some_and(|e| ips.iter().all(|ip| e.addrs.contains_key(&normalize(*ip))))
+    }
+
     /// Records an answer of workload `wid`: `chain` from the name asked, `addrs` with their
     /// expiry. At most `max_addrs` addresses are kept per name (those expiring first go).
     /// Returns the (workload, address) pairs whose kernel entry may change.

@@ -14,6 +14,7 @@
 pub mod cache;
 pub mod metrics;
 pub mod server;
+pub mod upstream;
 
 use std::{
     collections::{BTreeMap, BTreeSet, VecDeque},
@@ -37,6 +38,8 @@ use metrics::DnsMetrics;
 
 /// Answers kept for `egress-agent dns`.
 const RECENT: usize = 200;
+/// The learned names are saved at most this often (every answer refreshes some expiry).
+const SAVE_EVERY: Duration = Duration::from_secs(1);
 
 /// Where the learned names are saved: next to the live policy's state file.
 pub fn names_file(state_file: &std::path::Path) -> PathBuf {
@@ -48,6 +51,21 @@ pub fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// The DNS port the kernel steers to: the one the policy asks for, when the DNS proxy serves
+/// it (it is opened at start only). A policy that turns DNS on, or moves its port, after the
+/// agent started leaves DNS unsteered until a restart, rather than steering queries to a
+/// port nobody serves.
+pub fn steered_port(wanted: u16, serving: Option<&u16>) -> u16 {
+    match serving {
+        Some(&p) if p == wanted => wanted,
+        _ if wanted == 0 => 0,
+        _ => {
+            warn!(port = wanted, "spec.dns changed since the agent started (the DNS proxy opens at start): DNS is not steered until the agent restarts");
+            0
+        }
+    }
 }
 
 /// One answer, as `egress-agent dns` shows it.
@@ -90,7 +108,12 @@ struct State {
     /// `EGRESS_NAMES_EPOCH`: bumped after every change of the entries (see [`bump_epoch`]).
     epoch: Array<MapData, u32>,
     recent: VecDeque<Seen>,
+    /// Expiries were refreshed since the last save (saved at most every [`SAVE_EVERY`]).
     dirty: bool,
+    /// Names or addresses came or went since the last save (saved at the next tick, so a
+    /// restart keeps what connections may already use).
+    changed: bool,
+    saved_at: Option<std::time::Instant>,
 }
 
 pub struct Names {
@@ -139,6 +162,8 @@ impl Names {
                 epoch,
                 recent: VecDeque::new(),
                 dirty: false,
+                changed: false,
+                saved_at: None,
             }),
             live,
             metrics,
@@ -174,6 +199,9 @@ impl Names {
                 .collect();
             learned = addrs.len().min(d.max_addresses_per_name as usize);
             let ttl = a.addrs.first().map(|x| x.ttl).unwrap_or(0);
+            let ips: Vec<IpAddr> = a.addrs.iter().map(|x| x.ip).collect();
+            let name = a.chain.first().map(String::as_str).unwrap_or("");
+            st.changed |= !st.cache.knows(wid, name, &ips);
             let touched = st.cache.learn(
                 wid,
                 &a.chain,
@@ -239,7 +267,8 @@ impl Names {
         self.state().cache.value(&policy, wid, ip)
     }
 
-    /// Forgets what expired, and saves the names when they changed. Call it every second.
+    /// Forgets what expired, and saves the names when they changed (at most every
+    /// [`SAVE_EVERY`]). Blocking (file I/O): call it off the async runtime.
     pub fn tick(&self) {
         let policy = self.live.get();
         let grace = policy.dns.grace.0.as_millis() as u64;
@@ -247,12 +276,14 @@ impl Names {
         let touched = st.cache.expire(now_ms(), grace);
         if !touched.is_empty() {
             sync_keys(&mut st, &policy, &touched);
-            st.dirty = true;
+            st.changed = true;
         }
         self.metrics.entries.set(st.installed.len() as i64);
         self.metrics.names.set(st.cache.len() as i64);
-        if st.dirty {
-            st.dirty = false;
+        let due = st.saved_at.is_none_or(|t| t.elapsed() >= SAVE_EVERY);
+        if st.changed || (st.dirty && due) {
+            (st.dirty, st.changed) = (false, false);
+            st.saved_at = Some(std::time::Instant::now());
             let saved: Vec<NameEntry> = st.cache.entries().cloned().collect();
             drop(st);
             self.save(&saved);
@@ -301,7 +332,7 @@ impl Names {
         if changed {
             bump_epoch(&mut st);
         }
-        st.dirty = true;
+        st.changed = true;
     }
 
     /// Runs the expiry and the policy-change resync until dropped.
@@ -310,7 +341,12 @@ impl Names {
         let mut every = tokio::time::interval(Duration::from_millis(250));
         loop {
             tokio::select! {
-                _ = every.tick() => self.tick(),
+                // Off the runtime's workers: saving thousands of names takes milliseconds
+                // that the DNS proxy's queries should not wait behind.
+                _ = every.tick() => {
+                    let me = self.clone();
+                    let _ = tokio::task::spawn_blocking(move || me.tick()).await;
+                }
                 r = changes.changed() => {
                     if r.is_err() { return; }
                     self.resync();

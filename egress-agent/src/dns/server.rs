@@ -6,7 +6,8 @@
 
 use std::{
     collections::HashMap,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -21,7 +22,7 @@ use tokio::{
     net::{TcpListener, TcpStream, UdpSocket},
     sync::Semaphore,
 };
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::{metrics::Dropped, Names};
 use crate::proxy::{sock_addr, OrigMap};
@@ -55,17 +56,66 @@ impl Drop for Slot {
     }
 }
 
+/// The DNS proxy's sockets: UDP and TCP on 127.0.0.1 and, where there is IPv6, [::1].
+pub type Sockets = (Vec<UdpSocket>, Vec<TcpListener>);
+
 /// Binds UDP and TCP on 127.0.0.1 and, where the host has IPv6, [::1].
-pub async fn bind(port: u16) -> std::io::Result<(Vec<UdpSocket>, Vec<TcpListener>)> {
-    let mut udp = vec![UdpSocket::bind((Ipv4Addr::LOCALHOST, port)).await?];
-    let mut tcp = vec![TcpListener::bind((Ipv4Addr::LOCALHOST, port)).await?];
-    if let Ok(u) = UdpSocket::bind((Ipv6Addr::LOCALHOST, port)).await {
+pub async fn bind(port: u16) -> std::io::Result<Sockets> {
+    to_tokio(bind_std(port)?)
+}
+
+/// [`bind`] inside a pod's network namespace at `path` (the steered query's target there
+/// is the pod's own 127.0.0.1/[::1]).
+pub fn bind_in(path: &std::path::Path, port: u16) -> std::io::Result<Sockets> {
+    to_tokio(crate::datapath::podnet::run_in(path, move || {
+        bind_std(port)
+    })?)
+}
+
+/// Keeps the DNS proxy listening inside every pod's network namespace.
+pub async fn serve_pods<P: crate::proxy::inpod::InPod>(
+    pods: tokio::sync::watch::Receiver<Vec<P>>,
+    server: Arc<DnsProxy>,
+    port: u16,
+) {
+    crate::proxy::inpod::serve_in_pods(pods, "DNS proxy", move |p: &P, path| {
+        let (udp, tcp) = bind_in(path, port)?;
+        info!(pod = %p.label(), netns = %path.display(), port, "DNS steered to the agent inside the pod");
+        Ok(server.clone().serve((udp, tcp), Some(path.to_path_buf())))
+    })
+    .await
+}
+
+type StdSockets = (Vec<std::net::UdpSocket>, Vec<std::net::TcpListener>);
+
+fn bind_std(port: u16) -> std::io::Result<StdSockets> {
+    use std::net::{TcpListener as T, UdpSocket as U};
+    let mut udp = vec![U::bind((Ipv4Addr::LOCALHOST, port))?];
+    let mut tcp = vec![T::bind((Ipv4Addr::LOCALHOST, port))?];
+    if let Ok(u) = U::bind((Ipv6Addr::LOCALHOST, port)) {
         udp.push(u);
-        if let Ok(t) = TcpListener::bind((Ipv6Addr::LOCALHOST, port)).await {
+        if let Ok(t) = T::bind((Ipv6Addr::LOCALHOST, port)) {
             tcp.push(t);
         }
     }
+    for u in &udp {
+        u.set_nonblocking(true)?;
+    }
+    for t in &tcp {
+        t.set_nonblocking(true)?;
+    }
     Ok((udp, tcp))
+}
+
+fn to_tokio((udp, tcp): StdSockets) -> std::io::Result<Sockets> {
+    Ok((
+        udp.into_iter()
+            .map(UdpSocket::from_std)
+            .collect::<std::io::Result<_>>()?,
+        tcp.into_iter()
+            .map(TcpListener::from_std)
+            .collect::<std::io::Result<_>>()?,
+    ))
 }
 
 impl DnsProxy {
@@ -79,13 +129,15 @@ impl DnsProxy {
         })
     }
 
-    pub async fn serve(self: Arc<Self>, udp: Vec<UdpSocket>, tcp: Vec<TcpListener>) {
+    /// Serves the sockets of one network namespace: `netns` is a pod's (None: the agent's).
+    pub async fn serve(self: Arc<Self>, (udp, tcp): Sockets, netns: Option<PathBuf>) {
+        let netns = netns.map(Arc::new);
         let mut tasks = tokio::task::JoinSet::new();
         for u in udp {
-            tasks.spawn(self.clone().udp_loop(Arc::new(u)));
+            tasks.spawn(self.clone().udp_loop(Arc::new(u), netns.clone()));
         }
         for t in tcp {
-            tasks.spawn(self.clone().tcp_loop(t));
+            tasks.spawn(self.clone().tcp_loop(t, netns.clone()));
         }
         while tasks.join_next().await.is_some() {}
     }
@@ -106,7 +158,7 @@ impl DnsProxy {
         (o.dst.port == egress_common::fqdn::DNS_PORT as u32).then_some(o)
     }
 
-    async fn udp_loop(self: Arc<Self>, sock: Arc<UdpSocket>) {
+    async fn udp_loop(self: Arc<Self>, sock: Arc<UdpSocket>, pod: Option<Arc<PathBuf>>) {
         let netns = match crate::datapath::podnet::netns_cookie(&*sock) {
             Ok(c) => c,
             Err(e) => {
@@ -143,9 +195,9 @@ impl DnsProxy {
                 continue;
             };
             let query = buf[..n].to_vec();
-            let (this, sock) = (self.clone(), sock.clone());
+            let (this, sock, pod) = (self.clone(), sock.clone(), pod.clone());
             tokio::spawn(async move {
-                if let Some(reply) = this.udp_query(orig, &query).await {
+                if let Some(reply) = this.udp_query(orig, &query, pod.as_deref()).await {
                     let _ = sock.send_to(&reply, peer).await;
                 }
                 drop((permit, slot));
@@ -154,25 +206,26 @@ impl DnsProxy {
     }
 
     /// One UDP query: to the resolver, back with its answer learned (None: dropped).
-    async fn udp_query(&self, orig: OrigDst, query: &[u8]) -> Option<Vec<u8>> {
+    async fn udp_query(
+        &self,
+        orig: OrigDst,
+        query: &[u8],
+        pod: Option<&PathBuf>,
+    ) -> Option<Vec<u8>> {
         let m = &self.names.metrics;
         let Ok(q) = parse_query(query) else {
             m.dropped(Dropped::Malformed);
             return None;
         };
         let resolver = orig.dst.socket_addr();
-        let local: SocketAddr = match resolver.ip() {
-            IpAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
-            IpAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
-        };
-        let up = match UdpSocket::bind(local).await {
+        let up = match super::upstream::udp(pod.map(PathBuf::as_path), resolver).await {
             Ok(s) => s,
             Err(_) => {
                 m.dropped(Dropped::Upstream);
                 return None;
             }
         };
-        if up.connect(resolver).await.is_err() || up.send(query).await.is_err() {
+        if up.send(query).await.is_err() {
             m.dropped(Dropped::Upstream);
             return None;
         }
@@ -216,7 +269,7 @@ impl DnsProxy {
         }
     }
 
-    async fn tcp_loop(self: Arc<Self>, listener: TcpListener) {
+    async fn tcp_loop(self: Arc<Self>, listener: TcpListener, pod: Option<Arc<PathBuf>>) {
         let netns = match crate::datapath::podnet::netns_cookie(&listener) {
             Ok(c) => c,
             Err(e) => {
@@ -237,27 +290,28 @@ impl DnsProxy {
                 netns,
                 addr: sock_addr(peer),
             };
-            let this = self.clone();
-            tokio::spawn(async move { this.tcp_conn(client, key).await });
+            let (this, pod) = (self.clone(), pod.clone());
+            tokio::spawn(async move { this.tcp_conn(client, key, pod.as_deref()).await });
         }
     }
 
     /// A DNS-over-TCP connection: each length-prefixed query to the resolver, each answer
     /// learned before it goes back.
-    async fn tcp_conn(&self, mut client: TcpStream, key: OrigKey) {
+    async fn tcp_conn(&self, mut client: TcpStream, key: OrigKey, pod: Option<&PathBuf>) {
         let m = &self.names.metrics;
         let Some(orig) = self.original(&key) else {
             m.dropped(Dropped::NotSteered);
             return;
         };
         let resolver = orig.dst.socket_addr();
-        let mut up = match tokio::time::timeout(self.timeout, TcpStream::connect(resolver)).await {
-            Ok(Ok(s)) => s,
-            _ => {
-                m.dropped(Dropped::Upstream);
-                return;
-            }
-        };
+        let mut up =
+            match super::upstream::tcp(pod.map(PathBuf::as_path), resolver, self.timeout).await {
+                Ok(s) => s,
+                Err(_) => {
+                    m.dropped(Dropped::Upstream);
+                    return;
+                }
+            };
         let _ = client.set_nodelay(true);
         let _ = up.set_nodelay(true);
         loop {

@@ -11,6 +11,7 @@ pub mod connect;
 pub mod h2tunnel;
 pub mod metrics;
 pub mod server;
+pub mod services;
 pub mod settings;
 pub mod socks5;
 
@@ -99,9 +100,53 @@ impl Upstream {
 #[derive(Default)]
 pub struct Dialer {
     h2: h2tunnel::Pool,
+    /// The cluster's EndpointSlices, for gateways named by Service (Kubernetes mode).
+    services: std::sync::OnceLock<std::sync::Arc<services::Services>>,
+    /// Spreads connections over a Service's endpoints.
+    turn: AtomicU64,
 }
 
+/// Why no tunnel opened: where (an address, or a Service), in which mode, and the error.
+pub type DialError = (String, GatewayMode, GatewayError);
+
 impl Dialer {
+    /// Gateways named by Service find their endpoints in `s`.
+    pub fn bind_services(&self, s: std::sync::Arc<services::Services>) {
+        let _ = self.services.set(s);
+    }
+
+    /// Where `gw` can be reached now, in the order to try, each with its mode: its addresses,
+    /// and its Services' ready endpoints (starting at a different one each time). A Service
+    /// with none gives an error in place of its endpoints.
+    fn candidates(&self, gw: &EgressGateway) -> Vec<Result<(SocketAddr, GatewayMode), DialError>> {
+        let mut out = Vec::new();
+        for ep in gw.spec.all() {
+            if let Some(a) = ep.address {
+                out.push(Ok((a, ep.mode)));
+            }
+            let Some(svc) = &ep.service else { continue };
+            let found = match self.services.get() {
+                Some(s) => s.endpoints(svc),
+                None => Err(format!(
+                    "Service {svc}: no cluster to find its endpoints in"
+                )),
+            };
+            match found {
+                Ok(mut addrs) => {
+                    let turn = self.turn.fetch_add(1, Ordering::Relaxed) as usize % addrs.len();
+                    addrs.rotate_left(turn);
+                    out.extend(addrs.into_iter().map(|a| Ok((a, ep.mode))));
+                }
+                Err(why) => out.push(Err((
+                    format!("Service {svc}"),
+                    ep.mode,
+                    GatewayError::Protocol(why),
+                ))),
+            }
+        }
+        out
+    }
+
     /// Opens a tunnel to `target` through `gw`, trying its endpoints in order; the error is
     /// the last endpoint's, with its address. Never falls back to a direct connection.
     pub async fn open(
@@ -110,20 +155,24 @@ impl Dialer {
         target: &Target,
         host: Option<&str>,
         timeout: Duration,
-    ) -> Result<Upstream, (SocketAddr, GatewayMode, GatewayError)> {
+    ) -> Result<Upstream, DialError> {
         let mut last = None;
-        for ep in gw.spec.all() {
-            match self
-                .open_one(ep.address, ep.mode, target, host, timeout)
-                .await
-            {
+        for c in self.candidates(gw) {
+            let (addr, mode) = match c {
+                Ok(c) => c,
+                Err(e) => {
+                    last = Some(e);
+                    continue;
+                }
+            };
+            match self.open_one(addr, mode, target, host, timeout).await {
                 Ok(u) => return Ok(u),
-                Err(e) => last = Some((ep.address, ep.mode, e)),
+                Err(e) => last = Some((addr.to_string(), mode, e)),
             }
         }
         Err(last.unwrap_or_else(|| {
             (
-                SocketAddr::from(([0, 0, 0, 0], 0)),
+                "nowhere".into(),
                 GatewayMode::Socks5,
                 GatewayError::Protocol("the gateway has no endpoints".into()),
             )
@@ -261,5 +310,72 @@ where
         idle_timeout,
         revoked,
         error,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::policy::{parse_unlinked, EgressGateway};
+
+    fn gateway() -> EgressGateway {
+        let text = "kind: EgressGateway\nmetadata: {name: g}\nspec: {endpoints: [{service: {name: gw, namespace: fsm}, mode: socks5}, {address: 127.0.8.9:1080, mode: http2tunnel}]}\n";
+        parse_unlinked(text, "g.yaml").unwrap().gateways.remove(0)
+    }
+
+    fn slice(ips: &[&str]) -> serde_json::Value {
+        let endpoints: Vec<_> = ips.iter().map(|ip| json!({"addresses": [ip]})).collect();
+        json!({"metadata": {"name": "gw-1", "namespace": "fsm",
+                            "labels": {services::SERVICE_NAME_LABEL: "gw"}},
+               "addressType": "IPv4", "ports": [{"port": 1080}], "endpoints": endpoints})
+    }
+
+    /// (address or error, mode) of each candidate.
+    fn tried(d: &Dialer, gw: &EgressGateway) -> Vec<String> {
+        d.candidates(gw)
+            .into_iter()
+            .map(|c| match c {
+                Ok((a, m)) => format!("{a} {}", m.name()),
+                Err((at, m, e)) => format!("{at} {}: {e}", m.name()),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_services_endpoints_take_turns_and_none_is_an_error_in_their_place() {
+        let d = Dialer::default();
+        let gw = gateway();
+        let s = Arc::new(services::Services::default());
+        d.bind_services(s.clone());
+        s.apply(&slice(&["10.1.0.1", "10.1.0.2"]));
+        let first = tried(&d, &gw);
+        assert_eq!(
+            first,
+            [
+                "10.1.0.1:1080 socks5",
+                "10.1.0.2:1080 socks5",
+                "127.0.8.9:1080 http2tunnel"
+            ]
+        );
+        assert_eq!(
+            tried(&d, &gw),
+            [
+                "10.1.0.2:1080 socks5",
+                "10.1.0.1:1080 socks5",
+                "127.0.8.9:1080 http2tunnel"
+            ]
+        );
+        s.apply(&slice(&[]));
+        assert_eq!(
+            tried(&d, &gw),
+            [
+                "Service fsm/gw socks5: Service fsm/gw has no ready endpoints",
+                "127.0.8.9:1080 http2tunnel"
+            ]
+        );
     }
 }

@@ -8,7 +8,8 @@
 //!   the same `Config` a policy file gives.
 //! - [`appear`]: inotify on the kubepods cgroup, so a new pod is enrolled at once.
 //! - [`watch`]: list/watch against the API server, reconcile into `Control`, status reports,
-//!   the startup taint.
+//!   the startup taint; EndpointSlices go to the node proxy (gateways named by Service, see
+//!   [`crate::gateway::services`]).
 //! - [`toggle`]: `egress enable|disable|status --kubernetes`.
 
 pub mod appear;
@@ -45,6 +46,8 @@ pub struct Started {
     pub watch: watch::Watch,
     pub view: view::View,
     pub resolved: view::Resolved,
+    /// The EndpointSlices of gateways named by Service (the node proxy reads them).
+    pub services: std::sync::Arc<crate::gateway::services::Services>,
     /// Policy objects refused in the first sync (reported once metrics exist).
     pub rejected: Vec<crate::policy::ConfigError>,
 }
@@ -57,7 +60,8 @@ pub async fn first_sync(
     state_file: &std::path::Path,
 ) -> anyhow::Result<Started> {
     let client = client().await?;
-    let mut watch = watch::Watch::start(client.clone(), &opts.node);
+    let services = std::sync::Arc::new(crate::gateway::services::Services::default());
+    let mut watch = watch::Watch::start(client.clone(), &opts.node, services.clone());
     let mut view = view::View::default();
     if let Ok(saved) = std::fs::read_to_string(state_file) {
         let n = view.seed(&saved);
@@ -71,6 +75,7 @@ pub async fn first_sync(
         watch,
         view,
         resolved,
+        services,
         rejected,
     })
 }

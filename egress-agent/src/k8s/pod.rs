@@ -223,5 +223,16 @@ mod tests {
                 assert_eq!(rule["resources"].as_array().unwrap().len(), 1, "{plural}");
             }
         }
+        // Gateways named by Service: EndpointSlices, list and watch, nothing else.
+        let slices: Vec<_> = rules
+            .iter()
+            .filter(|r| r["apiGroups"][0] == "discovery.k8s.io")
+            .collect();
+        assert_eq!(slices.len(), 1);
+        assert_eq!(
+            slices[0]["resources"],
+            serde_json::json!(["endpointslices"])
+        );
+        assert_eq!(slices[0]["verbs"], serde_json::json!(["list", "watch"]));
     }
 }

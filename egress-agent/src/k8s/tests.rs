@@ -65,7 +65,7 @@ async fn watcher_follows_node_pods_and_keeps_the_last_valid_policy() {
         json!({"apiVersion": "policy.egress.dev/v1alpha1", "kind": "MeshConfig",
                "metadata": {"name": "egress"}, "spec": {"traffic": {"enableEgress": false}}}),
     );
-    let mut watch = Watch::start(client(&fake), "node-a");
+    let mut watch = Watch::start(client(&fake), "node-a", Default::default());
     let mut view = View::default();
     let rejected = watch.first_sync(&mut view).await.unwrap();
     assert!(rejected.is_empty(), "{rejected:?}");

@@ -22,6 +22,7 @@ use tracing::{debug, info, warn};
 use super::view::{Pod, View, KINDS};
 use crate::{
     control::Control,
+    gateway::services::{Services, SERVICE_NAME_LABEL},
     policy::{ConfigError, ObjectRef},
 };
 
@@ -43,17 +44,23 @@ pub fn resource(kind: &str) -> ApiResource {
 /// One event of one of the watched kinds ("Pod" or a policy kind).
 type Change = (&'static str, watcher::Event<DynamicObject>);
 
-/// The four watches, merged into one channel.
+/// EndpointSlices (of gateways' Services): watched like the policy kinds, kept apart.
+pub const ENDPOINT_SLICE: &str = "EndpointSlice";
+
+/// The watches, merged into one channel.
 pub struct Watch {
     rx: mpsc::Receiver<Change>,
+    /// Where EndpointSlices go (the node proxy reads them).
+    services: Arc<Services>,
     /// Kinds still before their first complete list.
     unsynced: Vec<&'static str>,
     init: BTreeMap<&'static str, Vec<Value>>,
 }
 
 impl Watch {
-    /// Starts watching the pods of `node` and the policy CRDs (all namespaces).
-    pub fn start(client: Client, node: &str) -> Watch {
+    /// Starts watching the pods of `node`, the policy CRDs and the EndpointSlices of
+    /// Services (all namespaces; the slices go to `services`).
+    pub fn start(client: Client, node: &str, services: Arc<Services>) -> Watch {
         let (tx, rx) = mpsc::channel(1024);
         let pods = Api::<DynamicObject>::all_with(
             client.clone(),
@@ -67,8 +74,16 @@ impl Watch {
             spawn_watch(kind, api, watcher::Config::default(), tx.clone());
             unsynced.push(kind);
         }
+        let slices = Api::<DynamicObject>::all_with(
+            client.clone(),
+            &ApiResource::erase::<k8s_openapi::api::discovery::v1::EndpointSlice>(&()),
+        );
+        let of_services = watcher::Config::default().labels(SERVICE_NAME_LABEL);
+        spawn_watch(ENDPOINT_SLICE, slices, of_services, tx.clone());
+        unsynced.push(ENDPOINT_SLICE);
         Watch {
             rx,
+            services,
             unsynced,
             init: BTreeMap::new(),
         }
@@ -104,7 +119,10 @@ impl Watch {
             watcher::Event::InitDone => {
                 let objs = self.init.remove(kind).unwrap_or_default();
                 self.unsynced.retain(|k| *k != kind);
-                if kind == "Pod" {
+                if kind == ENDPOINT_SLICE {
+                    self.services.relist(&objs);
+                    (false, Vec::new())
+                } else if kind == "Pod" {
                     view.pods = objs
                         .iter()
                         .filter_map(Pod::from_json)
@@ -114,6 +132,14 @@ impl Watch {
                 } else {
                     (true, view.relist(kind, &objs))
                 }
+            }
+            watcher::Event::Apply(o) if kind == ENDPOINT_SLICE => {
+                self.services.apply(&json(&o));
+                (false, Vec::new())
+            }
+            watcher::Event::Delete(o) if kind == ENDPOINT_SLICE => {
+                self.services.delete(&json(&o));
+                (false, Vec::new())
             }
             watcher::Event::Apply(o) if kind == "Pod" => match Pod::from_json(&json(&o)) {
                 Some(p) => {

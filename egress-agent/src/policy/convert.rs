@@ -3,7 +3,9 @@
 //! (`policy.egress.dev/v1alpha1`), for `kubectl apply`. Their fields mean the same here
 //! (ServiceAccount sources, hosts, ipAddresses, ports), so only the apiVersion changes; a
 //! field we cannot honour (`matches`, `sources[].mtls`) is refused by name, like every other
-//! error. The other documents are checked the same way and passed through unchanged.
+//! error. FSM's EgressGateway becomes ours naming the same Service (see
+//! [`super::fsm_gateway`]). The other documents are checked the same way and passed through
+//! unchanged.
 //!
 //! In Kubernetes mode the agent watches only its own group: an OSM or FSM CRD may not be
 //! installed (a watch of a missing resource would never complete the first sync), and two
@@ -12,13 +14,17 @@
 
 use serde_json::Value;
 
-use super::{document::documents, error::ConfigError, model::API_VERSION, parse};
+use super::{document::documents, error::ConfigError, fsm_gateway, model::API_VERSION, parse};
 
 /// The documents of `text` (`file` names it in errors), converted, as YAML.
 pub fn convert(text: &str, file: &str) -> Result<String, ConfigError> {
     let mut out = Vec::new();
     for doc in documents(text, file)? {
         parse::object(&doc, file)?;
+        if let Some(ours) = fsm_gateway::ours(&doc, file)? {
+            out.push(ours.body);
+            continue;
+        }
         let mut body = doc.body;
         let foreign = body
             .get("apiVersion")
@@ -64,7 +70,24 @@ mod tests {
         assert_eq!(cfg.egresses.len(), 1);
         assert_eq!(cfg.network_policies.len(), 1);
         assert_eq!(cfg.admin_policies.len(), 2);
+        assert!(cfg.gateways[0].spec.global[0].service.is_some());
         let out = convert(text, "example").unwrap();
         assert!(!out.contains("openservicemesh"), "{out}");
+        assert!(!out.contains("flomesh.io/v1alpha1"), "{out}");
+    }
+
+    #[test]
+    fn fsm_gateway_becomes_ours_naming_its_service() {
+        let fsm = "apiVersion: policy.flomesh.io/v1alpha1\nkind: EgressGateway\nmetadata: {name: global-egress-gateway, namespace: fsm, annotations: {flomesh.io/egress-gateway-mode: sock5}}\nspec: {global: [{service: fsm-egress-gateway, namespace: fsm}]}\n";
+        let out = convert(fsm, "fsm.yaml").unwrap();
+        let doc = &documents(&out, "out").unwrap()[0];
+        assert_eq!(doc.body["apiVersion"], API_VERSION);
+        assert_eq!(
+            doc.body["spec"],
+            serde_json::json!({"global": [{"service": {"name": "fsm-egress-gateway", "namespace": "fsm"}, "mode": "socks5"}]})
+        );
+        // What it converted to is a valid gateway in Kubernetes mode.
+        let cfg = crate::policy::parse_unlinked(&out, "out").unwrap();
+        assert!(cfg.gateways[0].spec.is_global());
     }
 }

@@ -14,6 +14,8 @@ pub mod compile;
 pub mod convert;
 pub mod document;
 pub mod error;
+pub mod fsm_gateway;
+pub mod gateway_spec;
 pub mod http_route;
 pub mod live;
 pub mod model;

@@ -7,6 +7,7 @@ use std::{collections::BTreeMap, fmt};
 
 use serde::Deserialize;
 
+pub use super::gateway_spec::{GatewayEndpoint, GatewayMode, GatewaySpec, PortRef, ServiceRef};
 pub use super::http_route::{HttpRoute, PathMatch};
 use super::scalar::{Cidr, HostPattern, Port, Seconds};
 pub use super::selector::{LabelSelector, Labels};
@@ -441,64 +442,6 @@ pub enum AdminAction {
 pub struct EgressGateway {
     pub id: ObjectRef,
     pub spec: GatewaySpec,
-}
-
-/// A gateway is either global (FSM semantics: every connection the proxy relays leaves
-/// through it, unless its policy names another gateway) or per policy (`endpoints`: used only
-/// by the Egress policies that name it with `gateway:`). Endpoints are tried in order.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct GatewaySpec {
-    #[serde(default)]
-    pub global: Vec<GatewayEndpoint>,
-    #[serde(default)]
-    pub endpoints: Vec<GatewayEndpoint>,
-}
-
-impl GatewaySpec {
-    pub fn is_global(&self) -> bool {
-        !self.global.is_empty()
-    }
-
-    /// The endpoints, whichever list holds them.
-    pub fn all(&self) -> &[GatewayEndpoint] {
-        if self.is_global() {
-            &self.global
-        } else {
-            &self.endpoints
-        }
-    }
-}
-
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct GatewayEndpoint {
-    pub address: std::net::SocketAddr,
-    pub mode: GatewayMode,
-}
-
-/// How the node proxy talks to a gateway.
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Hash)]
-pub enum GatewayMode {
-    /// HTTP/2 CONNECT, one stream per connection over one reused h2c connection.
-    #[serde(rename = "http2tunnel")]
-    Http2tunnel,
-    /// SOCKS5 CONNECT (RFC 1928, no authentication).
-    #[serde(rename = "socks5")]
-    Socks5,
-    /// HTTP/1.1 CONNECT, one TCP connection per tunnel (squid, tinyproxy and friends).
-    #[serde(rename = "http-connect")]
-    HttpConnect,
-}
-
-impl GatewayMode {
-    pub fn name(self) -> &'static str {
-        match self {
-            GatewayMode::Http2tunnel => "http2tunnel",
-            GatewayMode::Socks5 => "socks5",
-            GatewayMode::HttpConnect => "http-connect",
-        }
-    }
 }
 
 impl Egress {

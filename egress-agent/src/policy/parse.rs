@@ -14,6 +14,7 @@ use super::{
     anp,
     document::{documents, Document},
     error::ConfigError,
+    fsm_gateway,
     model::{
         Config, Egress, EgressGateway, EgressSpec, GatewaySpec, MeshSpec, Network, ObjectRef,
         PolicyObject, Workload, API_VERSION,
@@ -161,9 +162,8 @@ pub fn object(doc: &Document, file: &str) -> Result<PolicyObject, ConfigError> {
             PolicyObject::Egress(Egress { id, spec })
         }
         "EgressGateway" => {
-            if doc.body.get("apiVersion") == Some(&FOREIGN_EGRESS_APIS[1].into()) {
-                return Err(err("apiVersion", "FSM's EgressGateway names Services (spec.global[].service), which is not supported yet: write an EgressGateway of policy.egress.dev/v1alpha1 with the gateway's addresses and mode"));
-            }
+            let fsm = fsm_gateway::ours(doc, file)?;
+            let doc = fsm.as_ref().unwrap_or(doc);
             let o: Object<GatewaySpec> = typed(doc, file, ours)?;
             let spec = o.spec.ok_or_else(|| err("spec", "missing"))?;
             check_gateway(file, &label, &spec)?;
@@ -203,6 +203,8 @@ fn typed<S: for<'de> Deserialize<'de>>(
     Ok(o)
 }
 
+#[cfg(test)]
+mod gateway_tests;
 #[cfg(test)]
 mod sources_tests;
 #[cfg(test)]

@@ -140,23 +140,45 @@ pub fn check_egress(file: &str, label: &str, s: &EgressSpec) -> Result<(), Confi
     Ok(())
 }
 
-/// An EgressGateway spec on its own: global or per-policy endpoints, one of them.
+/// An EgressGateway spec on its own: global or per-policy endpoints, one of them; each an
+/// address or a Service.
 pub fn check_gateway(file: &str, label: &str, spec: &GatewaySpec) -> Result<(), ConfigError> {
+    let err = |field: &str, reason: &str| ConfigError::new(file, label, field, reason);
     match (spec.global.is_empty(), spec.endpoints.is_empty()) {
-        (true, true) => Err(ConfigError::new(
-            file,
-            label,
+        (true, true) => return Err(err(
             "spec",
             "give the gateway's addresses in global (every proxied connection) or endpoints (policies that name it)",
         )),
-        (false, false) => Err(ConfigError::new(
-            file,
-            label,
+        (false, false) => return Err(err(
             "spec.endpoints",
             "a gateway is either global or per policy: give global or endpoints, not both",
         )),
-        _ => Ok(()),
+        _ => {}
     }
+    for (i, ep) in spec.all().iter().enumerate() {
+        let f = format!("spec.{}[{i}]", spec.field());
+        match (&ep.address, &ep.service) {
+            (Some(_), Some(_)) => {
+                return Err(err(
+                    &format!("{f}.service"),
+                    "give either address or service, not both",
+                ))
+            }
+            (None, None) => {
+                return Err(err(
+                    &f,
+                    "give the gateway's address (host:port) or its service (name, namespace)",
+                ))
+            }
+            (None, Some(svc)) => {
+                check_name(&svc.name).map_err(|r| err(&format!("{f}.service.name"), &r))?;
+                check_name(&svc.namespace)
+                    .map_err(|r| err(&format!("{f}.service.namespace"), &r))?;
+            }
+            (Some(_), None) => {}
+        }
+    }
+    Ok(())
 }
 
 /// The objects of one policy, gathered one by one (each checked against those before it),
@@ -263,6 +285,16 @@ impl Objects {
     /// A whole policy file: every source names a Workload of the file, and the checks of
     /// [`Objects::finish_unlinked`].
     pub fn finish(self) -> Result<Config, ConfigError> {
+        // A Service is found in a cluster; a standalone agent has none.
+        for g in &self.cfg.gateways {
+            if let Some(i) = g.spec.all().iter().position(|e| e.service.is_some()) {
+                return Err(self.err(
+                    &format!("EgressGateway {}", g.id.name),
+                    &format!("spec.{}[{i}].service", g.spec.field()),
+                    "a gateway named by Service needs Kubernetes mode (run --kubernetes, validate --kubernetes): a standalone agent has no cluster to find its endpoints in; give its address instead",
+                ));
+            }
+        }
         // Every source must name an existing workload (selectors may match none: that is a
         // policy that applies to nobody yet, as in Kubernetes).
         let names: BTreeSet<&ObjectRef> = self.cfg.workloads.iter().map(|w| &w.id).collect();
@@ -301,20 +333,6 @@ impl Objects {
                 "spec.hostBinding",
                 "strict needs spec.dns.enabled: true (names are bound to the addresses DNS gave them)",
             ));
-        }
-        if let Some(w) = self
-            .cfg
-            .workloads
-            .iter()
-            .find(|w| w.network == Network::Pod)
-        {
-            if m.dns.enabled {
-                return Err(self.err(
-                    &format!("Workload {}", w.id),
-                    "spec.network",
-                    "pods (network: pod) cannot be used with the MeshConfig's spec.dns.enabled yet: the DNS proxy does not listen inside pods",
-                ));
-            }
         }
         for e in &self.cfg.egresses {
             self.check_gateway_named(e)?;

@@ -2,7 +2,10 @@
 //! model), so the redirect target is the pod's own 127.0.0.1/[::1]:<proxy port> and no node
 //! address is exposed to pods.
 
-use std::{path::PathBuf, sync::Arc};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use tracing::{info, warn};
 
@@ -28,10 +31,33 @@ impl InPod for podnet::Pod {
 /// Keeps a proxy listener open inside every pod's network namespace (the redirect target
 /// there is the pod's own 127.0.0.1/[::1]:<proxy port>).
 pub async fn serve_pods<P: InPod>(
-    mut pods: tokio::sync::watch::Receiver<Vec<P>>,
+    pods: tokio::sync::watch::Receiver<Vec<P>>,
     relay: Arc<Proxy>,
     port: u16,
 ) {
+    serve_in_pods(pods, "proxy", move |p: &P, path: &Path| {
+        let ls = podnet::bind_in(path, port).and_then(|ls| {
+            ls.into_iter()
+                .map(tokio::net::TcpListener::from_std)
+                .collect::<std::io::Result<Vec<_>>>()
+        })?;
+        info!(pod = %p.label(), netns = %path.display(), port, "proxy listening inside the pod");
+        Ok(relay.clone().serve(ls))
+    })
+    .await
+}
+
+/// Keeps a server `what` running inside every pod's network namespace: `start` opens its
+/// sockets there and gives the future that serves them; it is dropped when the pod goes.
+pub async fn serve_in_pods<P, F, Fut>(
+    mut pods: tokio::sync::watch::Receiver<Vec<P>>,
+    what: &'static str,
+    start: F,
+) where
+    P: InPod,
+    F: Fn(&P, &Path) -> std::io::Result<Fut>,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let mut serving: std::collections::HashMap<PathBuf, tokio::task::AbortHandle> =
         std::collections::HashMap::new();
     let mut tasks = tokio::task::JoinSet::new();
@@ -49,18 +75,12 @@ pub async fn serve_pods<P: InPod>(
             if serving.contains_key(&path) {
                 continue;
             }
-            let listeners = podnet::bind_in(&path, port).and_then(|ls| {
-                ls.into_iter()
-                    .map(tokio::net::TcpListener::from_std)
-                    .collect::<std::io::Result<Vec<_>>>()
-            });
-            match listeners {
-                Ok(ls) => {
-                    info!(pod = %p.label(), netns = %path.display(), port, "proxy listening inside the pod");
-                    serving.insert(path, tasks.spawn(relay.clone().serve(ls)));
+            match start(&p, &path) {
+                Ok(serve) => {
+                    serving.insert(path, tasks.spawn(serve));
                 }
                 Err(e) => {
-                    warn!(pod = %p.label(), netns = %path.display(), error = %e, "cannot open the proxy inside the pod; its redirected connections are refused")
+                    warn!(pod = %p.label(), netns = %path.display(), error = %e, what, "cannot open this server inside the pod; what the kernel steers to it is refused")
                 }
             }
         }

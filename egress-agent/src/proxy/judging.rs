@@ -9,7 +9,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     http1::{self, Judgement, RequestLog, Served},
-    reset, rule_name, Proxy, Record,
+    reset, rule_name, Proxy, Record, HOST_MISMATCH,
 };
 use crate::{
     gateway::Upstream,
@@ -87,6 +87,9 @@ impl Proxy {
         }
     }
 
+    /// One request of a judged connection: the policy, then (`hostBinding: strict`) whether
+    /// its host resolved to the connection's address, on every request of a keep-alive
+    /// connection, not only the first.
     fn judge(
         &self,
         workload: u32,
@@ -94,7 +97,18 @@ impl Proxy {
         name: &str,
         r: &egress_common::wire::http::Request<'_, '_>,
     ) -> Judgement {
-        judge(&self.policy(), workload, dst, name, r)
+        let p = self.policy();
+        let v = p.decide_request(workload, dst.ip(), dst.port(), &view(r));
+        match v {
+            HostVerdict::Allow(id) if !self.host_bound(&p, workload, r.host, dst, id) => {
+                warn!(workload = name, dst = %dst, host = r.host.unwrap_or(""), reason = HOST_MISMATCH, "refused a request: the host did not resolve to this address for the workload (hostBinding: strict)");
+                Judgement::Refuse {
+                    why: mismatch_why(r.host, dst),
+                    policy: rule_name(&p, id),
+                }
+            }
+            _ => judgement(&p, v, name, r),
+        }
     }
     /// The audit line of one request (`egress::proxy`, message `request`): refusals and
     /// audits at info, the rest at debug. The query string is never logged.
@@ -125,15 +139,23 @@ impl Proxy {
     }
 }
 
+/// The one-line reason of a `host-address-mismatch` refusal.
+pub(super) fn mismatch_why(host: Option<&str>, dst: SocketAddr) -> String {
+    format!(
+        "{HOST_MISMATCH}: {} did not resolve to {} for this workload",
+        host.unwrap_or("(none)"),
+        dst.ip()
+    )
+}
+
 /// The verdict on one request, with the 403's text when refused.
-fn judge(
+fn judgement(
     p: &Compiled,
-    workload: u32,
-    dst: SocketAddr,
+    v: HostVerdict,
     name: &str,
     r: &egress_common::wire::http::Request<'_, '_>,
 ) -> Judgement {
-    match p.decide_request(workload, dst.ip(), dst.port(), &view(r)) {
+    match v {
         HostVerdict::Allow(id) => Judgement::Allow {
             rule: rule_name(p, id),
             audit: false,
@@ -173,8 +195,8 @@ impl Proxy {
     ) -> (String, String) {
         let mut headers = [http::EMPTY_HEADER; http::MAX_HEADERS];
         if let Ok(r) = http::request(head, &mut headers) {
-            if let Judgement::Refuse { why, policy } = judge(p, workload, rec.dst, rec.workload, &r)
-            {
+            let v = p.decide_request(workload, rec.dst.ip(), rec.dst.port(), &view(&r));
+            if let Judgement::Refuse { why, policy } = judgement(p, v, rec.workload, &r) {
                 let log = RequestLog {
                     method: r.method.into(),
                     host: r.host.unwrap_or("").into(),

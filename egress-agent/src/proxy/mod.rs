@@ -142,6 +142,11 @@ impl Proxy {
         })
     }
 
+    /// Kubernetes mode: gateways named by Service find their endpoints in `s`.
+    pub fn bind_services(&self, s: Arc<crate::gateway::services::Services>) {
+        self.gateways.bind_services(s);
+    }
+
     /// Binds hosts to the addresses workloads' DNS gave them (`hostBinding: strict`).
     pub fn bind_names(&self, names: Arc<crate::dns::Names>) {
         let _ = self.names.set(names);
@@ -293,12 +298,10 @@ impl Proxy {
                     rec.rule = rule_name(&policy, id);
                     warn!(workload = rec.workload, dst = %dst, host = host.as_deref().unwrap_or(""), reason = HOST_MISMATCH, "refused: the host did not resolve to this address for the workload (hostBinding: strict)");
                     let http = is_http.then(|| {
-                        let why = format!(
-                            "{HOST_MISMATCH}: {} did not resolve to {} for this workload",
-                            host.as_deref().unwrap_or("(none)"),
-                            dst.ip()
-                        );
-                        (why, rec.rule.clone())
+                        (
+                            judging::mismatch_why(host.as_deref(), dst),
+                            rec.rule.clone(),
+                        )
                     });
                     refuse(client, http, matches!(sniffed, Some(Sniffed::Tls(_)))).await;
                     self.finish(&rec, (head.len() as u64, 0), HOST_MISMATCH);

@@ -3,10 +3,11 @@
 //! the real list/watch JSON protocol for a kube client: lists with a `resourceVersion`,
 //! `watch=true` streams of newline-delimited `{"type":"ADDED","object":{...}}` events
 //! (a chunked body) replayed from that version, the `spec.nodeName` field selector on pods,
-//! GET, POST (create) and JSON merge PATCH (also on `/status`, and with a
-//! `metadata.resourceVersion` precondition), for any group and version. Tests put, change and
-//! delete objects with [`FakeApiServer::put`] and [`FakeApiServer::delete`], and end every
-//! open watch with [`FakeApiServer::end_watches`] as an API server does at its timeout.
+//! a label-exists selector (`labelSelector=KEY`), GET, POST (create) and JSON merge PATCH
+//! (also on `/status`, and with a `metadata.resourceVersion` precondition), for any group and
+//! version. Tests put, change and delete objects with [`FakeApiServer::put`] and
+//! [`FakeApiServer::delete`], and end every open watch with [`FakeApiServer::end_watches`] as
+//! an API server does at its timeout.
 
 use std::{
     collections::BTreeMap,
@@ -335,6 +336,19 @@ fn target(path: &str) -> Option<Target> {
 }
 
 fn matches(collection: &str, obj: &Value, query: &BTreeMap<String, String>) -> bool {
+    // A label selector of one key alone: the label exists.
+    if let Some(key) = query
+        .get("labelSelector")
+        .filter(|l| !l.contains(['=', '!', ',']))
+    {
+        if obj
+            .pointer("/metadata/labels")
+            .and_then(|l| l.get(key))
+            .is_none()
+        {
+            return false;
+        }
+    }
     match query.get("fieldSelector").and_then(|f| f.split_once('=')) {
         Some(("spec.nodeName", node)) if collection == "pods" => {
             obj["spec"]["nodeName"].as_str() == Some(node)

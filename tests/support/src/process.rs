@@ -134,18 +134,46 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `cmd` in `dir` and waits until `addr` accepts TCP connections.
     pub fn start(name: &str, cmd: &[&str], addr: &str, dir: PathBuf) -> Daemon {
-        let child = Command::new(cmd[0])
-            .args(&cmd[1..])
+        let mut c = Command::new(cmd[0]);
+        c.args(&cmd[1..]);
+        let d = Self::spawn(name, c, dir);
+        wait_listening(name, addr, Duration::from_secs(15));
+        d
+    }
+
+    /// [`Daemon::start`] inside network namespace `netns` (`nsenter --net`, which execs
+    /// `cmd`: the PID is the daemon's), waiting until `addr` accepts there.
+    pub fn start_in(netns: &Path, name: &str, cmd: &[&str], addr: &str, dir: PathBuf) -> Daemon {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net={}", netns.display())).args(cmd);
+        let d = Self::spawn(name, c, dir);
+        wait_listening_in(netns, name, addr, Duration::from_secs(15));
+        d
+    }
+
+    fn spawn(name: &str, mut cmd: Command, dir: PathBuf) -> Daemon {
+        let child = cmd
             .current_dir(&dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .unwrap_or_else(|e| panic!("start {name} ({}): {e}", cmd[0]));
-        let d = Daemon { child, dir };
-        wait_listening(name, addr, Duration::from_secs(15));
-        d
+            .unwrap_or_else(|e| panic!("start {name} ({cmd:?}): {e}"));
+        Daemon { child, dir }
     }
+}
+
+/// [`wait_listening`] from inside network namespace `netns`.
+pub fn wait_listening_in(netns: &Path, what: &str, addr: &str, within: Duration) {
+    let a = addr.to_string();
+    let up = crate::net::in_netns(netns, move || {
+        wait_until(within, || TcpStream::connect(a.as_str()).is_ok())
+    });
+    assert!(
+        up,
+        "{what} does not listen on {addr} in {}",
+        netns.display()
+    );
 }
 
 impl Drop for Daemon {

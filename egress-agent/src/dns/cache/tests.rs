@@ -208,8 +208,20 @@ fn udp_hosts_need_dns_and_strict_binding_needs_dns() {
 }
 
 #[test]
-fn dns_is_refused_with_standalone_pods() {
+fn dns_is_accepted_with_standalone_pods() {
     let text = "kind: MeshConfig\nmetadata: {name: m}\nspec:\n  dns: {enabled: true}\n  podNetwork: {ipv4: 10.200.0.0/24}\n---\nkind: Workload\nmetadata: {name: p}\nspec: {network: pod}\n";
-    let e = parse(text, "f.yaml").unwrap_err().to_string();
-    assert!(e.contains("Workload default/p: spec.network"), "{e}");
+    let cfg = parse(text, "f.yaml").unwrap();
+    assert!(cfg.mesh.dns.enabled);
+}
+
+#[test]
+fn dns_is_steered_only_to_the_port_the_proxy_serves() {
+    use crate::dns::steered_port;
+    assert_eq!(steered_port(15053, Some(&15053)), 15053);
+    // Turned on, or moved, after the start: not steered (nobody serves that port).
+    assert_eq!(steered_port(15053, None), 0);
+    assert_eq!(steered_port(15054, Some(&15053)), 0);
+    // Turned off.
+    assert_eq!(steered_port(0, Some(&15053)), 0);
+    assert_eq!(steered_port(0, None), 0);
 }

@@ -68,8 +68,9 @@ fn what_cannot_be_honoured_is_refused_by_name() {
          "p.yaml: Egress curl/e: spec.matches: unknown field `matches`"),
         ("apiVersion: policy.flomesh.io/v1alpha1\nkind: Egress\nmetadata: {name: e, namespace: curl}\nspec: {sources: [{kind: ServiceAccount, name: curl, mtls: {issuer: osm}}]}\n",
          "p.yaml: Egress curl/e: spec.sources[0].mtls: unknown field `mtls`"),
+        // Standalone: a Service is found in a cluster, which a policy file does not have.
         ("apiVersion: policy.flomesh.io/v1alpha1\nkind: EgressGateway\nmetadata: {name: g, namespace: fsm}\nspec: {global: [{service: fsm-egress-gateway, namespace: fsm}]}\n",
-         "p.yaml: EgressGateway g: apiVersion: FSM's EgressGateway names Services"),
+         "p.yaml: EgressGateway g: spec.global[0].service: a gateway named by Service needs Kubernetes mode"),
         ("kind: Egress\nmetadata: {name: e, namespace: curl}\nspec: {sources: [{kind: ServiceAccount, name: curl, podSelector: {}}]}\n",
          "p.yaml: Egress curl/e: spec.sources[0].podSelector: a ServiceAccount source is named"),
         ("kind: Egress\nmetadata: {name: e, namespace: curl}\nspec: {sources: [{namespace: shop, namespaceSelector: {}}]}\n",
