@@ -6,7 +6,9 @@ mod bench_env;
 mod bench_gateway;
 mod bench_kernel;
 mod bench_measure;
+mod bench_memory;
 mod bench_preview;
+mod bench_proxy;
 mod bench_report;
 mod bench_work;
 mod cmd;
@@ -56,6 +58,11 @@ enum Task {
         /// entries, without an agent (no root).
         #[arg(long, conflicts_with_all = ["quick", "full", "gateway"])]
         preview: bool,
+        /// Instead: only the proxy's and the toggle's workloads (W10 toggle with 100k
+        /// rules, W11 a burst of 10,000 connections, W12 memory), the agent and a banner
+        /// server alone in the namespace (as root).
+        #[arg(long, conflicts_with_all = ["quick", "full", "gateway", "preview", "dns"])]
+        proxy: bool,
         /// Instead: only the DNS tables (D1-D3: round trip through the agent's DNS proxy vs
         /// straight to dnsmasq, connect() with 10k learned names); under a minute.
         #[arg(long, conflicts_with_all = ["quick", "full", "gateway", "preview"])]
@@ -77,6 +84,7 @@ fn main() -> ExitCode {
         Task::Demo => cmd::demo(&root),
         Task::Bench { gateway: true, .. } => bench_gateway::bench(&root),
         Task::Bench { preview: true, .. } => bench::preview_only(&root),
+        Task::Bench { proxy: true, .. } => bench::proxy_only(&root),
         Task::Bench { dns: true, .. } => bench_dns::bench(&root),
         Task::Bench { full, .. } => bench::bench(&root, full),
         Task::Layout { edges } => layout::layout(&root, edges),
