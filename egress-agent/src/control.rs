@@ -5,9 +5,13 @@
 //! whole of each), logged with who asked and the new generation, and saved to the state file
 //! so that a restart loses nothing.
 
+mod check;
+
+pub use check::Check;
+
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::{Ipv4Addr, Ipv6Addr},
     path::PathBuf,
     sync::{Arc, Mutex, RwLock},
 };
@@ -66,6 +70,9 @@ pub struct Applied {
     pub workloads: usize,
     pub entries: usize,
     pub enable_egress: bool,
+    /// `egress enable|disable`: µs from the request's arrival to the kernel's switch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub switch_us: Option<u64>,
 }
 
 pub struct Control {
@@ -75,7 +82,8 @@ pub struct Control {
     /// The live objects; held for the whole of a change, which serializes changes.
     store: Mutex<Store>,
     pub live: Arc<Live>,
-    state_file: Option<PathBuf>,
+    /// Writes the state file after every change, off the request path.
+    saver: Option<crate::policy::saver::Saver>,
     /// Workloads whose cgroup someone else made (Kubernetes pods: the kubelet's), by name;
     /// the others are `<root>/<namespace>/<name>`, created by the agent.
     dirs: RwLock<BTreeMap<ObjectRef, PathBuf>>,
@@ -112,7 +120,7 @@ impl Control {
             datapath: Arc::new(Mutex::new(datapath)),
             store: Mutex::new(store),
             live,
-            state_file,
+            saver: state_file.map(crate::policy::saver::Saver::start),
             dirs: RwLock::default(),
             kubernetes: Default::default(),
             pods: tokio::sync::watch::channel(Vec::new()).0,
@@ -174,11 +182,11 @@ impl Control {
         who: &str,
         what: &str,
     ) -> Result<Applied, ControlError> {
-        let mut store = self.store();
+        let store = self.store();
         let old = self.set_dirs(dirs);
         match self.install(cfg, &next, who, what) {
             Ok(applied) => {
-                *store = next;
+                swap_store(store, next);
                 Ok(applied)
             }
             Err(e) => {
@@ -343,6 +351,9 @@ impl Control {
             if let Err(e) = dp.retire(old) {
                 warn!(error = %e, "cannot delete the replaced policy set; the next change retries");
             }
+            drop(dp);
+            // The compile's and the switch's peak goes back to the system.
+            crate::telemetry::trim::trim();
         });
         let switch_ms = t0.elapsed().as_millis() as u64 - compile_ms;
         let applied = summary(&compiled, generation, true);
@@ -363,47 +374,54 @@ impl Control {
         Ok(applied)
     }
 
+    /// Saves `store` as the state file; waits for the write (a change the caller was told
+    /// of survives a crash).
     fn save(&self, store: &Store) {
-        if let Some(path) = &self.state_file {
-            if let Err(e) = store.save(path) {
-                warn!(path = %path.display(), error = %e, "cannot save the live policy; a restart would fall back to the policy file");
-            }
+        if let Some(s) = &self.saver {
+            s.wait(s.submit(store.clone()));
+        }
+    }
+
+    /// Waits until the state file holds the last change (at shutdown).
+    pub fn flush_state(&self) {
+        if let Some(s) = &self.saver {
+            s.flush();
         }
     }
 
     /// `policy apply`: upserts the objects of `text` into the live set.
     pub fn apply(&self, text: &str, file: &str, who: &str) -> Result<Applied, ControlError> {
         self.local_change()?;
-        let mut store = self.store();
+        let store = self.store();
         let add = Store::parse_fragment(text, file)?;
         let (next, cfg) = store.merge(&add, file)?;
         if next == *store {
             return Ok(summary(&self.live.get(), self.generation(), false));
         }
         let applied = self.install(&cfg, &next, who, &format!("apply {file}"))?;
-        *store = next;
+        swap_store(store, next);
         Ok(applied)
     }
 
     /// `policy delete`: removes one Egress.
     pub fn delete(&self, id: &ObjectRef, who: &str) -> Result<Applied, ControlError> {
         self.local_change()?;
-        let mut store = self.store();
+        let store = self.store();
         let (next, cfg) = store
             .without_egress(id)
             .ok_or_else(|| ControlError::NotFound(format!("no Egress {id}")))??;
         let applied = self.install(&cfg, &next, who, &format!("delete Egress {id}"))?;
-        *store = next;
+        swap_store(store, next);
         Ok(applied)
     }
 
     /// SIGHUP: the policy file replaces the live set.
     pub fn replace(&self, text: &str, file: &str, who: &str) -> Result<Applied, ControlError> {
         self.local_change()?;
-        let mut store = self.store();
+        let store = self.store();
         let (next, cfg) = Store::parse(text, file)?;
         let applied = self.install(&cfg, &next, who, &format!("reload {file}"))?;
-        *store = next;
+        swap_store(store, next);
         Ok(applied)
     }
 
@@ -421,19 +439,34 @@ impl Control {
         Ok(policy::compile_stable(&cfg, &self.live.get().ids())?)
     }
 
-    /// `egress enable|disable`: one u32 in the policy in force, no rebuild.
-    pub fn set_enable_egress(&self, enable: bool, who: &str) -> Result<Applied, ControlError> {
+    /// `egress enable|disable`: the kernel's word first (one u32 of the policy in force),
+    /// then the in-memory policy (its large parts shared, nothing parsed again), then the
+    /// state file in the background. O(1) in the size of the policy. `arrived`: when the
+    /// request came in (the log's `switch_us` is from then to the kernel's switch).
+    pub fn set_enable_egress(
+        &self,
+        enable: bool,
+        who: &str,
+        arrived: std::time::Instant,
+    ) -> Result<Applied, ControlError> {
         self.local_change()?;
         let mut store = self.store();
-        let (next, _cfg) = store.with_enable_egress(enable)?;
-        let generation = self.generation() + 1;
-        self.datapath().set_enable_egress(enable, generation)?;
-        let mut compiled = (*self.live.get()).clone();
+        let mesh = {
+            let mut dp = self.datapath();
+            let generation = dp.active()?.1.generation + 1;
+            dp.set_enable_egress(enable, generation)?
+        };
+        let switch_us = arrived.elapsed().as_micros() as u64;
+        let mut compiled = Compiled::clone(&self.live.get());
         compiled.config.enable_egress = enable as u32;
-        let applied = summary(&compiled, generation, true);
+        let mut applied = summary(&compiled, mesh.generation, true);
+        applied.switch_us = Some(switch_us);
         self.live.set(Arc::new(compiled));
-        self.save(&next);
-        *store = next;
+        store.set_enable_egress(enable);
+        if let Some(s) = &self.saver {
+            s.submit(store.clone());
+        }
+        drop(store);
         info!(
             who,
             what = if enable {
@@ -441,7 +474,9 @@ impl Control {
             } else {
                 "egress disable"
             },
-            generation,
+            generation = mesh.generation,
+            switch_us,
+            total_us = arrived.elapsed().as_micros() as u64,
             "policy applied"
         );
         Ok(applied)
@@ -453,51 +488,17 @@ impl Control {
             .map(|(_, c)| c.generation)
             .unwrap_or(0)
     }
+}
 
-    /// `policy check`: what the kernel decides for a workload's connection, and why.
-    pub fn check(
-        &self,
-        workload: &ObjectRef,
-        ip: IpAddr,
-        port: u16,
-        protocol: u8,
-    ) -> Result<Check, ControlError> {
-        let c = self.live.get();
-        let wid = c
-            .workload_id(workload)
-            .ok_or_else(|| ControlError::NotFound(format!("no Workload {workload}")))?;
-        let named = self.names.get().and_then(|n| n.value(wid, ip));
-        let d = c.decide_named(wid, ip, port, protocol, named.as_ref());
-        let rule = c.rule(d.rule_id);
-        let hosts = if d.outcome == egress_common::Outcome::Proxy
-            && protocol == proto::TCP
-            && c.needs_host(wid, ip, port)
-        {
-            c.rules
-                .iter()
-                .filter(|r| !r.hosts.is_empty() && r.applies_tcp(wid, ip, port))
-                .flat_map(|r| {
-                    r.hosts
-                        .iter()
-                        .map(|h| format!("{h} ({:?} by {})", r.action, r.egress).to_lowercase())
-                })
-                .collect()
-        } else {
-            Vec::new()
-        };
-        Ok(Check {
-            workload: workload.to_string(),
-            destination: std::net::SocketAddr::new(ip, port).to_string(),
-            protocol: egress_common::proto::name(protocol).into(),
-            verdict: d.outcome.name().into(),
-            refused: d.outcome.is_denied(),
-            rule: rule.map(|r| r.name()).unwrap_or_default(),
-            reason: crate::policy::tiers::explain(d.outcome, rule.map(|r| (r.kind, &r.egress)))
-                .unwrap_or_else(|| reason(d.outcome, rule.map(|r| r.egress.to_string()))),
-            hosts,
-            generation: self.generation(),
-        })
-    }
+/// Makes `next` the live store, then frees the old one (a 100k-rule store is tens of MiB)
+/// and gives the memory back, on a thread of its own: off the request path.
+fn swap_store(mut store: std::sync::MutexGuard<'_, Store>, next: Store) {
+    let old = std::mem::replace(&mut *store, next);
+    drop(store);
+    std::thread::spawn(move || {
+        drop(old);
+        crate::telemetry::trim::trim();
+    });
 }
 
 fn summary(c: &Compiled, generation: u64, changed: bool) -> Applied {
@@ -508,40 +509,7 @@ fn summary(c: &Compiled, generation: u64, changed: bool) -> Applied {
         workloads: c.workloads.len(),
         entries: c.v4.len() + c.v6.len(),
         enable_egress: c.config.enable_egress != 0,
-    }
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct Check {
-    pub workload: String,
-    pub destination: String,
-    pub protocol: String,
-    pub verdict: String,
-    pub refused: bool,
-    pub rule: String,
-    pub reason: String,
-    /// For a redirect that the proxy judges by host: the host rules that apply.
-    pub hosts: Vec<String>,
-    pub generation: u64,
-}
-
-fn reason(o: egress_common::Outcome, rule: Option<String>) -> String {
-    use egress_common::Outcome::*;
-    let rule = rule.unwrap_or_default();
-    match o {
-        Mesh => "the destination is in a mesh CIDR: not egress".into(),
-        Pass => "no Egress rule matches and enableEgress is true".into(),
-        Allow => format!("allowed directly by Egress {rule}"),
-        Proxy => format!("redirected to the proxy by Egress {rule}"),
-        DenyRule => format!("denied by Egress {rule} (deny always wins)"),
-        DenyDefault => "no Egress rule matches and enableEgress is false".into(),
-        DenyProxyPort => "the proxy port is never dialled directly".into(),
-        DenyError => "internal error, failMode closed".into(),
-        AuditRule => format!("would be denied by Egress {rule}; allowed and reported (audit mode)"),
-        AuditDefault => {
-            "would be denied (no rule, enableEgress false); allowed by auditMode".into()
-        }
-        ErrorOpen => "internal error, failMode open".into(),
+        switch_us: None,
     }
 }
 

@@ -56,8 +56,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 history_file,
                 history_size,
             };
+            // Before any thread: at most two glibc arenas (memory that comes back, see trim).
+            egress_agent::telemetry::trim::limit_arenas();
             tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
+                .worker_threads(egress_agent::datapath::listen::ACCEPTORS)
                 .enable_all()
                 .build()?
                 .block_on(run::run(opts))

@@ -87,11 +87,20 @@ impl Drop for Leave {
     }
 }
 
-/// Each relayed connection holds two sockets and two pipes: allow as many fds as the system
-/// lets this process have.
+/// Each relayed connection holds two sockets (and two pipes while it moves bulk): allow as
+/// many fds as the kernel lets a process have (`fs.nr_open`, up to 1M; root may raise its
+/// hard limit), else the hard limit. A limit of 20,000 lost connections of a 10,000 burst.
 fn raise_fd_limit() {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let want = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(0)
+        .min(1 << 20);
     if let Ok((cur, max)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if want > max && setrlimit(Resource::RLIMIT_NOFILE, want, want).is_ok() {
+            return;
+        }
         if cur < max {
             let _ = setrlimit(Resource::RLIMIT_NOFILE, max, max);
         }
@@ -203,7 +212,18 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         None
     };
     let resume = saved.is_some() && running.generation > 0;
-    let (store, cfg) = saved.unwrap_or((file_store, file_cfg));
+    let (mut store, mut cfg) = saved.unwrap_or((file_store, file_cfg));
+    // `egress enable|disable` switches the kernel first and saves after: a crash between the
+    // two leaves the kernel's word newer than the state file, and it wins.
+    let kernel_enable = running.enable_egress != 0;
+    if resume && kernel_enable != cfg.mesh.traffic.enable_egress {
+        info!(
+            enable_egress = kernel_enable,
+            "the pinned policy's enableEgress is newer than the state file; keeping it"
+        );
+        store.set_enable_egress(kernel_enable);
+        cfg.mesh.traffic.enable_egress = kernel_enable;
+    }
     // Workload ids scope policy entries and counters: keep the ones the kernel holds.
     let held = dp.workload_ids()?;
     let previous = cfg
@@ -265,6 +285,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let mut registry = prometheus_client::registry::Registry::default();
     let host_denials = HostDenials::default();
     let proxy_metrics = Arc::new(ProxyMetrics::register(&mut registry, host_denials.clone()));
+    let open = proxy_metrics.clone();
+    let trimmer = crate::telemetry::trim::after_connection_peaks(move || open.active().get());
     let dns_metrics = crate::dns::metrics::DnsMetrics::register(&mut registry);
     let audit = AuditMetrics::register(&mut registry);
     let history_file = opts
@@ -331,6 +353,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
 
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(relay.clone().serve(listeners));
+    tasks.spawn(trimmer);
     tasks.spawn(names.clone().maintain());
     tasks.spawn(serve_pods(control.pods(), relay.clone(), port));
     // Kubernetes pods: their namespaces are the CNI's, found from their cgroups.
@@ -405,6 +428,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     }
     info!("stopping; the programs stay attached and keep enforcing the policy (`egress-agent uninstall` removes them)");
     tasks.shutdown().await;
+    control.flush_state();
     if let Err(e) = history.save(&history_file) {
         warn!(error = %e, "the flow history of this run is lost");
     }

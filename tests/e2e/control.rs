@@ -62,6 +62,21 @@ fn egress_toggle_takes_effect_on_the_very_next_connect() {
         refused(&agent, &ip, &port),
         "unmatched destination passed after disable"
     );
+    // The agent reports how long after the request's arrival the kernel switched.
+    let log = agent.wait_log("what=\"egress disable\"");
+    assert!(log.contains("switch_us="), "{log}");
+    // The state file follows, written in the background.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !std::fs::read_to_string(&agent.state)
+        .unwrap_or_default()
+        .contains("enableEgress: false")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the state file kept enableEgress true"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let st = json(&agent, &["egress", "status"]);
     assert_eq!(st["enable_egress"], false);
     assert_eq!(st["generation"].as_u64().unwrap(), g0 + 1);

@@ -157,9 +157,10 @@ def tls_big(ip, port, sni, pad):
     body = body[:i] + len(ext).to_bytes(2, "big") + ext
     hs = b"\x01" + len(body).to_bytes(3, "big") + body
     s = connect(ip, port)
-    for rec in records(hs, 16384):
-        s.sendall(rec)
     try:
+        # The proxy may refuse (close) while the hello is still being sent.
+        for rec in records(hs, 16384):
+            s.sendall(rec)
         data = s.recv(100)
     except OSError as e:
         print(f"refused: {type(e).__name__}")

@@ -365,3 +365,57 @@ fn agent_pid(agent: &Agent) -> u32 {
         .and_then(|l| l.parse().ok())
         .expect("agent pid")
 }
+
+/// scripts/bench/burst.py: a banner-first server and a burst client.
+const BURST: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/bench/burst.py");
+
+/// A child process killed (by its PID) when dropped.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_burst_of_server_first_connections_loses_none() {
+    if !privileged_with(&["python3"]) {
+        return;
+    }
+    // A server that speaks first (like SSH or SMTP): a client that is never accepted by the
+    // proxy would wait for its banner forever.
+    let mut server = Child(
+        Command::new("python3")
+            .args([BURST, "server", "127.31.2.1", "2222"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut ready = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(server.0.stdout.as_mut().unwrap()),
+        &mut ready,
+    )
+    .unwrap();
+    assert_eq!(ready.trim(), "listening");
+    let agent = Agent::start(
+        "kind: MeshConfig\nmetadata: {name: e}\nspec: {traffic: {enableEgress: false}, proxy: {port: {proxy_port}, maxConnections: 8192}}\n---\nkind: Workload\nmetadata: {name: web}\n---\nkind: Egress\nmetadata: {name: banner}\nspec: {sources: [{name: web}], ipAddresses: [127.31.2.1/32], ports: [{number: 2222}], via: proxy}\n",
+    );
+    let out = agent.exec_line(
+        "web",
+        &[
+            "python3",
+            BURST,
+            "client",
+            "127.31.2.1",
+            "2222",
+            "2000",
+            "20",
+        ],
+        "burst client",
+    );
+    println!("burst of 2000 through the proxy: {out}");
+    assert!(out.starts_with("served=2000 lost=0 "), "{out}");
+}

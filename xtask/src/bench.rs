@@ -23,7 +23,7 @@ use anyhow::Context as _;
 use crate::{
     bench_env::{ensure_packages, release_agent, run_in, run_quiet, Env},
     bench_measure::{self as measure, Mode, FULL, QUICK},
-    bench_preview,
+    bench_preview, bench_proxy,
     bench_report::{self as report, Report, Row, Table, Verdict},
     bench_work::{self as work, Route},
 };
@@ -52,6 +52,36 @@ pub fn preview_only(root: &Path) -> anyhow::Result<()> {
         notes: Vec::new(),
     };
     println!("{}", report::text(&report));
+    Ok(())
+}
+
+/// `cargo xtask bench --proxy`: only these workloads, the agent alone in the namespace.
+pub fn proxy_only(root: &Path) -> anyhow::Result<()> {
+    run_in(root, &["bash", "scripts/setup.sh"])?;
+    let agent = release_agent(root)?;
+    ensure_packages(&["bpftool"])?;
+    let mut env = Env::new(&agent)?;
+    let result = (|| -> anyhow::Result<Report> {
+        let cfg_file = env.work.join("policy.yaml");
+        fs::write(&cfg_file, work::policy(10_000, 0))?;
+        let pid = env.start_agent(&cfg_file, &[])?;
+        bench_proxy::burst_server(&mut env, root)?;
+        let w12 = crate::bench_memory::memory(&mut env, root, pid)?;
+        let w11 = bench_proxy::burst(&mut env, root)?;
+        let w10 = bench_proxy::toggle(&env, 100_000)?;
+        let tables = vec![w10, w11, w12];
+        Ok(Report {
+            mode: "proxy",
+            machine: machine(),
+            verdicts: bench_proxy::verdicts(&tables),
+            tables,
+            notes: vec![bench_proxy::load_note()],
+        })
+    })();
+    let cleanup = env.finish();
+    let r = result?;
+    cleanup?;
+    println!("{}", report::text(&r));
     Ok(())
 }
 
@@ -101,7 +131,7 @@ fn template(root: &Path, name: &str, work: &Path) -> anyhow::Result<String> {
     Ok(t.replace("@WORK@", &work.display().to_string()))
 }
 
-fn machine() -> Vec<(String, String)> {
+pub fn machine() -> Vec<(String, String)> {
     let nproc = std::thread::available_parallelism()
         .map(|n| n.to_string())
         .unwrap_or_default();
@@ -302,6 +332,16 @@ fn run(root: &Path, env: &mut Env, mode: &Mode) -> anyhow::Result<Report> {
     let w4r = measure::redirect(env, &connbench, mode, &w4)?;
     let w8 = measure::apply(env, mode)?;
     let w9 = bench_preview::measure(&env.agent, &env.work.join("preview"))?;
+    // Issue 18's workloads (also alone: `--proxy`), in --full only: they take minutes.
+    let proxy_tables = if mode.name == "full" {
+        bench_proxy::burst_server(env, root)?;
+        let w12 = crate::bench_memory::memory(env, root, agent_pid)?;
+        let w11 = bench_proxy::burst(env, root)?;
+        let w10 = bench_proxy::toggle(env, 100_000)?;
+        vec![w10, w11, w12]
+    } else {
+        Vec::new()
+    };
     if let Some(kib) = work::rss_kib(agent_pid) {
         notes.push(format!(
             "agent RSS after the runs: {:.1} MiB",
@@ -451,11 +491,18 @@ fn run(root: &Path, env: &mut Env, mode: &Mode) -> anyhow::Result<Report> {
     }
     verdicts.push(verdict_hosts);
     verdicts.push(bench_preview::verdict(&w9));
+    verdicts.extend(bench_proxy::verdicts(&proxy_tables));
     verdicts.extend(verdicts_pkt);
     Ok(Report {
         mode: mode.name,
         machine: machine(),
-        tables: vec![w1, w1h, w2, w3, n1, n2, n3, w5, w4, k1, w4r, w7, w8, w9],
+        tables: [
+            vec![w1, w1h, w2, w3, n1, n2, n3, w5, w4, k1, w4r, w7, w8, w9],
+            proxy_tables,
+        ]
+        .into_iter()
+        .flatten()
+        .collect(),
         verdicts,
         notes,
     })

@@ -178,7 +178,7 @@ fn ratio(v: Option<f64>) -> String {
 fn prec(unit: &str) -> usize {
     match unit {
         "req/s" | "EPERM/s" => 0,
-        "ns/iter" => 0,
+        "ns/iter" | "µs" => 0,
         "s" => 3,
         _ => 2,
     }

@@ -74,7 +74,7 @@ pub fn load() -> (f64, u32) {
     (l, r)
 }
 
-fn new_sample() -> Sample {
+pub fn new_sample() -> Sample {
     let (load, procs_running) = load();
     Sample {
         load,
@@ -301,6 +301,19 @@ pub fn connbench(
     Ok((s, per_sec, ok, eperm))
 }
 
+/// What the agent's log says it refused or failed so far (why connections were lost).
+pub fn agent_refusals(env: &Env) -> String {
+    let log = std::fs::read_to_string(env.log("agent")).unwrap_or_default();
+    let count = |s: &str| log.matches(s).count();
+    format!(
+        "agent log so far: {} not redirected, {} over the limit, {} upstream unreachable, {} accept errors",
+        count("did not redirect"),
+        count("connection limit reached"),
+        count("could not reach the original destination"),
+        count("proxy accept failed"),
+    )
+}
+
 /// Compiles scripts/bench/connbench.c into `work`; the binary's path.
 pub fn build_connbench(root: &Path, work: &Path) -> anyhow::Result<std::path::PathBuf> {
     let bin = work.join("connbench");
@@ -315,10 +328,10 @@ pub fn build_connbench(root: &Path, work: &Path) -> anyhow::Result<std::path::Pa
     Ok(bin)
 }
 
-/// The bench's policy: `web`, an allow for nginx/iperf3 on 127.60.0.1, the same ports via
-/// proxy on 127.61.0.1, 127.70.0.1 judged by host (W1h), UDP 9999 allowed on 127.60.0.1 (for
-/// connbench) and `extra` other /32 rules in `bulk-rules` (10.x.y.z, offset by `salt` so
-/// re-applies change every entry).
+/// The bench's policy: `web`, an allow for nginx/iperf3/the burst server (2222) on
+/// 127.60.0.1, the same ports via proxy on 127.61.0.1, 127.70.0.1 judged by host (W1h), UDP
+/// 9999 allowed on 127.60.0.1 (for connbench) and `extra` other /32 rules in `bulk-rules`
+/// (10.x.y.z, offset by `salt` so re-applies change every entry).
 pub fn policy(extra: u32, salt: u32) -> String {
     let mut s = String::from(
         "kind: MeshConfig\nmetadata: {name: egress}\nspec:\n  traffic: {enableEgress: false}\n  \
@@ -326,10 +339,10 @@ pub fn policy(extra: u32, salt: u32) -> String {
          kind: Workload\nmetadata: {name: web, namespace: default}\n---\n\
          kind: Egress\nmetadata: {name: allow-nginx, namespace: default}\nspec:\n  \
          sources: [{kind: Workload, name: web}]\n  ipAddresses: [127.60.0.1/32]\n  \
-         ports: [{number: 8080, protocol: tcp}, {number: 5201, protocol: tcp}, {number: 9999, protocol: udp}]\n---\n\
+         ports: [{number: 8080, protocol: tcp}, {number: 5201, protocol: tcp}, {number: 9999, protocol: udp}, {number: 2222, protocol: tcp}]\n---\n\
          kind: Egress\nmetadata: {name: nginx-via-proxy, namespace: default}\nspec:\n  \
          sources: [{kind: Workload, name: web}]\n  ipAddresses: [127.61.0.1/32]\n  \
-         ports: [{number: 8080, protocol: tcp}, {number: 5201, protocol: tcp}]\n  via: proxy\n---\n\
+         ports: [{number: 8080, protocol: tcp}, {number: 5201, protocol: tcp}, {number: 2222, protocol: tcp}]\n  via: proxy\n---\n\
          kind: Egress\nmetadata: {name: spread, namespace: default}\nspec:\n  \
          sources: [{kind: Workload, name: web}]\n  ipAddresses: [127.60.0.0/16]\n  \
          ports: [{number: 9999, protocol: udp}]\n",

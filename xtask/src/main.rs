@@ -7,7 +7,9 @@ mod bench_gateway;
 mod bench_hosts;
 mod bench_kernel;
 mod bench_measure;
+mod bench_memory;
 mod bench_preview;
+mod bench_proxy;
 mod bench_report;
 mod bench_work;
 mod cmd;
@@ -59,8 +61,13 @@ enum Task {
         preview: bool,
         /// Instead: only W1h, proxied keep-alive with every request judged by Host against
         /// the same relayed unjudged (nginx and the agent only; about a minute; as root).
-        #[arg(long, conflicts_with_all = ["gateway", "preview", "dns"])]
+        #[arg(long, conflicts_with_all = ["gateway", "preview", "dns", "proxy"])]
         host_judging: bool,
+        /// Instead: only the proxy's and the toggle's workloads (W10 toggle with 100k
+        /// rules, W11 a burst of 10,000 connections, W12 memory), the agent and a banner
+        /// server alone in the namespace (as root).
+        #[arg(long, conflicts_with_all = ["quick", "full", "gateway", "preview", "dns"])]
+        proxy: bool,
         /// Instead: only the DNS tables (D1-D3: round trip through the agent's DNS proxy vs
         /// straight to dnsmasq, connect() with 10k learned names); under a minute.
         #[arg(long, conflicts_with_all = ["quick", "full", "gateway", "preview"])]
@@ -87,6 +94,7 @@ fn main() -> ExitCode {
             full,
             ..
         } => bench::host_judging_only(&root, full),
+        Task::Bench { proxy: true, .. } => bench::proxy_only(&root),
         Task::Bench { dns: true, .. } => bench_dns::bench(&root),
         Task::Bench { full, .. } => bench::bench(&root, full),
         Task::Layout { edges } => layout::layout(&root, edges),

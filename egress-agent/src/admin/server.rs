@@ -91,6 +91,7 @@ async fn handle(
     let mut line = String::new();
     let mut r = BufReader::new(tokio::io::AsyncReadExt::take(r, MAX_REQUEST as u64));
     r.read_line(&mut line).await?;
+    let arrived = std::time::Instant::now();
     let req: Request = match serde_json::from_str(&line) {
         Ok(r) => r,
         Err(e) => return reply(&mut w, &Response::err(format!("bad request: {e}"), true)).await,
@@ -122,7 +123,7 @@ async fn handle(
         req => {
             let c = control.clone();
             let who2 = who.clone();
-            tokio::task::spawn_blocking(move || dispatch(&c, &hub, req, &who2, &programs))
+            tokio::task::spawn_blocking(move || dispatch(&c, &hub, req, &who2, &programs, arrived))
                 .await
                 .unwrap_or_else(|e| Response::err(format!("internal error: {e}"), false))
         }
@@ -136,7 +137,14 @@ async fn reply(w: &mut tokio::net::unix::OwnedWriteHalf, resp: &Response) -> std
     w.write_all(s.as_bytes()).await
 }
 
-fn dispatch(c: &Control, hub: &Hub, req: Request, who: &str, programs: &[String]) -> Response {
+fn dispatch(
+    c: &Control,
+    hub: &Hub,
+    req: Request,
+    who: &str,
+    programs: &[String],
+    arrived: std::time::Instant,
+) -> Response {
     match req {
         Request::History { since_ms } => Response::ok(hub.history.since(since_ms)),
         Request::Preview {
@@ -151,7 +159,7 @@ fn dispatch(c: &Control, hub: &Hub, req: Request, who: &str, programs: &[String]
             super::preview::serve(c, &hub.history, candidate, &file, workload, since_ms)
         }
         Request::Status => Response::ok(status(c, programs)),
-        Request::SetEgress { enable } => c.set_enable_egress(enable, who).into(),
+        Request::SetEgress { enable } => c.set_enable_egress(enable, who, arrived).into(),
         Request::Apply { file, text } => {
             let t0 = std::time::Instant::now();
             let r = c.apply(&text, &file, who);

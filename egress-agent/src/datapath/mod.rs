@@ -2,7 +2,7 @@
 //! [`attach`], [`policy_maps`], [`counters`], [`pins`] and [`error`]), the workloads' cgroups
 //! ([`cgroups`]), the network namespaces of pods ([`podnet`]; their addresses for the tc backstop in
 //! [`pod_addrs`]; a Kubernetes pod's node-side interface in [`pod_iface`]; plumbed over rtnetlink by
-//! [`netlink`]), and the oldest kernel the programs load on ([`kernel_version`]).
+//! [`netlink`]), the proxy's listening sockets ([`listen`]), and the oldest kernel the programs load on ([`kernel_version`]).
 
 pub mod attach;
 pub mod bpf;
@@ -11,6 +11,7 @@ pub mod counters;
 pub mod error;
 pub mod exempt;
 pub mod kernel_version;
+pub mod listen;
 pub mod netlink;
 pub mod pins;
 pub mod pod_addrs;

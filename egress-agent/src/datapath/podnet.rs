@@ -437,16 +437,7 @@ pub fn run_in<T: Send + 'static>(
 /// Opens the proxy's listeners (127.0.0.1 and [::1] on `port`) inside the network namespace
 /// at `path` (see [`run_in`]).
 pub fn bind_in(path: &Path, port: u16) -> io::Result<Vec<std::net::TcpListener>> {
-    run_in(path, move || {
-        let mut out = vec![std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, port))?];
-        if let Ok(l) = std::net::TcpListener::bind((Ipv6Addr::LOCALHOST, port)) {
-            out.push(l);
-        }
-        for l in &out {
-            l.set_nonblocking(true)?;
-        }
-        Ok(out)
-    })
+    run_in(path, move || Ok(super::listen::loopback(port)?.0))
 }
 
 /// The cookie of a socket's network namespace (the kernel's `bpf_get_netns_cookie`).

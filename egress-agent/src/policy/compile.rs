@@ -7,6 +7,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
+    sync::Arc,
 };
 
 use egress_common::{
@@ -97,10 +98,12 @@ pub struct Compiled {
     pub config: MeshConfig,
     /// Workload ids, 1-based, in (namespace, name) order.
     pub workloads: Vec<(ObjectRef, u32)>,
-    pub v4: Vec<Entry<4>>,
-    pub v6: Vec<Entry<16>>,
+    /// The large parts are shared: a change of `config` alone (`egress enable|disable`)
+    /// makes a new `Compiled` without copying them.
+    pub v4: Arc<Vec<Entry<4>>>,
+    pub v6: Arc<Vec<Entry<16>>>,
     pub mesh: Vec<Cidr>,
-    pub rules: Vec<RuleInfo>,
+    pub rules: Arc<Vec<RuleInfo>>,
     /// Indices into `rules` of the rules that name hosts (what the proxy checks on every
     /// redirected connection; usually few among many address rules).
     pub host_rules: Vec<usize>,
@@ -324,8 +327,8 @@ pub fn compile_stable(
     Ok(Compiled {
         config,
         workloads: workloads.iter().map(|w| (w.clone(), ids[w])).collect(),
-        v4,
-        v6,
+        v4: Arc::new(v4),
+        v6: Arc::new(v6),
         mesh: m.traffic.mesh_cidrs.clone(),
         host_rules: (0..rules.len())
             .filter(|&i| !rules[i].hosts.is_empty() && !name_rules.contains(&i))
@@ -333,7 +336,7 @@ pub fn compile_stable(
         name_rules,
         dns: m.dns.clone(),
         host_binding: super::HostBinding::effective(m.host_binding, &m.dns),
-        rules,
+        rules: Arc::new(rules),
         gateways: cfg.gateways.clone(),
         global_gateway: cfg.gateways.iter().position(|g| g.spec.is_global()),
     })

@@ -6,7 +6,7 @@
 //! on hosts and HTTP requests are in [`verdict`], on the HTTP route rules of [`routes`].
 //!
 //! The files depend on each other in one direction only: `scalar` ← `names` ← `model` ← `validate` ←
-//! `parse` ← `store`; `error` ← `document` ← `parse`, `store`; `model` ← `compile` ← `live`;
+//! `parse` ← `store` ← `saver`; `error` ← `document` ← `parse`, `store`; `model` ← `compile` ← `live`;
 //! `model` ← `routes` ← `validate`, `compile` ← `verdict`.
 
 pub mod anp;
@@ -24,6 +24,7 @@ pub mod netpol;
 pub mod parse;
 pub mod preview;
 pub mod routes;
+pub mod saver;
 pub mod scalar;
 pub mod selector;
 pub mod sockets_spec;

@@ -7,6 +7,7 @@
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use serde_json::{json, Map, Value};
@@ -18,9 +19,11 @@ use super::{
     parse,
 };
 
+/// Cloning is cheap (the documents are shared, copied only when one is changed): the state
+/// file's writer gets a snapshot of every change.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Store {
-    docs: BTreeMap<DocKey, Value>,
+    docs: BTreeMap<DocKey, Arc<Value>>,
 }
 
 impl Store {
@@ -62,7 +65,7 @@ impl Store {
                     format!("duplicate {kind} {id}"),
                 ));
             }
-            out.insert(k, d.body);
+            out.insert(k, Arc::new(d.body));
         }
         Ok(Store { docs: out })
     }
@@ -75,7 +78,7 @@ impl Store {
 
     /// The whole policy these documents make, strictly (`file` names it in errors).
     fn config(&self, file: &str) -> Result<Config, ConfigError> {
-        let docs = Document::from_values(self.docs.values().cloned(), file)?;
+        let docs = Document::from_values(self.docs.values().map(|v| (**v).clone()), file)?;
         parse::objects(&docs, file)?.finish()
     }
 
@@ -98,18 +101,20 @@ impl Store {
         Some(s.config("live policy").map(|c| (s, c)))
     }
 
-    /// The store with MeshConfig's `spec.traffic.enableEgress` set.
-    pub fn with_enable_egress(&self, enable: bool) -> Result<(Store, Config), ConfigError> {
-        let mut docs = self.docs.clone();
-        let key = docs
+    /// Sets MeshConfig's `spec.traffic.enableEgress` in place (a MeshConfig is added when
+    /// there is none), without parsing anything again: a boolean cannot make a valid policy
+    /// invalid. Only the MeshConfig document is copied, if a snapshot still shares it.
+    pub fn set_enable_egress(&mut self, enable: bool) {
+        let key = self
+            .docs
             .keys()
             .find(|k| k.0 == "MeshConfig")
             .cloned()
             .unwrap_or_else(|| ("MeshConfig".into(), String::new(), "egress".into()));
-        let doc = docs.entry(key).or_insert_with(
-            || json!({"kind": "MeshConfig", "metadata": {"name": "egress"}, "spec": {}}),
-        );
-        let mut cursor = doc;
+        let doc = self.docs.entry(key).or_insert_with(|| {
+            Arc::new(json!({"kind": "MeshConfig", "metadata": {"name": "egress"}, "spec": {}}))
+        });
+        let mut cursor = Arc::make_mut(doc);
         for field in ["spec", "traffic"] {
             let Value::Object(m) = cursor else { break };
             cursor = m.entry(field).or_insert_with(|| Value::Object(Map::new()));
@@ -120,9 +125,6 @@ impl Store {
         if let Value::Object(m) = cursor {
             m.insert("enableEgress".into(), Value::from(enable));
         }
-        let s = Store { docs };
-        let cfg = s.config("live policy")?;
-        Ok((s, cfg))
     }
 
     /// The policy a candidate file (`other`, from `file`) would make, for `policy preview`:
@@ -136,7 +138,7 @@ impl Store {
         replace: bool,
         kubernetes: bool,
     ) -> Result<Config, ConfigError> {
-        let mut docs: BTreeMap<DocKey, Value> = match (replace, kubernetes) {
+        let mut docs: BTreeMap<DocKey, Arc<Value>> = match (replace, kubernetes) {
             (false, _) => self.docs.clone(),
             (true, false) => BTreeMap::new(),
             (true, true) => self
@@ -147,7 +149,7 @@ impl Store {
                 .collect(),
         };
         docs.extend(other.docs.iter().map(|(k, v)| (k.clone(), v.clone())));
-        let docs = Document::from_values(docs.into_values(), file)?;
+        let docs = Document::from_values(docs.into_values().map(Arc::unwrap_or_clone), file)?;
         let objects = parse::objects(&docs, file)?;
         if kubernetes {
             objects.finish_unlinked()
@@ -157,7 +159,7 @@ impl Store {
     }
 
     pub fn to_text(&self) -> String {
-        to_yaml(self.docs.values())
+        to_yaml(self.docs.values().map(|v| &**v))
     }
 
     /// Writes the store to `path` atomically (temp file, fsync, rename).
@@ -248,13 +250,19 @@ mod tests {
         let (s2, cfg) = s.without_egress(&id).unwrap().unwrap();
         assert!(cfg.egresses.is_empty());
         assert!(s2.without_egress(&id).is_none());
-        let (s3, cfg) = s2.with_enable_egress(true).unwrap();
-        assert!(cfg.mesh.traffic.enable_egress);
-        let (_, cfg) = s3.with_enable_egress(false).unwrap();
-        assert!(!cfg.mesh.traffic.enable_egress);
+        let mut s3 = s2.clone();
+        s3.set_enable_egress(true);
+        assert!(s3.config("t").unwrap().mesh.traffic.enable_egress);
+        // In place: the snapshot taken before keeps the old value.
+        assert!(!s2.config("t").unwrap().mesh.traffic.enable_egress);
+        s3.set_enable_egress(false);
+        assert!(!s3.config("t").unwrap().mesh.traffic.enable_egress);
+        // Round-trips through its own text (the state file).
+        let (again, _) = Store::parse(&s3.to_text(), "state").unwrap();
+        assert_eq!(again, s3);
         // Without any MeshConfig, one is created.
-        let (bare, _) = Store::parse("kind: Workload\nmetadata: {name: web}\n", "b").unwrap();
-        let (_, cfg) = bare.with_enable_egress(false).unwrap();
-        assert!(!cfg.mesh.traffic.enable_egress);
+        let (mut bare, _) = Store::parse("kind: Workload\nmetadata: {name: web}\n", "b").unwrap();
+        bare.set_enable_egress(false);
+        assert!(!bare.config("b").unwrap().mesh.traffic.enable_egress);
     }
 }

@@ -19,7 +19,7 @@ pub mod relay;
 pub mod sniff;
 
 use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -92,15 +92,20 @@ pub struct Proxy {
 }
 
 /// Binds the proxy's listeners: 127.0.0.1 and, where the host has IPv6, [::1].
+/// Several sockets per address share the port (one acceptor each), with the kernel's
+/// longest accept queue ([`crate::datapath::listen`]).
 pub async fn bind(port: u16) -> std::io::Result<Vec<TcpListener>> {
-    let mut out = vec![TcpListener::bind((Ipv4Addr::LOCALHOST, port)).await?];
-    match TcpListener::bind((Ipv6Addr::LOCALHOST, port)).await {
-        Ok(l) => out.push(l),
-        Err(e) => {
-            warn!(error = %e, "no IPv6 proxy listener on [::1]:{port}; IPv6 redirects will be refused")
-        }
+    let (ls, v6) = crate::datapath::listen::loopback(port)?;
+    if let Some(e) = v6 {
+        warn!(error = %e, "no IPv6 proxy listener on [::1]:{port}; IPv6 redirects will be refused");
     }
-    Ok(out)
+    info!(
+        port,
+        listeners = ls.len(),
+        backlog = crate::datapath::listen::somaxconn().unwrap_or(0),
+        "proxy listening (accept queue: net.core.somaxconn)"
+    );
+    ls.into_iter().map(TcpListener::from_std).collect()
 }
 
 /// One proxied connection, for the log (and later the metrics).
@@ -259,7 +264,9 @@ impl Proxy {
         // HTTP/1.x where hosts are judged: every request is judged, not only the first.
         let mut per_request = false;
         if policy.needs_host(orig.workload_id, dst.ip(), dst.port()) {
-            let sniffed = self.sniff(&mut client, &mut head).await;
+            // Boxed, as every rarely long-lived state below: a task holds the largest state of
+            // its future for as long as it lives, and most connections end up relaying idle.
+            let sniffed = Box::pin(self.sniff(&mut client, &mut head)).await;
             let (is_http, host) = match &sniffed {
                 Some(Sniffed::Http(h)) => (true, h.clone()),
                 Some(Sniffed::Tls(h)) => (false, h.clone()),
@@ -332,7 +339,7 @@ impl Proxy {
         let upstream = match policy.gateway_for(rule_id) {
             Some(gw) => {
                 rec.gateway = gw.id.name.clone();
-                match self.through_gateway(gw, dst, rec.host.as_deref()).await {
+                match Box::pin(self.through_gateway(gw, dst, rec.host.as_deref())).await {
                     Ok(u) => u,
                     Err(why) => return self.gateway_failed(client, &mut rec, &why),
                 }
@@ -357,9 +364,8 @@ impl Proxy {
             let _ = s.set_nodelay(true);
         }
         if per_request {
-            let served = self
-                .per_request(client, upstream, head, &rec, orig.workload_id)
-                .await;
+            let served =
+                Box::pin(self.per_request(client, upstream, head, &rec, orig.workload_id)).await;
             if served.refused {
                 rec.verdict = "deny";
             }
@@ -368,10 +374,13 @@ impl Proxy {
         if let Err(e) = upstream.send_head(&head).await {
             return self.upstream_failed(client, &mut rec, &e.to_string());
         }
+        // The sniffed bytes are sent: their buffer is not kept for the connection's life.
+        let head_len = head.len() as u64;
+        drop(head);
         let r = upstream
             .relay(client, self.limits.idle_timeout, changes, still_allowed)
             .await;
-        let bytes = (r.bytes.0 + head.len() as u64, r.bytes.1);
+        let bytes = (r.bytes.0 + head_len, r.bytes.1);
         let end = if r.revoked {
             REVOKED
         } else if r.idle_timeout {

@@ -146,6 +146,7 @@ async fn pump(
             let read = BUF.with(|b| {
                 let mut b = b.borrow_mut();
                 let n = match from.try_read(&mut b) {
+                    Ok(0) => return Ok(0), // EOF: nothing to write (no empty write(2))
                     Ok(n) => n,
                     Err(e) => return Err(e),
                 };
@@ -229,4 +230,44 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 fn splice(from: impl AsFd, to: impl AsFd, len: usize) -> io::Result<usize> {
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     Ok(fcntl::splice(from, None, to, None, len, flags)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// A connected pair over loopback: (dialled end, accepted end).
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        (a, l.accept().await.unwrap().0)
+    }
+
+    #[tokio::test]
+    async fn half_close_passes_both_ways_and_bytes_are_counted() {
+        let (mut client, client_side) = pair().await;
+        let (upstream_side, mut server) = pair().await;
+        let relay = tokio::spawn(super::relay(
+            client_side,
+            upstream_side,
+            std::time::Duration::from_secs(10),
+            None,
+            || true,
+        ));
+        client.write_all(b"hello").await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"hello");
+        // The other way still works after the first one ended.
+        server.write_all(b"bye").await.unwrap();
+        server.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        client.read_to_end(&mut back).await.unwrap();
+        assert_eq!(back, b"bye");
+        let r = relay.await.unwrap();
+        assert_eq!(r.bytes, (5, 3));
+        assert!(r.error.is_none() && !r.idle_timeout && !r.revoked);
+    }
 }
