@@ -89,6 +89,16 @@ pub(crate) fn agent(policy: &str) -> Agent {
     Agent::start(&policy.replace("{dns_port}", &free_port().to_string()))
 }
 
+/// [`agent`] logging flows as in production (`--flows denied`): the socket hooks then pass a
+/// destination on its cached verdict (with every verdict logged they judge in full), which a
+/// name's expiry must undo.
+pub(crate) fn agent_with_cached_passes(policy: &str) -> Agent {
+    let mut a = Agent::new(&policy.replace("{dns_port}", &free_port().to_string()));
+    a.run_args = vec!["--flows".into(), "denied".into()];
+    a.spawn();
+    a
+}
+
 /// `dig` inside the workload: the answer's addresses (`+short`), one per line.
 pub(crate) fn dig(agent: &Agent, resolver: &str, name: &str, extra: &[&str]) -> (i32, String) {
     let at = format!("@{resolver}");
@@ -151,7 +161,7 @@ fn dns_name_rule_tcp_udp_cname_and_expiry() {
         "db.test.example, udp.test.example, alias.test.example, tcp.test.example",
         &ports,
     );
-    let a = agent(&policy);
+    let a = agent_with_cached_passes(&policy);
 
     // Before any answer, the name's address is refused like any other.
     assert!(tcp(&a, "127.60.1.1", &port).starts_with("err EPERM"));

@@ -162,7 +162,12 @@ impl Agent {
             .arg(&self.pins)
             .arg("--state-file")
             .arg(&self.state)
-            .args(["--flows", "all"])
+            // Every verdict as an event, which the tests read, unless a test chose.
+            .args(if self.run_args.iter().any(|a| a == "--flows") {
+                &[][..]
+            } else {
+                &["--flows", "all"][..]
+            })
             .arg("--metrics-addr")
             .arg(format!("127.0.0.1:{}", self.metrics_port))
             .env("EGRESS_LOG", "info,egress::flow=debug")

@@ -31,3 +31,4 @@ mod semantics;
 mod sockets;
 mod tc_attacks;
 mod tc_prog;
+mod verdict_cache;
