@@ -6,8 +6,9 @@
 //! `egress-allow` (the client inside `web`, allowed directly, 10,000 other /32 rules loaded),
 //! `egress-proxy` (inside `web`, 127.61.0.1 `via: proxy`: the agent's transparent proxy),
 //! `haproxy-redirect` (outside, 127.62.0.1 REDIRECTed by iptables to haproxy, which forwards
-//! to a fixed backend, nginx on 127.60.0.1) and `nginx-stream-redirect` (outside, 127.64.0.1,
-//! the same REDIRECT to nginx's `stream` TCP proxy, also to that fixed backend). Workloads:
+//! to the original destination it reads with SO_ORIGINAL_DST, as the agent does) and
+//! `nginx-stream-redirect` (outside, 127.64.0.1, the same REDIRECT to nginx's `stream` TCP
+//! proxy, which cannot read the original destination: a fixed backend, 127.60.0.1). Workloads:
 //! W1 keep-alive HTTP, W1h keep-alive through the proxy with every request judged by Host
 //! against the same relayed without judging ([`crate::bench_hosts`]), W2 a new connection per
 //! request, W3 bulk (iperf3), W5 a connection-churn soak sampled per second (direct and
@@ -28,7 +29,7 @@ use crate::{
     bench_work::{self as work, Route},
 };
 
-const PACKAGES: &[&str] = &[
+pub const PACKAGES: &[&str] = &[
     "wrk",
     "iperf3",
     "nginx-light",
@@ -38,6 +39,7 @@ const PACKAGES: &[&str] = &[
     "gcc",
     "curl",
     "bpftool",
+    "linux-perf",
 ];
 /// `cargo xtask bench --preview`: only W9 (policy preview), with the release agent; no root.
 pub fn preview_only(root: &Path) -> anyhow::Result<()> {
@@ -171,7 +173,7 @@ pub fn machine() -> Vec<(String, String)> {
 }
 
 /// Writes the page and nginx's configuration, starts nginx and waits for its listeners.
-fn start_nginx(root: &Path, env: &mut Env) -> anyhow::Result<()> {
+pub fn start_nginx(root: &Path, env: &mut Env) -> anyhow::Result<()> {
     let work_dir = env.work.clone();
     fs::create_dir_all(work_dir.join("www"))?;
     fs::write(
@@ -185,6 +187,7 @@ fn start_nginx(root: &Path, env: &mut Env) -> anyhow::Result<()> {
     for addr in [
         "127.60.0.1:8080",
         "127.61.0.1:8080",
+        "127.62.0.1:8080",
         "127.70.0.1:8080",
         "127.0.0.1:8081",
     ] {
@@ -221,13 +224,12 @@ pub fn host_judging_only(root: &Path, full: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run(root: &Path, env: &mut Env, mode: &Mode) -> anyhow::Result<Report> {
+/// Starts the peers, haproxy and nginx `stream`, and the iptables REDIRECTs that send them
+/// their clients; (haproxy's PID, the nginx stream worker's PID). haproxy forwards to the
+/// original destination (SO_ORIGINAL_DST), its own connections exempt from the REDIRECT by
+/// owner; nginx stream cannot read the original destination and forwards to a fixed backend.
+pub fn start_peers(root: &Path, env: &mut Env) -> anyhow::Result<(u32, u32)> {
     let work_dir = env.work.clone();
-    // --- servers, peer, agent ---------------------------------------------------------
-    start_nginx(root, env)?;
-    env.spawn("iperf3", &["iperf3", "-s", "-p", "5201"])?;
-    env.wait_listen("iperf3", "*:5201")?;
-
     let haproxy_cfg = work_dir.join("haproxy.cfg");
     fs::write(&haproxy_cfg, template(root, "haproxy.cfg.in", &work_dir)?)?;
     let cfg = haproxy_cfg.display().to_string();
@@ -245,30 +247,33 @@ fn run(root: &Path, env: &mut Env, mode: &Mode) -> anyhow::Result<Report> {
         .context("cannot find the nginx stream worker (/proc/PID/task/PID/children)")?;
     for (dst, port, to) in [
         ("127.62.0.1", "8080", "15101"),
-        ("127.62.0.1", "5201", "15102"),
+        ("127.62.0.1", "5201", "15101"),
         ("127.64.0.1", "8080", "15111"),
         ("127.64.0.1", "5201", "15112"),
         // W4r: the same listener (nginx, 127.0.0.1:8081) with and without the rule.
         ("127.65.0.1", "8081", "8081"),
     ] {
-        env.ns_run(&[
-            "iptables",
-            "-t",
-            "nat",
-            "-A",
-            "OUTPUT",
-            "-d",
-            dst,
-            "-p",
-            "tcp",
-            "--dport",
-            port,
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            to,
-        ])?;
+        let mut argv = vec![
+            "iptables", "-t", "nat", "-A", "OUTPUT", "-d", dst, "-p", "tcp", "--dport", port,
+        ];
+        if to == "15101" {
+            // haproxy dials the original destination: its own connections pass unredirected.
+            argv.extend(["-m", "owner", "!", "--uid-owner", "haproxy"]);
+        }
+        argv.extend(["-j", "REDIRECT", "--to-ports", to]);
+        env.ns_run(&argv)?;
     }
+    Ok((haproxy, stream_worker))
+}
+
+fn run(root: &Path, env: &mut Env, mode: &Mode) -> anyhow::Result<Report> {
+    let work_dir = env.work.clone();
+    // --- servers, peer, agent ---------------------------------------------------------
+    start_nginx(root, env)?;
+    env.spawn("iperf3", &["iperf3", "-s", "-p", "5201"])?;
+    env.wait_listen("iperf3", "*:5201")?;
+
+    let (haproxy, stream_worker) = start_peers(root, env)?;
 
     let connbench = work::build_connbench(root, &work_dir)?;
 
@@ -314,17 +319,11 @@ fn run(root: &Path, env: &mut Env, mode: &Mode) -> anyhow::Result<Report> {
             cpu_pid: Some(stream_worker),
         },
     ];
-    for r in &routes {
-        let url = format!("http://{}:8080/index.html", r.host);
-        let page = work::client(env, r.in_web, &["curl", "-sSf", "--max-time", "5", &url])
-            .with_context(|| format!("path {} does not work", r.name))?;
-        anyhow::ensure!(
-            page.contains("egress bench"),
-            "path {} served something else: {page}",
-            r.name
-        );
-    }
+    work::check_routes(env, &routes)?;
     let [w1, w2, w3] = measure::http_and_bulk(env, &routes, mode)?;
+    // S1-S4: system calls and wake-ups of every path with a proxy process of its own.
+    let counted: Vec<&Route> = routes.iter().filter(|r| r.cpu_pid.is_some()).collect();
+    let syscalls = crate::bench_syscalls::measure(env, &counted, mode.wrk_secs)?;
     let (w1h, verdict_hosts) = crate::bench_hosts::measure(env, agent_pid, mode)?;
     let (w5, decays) = measure::churn(env, &routes, mode)?;
     let (w4, w7) = measure::connect(env, &connbench, mode)?;
@@ -461,8 +460,10 @@ fn run(root: &Path, env: &mut Env, mode: &Mode) -> anyhow::Result<Report> {
         .any(|t| t.rows.iter().any(Row::busy))
     {
         notes.push(format!(
-            "rows flagged *busy* were measured while the 1-minute load average exceeded {} \
-             (2 cores): other work on the machine may have lowered them",
+            "rows flagged *busy* were measured while processes other than the bench's own kept \
+             more than {} cores busy (or, where a table does not measure that, the 1-minute \
+             load average exceeded {}; 2 cores): other work on the machine may have lowered them",
+            report::BUSY_OTHERS,
             report::BUSY_LOAD
         ));
     }
@@ -489,6 +490,8 @@ fn run(root: &Path, env: &mut Env, mode: &Mode) -> anyhow::Result<Report> {
             v.measured.push_str(" *busy*");
         }
     }
+    verdicts.push(crate::bench_versus::best_peer_verdict(&w2));
+    verdicts.extend(crate::bench_syscalls::verdicts(&syscalls));
     verdicts.push(verdict_hosts);
     verdicts.push(bench_preview::verdict(&w9));
     verdicts.extend(bench_proxy::verdicts(&proxy_tables));
@@ -497,7 +500,9 @@ fn run(root: &Path, env: &mut Env, mode: &Mode) -> anyhow::Result<Report> {
         mode: mode.name,
         machine: machine(),
         tables: [
-            vec![w1, w1h, w2, w3, n1, n2, n3, w5, w4, k1, w4r, w7, w8, w9],
+            vec![w1, w1h, w2, w3],
+            syscalls,
+            vec![n1, n2, n3, w5, w4, k1, w4r, w7, w8, w9],
             proxy_tables,
         ]
         .into_iter()

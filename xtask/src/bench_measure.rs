@@ -69,11 +69,13 @@ fn paths_table(
 /// W1 keep-alive HTTP, W2 a new connection per request, W3 bulk, over every path.
 pub fn http_and_bulk(env: &mut Env, routes: &[Route], mode: &Mode) -> anyhow::Result<[Table; 3]> {
     let peer_note = "haproxy-redirect: iptables REDIRECT to haproxy (TCP mode, nbthread 1), \
-                     which forwards to a fixed backend (nginx on 127.60.0.1), not to the \
-                     original destination: it measures the extra userspace hop, as a peer. \
-                     nginx-stream-redirect: the same iptables REDIRECT (127.64.0.1) to nginx's \
-                     stream module (TCP proxy, 1 worker), also to that fixed backend, not to \
-                     the original destination; its proxy cpu is the worker process's.";
+                     which forwards to the original destination as the agent does (`server s1 \
+                     0.0.0.0:0`: the address it reads with SO_ORIGINAL_DST; nginx on \
+                     127.62.0.1, iperf3 on *:5201). nginx-stream-redirect: the same iptables \
+                     REDIRECT (127.64.0.1) to nginx's stream module (TCP proxy, 1 worker), which \
+                     cannot read SO_ORIGINAL_DST (its $server_addr is the REDIRECT's 127.0.0.1) \
+                     and so forwards to a fixed backend (127.60.0.1); its proxy cpu is the worker \
+                     process's.";
     let mut w1 = paths_table(
         routes,
         "W1",

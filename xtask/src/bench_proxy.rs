@@ -150,6 +150,7 @@ pub fn burst(env: &mut Env, root: &Path) -> anyhow::Result<Table> {
             let mut s = work::new_sample();
             let argv = ["python3", &script, "client", host, "2222", &n, BURST_SECS];
             let out = work::client(env, in_web, &argv)?;
+            work::close_sample(&mut s);
             let (served, lost, last_ms) =
                 parse_burst(&out).with_context(|| format!("burst client said: {out}"))?;
             s.value = last_ms / 1e3;

@@ -14,6 +14,11 @@ pub struct Sample {
     pub procs_running: u32,
     /// Errors the client reported (wrk socket errors, non-2xx), if any.
     pub errors: Option<String>,
+    /// The CPU snapshot at the start of the point ([`crate::bench_work::close_sample`]).
+    pub since: Option<crate::bench_work::CpuSnap>,
+    /// Cores that processes outside the bench's own tree kept busy during the point (None:
+    /// not measured; then the load average decides [`Row::busy`]).
+    pub others: Option<f64>,
 }
 
 pub struct Row {
@@ -50,6 +55,9 @@ pub struct Report {
 }
 
 pub const BUSY_LOAD: f64 = 1.5;
+/// Cores other processes (not the bench, its servers, peers and clients) may keep busy
+/// during a point before it is flagged.
+pub const BUSY_OTHERS: f64 = 0.3;
 
 const METHOD: &str = "## How it is measured\n\n\
 Everything runs inside one network namespace the bench creates (`egress-bench-PID`); loopback \
@@ -66,11 +74,14 @@ transparent proxy. *proxy cpu* is the agent's utime+stime per request.\n\
 the keep-alive connection parsed and judged), against the same requests to 127.61.0.1 \
 (`via: proxy` by address: relayed unread); 5 rounds, the order alternating.\n\
 - `haproxy-redirect` (peer): outside, to 127.62.0.1, which an iptables `nat OUTPUT REDIRECT` \
-sends to haproxy (TCP mode, `nbthread 1`), which forwards to a fixed backend (127.60.0.1): \
-the cost of the extra userspace hop behind iptables. *proxy cpu* is haproxy's.\n\
+sends to haproxy (TCP mode, `nbthread 1`, running as user `haproxy`, whose own connections the \
+rule exempts), which forwards to the original destination as the agent does (`server s1 \
+0.0.0.0:0`: haproxy reads it with `SO_ORIGINAL_DST`; nginx listens on 127.62.0.1 too). \
+*proxy cpu* is haproxy's.\n\
 - `nginx-stream-redirect` (peer): outside, to 127.64.0.1, the same iptables REDIRECT to nginx's \
-`stream` module (TCP proxy, 1 worker; `libnginx-mod-stream`), also to that fixed backend, not \
-to the original destination. *proxy cpu* is its worker process's.\n\n\
+`stream` module (TCP proxy, 1 worker; `libnginx-mod-stream`). nginx cannot read \
+`SO_ORIGINAL_DST` (after a REDIRECT its `$server_addr` is 127.0.0.1), so it forwards to a \
+fixed backend (127.60.0.1). *proxy cpu* is its worker process's.\n\n\
 W4 runs `scripts/bench/connbench.c` (socket()+connect()+close() on UDP, which sends nothing) \
 outside and inside `web`; W7 the same with TCP to a destination no rule allows (EPERM); W8 \
 times `egress-agent policy apply -f FILE` replacing the 10,000 extra rules by a new set. W5 \
@@ -115,8 +126,21 @@ impl Row {
     pub fn cpu(&self) -> Option<f64> {
         self.field(|s| s.cpu_us_per_req)
     }
+    /// Measured while other work kept the machine busy: processes outside the bench's tree
+    /// used more than [`BUSY_OTHERS`] cores (or, where that was not measured, the load
+    /// average exceeded [`BUSY_LOAD`]).
     pub fn busy(&self) -> bool {
-        self.samples.iter().any(|s| s.load > BUSY_LOAD)
+        self.samples.iter().any(|s| match s.others {
+            Some(o) => o > BUSY_OTHERS,
+            None => s.load > BUSY_LOAD,
+        })
+    }
+    /// The most cores other processes used during any of the points.
+    pub fn others(&self) -> Option<f64> {
+        self.samples
+            .iter()
+            .filter_map(|s| s.others)
+            .reduce(f64::max)
     }
     fn errors(&self) -> Vec<String> {
         self.samples
@@ -147,6 +171,10 @@ impl Table {
     }
     pub fn ratio(&self, path: &str) -> Option<f64> {
         self.ratio_to(path, self.value(self.baseline?)?)
+    }
+    /// `path` against the best peer (> 1: better than every peer).
+    pub fn vs_best_peer(&self, path: &str) -> Option<f64> {
+        self.ratio_to(path, self.best_peer()?)
     }
     fn best_peer(&self) -> Option<f64> {
         let vals = self.peers.iter().filter_map(|p| self.value(p));
@@ -243,7 +271,10 @@ fn cells(t: &Table) -> (Vec<String>, Vec<Vec<String>>) {
         );
         let mut flags = Vec::new();
         if r.busy() {
-            flags.push("*busy*".to_string());
+            flags.push(match r.others() {
+                Some(o) => format!("*busy* (others {o:.1} cores)"),
+                None => "*busy*".to_string(),
+            });
         }
         if !r.errors().is_empty() {
             flags.push(format!("errors: {}", r.errors().join("; ")));
@@ -304,7 +335,11 @@ pub fn markdown(r: &Report, with_machine: bool) -> String {
         s,
         "Produced by `cargo xtask bench --{}` (see `xtask/src/bench.rs`). Every value is the \
          median of the repetitions listed under *samples*, the paths interleaved. A row flagged \
-         `*busy*` was measured while the 1-minute load average exceeded {BUSY_LOAD}.\n",
+         `*busy*` was measured while processes other than the bench's own (the bench, the \
+         agent, its servers, peers and clients) kept more than {BUSY_OTHERS} cores busy (the \
+         machine's user+system CPU time over the point, from /proc/stat, less the bench's \
+         process tree's and kernel threads'; where a table does not measure that, while the \
+         1-minute load average exceeded {BUSY_LOAD}).\n",
         r.mode
     );
     s.push_str(METHOD);
@@ -396,12 +431,13 @@ pub fn json(r: &Report) -> String {
                 .iter()
                 .map(|x| {
                     format!(
-                        "{{\"value\": {}, \"p50_us\": {}, \"p99_us\": {}, \"cpu_us_per_req\": {}, \"load1\": {}, \"procs_running\": {}, \"errors\": {}}}",
+                        "{{\"value\": {}, \"p50_us\": {}, \"p99_us\": {}, \"cpu_us_per_req\": {}, \"load1\": {}, \"other_cores\": {}, \"procs_running\": {}, \"errors\": {}}}",
                         jnum(Some(x.value)),
                         jnum(x.p50_us),
                         jnum(x.p99_us),
                         jnum(x.cpu_us_per_req),
                         jnum(Some(x.load)),
+                        jnum(x.others),
                         x.procs_running,
                         x.errors.as_deref().map(jstr).unwrap_or_else(|| "null".into())
                     )

@@ -29,6 +29,21 @@ pub fn client(env: &Env, in_web: bool, argv: &[&str]) -> anyhow::Result<String> 
     }
 }
 
+/// Fails unless every route serves the bench's page (before anything is measured).
+pub fn check_routes(env: &Env, routes: &[Route]) -> anyhow::Result<()> {
+    for r in routes {
+        let url = format!("http://{}:8080/index.html", r.host);
+        let page = client(env, r.in_web, &["curl", "-sSf", "--max-time", "5", &url])
+            .with_context(|| format!("path {} does not work", r.name))?;
+        anyhow::ensure!(
+            page.contains("egress bench"),
+            "path {} served something else: {page}",
+            r.name
+        );
+    }
+    Ok(())
+}
+
 /// utime + stime of a process, in clock ticks (/proc/PID/stat fields 14 and 15).
 pub fn cpu_ticks(pid: u32) -> Option<u64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -74,13 +89,103 @@ pub fn load() -> (f64, u32) {
     (l, r)
 }
 
+/// A sample starting now: the load, and the CPU snapshot [`close_sample`] measures from.
 pub fn new_sample() -> Sample {
     let (load, procs_running) = load();
     Sample {
         load,
         procs_running,
+        since: CpuSnap::now(),
         ..Sample::default()
     }
+}
+
+/// Ends the point `s` started with [`new_sample`]: the cores other processes kept busy since.
+pub fn close_sample(s: &mut Sample) {
+    if let (Some(a), Some(b)) = (&s.since, CpuSnap::now()) {
+        s.others = b.others_since(a);
+    }
+}
+
+/// The machine's CPU time and the bench's own share of it, at one instant (clock ticks).
+#[derive(Clone, Debug)]
+pub struct CpuSnap {
+    at: Instant,
+    /// user + nice + system of every CPU (/proc/stat; irq and softirq time left out, as the
+    /// processes' own figures leave it out).
+    total: u64,
+    /// utime + stime of the bench's process tree (this process and its descendants, with the
+    /// children they reaped: cutime + cstime) and of kernel threads (softirq work the bench's
+    /// traffic defers to ksoftirqd lands there).
+    own: u64,
+}
+
+impl CpuSnap {
+    pub fn now() -> Option<CpuSnap> {
+        let at = Instant::now();
+        let stat = fs::read_to_string("/proc/stat").ok()?;
+        let cpu: Vec<u64> = stat
+            .lines()
+            .next()?
+            .split_whitespace()
+            .skip(1)
+            .take(3)
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        let total = cpu.iter().sum();
+        // (pid, ppid, own ticks, reaped children's ticks) of every process.
+        let mut procs = Vec::new();
+        for e in fs::read_dir("/proc").ok()?.flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let Ok(st) = fs::read_to_string(e.path().join("stat")) else {
+                continue;
+            };
+            if let Some(p) = parse_stat_times(&st) {
+                procs.push((pid, p.0, p.1, p.2));
+            }
+        }
+        let mut tree = vec![std::process::id(), 2];
+        let mut own = 0;
+        // Descendants: repeat until no process joins (parents before children is not given).
+        let mut counted = vec![false; procs.len()];
+        loop {
+            let mut grew = false;
+            for (i, &(pid, ppid, t, c)) in procs.iter().enumerate() {
+                if !counted[i] && (tree.contains(&pid) || tree.contains(&ppid)) {
+                    counted[i] = true;
+                    grew = true;
+                    tree.push(pid);
+                    own += t + c;
+                }
+            }
+            if !grew {
+                break;
+            }
+        }
+        Some(CpuSnap { at, total, own })
+    }
+
+    /// Cores that processes outside the bench's tree kept busy from `earlier` to this one.
+    pub fn others_since(&self, earlier: &CpuSnap) -> Option<f64> {
+        let secs = self.at.duration_since(earlier.at).as_secs_f64();
+        if secs < 0.05 {
+            return None;
+        }
+        let total = self.total.saturating_sub(earlier.total) as f64;
+        let own = self.own.saturating_sub(earlier.own) as f64;
+        Some(((total - own) / clk_tck() / secs).max(0.0))
+    }
+}
+
+/// (ppid, utime + stime, cutime + cstime) from /proc/PID/stat.
+fn parse_stat_times(stat: &str) -> Option<(u32, u64, u64)> {
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // rest starts at field 3 (state): field N is f[N - 3].
+    let n = |i: usize| f.get(i)?.parse::<u64>().ok();
+    Some((f.get(1)?.parse().ok()?, n(11)? + n(12)?, n(13)? + n(14)?))
 }
 
 /// A wrk duration ("171.00us", "1.20ms", "2.00s") in microseconds.
@@ -153,8 +258,10 @@ pub fn wrk_with(env: &Env, route: &Route, secs: u32, headers: &[&str]) -> anyhow
     s = Sample {
         load: s.load,
         procs_running: s.procs_running,
+        since: s.since,
         ..parsed
     };
+    close_sample(&mut s);
     if let (Some(b), Some(a)) = (before, after) {
         if reqs > 0 {
             s.cpu_us_per_req = Some((a - b) as f64 * 1e6 / clk_tck() / reqs as f64);
@@ -231,10 +338,13 @@ pub fn churn(env: &Env, route: &Route, secs: u32) -> anyhow::Result<Churn> {
 }
 
 pub fn clk_tck() -> f64 {
-    crate::bench_env::run_quiet(&["getconf", "CLK_TCK"])
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
+    static TCK: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TCK.get_or_init(|| {
+        crate::bench_env::run_quiet(&["getconf", "CLK_TCK"])
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100.0)
+    })
 }
 
 /// The receiver's bits per second from `iperf3 -J`: end.sum_received.bits_per_second.
@@ -266,6 +376,7 @@ pub fn iperf(env: &Env, route: &Route, secs: u32) -> anyhow::Result<Sample> {
         ],
     )?;
     s.value = parse_iperf_gbps(&out)?;
+    close_sample(&mut s);
     Ok(s)
 }
 
@@ -290,6 +401,7 @@ pub fn connbench(
             .parse::<f64>()
             .map_err(Into::into)
     };
+    close_sample(&mut s);
     s.value = get("ns_per_iter")?;
     let per_sec = get("per_sec")?;
     let (ok, eperm, other) = (get("ok")? as u64, get("eperm")? as u64, get("other")?);
@@ -388,6 +500,7 @@ pub fn apply(env: &Env, extra: u32, salt: u32) -> anyhow::Result<Sample> {
     let t = Instant::now();
     let out = env.ns_run(&[&agent, "--admin-socket", &sock, "policy", "apply", "-f", &f]);
     s.value = t.elapsed().as_secs_f64();
+    close_sample(&mut s);
     if let Err(e) = out {
         bail!("policy apply of {extra} rules failed: {e:#}");
     }

@@ -11,6 +11,8 @@ mod bench_memory;
 mod bench_preview;
 mod bench_proxy;
 mod bench_report;
+mod bench_syscalls;
+mod bench_versus;
 mod bench_work;
 mod cmd;
 mod layout;
@@ -72,6 +74,11 @@ enum Task {
         /// straight to dnsmasq, connect() with 10k learned names); under a minute.
         #[arg(long, conflicts_with_all = ["quick", "full", "gateway", "preview"])]
         dns: bool,
+        /// Instead: the proxy against its peers only: W1-W3 on direct, egress-proxy, haproxy
+        /// and nginx stream, then S1-S4, the system calls and wake-ups of each proxy per
+        /// request and per connection (perf stat); a few minutes (as root).
+        #[arg(long, conflicts_with_all = ["quick", "full", "gateway", "preview", "dns", "proxy", "host_judging"])]
+        syscalls: bool,
     },
     /// Check the source layout: no import cycle between files, no file over 600 lines.
     Layout {
@@ -96,6 +103,7 @@ fn main() -> ExitCode {
         } => bench::host_judging_only(&root, full),
         Task::Bench { proxy: true, .. } => bench::proxy_only(&root),
         Task::Bench { dns: true, .. } => bench_dns::bench(&root),
+        Task::Bench { syscalls: true, .. } => bench_versus::bench(&root),
         Task::Bench { full, .. } => bench::bench(&root, full),
         Task::Layout { edges } => layout::layout(&root, edges),
     };
