@@ -28,7 +28,8 @@ struct Counted {
     /// Requests wrk completed (one connection each with `Connection: close`).
     reqs: u64,
     syscalls: BTreeMap<String, u64>,
-    wakeups: u64,
+    /// Wake-ups by thread name.
+    wakeups: BTreeMap<String, u64>,
     /// The process's CPU per request, µs (perf attached).
     cpu_us: Option<f64>,
     sample: Sample,
@@ -73,20 +74,58 @@ fn parse_perf(text: &str) -> BTreeMap<String, u64> {
         .collect()
 }
 
-/// Voluntary context switches of every thread of `pid` (each: one sleep, one wake-up).
-fn wakeups(pid: u32) -> u64 {
-    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0;
+/// With EGRESS_BENCH_PROFILE=DIR: `perf record -g` of `pid` into
+/// DIR/PATH-keepalive.data or DIR/PATH-newconn.data (the last run's), for `perf report -i`.
+fn profile(pid: u32, path: &str, close: bool) -> anyhow::Result<Option<Child>> {
+    let Some(dir) = std::env::var_os("EGRESS_BENCH_PROFILE") else {
+        return Ok(None);
     };
-    tasks
-        .flatten()
-        .filter_map(|t| fs::read_to_string(t.path().join("status")).ok())
-        .filter_map(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
-                .and_then(|v| v.trim().parse::<u64>().ok())
-        })
-        .sum()
+    fs::create_dir_all(&dir)?;
+    let kind = if close { "newconn" } else { "keepalive" };
+    let file = Path::new(&dir).join(format!("{path}-{kind}.data"));
+    let child = Command::new("perf")
+        .args(["record", "-q", "-g", "-F", "2000", "-o"])
+        .arg(&file)
+        .args(["-p", &pid.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("cannot start perf record")?;
+    std::thread::sleep(Duration::from_millis(300));
+    Ok(Some(child))
+}
+
+/// Voluntary context switches of every thread of `pid` (each: one sleep, one wake-up), by
+/// thread name (/proc/PID/task/TID/comm).
+fn wakeups(pid: u32) -> BTreeMap<String, u64> {
+    let mut by = BTreeMap::new();
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return by;
+    };
+    for t in tasks.flatten() {
+        let n = fs::read_to_string(t.path().join("status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+            });
+        let comm = fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if let Some(n) = n {
+            *by.entry(comm.trim().to_string()).or_insert(0) += n;
+        }
+    }
+    by
+}
+
+/// `after - before`, per thread name (threads that came or went count from 0).
+fn delta(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
+    after
+        .iter()
+        .map(|(k, a)| (k.clone(), a.saturating_sub(*before.get(k).unwrap_or(&0))))
+        .filter(|(_, v)| *v > 0)
+        .collect()
 }
 
 /// One wrk run on `route` (keep-alive, or `Connection: close` when `close`) with the
@@ -96,6 +135,7 @@ fn count(env: &Env, route: &Route, secs: u32, close: bool) -> anyhow::Result<Cou
     let mut sample = work::new_sample();
     let out = env.work.join("perf-stat.txt");
     let perf = perf_start(pid, &out)?;
+    let record = profile(pid, route.name, close)?;
     let (w0, c0) = (wakeups(pid), work::cpu_ticks(pid));
     let url = format!("http://{}:8080/index.html", route.host);
     let d = format!("{secs}s");
@@ -107,6 +147,12 @@ fn count(env: &Env, route: &Route, secs: u32, close: bool) -> anyhow::Result<Cou
     let ran = work::client(env, route.in_web, &argv);
     let (w1, c1) = (wakeups(pid), work::cpu_ticks(pid));
     let syscalls = perf_stop(perf, &out)?;
+    if let Some(mut r) = record {
+        let _ = Command::new("kill")
+            .args(["-INT", &r.id().to_string()])
+            .status();
+        r.wait()?;
+    }
     let (parsed, reqs) = work::parse_wrk(&ran?)?;
     sample.errors = parsed.errors;
     work::close_sample(&mut sample);
@@ -117,7 +163,7 @@ fn count(env: &Env, route: &Route, secs: u32, close: bool) -> anyhow::Result<Cou
     Ok(Counted {
         reqs,
         syscalls,
-        wakeups: w1.saturating_sub(w0),
+        wakeups: delta(&w0, &w1),
         cpu_us,
         sample,
     })
@@ -163,6 +209,7 @@ pub fn measure(env: &Env, routes: &[&Route], secs: u32) -> anyhow::Result<Vec<Ta
         vec![Vec::new(); routes.len()],
         vec![Vec::new(); routes.len()],
     ];
+    let mut per_thread = per_call.clone();
     for rep in 0..REPS {
         for (k, close) in [false, true].into_iter().enumerate() {
             for (i, r) in routes.iter().enumerate() {
@@ -170,13 +217,14 @@ pub fn measure(env: &Env, routes: &[&Route], secs: u32) -> anyhow::Result<Vec<Ta
                     .with_context(|| format!("syscall count on {} (run {})", r.name, rep + 1))?;
                 let n = c.reqs as f64;
                 let total: u64 = c.syscalls.values().sum();
+                let wakeups: u64 = c.wakeups.values().sum();
                 eprintln!(
                     "    run {} {:<22} {:<10} {:>7.2} calls/req {:>6.2} wake-ups/req ({} requests)",
                     rep + 1,
                     r.name,
                     if close { "new-conn" } else { "keep-alive" },
                     total as f64 / n,
-                    c.wakeups as f64 / n,
+                    wakeups as f64 / n,
                     c.reqs
                 );
                 let calls = Sample {
@@ -185,11 +233,17 @@ pub fn measure(env: &Env, routes: &[&Route], secs: u32) -> anyhow::Result<Vec<Ta
                     ..c.sample.clone()
                 };
                 let wakes = Sample {
-                    value: c.wakeups as f64 / n,
+                    value: wakeups as f64 / n,
                     ..c.sample
                 };
                 out[2 * k].rows[i].samples.push(calls);
                 out[2 * k + 1].rows[i].samples.push(wakes);
+                per_thread[k][i].push(
+                    c.wakeups
+                        .iter()
+                        .map(|(s, v)| (s.clone(), *v as f64 / n))
+                        .collect(),
+                );
                 per_call[k][i].push(
                     c.syscalls
                         .iter()
@@ -212,16 +266,23 @@ pub fn measure(env: &Env, routes: &[&Route], secs: u32) -> anyhow::Result<Vec<Ta
             if k == 0 { "request" } else { "connection" },
             tops.join("; ")
         ));
-        out[2 * k + 1].note = Some(
+        let threads: Vec<String> = routes
+            .iter()
+            .zip(&per_thread[k])
+            .map(|(r, runs)| format!("{}: {}", r.name, top_calls(runs, 4)))
+            .collect();
+        out[2 * k + 1].note = Some(format!(
             "wake-ups: the voluntary context switches of the process's threads \
-             (/proc/PID/task/*/status), each one sleep (epoll_wait, a futex) ended by a wake-up"
-                .into(),
-        );
+             (/proc/PID/task/*/status), each one sleep (epoll_wait, a futex) ended by a wake-up. \
+             By thread name, per {} (median of the runs): {}",
+            if k == 0 { "request" } else { "connection" },
+            threads.join("; ")
+        ));
     }
     Ok(out.into())
 }
 
-/// The `n` most frequent calls over `runs` (each call's median per-request count).
+/// The `n` largest entries over `runs` (each one's median per-request count).
 fn top_calls(runs: &[BTreeMap<String, f64>], n: usize) -> String {
     let mut names: Vec<&String> = runs.iter().flat_map(|m| m.keys()).collect();
     names.sort();

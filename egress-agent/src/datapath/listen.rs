@@ -2,7 +2,7 @@
 //! instead of being lost: for each address, one socket per acceptor (SO_REUSEPORT: the kernel
 //! spreads new connections over them, each with an accept queue of its own), each with the
 //! longest accept queue the kernel allows (`listen(-1)`: `net.core.somaxconn` of the
-//! namespace). Before the group binds, a plain bind checks that nobody else holds the port
+//! namespace), and TCP_NODELAY, which every accepted connection inherits. Before the group binds, a plain bind checks that nobody else holds the port
 //! (SO_REUSEPORT would otherwise let another root process share it silently).
 
 use std::{
@@ -49,6 +49,8 @@ fn one(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     )?;
     setsockopt(&fd, sockopt::ReuseAddr, &true)?;
     setsockopt(&fd, sockopt::ReusePort, &true)?;
+    // Accepted connections inherit TCP_NODELAY from the listener: no setsockopt per client.
+    setsockopt(&fd, sockopt::TcpNoDelay, &true)?;
     match addr {
         SocketAddr::V4(a) => bind(fd.as_raw_fd(), &SockaddrIn::from(a))?,
         SocketAddr::V6(a) => {
@@ -101,6 +103,8 @@ mod tests {
         for _ in 0..100 {
             for l in &g {
                 if let Ok((mut s, _)) = l.accept() {
+                    // Inherited from the listener: the proxy sets nothing per connection.
+                    assert!(s.nodelay().unwrap(), "TCP_NODELAY not inherited");
                     s.set_nonblocking(false).unwrap();
                     let mut b = [0u8; 1];
                     s.read_exact(&mut b).unwrap();

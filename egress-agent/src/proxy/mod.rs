@@ -17,6 +17,7 @@ mod judging;
 pub mod metrics;
 pub mod relay;
 pub mod sniff;
+mod threads;
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -173,16 +174,21 @@ impl Proxy {
         self.live.get()
     }
 
-    /// Serves every listener until the task is dropped.
+    /// Serves every listener until the task is dropped, each on one of the proxy's threads
+    /// ([`threads`]), in turn; the connections a listener accepted are relayed on its thread
+    /// (and go on when the listener is dropped).
     pub async fn serve(self: Arc<Self>, listeners: Vec<TcpListener>) {
-        let mut tasks = tokio::task::JoinSet::new();
-        for l in listeners {
-            tasks.spawn(self.clone().accept_loop(l));
-        }
-        while tasks.join_next().await.is_some() {}
+        threads::serve(listeners, |l| self.clone().accept_loop(l)).await
     }
 
-    async fn accept_loop(self: Arc<Self>, listener: TcpListener) {
+    async fn accept_loop(self: Arc<Self>, listener: std::net::TcpListener) {
+        let listener = match TcpListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(error = %e, "cannot register a proxy listener; not serving it");
+                return;
+            }
+        };
         // Clients of a listener share its network namespace (a pod's, or the agent's own).
         let netns = match crate::datapath::podnet::netns_cookie(&listener) {
             Ok(c) => c,
@@ -257,7 +263,7 @@ impl Proxy {
         // The rule that lets the connection out (a host rule may decide instead of the
         // kernel's); it chooses the gateway.
         let mut rule_id = orig.rule_id;
-        let _ = client.set_nodelay(true);
+        // TCP_NODELAY: inherited from the listener ([`crate::datapath::listen`]).
 
         // Bytes read while sniffing, replayed to the upstream.
         let mut head = Vec::new();

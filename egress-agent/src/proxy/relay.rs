@@ -5,7 +5,7 @@
 use std::{
     io,
     os::fd::{AsFd, AsRawFd, OwnedFd},
-    sync::atomic::{AtomicU64, Ordering},
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
     time::{Duration, Instant},
 };
 
@@ -41,6 +41,7 @@ pub async fn relay(
     let act = Activity {
         epoch: Instant::now(),
         last: AtomicU64::new(0),
+        one_ended: AtomicBool::new(false),
     };
     let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
     let bytes = || (up.load(Ordering::Relaxed), down.load(Ordering::Relaxed));
@@ -99,13 +100,23 @@ pub(crate) async fn supervise(
     }
 }
 
-/// When bytes last moved, for the idle timeout.
+/// When bytes last moved, for the idle timeout; and whether one direction has ended.
 struct Activity {
     epoch: Instant,
     last: AtomicU64,
+    one_ended: AtomicBool,
 }
 
 impl Activity {
+    /// EOF from the other side of `to`: the first direction to end passes the half-close on
+    /// (shutdown(SHUT_WR)); the second needs no shutdown(2): the relay ends and closing
+    /// both sockets sends the FIN.
+    fn ended(&self, to: &TcpStream) {
+        if !self.one_ended.swap(true, Ordering::Relaxed) {
+            half_close(to);
+        }
+    }
+
     fn touch(&self) {
         self.last
             .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
@@ -142,10 +153,10 @@ async fn pump(
     let mut pending: Vec<u8> = Vec::new();
     loop {
         let Some((pr, pw)) = &pipe_fds else {
-            from.readable().await?;
+            let ready = from.ready(Interest::READABLE).await?;
             let read = BUF.with(|b| {
                 let mut b = b.borrow_mut();
-                let n = match from.try_read(&mut b) {
+                let n = match read_draining(from, &mut b) {
                     Ok(0) => return Ok(0), // EOF: nothing to write (no empty write(2))
                     Ok(n) => n,
                     Err(e) => return Err(e),
@@ -165,7 +176,7 @@ async fn pump(
                 Err(e) => return Err(e),
             };
             if n == 0 {
-                half_close(to);
+                act.ended(to);
                 return Ok(());
             }
             act.touch();
@@ -183,6 +194,11 @@ async fn pump(
             pending = Vec::new();
             if n == SCRATCH {
                 pipe_fds = Some(pipe()?);
+            } else if ready.is_read_closed() {
+                // The peer's FIN was in before this read (TCP takes it only after every byte
+                // it follows), and the read drained the socket: EOF, without a read to see it.
+                act.ended(to);
+                return Ok(());
             }
             continue;
         };
@@ -195,7 +211,7 @@ async fn pump(
             }
         };
         if n == 0 {
-            half_close(to);
+            act.ended(to);
             return Ok(());
         }
         act.touch();
@@ -211,6 +227,28 @@ async fn pump(
                 Err(e) => return Err(e),
             }
         }
+    }
+}
+
+/// One read(2) of `from` into `buf`, inside tokio's readiness: a read that returns less than
+/// `buf` holds has drained the socket, so its readiness is cleared (the sockets are
+/// registered edge-triggered, and new bytes bring a new edge), as tokio's own `poll_read`
+/// does; without that the next `readable()` would return at once into a read failing with
+/// EAGAIN after every message. Ok(0): EOF.
+fn read_draining(from: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    let r = from.try_io(Interest::READABLE, || {
+        n = unistd::read(from.as_fd(), buf)?;
+        if n > 0 && n < buf.len() {
+            // Not an error: tells try_io to clear the readiness it saw (closed states stay).
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(())
+    });
+    match r {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && n > 0 => Ok(n),
+        Err(e) => Err(e),
+        Ok(()) => Ok(n),
     }
 }
 
