@@ -490,7 +490,7 @@ fn run(root: &Path, env: &mut Env, mode: &Mode) -> anyhow::Result<Report> {
             v.measured.push_str(" *busy*");
         }
     }
-    verdicts.push(crate::bench_versus::best_peer_verdict(&w2));
+    verdicts.push(crate::bench_syscalls::best_peer_verdict(&w2));
     verdicts.extend(crate::bench_syscalls::verdicts(&syscalls));
     verdicts.push(verdict_hosts);
     verdicts.push(bench_preview::verdict(&w9));

@@ -236,13 +236,7 @@ fn run(env: &mut Env) -> anyhow::Result<Report> {
         baseline: Some("direct"),
         peers: PEERS.to_vec(),
         higher_is_better: true,
-        rows: routes
-            .iter()
-            .map(|r| Row {
-                path: r.name.to_string(),
-                samples: Vec::new(),
-            })
-            .collect(),
+        rows: Row::named(routes.iter().map(|r| r.name)),
         note: None,
     };
     let secs = 3;

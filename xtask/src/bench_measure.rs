@@ -55,13 +55,7 @@ fn paths_table(
         baseline: Some("direct"),
         peers: vec!["haproxy-redirect", "nginx-stream-redirect"],
         higher_is_better: true,
-        rows: routes
-            .iter()
-            .map(|r| Row {
-                path: r.name.to_string(),
-                samples: Vec::new(),
-            })
-            .collect(),
+        rows: Row::named(routes.iter().map(|r| r.name)),
         note,
     }
 }

@@ -15,7 +15,7 @@ pub struct Sample {
     /// Errors the client reported (wrk socket errors, non-2xx), if any.
     pub errors: Option<String>,
     /// The CPU snapshot at the start of the point ([`crate::bench_work::close_sample`]).
-    pub since: Option<crate::bench_work::CpuSnap>,
+    pub since: Option<crate::bench_cpu::CpuSnap>,
     /// Cores that processes outside the bench's own tree kept busy during the point (None:
     /// not measured; then the load average decides [`Row::busy`]).
     pub others: Option<f64>,
@@ -111,6 +111,16 @@ pub fn median(mut v: Vec<f64>) -> Option<f64> {
 }
 
 impl Row {
+    /// Empty rows named `paths`.
+    pub fn named<'a>(paths: impl IntoIterator<Item = &'a str>) -> Vec<Row> {
+        paths
+            .into_iter()
+            .map(|p| Row {
+                path: p.to_string(),
+                samples: Vec::new(),
+            })
+            .collect()
+    }
     pub fn value(&self) -> Option<f64> {
         median(self.samples.iter().map(|s| s.value).collect())
     }

@@ -37,18 +37,34 @@ struct Counted {
 
 /// Starts counting every system call of `pid`'s threads into `out`.
 fn perf_start(pid: u32, out: &Path) -> anyhow::Result<Child> {
-    let child = Command::new("perf")
-        .args(["stat", "-x,", "--no-big-num", "-o"])
-        .arg(out)
-        .args(["-e", "syscalls:sys_enter_*", "-p", &pid.to_string()])
+    let pid = pid.to_string();
+    let out = out.display().to_string();
+    let argv = [
+        "stat",
+        "-x,",
+        "--no-big-num",
+        "-o",
+        &out,
+        "-e",
+        "syscalls:sys_enter_*",
+        "-p",
+        &pid,
+    ];
+    let child = perf(&argv)?;
+    // perf opens one counter per system call and thread before it counts.
+    std::thread::sleep(Duration::from_millis(700));
+    Ok(child)
+}
+
+/// Starts `perf ARGV...` in the background, its output discarded.
+fn perf(argv: &[&str]) -> anyhow::Result<Child> {
+    Command::new("perf")
+        .args(argv)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .context("cannot start perf (Debian: linux-perf)")?;
-    // perf opens one counter per system call and thread before it counts.
-    std::thread::sleep(Duration::from_millis(700));
-    Ok(child)
+        .with_context(|| format!("cannot start perf {} (Debian: linux-perf)", argv[0]))
 }
 
 /// Stops perf (SIGINT: it writes its counts) and reads them: system call name → count.
@@ -83,15 +99,8 @@ fn profile(pid: u32, path: &str, close: bool) -> anyhow::Result<Option<Child>> {
     fs::create_dir_all(&dir)?;
     let kind = if close { "newconn" } else { "keepalive" };
     let file = Path::new(&dir).join(format!("{path}-{kind}.data"));
-    let child = Command::new("perf")
-        .args(["record", "-q", "-g", "-F", "2000", "-o"])
-        .arg(&file)
-        .args(["-p", &pid.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("cannot start perf record")?;
+    let (file, pid) = (file.display().to_string(), pid.to_string());
+    let child = perf(&["record", "-q", "-g", "-F", "2000", "-o", &file, "-p", &pid])?;
     std::thread::sleep(Duration::from_millis(300));
     Ok(Some(child))
 }
@@ -189,13 +198,7 @@ pub fn measure(env: &Env, routes: &[&Route], secs: u32) -> anyhow::Result<Vec<Ta
         baseline: None,
         peers: peers.clone(),
         higher_is_better: false,
-        rows: routes
-            .iter()
-            .map(|r| Row {
-                path: r.name.to_string(),
-                samples: Vec::new(),
-            })
-            .collect(),
+        rows: Row::named(routes.iter().map(|r| r.name)),
         note: None,
     };
     let mut out = [
@@ -304,6 +307,24 @@ fn top_calls(runs: &[BTreeMap<String, f64>], n: usize) -> String {
         .map(|(s, v)| format!("{s} {v:.2}"))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// W2's target against the peers: new connections through the proxy >= 1.15x the best peer.
+pub fn best_peer_verdict(w2: &Table) -> Verdict {
+    let r = w2.vs_best_peer("egress-proxy");
+    Verdict {
+        target: "new connections (proxied) >= 1.15x the best peer".into(),
+        measured: format!(
+            "{}{}",
+            r.map_or("-".into(), |r| format!("{r:.2}x")),
+            if w2.rows.iter().any(Row::busy) {
+                " *busy*"
+            } else {
+                ""
+            }
+        ),
+        pass: r.map(|r| r >= 1.15),
+    }
 }
 
 /// The verdicts: fewer system calls and wake-ups than haproxy, per request and per connection.

@@ -100,7 +100,7 @@ fn run(root: &Path, env: &mut Env) -> anyhow::Result<Report> {
             ),
             pass: r2.map(|r| r >= 0.7),
         },
-        best_peer_verdict(&w2),
+        bench_syscalls::best_peer_verdict(&w2),
     ];
     verdicts.extend(bench_syscalls::verdicts(&s));
     let mut tables = vec![w1, w2, w3];
@@ -112,22 +112,4 @@ fn run(root: &Path, env: &mut Env) -> anyhow::Result<Report> {
         verdicts,
         notes: vec![crate::bench_proxy::load_note()],
     })
-}
-
-/// W2's target against the peers: new connections through the proxy >= 1.15x the best peer.
-pub fn best_peer_verdict(w2: &Table) -> Verdict {
-    let r = w2.vs_best_peer("egress-proxy");
-    Verdict {
-        target: "new connections (proxied) >= 1.15x the best peer".into(),
-        measured: format!(
-            "{}{}",
-            r.map_or("-".into(), |r| format!("{r:.2}x")),
-            if w2.rows.iter().any(Row::busy) {
-                " *busy*"
-            } else {
-                ""
-            }
-        ),
-        pass: r.map(|r| r >= 1.15),
-    }
 }

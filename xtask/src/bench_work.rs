@@ -5,7 +5,8 @@ use std::{fmt::Write as _, fs, path::Path, time::Instant};
 
 use anyhow::{bail, Context as _};
 
-use crate::{bench_env::Env, bench_report::Sample};
+pub use crate::bench_cpu::clk_tck;
+use crate::{bench_cpu::CpuSnap, bench_env::Env, bench_report::Sample};
 
 /// A way from the client to the server.
 pub struct Route {
@@ -105,87 +106,6 @@ pub fn close_sample(s: &mut Sample) {
     if let (Some(a), Some(b)) = (&s.since, CpuSnap::now()) {
         s.others = b.others_since(a);
     }
-}
-
-/// The machine's CPU time and the bench's own share of it, at one instant (clock ticks).
-#[derive(Clone, Debug)]
-pub struct CpuSnap {
-    at: Instant,
-    /// user + nice + system of every CPU (/proc/stat; irq and softirq time left out, as the
-    /// processes' own figures leave it out).
-    total: u64,
-    /// utime + stime of the bench's process tree (this process and its descendants, with the
-    /// children they reaped: cutime + cstime) and of kernel threads (softirq work the bench's
-    /// traffic defers to ksoftirqd lands there).
-    own: u64,
-}
-
-impl CpuSnap {
-    pub fn now() -> Option<CpuSnap> {
-        let at = Instant::now();
-        let stat = fs::read_to_string("/proc/stat").ok()?;
-        let cpu: Vec<u64> = stat
-            .lines()
-            .next()?
-            .split_whitespace()
-            .skip(1)
-            .take(3)
-            .filter_map(|v| v.parse().ok())
-            .collect();
-        let total = cpu.iter().sum();
-        // (pid, ppid, own ticks, reaped children's ticks) of every process.
-        let mut procs = Vec::new();
-        for e in fs::read_dir("/proc").ok()?.flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-                continue;
-            };
-            let Ok(st) = fs::read_to_string(e.path().join("stat")) else {
-                continue;
-            };
-            if let Some(p) = parse_stat_times(&st) {
-                procs.push((pid, p.0, p.1, p.2));
-            }
-        }
-        let mut tree = vec![std::process::id(), 2];
-        let mut own = 0;
-        // Descendants: repeat until no process joins (parents before children is not given).
-        let mut counted = vec![false; procs.len()];
-        loop {
-            let mut grew = false;
-            for (i, &(pid, ppid, t, c)) in procs.iter().enumerate() {
-                if !counted[i] && (tree.contains(&pid) || tree.contains(&ppid)) {
-                    counted[i] = true;
-                    grew = true;
-                    tree.push(pid);
-                    own += t + c;
-                }
-            }
-            if !grew {
-                break;
-            }
-        }
-        Some(CpuSnap { at, total, own })
-    }
-
-    /// Cores that processes outside the bench's tree kept busy from `earlier` to this one.
-    pub fn others_since(&self, earlier: &CpuSnap) -> Option<f64> {
-        let secs = self.at.duration_since(earlier.at).as_secs_f64();
-        if secs < 0.05 {
-            return None;
-        }
-        let total = self.total.saturating_sub(earlier.total) as f64;
-        let own = self.own.saturating_sub(earlier.own) as f64;
-        Some(((total - own) / clk_tck() / secs).max(0.0))
-    }
-}
-
-/// (ppid, utime + stime, cutime + cstime) from /proc/PID/stat.
-fn parse_stat_times(stat: &str) -> Option<(u32, u64, u64)> {
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // rest starts at field 3 (state): field N is f[N - 3].
-    let n = |i: usize| f.get(i)?.parse::<u64>().ok();
-    Some((f.get(1)?.parse().ok()?, n(11)? + n(12)?, n(13)? + n(14)?))
 }
 
 /// A wrk duration ("171.00us", "1.20ms", "2.00s") in microseconds.
@@ -334,16 +254,6 @@ pub fn churn(env: &Env, route: &Route, secs: u32) -> anyhow::Result<Churn> {
         retrans: before.zip(after).map(|(b, a)| a.saturating_sub(b)),
         time_wait,
         conntrack,
-    })
-}
-
-pub fn clk_tck() -> f64 {
-    static TCK: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
-    *TCK.get_or_init(|| {
-        crate::bench_env::run_quiet(&["getconf", "CLK_TCK"])
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(100.0)
     })
 }
 

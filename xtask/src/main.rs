@@ -1,6 +1,7 @@
 //! Project tasks: `cargo xtask setup | test | demo | bench | layout` (the alias lives in `.cargo/config.toml`).
 
 mod bench;
+mod bench_cpu;
 mod bench_dns;
 mod bench_env;
 mod bench_gateway;
