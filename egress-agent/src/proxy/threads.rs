@@ -1,10 +1,11 @@
-//! The proxy's own threads, one per acceptor ([`ACCEPTORS`]): each runs a single-threaded
-//! tokio runtime that accepts on the listeners given to it and relays every connection it
-//! accepted from start to end. A connection's readiness events, timers and wake-ups stay on
-//! one thread: no work stealing, no worker woken to look for work it will not find (a futex
-//! or eventfd write and a context switch each time on the agent's multi-threaded runtime).
-//! The kernel spreads new connections over the threads' listeners (SO_REUSEPORT, one socket
-//! per acceptor). Started on first use; they live as long as the agent.
+//! The proxy's own threads, one per acceptor ([`ACCEPTORS`]; `EGRESS_PROXY_THREADS=N` sets
+//! another number): each runs a single-threaded tokio runtime that accepts on the listeners
+//! given to it and relays every connection it accepted from start to end. A connection's
+//! readiness events, timers and wake-ups stay on one thread: no work stealing, no worker woken
+//! to look for work it will not find (a futex or eventfd write and a context switch each time
+//! on the agent's multi-threaded runtime). The kernel spreads new connections over the
+//! listeners (SO_REUSEPORT, one socket per acceptor). Started on first use; they live as long
+//! as the agent.
 
 use std::{future::Future, sync::OnceLock};
 
@@ -46,7 +47,16 @@ static THREADS: OnceLock<Vec<Handle>> = OnceLock::new();
 
 /// The proxy threads' runtimes (empty if none could start: the caller's runtime serves).
 pub fn handles() -> &'static [Handle] {
-    THREADS.get_or_init(|| (0..ACCEPTORS).filter_map(start).collect())
+    THREADS.get_or_init(|| (0..count()).filter_map(start).collect())
+}
+
+/// How many proxy threads: `EGRESS_PROXY_THREADS` (1 to 64), else one per acceptor.
+fn count() -> usize {
+    std::env::var("EGRESS_PROXY_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|n| (1..=64).contains(n))
+        .unwrap_or(ACCEPTORS)
 }
 
 fn start(i: usize) -> Option<Handle> {
