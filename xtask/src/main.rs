@@ -8,6 +8,7 @@ mod bench_hosts;
 mod bench_kernel;
 mod bench_measure;
 mod bench_memory;
+mod bench_packet;
 mod bench_preview;
 mod bench_proxy;
 mod bench_report;
