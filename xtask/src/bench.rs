@@ -117,6 +117,7 @@ pub fn bench(root: &Path, full: bool) -> anyhow::Result<()> {
             report::markdown(&report, true),
         )?;
         eprintln!("wrote docs/benchmarks.md");
+        crate::bench_readme::write(root, &report, started.elapsed().as_secs_f64())?;
     }
     eprintln!(
         "wrote target/bench/results.json and results.md ({:.0} s in all)",
