@@ -82,6 +82,12 @@ rule exempts), which forwards to the original destination as the agent does (`se
 `stream` module (TCP proxy, 1 worker; `libnginx-mod-stream`). nginx cannot read \
 `SO_ORIGINAL_DST` (after a REDIRECT its `$server_addr` is 127.0.0.1), so it forwards to a \
 fixed backend (127.60.0.1). *proxy cpu* is its worker process's.\n\n\
+S1-S4 run wrk (keep-alive, then `Connection: close`) on each path with a proxy process of its \
+own (the agent, haproxy, nginx stream's worker) while `perf stat -e 'syscalls:sys_enter_*' -p \
+PID` counts that process's system calls, and read the voluntary context switches of its \
+threads (`/proc/PID/task/*/status`: each is one sleep ended by a wake-up) before and after; \
+both are divided by the requests wrk completed (one connection each with `Connection: \
+close`). The notes list the most frequent calls and the wake-ups by thread.\n\n\
 W4 runs `scripts/bench/connbench.c` (socket()+connect()+close() on UDP, which sends nothing) \
 outside and inside `web`; W7 the same with TCP to a destination no rule allows (EPERM); W8 \
 times `egress-agent policy apply -f FILE` replacing the 10,000 extra rules by a new set. W5 \
