@@ -3,7 +3,7 @@ use std::process::ExitCode;
 use clap::{CommandFactory as _, Parser as _};
 use egress_agent::{
     admin::{
-        cli::{Cli, Command, EgressAction, Flows, LogFormat},
+        cli::{Cli, Command, EgressAction, Flows, LogFormat, Relay},
         client, local, preview,
     },
     datapath::cgroups as workload,
@@ -31,6 +31,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             pin_dir,
             allow_root_cgroup,
             flows,
+            relay,
             state_file,
             history_size,
             history_file,
@@ -50,6 +51,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 pin_dir,
                 allow_root_cgroup,
                 all_flows: flows == Flows::All,
+                kernel_relay: relay == Relay::Kernel,
                 admin_socket: socket,
                 metrics_addr,
                 state_file,

@@ -98,6 +98,12 @@ pub enum Command {
         /// connect).
         #[arg(long, value_enum, default_value_t = Flows::Denied)]
         flows: Flows,
+        /// How the transparent proxy moves the bytes of a connection it does not inspect any
+        /// more: `kernel` (a BPF sockmap redirects them between the two sockets, userspace
+        /// never copies them; falls back to splice when the kernel refuses the program) or
+        /// `splice` (through a pipe, driven by the agent). See README "Proxy relay".
+        #[arg(long, value_enum, default_value_t = Relay::Kernel)]
+        relay: Relay,
         /// Prometheus metrics, /healthz and /readyz.
         #[arg(long, value_name = "ADDR", default_value = crate::telemetry::metrics::DEFAULT_ADDR)]
         metrics_addr: std::net::SocketAddr,
@@ -288,6 +294,12 @@ pub enum PolicyAction {
         #[arg(long, default_value = "tcp", value_parser = ["tcp", "udp"])]
         protocol: String,
     },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Relay {
+    Kernel,
+    Splice,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

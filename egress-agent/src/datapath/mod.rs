@@ -18,4 +18,5 @@ pub mod pod_addrs;
 pub mod pod_iface;
 pub mod podnet;
 pub mod policy_maps;
+pub mod relay;
 pub mod sockets;
