@@ -38,6 +38,7 @@ def stream(n):
 
 class Http(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
 
     def do_GET(self):
         body = ("pong " + self.path + "\n").encode()
