@@ -99,7 +99,9 @@ fn traffic(agent: &Agent, base: u16, bulk: usize) {
     let (out, bytes) = counted(agent, || {
         run(agent, &["sink", IP, &ports[1], &bulk.to_string()])
     });
-    let (sent, got) = out.split_once(" got ").unwrap_or_else(|| panic!("{out}\n{}", agent.log()));
+    let (sent, got) = out
+        .split_once(" got ")
+        .unwrap_or_else(|| panic!("{out}\n{}", agent.log()));
     let sent = sent.strip_prefix("sent ").unwrap();
     assert_eq!(sent, got, "the server received every byte in order");
     let answer_len = got.len() as u64 + 1;

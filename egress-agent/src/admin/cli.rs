@@ -102,7 +102,7 @@ pub enum Command {
         /// more: `kernel` (a BPF sockmap redirects them between the two sockets, userspace
         /// never copies them; falls back to splice when the kernel refuses the program) or
         /// `splice` (through a pipe, driven by the agent). See README "Proxy relay".
-        #[arg(long, value_enum, default_value_t = Relay::Kernel)]
+        #[arg(long, env = "EGRESS_RELAY", value_enum, default_value_t = Relay::Kernel)]
         relay: Relay,
         /// Prometheus metrics, /healthz and /readyz.
         #[arg(long, value_name = "ADDR", default_value = crate::telemetry::metrics::DEFAULT_ADDR)]
