@@ -153,7 +153,7 @@ impl Pair {
         let idle_ms = || {
             socks
                 .iter()
-                .map(|s| last_data_recv_ms(s))
+                .map(last_data_recv_ms)
                 .min()
                 .unwrap_or(0)
         };
