@@ -1,8 +1,8 @@
-//! The proxy's in-kernel relay (`run --relay kernel`, the default) with real clients through
-//! the real proxy: many HTTP requests on one connection (python, curl), 50 MB each way with
-//! checksums, a client that shuts down writing first and still reads the whole answer, a
-//! server that speaks first, the idle timeout, closing on a policy change, the byte metrics;
-//! and the same traffic with `--relay splice`.
+//! The proxy's in-kernel relay (`run --relay kernel`) with real clients through the real
+//! proxy: many HTTP requests on one connection (python, curl), 50 MB each way with checksums,
+//! a client that shuts down writing first and still reads the whole answer, a server that
+//! speaks first, a server that answers and closes at once, the idle timeout, closing on a
+//! policy change, the byte metrics; and the same traffic with the default relay (splice).
 
 use std::time::{Duration, Instant};
 
@@ -36,6 +36,15 @@ fn policy(base: u16, extra: &str) -> String {
         "kind: MeshConfig\nmetadata: {{name: e}}\nspec: {{traffic: {{enableEgress: false}}, proxy: {{port: {{proxy_port}}{extra}}}}}\n---\nkind: Workload\nmetadata: {{name: web}}\n---\nkind: Egress\nmetadata: {{name: peer}}\nspec: {{sources: [{{name: web}}], ipAddresses: [{IP}/32], ports: [{{number: {base}, endPort: {}}}], via: proxy}}\n",
         base + 3
     )
+}
+
+/// An agent with the kernel relay on.
+fn kernel_agent(policy: &str) -> Agent {
+    let mut agent = Agent::new(policy);
+    agent.run_args = vec!["--relay".into(), "kernel".into()];
+    agent.spawn();
+    agent.wait_log("proxy relay: in the kernel");
+    agent
 }
 
 fn run(agent: &Agent, args: &[&str]) -> String {
@@ -94,6 +103,10 @@ fn traffic(agent: &Agent, base: u16, bulk: usize) {
     }
     // One connection for all 20 (the counts: 1 then 0s).
     assert_eq!(out.matches("1 ").count(), 1, "{out}");
+    // A new connection per request: the server answers and closes at once, often before
+    // the proxy has handed the connection to the kernel.
+    let out = run(agent, &["close", IP, &ports[0], "200"]);
+    assert_eq!(out, "ok 200 of 200");
 
     // Bulk up, then half-close: the client shuts down writing and still gets the answer.
     let (out, bytes) = counted(agent, || {
@@ -141,22 +154,19 @@ fn kernel_relay_carries_keep_alive_bulk_half_close_and_server_first() {
         return;
     }
     let (_peer, base) = peer_servers();
-    let agent = Agent::start(&policy(base, ""));
-    agent.wait_log("proxy relay: in the kernel");
+    let agent = kernel_agent(&policy(base, ""));
     traffic(&agent, base, MB50);
     let log = agent.log();
     assert!(!log.contains("did not take the connection"), "{log}");
 }
 
 #[test]
-fn splice_relay_when_the_kernel_relay_is_off() {
+fn splice_relay_by_default() {
     if !privileged_with(&["python3", "curl"]) {
         return;
     }
     let (_peer, base) = peer_servers();
-    let mut agent = Agent::new(&policy(base, ""));
-    agent.run_args = vec!["--relay".into(), "splice".into()];
-    agent.spawn();
+    let agent = Agent::start(&policy(base, ""));
     agent.wait_log("proxy relay: splice");
     traffic(&agent, base, 8 * 1024 * 1024);
     assert!(!agent.log().contains("in the kernel"));
@@ -169,8 +179,7 @@ fn kernel_relay_idle_timeout_and_close_on_tighten() {
     }
     let (_peer, base) = peer_servers();
     let banner = (base + 3).to_string();
-    let agent = Agent::start(&policy(base, ", idleTimeout: 2s"));
-    agent.wait_log("proxy relay: in the kernel");
+    let agent = kernel_agent(&policy(base, ", idleTimeout: 2s"));
     // No byte either way for 2 s: closed (the supervisor ticks every 0.5 s).
     let out = run(&agent, &["wait", IP, &banner, "10"]);
     let secs: f64 = out

@@ -7,6 +7,8 @@ PORT+3 (banner: speaks first, then echoes lines until EOF, then closes). Runs un
 
 Client modes (run inside the workload) print one line each:
   http IP PORT N        N requests on one connection: "ok N <response bytes>"
+  close IP PORT N       N connections, one request each with Connection: close (the server
+                        answers and closes at once): "ok <complete answers> of N"
   sink IP PORT BYTES    sends BYTES then shuts down writing, reads the answer:
                         "sent <bytes> <sha256> got <answer>"
   source IP PORT BYTES  "got <bytes> <sha256>"
@@ -112,6 +114,22 @@ def main():
             assert body == f"pong /{i}\n".encode(), body
             total += len(body)
         print(f"ok {arg} {total}")
+        return
+    if mode == "close":
+        ok = 0
+        for i in range(int(arg)):
+            s = socket.create_connection((ip, port), timeout=10)
+            req = f"GET /n{i} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            s.sendall(req.encode())
+            data = b""
+            while True:
+                b = s.recv(1 << 16)
+                if not b:
+                    break
+                data += b
+            ok += data.endswith(f"pong /n{i}\n".encode())
+            s.close()
+        print(f"ok {ok} of {arg}")
         return
     s = socket.create_connection((ip, port), timeout=30)
     if mode == "sink":

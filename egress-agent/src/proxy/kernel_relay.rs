@@ -9,13 +9,15 @@
 //! 1. Counters of both sockets, while userspace reads and writes neither.
 //! 2. Each socket goes into the targets map under its peer's cookie: it can now receive
 //!    redirected bytes; how it receives does not change.
-//! 3. The client goes into the verdict map. Bytes that arrive from now on are redirected; the
-//!    ones already waiting in its receive queue are redirected at the next arrival (in order,
-//!    before it), and setting SO_RCVLOWAT (tcp_set_rcvlowat calls the data-ready callback,
-//!    now the verdict's) makes that happen at once, so a request waiting for its answer
-//!    never waits for a byte that will not come. Bytes the upstream receives meanwhile wait
-//!    in its receive queue.
-//! 4. The same for the upstream.
+//! 3. The upstream goes into the verdict map. Bytes that arrive from now on are redirected;
+//!    the ones already waiting in its receive queue are redirected at the next arrival (in
+//!    order, before it), and setting SO_RCVLOWAT (tcp_set_rcvlowat calls the data-ready
+//!    callback, now the verdict's) makes that happen at once, so nothing waits for a byte
+//!    that will not come. Bytes the client sends meanwhile wait in its receive queue.
+//! 4. The same for the client (its request, often sent before the proxy even connected,
+//!    waited in its queue). The kernel takes only established sockets: a client whose FIN
+//!    came before this step has all its bytes queued, and userspace copies them (nothing
+//!    else writes to the upstream).
 //!
 //! A FIN is not redirected: the socket's poll shows it (RDHUP, watched through an epoll set
 //! of the connection's own that does not listen for data), and the peer is shut down for
@@ -94,6 +96,9 @@ enum Refused {
 struct Pair {
     cookies: [u64; 2],
     ways: [Way; 2],
+    /// The client had sent its FIN before the kernel took it: userspace copies what is left
+    /// of its bytes to the upstream.
+    client_by_user: bool,
 }
 
 impl Pair {
@@ -106,26 +111,37 @@ impl Pair {
                 return Err(Refused::Untouched(e))
             }
         };
-        let p = Self {
+        let mut p = Self {
             cookies,
             ways: [Way::at_switch(&cc, &uc), Way::at_switch(&uc, &cc)],
+            client_by_user: false,
         };
+        // The kernel takes only established sockets. The upstream goes first: a server that
+        // answers and closes at once (Connection: close) is the common early FIN; a client
+        // that half-closes right after its request is rare, and handled below.
         let targets = k
             .insert(RelayMap::Peers, cookies[0], u.as_fd())
             .and_then(|()| k.insert(RelayMap::Peers, cookies[1], c.as_fd()))
-            .and_then(|()| k.insert(RelayMap::Verdict, cookies[0], c.as_fd()));
+            .and_then(|()| k.insert(RelayMap::Verdict, cookies[1], u.as_fd()));
         if let Err(e) = targets {
             p.release(k);
             return Err(Refused::Untouched(e));
         }
-        kick(c);
-        if let Err(e) = k.insert(RelayMap::Verdict, cookies[1], u.as_fd()) {
+        kick(u);
+        if let Err(e) = k.insert(RelayMap::Verdict, cookies[0], c.as_fd()) {
+            // The upstream's bytes already go to the client in the kernel. A client that has
+            // sent its FIN has all its bytes in its receive queue, and nothing else writes to
+            // the upstream: userspace copies them. Anything else cannot be undone: close.
+            if fin_received(c).unwrap_or(false) {
+                p.client_by_user = true;
+                return Ok(p);
+            }
             p.release(k);
             return Err(Refused::Broken(io::Error::other(format!(
                 "kernel relay half set up ({e}); the connection is closed"
             ))));
         }
-        kick(u);
+        kick(c);
         Ok(p)
     }
 
@@ -147,16 +163,15 @@ impl Pair {
         // Bytes each way, once that way ended (its target shut down for writing).
         let ended = [Ended::default(), Ended::default()];
         let work = async {
+            if self.client_by_user {
+                let n = copy_rest(socks[0], socks[1]).await?;
+                let _ = socks[1].shutdown(Shutdown::Write);
+                ended[0].set(Some(n));
+            }
             let h = Hangups::new(socks)?;
             self.watch(&h, socks, &ended).await
         };
-        let idle_ms = || {
-            socks
-                .iter()
-                .map(last_data_recv_ms)
-                .min()
-                .unwrap_or(0)
-        };
+        let idle_ms = || socks.iter().map(last_data_recv_ms).min().unwrap_or(0);
         let (idle_timeout, revoked, error) =
             supervise(work, idle, idle_ms, changes, still_allowed).await;
         if let Some(e) = &error {
@@ -277,6 +292,34 @@ impl Hangups {
                 .map(|e| (e.data() as usize & 1, e.events()))
                 .collect());
         }
+    }
+}
+
+/// Copies what is left in `from`'s receive queue (its FIN has arrived) to `to`.
+async fn copy_rest(from: &StdStream, to: &StdStream) -> io::Result<u64> {
+    use std::io::{Read, Write};
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut moved = 0;
+    let pause = || tokio::time::sleep(Duration::from_millis(1));
+    loop {
+        let n = match (&*from).read(&mut buf) {
+            Ok(0) => return Ok(moved),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                pause().await;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let mut left = &buf[..n];
+        while !left.is_empty() {
+            match (&*to).write(left) {
+                Ok(w) => left = &left[w..],
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => pause().await,
+                Err(e) => return Err(e),
+            }
+        }
+        moved += n as u64;
     }
 }
 
