@@ -170,6 +170,7 @@ impl Agent {
             })
             .arg("--metrics-addr")
             .arg(format!("127.0.0.1:{}", self.metrics_port))
+            // TEST_EGRESS_LOG: another filter for debugging (egress::proxy=debug, say).
             .env(
                 "EGRESS_LOG",
                 std::env::var("TEST_EGRESS_LOG").unwrap_or("info,egress::flow=debug".into()),
