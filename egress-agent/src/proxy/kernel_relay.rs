@@ -43,7 +43,10 @@ use tokio::{
 };
 
 use super::relay::{supervise, Relayed};
-use crate::datapath::relay::{socket_cookie, KernelRelay, RelayMap};
+use crate::{
+    datapath::relay::{socket_cookie, KernelRelay, RelayMap},
+    gateway::Upstream,
+};
 
 /// Relays `client` and `upstream` in the kernel. When the kernel refuses the sockets (the
 /// maps are full, a socket is no longer established), nothing has changed and they come
@@ -80,6 +83,33 @@ pub async fn relay(
     };
     pair.release(k);
     Ok(r)
+}
+
+impl super::Proxy {
+    /// Relays until the connection ends: in the kernel when it is on and takes the sockets,
+    /// else by splice (or by copy for an HTTP/2 tunnel).
+    pub(super) async fn relay(
+        &self,
+        client: TcpStream,
+        upstream: Upstream,
+        changes: impl Fn() -> Option<tokio::sync::watch::Receiver<u64>>,
+        still_allowed: impl Fn() -> bool,
+    ) -> Relayed {
+        let idle = self.limits.idle_timeout;
+        let (client, upstream) = match (upstream, self.kernel.get()) {
+            (Upstream::Tcp(u), Some(k)) => {
+                match relay(k, client, u, idle, changes(), &still_allowed).await {
+                    Ok(r) => return r,
+                    Err((c, u, e)) => {
+                        tracing::info!(error = %e, "the kernel did not take the connection; relaying by splice");
+                        (c, Upstream::Tcp(u))
+                    }
+                }
+            }
+            (u, _) => (client, u),
+        };
+        upstream.relay(client, idle, changes(), still_allowed).await
+    }
 }
 
 /// Why the switch did not happen.

@@ -400,31 +400,6 @@ impl Proxy {
         self.finish(&rec, bytes, end);
     }
 
-    /// Relays until the connection ends: in the kernel when it is on and takes the sockets,
-    /// else by splice (or by copy for an HTTP/2 tunnel).
-    async fn relay(
-        &self,
-        client: TcpStream,
-        upstream: Upstream,
-        changes: impl Fn() -> Option<tokio::sync::watch::Receiver<u64>>,
-        still_allowed: impl Fn() -> bool,
-    ) -> relay::Relayed {
-        let idle = self.limits.idle_timeout;
-        let (client, upstream) = match (upstream, self.kernel.get()) {
-            (Upstream::Tcp(u), Some(k)) => {
-                match kernel_relay::relay(k, client, u, idle, changes(), &still_allowed).await {
-                    Ok(r) => return r,
-                    Err((c, u, e)) => {
-                        info!(error = %e, "the kernel did not take the connection; relaying by splice");
-                        (c, Upstream::Tcp(u))
-                    }
-                }
-            }
-            (u, _) => (client, u),
-        };
-        upstream.relay(client, idle, changes(), still_allowed).await
-    }
-
     /// After a policy change: whether this relayed connection would still be let out. Anything
     /// the kernel would refuse now, or the proxy would refuse for its host, is closed.
     fn still_allowed(&self, workload: u32, dst: SocketAddr, host: Option<&str>) -> bool {
