@@ -13,7 +13,6 @@ use aya::{
     programs::SkSkb,
 };
 use egress_common::relay::{names, VERDICT_PROGRAM};
-use nix::errno::Errno;
 
 use super::{
     bpf::Datapath,
@@ -37,13 +36,8 @@ impl Datapath {
             let m = ebpf.take_map(map).ok_or(BpfError::Missing(map))?;
             SockHash::<MapData, u64>::try_from(m).map_err(map_err(map))
         };
-        let prog: &mut SkSkb = self
-            .ebpf
-            .program_mut(name)
-            .ok_or(BpfError::Missing(name))?
-            .try_into()
-            .map_err(perr)?;
-        prog.load().map_err(perr)?;
+        // The program's map references were resolved when the object was loaded: the maps
+        // may leave the object first (their fds stay open in the handles).
         let relay = take(&mut self.ebpf, names::RELAY)?;
         let peers = take(&mut self.ebpf, names::RELAY_PEERS)?;
         let prog: &mut SkSkb = self
@@ -52,6 +46,7 @@ impl Datapath {
             .ok_or(BpfError::Missing(name))?
             .try_into()
             .map_err(perr)?;
+        prog.load().map_err(perr)?;
         prog.attach(relay.fd()).map_err(perr)?;
         Ok(KernelRelay {
             peers: Mutex::new(peers),
@@ -93,18 +88,5 @@ impl KernelRelay {
 
 /// `SO_COOKIE`: the socket's cookie, as `bpf_get_socket_cookie` sees it.
 pub fn socket_cookie(s: &impl AsFd) -> io::Result<u64> {
-    let mut v: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into a u64 we own, on a borrowed fd.
-    let r = unsafe {
-        libc::getsockopt(
-            s.as_fd().as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_COOKIE,
-            (&mut v as *mut u64).cast(),
-            &mut len,
-        )
-    };
-    Errno::result(r)?;
-    Ok(v)
+    super::podnet::socket_u64(s, libc::SO_COOKIE)
 }
