@@ -44,6 +44,8 @@ pub struct RunOptions {
     pub cgroup_root: PathBuf,
     pub pin_dir: PathBuf,
     pub allow_root_cgroup: bool,
+    /// Node interfaces the node backstop (tc egress) runs on: `--node-interface`.
+    pub node_interfaces: Vec<String>,
     /// A flow event for every judged connection, not only the refused/proxied/audited ones.
     pub all_flows: bool,
     /// The proxy relays in the kernel (sockmap) when the kernel takes the program.
@@ -149,6 +151,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     crate::datapath::kernel_version::check()?;
     raise_fd_limit();
     let root = CgroupRoot::new(&opts.cgroup_root, opts.allow_root_cgroup)?;
+    // Before anything changes: a node interface that does not exist is a typo.
+    let node_ifaces = node_interfaces(&opts.node_interfaces)?;
     let state_file = opts
         .state_file
         .clone()
@@ -373,7 +377,16 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     } else {
         None
     };
-    let programs = control.datapath().attach(&root.path)?;
+    let mut programs = control.datapath().attach(&root.path)?;
+    for (iface, ifindex) in &node_ifaces {
+        let lines = control
+            .datapath()
+            .attach_node(iface, *ifindex)
+            .with_context(|| {
+                format!("--node-interface {iface}: cannot attach the node backstop")
+            })?;
+        programs.extend(lines);
+    }
     let hub = flows::Hub::new(audit, history.clone());
 
     let mut tasks = tokio::task::JoinSet::new();
@@ -478,4 +491,17 @@ async fn reload(control: &Arc<Control>, path: &Path) {
         Ok(Err(e)) => warn!(error = %e, "reload refused; the previous policy stays in force"),
         Err(e) => warn!(error = %e, "reload failed"),
     }
+}
+
+/// Each `--node-interface` with its index (see `datapath::attach::NODE_PROGRAM`); one that
+/// does not exist is an error.
+fn node_interfaces(ifaces: &[String]) -> anyhow::Result<Vec<(String, u32)>> {
+    ifaces
+        .iter()
+        .map(|i| {
+            let index = nix::net::if_::if_nametoindex(i.as_str())
+                .with_context(|| format!("--node-interface {i}: no such interface"))?;
+            Ok((i.clone(), index))
+        })
+        .collect()
 }

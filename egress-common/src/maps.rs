@@ -386,6 +386,10 @@ pub mod hook {
     pub const LSM_SOCKET_CREATE: u8 = 7;
     /// The per-packet `cgroup_skb/egress` program (outcome: a [`crate::skb`] drop slot).
     pub const SKB: u8 = 12;
+    /// `cgroup/setsockopt`: an option that would carry a packet socket's frames past every
+    /// hook ([`crate::sockets::sockopt_kind`]); the event is a socket's, as for
+    /// [`SOCK_CREATE`].
+    pub const SETSOCKOPT: u8 = 13;
 }
 
 /// One decision, written to the `EGRESS_EVENTS` ring buffer.

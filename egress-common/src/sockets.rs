@@ -69,6 +69,36 @@ pub fn refused(family: u32, ty: u32, protocol: u32, allowed: u32) -> bool {
     }
 }
 
+/// Socket option levels and names that would let a workload's frames past every hook.
+pub const SOL_PACKET: i32 = 263;
+/// A packet socket's frames go straight to the driver, skipping the qdisc layer and with it
+/// the node interfaces' tc programs.
+pub const PACKET_QDISC_BYPASS: i32 = 20;
+/// Every AF_XDP option (`XDP_UMEM_REG`, the rings): an AF_XDP socket cannot send without them.
+pub const SOL_XDP: i32 = 283;
+
+/// The kind of socket `setsockopt(level, optname)` belongs to when the option would carry
+/// frames past the stack's hooks and the node interfaces' tc programs: a packet socket's
+/// `PACKET_QDISC_BYPASS`, and AF_XDP's set-up (its frames go to the driver directly). Refused
+/// like the socket itself (`cgroup/setsockopt`), so that where the `socket_create` LSM cannot
+/// refuse packet sockets, their frames still meet the node backstop (see [`node_frame_refused`]).
+#[inline(always)]
+pub fn sockopt_kind(level: i32, optname: i32) -> Option<u32> {
+    match (level, optname) {
+        (SOL_PACKET, PACKET_QDISC_BYPASS) | (SOL_XDP, _) => Some(kind::PACKET),
+        _ => None,
+    }
+}
+
+/// Whether a frame written by a workload's socket of `family` is dropped at a node interface
+/// (the node backstop, tc egress) under `allowed`: packet sockets' frames when packet sockets
+/// are not allowed. IP sockets' packets were judged by the socket hooks and the per-packet
+/// program already.
+#[inline(always)]
+pub fn node_frame_refused(family: u32, allowed: u32) -> bool {
+    matches!(family, AF_PACKET | AF_XDP) && allowed & kind::PACKET == 0
+}
+
 /// Stable name of a kind (flow log, metrics, MeshConfig field).
 pub fn kind_name(k: u32) -> &'static str {
     match k {
@@ -184,6 +214,24 @@ mod tests {
         assert!(!refused(AF_PACKET, SOCK_RAW, 0, kind::PACKET));
         assert!(!refused(AF_INET, SOCK_DGRAM, UDPLITE, kind::OTHER));
         assert_eq!(kind_name(kind::PACKET), "packet");
+    }
+
+    #[test]
+    fn packet_socket_bypasses_are_refused_with_packet_sockets() {
+        assert_eq!(
+            sockopt_kind(SOL_PACKET, PACKET_QDISC_BYPASS),
+            Some(kind::PACKET)
+        );
+        assert_eq!(sockopt_kind(SOL_XDP, 4), Some(kind::PACKET)); // XDP_UMEM_REG
+        assert_eq!(sockopt_kind(SOL_PACKET, 1), None); // PACKET_ADD_MEMBERSHIP
+        assert_eq!(sockopt_kind(6, 1), None); // TCP_NODELAY
+        assert_eq!(sockopt_kind(1, 20), None); // SOL_SOCKET
+        let d = kind::DEFAULT_ALLOWED;
+        assert!(node_frame_refused(AF_PACKET, d));
+        assert!(node_frame_refused(AF_XDP, d));
+        assert!(!node_frame_refused(AF_PACKET, d | kind::PACKET));
+        assert!(!node_frame_refused(AF_INET, d));
+        assert!(!node_frame_refused(AF_INET6, 0));
     }
 
     #[test]

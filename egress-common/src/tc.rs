@@ -41,6 +41,9 @@ pub const TC_ORPHAN_FRAGMENT: u8 = 20;
 pub const TC_NON_IP: u8 = 21;
 /// A later fragment of a datagram whose first fragment was let through: passed.
 pub const TC_FRAGMENT: u8 = 22;
+/// A frame a workload wrote through a packet socket (AF_PACKET), leaving a node interface
+/// while packet sockets are not allowed (the node backstop): dropped.
+pub const TC_PACKET_SOCKET: u8 = 23;
 
 /// Index into `EGRESS_TC_COUNTERS`.
 #[inline(always)]
@@ -195,6 +198,7 @@ pub fn tc_drop_reason(slot: u8) -> Option<&'static str> {
         TC_SPOOFED => Some("spoofed-source"),
         TC_ORPHAN_FRAGMENT => Some("orphan-fragment"),
         TC_NON_IP => Some("non-ip"),
+        TC_PACKET_SOCKET => Some("packet-socket"),
         // The backstop never judges a packet as aimed at the proxy port.
         s => Outcome::from_u8(s)
             .filter(|o| o.is_denied() && *o != Outcome::DenyProxyPort)
@@ -214,6 +218,7 @@ pub fn tc_event_verdict(slot: u8) -> Option<&'static str> {
         "spoofed-source" => Some("tc-drop-spoofed-source"),
         "orphan-fragment" => Some("tc-drop-orphan-fragment"),
         "non-ip" => Some("tc-drop-non-ip"),
+        "packet-socket" => Some("tc-drop-packet-socket"),
         _ => Some("tc-drop-error"),
     }
 }
@@ -381,6 +386,12 @@ mod tests {
         assert_eq!(tc_drop_reason(TC_SPOOFED), Some("spoofed-source"));
         assert_eq!(tc_drop_reason(TC_ORPHAN_FRAGMENT), Some("orphan-fragment"));
         assert_eq!(tc_drop_reason(TC_NON_IP), Some("non-ip"));
+        assert_eq!(tc_drop_reason(TC_PACKET_SOCKET), Some("packet-socket"));
+        assert_eq!(
+            tc_event_verdict(TC_PACKET_SOCKET),
+            Some("tc-drop-packet-socket")
+        );
+        assert!(TC_PACKET_SOCKET < TC_SLOTS as u8);
         assert_eq!(tc_drop_reason(TC_FRAGMENT), None);
         assert_eq!(tc_slot_name(TC_FRAGMENT), Some("fragment"));
         assert!(TC_FRAGMENT < TC_SLOTS as u8);

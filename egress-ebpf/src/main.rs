@@ -16,13 +16,16 @@ mod sock_addr;
 mod sock_create;
 mod sockops;
 mod tc;
+mod tc_node;
 
 use aya_ebpf::{
     macros::{
-        cgroup_skb, cgroup_sock, cgroup_sock_addr, classifier, lsm_cgroup, sock_ops, stream_verdict,
+        cgroup_skb, cgroup_sock, cgroup_sock_addr, cgroup_sockopt, classifier, lsm_cgroup,
+        sock_ops, stream_verdict,
     },
     programs::{
-        LsmContext, SkBuffContext, SockAddrContext, SockContext, SockOpsContext, TcContext,
+        LsmContext, SkBuffContext, SockAddrContext, SockContext, SockOpsContext, SockoptContext,
+        TcContext,
     },
 };
 use egress_common::{hook, proto};
@@ -113,6 +116,14 @@ pub fn egress_lsm_socket_create(ctx: LsmContext) -> i32 {
     )
 }
 
+/// setsockopt() of an option that would send a packet socket's frames past every hook
+/// (`PACKET_QDISC_BYPASS`, AF_XDP's set-up): refused (EPERM) unless `spec.sockets` allows
+/// packet sockets.
+#[cgroup_sockopt(setsockopt)]
+pub fn egress_setsockopt(ctx: SockoptContext) -> i32 {
+    sock_create::setsockopt(&ctx)
+}
+
 /// Every packet a workload's sockets send, judged by its real destination (fast path: the
 /// socket's remembered verdict). Catches connections older than the agent or the policy,
 /// source routes, and ping sockets' unconnected sendto().
@@ -139,6 +150,13 @@ pub fn egress_tc_to_workload(ctx: TcContext) -> i32 {
 #[stream_verdict]
 pub fn egress_relay_verdict(ctx: SkBuffContext) -> u32 {
     relay::verdict(&ctx)
+}
+
+/// Frames leaving a node interface (`run --node-interface`): those a workload wrote through
+/// a packet socket are dropped unless `spec.sockets` allows packet sockets.
+#[classifier]
+pub fn egress_tc_node(ctx: TcContext) -> i32 {
+    tc_node::from_node(&ctx)
 }
 
 #[cfg(not(test))]

@@ -49,7 +49,7 @@ impl Bytes for Skb<'_> {
 
 /// What kind of frame [`frame`] found.
 #[derive(PartialEq, Eq)]
-enum Frame {
+pub(crate) enum Frame {
     /// IPv4 or IPv6: the packet is parsed.
     Ip,
     Arp,
@@ -59,7 +59,7 @@ enum Frame {
 
 /// Parses the frame into `out`.
 #[inline(always)]
-fn frame(ctx: &TcContext, out: &mut Packet) -> Frame {
+pub(crate) fn frame(ctx: &TcContext, out: &mut Packet) -> Frame {
     match Skb(ctx).be16(12) {
         Some(ETH_P_IP) => {
             parse4(ctx, out);
@@ -87,7 +87,7 @@ fn parse6(ctx: &TcContext, out: &mut Packet) {
 }
 
 #[inline(always)]
-fn tc_count(wid: u32, slot: u8, bytes: u32) {
+pub(crate) fn tc_count(wid: u32, slot: u8, bytes: u32) {
     if let Some(c) = TC_COUNTERS.get_ptr_mut(tc::tc_index(wid, slot)) {
         // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
         unsafe {
@@ -120,7 +120,7 @@ fn skb_ifindex(ctx: &TcContext) -> u32 {
 #[inline(never)]
 /// `rule`: the rule id (high half) and the policy generation (low half); a BPF function takes
 /// at most five arguments.
-fn drop_packet(wid: u32, slot: u8, len: u32, p: &Packet, rule: u64) -> i32 {
+pub(crate) fn drop_packet(wid: u32, slot: u8, len: u32, p: &Packet, rule: u64) -> i32 {
     let (rule_id, generation) = ((rule >> 32) as u32, rule as u32);
     tc_count(wid, slot, len);
     if p.syn || p.proto != proto::TCP {

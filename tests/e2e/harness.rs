@@ -417,3 +417,20 @@ pub fn program_exists(id: u32) -> bool {
         .map(|o| o.status.success())
         .unwrap_or(false)
 }
+
+/// The MAC address of interface `iface` in network namespace `netns` (`ip -o link show`, run
+/// there: /sys shows the namespace it was mounted in).
+pub fn mac_of(netns: &Path, iface: &str) -> String {
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .args(["ip", "-o", "link", "show", "dev", iface])
+        .output()
+        .expect("ip link show");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no MAC in {text:?}"))
+        .trim()
+        .to_string()
+}

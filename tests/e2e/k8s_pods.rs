@@ -66,21 +66,6 @@ pub(crate) fn plug(net: &Net, pod: &PodNetns, host_if: &str) {
     in_netns(&node, move || std::fs::write(f, "1").expect("proxy_arp"));
 }
 
-/// The MAC address of `iface` in namespace `netns`.
-fn mac(netns: &Path, iface: &str) -> String {
-    let out = std::process::Command::new("nsenter")
-        .arg(format!("--net={}", netns.display()))
-        .args(["ip", "-o", "link", "show", "dev", iface])
-        .output()
-        .expect("ip link show");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    text.split_whitespace()
-        .skip_while(|w| *w != "link/ether")
-        .nth(1)
-        .unwrap_or_else(|| panic!("no MAC in {text:?}"))
-        .to_string()
-}
-
 /// Writes `frame` (an Ethernet frame from `tc_prog`'s builders) on the pod's eth0 to
 /// `to_mac`, from a process of the pod's container cgroup `dir`.
 fn send_frame(pod: &PodNetns, dir: &Path, to_mac: &str, frame: &[u8]) {
@@ -149,7 +134,7 @@ fn kubernetes_pod_veth_gets_the_tc_backstop() {
     let out = pod_ns.client(&app, &["tcp", DENY4, &PORT.to_string()]);
     assert!(out.starts_with("err EPERM"), "{out}");
 
-    let to = mac(&net.node_path(), &host_if);
+    let to = crate::harness::mac_of(&net.node_path(), &host_if);
     let syn = |dst: &str, src: &str| ipv4(v4(src), v4(dst), TCP, 0, &[], &tcp(40000, PORT, SYN));
     let dropped = |reason: &str| {
         metric(

@@ -100,7 +100,7 @@ fn a_stop_keeps_enforcing_and_uninstall_leaves_nothing() {
     assert_eq!(
         ids.len(),
         cgroup_programs(&agent),
-        "connect4/6, sendmsg4/6, recvmsg4/6, getpeername4/6, sock_ops, sock_create, cgroup_skb/egress (+ the socket_create LSM): {ids:?}"
+        "connect4/6, sendmsg4/6, recvmsg4/6, getpeername4/6, sock_ops, sock_create, setsockopt, cgroup_skb/egress (+ the socket_create LSM): {ids:?}"
     );
     let v = agent
         .pins
@@ -234,5 +234,5 @@ fn cgroup_programs(agent: &Agent) -> usize {
         "v{}/links/egress_lsm_socket_create",
         egress_common::LAYOUT_VERSION
     ));
-    11 + lsm.exists() as usize
+    12 + lsm.exists() as usize
 }

@@ -23,6 +23,7 @@ mod lifecycle;
 mod metrics;
 mod metrics_storm;
 mod netpol;
+mod node_backstop;
 mod node_box;
 mod packets;
 mod pods;

@@ -44,7 +44,7 @@ except OSError as e:
     print("err " + errno.errorcode.get(e.errno, str(e.errno)))
 "#;
 
-const NOBODY: [&str; 6] = [
+pub(crate) const NOBODY: [&str; 6] = [
     "setpriv",
     "--reuid",
     "65534",

@@ -44,19 +44,7 @@ fn send_frame(net: &Net, a: &Agent, frame: &[u8]) {
     let host_if = egress_agent::datapath::podnet::plan(&cfg)[0]
         .host_if
         .clone();
-    // Through `ip` in the node's namespace (/sys shows the namespace it was mounted in).
-    let out = std::process::Command::new("nsenter")
-        .arg(format!("--net={}", net.node_path().display()))
-        .args(["ip", "-o", "link", "show", "dev", &host_if])
-        .output()
-        .expect("ip link show");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let mac = text
-        .split_whitespace()
-        .skip_while(|w| *w != "link/ether")
-        .nth(1)
-        .unwrap_or_else(|| panic!("no MAC in {text:?}"))
-        .to_string();
+    let mac = crate::harness::mac_of(&net.node_path(), &host_if);
     let ethertype = format!("{:02x}{:02x}", frame[12], frame[13]);
     let out = a.exec(
         "web",
@@ -65,7 +53,7 @@ fn send_frame(net: &Net, a: &Agent, frame: &[u8]) {
             PACKETS,
             "frame",
             "eth0",
-            mac.trim(),
+            &mac,
             &ethertype,
             &hex(&frame[14..]),
         ],

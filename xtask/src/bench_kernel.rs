@@ -1,10 +1,18 @@
 //! K1: what the agent's kernel programs cost per run, from the kernel's own accounting
 //! (`kernel.bpf_stats_enabled`: run time and run count per program, read with bpftool). Unlike
 //! the wall-clock rows, these figures hardly move with other load on the machine: they time
-//! the programs only, not the scheduler. The accounting adds two clock reads per run, so the
-//! figures are slightly high.
+//! the programs only, not the scheduler. The accounting adds two clock reads to every run (in
+//! a virtual machine, paravirtual clock reads): K1 measures that overhead in the same run with
+//! programs that do nothing (`scripts/bench/noprog.c`) and reports the figures net of it beside
+//! the raw ones.
 
-use std::{collections::BTreeMap, fs, path::Path};
+use std::{
+    collections::BTreeMap,
+    fs,
+    io::{BufRead as _, BufReader, Read as _},
+    path::Path,
+    process::{Command, Stdio},
+};
 
 use anyhow::Context as _;
 
@@ -94,11 +102,74 @@ pub fn sample(value: Option<f64>) -> Sample {
     }
 }
 
+/// What the accounting itself adds per run of a `sock_create` and of a `connect4` program:
+/// the run time of programs that do nothing (`noprog`, attached beside the agent's to the
+/// bench's cgroup root by bpf links, detached when it exits) during one connbench run inside
+/// `web`.
+fn accounting_overhead(
+    env: &Env,
+    connbench: &Path,
+    noprog: &Path,
+    mode: &Mode,
+) -> anyhow::Result<(Option<f64>, Option<f64>)> {
+    let mut child = Command::new(noprog)
+        .arg(&env.cg)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("start noprog")?;
+    let mut ready = String::new();
+    if let Some(out) = child.stdout.take() {
+        BufReader::new(out).read_line(&mut ready)?;
+    }
+    if ready.trim() != "ready" {
+        let _ = child.kill();
+        let _ = child.wait();
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            e.read_to_string(&mut err)?;
+        }
+        anyhow::bail!("noprog could not attach its programs: {}", err.trim());
+    }
+    let a = snapshot(&env.cg);
+    let run = work::connbench(
+        env,
+        connbench,
+        true,
+        "udp",
+        "127.60.0.1",
+        "9999",
+        mode.conn_iters,
+    );
+    let b = snapshot(&env.cg);
+    drop(child.stdin.take()); // noprog exits, its links close
+    child.wait()?;
+    run?;
+    let (a, b) = (a?, b?);
+    Ok((
+        per_run(&a, &b, "noop_sock_crt"),
+        per_run(&a, &b, "noop_connect4"),
+    ))
+}
+
+/// `raw` net of the accounting overheads `over` (None when any is unknown).
+fn net(raw: Option<f64>, over: &[Option<f64>]) -> Option<f64> {
+    over.iter().try_fold(raw?, |v, o| Some(v - (*o)?))
+}
+
 /// K1: `sock_create` and `connect4` per run during W4's UDP socket()+connect()+close() inside
 /// `web`, to one destination (its verdict cached after the first) and to a new destination
-/// each time (judged in full, then cached), their sums (what the hooks add to a connect), and
-/// the per-packet program per packet during keep-alive HTTP on the allowed-direct route.
-pub fn programs(env: &mut Env, bin: &Path, allowed: &Route, mode: &Mode) -> anyhow::Result<Table> {
+/// each time (judged in full, then cached), their sums (what the hooks add to a connect), the
+/// per-packet program per packet during keep-alive HTTP on the allowed-direct route, what the
+/// accounting itself adds per run, and the sums net of it.
+pub fn programs(
+    env: &mut Env,
+    bin: &Path,
+    noprog: &Path,
+    allowed: &Route,
+    mode: &Mode,
+) -> anyhow::Result<Table> {
     eprintln!("==> K1: program run time per run (kernel bpf_stats)");
     let names = [
         "sock_create per socket()",
@@ -107,6 +178,10 @@ pub fn programs(env: &mut Env, bin: &Path, allowed: &Route, mode: &Mode) -> anyh
         "connect4 per connect(), a new destination each time (judged in full, cached: the cache is full, so an LRU eviction too)",
         "connect() added: sock_create + connect4 (new destination, judged in full)",
         "skb_egress per packet (keep-alive, allowed directly)",
+        "accounting overhead: a sock_create program that does nothing",
+        "accounting overhead: a connect4 program that does nothing",
+        "connect() added, net of the accounting (cached verdict)",
+        "connect() added, net of the accounting (new destination, judged in full)",
     ];
     let mut t = Table {
         id: "K1",
@@ -167,6 +242,13 @@ pub fn programs(env: &mut Env, bin: &Path, allowed: &Route, mode: &Mode) -> anyh
         t.rows[5]
             .samples
             .push(sample(per_run(&c, &d, "egress_skb_egress")));
+        let (oc, oc4) = accounting_overhead(env, bin, noprog, mode)?;
+        t.rows[6].samples.push(sample(oc));
+        t.rows[7].samples.push(sample(oc4));
+        let raw = |row: usize| t.rows[row].samples.last().map(|s| s.value);
+        let (cached, full) = (net(raw(2), &[oc, oc4]), net(raw(4), &[oc, oc4]));
+        t.rows[8].samples.push(sample(cached));
+        t.rows[9].samples.push(sample(full));
     }
     Ok(t)
 }

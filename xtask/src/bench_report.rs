@@ -83,7 +83,11 @@ TCP socket()+connect()+close(RST) outside every workload to one nginx listener \
 K1 reads the kernel's own per-program accounting (`kernel.bpf_stats_enabled`, `bpftool prog \
 show` for the programs attached to the bench's cgroup root) around W4's in-workload run and a \
 keep-alive wrk run on `egress-allow`: ns per run of `sock_create`, `connect4` and the \
-per-packet `skb_egress`, which other load on the machine hardly moves.\n\n";
+per-packet `skb_egress`, which other load on the machine hardly moves. The accounting itself \
+adds two clock reads to every run; K1 measures that with two programs that do nothing \
+(`scripts/bench/noprog.c`: `r0 = 1; exit`, a sock_create and a connect4 program attached \
+beside the agent's by bpf links for one more in-workload run) and reports the hooks' cost net \
+of it beside the raw figure.\n\n";
 
 pub fn median(mut v: Vec<f64>) -> Option<f64> {
     v.retain(|x| x.is_finite());

@@ -316,8 +316,13 @@ pub fn agent_refusals(env: &Env) -> String {
 
 /// Compiles scripts/bench/connbench.c into `work`; the binary's path.
 pub fn build_connbench(root: &Path, work: &Path) -> anyhow::Result<std::path::PathBuf> {
-    let bin = work.join("connbench");
-    let src = root.join("scripts/bench/connbench.c");
+    build_c(root, work, "connbench")
+}
+
+/// Compiles scripts/bench/NAME.c into `work/NAME`; the binary's path.
+pub fn build_c(root: &Path, work: &Path, name: &str) -> anyhow::Result<std::path::PathBuf> {
+    let bin = work.join(name);
+    let src = root.join(format!("scripts/bench/{name}.c"));
     crate::bench_env::run_quiet(&[
         "gcc",
         "-O2",

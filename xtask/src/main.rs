@@ -8,8 +8,10 @@ mod bench_hosts;
 mod bench_kernel;
 mod bench_measure;
 mod bench_memory;
+mod bench_packet;
 mod bench_preview;
 mod bench_proxy;
+mod bench_readme;
 mod bench_relay;
 mod bench_report;
 mod bench_work;
@@ -46,10 +48,11 @@ enum Task {
     Demo,
     /// Benchmark the datapath against direct and a peer, in a network namespace (as root).
     Bench {
-        /// Short runs, 10k rules (the default; under 3 minutes).
+        /// Short runs, 10k rules (the default; about 10 minutes).
         #[arg(long, conflicts_with = "full")]
         quick: bool,
-        /// Longer runs, 100k rules too; also writes docs/benchmarks.md.
+        /// Longer runs, 100k rules too; also writes docs/benchmarks.md and the README's
+        /// performance table.
         #[arg(long)]
         full: bool,
         /// Instead: the egress gateway paths (HTTP/2 tunnel, SOCKS5) against direct and

@@ -93,6 +93,13 @@ pub enum Command {
         /// Allow --cgroup-root to be the root of the cgroup hierarchy (intercepts the whole machine).
         #[arg(long)]
         allow_root_cgroup: bool,
+        /// A node interface (the uplink, e.g. eth0; repeat for each) whose outgoing frames
+        /// are checked for workloads' packet sockets (tc egress): while spec.sockets.packet
+        /// is deny, frames a workload wrote through AF_PACKET are dropped there. Needed where
+        /// the socket_create LSM cannot refuse packet sockets (no BPF LSM): `egress status`
+        /// says which. Frames of IP sockets and forwarded traffic pass untouched.
+        #[arg(long = "node-interface", value_name = "IFACE")]
+        node_interfaces: Vec<String>,
         /// Which verdicts become flow events: `denied` (refused, proxied, audited: the
         /// default) or `all` (also every allowed connection: one more ring-buffer event per
         /// connect).

@@ -185,6 +185,24 @@ impl Datapath {
     /// clsact qdisc instead (not pinned: the filters stay on the qdisc, and every start
     /// replaces them). `EGRESS_TC_ATTACH=tcx|clsact` overrides the choice.
     pub fn attach_tc(&mut self, iface: &str, ifindex: u32) -> Result<Vec<String>, BpfError> {
+        self.attach_tc_programs(iface, ifindex, &TC_PROGRAMS, "tc")
+    }
+
+    /// Makes sure the node backstop ([`super::sockets::NODE_PROGRAM`], tc egress) runs on the node interface
+    /// `iface` (index `ifindex`), like [`Datapath::attach_tc`]; its pins are `node-INDEX-out`,
+    /// which pruning the workloads' interfaces leaves alone.
+    pub fn attach_node(&mut self, iface: &str, ifindex: u32) -> Result<Vec<String>, BpfError> {
+        let progs = [(super::sockets::NODE_PROGRAM, TcAttachType::Egress, "out")];
+        self.attach_tc_programs(iface, ifindex, &progs, "node")
+    }
+
+    fn attach_tc_programs(
+        &mut self,
+        iface: &str,
+        ifindex: u32,
+        programs: &[(&'static str, TcAttachType, &str)],
+        pin_prefix: &str,
+    ) -> Result<Vec<String>, BpfError> {
         let links_dir = self.dir.join("links");
         fs::create_dir_all(&links_dir).map_err(io(&links_dir, "mkdir"))?;
         let tcx = match std::env::var("EGRESS_TC_ATTACH").as_deref() {
@@ -195,7 +213,7 @@ impl Datapath {
                 .unwrap_or(true),
         };
         let mut report = Vec::new();
-        for (name, hook, dir) in TC_PROGRAMS {
+        for &(name, hook, dir) in programs {
             let perr = |source| BpfError::Program { name, source };
             let prog: &mut SchedClassifier = self
                 .ebpf
@@ -222,7 +240,7 @@ impl Datapath {
                 report.push(format!("{name} on {iface} (clsact)"));
                 continue;
             }
-            let path = links_dir.join(format!("tc-{ifindex}-{dir}"));
+            let path = links_dir.join(format!("{pin_prefix}-{ifindex}-{dir}"));
             let old = PinnedLink::from_pin(&path).ok().map(FdLink::from);
             let old_tag = old
                 .as_ref()
@@ -240,7 +258,7 @@ impl Datapath {
                 .map_err(perr)?
                 .try_into()
                 .map_err(|source| BpfError::Link { name, source })?;
-            let tmp = links_dir.join(format!("tc-{ifindex}-{dir}_new"));
+            let tmp = links_dir.join(format!("{pin_prefix}-{ifindex}-{dir}_new"));
             let _ = fs::remove_file(&tmp);
             link.pin(&tmp).map_err(|e| BpfError::Io {
                 path: tmp.clone(),

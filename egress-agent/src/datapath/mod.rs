@@ -18,5 +18,6 @@ pub mod pod_addrs;
 pub mod pod_iface;
 pub mod podnet;
 pub mod policy_maps;
+mod raw_link;
 pub mod relay;
 pub mod sockets;

@@ -1,7 +1,8 @@
 //! The programs that refuse socket kinds no destination hook judges (`spec.sockets`):
-//! `egress_sock_create` (cgroup/sock_create, AF_INET/AF_INET6) and `egress_lsm_socket_create`
-//! (the `socket_create` LSM hook per cgroup, for AF_PACKET/AF_XDP). Both are attached to the
-//! agent's cgroup root through pinned bpf links, like the other cgroup programs: a pinned link
+//! `egress_sock_create` (cgroup/sock_create, AF_INET/AF_INET6), `egress_lsm_socket_create`
+//! (the `socket_create` LSM hook per cgroup, for AF_PACKET/AF_XDP) and `egress_setsockopt`
+//! (cgroup/setsockopt: a packet socket's `PACKET_QDISC_BYPASS`, AF_XDP's set-up). All are
+//! attached to the agent's cgroup root through pinned bpf links, like the other cgroup programs: a pinned link
 //! running the same program is kept across restarts, another one is replaced after the new one
 //! is attached, and `uninstall` removes the pins with the rest.
 //!
@@ -18,7 +19,7 @@ use std::{
 use aya::{
     programs::{
         links::{FdLink, PinnedLink},
-        CgroupAttachMode, CgroupSock, LsmCgroup, ProgramError,
+        CgroupAttachMode, CgroupSock, CgroupSockopt, LsmCgroup, ProgramError,
     },
     Btf, Ebpf,
 };
@@ -28,6 +29,13 @@ use super::{bpf::Datapath, error::BpfError};
 
 pub const SOCK_CREATE: &str = "egress_sock_create";
 pub const LSM_SOCKET_CREATE: &str = "egress_lsm_socket_create";
+/// cgroup/setsockopt: refuses the options that would carry a packet socket's frames past the
+/// node backstop (`PACKET_QDISC_BYPASS`, AF_XDP's set-up) where packet sockets are refused.
+pub const SETSOCKOPT: &str = "egress_setsockopt";
+/// The node backstop on the node's own interfaces (`run --node-interface`): drops frames of
+/// workloads' packet sockets where packet sockets are refused (see egress-ebpf's tc_node);
+/// attached by `Datapath::attach_node`.
+pub const NODE_PROGRAM: &str = "egress_tc_node";
 /// The LSM hook the packet-socket program runs on.
 const LSM_HOOK: &str = "socket_create";
 /// Marks the report line of a packet-socket program that could not be attached.
@@ -45,18 +53,24 @@ pub fn attach(
 ) -> Result<(), BpfError> {
     let name = SOCK_CREATE;
     let perr = |source| BpfError::Program { name, source };
-    let prog: &mut CgroupSock = ebpf
-        .program_mut(name)
-        .ok_or(BpfError::Missing(name))?
-        .try_into()
-        .map_err(perr)?;
-    if prog.fd().is_err() {
-        prog.load().map_err(perr)?;
-    }
+    let prog: &mut CgroupSock = loaded(ebpf, name)?;
     let tag = prog.info().map_err(perr)?.tag();
     let line = pin_link(name, links_dir, tag, fresh, || {
         let id = prog.attach(cgroup.as_fd(), CgroupAttachMode::Single)?;
         Ok(prog.take_link(id)?.try_into()?)
+    })?;
+    report.push(line);
+
+    // aya 0.14 cannot pin a cgroup/setsockopt link: it is made with the raw call.
+    let name = SETSOCKOPT;
+    let perr = |source| BpfError::Program { name, source };
+    let prog: &mut CgroupSockopt = loaded(ebpf, name)?;
+    let tag = prog.info().map_err(perr)?.tag();
+    let tmp = links_dir.join(format!("{name}_tmp"));
+    let prog_fd = prog.fd().map_err(perr)?;
+    let line = pin_link(name, links_dir, tag, fresh, || {
+        super::raw_link::cgroup_link(prog_fd, cgroup, super::raw_link::CGROUP_SETSOCKOPT, &tmp)
+            .map_err(AttachError::Io)
     })?;
     report.push(line);
 
@@ -73,6 +87,44 @@ pub fn attach(
     }
     Ok(())
 }
+
+/// Program `name` of `ebpf` as a `P`, loaded.
+fn loaded<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, BpfError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+    P: LoadCgroup,
+{
+    let perr = |source| BpfError::Program { name, source };
+    let prog: &mut P = ebpf
+        .program_mut(name)
+        .ok_or(BpfError::Missing(name))?
+        .try_into()
+        .map_err(perr)?;
+    if !prog.is_loaded() {
+        prog.load_it().map_err(perr)?;
+    }
+    Ok(prog)
+}
+
+/// The cgroup program types [`loaded`] loads.
+trait LoadCgroup {
+    fn is_loaded(&self) -> bool;
+    fn load_it(&mut self) -> Result<(), ProgramError>;
+}
+
+macro_rules! load_cgroup {
+    ($($t:ty),*) => {$(
+        impl LoadCgroup for $t {
+            fn is_loaded(&self) -> bool {
+                self.fd().is_ok()
+            }
+            fn load_it(&mut self) -> Result<(), ProgramError> {
+                self.load()
+            }
+        }
+    )*};
+}
+load_cgroup!(CgroupSock, CgroupSockopt);
 
 fn attach_lsm(
     ebpf: &mut Ebpf,
@@ -143,6 +195,11 @@ fn pin_link(
     let link = attach().map_err(|e| match e {
         AttachError::Program(source) => BpfError::Program { name, source },
         AttachError::Link(source) => BpfError::Link { name, source },
+        AttachError::Io(source) => BpfError::Io {
+            path: links_dir.join(name),
+            op: "bpf link",
+            source,
+        },
     })?;
     let pin_err = |path: &PathBuf| {
         let path = path.clone();
@@ -176,6 +233,7 @@ fn pin_link(
 enum AttachError {
     Program(ProgramError),
     Link(aya::programs::links::LinkError),
+    Io(std::io::Error),
 }
 
 impl From<ProgramError> for AttachError {
@@ -203,17 +261,29 @@ pub fn packet_sockets(programs: &[String], sockets_allowed: u32) -> String {
     if sockets_allowed & kind::PACKET != 0 {
         return "allowed (spec.sockets.packet: allow)".into();
     }
-    match programs.iter().find(|p| p.starts_with(LSM_SOCKET_CREATE)) {
-        Some(p) if p.contains(NOT_ATTACHED) => {
+    let refused = match programs.iter().find(|p| p.starts_with(LSM_SOCKET_CREATE)) {
+        Some(p) if !p.contains(NOT_ATTACHED) => return "refused (socket_create LSM)".into(),
+        Some(p) => {
             let reason = p
                 .split_once(NOT_ATTACHED)
                 .map(|(_, r)| r.trim().trim_end_matches(')'))
                 .unwrap_or("");
             format!("NOT refused: the socket_create LSM program is not attached ({reason})")
         }
-        Some(_) => "refused (socket_create LSM)".into(),
         None => "NOT refused: the socket_create LSM program is not attached".into(),
+    };
+    let prefix = format!("{NODE_PROGRAM} on ");
+    let node: Vec<&str> = programs
+        .iter()
+        .filter_map(|p| p.strip_prefix(&prefix)?.split(' ').next())
+        .collect();
+    if node.is_empty() {
+        return format!("{refused}; no --node-interface drops their frames");
     }
+    format!(
+        "{refused}; their frames are dropped leaving {} (node backstop), PACKET_QDISC_BYPASS and AF_XDP refused (cgroup/setsockopt)",
+        node.join(", ")
+    )
 }
 
 impl Datapath {
@@ -254,8 +324,17 @@ mod tests {
         )];
         assert_eq!(
             packet_sockets(&bad, kind::ICMP),
-            "NOT refused: the socket_create LSM program is not attached (the BPF LSM is not active)"
+            "NOT refused: the socket_create LSM program is not attached (the BPF LSM is not active); no --node-interface drops their frames"
         );
         assert!(packet_sockets(&bad, kind::PACKET).starts_with("allowed"));
+        let mut node = bad.clone();
+        node.push(format!("{} on eth0 (attached)", NODE_PROGRAM));
+        node.push(format!("{} on eth1 (kept)", NODE_PROGRAM));
+        let s = packet_sockets(&node, kind::ICMP);
+        assert!(s.starts_with("NOT refused"), "{s}");
+        assert!(
+            s.contains("dropped leaving eth0, eth1 (node backstop)"),
+            "{s}"
+        );
     }
 }

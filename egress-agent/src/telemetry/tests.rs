@@ -108,6 +108,7 @@ egress_tc_dropped_packets_total{workload="db",namespace="shop",reason="malformed
 egress_tc_dropped_packets_total{workload="db",namespace="shop",reason="spoofed-source"} 0
 egress_tc_dropped_packets_total{workload="db",namespace="shop",reason="orphan-fragment"} 0
 egress_tc_dropped_packets_total{workload="db",namespace="shop",reason="non-ip"} 0
+egress_tc_dropped_packets_total{workload="db",namespace="shop",reason="packet-socket"} 0
 # HELP egress_packet_dropped_total Packets of workloads' sockets the per-packet program dropped (source routes, connections the policy in force refuses), by reason
 # TYPE egress_packet_dropped_total counter
 egress_packet_dropped_total{workload="db",namespace="shop",reason="deny-rule"} 0
