@@ -3,7 +3,7 @@ use std::process::ExitCode;
 use clap::{CommandFactory as _, Parser as _};
 use egress_agent::{
     admin::{
-        cli::{Cli, Command, EgressAction, Flows, LogFormat},
+        cli::{Cli, Command, EgressAction, Flows, LogFormat, Relay},
         client, local, preview,
     },
     datapath::cgroups as workload,
@@ -32,6 +32,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             allow_root_cgroup,
             node_interfaces,
             flows,
+            relay,
             state_file,
             history_size,
             history_file,
@@ -52,6 +53,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 allow_root_cgroup,
                 node_interfaces,
                 all_flows: flows == Flows::All,
+                kernel_relay: relay == Relay::Kernel,
                 admin_socket: socket,
                 metrics_addr,
                 state_file,

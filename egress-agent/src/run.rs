@@ -48,6 +48,8 @@ pub struct RunOptions {
     pub node_interfaces: Vec<String>,
     /// A flow event for every judged connection, not only the refused/proxied/audited ones.
     pub all_flows: bool,
+    /// The proxy relays in the kernel (sockmap) when the kernel takes the program.
+    pub kernel_relay: bool,
     pub admin_socket: PathBuf,
     pub metrics_addr: std::net::SocketAddr,
     /// Where the live policy is saved after every change. Default: next to the pins' name
@@ -131,6 +133,20 @@ fn enter_agent_cgroup(root: &CgroupRoot, pin_dir: &Path, leave: &mut Leave) -> a
     Ok(agent_cgroup)
 }
 
+/// The proxy's in-kernel relay, or None (logged once) when the kernel refuses it.
+fn kernel_relay(dp: &mut Datapath) -> Option<Arc<crate::datapath::relay::KernelRelay>> {
+    match dp.kernel_relay() {
+        Ok(k) => {
+            info!("proxy relay: in the kernel (sockmap stream verdict)");
+            Some(Arc::new(k))
+        }
+        Err(e) => {
+            warn!(error = %e, "proxy relay: the kernel refused the sockmap program; relaying by splice");
+            None
+        }
+    }
+}
+
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     crate::datapath::kernel_version::check()?;
     raise_fd_limit();
@@ -198,6 +214,12 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let (mut dp, reused) = Datapath::open(&opts.pin_dir)?;
     let kernel_logs = dp.logger();
     let orig = dp.orig_by_tuple()?;
+    let kernel_relay = if opts.kernel_relay {
+        kernel_relay(&mut dp)
+    } else {
+        info!("proxy relay: splice (--relay splice)");
+        None
+    };
     let events = dp.events()?;
     let (_, running) = dp.active()?;
 
@@ -331,6 +353,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         Some(crate::dns::names_file(&state_file)),
     )?;
     relay.bind_names(names.clone());
+    if let Some(k) = kernel_relay {
+        relay.bind_kernel_relay(k);
+    }
     if let Some(c) = &cluster {
         relay.bind_services(c.services.clone());
     }

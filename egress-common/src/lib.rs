@@ -14,6 +14,7 @@ pub mod decide;
 pub mod fqdn;
 pub mod maps;
 pub mod packet;
+pub mod relay;
 pub mod skb;
 pub mod sockets;
 pub mod tc;

@@ -10,6 +10,7 @@
 mod dns;
 mod events;
 mod maps;
+mod relay;
 mod skb;
 mod sock_addr;
 mod sock_create;
@@ -19,7 +20,8 @@ mod tc_node;
 
 use aya_ebpf::{
     macros::{
-        cgroup_skb, cgroup_sock, cgroup_sock_addr, cgroup_sockopt, classifier, lsm_cgroup, sock_ops,
+        cgroup_skb, cgroup_sock, cgroup_sock_addr, cgroup_sockopt, classifier, lsm_cgroup,
+        sock_ops, stream_verdict,
     },
     programs::{
         LsmContext, SkBuffContext, SockAddrContext, SockContext, SockOpsContext, SockoptContext,
@@ -142,6 +144,12 @@ pub fn egress_tc_from_workload(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn egress_tc_to_workload(ctx: TcContext) -> i32 {
     tc::to_workload(&ctx)
+}
+
+/// The proxy's in-kernel relay: bytes a relayed socket receives leave by its peer.
+#[stream_verdict]
+pub fn egress_relay_verdict(ctx: SkBuffContext) -> u32 {
+    relay::verdict(&ctx)
 }
 
 /// Frames leaving a node interface (`run --node-interface`): those a workload wrote through

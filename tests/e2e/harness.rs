@@ -170,7 +170,11 @@ impl Agent {
             })
             .arg("--metrics-addr")
             .arg(format!("127.0.0.1:{}", self.metrics_port))
-            .env("EGRESS_LOG", "info,egress::flow=debug")
+            // TEST_EGRESS_LOG: another filter for debugging (egress::proxy=debug, say).
+            .env(
+                "EGRESS_LOG",
+                std::env::var("TEST_EGRESS_LOG").unwrap_or("info,egress::flow=debug".into()),
+            )
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

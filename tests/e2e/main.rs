@@ -18,6 +18,7 @@ mod harness;
 mod host_judging;
 mod k8s;
 mod k8s_pods;
+mod kernel_relay;
 mod lifecycle;
 mod metrics;
 mod metrics_storm;

@@ -174,7 +174,7 @@ pub fn machine() -> Vec<(String, String)> {
 }
 
 /// Writes the page and nginx's configuration, starts nginx and waits for its listeners.
-pub fn start_nginx(root: &Path, env: &mut Env) -> anyhow::Result<()> {
+pub(crate) fn start_nginx(root: &Path, env: &mut Env) -> anyhow::Result<()> {
     let work_dir = env.work.clone();
     fs::create_dir_all(work_dir.join("www"))?;
     fs::write(

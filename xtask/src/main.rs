@@ -13,6 +13,7 @@ mod bench_packet;
 mod bench_preview;
 mod bench_proxy;
 mod bench_readme;
+mod bench_relay;
 mod bench_report;
 mod bench_syscalls;
 mod bench_versus;
@@ -74,6 +75,10 @@ enum Task {
         /// server alone in the namespace (as root).
         #[arg(long, conflicts_with_all = ["quick", "full", "gateway", "preview", "dns"])]
         proxy: bool,
+        /// Instead: the proxy's relay in the kernel (sockmap) against splice, side by side
+        /// with a direct baseline: keep-alive, new connections, bulk (R1-R3; as root).
+        #[arg(long, conflicts_with_all = ["quick", "gateway", "preview", "dns", "proxy", "host_judging"])]
+        relay: bool,
         /// Instead: only the DNS tables (D1-D3: round trip through the agent's DNS proxy vs
         /// straight to dnsmasq, connect() with 10k learned names); under a minute.
         #[arg(long, conflicts_with_all = ["quick", "full", "gateway", "preview"])]
@@ -106,6 +111,9 @@ fn main() -> ExitCode {
             ..
         } => bench::host_judging_only(&root, full),
         Task::Bench { proxy: true, .. } => bench::proxy_only(&root),
+        Task::Bench {
+            relay: true, full, ..
+        } => bench_relay::relay_only(&root, full),
         Task::Bench { dns: true, .. } => bench_dns::bench(&root),
         Task::Bench { syscalls: true, .. } => bench_versus::bench(&root),
         Task::Bench { full, .. } => bench::bench(&root, full),

@@ -105,6 +105,13 @@ pub enum Command {
         /// connect).
         #[arg(long, value_enum, default_value_t = Flows::Denied)]
         flows: Flows,
+        /// How the transparent proxy moves the bytes of a connection it does not inspect any
+        /// more: `splice` (the agent relays: one copy for small messages, splice(2) for bulk;
+        /// the faster one measured on kernel 6.18) or `kernel` (a BPF sockmap redirects them
+        /// between the two sockets, the agent never touches them; falls back to splice when
+        /// the kernel refuses the program). See README "Proxy relay".
+        #[arg(long, env = "EGRESS_RELAY", value_enum, default_value_t = Relay::Splice)]
+        relay: Relay,
         /// Prometheus metrics, /healthz and /readyz.
         #[arg(long, value_name = "ADDR", default_value = crate::telemetry::metrics::DEFAULT_ADDR)]
         metrics_addr: std::net::SocketAddr,
@@ -295,6 +302,12 @@ pub enum PolicyAction {
         #[arg(long, default_value = "tcp", value_parser = ["tcp", "udp"])]
         protocol: String,
     },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Relay {
+    Kernel,
+    Splice,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

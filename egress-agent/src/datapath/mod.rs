@@ -19,4 +19,5 @@ pub mod pod_iface;
 pub mod podnet;
 pub mod policy_maps;
 mod raw_link;
+pub mod relay;
 pub mod sockets;

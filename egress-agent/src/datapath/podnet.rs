@@ -443,6 +443,11 @@ pub fn bind_in(path: &Path, port: u16) -> io::Result<Vec<std::net::TcpListener>>
 /// The cookie of a socket's network namespace (the kernel's `bpf_get_netns_cookie`).
 /// SO_NETNS_COOKIE (Linux 5.14) has no option type in nix 0.29: getsockopt(2) itself.
 pub fn netns_cookie(s: &impl AsFd) -> io::Result<u64> {
+    socket_u64(s, libc::SO_NETNS_COOKIE)
+}
+
+/// A u64 `SOL_SOCKET` option (the cookies).
+pub(crate) fn socket_u64(s: &impl AsFd, opt: libc::c_int) -> io::Result<u64> {
     let mut v: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
     // SAFETY: getsockopt writes at most `len` bytes into a u64 we own, on a borrowed fd.
@@ -450,7 +455,7 @@ pub fn netns_cookie(s: &impl AsFd) -> io::Result<u64> {
         libc::getsockopt(
             s.as_fd().as_raw_fd(),
             libc::SOL_SOCKET,
-            libc::SO_NETNS_COOKIE,
+            opt,
             (&mut v as *mut u64).cast(),
             &mut len,
         )

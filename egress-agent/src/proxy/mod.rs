@@ -14,6 +14,7 @@ pub mod guard;
 pub mod http1;
 pub mod inpod;
 mod judging;
+pub mod kernel_relay;
 pub mod metrics;
 pub mod relay;
 pub mod sniff;
@@ -84,6 +85,8 @@ pub struct Proxy {
     limits: Limits,
     permits: Arc<Semaphore>,
     gateways: Dialer,
+    /// The in-kernel relay (`run --relay kernel`); unset: splice.
+    kernel: std::sync::OnceLock<Arc<crate::datapath::relay::KernelRelay>>,
     /// What workloads' DNS answered (`hostBinding`); unset: no binding.
     names: std::sync::OnceLock<Arc<crate::dns::Names>>,
     node: guard::NodeAddrs,
@@ -139,6 +142,7 @@ impl Proxy {
             limits,
             gateways: Dialer::default(),
             names: std::sync::OnceLock::new(),
+            kernel: std::sync::OnceLock::new(),
             node: guard::NodeAddrs::default(),
         })
     }
@@ -146,6 +150,11 @@ impl Proxy {
     /// Kubernetes mode: gateways named by Service find their endpoints in `s`.
     pub fn bind_services(&self, s: Arc<crate::gateway::services::Services>) {
         self.gateways.bind_services(s);
+    }
+
+    /// Relays plain connections (no per-request judging) in the kernel.
+    pub fn bind_kernel_relay(&self, k: Arc<crate::datapath::relay::KernelRelay>) {
+        let _ = self.kernel.set(k);
     }
 
     /// Binds hosts to the addresses workloads' DNS gave them (`hostBinding: strict`).
@@ -362,7 +371,7 @@ impl Proxy {
         };
         self.metrics.connected(connecting.elapsed());
         drop(policy);
-        let changes = self.limits.close_on_tighten.then(|| self.live.subscribe());
+        let changes = || self.limits.close_on_tighten.then(|| self.live.subscribe());
         let (wid, host) = (orig.workload_id, rec.host.clone());
         let still_allowed = || self.still_allowed(wid, dst, host.as_deref());
         let mut upstream = upstream;
@@ -383,9 +392,7 @@ impl Proxy {
         // The sniffed bytes are sent: their buffer is not kept for the connection's life.
         let head_len = head.len() as u64;
         drop(head);
-        let r = upstream
-            .relay(client, self.limits.idle_timeout, changes, still_allowed)
-            .await;
+        let r = Box::pin(self.relay(client, upstream, changes, still_allowed)).await;
         let bytes = (r.bytes.0 + head_len, r.bytes.1);
         let end = if r.revoked {
             REVOKED
