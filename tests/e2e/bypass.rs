@@ -24,19 +24,10 @@ use egress_test_support::env::skip;
 
 use crate::harness::{
     cgroup2_mount, in_netns, privileged, unique, wait_until, Agent, Netns, TcpServer, UdpServer,
-    CLIENT,
+    CLIENT, NOBODY,
 };
 
 const BYPASS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/e2e/bypass.py");
-
-const NOBODY: [&str; 6] = [
-    "setpriv",
-    "--reuid",
-    "65534",
-    "--regid",
-    "65534",
-    "--clear-groups",
-];
 
 /// Workload `shop/web`, refused by default, allowed to each of `allow` (ip, port, protocol).
 fn policy(allow: &[(String, String, &str)]) -> String {

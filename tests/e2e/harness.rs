@@ -434,3 +434,13 @@ pub fn mac_of(netns: &Path, iface: &str) -> String {
         .trim()
         .to_string()
 }
+
+/// Runs the rest of a command line as an unprivileged user (uid and gid 65534, no groups).
+pub const NOBODY: [&str; 6] = [
+    "setpriv",
+    "--reuid",
+    "65534",
+    "--regid",
+    "65534",
+    "--clear-groups",
+];

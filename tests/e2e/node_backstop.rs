@@ -103,7 +103,7 @@ fn world() -> World {
 fn run(a: &Agent, nobody: bool, args: &[&str]) -> String {
     let mut cmd: Vec<&str> = Vec::new();
     if nobody {
-        cmd.extend(crate::sockets::NOBODY);
+        cmd.extend(crate::harness::NOBODY);
     }
     cmd.extend(["/usr/bin/python3", "-c", NODE_PY]);
     cmd.extend(args);

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::harness::{privileged, Agent};
+use crate::harness::{privileged, Agent, NOBODY};
 
 /// `python3 -c SOCKET WHAT FAMILY [DST PORT]`: opens one socket (and with DST, connects it and
 /// sends one datagram); prints `ok` or `err <errno name>`.
@@ -43,15 +43,6 @@ try:
 except OSError as e:
     print("err " + errno.errorcode.get(e.errno, str(e.errno)))
 "#;
-
-pub(crate) const NOBODY: [&str; 6] = [
-    "setpriv",
-    "--reuid",
-    "65534",
-    "--regid",
-    "65534",
-    "--clear-groups",
-];
 
 fn policy(sockets: &str) -> String {
     format!(

@@ -6,16 +6,9 @@
 
 use std::time::Duration;
 
-use crate::harness::{privileged, split_local, wait_until, Agent, TcpServer, UdpServer, CLIENT};
-
-const NOBODY: [&str; 6] = [
-    "setpriv",
-    "--reuid",
-    "65534",
-    "--regid",
-    "65534",
-    "--clear-groups",
-];
+use crate::harness::{
+    privileged, split_local, wait_until, Agent, TcpServer, UdpServer, CLIENT, NOBODY,
+};
 
 /// `web` may reach `allowed` (TCP servers, and the UDP server) when `open`; `other` never.
 fn policy(tcp: &[&TcpServer], udp: &UdpServer, open: bool) -> String {
