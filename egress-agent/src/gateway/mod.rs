@@ -292,11 +292,11 @@ where
         dir: 1,
     };
     // Large buffers: each write becomes at most a few big DATA frames, not many 8 KiB ones.
-    let work = async {
+    let work = std::pin::pin!(async {
         tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, COPY_BUF, COPY_BUF)
             .await
             .map(|_| ())
-    };
+    });
     let idle_ms = || {
         (act.epoch.elapsed().as_millis() as u64).saturating_sub(act.last_ms.load(Ordering::Relaxed))
     };

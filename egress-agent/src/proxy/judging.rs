@@ -74,12 +74,12 @@ impl Proxy {
         client: TcpStream,
         upstream: Upstream,
         head: Vec<u8>,
-        rec: &Record<'_>,
+        rec: &Record,
         workload: u32,
     ) -> Served {
         let dst = rec.dst;
         let judge = |r: &egress_common::wire::http::Request<'_, '_>| {
-            self.judge(workload, dst, rec.workload, r)
+            self.judge(workload, dst, &rec.workload, r)
         };
         // The connection's request counters, by (method, route, verdict): a keep-alive
         // connection counts its requests without a label lookup each.
@@ -133,16 +133,16 @@ impl Proxy {
     }
     /// The audit line of one request (`egress::proxy`, message `request`): refusals and
     /// audits at info, the rest at debug. The query string is never logged.
-    fn request_done(&self, rec: &Record<'_>, l: &RequestLog) {
+    fn request_done(&self, rec: &Record, l: &RequestLog) {
         self.metrics.request(&l.method, &l.rule, l.verdict);
         self.log_request(rec, l);
     }
 
     /// The audit line of one request alone (its metric counted by the caller).
-    fn log_request(&self, rec: &Record<'_>, l: &RequestLog) {
+    fn log_request(&self, rec: &Record, l: &RequestLog) {
         let ms = l.started.map_or(0, |t| t.elapsed().as_millis() as u64);
         let (workload, method, host, path) = (
-            rec.workload,
+            &rec.workload,
             l.method.as_str(),
             l.host.as_str(),
             l.path.as_str(),
@@ -157,11 +157,18 @@ impl Proxy {
     }
 
     /// Refuses to dial an address of the node itself for a workload (see [`super::guard`]).
-    pub(super) fn refuse_into_node(&self, client: TcpStream, rec: &mut Record<'_>, class: Cidr) {
+    /// (None: the connection ends here.)
+    pub(super) fn refuse_into_node<T>(
+        &self,
+        client: TcpStream,
+        rec: &mut Record,
+        class: Cidr,
+    ) -> Option<T> {
         rec.verdict = "into-node";
-        warn!(target: "egress::proxy", workload = rec.workload, dst = %rec.dst, class = %class, "refused: the proxy does not dial the node's own addresses (loopback, link-local, its interfaces) unless an Egress names the address");
+        warn!(target: "egress::proxy", workload = rec.workload.as_str(), dst = %rec.dst, class = %class, "refused: the proxy does not dial the node's own addresses (loopback, link-local, its interfaces) unless an Egress names the address");
         reset(client);
         self.finish(rec, (0, 0), "refused: a node address");
+        None
     }
 }
 
@@ -216,13 +223,13 @@ impl Proxy {
         &self,
         p: &Compiled,
         workload: u32,
-        rec: &Record<'_>,
+        rec: &Record,
         head: &[u8],
     ) -> (String, String) {
         let mut headers = [http::EMPTY_HEADER; http::MAX_HEADERS];
         if let Ok(r) = http::request(head, &mut headers) {
             let v = p.decide_request(workload, rec.dst.ip(), rec.dst.port(), &view(&r));
-            if let Judgement::Refuse { why, policy } = judgement(p, v, rec.workload, &r) {
+            if let Judgement::Refuse { why, policy } = judgement(p, v, &rec.workload, &r) {
                 let log = RequestLog {
                     method: r.method.into(),
                     host: r.host.unwrap_or("").into(),
@@ -237,6 +244,6 @@ impl Proxy {
                 return (why, policy);
             }
         }
-        refusal(rec.workload, rec.host.as_deref(), &rec.rule)
+        refusal(&rec.workload, rec.host.as_deref(), &rec.rule)
     }
 }

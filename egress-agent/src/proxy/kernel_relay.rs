@@ -33,6 +33,7 @@ use std::{
 };
 
 use egress_common::relay::{stable, Counts, Way};
+use futures::future::Either;
 use nix::{
     errno::Errno,
     sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout},
@@ -87,28 +88,46 @@ pub async fn relay(
 
 impl super::Proxy {
     /// Relays until the connection ends: in the kernel when it is on and takes the sockets,
-    /// else by splice (or by copy for an HTTP/2 tunnel).
-    pub(super) async fn relay(
-        &self,
+    /// else by splice (or by copy for an HTTP/2 tunnel). The splice relay's future is returned
+    /// as it is (no async layer around it, which would hold its arguments again); the other
+    /// ways are boxed.
+    pub(super) fn relay<'a>(
+        &'a self,
         client: TcpStream,
         upstream: Upstream,
-        changes: impl Fn() -> Option<tokio::sync::watch::Receiver<u64>>,
-        still_allowed: impl Fn() -> bool,
-    ) -> Relayed {
+        changes: impl Fn() -> Option<tokio::sync::watch::Receiver<u64>> + Send + 'a,
+        still_allowed: impl Fn() -> bool + Send + Sync + 'a,
+    ) -> impl std::future::Future<Output = Relayed> + 'a {
         let idle = self.limits.idle_timeout;
-        let (client, upstream) = match (upstream, self.kernel.get()) {
-            (Upstream::Tcp(u), Some(k)) => {
-                match relay(k, client, u, idle, changes(), &still_allowed).await {
-                    Ok(r) => return r,
-                    Err((c, u, e)) => {
-                        tracing::info!(error = %e, "the kernel did not take the connection; relaying by splice");
-                        (c, Upstream::Tcp(u))
+        let upstream = match (upstream, self.kernel.get()) {
+            (Upstream::Tcp(u), None) => {
+                let splice = super::relay::relay(client, u, idle, changes(), still_allowed);
+                return Either::Left(splice);
+            }
+            (u, _) => u,
+        };
+        Either::Right(Box::pin(async move {
+            let (client, upstream) = match (upstream, self.kernel.get()) {
+                (Upstream::Tcp(u), Some(k)) => {
+                    match relay(k, client, u, idle, changes(), &still_allowed).await {
+                        Ok(r) => return r,
+                        Err((c, u, e)) => {
+                            tracing::info!(error = %e, "the kernel did not take the connection; relaying by splice");
+                            (c, Upstream::Tcp(u))
+                        }
                     }
                 }
+                (u, _) => (client, u),
+            };
+            match upstream {
+                Upstream::Tcp(u) => {
+                    super::relay::relay(client, u, idle, changes(), still_allowed).await
+                }
+                Upstream::H2(s) => {
+                    crate::gateway::relay_io(client, s, idle, changes(), still_allowed).await
+                }
             }
-            (u, _) => (client, u),
-        };
-        upstream.relay(client, idle, changes(), still_allowed).await
+        }))
     }
 }
 
@@ -192,7 +211,7 @@ impl Pair {
     ) -> Relayed {
         // Bytes each way, once that way ended (its target shut down for writing).
         let ended = [Ended::default(), Ended::default()];
-        let work = async {
+        let work = std::pin::pin!(async {
             if self.client_by_user {
                 let n = copy_rest(socks[0], socks[1]).await?;
                 let _ = socks[1].shutdown(Shutdown::Write);
@@ -200,7 +219,7 @@ impl Pair {
             }
             let h = Hangups::new(socks)?;
             self.watch(&h, socks, &ended).await
-        };
+        });
         let idle_ms = || socks.iter().map(last_data_recv_ms).min().unwrap_or(0);
         let (idle_timeout, revoked, error) =
             supervise(work, idle, idle_ms, changes, still_allowed).await;

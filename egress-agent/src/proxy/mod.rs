@@ -18,6 +18,7 @@ pub mod kernel_relay;
 pub mod metrics;
 pub mod relay;
 pub mod sniff;
+mod task;
 mod threads;
 
 use std::{
@@ -113,8 +114,8 @@ pub async fn bind(port: u16) -> std::io::Result<Vec<TcpListener>> {
 }
 
 /// One proxied connection, for the log (and later the metrics).
-struct Record<'a> {
-    workload: &'a str,
+struct Record {
+    workload: String,
     dst: SocketAddr,
     host: Option<String>,
     verdict: &'static str,
@@ -223,25 +224,23 @@ impl Proxy {
                 reset(client);
                 continue;
             };
-            let this = self.clone();
-            tokio::spawn(async move {
-                this.metrics.active().inc();
-                this.handle(
-                    client,
-                    OrigKey {
-                        netns,
-                        addr: sock_addr(peer),
-                    },
-                    peer,
-                )
-                .await;
-                this.metrics.active().dec();
-                drop(permit);
-            });
+            let key = OrigKey {
+                netns,
+                addr: sock_addr(peer),
+            };
+            tokio::spawn(self.clone().connection(client, key, peer, permit));
         }
     }
 
-    async fn handle(&self, mut client: TcpStream, key: OrigKey, peer: SocketAddr) {
+    /// Everything before the relay: the original destination, the host when a rule needs it,
+    /// the verdict, the upstream. None: the connection was dealt with (refused, failed, or
+    /// judged request by request to its end).
+    async fn handle(
+        &self,
+        mut client: TcpStream,
+        key: OrigKey,
+        peer: SocketAddr,
+    ) -> Option<task::Relaying> {
         let orig = match self.orig.get(&key, 0) {
             Ok(o) => o,
             Err(e) => {
@@ -249,7 +248,7 @@ impl Proxy {
                     .connection("", None, ProxyResult::NotRedirected, (0, 0));
                 warn!(%peer, error = %e, "refused a connection that the kernel did not redirect");
                 reset(client);
-                return;
+                return None;
             }
         };
         let policy = self.policy();
@@ -261,7 +260,7 @@ impl Proxy {
             .map(|(w, _)| w.to_string())
             .unwrap_or_else(|| "unknown".into());
         let mut rec = Record {
-            workload: &workload,
+            workload,
             dst,
             host: None,
             verdict: "allow",
@@ -292,7 +291,7 @@ impl Proxy {
                     let _ = client.write_all(resp.as_bytes()).await;
                     let _ = client.shutdown().await;
                     self.finish(&rec, (head.len() as u64, 0), "denied");
-                    return;
+                    return None;
                 }
                 _ => (false, None),
             };
@@ -311,7 +310,7 @@ impl Proxy {
                 {
                     rec.verdict = HOST_MISMATCH;
                     rec.rule = rule_name(&policy, id);
-                    warn!(workload = rec.workload, dst = %dst, host = host.as_deref().unwrap_or(""), reason = HOST_MISMATCH, "refused: the host did not resolve to this address for the workload (hostBinding: strict)");
+                    warn!(workload = rec.workload.as_str(), dst = %dst, host = host.as_deref().unwrap_or(""), reason = HOST_MISMATCH, "refused: the host did not resolve to this address for the workload (hostBinding: strict)");
                     let http = is_http.then(|| {
                         (
                             judging::mismatch_why(host.as_deref(), dst),
@@ -320,7 +319,7 @@ impl Proxy {
                     });
                     refuse(client, http, matches!(sniffed, Some(Sniffed::Tls(_)))).await;
                     self.finish(&rec, (head.len() as u64, 0), HOST_MISMATCH);
-                    return;
+                    return None;
                 }
                 HostVerdict::Allow(id) => {
                     rec.rule = rule_name(&policy, id);
@@ -339,7 +338,7 @@ impl Proxy {
                     });
                     refuse(client, http, matches!(sniffed, Some(Sniffed::Tls(_)))).await;
                     self.finish(&rec, (head.len() as u64, 0), "denied");
-                    return;
+                    return None;
                 }
             }
         }
@@ -360,9 +359,9 @@ impl Proxy {
                 }
             }
             None => {
-                match tokio::time::timeout(self.limits.connect_timeout, TcpStream::connect(dst))
-                    .await
-                {
+                let connect =
+                    tokio::time::timeout(self.limits.connect_timeout, TcpStream::connect(dst));
+                match Box::pin(connect).await {
                     Ok(Ok(s)) => Upstream::Tcp(s),
                     Ok(Err(e)) => return self.upstream_failed(client, &mut rec, &e.to_string()),
                     Err(_) => return self.upstream_failed(client, &mut rec, "connect timed out"),
@@ -371,9 +370,6 @@ impl Proxy {
         };
         self.metrics.connected(connecting.elapsed());
         drop(policy);
-        let changes = || self.limits.close_on_tighten.then(|| self.live.subscribe());
-        let (wid, host) = (orig.workload_id, rec.host.clone());
-        let still_allowed = || self.still_allowed(wid, dst, host.as_deref());
         let mut upstream = upstream;
         if let Upstream::Tcp(s) = &upstream {
             let _ = s.set_nodelay(true);
@@ -384,26 +380,22 @@ impl Proxy {
             if served.refused {
                 rec.verdict = "deny";
             }
-            return self.finish(&rec, served.bytes, served.end);
+            return {
+                self.finish(&rec, served.bytes, served.end);
+                None
+            };
         }
         if let Err(e) = upstream.send_head(&head).await {
             return self.upstream_failed(client, &mut rec, &e.to_string());
         }
         // The sniffed bytes are sent: their buffer is not kept for the connection's life.
-        let head_len = head.len() as u64;
-        drop(head);
-        let r = Box::pin(self.relay(client, upstream, changes, still_allowed)).await;
-        let bytes = (r.bytes.0 + head_len, r.bytes.1);
-        let end = if r.revoked {
-            REVOKED
-        } else if r.idle_timeout {
-            "idle timeout"
-        } else if r.error.is_some() {
-            "error"
-        } else {
-            "closed"
-        };
-        self.finish(&rec, bytes, end);
+        Some(task::Relaying {
+            client,
+            upstream,
+            head_len: head.len() as u64,
+            wid: orig.workload_id,
+            rec,
+        })
     }
 
     /// After a policy change: whether this relayed connection would still be let out. Anything
@@ -482,21 +474,24 @@ impl Proxy {
     }
 
     /// Fail closed: the client gets a reset, never a direct connection.
-    fn gateway_failed(&self, client: TcpStream, rec: &mut Record<'_>, why: &str) {
+    /// (None: the connection ends here.)
+    fn gateway_failed<T>(&self, client: TcpStream, rec: &mut Record, why: &str) -> Option<T> {
         rec.verdict = "gateway-error";
-        warn!(workload = rec.workload, dst = %rec.dst, host = rec.host.as_deref().unwrap_or(""), error = why, "egress gateway failed; the connection is refused (fail closed, never sent direct)");
+        warn!(workload = rec.workload.as_str(), dst = %rec.dst, host = rec.host.as_deref().unwrap_or(""), error = why, "egress gateway failed; the connection is refused (fail closed, never sent direct)");
         reset(client);
         self.finish(rec, (0, 0), "gateway failed");
+        None
     }
 
-    fn upstream_failed(&self, client: TcpStream, rec: &mut Record<'_>, why: &str) {
+    fn upstream_failed<T>(&self, client: TcpStream, rec: &mut Record, why: &str) -> Option<T> {
         rec.verdict = "upstream-error";
-        info!(workload = rec.workload, dst = %rec.dst, error = why, "proxy could not reach the original destination");
+        info!(workload = rec.workload.as_str(), dst = %rec.dst, error = why, "proxy could not reach the original destination");
         reset(client);
         self.finish(rec, (0, 0), "upstream failed");
+        None
     }
 
-    fn finish(&self, rec: &Record<'_>, bytes: (u64, u64), end: &str) {
+    fn finish(&self, rec: &Record, bytes: (u64, u64), end: &str) {
         let result = match rec.verdict {
             "allow" => ProxyResult::Allowed,
             "deny" | HOST_MISMATCH => ProxyResult::Denied,
@@ -506,11 +501,11 @@ impl Proxy {
             _ => ProxyResult::UpstreamError,
         };
         self.metrics
-            .connection(rec.workload, rec.host.as_deref(), result, bytes);
+            .connection(&rec.workload, rec.host.as_deref(), result, bytes);
         self.observe(rec);
         let host = rec.host.as_deref().unwrap_or("");
         let ms = rec.started.elapsed().as_millis() as u64;
-        let (workload, verdict, rule) = (rec.workload, rec.verdict, rec.rule.as_str());
+        let (workload, verdict, rule) = (rec.workload.as_str(), rec.verdict, rec.rule.as_str());
         let gateway = rec.gateway.as_str();
         if verdict == "allow" && !end.ends_with(REVOKED) {
             debug!(target: "egress::proxy", workload, dst = %rec.dst, host, verdict, rule, gateway, bytes_out = bytes.0, bytes_in = bytes.1, ms, end, "connection");
@@ -525,9 +520,9 @@ pub const HOST_MISMATCH: &str = "host-address-mismatch";
 impl Proxy {
     /// Counts an audited host verdict and keeps the connection, with its host, in the flow
     /// history (the kernel leaves redirected connections to the proxy there).
-    fn observe(&self, rec: &Record<'_>) {
+    fn observe(&self, rec: &Record) {
         if rec.verdict == "audit" {
-            self.audit.count(&rec.rule, rec.workload, Layer::proxy, 1);
+            self.audit.count(&rec.rule, &rec.workload, Layer::proxy, 1);
         }
         let verdict = match rec.verdict {
             "allow" => "proxy",
@@ -536,7 +531,7 @@ impl Proxy {
             other => other,
         };
         let key = FlowKey {
-            workload: rec.workload.into(),
+            workload: rec.workload.as_str().into(),
             ip: normalize(rec.dst.ip()),
             port: rec.dst.port(),
             proto: egress_common::proto::TCP,

@@ -31,69 +31,82 @@ pub struct Relayed {
 /// policy change after which `still_allowed` says no (`changes` tells of changes; None: the
 /// connection is never re-judged). Small messages are copied once through a per-thread
 /// buffer; bulk moves with splice(2), socket to pipe to socket inside the kernel.
-pub async fn relay(
+///
+/// A plain function returning its future: an `async fn` would hold each argument twice in
+/// its state (as given and as moved into its body), and an idle connection costs what this
+/// state weighs.
+#[allow(clippy::manual_async_fn)] // an async fn would hold its arguments twice
+pub fn relay(
     client: TcpStream,
     upstream: TcpStream,
     idle: Duration,
     changes: Option<tokio::sync::watch::Receiver<u64>>,
     still_allowed: impl Fn() -> bool,
-) -> Relayed {
-    let act = Activity {
-        epoch: Instant::now(),
-        last: AtomicU64::new(0),
-        one_ended: AtomicBool::new(false),
-    };
-    let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
-    let bytes = || (up.load(Ordering::Relaxed), down.load(Ordering::Relaxed));
-    let both = async {
-        let (a, b) = tokio::join!(
-            pump(&client, &upstream, &up, &act),
-            pump(&upstream, &client, &down, &act)
-        );
-        a.and(b)
-    };
-    let (idle_timeout, revoked, error) =
-        supervise(both, idle, || act.idle_ms(), changes, still_allowed).await;
-    Relayed {
-        bytes: bytes(),
-        idle_timeout,
-        revoked,
-        error,
+) -> impl std::future::Future<Output = Relayed> {
+    async move {
+        let act = Activity {
+            epoch: Instant::now(),
+            last: AtomicU64::new(0),
+            one_ended: AtomicBool::new(false),
+        };
+        let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
+        let both = std::pin::pin!(async {
+            let (a, b) = tokio::join!(
+                pump(&client, &upstream, &up, &act),
+                pump(&upstream, &client, &down, &act)
+            );
+            a.and(b)
+        });
+        let (idle_timeout, revoked, error) =
+            supervise(both, idle, || act.idle_ms(), changes, &still_allowed).await;
+        Relayed {
+            bytes: (up.load(Ordering::Relaxed), down.load(Ordering::Relaxed)),
+            idle_timeout,
+            revoked,
+            error,
+        }
     }
 }
 
 /// Drives `work` (both directions of a relay) until it ends, `idle_ms()` reaches `idle`, or
 /// a policy change after which `still_allowed` says no. Returns (idle timeout, revoked,
-/// error).
-pub(crate) async fn supervise(
-    work: impl std::future::Future<Output = io::Result<()>>,
+/// error). `work` is pinned by the caller and only borrowed here: a future taken by value
+/// would be held twice in the relay's state (the caller's and this one's), and an idle
+/// connection costs what its relay's state weighs. The idle check is one timer inline (no
+/// boxed `Interval`).
+#[allow(clippy::manual_async_fn)] // an async fn would hold its arguments twice
+pub(crate) fn supervise<'a>(
+    mut work: std::pin::Pin<&'a mut impl std::future::Future<Output = io::Result<()>>>,
     idle: Duration,
-    idle_ms: impl Fn() -> u64,
+    idle_ms: impl Fn() -> u64 + 'a,
     mut changes: Option<tokio::sync::watch::Receiver<u64>>,
-    still_allowed: impl Fn() -> bool,
-) -> (bool, bool, Option<io::Error>) {
-    tokio::pin!(work);
-    let limit = idle.as_millis() as u64;
-    let mut tick = tokio::time::interval(idle / 4);
-    loop {
-        let changed = async {
-            match changes.as_mut() {
-                Some(rx) => rx.changed().await.is_ok(),
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            r = &mut work => return (false, false, r.err()),
-            _ = tick.tick() => {
-                if idle_ms() >= limit {
-                    return (true, false, None);
+    still_allowed: impl Fn() -> bool + 'a,
+) -> impl std::future::Future<Output = (bool, bool, Option<io::Error>)> + 'a {
+    async move {
+        let limit = idle.as_millis() as u64;
+        let period = idle / 4;
+        let mut tick = std::pin::pin!(tokio::time::sleep(period));
+        loop {
+            let changed = async {
+                match changes.as_mut() {
+                    Some(rx) => rx.changed().await.is_ok(),
+                    None => std::future::pending().await,
                 }
-            }
-            alive = changed => {
-                if !alive {
-                    changes = None;
-                } else if !still_allowed() {
-                    return (false, true, None);
+            };
+            tokio::select! {
+                r = work.as_mut() => return (false, false, r.err()),
+                _ = tick.as_mut() => {
+                    if idle_ms() >= limit {
+                        return (true, false, None);
+                    }
+                    tick.as_mut().reset(tokio::time::Instant::now() + period);
+                }
+                alive = changed => {
+                    if !alive {
+                        changes = None;
+                    } else if !still_allowed() {
+                        return (false, true, None);
+                    }
                 }
             }
         }
@@ -142,89 +155,93 @@ thread_local! {
 /// half-close passes through) or an error. Small messages are copied through the thread's
 /// buffer (one read, one write, no per-connection buffer or pipe); once a read fills that
 /// buffer the direction switches to splice through a pipe of its own.
-async fn pump(
-    from: &TcpStream,
-    to: &TcpStream,
-    moved: &AtomicU64,
-    act: &Activity,
-) -> io::Result<()> {
-    let mut pipe_fds: Option<(OwnedFd, OwnedFd)> = None;
-    // Bytes read but not yet written: only when `to` could not take a whole message at once.
-    let mut pending: Vec<u8> = Vec::new();
-    loop {
-        let Some((pr, pw)) = &pipe_fds else {
-            let ready = from.ready(Interest::READABLE).await?;
-            let read = BUF.with(|b| {
-                let mut b = b.borrow_mut();
-                let n = match read_draining(from, &mut b) {
-                    Ok(0) => return Ok(0), // EOF: nothing to write (no empty write(2))
+#[allow(clippy::manual_async_fn)] // an async fn would hold its arguments twice
+fn pump<'a>(
+    from: &'a TcpStream,
+    to: &'a TcpStream,
+    moved: &'a AtomicU64,
+    act: &'a Activity,
+) -> impl std::future::Future<Output = io::Result<()>> + 'a {
+    // A plain function returning its future: arguments held once (see `relay`).
+    async move {
+        let mut pipe_fds: Option<(OwnedFd, OwnedFd)> = None;
+        // Bytes read but not yet written: only when `to` could not take a whole message at once.
+        let mut pending: Vec<u8> = Vec::new();
+        loop {
+            let Some((pr, pw)) = &pipe_fds else {
+                let ready = from.ready(Interest::READABLE).await?;
+                let read = BUF.with(|b| {
+                    let mut b = b.borrow_mut();
+                    let n = match read_draining(from, &mut b) {
+                        Ok(0) => return Ok(0), // EOF: nothing to write (no empty write(2))
+                        Ok(n) => n,
+                        Err(e) => return Err(e),
+                    };
+                    let w = match to.try_write(&b[..n]) {
+                        Ok(w) => w,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                        Err(e) => return Err(e),
+                    };
+                    pending.extend_from_slice(&b[w..n]);
+                    moved.fetch_add(w as u64, Ordering::Relaxed);
+                    Ok(n)
+                });
+                let n = match read {
                     Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                     Err(e) => return Err(e),
                 };
-                let w = match to.try_write(&b[..n]) {
-                    Ok(w) => w,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                if n == 0 {
+                    act.ended(to);
+                    return Ok(());
+                }
+                act.touch();
+                while !pending.is_empty() {
+                    to.writable().await?;
+                    match to.try_write(&pending) {
+                        Ok(w) => {
+                            pending.drain(..w);
+                            moved.fetch_add(w as u64, Ordering::Relaxed);
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                        Err(e) => return Err(e),
+                    }
+                }
+                pending = Vec::new();
+                if n == SCRATCH {
+                    pipe_fds = Some(pipe()?);
+                } else if ready.is_read_closed() {
+                    // The peer's FIN was in before this read (TCP takes it only after every byte
+                    // it follows), and the read drained the socket: EOF, without a read to see it.
+                    act.ended(to);
+                    return Ok(());
+                }
+                continue;
+            };
+            let n = loop {
+                from.readable().await?;
+                match from.try_io(Interest::READABLE, || splice(from, pw, CHUNK)) {
+                    Ok(n) => break n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                     Err(e) => return Err(e),
-                };
-                pending.extend_from_slice(&b[w..n]);
-                moved.fetch_add(w as u64, Ordering::Relaxed);
-                Ok(n)
-            });
-            let n = match read {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
+                }
             };
             if n == 0 {
                 act.ended(to);
                 return Ok(());
             }
             act.touch();
-            while !pending.is_empty() {
+            let mut left = n;
+            while left > 0 {
                 to.writable().await?;
-                match to.try_write(&pending) {
-                    Ok(w) => {
-                        pending.drain(..w);
-                        moved.fetch_add(w as u64, Ordering::Relaxed);
+                match to.try_io(Interest::WRITABLE, || splice(pr, to, left)) {
+                    Ok(m) => {
+                        left -= m;
+                        moved.fetch_add(m as u64, Ordering::Relaxed);
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                     Err(e) => return Err(e),
                 }
-            }
-            pending = Vec::new();
-            if n == SCRATCH {
-                pipe_fds = Some(pipe()?);
-            } else if ready.is_read_closed() {
-                // The peer's FIN was in before this read (TCP takes it only after every byte
-                // it follows), and the read drained the socket: EOF, without a read to see it.
-                act.ended(to);
-                return Ok(());
-            }
-            continue;
-        };
-        let n = loop {
-            from.readable().await?;
-            match from.try_io(Interest::READABLE, || splice(from, pw, CHUNK)) {
-                Ok(n) => break n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
-            }
-        };
-        if n == 0 {
-            act.ended(to);
-            return Ok(());
-        }
-        act.touch();
-        let mut left = n;
-        while left > 0 {
-            to.writable().await?;
-            match to.try_io(Interest::WRITABLE, || splice(pr, to, left)) {
-                Ok(m) => {
-                    left -= m;
-                    moved.fetch_add(m as u64, Ordering::Relaxed);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
             }
         }
     }
