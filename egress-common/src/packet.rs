@@ -8,6 +8,8 @@
 
 use crate::{proto, SockAddr};
 
+pub mod plain;
+
 /// IPv6 extension headers walked before the packet is refused as [`Class::TooManyHeaders`].
 pub const MAX_EXT_HEADERS: usize = 8;
 /// Longest IPv4 options area (IHL 15).

@@ -60,6 +60,117 @@ impl DstVerdict {
     }
 }
 
+/// The last verdict taken on one CPU (`EGRESS_LAST_VERDICT`, a per-CPU array: slot
+/// [`LAST_SKB`] for the per-packet program's last pass, [`LAST_HOOK`] for the socket hooks'
+/// last cached pass): consecutive packets of a flow (and of every flow to the same
+/// destination from the same cgroup), and consecutive connect()s or sendto()s to one
+/// destination, find their verdict by comparing their key with it, without the hash lookup
+/// of `EGRESS_DST_VERDICTS`. It holds what that cache held, so it is judged the same way
+/// (the generation, the names epoch, [`hook_fast_pass`]).
+///
+/// The slot is per CPU, but not per program run: on its CPU a program can be interrupted by
+/// itself (a packet sent from process context, then one from a softirq) and, where the kernel
+/// preempts, by another task's run. `seq` guards it: a writer stamps it with a token of its
+/// own (a write counter and its thread, odd) before it writes the key, and makes it even only
+/// if its token is still there after; a writer that finds another's token leaves the slot
+/// invalid. A reader takes the key only when `seq` is even and the same before and after.
+/// So a half-written or mixed key never matches.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LastVerdict {
+    pub seq: u64,
+    pub key: DstKey,
+    pub verdict: DstVerdict,
+}
+
+/// Slot of `EGRESS_LAST_VERDICT` the per-packet program uses.
+pub const LAST_SKB: u32 = 0;
+/// Slot the socket hooks (connect, sendmsg) use.
+pub const LAST_HOOK: u32 = 1;
+
+/// `LastVerdict::seq` of a slot a writer found overwritten: odd, and no writer's token (a
+/// token's low 32 bits are at most 0x7fff_ffff).
+const LAST_INVALID: u64 = 0xffff_ffff;
+
+impl LastVerdict {
+    /// The verdict the slot at `p` holds for `key`, if it holds one for it.
+    ///
+    /// # Safety
+    /// `p` points to a valid, aligned `LastVerdict` (a map value).
+    #[inline(always)]
+    pub unsafe fn get(p: *const LastVerdict, key: &DstKey) -> Option<DstVerdict> {
+        use core::ptr::{addr_of, read_volatile};
+        let seq = read_volatile(addr_of!((*p).seq));
+        let k = addr_of!((*p).key);
+        let same = seq & 1 == 0
+            && read_volatile(addr_of!((*k).cgroup_id)) == key.cgroup_id
+            && read_volatile(addr_of!((*k).dst.addr)) == key.dst.addr
+            && read_volatile(addr_of!((*k).dst.port)) == key.dst.port
+            && read_volatile(addr_of!((*k).dst.family)) == key.dst.family
+            && read_volatile(addr_of!((*k).proto)) == key.proto
+            && read_volatile(addr_of!((*k).redirected)) == key.redirected;
+        if !same {
+            return None;
+        }
+        let v = read_volatile(addr_of!((*p).verdict));
+        (read_volatile(addr_of!((*p).seq)) == seq).then_some(v)
+    }
+
+    /// Whether the slot at `p` records `key` as passing under `generation` (the per-packet
+    /// program's test).
+    ///
+    /// # Safety
+    /// As [`LastVerdict::get`].
+    #[inline(always)]
+    pub unsafe fn passes(p: *const LastVerdict, key: &DstKey, generation: u64) -> bool {
+        Self::get(p, key).is_some_and(|v| v.generation == generation && v.drop == 0)
+    }
+
+    /// Records `v` as the verdict for `key` in the slot at `p`, for the writer running on
+    /// thread `tid` (any value that differs between tasks; a softirq may share its
+    /// interrupted task's).
+    ///
+    /// # Safety
+    /// As [`LastVerdict::get`].
+    #[inline(always)]
+    pub unsafe fn record(p: *mut LastVerdict, key: &DstKey, v: &DstVerdict, tid: u32) {
+        let token = Self::begin(p, tid);
+        Self::write(p, key, v);
+        Self::finish(p, token);
+    }
+
+    /// A write's first step: stamps the slot with this writer's token (odd: readers miss).
+    #[inline(always)]
+    unsafe fn begin(p: *mut LastVerdict, tid: u32) -> u64 {
+        use core::ptr::{addr_of_mut, read_volatile, write_volatile};
+        let seq = read_volatile(addr_of_mut!((*p).seq));
+        let token = (((seq >> 32) + 1) << 32) | (((tid & 0x3fff_ffff) as u64) << 1) | 1;
+        write_volatile(addr_of_mut!((*p).seq), token);
+        token
+    }
+
+    #[inline(always)]
+    unsafe fn write(p: *mut LastVerdict, key: &DstKey, v: &DstVerdict) {
+        use core::ptr::{addr_of_mut, write_volatile};
+        write_volatile(addr_of_mut!((*p).verdict), *v);
+        write_volatile(addr_of_mut!((*p).key), *key);
+    }
+
+    /// A write's last step: even (readable) if no other writer stamped the slot meanwhile;
+    /// else invalid.
+    #[inline(always)]
+    unsafe fn finish(p: *mut LastVerdict, token: u64) {
+        use core::ptr::{addr_of_mut, read_volatile, write_volatile};
+        let now = read_volatile(addr_of_mut!((*p).seq));
+        let next = if now == token {
+            token + 1
+        } else {
+            (((now >> 32) + 1) << 32) | LAST_INVALID
+        };
+        write_volatile(addr_of_mut!((*p).seq), next);
+    }
+}
+
 /// The socket hooks' fast path (connect, sendmsg): when a cached verdict for this cgroup,
 /// destination and protocol says the destination passes untouched under the policy and the
 /// names in force, the hook passes it without walking the policy tries. Returns the cached
@@ -132,16 +243,140 @@ pub fn skb_event_verdict(slot: u8) -> Option<&'static str> {
     })
 }
 
+#[cfg(test)]
+mod last_verdict_tests {
+    use super::*;
+
+    fn key(cg: u64, port: u32) -> DstKey {
+        DstKey {
+            cgroup_id: cg,
+            dst: SockAddr::v4([127, 60, 0, 1], port as u16),
+            proto: crate::proto::TCP,
+            ..Default::default()
+        }
+    }
+
+    fn pass(generation: u64) -> DstVerdict {
+        DstVerdict {
+            generation,
+            workload_id: 1,
+            outcome: Outcome::Allow as u8,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_slot_holds_only_its_key() {
+        let mut slot = LastVerdict::default();
+        let p = &mut slot as *mut LastVerdict;
+        unsafe {
+            assert!(!LastVerdict::passes(p, &key(7, 80), 1), "an empty slot");
+            LastVerdict::record(p, &key(7, 80), &pass(3), 100);
+            assert!(LastVerdict::passes(p, &key(7, 80), 3));
+            assert_eq!(LastVerdict::get(p, &key(7, 80)), Some(pass(3)));
+            assert!(
+                !LastVerdict::passes(p, &key(7, 80), 4),
+                "another generation"
+            );
+            assert!(!LastVerdict::passes(p, &key(8, 80), 3), "another cgroup");
+            assert!(!LastVerdict::passes(p, &key(7, 81), 3), "another port");
+            let mut redirected = key(7, 80);
+            redirected.redirected = 1;
+            assert!(!LastVerdict::passes(p, &redirected, 3));
+            let drop = DstVerdict { drop: 1, ..pass(3) };
+            LastVerdict::record(p, &key(8, 81), &drop, 100);
+            assert!(!LastVerdict::passes(p, &key(8, 81), 3), "a drop is no pass");
+            assert_eq!(LastVerdict::get(p, &key(8, 81)), Some(drop));
+            assert_eq!(LastVerdict::get(p, &key(7, 80)), None);
+            assert_eq!(slot.seq % 2, 0);
+            // A write in progress (odd sequence) is never read.
+            slot.seq += 1;
+            assert_eq!(LastVerdict::get(&slot, &key(8, 81)), None);
+        }
+    }
+
+    /// A's write interrupted (a softirq sharing A's thread, or another task) at every step by
+    /// B's whole write: the slot ends holding B's key whole, or nothing; never a mix.
+    #[test]
+    fn an_interrupted_write_never_leaves_a_mixed_key() {
+        let (a, b) = (key(7, 80), key(8, 81));
+        for tid_b in [100, 200] {
+            for step in 0..3 {
+                let mut slot = LastVerdict::default();
+                let p = &mut slot as *mut LastVerdict;
+                unsafe {
+                    LastVerdict::record(p, &key(9, 9), &pass(3), 5);
+                    let t = LastVerdict::begin(p, 100);
+                    if step == 0 {
+                        LastVerdict::record(p, &b, &pass(3), tid_b);
+                    }
+                    // Half of A's key: its cgroup, before the rest.
+                    let cg = core::ptr::addr_of_mut!((*p).key.cgroup_id);
+                    core::ptr::write_volatile(cg, a.cgroup_id);
+                    if step == 1 {
+                        LastVerdict::record(p, &b, &pass(3), tid_b);
+                    }
+                    LastVerdict::write(p, &a, &pass(3));
+                    if step == 2 {
+                        LastVerdict::record(p, &b, &pass(3), tid_b);
+                    }
+                    LastVerdict::finish(p, t);
+                    let mixed = DstKey {
+                        cgroup_id: b.cgroup_id,
+                        ..a
+                    };
+                    let mixed2 = DstKey {
+                        cgroup_id: a.cgroup_id,
+                        ..b
+                    };
+                    assert!(!LastVerdict::passes(p, &mixed, 3), "step {step}");
+                    assert!(!LastVerdict::passes(p, &mixed2, 3), "step {step}");
+                    // A interrupted after writing all of its key: B's whole key is there, and
+                    // A's finish leaves it unreadable rather than claiming it.
+                    assert!(!LastVerdict::passes(p, &a, 3), "step {step}: A after B");
+                    // The next whole write is readable again.
+                    LastVerdict::record(p, &a, &pass(3), 100);
+                    assert!(LastVerdict::passes(p, &a, 3));
+                }
+            }
+        }
+    }
+
+    /// A reader interrupted by a whole write, even one that restores the same key under a
+    /// token of the same thread, sees the sequence move.
+    #[test]
+    fn a_write_always_moves_the_sequence() {
+        let mut slot = LastVerdict::default();
+        let p = &mut slot as *mut LastVerdict;
+        unsafe {
+            LastVerdict::record(p, &key(7, 80), &pass(3), 100);
+            let before = slot.seq;
+            LastVerdict::record(p, &key(7, 80), &pass(3), 100);
+            assert_ne!(slot.seq, before);
+            assert_eq!(slot.seq % 2, 0);
+        }
+    }
+
+    #[test]
+    fn an_empty_slot_matches_no_real_cgroup() {
+        let slot = LastVerdict::default();
+        // Cgroup ids start at 1; the zeroed slot's key names cgroup 0.
+        assert_eq!(unsafe { LastVerdict::get(&slot, &key(1, 0)) }, None);
+    }
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: repr(C), integers and byte arrays only, explicit padding: every bit pattern is
     // valid and there are no uninitialised bytes.
     unsafe impl aya::Pod for super::DstKey {}
     unsafe impl aya::Pod for super::DstVerdict {}
+    unsafe impl aya::Pod for super::LastVerdict {}
 }
 
 const _: () = assert!(size_of::<DstKey>() == 40);
 const _: () = assert!(size_of::<DstVerdict>() == 24);
+const _: () = assert!(size_of::<LastVerdict>() == 72);
 
 #[cfg(test)]
 mod tests {

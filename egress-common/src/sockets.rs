@@ -96,7 +96,15 @@ pub fn sockopt_kind(level: i32, optname: i32) -> Option<u32> {
 /// program already.
 #[inline(always)]
 pub fn node_frame_refused(family: u32, allowed: u32) -> bool {
-    matches!(family, AF_PACKET | AF_XDP) && allowed & kind::PACKET == 0
+    writes_frames(family) && allowed & kind::PACKET == 0
+}
+
+/// Whether a socket of `family` writes whole frames (packet sockets, AF_XDP): the node
+/// backstop asks this first, before it reads the mesh config, as nearly every frame it sees
+/// comes from an IP socket.
+#[inline(always)]
+pub fn writes_frames(family: u32) -> bool {
+    matches!(family, AF_PACKET | AF_XDP)
 }
 
 /// Stable name of a kind (flow log, metrics, MeshConfig field).

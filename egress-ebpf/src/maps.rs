@@ -4,6 +4,7 @@
 use aya_ebpf::{
     btf_maps::SkStorage,
     helpers::bpf_get_current_ancestor_cgroup_id,
+    helpers::bpf_get_current_pid_tgid,
     helpers::bpf_sk_storage_get,
     macros::{btf_map, map},
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
@@ -88,9 +89,38 @@ static SOCK_MARKS: SkStorage<u32> = SkStorage::new();
 pub static DST_VERDICTS: LruHashMap<skb::DstKey, skb::DstVerdict> =
     LruHashMap::with_max_entries(capacity::DST_VERDICTS, NO_COMMON_LRU);
 
-/// Caches a verdict; a full map only evicts older entries.
+/// The last verdicts per CPU (see `egress_common::skb::LastVerdict`); not pinned: a fresh
+/// one after a restart is only empty.
+#[map(name = "EGRESS_LAST_VERDICT")]
+static LAST_VERDICT: PerCpuArray<skb::LastVerdict> = PerCpuArray::with_max_entries(2, 0);
+
+/// The verdict slot `slot` of this CPU holds for `key`, if it holds one for it.
 #[inline(always)]
-pub fn cache_verdict(key: &skb::DstKey, generation: u64, wid: u32, outcome: u8, drop: u8) {
+pub fn last_verdict(slot: u32, key: &skb::DstKey) -> Option<skb::DstVerdict> {
+    let p = LAST_VERDICT.get_ptr(slot)?;
+    // SAFETY: this CPU's slot of a map value.
+    unsafe { skb::LastVerdict::get(p, key) }
+}
+
+/// Makes `v` the verdict slot `slot` of this CPU holds for `key`.
+#[inline(always)]
+pub fn remember(slot: u32, key: &skb::DstKey, v: &skb::DstVerdict) {
+    if let Some(p) = LAST_VERDICT.get_ptr_mut(slot) {
+        let tid = bpf_get_current_pid_tgid() as u32;
+        // SAFETY: this CPU's slot of a map value.
+        unsafe { skb::LastVerdict::record(p, key, v, tid) };
+    }
+}
+
+/// Caches a verdict; a full map only evicts older entries. Returns it.
+#[inline(always)]
+pub fn cache_verdict(
+    key: &skb::DstKey,
+    generation: u64,
+    wid: u32,
+    outcome: u8,
+    drop: u8,
+) -> skb::DstVerdict {
     let v = skb::DstVerdict {
         generation,
         workload_id: wid,
@@ -101,6 +131,7 @@ pub fn cache_verdict(key: &skb::DstKey, generation: u64, wid: u32, outcome: u8, 
         _pad1: 0,
     };
     let _ = DST_VERDICTS.insert(key, &v, 0);
+    v
 }
 
 /// See `egress_common::names::NAMES_EPOCH`.

@@ -6,9 +6,12 @@
 //! source routes (IPv4 LSRR/SSRR, IPv6 routing headers) whose header destination is not the
 //! one the socket was judged for, and ping sockets' unconnected sendto().
 //!
-//! Fast path: the verdict cache (`EGRESS_DST_VERDICTS`, see `egress_common::skb`) for this
-//! cgroup, destination and protocol under the current policy generation decides. Otherwise
-//! the packet is judged in full and the verdict is cached.
+//! Fast path: a plain packet (IPv4 without options, IPv6 without extension headers; TCP or
+//! UDP) is read straight from the packet (`egress_common::packet::plain`), and when its
+//! cgroup, destination and protocol are those of the last pass on this CPU under the current
+//! policy generation (`EGRESS_LAST_VERDICT`), it passes. Otherwise the verdict cache
+//! (`EGRESS_DST_VERDICTS`, see `egress_common::skb`) decides; failing that, the packet is
+//! judged in full and the verdict is cached.
 
 use core::ptr::read_volatile;
 
@@ -23,16 +26,16 @@ use aya_ebpf::{
 use egress_common::{
     decide::{on_error, Query},
     hook,
-    packet::{self, Bytes, Class},
-    skb::{self as s, DstKey},
+    packet::{self, plain, Bytes, Class},
+    skb::{self as s, DstKey, LAST_SKB},
     MeshConfig, Outcome, VerdictEvent,
 };
 
 use crate::{
     events::emit,
     maps::{
-        active_set, cache_verdict, in_mesh, names_epoch, policy, sock_marks, workload_of, CONFIG,
-        DST_VERDICTS, ORIG_BY_COOKIE, PACKET_DROPS,
+        active_set, cache_verdict, in_mesh, last_verdict, names_epoch, policy, remember,
+        sock_marks, workload_of, CONFIG, DST_VERDICTS, ORIG_BY_COOKIE, PACKET_DROPS,
     },
     sock_addr::is_proxy,
 };
@@ -102,12 +105,14 @@ pub fn egress(ctx: &SkBuffContext) -> i32 {
     // into pointer arithmetic behind a branch).
     let l3 = unsafe { read_volatile(&(*skb).protocol) };
     let sk = unsafe { read_volatile(&(*skb).__bindgen_anon_2.sk) };
+    let data = unsafe { read_volatile(&(*skb).data) } as usize;
+    let data_end = unsafe { read_volatile(&(*skb).data_end) } as usize;
     let v6 = match u16::from_be(l3 as u16) {
         ETH_P_IP => false,
         ETH_P_IPV6 => true,
         _ => return PASS,
     };
-    let pkt = packet::parse(&Skb(ctx), 0, v6);
+    let pkt = plain_packet(data, data_end, v6).unwrap_or_else(|| packet::parse(&Skb(ctx), 0, v6));
     let bad = match pkt.class {
         Class::Link => return PASS,
         Class::SourceRoute => s::DROP_SOURCE_ROUTE,
@@ -148,10 +153,21 @@ pub fn egress(ctx: &SkBuffContext) -> i32 {
                 key.redirected = 1;
             }
         }
+        if bad == 0 {
+            if let Some(v) = last_verdict(LAST_SKB, &key) {
+                if v.generation == c.generation && v.drop == 0 {
+                    return PASS;
+                }
+            }
+        }
         // SAFETY: copied out at once.
         if let Some(v) = unsafe { DST_VERDICTS.get(&key) }.copied() {
             if v.generation == c.generation && bad == 0 {
-                if v.drop == 0 || answers() {
+                if v.drop == 0 {
+                    remember(LAST_SKB, &key, &v);
+                    return PASS;
+                }
+                if answers() {
                     return PASS;
                 }
                 // A drop stands until names are learned (one may now allow this address).
@@ -214,9 +230,29 @@ pub fn egress(ctx: &SkBuffContext) -> i32 {
     } else {
         0
     };
-    cache_verdict(&key, cfg.generation, w.id, d.outcome as u8, slot);
+    let v = cache_verdict(&key, cfg.generation, w.id, d.outcome as u8, slot);
     if slot != 0 {
         return drop_packet(Some(cfg), false, cg, w.id, &pkt, d.rule_id, slot);
     }
+    remember(LAST_SKB, &key, &v);
     PASS
+}
+
+/// The packet read straight from its bytes when it is plain (see
+/// `egress_common::packet::plain`) and its linear part holds the bytes that takes.
+#[inline(always)]
+fn plain_packet(data: usize, data_end: usize, v6: bool) -> Option<packet::Packet> {
+    if v6 {
+        if data + plain::V6_LEN > data_end {
+            return None;
+        }
+        // SAFETY: within the packet's linear part (checked above; the verifier checks too).
+        plain::v6(unsafe { &*(data as *const [u8; plain::V6_LEN]) })
+    } else {
+        if data + plain::V4_LEN > data_end {
+            return None;
+        }
+        // SAFETY: as above.
+        plain::v4(unsafe { &*(data as *const [u8; plain::V4_LEN]) })
+    }
 }

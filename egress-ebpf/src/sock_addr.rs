@@ -15,15 +15,15 @@ use egress_common::{
     decide::on_error,
     decide::Query,
     fqdn::{decide_named, DNS_PORT},
-    skb::{hook_fast_pass, DstKey},
+    skb::{hook_fast_pass, DstKey, LAST_HOOK},
     v4_mapped, Decision, MeshConfig, OrigDst, Outcome, SockAddr,
 };
 
 use crate::{
     events::record,
     maps::{
-        active_set, cache_verdict, in_mesh, named, names_epoch, policy, workload, CONFIG,
-        DST_VERDICTS, ORIG_BY_COOKIE,
+        active_set, cache_verdict, in_mesh, last_verdict, named, names_epoch, policy, remember,
+        workload, CONFIG, DST_VERDICTS, ORIG_BY_COOKIE,
     },
 };
 
@@ -73,7 +73,8 @@ fn judge(ctx: &SockAddrContext, dst: &Dst, proto: u8, hook: u8) -> Act {
         }
     }
     // Fast path: this cgroup's verdict for this destination, cached under the policy and
-    // names in force (by this hook or the per-packet program), passes it untouched.
+    // names in force (by this hook or the per-packet program), passes it untouched; this
+    // CPU's last such pass (`LAST_HOOK`) is compared before the cache's hash lookup.
     let key = DstKey {
         cgroup_id: cg,
         dst: dst.addr,
@@ -82,11 +83,17 @@ fn judge(ctx: &SockAddrContext, dst: &Dst, proto: u8, hook: u8) -> Act {
         _pad: [0; 6],
     };
     if let Some(c) = cfg {
+        // This CPU's last cached pass of the hooks first, then the cache itself.
+        let last = last_verdict(LAST_HOOK, &key);
         // SAFETY: copied out at once.
-        if let Some(v) = unsafe { DST_VERDICTS.get(&key) }.copied() {
+        let found = last.or_else(|| unsafe { DST_VERDICTS.get(&key) }.copied());
+        if let Some(v) = found {
             let steered = c.dns_port != 0 && dst.addr.port == DNS_PORT as u32;
             let fast = hook_fast_pass(&v, c.generation, names_epoch(), c.events_all == 1, steered);
             if let Some(outcome) = fast {
+                if last.is_none() {
+                    remember(LAST_HOOK, &key, &v);
+                }
                 let d = Decision {
                     outcome,
                     rule_id: 0,
@@ -164,7 +171,8 @@ fn judge(ctx: &SockAddrContext, dst: &Dst, proto: u8, hook: u8) -> Act {
         });
     }
     if matches!(d.outcome, Outcome::Allow | Outcome::Mesh | Outcome::Pass) {
-        cache_verdict(&key, cfg.generation, w.id, d.outcome as u8, 0);
+        let v = cache_verdict(&key, cfg.generation, w.id, d.outcome as u8, 0);
+        remember(LAST_HOOK, &key, &v);
     }
     match d.outcome {
         Outcome::Proxy => Act::Redirect(*cfg),

@@ -37,6 +37,20 @@ pub fn on_event(ctx: &SockOpsContext) -> u32 {
     let new_state = unsafe { read_volatile(&(*ops).__bindgen_anon_1.args[1]) };
     let sk = unsafe { read_volatile(&(*ops).__bindgen_anon_2.sk) };
 
+    if op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
+        // Accepted by a listener of the workload: its packets answer a peer that connected in,
+        // and the per-packet program lets them pass (see `egress_common::skb`).
+        if !mark_sock(sk.cast(), skb::INBOUND) {
+            error!(ctx, "egress: cannot mark an accepted socket as inbound");
+        }
+        return 1;
+    }
+    // Every other callback a connection makes (timeouts, windows, ECN, RTT, established...)
+    // leaves at once, before the two cookie helpers.
+    let closed = op == BPF_SOCK_OPS_STATE_CB && new_state == BPF_TCP_CLOSE;
+    if op != BPF_SOCK_OPS_TCP_CONNECT_CB && !closed {
+        return 1;
+    }
     let local = if family == AF_INET {
         SockAddr::v4(ip4, port)
     } else {
@@ -46,14 +60,14 @@ pub fn on_event(ctx: &SockOpsContext) -> u32 {
         }
     };
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let local = OrigKey {
+    let local = || OrigKey {
         netns: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
         addr: local,
     };
     if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
         // SAFETY: copied out at once.
         if let Some(o) = unsafe { ORIG_BY_COOKIE.get(&cookie) }.copied() {
-            if ORIG_BY_TUPLE.insert(&local, &o, 0).is_err() {
+            if ORIG_BY_TUPLE.insert(&local(), &o, 0).is_err() {
                 error!(
                     ctx,
                     "egress: cannot key original destination by client address"
@@ -61,14 +75,8 @@ pub fn on_event(ctx: &SockOpsContext) -> u32 {
             }
             let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
         }
-    } else if op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
-        // Accepted by a listener of the workload: its packets answer a peer that connected in,
-        // and the per-packet program lets them pass (see `egress_common::skb`).
-        if !mark_sock(sk.cast(), skb::INBOUND) {
-            error!(ctx, "egress: cannot mark an accepted socket as inbound");
-        }
-    } else if op == BPF_SOCK_OPS_STATE_CB && new_state == BPF_TCP_CLOSE {
-        let _ = ORIG_BY_TUPLE.remove(&local);
+    } else if closed {
+        let _ = ORIG_BY_TUPLE.remove(&local());
         let _ = ORIG_BY_COOKIE.remove(&cookie);
     }
     1

@@ -37,6 +37,9 @@ pub fn from_node(ctx: &TcContext) -> i32 {
         return TC_NEXT;
     }
     let family = unsafe { read_volatile(&(*sk).family) };
+    if !sockets::writes_frames(family) {
+        return TC_NEXT;
+    }
     let set = active_set();
     let Some(cfg) = CONFIG.get(set) else {
         return TC_NEXT;

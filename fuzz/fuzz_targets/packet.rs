@@ -2,7 +2,7 @@
 //! bytes, at any link-header offset, as IPv4 and as IPv6.
 #![no_main]
 
-use egress_common::packet::{parse, Class};
+use egress_common::packet::{parse, plain, Class};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -23,6 +23,17 @@ fuzz_target!(|data: &[u8]| {
         assert!(p.fragment || p.frag_id == 0, "{p:?}");
         if p.class == Class::LaterFragment {
             assert!(p.fragment, "{p:?}");
+        }
+    }
+    // The per-packet program's one-look reader agrees with the parser on what it calls plain.
+    if let Some(h) = bytes.get(..plain::V6_LEN) {
+        if let Some(q) = plain::v6(h.try_into().unwrap()) {
+            assert_eq!(q, parse(bytes, 0, true));
+        }
+    }
+    if let Some(h) = bytes.get(..plain::V4_LEN) {
+        if let Some(q) = plain::v4(h.try_into().unwrap()) {
+            assert_eq!(q, parse(bytes, 0, false));
         }
     }
 });
