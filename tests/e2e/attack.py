@@ -9,7 +9,7 @@
   attack.py ping DST                     ping socket sendto() without connect; waits 1 s for
                                          the echo reply
   attack.py connect DST PORT             a plain TCP connect
-  attack.py hold DST PORT SECS           TCP connect, then a line every 100 ms for SECS
+  attack.py hold DST PORT SECS [TAG]     TCP connect, then a line (TAG, default x) every 100 ms for SECS
   attack.py serve IP PORT                accept connections; answer each line with "pong"
 
 Each prints one line: what happened ("connected", "error: ...", "reply", "timeout", ...).
@@ -82,14 +82,14 @@ def plain(dst, port):
     connect(socket.socket(fam, socket.SOCK_STREAM), (dst, port))
 
 
-def hold(dst, port, secs):
+def hold(dst, port, secs, tag="x"):
     s = socket.create_connection((dst, port), timeout=2)
     print("connected", flush=True)
     s.settimeout(0.05)
     end = time.time() + secs
     while time.time() < end:
         try:
-            s.send(b"x\n")
+            s.send(tag.encode() + b"\n")
         except OSError:
             pass
         time.sleep(0.1)
@@ -127,7 +127,7 @@ if __name__ == "__main__":
     elif a[1] == "connect":
         plain(a[2], int(a[3]))
     elif a[1] == "hold":
-        hold(a[2], int(a[3]), float(a[4]))
+        hold(a[2], int(a[3]), float(a[4]), *a[5:6])
     elif a[1] == "serve":
         serve(a[2], int(a[3]))
     sys.stdout.flush()

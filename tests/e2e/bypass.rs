@@ -514,23 +514,13 @@ fn bypass_a_child_cgroup_is_still_judged_root_or_not() {
     assert_eq!(t.denied_accepted(), 0);
     assert_eq!(udp_count(&udp_deny), 0);
     // An unprivileged process cannot even create a child cgroup to move into.
-    let out = a.exec(
-        "shop/web",
-        &[
-            "setpriv",
-            "--reuid",
-            "65534",
-            "--regid",
-            "65534",
-            "--clear-groups",
-            "sh",
-            "-c",
-            &format!(
-                "mkdir '{}'$(sed -n 's/^0:://p' /proc/self/cgroup)/escape2",
-                mount.display()
-            ),
-        ],
+    let mkdir = format!(
+        "mkdir '{}'$(sed -n 's/^0:://p' /proc/self/cgroup)/escape2",
+        mount.display()
     );
+    let mut argv = crate::harness::NOBODY.to_vec();
+    argv.extend(["sh", "-c", &mkdir]);
+    let out = a.exec("shop/web", &argv);
     assert!(!out.status.success(), "nobody created a child cgroup");
     // Our child cgroup goes (the agent's uninstall removes its root too).
     remove_escapes(&a.root);

@@ -161,10 +161,18 @@ fn attack(agent: Option<&Agent>, ns: &Netns, uid: Option<&str>, args: &[&str]) -
 
 /// The value of `egress_packet_dropped_total` for workload web and `reason`.
 fn dropped(agent: &Agent, reason: &str) -> u64 {
+    dropped_of(agent, "web", reason)
+}
+
+fn dropped_of(agent: &Agent, workload: &str, reason: &str) -> u64 {
     let (_, body) = agent.http_get("/metrics");
+    let (w, r) = (
+        format!("workload=\"{workload}\""),
+        format!("reason=\"{reason}\""),
+    );
     body.lines()
         .filter(|l| l.starts_with("egress_packet_dropped_total{"))
-        .filter(|l| l.contains("workload=\"web\"") && l.contains(&format!("reason=\"{reason}\"")))
+        .filter(|l| l.contains(&w) && l.contains(&r))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .sum()
 }
@@ -191,6 +199,8 @@ spec:
 struct ByteSink {
     port: u16,
     bytes: Arc<AtomicUsize>,
+    /// Bytes `o` (the tag of `hold_as`'s "other" connections).
+    tagged: Arc<AtomicUsize>,
 }
 
 impl ByteSink {
@@ -198,22 +208,37 @@ impl ByteSink {
         let l = TcpListener::bind((ip, 0)).unwrap_or_else(|e| panic!("bind {ip}: {e}"));
         let port = l.local_addr().unwrap().port();
         let bytes = Arc::new(AtomicUsize::new(0));
-        let b = bytes.clone();
+        let tagged = Arc::new(AtomicUsize::new(0));
+        let (b, t) = (bytes.clone(), tagged.clone());
         thread::spawn(move || {
             for mut c in l.incoming().map_while(Result::ok) {
-                let b = b.clone();
+                let (b, t) = (b.clone(), t.clone());
                 thread::spawn(move || {
                     let mut buf = [0u8; 4096];
                     while let Ok(n) = c.read(&mut buf) {
                         if n == 0 {
                             break;
                         }
+                        let o = buf[..n].iter().filter(|&&x| x == b'o').count();
+                        t.fetch_add(o, Ordering::SeqCst);
                         b.fetch_add(n, Ordering::SeqCst);
                     }
                 });
             }
         });
-        ByteSink { port, bytes }
+        ByteSink {
+            port,
+            bytes,
+            tagged,
+        }
+    }
+
+    /// Whether `count` still grows: a moment from now against now.
+    fn growing(count: impl Fn() -> usize) -> bool {
+        thread::sleep(Duration::from_millis(300)); // what was in flight
+        let before = count();
+        thread::sleep(Duration::from_millis(1500));
+        count() != before
     }
 
     fn bytes(&self) -> usize {
@@ -230,10 +255,7 @@ impl ByteSink {
 
     /// Whether bytes still arrive: the count a moment from now against the count now.
     fn still_flowing(&self) -> bool {
-        thread::sleep(Duration::from_millis(300)); // what was in flight
-        let before = self.bytes();
-        thread::sleep(Duration::from_millis(1500));
-        self.bytes() != before
+        Self::growing(|| self.bytes())
     }
 }
 
@@ -276,6 +298,18 @@ fn hold(dir: &Path, ip: &str, port: u16) -> Proc {
         dir,
         &["python3", ATTACK, "hold", ip, &port.to_string(), "30"],
     )
+}
+
+/// [`hold`] on CPU 0, sending lines of `tag`, as nobody when `nobody`.
+fn hold_as(dir: &Path, ip: &str, port: u16, tag: &str, nobody: bool) -> Proc {
+    let port = port.to_string();
+    let mut argv = vec!["taskset", "-c", "0"];
+    if nobody {
+        argv.extend(crate::harness::NOBODY);
+    }
+    // The system's python (a root-only shim may come first on PATH).
+    argv.extend(["/usr/bin/python3", ATTACK, "hold", ip, &port, "30", tag]);
+    Proc::in_cgroup(dir, &argv)
 }
 
 fn deny_policy(ips: &[&str], allow: bool) -> String {
@@ -344,6 +378,61 @@ fn policy_change_stops_existing_connections() {
     assert!(!v6.still_flowing(), "IPv6 bytes still arrive");
     assert!(!mapped.still_flowing(), "IPv4-mapped bytes still arrive");
     assert!(dropped(&agent, "deny-rule") > 0);
+}
+
+/// (2b) The per-packet program's per-CPU last pass is not another workload's. `web` and
+/// `other` hold connections to the same servers (one destination, port and protocol: their
+/// keys differ only by cgroup), every process on CPU 0, IPv4 and IPv6, root and nobody; then
+/// the policy refuses `other` alone. `web`'s packets keep writing CPU 0's slot with its pass
+/// while `other`'s, between them, are dropped: no byte of `other`'s arrives, `web`'s do.
+#[test]
+fn a_pass_cached_on_a_cpu_is_not_another_workloads() {
+    if !privileged() {
+        return;
+    }
+    let v4 = ByteSink::start("127.33.0.1");
+    let v6 = ByteSink::start("::1");
+    let policy = |other: bool| {
+        let mut p = format!(
+            "{WEB_POLICY_HEAD}kind: Workload\nmetadata: {{name: other}}\n---\nkind: Egress\nmetadata: {{name: web-out}}\nspec:\n  sources: [{{name: web}}]\n  ipAddresses: [127.33.0.1/32, ::1/128]\n"
+        );
+        if other {
+            p.push_str("---\nkind: Egress\nmetadata: {name: other-out}\nspec:\n  sources: [{name: other}]\n  ipAddresses: [127.33.0.1/32, ::1/128]\n");
+        }
+        p
+    };
+    let agent = Agent::start(&policy(true));
+    let (web, other) = (
+        agent.root.join("default").join("web"),
+        agent.root.join("default").join("other"),
+    );
+    let mut held = Vec::new();
+    for (ip, s) in [("127.33.0.1", &v4), ("::1", &v6)] {
+        held.push(hold_as(&web, ip, s.port, "w", false));
+        held.push(hold_as(&other, ip, s.port, "o", false));
+        held.push(hold_as(&other, ip, s.port, "o", true));
+    }
+    for s in [&v4, &v6] {
+        s.wait_bytes();
+        assert!(ByteSink::growing(|| s.tagged.load(Ordering::SeqCst)));
+    }
+    agent.reload(&policy(false));
+    for (fam, s) in [("IPv4", &v4), ("IPv6", &v6)] {
+        let tagged = || s.tagged.load(Ordering::SeqCst);
+        assert!(
+            !ByteSink::growing(tagged),
+            "{fam}: other's bytes still arrive"
+        );
+        let web_bytes = || s.bytes() - tagged();
+        assert!(ByteSink::growing(web_bytes), "{fam}: web's bytes stopped");
+    }
+    assert!(
+        dropped_of(&agent, "other", "deny-default") > 0,
+        "{}",
+        agent.log()
+    );
+    assert_eq!(dropped(&agent, "deny-default"), 0, "web's packets dropped");
+    drop(held);
 }
 
 /// (3) Source routes: an IPv6 segment routing header whose active segment is denied, an IPv4
