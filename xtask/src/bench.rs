@@ -80,10 +80,54 @@ pub fn proxy_only(root: &Path) -> anyhow::Result<()> {
             notes: vec![bench_proxy::load_note()],
         })
     })();
-    let cleanup = env.finish();
-    let r = result?;
-    cleanup?;
+    let r = env.conclude(result)?;
     println!("{}", report::text(&r));
+    Ok(())
+}
+
+/// `cargo xtask bench --packet`: only the per-packet program: its run time per packet on each
+/// workload (K2, kernel accounting) and P1, with nginx, iperf3 and the agent.
+pub fn packet_only(root: &Path, full: bool) -> anyhow::Result<()> {
+    let mode = if full { FULL } else { QUICK };
+    run_in(root, &["bash", "scripts/setup.sh"])?;
+    let agent = release_agent(root)?;
+    ensure_packages(&["wrk", "iperf3", "nginx-light", "curl", "bpftool"])?;
+    let mut env = Env::new(&agent)?;
+    let result = (|| -> anyhow::Result<Vec<Table>> {
+        start_nginx(root, &mut env)?;
+        env.spawn("iperf3", &["iperf3", "-s", "-p", "5201"])?;
+        env.wait_listen("iperf3", "*:5201")?;
+        let cfg_file = env.work.join("policy.yaml");
+        fs::write(&cfg_file, work::policy(10_000, 0))?;
+        env.start_agent(&cfg_file, &[])?;
+        let routes = [
+            Route {
+                name: "direct",
+                host: "127.60.0.1",
+                in_web: false,
+                cpu_pid: None,
+            },
+            Route {
+                name: "egress-allow",
+                host: "127.60.0.1",
+                in_web: true,
+                cpu_pid: None,
+            },
+        ];
+        work::check_routes(&env, &routes)?;
+        let k2 = crate::bench_packet::per_packet(&env, &routes[1], &mode)?;
+        let p1 = crate::bench_packet::paired(&mut env, &cfg_file, &routes, &mode)?;
+        Ok(vec![k2, p1])
+    })();
+    let tables = env.conclude(result)?;
+    let report = Report {
+        mode: mode.name,
+        machine: machine(),
+        verdicts: crate::bench_packet::verdicts(&tables[1]),
+        tables,
+        notes: Vec::new(),
+    };
+    println!("{}", report::text(&report));
     Ok(())
 }
 
@@ -103,9 +147,7 @@ pub fn bench(root: &Path, full: bool) -> anyhow::Result<()> {
         env.pin.display()
     );
     let result = run(root, &mut env, &mode);
-    let cleanup = env.finish();
-    let mut report = result?;
-    cleanup?;
+    let mut report = env.conclude(result)?;
     crate::bench_dns::append(root, &agent, &mut report)?;
     let text = report::text(&report);
     println!("{text}");
@@ -211,9 +253,7 @@ pub fn host_judging_only(root: &Path, full: bool) -> anyhow::Result<()> {
         let pid = env.start_agent(&cfg_file, &[])?;
         crate::bench_hosts::measure(&env, pid, &mode)
     })();
-    let cleanup = env.finish();
-    let (table, verdict) = result?;
-    cleanup?;
+    let (table, verdict) = env.conclude(result)?;
     let report = Report {
         mode: mode.name,
         machine: machine(),
@@ -290,18 +330,8 @@ fn run(root: &Path, env: &mut Env, mode: &Mode) -> anyhow::Result<Report> {
 
     // Sanity: each path serves the page before anything is measured.
     let routes = [
-        Route {
-            name: "direct",
-            host: "127.60.0.1",
-            in_web: false,
-            cpu_pid: None,
-        },
-        Route {
-            name: "egress-allow",
-            host: "127.60.0.1",
-            in_web: true,
-            cpu_pid: None,
-        },
+        work::DIRECT,
+        work::ALLOWED,
         Route {
             name: "egress-proxy",
             host: "127.61.0.1",

@@ -85,9 +85,7 @@ pub fn measure(
     let mut env = Env::new(agent)?;
     eprintln!("==> DNS bench in network namespace {}", env.ns);
     let result = run(root, &mut env);
-    let cleanup = env.finish();
-    let out = result?;
-    cleanup?;
+    let out = env.conclude(result)?;
     Ok(out)
 }
 

@@ -156,6 +156,14 @@ impl Env {
         Ok(pid)
     }
 
+    /// The PID of the first process started under `name` (see [`Env::spawn`]).
+    pub fn pid_of(&self, name: &str) -> Option<u32> {
+        self.children
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, c)| c.id())
+    }
+
     /// `egress-agent run` on `config` with the bench's admin socket, cgroup root, pins and
     /// state, metrics on 127.0.0.1:15190.
     fn agent_argv(&self, config: &Path) -> Vec<String> {
@@ -274,6 +282,15 @@ impl Env {
 
     /// Stops every process the bench started (the agent last, SIGTERM then wait), then lets
     /// the guard uninstall and remove the rest. Fails if anything is left behind.
+    /// [`Env::finish`] after a run that gave `result`: the run's error first, then the
+    /// cleanup's.
+    pub fn conclude<T>(&mut self, result: anyhow::Result<T>) -> anyhow::Result<T> {
+        let cleanup = self.finish();
+        let r = result?;
+        cleanup?;
+        Ok(r)
+    }
+
     pub fn finish(&mut self) -> anyhow::Result<()> {
         let mut children = std::mem::take(&mut self.children);
         children.sort_by_key(|(n, _)| n == "agent");

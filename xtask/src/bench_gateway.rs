@@ -90,9 +90,7 @@ pub fn bench(root: &Path) -> anyhow::Result<()> {
     let mut env = Env::new(&agent)?;
     eprintln!("==> gateway bench in network namespace {}", env.ns);
     let result = run(&mut env);
-    let cleanup = env.finish();
-    let report = result?;
-    cleanup?;
+    let report = env.conclude(result)?;
     println!("{}", report::text(&report));
     let md = report::markdown(&report, true);
     // The shared renderer describes the main bench; put this bench's method in its place.
@@ -188,12 +186,7 @@ fn run(env: &mut Env) -> anyhow::Result<Report> {
     env.start_agent(Path::new(&cfg_file), &[])?;
 
     let routes = [
-        Route {
-            name: "direct",
-            host: "127.60.0.1",
-            in_web: false,
-            cpu_pid: None,
-        },
+        work::DIRECT,
         Route {
             name: "gateway-http2tunnel",
             host: "127.66.0.1",

@@ -1,11 +1,14 @@
 //! P1: what the per-packet `cgroup_skb/egress` program costs the allowed-direct path, measured
 //! in pairs so that the machine's drift cancels out. Each round restarts the agent with the
 //! program or without it (`EGRESS_NO_PACKET_PROGRAM=1`: its link is removed, the rest kept),
-//! then measures `direct` and `egress-allow` back to back (their order alternating) on each
-//! workload; the round's figure is egress-allow / direct. The variants alternate W N N W W N,
-//! so each sees early and late rounds alike. A table of ratios, one row per workload and
-//! variant; the verdict is the median of the with-program rounds, the without-program median
-//! beside it.
+//! then measures `direct` and `egress-allow` on each workload four times, ABBA (the first
+//! route alternating by round), so a drift within the round cancels too; the round's figure
+//! is egress-allow / direct over the four. The variants alternate W N N W W N, so each sees
+//! early and late rounds alike. Clients run on CPU 0 and the servers on CPU 1 (`taskset`,
+//! iperf3 `-A 0,1`, nginx's worker pinned for P1 and unpinned after) where the machine has
+//! two CPUs or more: where the scheduler puts client and server moves throughput by more than
+//! the program costs. A table of ratios, one row per workload and variant; the verdict is the
+//! median of the with-program rounds, the without-program median beside it.
 
 use std::path::Path;
 
@@ -13,6 +16,7 @@ use anyhow::Context as _;
 
 use crate::{
     bench_env::Env,
+    bench_kernel::{per_run, sample, snapshot, Accounting},
     bench_measure::Mode,
     bench_report::{Row, Sample, Table, Verdict},
     bench_work::{self as work, Route},
@@ -27,13 +31,85 @@ fn row_name(workload: &str, with: bool) -> String {
     format!("{workload}, egress-allow / direct, {v} the per-packet program")
 }
 
-/// One sample of `workload` (0 keep-alive, 1 new connections, 2 bulk) on `route`.
-fn one(env: &Env, route: &Route, workload: usize, mode: &Mode) -> anyhow::Result<Sample> {
+/// One sample of `workload` (0 keep-alive, 1 new connections, 2 bulk) on `route`, `secs`
+/// long; the client on CPU 0 and the server on CPU 1 when `pinned`.
+fn one(
+    env: &Env,
+    route: &Route,
+    workload: usize,
+    secs: u32,
+    pinned: bool,
+) -> anyhow::Result<Sample> {
+    let cpu: &[&str] = if pinned { &["taskset", "-c", "0"] } else { &[] };
     match workload {
-        0 => work::wrk(env, route, mode.wrk_secs, false),
-        1 => work::wrk(env, route, mode.wrk_secs, true),
-        _ => work::iperf(env, route, mode.iperf_secs),
+        0 => work::wrk_on(env, route, secs, &[], cpu),
+        1 => work::wrk_on(env, route, secs, &["Connection: close"], cpu),
+        _ => work::iperf_on(env, route, secs, pinned.then_some("0,1")),
     }
+}
+
+/// nginx's worker on CPU 1 while alive; back on every CPU when dropped. None when the
+/// machine has one CPU or the worker cannot be found.
+struct PinnedServer(u32);
+
+impl PinnedServer {
+    fn new(env: &Env) -> Option<PinnedServer> {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let worker = env.pid_of("nginx").and_then(work::child_pid)?;
+        (cpus >= 2 && taskset(worker, "1")).then_some(PinnedServer(worker))
+    }
+}
+
+impl Drop for PinnedServer {
+    fn drop(&mut self) {
+        let all = format!(
+            "0-{}",
+            std::thread::available_parallelism().map_or(1, |n| n.get()) - 1
+        );
+        taskset(self.0, &all);
+    }
+}
+
+fn taskset(pid: u32, cpus: &str) -> bool {
+    std::process::Command::new("taskset")
+        .args(["-p", "-c", cpus, &pid.to_string()])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// K2: the per-packet program's run time per packet on each workload (allowed directly), raw:
+/// the kernel's accounting adds its own two clock reads (K1 measures them).
+pub fn per_packet(env: &Env, route: &Route, mode: &Mode) -> anyhow::Result<Table> {
+    eprintln!("==> K2: the per-packet program's run time per packet (kernel bpf_stats)");
+    let mut t = Table {
+        id: "K2",
+        title: "skb_egress run time per packet, allowed directly (kernel.bpf_stats_enabled, raw)"
+            .into(),
+        unit: "ns/packet",
+        baseline: None,
+        peers: Vec::new(),
+        higher_is_better: false,
+        rows: WORKLOADS
+            .iter()
+            .map(|w| Row {
+                path: (*w).into(),
+                samples: Vec::new(),
+            })
+            .collect(),
+        note: None,
+    };
+    let _on = Accounting::on()?;
+    for _ in 0..3 {
+        for (w, row) in t.rows.iter_mut().enumerate() {
+            let a = snapshot(&env.cg)?;
+            one(env, route, w, mode.wrk_secs, false)?;
+            let b = snapshot(&env.cg)?;
+            row.samples
+                .push(sample(per_run(&a, &b, "egress_skb_egress")));
+        }
+    }
+    Ok(t)
 }
 
 /// P1 on `routes` (`direct`, `egress-allow`); leaves the agent running without the program
@@ -64,6 +140,8 @@ pub fn paired(
             .collect(),
         note: Some(String::new()),
     };
+    let pinned = PinnedServer::new(env);
+    let secs = (mode.wrk_secs / 2).max(2);
     let mut raw = Vec::new();
     for (round, with) in ROUNDS.into_iter().enumerate() {
         env.stop("agent")?;
@@ -74,35 +152,47 @@ pub fn paired(
         };
         env.start_agent(cfg_file, vars)?;
         for (w, name) in WORKLOADS.iter().enumerate() {
-            let order: Vec<&Route> = if round % 2 == 0 {
-                routes.iter().collect()
+            // ABBA, A alternating by round.
+            let (a, b) = if round % 2 == 0 {
+                (&routes[0], &routes[1])
             } else {
-                routes.iter().rev().collect()
+                (&routes[1], &routes[0])
             };
-            let mut got = [None, None];
-            for r in order {
-                let s = one(env, r, w, mode)
+            let mut sums = [0.0f64; 2];
+            let mut got: [Option<Sample>; 2] = [None, None];
+            for r in [a, b, b, a] {
+                let s = one(env, r, w, secs, pinned.is_some())
                     .with_context(|| format!("P1 {name} on {} (round {})", r.name, round + 1))?;
                 let i = usize::from(r.in_web);
-                got[i] = Some(s);
+                sums[i] += s.value;
+                got[i] = Some(match got[i].take() {
+                    Some(prev) => Sample {
+                        errors: [prev.errors, s.errors.clone()]
+                            .into_iter()
+                            .flatten()
+                            .reduce(|x, y| format!("{x}; {y}")),
+                        ..s
+                    },
+                    None => s,
+                });
             }
             let [Some(direct), Some(allow)] = got else {
                 anyhow::bail!("P1 needs the routes direct and egress-allow");
             };
-            let ratio = allow.value / direct.value;
+            let ratio = sums[1] / sums[0];
             eprintln!(
                 "    round {} {:<8} {:<16} direct {:>10.2} allow {:>10.2} = {ratio:.3}x",
                 round + 1,
                 if with { "with" } else { "without" },
                 name,
-                direct.value,
-                allow.value
+                sums[0] / 2.0,
+                sums[1] / 2.0
             );
             raw.push(format!(
                 "{} {name} {:.2}/{:.2}",
                 if with { "W" } else { "N" },
-                allow.value,
-                direct.value
+                sums[1] / 2.0,
+                sums[0] / 2.0
             ));
             let errors = [&direct.errors, &allow.errors]
                 .into_iter()
@@ -116,10 +206,18 @@ pub fn paired(
             });
         }
     }
+    let pinned_note = pinned.is_some();
+    drop(pinned);
     t.note = Some(format!(
-        "each sample is one round's egress-allow / direct, measured back to back (rounds W N N \
-         W W N: W with the per-packet program, N without; the agent restarted between rounds); \
-         the median of each row's rounds is its value. Raw rounds (allow/direct): {}",
+        "each sample is one round's egress-allow / direct over four runs of {secs} s, ABBA \
+         (rounds W N N W W N: W with the per-packet program, N without; the agent restarted \
+         between rounds); {}; the median of each row's rounds is its value. Raw rounds \
+         (mean allow/direct): {}",
+        if pinned_note {
+            "clients on CPU 0, servers on CPU 1"
+        } else {
+            "not pinned (one CPU, or nginx's worker not found)"
+        },
         raw.join(", ")
     ));
     Ok(t)

@@ -26,9 +26,7 @@ pub fn relay_only(root: &Path, full: bool) -> anyhow::Result<()> {
     ensure_packages(&["wrk", "nginx-light", "curl", "iperf3"])?;
     let mut env = Env::new(&agent)?;
     let result = measure(root, &mut env, &mode);
-    let cleanup = env.finish();
-    let tables = result?;
-    cleanup?;
+    let tables = env.conclude(result)?;
     let report = Report {
         mode: mode.name,
         machine: machine(),

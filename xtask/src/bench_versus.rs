@@ -20,9 +20,7 @@ pub fn bench(root: &Path) -> anyhow::Result<()> {
     ensure_packages(PACKAGES)?;
     let mut env = Env::new(&agent)?;
     let result = run(root, &mut env);
-    let cleanup = env.finish();
-    let r = result?;
-    cleanup?;
+    let r = env.conclude(result)?;
     let text = report::text(&r);
     println!("{text}");
     let out = root.join("target/bench");

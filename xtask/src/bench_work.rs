@@ -19,6 +19,22 @@ pub struct Route {
     pub cpu_pid: Option<u32>,
 }
 
+/// The client outside every workload straight to nginx.
+pub const DIRECT: Route = Route {
+    name: "direct",
+    host: "127.60.0.1",
+    in_web: false,
+    cpu_pid: None,
+};
+
+/// The client inside `web` to the same nginx, allowed directly by the bench's policy.
+pub const ALLOWED: Route = Route {
+    name: "egress-allow",
+    host: "127.60.0.1",
+    in_web: true,
+    cpu_pid: None,
+};
+
 /// Runs `argv` in the namespace, inside `web` when `in_web`; returns stdout.
 pub fn client(env: &Env, in_web: bool, argv: &[&str]) -> anyhow::Result<String> {
     if in_web {
@@ -163,10 +179,22 @@ pub fn wrk(env: &Env, route: &Route, secs: u32, close: bool) -> anyhow::Result<S
 
 /// wrk against `route` with extra request `headers`, and the path's CPU per request.
 pub fn wrk_with(env: &Env, route: &Route, secs: u32, headers: &[&str]) -> anyhow::Result<Sample> {
+    wrk_on(env, route, secs, headers, &[])
+}
+
+/// [`wrk_with`], the client's argv after `prefix` (e.g. `taskset -c 0`).
+pub fn wrk_on(
+    env: &Env,
+    route: &Route,
+    secs: u32,
+    headers: &[&str],
+    prefix: &[&str],
+) -> anyhow::Result<Sample> {
     let mut s = new_sample();
     let url = format!("http://{}:8080/index.html", route.host);
     let d = format!("{secs}s");
-    let mut argv = vec!["wrk", "-t1", "-c50", "-d", &d, "--latency"];
+    let mut argv = prefix.to_vec();
+    argv.extend(["wrk", "-t1", "-c50", "-d", &d, "--latency"]);
     for h in headers {
         argv.extend(["-H", h]);
     }
@@ -276,15 +304,25 @@ pub fn parse_iperf_gbps(json: &str) -> anyhow::Result<f64> {
 
 /// W3: iperf3 bulk transfer to `route` port 5201, in Gb/s.
 pub fn iperf(env: &Env, route: &Route, secs: u32) -> anyhow::Result<Sample> {
+    iperf_on(env, route, secs, None)
+}
+
+/// [`iperf`], client and server on the CPUs `affinity` names (iperf3 `-A client,server`).
+pub fn iperf_on(
+    env: &Env,
+    route: &Route,
+    secs: u32,
+    affinity: Option<&str>,
+) -> anyhow::Result<Sample> {
     let mut s = new_sample();
     let t = secs.to_string();
-    let out = client(
-        env,
-        route.in_web,
-        &[
-            "iperf3", "-c", route.host, "-p", "5201", "-t", &t, "-P", "1", "-J",
-        ],
-    )?;
+    let mut argv = vec![
+        "iperf3", "-c", route.host, "-p", "5201", "-t", &t, "-P", "1", "-J",
+    ];
+    if let Some(a) = affinity {
+        argv.extend(["-A", a]);
+    }
+    let out = client(env, route.in_web, &argv)?;
     s.value = parse_iperf_gbps(&out)?;
     close_sample(&mut s);
     Ok(s)

@@ -88,6 +88,11 @@ enum Task {
         /// request and per connection (perf stat); a few minutes (as root).
         #[arg(long, conflicts_with_all = ["quick", "full", "gateway", "preview", "dns", "proxy", "host_judging"])]
         syscalls: bool,
+        /// Instead: only the per-packet program: its run time per packet on keep-alive, new
+        /// connections and bulk (K2), and P1, its cost to the allowed-direct path in paired
+        /// rounds (as root; about 5 minutes, --full about 12).
+        #[arg(long, conflicts_with_all = ["quick", "gateway", "preview", "dns", "proxy", "host_judging", "relay", "syscalls"])]
+        packet: bool,
     },
     /// Check the source layout: no import cycle between files, no file over 600 lines.
     Layout {
@@ -116,6 +121,9 @@ fn main() -> ExitCode {
         } => bench_relay::relay_only(&root, full),
         Task::Bench { dns: true, .. } => bench_dns::bench(&root),
         Task::Bench { syscalls: true, .. } => bench_versus::bench(&root),
+        Task::Bench {
+            packet: true, full, ..
+        } => bench::packet_only(&root, full),
         Task::Bench { full, .. } => bench::bench(&root, full),
         Task::Layout { edges } => layout::layout(&root, edges),
     };
