@@ -3,7 +3,8 @@
 //! program or without it (`EGRESS_NO_PACKET_PROGRAM=1`: its link is removed, the rest kept),
 //! then measures `direct` and `egress-allow` on each workload four times, ABBA (the first
 //! route alternating by round), so a drift within the round cancels too; the round's figure
-//! is egress-allow / direct over the four. The variants alternate W N N W W N, so each sees
+//! is egress-allow / direct over the four. The variants alternate W N N W W N N W W N (five
+//! rounds each: on this 2-CPU VM one round moves by 5-10 % on its own), so each sees
 //! early and late rounds alike. Clients run on CPU 0 and the servers on CPU 1 (`taskset`,
 //! iperf3 `-A 0,1`, nginx's worker pinned for P1 and unpinned after) where the machine has
 //! two CPUs or more: where the scheduler puts client and server moves throughput by more than
@@ -23,7 +24,9 @@ use crate::{
 };
 
 /// true: the agent runs the per-packet program in that round.
-const ROUNDS: [bool; 6] = [true, false, false, true, true, false];
+const ROUNDS: [bool; 10] = [
+    true, false, false, true, true, false, false, true, true, false,
+];
 const WORKLOADS: [&str; 3] = ["keep-alive", "new connections", "bulk"];
 
 fn row_name(workload: &str, with: bool) -> String {
@@ -210,9 +213,14 @@ pub fn paired(
     drop(pinned);
     t.note = Some(format!(
         "each sample is one round's egress-allow / direct over four runs of {secs} s, ABBA \
-         (rounds W N N W W N: W with the per-packet program, N without; the agent restarted \
-         between rounds); {}; the median of each row's rounds is its value. Raw rounds \
+         (rounds {}: W with the per-packet program, N without; the agent restarted between \
+         rounds; A is direct in odd rounds, egress-allow in even ones); {}; the median of each row's rounds is its value. Raw rounds \
          (mean allow/direct): {}",
+        ROUNDS
+            .iter()
+            .map(|w| if *w { "W" } else { "N" })
+            .collect::<Vec<_>>()
+            .join(" "),
         if pinned_note {
             "clients on CPU 0, servers on CPU 1"
         } else {
