@@ -34,6 +34,41 @@ fn row_name(workload: &str, with: bool) -> String {
     format!("{workload}, egress-allow / direct, {v} the per-packet program")
 }
 
+/// The workloads also measured side by side (wrk: keep-alive, new connections).
+const SIDE: [usize; 2] = [0, 1];
+const CONTROL_ROW: &str =
+    "control: new connections, direct / direct side by side (reads 1.00x when unbiased)";
+
+fn side_row_name(workload: &str, with: bool) -> String {
+    let v = if with { "with" } else { "without" };
+    format!("{workload}, egress-allow / direct side by side, {v} the per-packet program")
+}
+
+/// `a` and `b` at once, both clients on CPU 0 against the same server on CPU 1: each gets what
+/// its cost per request allows out of the same CPU at the same moment, so what the machine does
+/// meanwhile (this VM's neighbours) hits both alike and their ratio is their cost ratio.
+fn side_by_side(
+    env: &Env,
+    a: &Route,
+    b: &Route,
+    workload: usize,
+    secs: u32,
+    pinned: &Option<PinnedServer>,
+) -> anyhow::Result<(Sample, Sample)> {
+    let pinned = pinned.is_some();
+    std::thread::scope(|s| {
+        let ta = s.spawn(|| one(env, a, workload, secs, pinned));
+        let tb = s.spawn(|| one(env, b, workload, secs, pinned));
+        let ra = ta
+            .join()
+            .map_err(|_| anyhow::anyhow!("client thread panicked"))?;
+        let rb = tb
+            .join()
+            .map_err(|_| anyhow::anyhow!("client thread panicked"))?;
+        Ok((ra?, rb?))
+    })
+}
+
 /// One sample of `workload` (0 keep-alive, 1 new connections, 2 bulk) on `route`, `secs`
 /// long; the client on CPU 0 and the server on CPU 1 when `pinned`.
 fn one(
@@ -136,6 +171,11 @@ pub fn paired(
         rows: WORKLOADS
             .iter()
             .flat_map(|w| [true, false].map(|with| row_name(w, with)))
+            .chain(
+                SIDE.iter()
+                    .flat_map(|&w| [true, false].map(|with| side_row_name(WORKLOADS[w], with))),
+            )
+            .chain([CONTROL_ROW.to_string()])
             .map(|path| Row {
                 path,
                 samples: Vec::new(),
@@ -208,14 +248,43 @@ pub fn paired(
                 ..allow
             });
         }
+        for (i, &w) in SIDE.iter().enumerate() {
+            let (direct, allow) = side_by_side(env, &routes[0], &routes[1], w, secs, &pinned)
+                .with_context(|| {
+                    format!("P1 {} side by side (round {})", WORKLOADS[w], round + 1)
+                })?;
+            let ratio = allow.value / direct.value;
+            eprintln!(
+                "    round {} {:<8} {:<16} side by side: direct {:>10.2} allow {:>10.2} = {ratio:.3}x",
+                round + 1,
+                if with { "with" } else { "without" },
+                WORKLOADS[w],
+                direct.value,
+                allow.value
+            );
+            let row = WORKLOADS.len() * 2 + i * 2 + usize::from(!with);
+            t.rows[row].samples.push(Sample {
+                value: ratio,
+                ..allow
+            });
+        }
+        // The control: the same measure with direct on both sides must read 1.00x.
+        let (d1, d2) = side_by_side(env, &routes[0], &routes[0], 1, secs, &pinned)
+            .with_context(|| format!("P1 side-by-side control (round {})", round + 1))?;
+        let last = t.rows.len() - 1;
+        t.rows[last].samples.push(Sample {
+            value: d2.value / d1.value,
+            ..d2
+        });
     }
     let pinned_note = pinned.is_some();
     drop(pinned);
     t.note = Some(format!(
         "each sample is one round's egress-allow / direct over four runs of {secs} s, ABBA \
          (rounds {}: W with the per-packet program, N without; the agent restarted between \
-         rounds; A is direct in odd rounds, egress-allow in even ones); {}; the median of each row's rounds is its value. Raw rounds \
-         (mean allow/direct): {}",
+         rounds; A is direct in odd rounds, egress-allow in even ones); {}; the median of each row's rounds is its value. The side-by-side rows run both \
+         clients at once on CPU 0 for {secs} s once per round (the control row: direct against \
+         direct). Raw rounds (mean allow/direct): {}",
         ROUNDS
             .iter()
             .map(|w| if *w { "W" } else { "N" })
@@ -258,5 +327,34 @@ pub fn verdicts(p1: &Table) -> Vec<Verdict> {
                 pass: r.map(|r| r >= 0.97),
             }
         })
+        .chain(SIDE.iter().enumerate().map(|(i, &w)| {
+            let base = WORKLOADS.len() * 2 + i * 2;
+            let (with, without) = (&p1.rows[base], &p1.rows[base + 1]);
+            let control = p1.rows.last().and_then(Row::value);
+            let (r, r0) = (with.value(), without.value());
+            let spread = |row: &Row| {
+                let v: Vec<f64> = row.samples.iter().map(|s| s.value).collect();
+                let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+                let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                format!("{lo:.3}-{hi:.3}")
+            };
+            let busy = with.busy() || without.busy();
+            Verdict {
+                target: format!(
+                    "allow-direct with the packet program, {} >= 0.97x (P1, side by side)",
+                    WORKLOADS[w]
+                ),
+                measured: format!(
+                    "{} ({} over {} rounds; without it: {}; control direct/direct: {}){}",
+                    r.map_or("-".into(), |r| format!("{r:.3}x")),
+                    spread(with),
+                    with.samples.len(),
+                    r0.map_or("-".into(), |r| format!("{r:.3}x")),
+                    control.map_or("-".into(), |r| format!("{r:.3}x")),
+                    if busy { " *busy*" } else { "" }
+                ),
+                pass: r.map(|r| r >= 0.97),
+            }
+        }))
         .collect()
 }
