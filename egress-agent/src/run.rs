@@ -377,7 +377,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     } else {
         None
     };
-    let mut programs = control.datapath().attach(&root.path)?;
+    let mut programs = control
+        .datapath()
+        .attach(&root.path, !node_ifaces.is_empty())?;
     for (iface, ifindex) in &node_ifaces {
         let lines = control
             .datapath()

@@ -5,7 +5,8 @@
 //! and IPv6. With
 //! `--node-interface` on that uplink, none of the frames gets out and the drop counter moves
 //! by exactly their number; `PACKET_QDISC_BYPASS` (which would skip tc) and AF_XDP's set-up
-//! are refused with EPERM (cgroup/setsockopt). The workload's IP sockets and the node's own
+//! are refused with EPERM (cgroup/setsockopt, attached only with a `--node-interface`: a
+//! restart without one detaches it). The workload's IP sockets and the node's own
 //! frames still pass, and with `spec.sockets.packet: allow` the same frames get out: the
 //! drops are the backstop's.
 
@@ -222,6 +223,16 @@ fn node_backstop_drops_packet_socket_frames_of_host_workloads_without_the_lsm() 
     assert_eq!(run(&a, false, &["bypass"]), "ok");
     assert_ne!(run(&a, false, &["xdp"]), "err EPERM");
     assert_eq!(dropped(&a), 9);
+
+    // Without a --node-interface there is no tc for the options to skip: a restart without
+    // one detaches cgroup/setsockopt (it would cost every setsockopt() and stop nothing).
+    a.reload(&policy("deny"));
+    assert_eq!(run(&a, false, &["bypass"]), "err EPERM");
+    a.stop_keep();
+    a.run_args.clear();
+    a.spawn();
+    a.wait_log("egress_setsockopt (detached: no --node-interface");
+    assert_eq!(run(&a, false, &["bypass"]), "ok");
     drop(a);
     drop(w);
 }

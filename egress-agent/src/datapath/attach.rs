@@ -54,9 +54,9 @@ impl Datapath {
     /// no gap across restarts. A link running another program (an upgrade) is replaced only
     /// after the new one is attached. Pins of older layout versions go last. On a failure,
     /// the links this call attached are removed again and the earlier ones stay.
-    pub fn attach(&mut self, cgroup: &Path) -> Result<Vec<String>, BpfError> {
+    pub fn attach(&mut self, cgroup: &Path, node_backstop: bool) -> Result<Vec<String>, BpfError> {
         let mut report = Vec::new();
-        let res = self.try_attach(cgroup, &mut report);
+        let res = self.try_attach(cgroup, node_backstop, &mut report);
         if res.is_err() {
             for l in self.links.drain(..) {
                 let _ = l.unpin();
@@ -68,7 +68,12 @@ impl Datapath {
         res.map(|()| report)
     }
 
-    fn try_attach(&mut self, cgroup: &Path, report: &mut Vec<String>) -> Result<(), BpfError> {
+    fn try_attach(
+        &mut self,
+        cgroup: &Path,
+        node_backstop: bool,
+        report: &mut Vec<String>,
+    ) -> Result<(), BpfError> {
         let cg = fs::File::open(cgroup).map_err(io(cgroup, "open cgroup"))?;
         let links_dir = self.dir.join("links");
         fs::create_dir_all(&links_dir).map_err(io(&links_dir, "mkdir"))?;
@@ -174,7 +179,14 @@ impl Datapath {
                 report.push(format!("{name} (attached)"));
             }
         }
-        super::sockets::attach(&mut self.ebpf, &cg, &links_dir, &mut self.links, report)?;
+        super::sockets::attach(
+            &mut self.ebpf,
+            &cg,
+            node_backstop,
+            &links_dir,
+            &mut self.links,
+            report,
+        )?;
         Ok(())
     }
 

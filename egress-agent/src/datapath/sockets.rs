@@ -1,8 +1,8 @@
 //! The programs that refuse socket kinds no destination hook judges (`spec.sockets`):
 //! `egress_sock_create` (cgroup/sock_create, AF_INET/AF_INET6), `egress_lsm_socket_create`
-//! (the `socket_create` LSM hook per cgroup, for AF_PACKET/AF_XDP) and `egress_setsockopt`
-//! (cgroup/setsockopt: a packet socket's `PACKET_QDISC_BYPASS`, AF_XDP's set-up). All are
-//! attached to the agent's cgroup root through pinned bpf links, like the other cgroup programs: a pinned link
+//! (the `socket_create` LSM hook per cgroup, for AF_PACKET/AF_XDP) and, only where that LSM
+//! program cannot run and a node backstop can be skipped, `egress_setsockopt` (cgroup/setsockopt: a packet socket's
+//! `PACKET_QDISC_BYPASS`, AF_XDP's set-up). All are attached to the agent's cgroup root through pinned bpf links, like the other cgroup programs: a pinned link
 //! running the same program is kept across restarts, another one is replaced after the new one
 //! is attached, and `uninstall` removes the pins with the rest.
 //!
@@ -30,7 +30,8 @@ use super::{bpf::Datapath, error::BpfError};
 pub const SOCK_CREATE: &str = "egress_sock_create";
 pub const LSM_SOCKET_CREATE: &str = "egress_lsm_socket_create";
 /// cgroup/setsockopt: refuses the options that would carry a packet socket's frames past the
-/// node backstop (`PACKET_QDISC_BYPASS`, AF_XDP's set-up) where packet sockets are refused.
+/// node backstop (`PACKET_QDISC_BYPASS`, AF_XDP's set-up) where packet sockets are refused;
+/// attached only where that stops something ([`setsockopt_needed`]).
 pub const SETSOCKOPT: &str = "egress_setsockopt";
 /// The node backstop on the node's own interfaces (`run --node-interface`): drops frames of
 /// workloads' packet sockets where packet sockets are refused (see egress-ebpf's tc_node);
@@ -41,12 +42,14 @@ const LSM_HOOK: &str = "socket_create";
 /// Marks the report line of a packet-socket program that could not be attached.
 const NOT_ATTACHED: &str = "(not attached:";
 
-/// Attaches both programs to `cgroup` (see the module doc). The cgroup/sock_create program
-/// must attach; the LSM one may fail, which is reported (and logged), not returned.
+/// Attaches the programs to `cgroup` (see the module doc): cgroup/sock_create, which must
+/// attach, and the LSM program, which may fail (reported and logged, not returned); where it
+/// fails and `node_backstop` (a `--node-interface` is named), cgroup/setsockopt.
 /// Links attached fresh are pushed to `fresh` (the caller unpins them if a later step fails).
 pub fn attach(
     ebpf: &mut Ebpf,
     cgroup: &fs::File,
+    node_backstop: bool,
     links_dir: &Path,
     fresh: &mut Vec<PinnedLink>,
     report: &mut Vec<String>,
@@ -61,8 +64,43 @@ pub fn attach(
     })?;
     report.push(line);
 
-    // aya 0.14 cannot pin a cgroup/setsockopt link: it is made with the raw call.
+    // cgroup/setsockopt runs on every setsockopt(2) of every workload, with the socket locked
+    // and the option copied in (about 1 % of a new TCP connection's cost, `cargo xtask bench
+    // --packet`), so it is attached only where it stops something (see [`setsockopt_needed`]).
+    let lsm = match attach_lsm(ebpf, cgroup, links_dir, fresh) {
+        Ok(line) => {
+            report.push(line);
+            true
+        }
+        Err(reason) => {
+            tracing::warn!(
+                program = LSM_SOCKET_CREATE,
+                %reason,
+                "packet sockets (AF_PACKET, AF_XDP) are NOT refused: the socket_create LSM program cannot run here (needs kernel >= 6.0 with the BPF LSM active: CONFIG_BPF_LSM=y and \"bpf\" in lsm=)"
+            );
+            report.push(format!("{LSM_SOCKET_CREATE} {NOT_ATTACHED} {reason})"));
+            false
+        }
+    };
     let name = SETSOCKOPT;
+    if let Some(why) = setsockopt_needed(lsm, node_backstop).err() {
+        // A link pinned by an earlier run: removing its only pin detaches it.
+        let pin = links_dir.join(name);
+        let done = match fs::remove_file(&pin) {
+            Ok(()) => "detached",
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => "not attached",
+            Err(source) => {
+                return Err(BpfError::Io {
+                    path: pin,
+                    op: "remove link pin",
+                    source,
+                })
+            }
+        };
+        report.push(format!("{name} ({done}: {why})"));
+        return Ok(());
+    }
+    // aya 0.14 cannot pin a cgroup/setsockopt link: it is made with the raw call.
     let perr = |source| BpfError::Program { name, source };
     let prog: &mut CgroupSockopt = loaded(ebpf, name)?;
     let tag = prog.info().map_err(perr)?.tag();
@@ -73,17 +111,21 @@ pub fn attach(
             .map_err(AttachError::Io)
     })?;
     report.push(line);
+    Ok(())
+}
 
-    match attach_lsm(ebpf, cgroup, links_dir, fresh) {
-        Ok(line) => report.push(line),
-        Err(reason) => {
-            tracing::warn!(
-                program = LSM_SOCKET_CREATE,
-                %reason,
-                "packet sockets (AF_PACKET, AF_XDP) are NOT refused: the socket_create LSM program cannot run here (needs kernel >= 6.0 with the BPF LSM active: CONFIG_BPF_LSM=y and \"bpf\" in lsm=)"
-            );
-            report.push(format!("{LSM_SOCKET_CREATE} {NOT_ATTACHED} {reason})"));
-        }
+/// Whether cgroup/setsockopt stops anything (`Ok`), or why not (`Err`). It refuses
+/// `PACKET_QDISC_BYPASS` and AF_XDP's set-up, the two ways a packet socket's frames skip the
+/// node backstop (tc egress on `--node-interface`). Where the LSM program runs, no workload
+/// opens such a socket unless `spec.sockets.packet: allow`, which allows the options too.
+/// Without a node backstop, a host-network workload's packet-socket frames leave unjudged
+/// anyway, and a pod's frames, bypass or AF_XDP, still cross its veth into the tc backstop.
+pub fn setsockopt_needed(lsm: bool, node_backstop: bool) -> Result<(), &'static str> {
+    if lsm {
+        return Err("the socket_create LSM refuses the packet and AF_XDP sockets whose options it would refuse");
+    }
+    if !node_backstop {
+        return Err("no --node-interface: nothing on the node's interfaces for PACKET_QDISC_BYPASS or AF_XDP to skip");
     }
     Ok(())
 }
@@ -278,7 +320,9 @@ pub fn packet_sockets(programs: &[String], sockets_allowed: u32) -> String {
         .filter_map(|p| p.strip_prefix(&prefix)?.split(' ').next())
         .collect();
     if node.is_empty() {
-        return format!("{refused}; no --node-interface drops their frames");
+        return format!(
+            "{refused}; no --node-interface drops their frames (nor refuses PACKET_QDISC_BYPASS or AF_XDP)"
+        );
     }
     format!(
         "{refused}; their frames are dropped leaving {} (node backstop), PACKET_QDISC_BYPASS and AF_XDP refused (cgroup/setsockopt)",
@@ -324,7 +368,7 @@ mod tests {
         )];
         assert_eq!(
             packet_sockets(&bad, kind::ICMP),
-            "NOT refused: the socket_create LSM program is not attached (the BPF LSM is not active); no --node-interface drops their frames"
+            "NOT refused: the socket_create LSM program is not attached (the BPF LSM is not active); no --node-interface drops their frames (nor refuses PACKET_QDISC_BYPASS or AF_XDP)"
         );
         assert!(packet_sockets(&bad, kind::PACKET).starts_with("allowed"));
         let mut node = bad.clone();
@@ -336,5 +380,15 @@ mod tests {
             s.contains("dropped leaving eth0, eth1 (node backstop)"),
             "{s}"
         );
+    }
+
+    #[test]
+    fn setsockopt_is_attached_only_where_it_stops_something() {
+        assert!(setsockopt_needed(false, true).is_ok());
+        assert!(setsockopt_needed(false, false)
+            .unwrap_err()
+            .contains("no --node-interface"));
+        assert!(setsockopt_needed(true, true).unwrap_err().contains("LSM"));
+        assert!(setsockopt_needed(true, false).unwrap_err().contains("LSM"));
     }
 }
