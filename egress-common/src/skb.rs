@@ -31,7 +31,24 @@ pub struct DstKey {
     pub proto: u8,
     /// 1: the packet goes to the proxy for `dst` (a redirected socket).
     pub redirected: u8,
-    pub _pad: [u8; 6],
+    /// Padding, zero (a hash key's every byte counts). Two plain fields, not a byte array:
+    /// in the kernel programs the zeroing is then two stores, not a call to `memset`.
+    pub _pad0: u16,
+    pub _pad1: u32,
+}
+
+impl DstKey {
+    #[inline(always)]
+    pub const fn new(cgroup_id: u64, dst: SockAddr, proto: u8, redirected: u8) -> DstKey {
+        DstKey {
+            cgroup_id,
+            dst,
+            proto,
+            redirected,
+            _pad0: 0,
+            _pad1: 0,
+        }
+    }
 }
 
 /// Value of `EGRESS_DST_VERDICTS`.
@@ -92,6 +109,31 @@ pub const LAST_HOOK: u32 = 1;
 /// token's low 32 bits are at most 0x7fff_ffff).
 const LAST_INVALID: u64 = 0xffff_ffff;
 
+/// Whether the 16 address bytes at `p` (in a map value, 8-aligned: see the assertion below)
+/// are `a`, read as two 8-byte words: in the kernel two loads, not sixteen.
+///
+/// # Safety
+/// `p` points to the `dst.addr` of a valid `LastVerdict`'s key.
+#[inline(always)]
+unsafe fn same_addr(p: *const [u8; 16], a: &[u8; 16]) -> bool {
+    use core::ptr::read_volatile;
+    let w = p.cast::<u64>();
+    let (lo, hi) = (read_volatile(w), read_volatile(w.add(1)));
+    let mut x = [0u8; 8];
+    let mut y = [0u8; 8];
+    x.copy_from_slice(&a[..8]);
+    y.copy_from_slice(&a[8..]);
+    lo == u64::from_ne_bytes(x) && hi == u64::from_ne_bytes(y)
+}
+
+const _: () = assert!(
+    (core::mem::offset_of!(LastVerdict, key)
+        + core::mem::offset_of!(DstKey, dst)
+        + core::mem::offset_of!(SockAddr, addr))
+        % 8
+        == 0
+);
+
 impl LastVerdict {
     /// The verdict the slot at `p` holds for `key`, if it holds one for it.
     ///
@@ -104,7 +146,7 @@ impl LastVerdict {
         let k = addr_of!((*p).key);
         let same = seq & 1 == 0
             && read_volatile(addr_of!((*k).cgroup_id)) == key.cgroup_id
-            && read_volatile(addr_of!((*k).dst.addr)) == key.dst.addr
+            && same_addr(addr_of!((*k).dst.addr), &key.dst.addr)
             && read_volatile(addr_of!((*k).dst.port)) == key.dst.port
             && read_volatile(addr_of!((*k).dst.family)) == key.dst.family
             && read_volatile(addr_of!((*k).proto)) == key.proto

@@ -134,13 +134,7 @@ pub fn egress(ctx: &SkBuffContext) -> i32 {
     let cfg = CONFIG.get(set);
     let cg = unsafe { bpf_skb_cgroup_id(skb) };
     // A socket redirected to the proxy is judged by its original destination.
-    let mut key = DstKey {
-        cgroup_id: cg,
-        dst: pkt.dst,
-        proto: pkt.proto,
-        redirected: 0,
-        _pad: [0; 6],
-    };
+    let mut key = DstKey::new(cg, pkt.dst, pkt.proto, 0);
     if let Some(c) = cfg {
         if cg == c.agent_cgroup_id {
             return PASS;

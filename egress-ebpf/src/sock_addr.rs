@@ -75,13 +75,7 @@ fn judge(ctx: &SockAddrContext, dst: &Dst, proto: u8, hook: u8) -> Act {
     // Fast path: this cgroup's verdict for this destination, cached under the policy and
     // names in force (by this hook or the per-packet program), passes it untouched; this
     // CPU's last such pass (`LAST_HOOK`) is compared before the cache's hash lookup.
-    let key = DstKey {
-        cgroup_id: cg,
-        dst: dst.addr,
-        proto,
-        redirected: 0,
-        _pad: [0; 6],
-    };
+    let key = DstKey::new(cg, dst.addr, proto, 0);
     if let Some(c) = cfg {
         // This CPU's last cached pass of the hooks first, then the cache itself.
         let last = last_verdict(LAST_HOOK, &key);
