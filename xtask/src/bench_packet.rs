@@ -34,10 +34,19 @@ fn row_name(workload: &str, with: bool) -> String {
     format!("{workload}, egress-allow / direct, {v} the per-packet program")
 }
 
-/// The workloads also measured side by side (wrk: keep-alive, new connections).
-const SIDE: [usize; 2] = [0, 1];
-const CONTROL_ROW: &str =
-    "control: new connections, direct / direct side by side (reads 1.00x when unbiased)";
+/// The workloads also measured side by side (wrk: keep-alive, new connections; iperf3: bulk).
+const SIDE: [usize; 3] = [0, 1, 2];
+/// The workloads whose side-by-side measure has a control (direct against direct): new
+/// connections (both clients to the same nginx) and bulk (two iperf3 servers, see
+/// [`SIDE_IPERF_PORT`]).
+const CONTROLS: [usize; 2] = [1, 2];
+/// Side by side, bulk needs a second iperf3 server (one serves one test at a time): the
+/// direct client uses this one, egress-allow the usual 5201 (the policy allows that port).
+const SIDE_IPERF_PORT: &str = "5202";
+
+fn control_row_name(workload: &str) -> String {
+    format!("control: {workload}, direct / direct side by side (reads 1.00x when unbiased)")
+}
 
 fn side_row_name(workload: &str, with: bool) -> String {
     let v = if with { "with" } else { "without" };
@@ -57,8 +66,8 @@ fn side_by_side(
 ) -> anyhow::Result<(Sample, Sample)> {
     let pinned = pinned.is_some();
     std::thread::scope(|s| {
-        let ta = s.spawn(|| one(env, a, workload, secs, pinned));
-        let tb = s.spawn(|| one(env, b, workload, secs, pinned));
+        let ta = s.spawn(|| one(env, a, workload, secs, pinned, SIDE_IPERF_PORT));
+        let tb = s.spawn(|| one(env, b, workload, secs, pinned, "5201"));
         let ra = ta
             .join()
             .map_err(|_| anyhow::anyhow!("client thread panicked"))?;
@@ -69,20 +78,22 @@ fn side_by_side(
     })
 }
 
-/// One sample of `workload` (0 keep-alive, 1 new connections, 2 bulk) on `route`, `secs`
-/// long; the client on CPU 0 and the server on CPU 1 when `pinned`.
+/// One sample of `workload` (0 keep-alive, 1 new connections, 2 bulk: to the iperf3 server on
+/// `iperf_port`) on `route`, `secs` long; the client on CPU 0 and the server on CPU 1 when
+/// `pinned`.
 fn one(
     env: &Env,
     route: &Route,
     workload: usize,
     secs: u32,
     pinned: bool,
+    iperf_port: &str,
 ) -> anyhow::Result<Sample> {
     let cpu: &[&str] = if pinned { &["taskset", "-c", "0"] } else { &[] };
     match workload {
         0 => work::wrk_on(env, route, secs, &[], cpu),
         1 => work::wrk_on(env, route, secs, &["Connection: close"], cpu),
-        _ => work::iperf_on(env, route, secs, pinned.then_some("0,1")),
+        _ => work::iperf_port_on(env, route, iperf_port, secs, pinned.then_some("0,1")),
     }
 }
 
@@ -141,7 +152,7 @@ pub fn per_packet(env: &Env, route: &Route, mode: &Mode) -> anyhow::Result<Table
     for _ in 0..3 {
         for (w, row) in t.rows.iter_mut().enumerate() {
             let a = snapshot(&env.cg)?;
-            one(env, route, w, mode.wrk_secs, false)?;
+            one(env, route, w, mode.wrk_secs, false, "5201")?;
             let b = snapshot(&env.cg)?;
             row.samples
                 .push(sample(per_run(&a, &b, "egress_skb_egress")));
@@ -175,7 +186,7 @@ pub fn paired(
                 SIDE.iter()
                     .flat_map(|&w| [true, false].map(|with| side_row_name(WORKLOADS[w], with))),
             )
-            .chain([CONTROL_ROW.to_string()])
+            .chain(CONTROLS.map(|w| control_row_name(WORKLOADS[w])))
             .map(|path| Row {
                 path,
                 samples: Vec::new(),
@@ -183,6 +194,11 @@ pub fn paired(
             .collect(),
         note: Some(String::new()),
     };
+    env.spawn(
+        "iperf3-side",
+        &["iperf3", "-s", "-p", SIDE_IPERF_PORT, "-A", "1"],
+    )?;
+    env.wait_listen("iperf3-side", &format!("*:{SIDE_IPERF_PORT}"))?;
     let pinned = PinnedServer::new(env);
     let secs = (mode.wrk_secs / 2).max(2);
     let mut raw = Vec::new();
@@ -204,7 +220,7 @@ pub fn paired(
             let mut sums = [0.0f64; 2];
             let mut got: [Option<Sample>; 2] = [None, None];
             for r in [a, b, b, a] {
-                let s = one(env, r, w, secs, pinned.is_some())
+                let s = one(env, r, w, secs, pinned.is_some(), "5201")
                     .with_context(|| format!("P1 {name} on {} (round {})", r.name, round + 1))?;
                 let i = usize::from(r.in_web);
                 sums[i] += s.value;
@@ -268,22 +284,32 @@ pub fn paired(
                 ..allow
             });
         }
-        // The control: the same measure with direct on both sides must read 1.00x.
-        let (d1, d2) = side_by_side(env, &routes[0], &routes[0], 1, secs, &pinned)
-            .with_context(|| format!("P1 side-by-side control (round {})", round + 1))?;
-        let last = t.rows.len() - 1;
-        t.rows[last].samples.push(Sample {
-            value: d2.value / d1.value,
-            ..d2
-        });
+        // The controls: the same measures with direct on both sides must read 1.00x.
+        for (i, &w) in CONTROLS.iter().enumerate() {
+            let (d1, d2) = side_by_side(env, &routes[0], &routes[0], w, secs, &pinned)
+                .with_context(|| {
+                    format!(
+                        "P1 side-by-side control, {} (round {})",
+                        WORKLOADS[w],
+                        round + 1
+                    )
+                })?;
+            let row = t.rows.len() - CONTROLS.len() + i;
+            t.rows[row].samples.push(Sample {
+                value: d2.value / d1.value,
+                ..d2
+            });
+        }
     }
+    env.stop("iperf3-side")?;
     let pinned_note = pinned.is_some();
     drop(pinned);
     t.note = Some(format!(
         "each sample is one round's egress-allow / direct over four runs of {secs} s, ABBA \
          (rounds {}: W with the per-packet program, N without; the agent restarted between \
          rounds; A is direct in odd rounds, egress-allow in even ones); {}; the median of each row's rounds is its value. The side-by-side rows run both \
-         clients at once on CPU 0 for {secs} s once per round (the control row: direct against \
+         clients at once on CPU 0 for {secs} s once per round (bulk: the direct client to a \
+         second iperf3 server, port {SIDE_IPERF_PORT}; the control rows: direct against \
          direct). Raw rounds (mean allow/direct): {}",
         ROUNDS
             .iter()
@@ -330,7 +356,10 @@ pub fn verdicts(p1: &Table) -> Vec<Verdict> {
         .chain(SIDE.iter().enumerate().map(|(i, &w)| {
             let base = WORKLOADS.len() * 2 + i * 2;
             let (with, without) = (&p1.rows[base], &p1.rows[base + 1]);
-            let control = p1.rows.last().and_then(Row::value);
+            let control = CONTROLS
+                .iter()
+                .position(|&c| c == w)
+                .and_then(|c| p1.rows[p1.rows.len() - CONTROLS.len() + c].value());
             let (r, r0) = (with.value(), without.value());
             let spread = |row: &Row| {
                 let v: Vec<f64> = row.samples.iter().map(|s| s.value).collect();

@@ -314,10 +314,21 @@ pub fn iperf_on(
     secs: u32,
     affinity: Option<&str>,
 ) -> anyhow::Result<Sample> {
+    iperf_port_on(env, route, "5201", secs, affinity)
+}
+
+/// [`iperf_on`] to the iperf3 server on `port`.
+pub fn iperf_port_on(
+    env: &Env,
+    route: &Route,
+    port: &str,
+    secs: u32,
+    affinity: Option<&str>,
+) -> anyhow::Result<Sample> {
     let mut s = new_sample();
     let t = secs.to_string();
     let mut argv = vec![
-        "iperf3", "-c", route.host, "-p", "5201", "-t", &t, "-P", "1", "-J",
+        "iperf3", "-c", route.host, "-p", port, "-t", &t, "-P", "1", "-J",
     ];
     if let Some(a) = affinity {
         argv.extend(["-A", a]);
