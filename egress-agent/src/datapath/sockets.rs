@@ -1,10 +1,11 @@
 //! The programs that refuse socket kinds no destination hook judges (`spec.sockets`):
 //! `egress_sock_create` (cgroup/sock_create, AF_INET/AF_INET6), `egress_lsm_socket_create`
 //! (the `socket_create` LSM hook per cgroup, for AF_PACKET/AF_XDP) and, only where that LSM
-//! program cannot run and a node backstop can be skipped, `egress_setsockopt` (cgroup/setsockopt: a packet socket's
-//! `PACKET_QDISC_BYPASS`, AF_XDP's set-up). All are attached to the agent's cgroup root through pinned bpf links, like the other cgroup programs: a pinned link
-//! running the same program is kept across restarts, another one is replaced after the new one
-//! is attached, and `uninstall` removes the pins with the rest.
+//! program cannot run and a node backstop can be skipped, `egress_setsockopt`
+//! (cgroup/setsockopt: a packet socket's `PACKET_QDISC_BYPASS`, AF_XDP's set-up). All are
+//! attached to the agent's cgroup root through pinned bpf links, like the other cgroup
+//! programs: a pinned link running the same program is kept across restarts, another one is
+//! replaced after the new one is attached, and `uninstall` removes the pins with the rest.
 //!
 //! The LSM program needs kernel >= 6.0 with the BPF LSM active (`bpf` in
 //! /sys/kernel/security/lsm). Without it the agent runs on, logs why, and `status` says that
