@@ -26,7 +26,7 @@ pub use maps::*;
 
 /// Layout version of the maps and programs. Pins live under `<pin dir>/v<LAYOUT_VERSION>/`;
 /// bump it whenever any type in this crate changes shape.
-pub const LAYOUT_VERSION: u32 = 10;
+pub const LAYOUT_VERSION: u32 = 11;
 
 /// IP protocol numbers as they appear in `bpf_sock_addr.protocol`.
 pub mod proto {

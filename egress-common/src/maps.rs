@@ -11,15 +11,20 @@ pub mod names {
     pub const POLICY_V6: &str = "EGRESS_POLICY_V6";
     pub const MESH_V4: &str = "EGRESS_MESH_V4";
     pub const MESH_V6: &str = "EGRESS_MESH_V6";
-    pub const ORIG_BY_COOKIE: &str = "EGRESS_ORIG_COOKIE";
+    /// The original destination of each redirected connection the proxy has not accepted
+    /// yet, by the client's address (the proxy takes the entry at accept).
     pub const ORIG_BY_TUPLE: &str = "EGRESS_ORIG_TUPLE";
+    /// The original destination of a redirected socket, in its socket-local storage (freed
+    /// with the socket): for getpeername, recvmsg and the per-packet program.
+    pub const SOCK_ORIG: &str = "EGRESS_SOCK_ORIG";
     pub const COUNTERS: &str = "EGRESS_COUNTERS";
     pub const EVENTS: &str = "EGRESS_EVENTS";
     pub const TC_COUNTERS: &str = "EGRESS_TC_COUNTERS";
     pub const REPLIES: &str = "EGRESS_REPLIES";
     pub const FRAGMENTS: &str = "EGRESS_FRAGMENTS";
     pub const POD_ADDRS: &str = "EGRESS_POD_ADDRS";
-    /// Sockets accepted by a workload's listener (socket-local storage, `skb::INBOUND`).
+    /// Sockets accepted by a workload's listener (socket-local storage, `skb::INBOUND`, cloned
+    /// from a listener to the sockets it accepts).
     pub const SOCK_MARKS: &str = "EGRESS_SOCK_MARKS";
     /// The per-packet program's verdict cache, by (cgroup, destination, protocol).
     pub const DST_VERDICTS: &str = "EGRESS_DST_VERDICTS";
@@ -39,8 +44,8 @@ pub mod names {
         POLICY_V6,
         MESH_V4,
         MESH_V6,
-        ORIG_BY_COOKIE,
         ORIG_BY_TUPLE,
+        SOCK_ORIG,
         COUNTERS,
         EVENTS,
         TC_COUNTERS,
@@ -348,7 +353,7 @@ pub fn v4_mapped(addr: &[u8; 16]) -> Option<[u8; 4]> {
 }
 
 /// The original destination of a redirected socket, kept by the kernel for the proxy
-/// (keyed by the client's address) and for getpeername (keyed by socket cookie).
+/// (keyed by the client's address) and for getpeername (in the socket's own storage).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct OrigDst {
@@ -360,6 +365,9 @@ pub struct OrigDst {
     /// 1 when the application dialled the IPv4-mapped form on an IPv6 socket.
     pub mapped: u32,
     pub _pad0: u32,
+    /// `bpf_get_netns_cookie` of the socket's namespace, read at connect: the per-packet
+    /// program keys the entry for the proxy with it at the socket's SYN.
+    pub netns: u64,
 }
 
 /// Key of `EGRESS_ORIG_TUPLE`: the client's address of a redirected connection in its network
@@ -433,7 +441,7 @@ const _: () = assert!(size_of::<WorkloadInfo>() == 8);
 const _: () = assert!(size_of::<Segment>() == 12);
 const _: () = assert!(size_of::<PolicyValue>() == 4 + 12 * MAX_SEGMENTS);
 const _: () = assert!(size_of::<SockAddr>() == 24);
-const _: () = assert!(size_of::<OrigDst>() == 48);
+const _: () = assert!(size_of::<OrigDst>() == 56);
 const _: () = assert!(size_of::<VerdictEvent>() == 64);
 const _: () = assert!(size_of::<OrigKey>() == 32);
 

@@ -10,7 +10,8 @@
 //! every connect(), in socket-local storage or an LRU by socket cookie, was measured at about
 //! 1 µs per connect() here: more than the whole decision.) The one per-socket fact kept is
 //! that a socket was accepted by a listener of the workload ([`INBOUND`], socket-local
-//! storage written by sock_ops): its packets are replies, not egress.
+//! storage the program writes on a listener at its first SYN-ACK, and the kernel clones into
+//! every socket that listener accepts): its packets are replies, not egress.
 
 use core::mem::size_of;
 

@@ -3,8 +3,8 @@
 //! port, keeping the resolver the workload asked as the socket's original destination;
 //! recvmsg4/6 show an unconnected UDP client the reply as coming from that resolver.
 //!
-//! The DNS proxy finds the resolver by the client's address: TCP through sock_ops (as for the
-//! HTTP proxy), UDP by (network namespace, source port) in `EGRESS_ORIG_TUPLE`. A UDP socket
+//! The DNS proxy finds the resolver by the client's address: TCP through the per-packet
+//! program, which keys it at the socket's SYN (as for the HTTP proxy), UDP by (network namespace, source port) in `EGRESS_ORIG_TUPLE`. A UDP socket
 //! that connect()s has no source port yet; it is bound here to a random ephemeral port first
 //! (what the kernel's autobind would do a moment later).
 
@@ -12,7 +12,7 @@ use core::ptr::{read_volatile, write_volatile};
 
 use aya_ebpf::{
     bindings::{bpf_sock_addr, sockaddr},
-    helpers::{bpf_bind, bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie},
+    helpers::{bpf_bind, bpf_get_netns_cookie, bpf_get_prandom_u32},
     programs::SockAddrContext,
     EbpfContext,
 };
@@ -22,7 +22,10 @@ use egress_common::{
     hook, proto, Decision, MeshConfig, OrigDst, OrigKey, SockAddr,
 };
 
-use crate::maps::{active_set, CONFIG, ORIG_BY_COOKIE, ORIG_BY_TUPLE};
+use crate::{
+    maps::{active_set, orig_of, set_orig, CONFIG, ORIG_BY_TUPLE},
+    sock_addr::sock,
+};
 
 const AF_INET: u32 = 2;
 const PASS: i32 = 1;
@@ -104,7 +107,7 @@ fn bind_ephemeral(ctx: &SockAddrContext) -> u16 {
 
 /// Steers the query when the decision allows DNS and the mesh has a DNS proxy; records the
 /// resolver for the proxy, recvmsg/getpeername and the per-packet program (which judges a
-/// steered socket's packets by the resolver, through `EGRESS_ORIG_COOKIE`). False: leave the
+/// steered socket's packets by the resolver, through `EGRESS_SOCK_ORIG`). False: leave the
 /// connection to the caller (also when the socket cannot be keyed: it then goes its way
 /// unseen, as the policy allowed).
 #[inline(always)]
@@ -130,6 +133,7 @@ pub fn steer(
         rule_id: d.rule_id,
         mapped: mapped as u32,
         _pad0: 0,
+        netns: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
     };
     if q.proto == proto::UDP {
         let mut port = src_port(ctx);
@@ -142,26 +146,20 @@ pub fn steer(
             return false;
         }
         let key = OrigKey {
-            netns: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+            netns: orig.netns,
             addr: udp_key_addr(dst.family, port),
         };
         if ORIG_BY_TUPLE.insert(&key, &orig, 0).is_err() {
             return false;
         }
     }
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if ORIG_BY_COOKIE.insert(&cookie, &orig, 0).is_err() {
-        return false;
-    }
-    true
+    set_orig(sock(ctx), &orig)
 }
 
 /// The original destination of a steered socket, when the datagram comes from the DNS proxy.
 #[inline(always)]
 fn steered(ctx: &SockAddrContext, from_port: u16) -> Option<OrigDst> {
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // SAFETY: copied out at once.
-    let o = unsafe { ORIG_BY_COOKIE.get(&cookie) }.copied()?;
+    let o = orig_of(sock(ctx))?;
     let cfg = CONFIG.get(active_set())?;
     let ours = cfg.dns_port != 0 && from_port == cfg.dns_port;
     (ours && o.dst.port == egress_common::fqdn::DNS_PORT as u32).then_some(o)

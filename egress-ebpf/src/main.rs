@@ -2,7 +2,7 @@
 //! `egress_common::decide`, act (pass, rewrite to the proxy, or refuse with EPERM).
 //!
 //! This file is the list of programs: each entry point is a line or two calling the logic of
-//! its hook (`sock_addr`, `sockops`, `tc`). The function names are the program names the
+//! its hook (`sock_addr`, `skb`, `tc`). The function names are the program names the
 //! agent loads and attaches by; the maps (`maps`) are found by their `EGRESS_*` names.
 #![no_std]
 #![no_main]
@@ -14,18 +14,16 @@ mod relay;
 mod skb;
 mod sock_addr;
 mod sock_create;
-mod sockops;
 mod tc;
 mod tc_node;
 
 use aya_ebpf::{
     macros::{
         cgroup_skb, cgroup_sock, cgroup_sock_addr, cgroup_sockopt, classifier, lsm_cgroup,
-        sock_ops, stream_verdict,
+        stream_verdict,
     },
     programs::{
-        LsmContext, SkBuffContext, SockAddrContext, SockContext, SockOpsContext, SockoptContext,
-        TcContext,
+        LsmContext, SkBuffContext, SockAddrContext, SockContext, SockoptContext, TcContext,
     },
 };
 use egress_common::{hook, proto};
@@ -73,14 +71,6 @@ pub fn egress_getpeername4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername6)]
 pub fn egress_getpeername6(ctx: SockAddrContext) -> i32 {
     sock_addr::getpeername6(&ctx)
-}
-
-/// Re-keys the original destination of a redirected socket by the client's address once the
-/// kernel has chosen it (the proxy sees exactly that address as its peer), and forgets both
-/// entries when the socket closes.
-#[sock_ops]
-pub fn egress_sockops(ctx: SockOpsContext) -> u32 {
-    sockops::on_event(&ctx)
 }
 
 /// socket() of an AF_INET/AF_INET6 socket: kinds no hook judges are refused (EPERM) unless

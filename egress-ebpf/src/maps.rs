@@ -46,10 +46,6 @@ static MESH_V4: LpmTrie<MeshKeyV4, u32> =
 static MESH_V6: LpmTrie<MeshKeyV6, u32> =
     LpmTrie::with_max_entries(capacity::MESH_PREFIXES, NO_PREALLOC);
 
-#[map(name = "EGRESS_ORIG_COOKIE")]
-pub static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> =
-    LruHashMap::with_max_entries(capacity::ORIG_DST, 0);
-
 #[map(name = "EGRESS_ORIG_TUPLE")]
 pub static ORIG_BY_TUPLE: LruHashMap<OrigKey, OrigDst> =
     LruHashMap::with_max_entries(capacity::ORIG_DST, 0);
@@ -80,9 +76,45 @@ pub static POD_ADDRS: HashMap<u32, tc::PodAddrs> =
     HashMap::with_max_entries(capacity::POD_IFACES, 0);
 
 /// Sockets accepted by a listener of a workload (`skb::INBOUND`): socket-local storage,
-/// freed with the socket.
+/// freed with the socket, and cloned by the kernel from a listener into each socket it
+/// accepts (`BPF_F_CLONE`).
 #[btf_map(name = "EGRESS_SOCK_MARKS")]
-static SOCK_MARKS: SkStorage<u32> = SkStorage::new();
+static SOCK_MARKS: ClonedSkStorage<u32> = ClonedSkStorage::new();
+
+/// The original destination of a redirected socket: socket-local storage, freed with the
+/// socket (nothing to clean up at close, nothing an LRU could evict from a live connection).
+#[btf_map(name = "EGRESS_SOCK_ORIG")]
+static SOCK_ORIG: SkStorage<OrigDst> = SkStorage::new();
+
+/// `BPF_F_NO_PREALLOC | BPF_F_CLONE`.
+const CLONED_STORAGE_FLAGS: usize = 1 | (1 << 9);
+
+/// A socket storage map whose values the kernel copies into the sockets a listener accepts
+/// (aya's `SkStorage` has no way to set `BPF_F_CLONE`). The fields are the BTF map definition
+/// the loader reads; they are never dereferenced.
+#[repr(C)]
+pub struct ClonedSkStorage<T> {
+    r#type: *const [i32; aya_ebpf::bindings::bpf_map_type::BPF_MAP_TYPE_SK_STORAGE as usize],
+    key: *const i32,
+    value: *const T,
+    max_entries: *const [i32; 0],
+    map_flags: *const [i32; CLONED_STORAGE_FLAGS],
+}
+
+// SAFETY: placeholder pointers the loader patches; never dereferenced from Rust.
+unsafe impl<T> Sync for ClonedSkStorage<T> {}
+
+impl<T> ClonedSkStorage<T> {
+    pub const fn new() -> Self {
+        Self {
+            r#type: core::ptr::null(),
+            key: core::ptr::null(),
+            value: core::ptr::null(),
+            max_entries: core::ptr::null(),
+            map_flags: core::ptr::null(),
+        }
+    }
+}
 
 /// The per-packet program's verdict cache (see `egress_common::skb`).
 #[map(name = "EGRESS_DST_VERDICTS")]
@@ -150,7 +182,7 @@ const NO_COMMON_LRU: u32 = 2;
 const SK_STORAGE_CREATE: u64 = 1;
 
 /// The marks of socket `sk` (any socket pointer the verifier accepts for
-/// `bpf_sk_storage_get`: a sock_ops or skb socket); 0 when it has none, or when `sk` is null
+/// `bpf_sk_storage_get`: here an skb's socket); 0 when it has none, or when `sk` is null
 /// or not a full socket.
 #[inline(always)]
 pub fn sock_marks(sk: *mut core::ffi::c_void) -> u32 {
@@ -181,6 +213,39 @@ pub fn mark_sock(sk: *mut core::ffi::c_void, flags: u32) -> bool {
         return false;
     }
     unsafe { *(p as *mut u32) |= flags };
+    true
+}
+
+/// The original destination recorded for socket `sk` (a sock_addr or skb socket), if it was
+/// redirected.
+#[inline(always)]
+pub fn orig_of(sk: *mut core::ffi::c_void) -> Option<OrigDst> {
+    if sk.is_null() {
+        return None;
+    }
+    let map = core::ptr::from_ref(&SOCK_ORIG).cast_mut().cast();
+    // SAFETY: a valid socket pointer from the context; copied out at once.
+    let p = unsafe { bpf_sk_storage_get(map, sk, core::ptr::null_mut(), 0) };
+    if p.is_null() {
+        None
+    } else {
+        Some(unsafe { *(p as *const OrigDst) })
+    }
+}
+
+/// Records `o` as socket `sk`'s original destination. False when the storage cannot be had.
+#[inline(always)]
+pub fn set_orig(sk: *mut core::ffi::c_void, o: &OrigDst) -> bool {
+    if sk.is_null() {
+        return false;
+    }
+    let map = core::ptr::from_ref(&SOCK_ORIG).cast_mut().cast();
+    // SAFETY: as above; the storage is this socket's own.
+    let p = unsafe { bpf_sk_storage_get(map, sk, core::ptr::null_mut(), SK_STORAGE_CREATE) };
+    if p.is_null() {
+        return false;
+    }
+    unsafe { *(p as *mut OrigDst) = *o };
     true
 }
 

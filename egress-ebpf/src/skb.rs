@@ -16,26 +16,23 @@
 use core::ptr::read_volatile;
 
 use aya_ebpf::{
-    bindings::BPF_TCP_LISTEN,
-    helpers::{
-        bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
-    },
+    bindings::{BPF_TCP_LISTEN, BPF_TCP_SYN_RECV, BPF_TCP_SYN_SENT},
+    helpers::{bpf_ktime_get_ns, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id},
     programs::SkBuffContext,
-    EbpfContext,
 };
 use egress_common::{
     decide::{on_error, Query},
     hook,
     packet::{self, plain, Bytes, Class},
     skb::{self as s, DstKey, LAST_SKB},
-    MeshConfig, Outcome, VerdictEvent,
+    MeshConfig, OrigDst, OrigKey, Outcome, VerdictEvent,
 };
 
 use crate::{
     events::emit,
     maps::{
-        active_set, cache_verdict, in_mesh, last_verdict, names_epoch, policy, remember,
-        sock_marks, workload_of, CONFIG, DST_VERDICTS, ORIG_BY_COOKIE, PACKET_DROPS,
+        active_set, cache_verdict, in_mesh, last_verdict, mark_sock, names_epoch, orig_of, policy,
+        remember, sock_marks, workload_of, CONFIG, DST_VERDICTS, ORIG_BY_TUPLE, PACKET_DROPS,
     },
     sock_addr::is_proxy,
 };
@@ -120,15 +117,21 @@ pub fn egress(ctx: &SkBuffContext) -> i32 {
         Class::Malformed => s::DROP_MALFORMED,
         Class::Judge | Class::LaterFragment => 0,
     };
-    // A listening socket sends only SYN-ACKs (answers to peers connecting in); a socket its
-    // listener accepted sends replies. Asked only when a packet would not pass otherwise:
-    // the common case (a cached pass) skips the socket storage lookup.
-    let answers = || {
-        bad == 0
-            && !sk.is_null()
-            && (unsafe { read_volatile(&(*sk).state) } == BPF_TCP_LISTEN
-                || sock_marks(sk.cast()) & s::INBOUND != 0)
+    let state = if sk.is_null() {
+        0
+    } else {
+        unsafe { read_volatile(&(*sk).state) }
     };
+    if bad == 0 && (state == BPF_TCP_LISTEN || state == BPF_TCP_SYN_RECV) {
+        // A listener's SYN-ACK (or a socket it accepted with TCP Fast Open, which answers
+        // before it is established): it answers a peer that connected in. The mark is cloned
+        // by the kernel into every socket the listener accepts: their packets are replies.
+        mark_sock(sk.cast(), s::INBOUND);
+        return PASS;
+    }
+    // A socket the listener accepted sends replies. Asked only when a packet would not pass
+    // otherwise: the common case (a cached pass) skips the socket storage lookup.
+    let answers = || bad == 0 && sock_marks(sk.cast()) & s::INBOUND != 0;
 
     let set = active_set();
     let cfg = CONFIG.get(set);
@@ -139,12 +142,14 @@ pub fn egress(ctx: &SkBuffContext) -> i32 {
         if cg == c.agent_cgroup_id {
             return PASS;
         }
-        if bad == 0 && is_proxy(c, &pkt.dst) {
-            let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-            // SAFETY: copied out at once.
-            if let Some(o) = unsafe { ORIG_BY_COOKIE.get(&cookie) } {
+        let syn = pkt.syn && state == BPF_TCP_SYN_SENT;
+        if bad == 0 && (is_proxy(c, &pkt.dst) || (syn && to_other_set_proxy(set, &pkt.dst))) {
+            if let Some(o) = orig_of(sk.cast()) {
                 key.dst = o.dst;
                 key.redirected = 1;
+                if syn {
+                    key_for_proxy(&o, &pkt);
+                }
             }
         }
         if bad == 0 {
@@ -230,6 +235,27 @@ pub fn egress(ctx: &SkBuffContext) -> i32 {
     }
     remember(LAST_SKB, &key, &v);
     PASS
+}
+
+/// Keys a redirected socket's original destination by its client address, at its SYN: the
+/// proxy (or the DNS proxy) sees that address as its peer, and takes the entry when it
+/// accepts the connection. A retransmitted SYN writes the same entry again.
+#[inline(always)]
+fn key_for_proxy(o: &OrigDst, pkt: &packet::Packet) {
+    let key = OrigKey {
+        netns: o.netns,
+        addr: pkt.src,
+    };
+    // A full LRU map evicts its oldest entry; a failure leaves the proxy without the entry,
+    // and it refuses the connection as not redirected.
+    let _ = ORIG_BY_TUPLE.insert(&key, o, 0);
+}
+
+/// Whether `dst` is the agent's proxy under the policy set not in force: a socket redirected
+/// just before a switch dials the old set's port.
+#[inline(always)]
+fn to_other_set_proxy(set: u32, dst: &egress_common::SockAddr) -> bool {
+    CONFIG.get(set ^ 1).is_some_and(|c| is_proxy(c, dst))
 }
 
 /// The packet read straight from its bytes when it is plain (see

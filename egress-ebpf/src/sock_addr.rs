@@ -6,7 +6,7 @@ use core::ptr::{read_volatile, write_volatile};
 
 use aya_ebpf::{
     bindings::bpf_sock_addr,
-    helpers::{bpf_get_current_cgroup_id, bpf_get_socket_cookie},
+    helpers::{bpf_get_current_cgroup_id, bpf_get_netns_cookie},
     programs::SockAddrContext,
     EbpfContext,
 };
@@ -22,8 +22,8 @@ use egress_common::{
 use crate::{
     events::record,
     maps::{
-        active_set, cache_verdict, in_mesh, last_verdict, named, names_epoch, policy, remember,
-        workload, CONFIG, DST_VERDICTS, ORIG_BY_COOKIE,
+        active_set, cache_verdict, in_mesh, last_verdict, named, names_epoch, orig_of, policy,
+        remember, set_orig, workload, CONFIG, DST_VERDICTS,
     },
 };
 
@@ -125,7 +125,7 @@ fn judge(ctx: &SockAddrContext, dst: &Dst, proto: u8, hook: u8) -> Act {
         return Act::Refuse;
     };
     let to_proxy = is_proxy(cfg, &dst.addr);
-    if to_proxy && orig_of_cookie(ctx).is_some() {
+    if to_proxy && orig_of(sock(ctx)).is_some() {
         // Redirected by an earlier program on this hook (ours, during an upgrade, when the
         // old and the new programs run side by side for a moment).
         return Act::Pass;
@@ -146,9 +146,9 @@ fn judge(ctx: &SockAddrContext, dst: &Dst, proto: u8, hook: u8) -> Act {
             rule_id: d.rule_id,
             mapped: dst.mapped as u32,
             _pad0: 0,
+            netns: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
         };
-        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-        if ORIG_BY_COOKIE.insert(&cookie, &orig, 0).is_err() {
+        if !set_orig(sock(ctx), &orig) {
             error!(
                 ctx,
                 "egress: cannot record original destination, cgroup {}", cg
@@ -178,6 +178,12 @@ fn judge(ctx: &SockAddrContext, dst: &Dst, proto: u8, hook: u8) -> Act {
 #[inline(always)]
 fn sa(ctx: &SockAddrContext) -> *mut bpf_sock_addr {
     ctx.sock_addr
+}
+
+/// The socket of the call, for its socket-local storage.
+#[inline(always)]
+pub fn sock(ctx: &SockAddrContext) -> *mut core::ffi::c_void {
+    unsafe { read_volatile(&(*sa(ctx)).__bindgen_anon_1.sk) }.cast()
 }
 
 #[inline(always)]
@@ -271,18 +277,11 @@ pub fn sock6(ctx: &SockAddrContext, proto: u8, hook: u8) -> i32 {
     }
 }
 
-#[inline(always)]
-fn orig_of_cookie(ctx: &SockAddrContext) -> Option<OrigDst> {
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // SAFETY: copied out at once.
-    unsafe { ORIG_BY_COOKIE.get(&cookie) }.copied()
-}
-
 /// The program `egress_getpeername4`: the application sees the address it dialled, not the
 /// proxy's.
 #[inline(always)]
 pub fn getpeername4(ctx: &SockAddrContext) -> i32 {
-    if let Some(o) = orig_of_cookie(ctx) {
+    if let Some(o) = orig_of(sock(ctx)) {
         if o.dst.family == 4 {
             let ip = u32::from_ne_bytes(o.dst.ip4());
             unsafe { write_volatile(&mut (*sa(ctx)).user_ip4, ip) };
@@ -295,7 +294,7 @@ pub fn getpeername4(ctx: &SockAddrContext) -> i32 {
 /// The program `egress_getpeername6`, for IPv6 sockets.
 #[inline(always)]
 pub fn getpeername6(ctx: &SockAddrContext) -> i32 {
-    if let Some(o) = orig_of_cookie(ctx) {
+    if let Some(o) = orig_of(sock(ctx)) {
         let ip = if o.dst.family == 4 {
             mapped6(o.dst.ip4())
         } else {

@@ -82,9 +82,9 @@ fn egress_toggle_takes_effect_on_the_very_next_connect() {
     assert_eq!(st["generation"].as_u64().unwrap(), g0 + 1);
     let human = agent.cli_ok(&["egress", "status"]);
     assert!(human.contains("egress:       disabled"), "{human}");
-    // 11 cgroup programs, 12 where the socket_create LSM program can run.
+    // 10 cgroup programs, 11 where the socket_create LSM program can run.
     assert!(
-        human.contains("programs:     11 attached") || human.contains("programs:     12 attached"),
+        human.contains("programs:     10 attached") || human.contains("programs:     11 attached"),
         "{human}"
     );
 

@@ -100,7 +100,7 @@ fn a_stop_keeps_enforcing_and_uninstall_leaves_nothing() {
     assert_eq!(
         ids.len(),
         cgroup_programs(&agent),
-        "connect4/6, sendmsg4/6, recvmsg4/6, getpeername4/6, sock_ops, sock_create, cgroup_skb/egress (+ the socket_create LSM; no setsockopt without --node-interface): {ids:?}"
+        "connect4/6, sendmsg4/6, recvmsg4/6, getpeername4/6, sock_create, cgroup_skb/egress (+ the socket_create LSM; no setsockopt without --node-interface): {ids:?}"
     );
     // cgroup/setsockopt stops nothing without a --node-interface (or with the LSM program).
     agent.wait_log("egress_setsockopt (not attached: ");
@@ -237,5 +237,5 @@ fn cgroup_programs(agent: &Agent) -> usize {
         "v{}/links/egress_lsm_socket_create",
         egress_common::LAYOUT_VERSION
     ));
-    11 + lsm.exists() as usize
+    10 + lsm.exists() as usize
 }

@@ -6,7 +6,7 @@ use std::{fs, os::fd::AsFd, path::Path};
 use aya::programs::{
     links::{FdLink, PinnedLink},
     tc::{NlOptions, TcAttachOptions},
-    CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SchedClassifier, SockOps,
+    CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SchedClassifier,
     TcAttachType,
 };
 
@@ -17,8 +17,7 @@ use super::{
 };
 
 /// The programs, in the order they are attached.
-pub const PROGRAMS: [&str; 10] = [
-    "egress_sockops",
+pub const PROGRAMS: [&str; 9] = [
     PACKET_PROGRAM,
     "egress_getpeername4",
     "egress_getpeername6",
@@ -34,7 +33,9 @@ pub const PROGRAMS: [&str; 10] = [
 pub const PACKET_PROGRAM: &str = "egress_skb_egress";
 
 /// Set (to anything but 0) in the agent's environment: run without the per-packet program
-/// (the benchmark compares the two, a tc-only test isolates the backstop; not for production).
+/// (the benchmark compares the two, a tc-only test isolates the backstop; not for
+/// production: the per-packet program also keys redirected connections for the proxy, which
+/// refuses them without it).
 pub const NO_PACKET_PROGRAM_ENV: &str = "EGRESS_NO_PACKET_PROGRAM";
 
 fn packet_program_disabled() -> bool {
@@ -87,14 +88,8 @@ impl Datapath {
             }
             let prog = self.ebpf.program_mut(name).ok_or(BpfError::Missing(name))?;
             let perr = |source| BpfError::Program { name, source };
-            let sock_ops = name == "egress_sockops";
             if packet {
                 <&mut CgroupSkb>::try_from(&mut *prog)
-                    .map_err(perr)?
-                    .load()
-                    .map_err(perr)?;
-            } else if sock_ops {
-                <&mut SockOps>::try_from(&mut *prog)
                     .map_err(perr)?
                     .load()
                     .map_err(perr)?;
@@ -135,15 +130,6 @@ impl Datapath {
                         CgroupSkbAttachType::Egress,
                         CgroupAttachMode::Single,
                     )
-                    .map_err(perr)?;
-                p.take_link(id)
-                    .map_err(perr)?
-                    .try_into()
-                    .map_err(|source| BpfError::Link { name, source })?
-            } else if sock_ops {
-                let p: &mut SockOps = prog.try_into().map_err(perr)?;
-                let id = p
-                    .attach(cg.as_fd(), CgroupAttachMode::Single)
                     .map_err(perr)?;
                 p.take_link(id)
                     .map_err(perr)?

@@ -124,12 +124,10 @@ fn map_of(name: &str, data: MapData) -> aya::maps::Map {
     match name {
         names::COUNTERS | names::TC_COUNTERS | names::PACKET_DROPS => Map::PerCpuArray(data),
         names::EVENTS => Map::RingBuf(data),
-        names::ORIG_BY_COOKIE
-        | names::ORIG_BY_TUPLE
-        | names::REPLIES
-        | names::FRAGMENTS
-        | names::DST_VERDICTS => Map::LruHashMap(data),
-        names::SOCK_MARKS => Map::SkStorage(data),
+        names::ORIG_BY_TUPLE | names::REPLIES | names::FRAGMENTS | names::DST_VERDICTS => {
+            Map::LruHashMap(data)
+        }
+        names::SOCK_MARKS | names::SOCK_ORIG => Map::SkStorage(data),
         names::WORKLOADS | names::POD_ADDRS | names::NAMES => Map::HashMap(data),
         names::CONFIG | names::ACTIVE | names::NAMES_EPOCH => Map::Array(data),
         _ => Map::LpmTrie(data),

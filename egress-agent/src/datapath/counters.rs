@@ -160,10 +160,6 @@ impl Datapath {
             let n = m.keys().count();
             out.push((names::ORIG_BY_TUPLE, n, egress_common::capacity::ORIG_DST));
         }
-        if let Ok(m) = self.map::<HashMap<_, u64, OrigDst>>(names::ORIG_BY_COOKIE) {
-            let n = m.keys().count();
-            out.push((names::ORIG_BY_COOKIE, n, egress_common::capacity::ORIG_DST));
-        }
         out
     }
 

@@ -2,8 +2,8 @@
 //! node fails with one clear line instead of a verifier log.
 //!
 //! Linux 5.15 is the first release where every helper and hook the programs use is there:
-//! `bpf_get_netns_cookie` from `sock_ops` (the in-pod proxy keys redirected connections by
-//! network namespace), the `getpeername4/6` hooks and the BPF ring buffer (5.8), cgroup bpf
+//! `bpf_get_netns_cookie` from the connect hooks (the in-pod proxy keys redirected connections
+//! by network namespace), taking a map entry in one call (5.14, the proxy's accept), the `getpeername4/6` hooks and the BPF ring buffer (5.8), cgroup bpf
 //! links (5.7). tc programs attach through tcx on 6.6 and later, through a clsact qdisc before.
 
 use std::fmt;
@@ -20,7 +20,7 @@ impl fmt::Display for TooOld {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "this kernel is Linux {}; egress needs Linux {}.{} or later (bpf_get_netns_cookie in sock_ops programs)",
+            "this kernel is Linux {}; egress needs Linux {}.{} or later (bpf_get_netns_cookie in cgroup programs, lookup-and-delete of hash map entries)",
             self.release, MINIMUM.0, MINIMUM.1
         )
     }

@@ -17,13 +17,14 @@ const BPF_LINK_CREATE: libc::c_long = 28;
 /// `enum bpf_attach_type`: BPF_CGROUP_SETSOCKOPT.
 pub const CGROUP_SETSOCKOPT: u32 = 22;
 
-/// `union bpf_attr` as `BPF_LINK_CREATE` and `BPF_OBJ_PIN` read it (zeroed beyond).
+/// `union bpf_attr` as `BPF_LINK_CREATE`, `BPF_OBJ_PIN` and the map element commands read
+/// it (zeroed beyond).
 #[repr(C)]
-struct Attr {
-    words: [u64; 16],
+pub(super) struct Attr {
+    pub words: [u64; 16],
 }
 
-fn bpf(cmd: libc::c_long, attr: &Attr) -> io::Result<libc::c_long> {
+pub(super) fn bpf(cmd: libc::c_long, attr: &Attr) -> io::Result<libc::c_long> {
     // SAFETY: attr is a valid, fully initialised bpf_attr of the size given.
     let r = unsafe {
         libc::syscall(

@@ -153,9 +153,17 @@ impl DnsProxy {
         Some(Slot(self.per_workload.clone(), wid))
     }
 
+    /// The resolver a steered UDP socket asked (its entry stays: the socket may send more
+    /// queries).
     fn original(&self, key: &OrigKey) -> Option<OrigDst> {
         let o = self.orig.get(key, 0).ok()?;
-        (o.dst.port == egress_common::fqdn::DNS_PORT as u32).then_some(o)
+        resolver(o)
+    }
+
+    /// The resolver a steered TCP connection asked, taken out of the map (the connection's
+    /// client address is keyed for this one connection).
+    fn take_original(&self, key: &OrigKey) -> Option<OrigDst> {
+        resolver(crate::datapath::raw_map::take(&self.orig, key).ok()?)
     }
 
     async fn udp_loop(self: Arc<Self>, sock: Arc<UdpSocket>, pod: Option<Arc<PathBuf>>) {
@@ -299,7 +307,7 @@ impl DnsProxy {
     /// learned before it goes back.
     async fn tcp_conn(&self, mut client: TcpStream, key: OrigKey, pod: Option<&PathBuf>) {
         let m = &self.names.metrics;
-        let Some(orig) = self.original(&key) else {
+        let Some(orig) = self.take_original(&key) else {
             m.dropped(Dropped::NotSteered);
             return;
         };
@@ -360,4 +368,9 @@ async fn write_msg(s: &mut TcpStream, msg: &[u8]) -> std::io::Result<()> {
     out.extend_from_slice(&(msg.len() as u16).to_be_bytes());
     out.extend_from_slice(msg);
     s.write_all(&out).await
+}
+
+/// `o` when it records a query to a resolver (port 53).
+fn resolver(o: OrigDst) -> Option<OrigDst> {
+    (o.dst.port == egress_common::fqdn::DNS_PORT as u32).then_some(o)
 }

@@ -1,7 +1,8 @@
 //! The transparent proxy behind the kernel's redirect.
 //!
-//! For each accepted connection it looks up the original destination the kernel recorded under
-//! the client's address (none: the connection was not redirected, and is refused). When a rule
+//! For each accepted connection it takes the original destination the kernel recorded under
+//! the client's address out of the map (none: the connection was not redirected, and is
+//! refused). When a rule
 //! for that destination names hosts, it reads the TLS SNI or HTTP Host from the client's first
 //! bytes (bounded, timed) and judges it, failing closed when it cannot tell the host; HTTP/1.x
 //! connections are then judged request by request ([`http1`]). Otherwise it does not wait for
@@ -241,7 +242,7 @@ impl Proxy {
         key: OrigKey,
         peer: SocketAddr,
     ) -> Option<task::Relaying> {
-        let orig = match self.orig.get(&key, 0) {
+        let orig = match crate::datapath::raw_map::take(&self.orig, &key) {
             Ok(o) => o,
             Err(e) => {
                 self.metrics
