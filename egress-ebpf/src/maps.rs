@@ -181,17 +181,24 @@ const NO_COMMON_LRU: u32 = 2;
 /// `bpf_sk_storage_get(F_CREATE)`.
 const SK_STORAGE_CREATE: u64 = 1;
 
-/// The marks of socket `sk` (any socket pointer the verifier accepts for
-/// `bpf_sk_storage_get`: here an skb's socket); 0 when it has none, or when `sk` is null
-/// or not a full socket.
+/// Socket `sk`'s value in the socket storage map `map`, created (zeroed) first when `create`;
+/// null when it has none, or when `sk` is null or not a full socket. `sk` is any socket
+/// pointer the verifier accepts for `bpf_sk_storage_get`: here a sock_addr or an skb socket.
+#[inline(always)]
+fn sk_value<M>(map: &M, sk: *mut core::ffi::c_void, create: bool) -> *mut core::ffi::c_void {
+    if sk.is_null() {
+        return core::ptr::null_mut();
+    }
+    let map = core::ptr::from_ref(map).cast_mut().cast();
+    let flags = if create { SK_STORAGE_CREATE } else { 0 };
+    // SAFETY: a valid socket pointer from the context; the storage is this socket's own.
+    unsafe { bpf_sk_storage_get(map, sk, core::ptr::null_mut(), flags) }
+}
+
+/// The marks of socket `sk`; 0 when it has none.
 #[inline(always)]
 pub fn sock_marks(sk: *mut core::ffi::c_void) -> u32 {
-    if sk.is_null() {
-        return 0;
-    }
-    let map = core::ptr::from_ref(&SOCK_MARKS).cast_mut().cast();
-    // SAFETY: a valid socket pointer from the context; copied out at once.
-    let p = unsafe { bpf_sk_storage_get(map, sk, core::ptr::null_mut(), 0) };
+    let p = sk_value(&SOCK_MARKS, sk, false);
     if p.is_null() {
         0
     } else {
@@ -203,29 +210,17 @@ pub fn sock_marks(sk: *mut core::ffi::c_void) -> u32 {
 /// the storage cannot be had (no memory, not a full socket).
 #[inline(always)]
 pub fn mark_sock(sk: *mut core::ffi::c_void, flags: u32) -> bool {
-    if sk.is_null() {
-        return false;
+    let p = sk_value(&SOCK_MARKS, sk, true);
+    if !p.is_null() {
+        unsafe { *(p as *mut u32) |= flags };
     }
-    let map = core::ptr::from_ref(&SOCK_MARKS).cast_mut().cast();
-    // SAFETY: as above; the storage is this socket's own.
-    let p = unsafe { bpf_sk_storage_get(map, sk, core::ptr::null_mut(), SK_STORAGE_CREATE) };
-    if p.is_null() {
-        return false;
-    }
-    unsafe { *(p as *mut u32) |= flags };
-    true
+    !p.is_null()
 }
 
-/// The original destination recorded for socket `sk` (a sock_addr or skb socket), if it was
-/// redirected.
+/// The original destination recorded for socket `sk`, if it was redirected.
 #[inline(always)]
 pub fn orig_of(sk: *mut core::ffi::c_void) -> Option<OrigDst> {
-    if sk.is_null() {
-        return None;
-    }
-    let map = core::ptr::from_ref(&SOCK_ORIG).cast_mut().cast();
-    // SAFETY: a valid socket pointer from the context; copied out at once.
-    let p = unsafe { bpf_sk_storage_get(map, sk, core::ptr::null_mut(), 0) };
+    let p = sk_value(&SOCK_ORIG, sk, false);
     if p.is_null() {
         None
     } else {
@@ -236,17 +231,11 @@ pub fn orig_of(sk: *mut core::ffi::c_void) -> Option<OrigDst> {
 /// Records `o` as socket `sk`'s original destination. False when the storage cannot be had.
 #[inline(always)]
 pub fn set_orig(sk: *mut core::ffi::c_void, o: &OrigDst) -> bool {
-    if sk.is_null() {
-        return false;
+    let p = sk_value(&SOCK_ORIG, sk, true);
+    if !p.is_null() {
+        unsafe { *(p as *mut OrigDst) = *o };
     }
-    let map = core::ptr::from_ref(&SOCK_ORIG).cast_mut().cast();
-    // SAFETY: as above; the storage is this socket's own.
-    let p = unsafe { bpf_sk_storage_get(map, sk, core::ptr::null_mut(), SK_STORAGE_CREATE) };
-    if p.is_null() {
-        return false;
-    }
-    unsafe { *(p as *mut OrigDst) = *o };
-    true
+    !p.is_null()
 }
 
 #[map(name = "EGRESS_PACKET_DROPS")]
