@@ -10,7 +10,8 @@
                                          the echo reply
   attack.py connect DST PORT             a plain TCP connect
   attack.py hold DST PORT SECS [TAG]     TCP connect, then a line (TAG, default x) every 100 ms for SECS
-  attack.py serve IP PORT                accept connections; answer each line with "pong"
+  attack.py serve IP PORT [tfo]          accept connections; answer each line with "pong"
+                                         (tfo: the listener takes TCP Fast Open)
 
 Each prints one line: what happened ("connected", "error: ...", "reply", "timeout", ...).
 """
@@ -95,10 +96,12 @@ def hold(dst, port, secs, tag="x"):
         time.sleep(0.1)
 
 
-def serve(ip, port):
+def serve(ip, port, tfo=False):
     fam = socket.AF_INET6 if ":" in ip else socket.AF_INET
     l = socket.socket(fam, socket.SOCK_STREAM)
     l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if tfo:
+        l.setsockopt(socket.IPPROTO_TCP, 23, 16)  # TCP_FASTOPEN, queue of 16
     l.bind((ip, port))
     l.listen(16)
     print("listening", flush=True)
@@ -129,5 +132,5 @@ if __name__ == "__main__":
     elif a[1] == "hold":
         hold(a[2], int(a[3]), float(a[4]), *a[5:6])
     elif a[1] == "serve":
-        serve(a[2], int(a[3]))
+        serve(a[2], int(a[3]), a[4:] == ["tfo"])
     sys.stdout.flush()

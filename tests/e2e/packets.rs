@@ -24,6 +24,7 @@ use crate::harness::{privileged, run_ok, Agent, WEB_POLICY_HEAD};
 
 const ATTACK: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/e2e/attack.py");
 const PACKETS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/e2e/packets.py");
+const BYPASS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/e2e/bypass.py");
 
 const GOOD4: &str = "192.0.2.1";
 const BAD4: &str = "192.0.2.2";
@@ -264,10 +265,23 @@ struct Proc(Child);
 
 impl Proc {
     fn in_cgroup(dir: &Path, args: &[&str]) -> Proc {
-        let child = Command::new("sh")
-            .args(["-c", "echo $$ > \"$0/cgroup.procs\" && exec \"$@\""])
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "echo $$ > \"$0/cgroup.procs\" && exec \"$@\""])
             .arg(dir)
-            .args(args)
+            .args(args);
+        Proc::start(cmd, args)
+    }
+
+    /// `args` outside every workload.
+    fn outside(args: &[&str]) -> Proc {
+        let mut cmd = Command::new(args[0]);
+        cmd.args(&args[1..]);
+        Proc::start(cmd, args)
+    }
+
+    /// Runs `cmd` until it says it is connected or listening.
+    fn start(mut cmd: Command, args: &[&str]) -> Proc {
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -549,4 +563,72 @@ fn workload_server_answers() {
     let out = agent.exec("web", &["python3", ATTACK, "connect", "127.33.0.1", &p]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("not permitted"), "{text}");
+}
+
+/// (5b) The same with TCP Fast Open, where the listener's very first connection carries its
+/// data in the SYN (the client holds a cookie from an earlier server on that address): the
+/// socket accepted at the SYN answers (SYN-ACK, first data) before it is established, and
+/// before its listener ever sent a SYN-ACK of its own. The namespace's `TCPFastOpenPassive`
+/// counter shows that the connections really were Fast Open.
+#[test]
+fn workload_server_answers_tcp_fast_open() {
+    if !privileged() {
+        return;
+    }
+    let ns = Netns::new();
+    run_ok(Command::new("ip").args([
+        "netns",
+        "exec",
+        &ns.name,
+        "sysctl",
+        "-qw",
+        "net.ipv4.tcp_fastopen=3",
+    ]));
+    let agent = Agent::start(&deny_policy(&["127.33.0.9/32"], true));
+    let port = crate::harness::free_port().to_string();
+    let dir = agent.root.join("default").join("web");
+    let net = format!("--net={}", ns.path.display());
+    let serve = |ip| {
+        [
+            "nsenter", &net, "python3", ATTACK, "serve", ip, &port, "tfo",
+        ]
+    };
+    let client = |ip| {
+        let out = Command::new("nsenter")
+            .args([&net, "python3", BYPASS, "fastopen", ip, &port, "ping"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let passive = || {
+        let out = Command::new("nsenter")
+            .args([&net, "cat", "/proc/net/netstat"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+        let (names, values) = (lines.next().unwrap(), lines.next().unwrap());
+        let i = names
+            .split_whitespace()
+            .position(|n| n == "TCPFastOpenPassive")
+            .expect("TCPFastOpenPassive");
+        values
+            .split_whitespace()
+            .nth(i)
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+    };
+    for ip in [GOOD4, GOOD6] {
+        // A server outside every workload hands the client its cookie, then goes.
+        let seed = Proc::outside(&serve(ip));
+        assert_eq!(client(ip), "ok reply=pong", "{ip}: seeding");
+        drop(seed);
+        let _server = Proc::in_cgroup(&dir, &serve(ip));
+        let before = passive();
+        for i in 0..2 {
+            assert_eq!(client(ip), "ok reply=pong", "{ip}, connection {i}");
+        }
+        assert!(passive() >= before + 2, "no Fast Open connection to {ip}");
+    }
 }

@@ -140,8 +140,19 @@ fn tcp_by_port_only_and_another_ip_on_the_same_port() {
         "kind: MeshConfig\nmetadata: {{name: e}}\nspec: {{traffic: {{enableEgress: false}}, proxy: {{port: {{proxy_port}}}}}}\n---\nkind: Workload\nmetadata: {{name: web}}\n---\nkind: Egress\nmetadata: {{name: db}}\nspec: {{sources: [{{name: web}}], ipAddresses: [127.31.1.1/32], ports: [{{number: {}, protocol: tcp}}], via: proxy}}\n",
         db.port()
     ));
-    let out = agent.client("web", &["tcp", &db.ip(), &db.port(), "q"]);
-    assert_eq!(out, format!("ok peer={0} reply={0}|q", db.addr));
+    for _ in 0..3 {
+        let out = agent.client("web", &["tcp", &db.ip(), &db.port(), "q"]);
+        assert_eq!(out, format!("ok peer={0} reply={0}|q", db.addr));
+    }
+    // The proxy takes each connection's entry at accept: none stays behind.
+    let keyed = crate::dns::metric(&agent, "egress_map_entries{map=\"EGRESS_ORIG_TUPLE\"}");
+    assert_eq!(keyed, 0.0, "entries left in EGRESS_ORIG_TUPLE");
+    let cap = crate::dns::metric(&agent, "egress_map_capacity{map=\"EGRESS_ORIG_TUPLE\"}");
+    assert_eq!(
+        cap,
+        egress_common::capacity::ORIG_DST as f64,
+        "the map is reported"
+    );
     let out = agent.client("web", &["tcp", "127.31.1.2", &db.port()]);
     assert!(
         out.starts_with("err EPERM"),
