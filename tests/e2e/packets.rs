@@ -59,15 +59,12 @@ impl Netns {
         for a in [GOOD6, BAD6] {
             ns.ip(&["addr", "add", &format!("{a}/128"), "dev", "lo", "nodad"]);
         }
-        run_ok(Command::new("ip").args([
-            "netns",
-            "exec",
-            &ns.name,
-            "sysctl",
-            "-qw",
-            "net.ipv4.ping_group_range=0 2147483647",
-        ]));
+        ns.sysctl("net.ipv4.ping_group_range=0 2147483647");
         ns
+    }
+
+    fn sysctl(&self, setting: &str) {
+        run_ok(Command::new("ip").args(["netns", "exec", &self.name, "sysctl", "-qw", setting]));
     }
 
     fn ip(&self, args: &[&str]) {
@@ -576,14 +573,7 @@ fn workload_server_answers_tcp_fast_open() {
         return;
     }
     let ns = Netns::new();
-    run_ok(Command::new("ip").args([
-        "netns",
-        "exec",
-        &ns.name,
-        "sysctl",
-        "-qw",
-        "net.ipv4.tcp_fastopen=3",
-    ]));
+    ns.sysctl("net.ipv4.tcp_fastopen=3");
     let agent = Agent::start(&deny_policy(&["127.33.0.9/32"], true));
     let port = crate::harness::free_port().to_string();
     let dir = agent.root.join("default").join("web");
