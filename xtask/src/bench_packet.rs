@@ -326,47 +326,31 @@ pub fn paired(
     Ok(t)
 }
 
-/// The verdicts: with the program >= 0.97x direct on each workload (the median of the paired
-/// rounds), the same without it beside.
+/// The verdicts: with the program >= 0.97x direct on each workload, judged on the side-by-side
+/// rounds (both clients at once, with a direct/direct control that reads 1.00x +- 0.01 when
+/// the method is unbiased), the same without the program beside. The ABBA rounds' median is
+/// shown in the same line but not judged: on this VM their rounds swing by 20-40 % (their
+/// without-program row, which should read about 1.00x, read 0.80x-1.10x in full runs), too
+/// wide to resolve a 3 % criterion either way.
 pub fn verdicts(p1: &Table) -> Vec<Verdict> {
-    WORKLOADS
-        .iter()
+    let spread = |row: &Row| {
+        let v: Vec<f64> = row.samples.iter().map(|s| s.value).collect();
+        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        format!("{lo:.3}-{hi:.3}")
+    };
+    let x = |r: Option<f64>, digits: usize| r.map_or("-".into(), |r| format!("{r:.digits$}x"));
+    SIDE.iter()
         .enumerate()
-        .map(|(w, what)| {
-            let (with, without) = (&p1.rows[w * 2], &p1.rows[w * 2 + 1]);
-            let (r, r0) = (with.value(), without.value());
-            let rounds = with
-                .samples
-                .iter()
-                .map(|s| format!("{:.2}", s.value))
-                .collect::<Vec<_>>()
-                .join("/");
-            let busy = with.busy() || without.busy();
-            Verdict {
-                target: format!("allow-direct with the packet program, {what} >= 0.97x (P1)"),
-                measured: format!(
-                    "{} (rounds {rounds}; without it: {}){}",
-                    r.map_or("-".into(), |r| format!("{r:.2}x")),
-                    r0.map_or("-".into(), |r| format!("{r:.2}x")),
-                    if busy { " *busy*" } else { "" }
-                ),
-                pass: r.map(|r| r >= 0.97),
-            }
-        })
-        .chain(SIDE.iter().enumerate().map(|(i, &w)| {
+        .map(|(i, &w)| {
             let base = WORKLOADS.len() * 2 + i * 2;
             let (with, without) = (&p1.rows[base], &p1.rows[base + 1]);
+            let (abba, abba0) = (&p1.rows[w * 2], &p1.rows[w * 2 + 1]);
             let control = CONTROLS
                 .iter()
                 .position(|&c| c == w)
                 .and_then(|c| p1.rows[p1.rows.len() - CONTROLS.len() + c].value());
-            let (r, r0) = (with.value(), without.value());
-            let spread = |row: &Row| {
-                let v: Vec<f64> = row.samples.iter().map(|s| s.value).collect();
-                let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
-                let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                format!("{lo:.3}-{hi:.3}")
-            };
+            let r = with.value();
             let busy = with.busy() || without.busy();
             Verdict {
                 target: format!(
@@ -374,16 +358,20 @@ pub fn verdicts(p1: &Table) -> Vec<Verdict> {
                     WORKLOADS[w]
                 ),
                 measured: format!(
-                    "{} ({} over {} rounds; without it: {}; control direct/direct: {}){}",
-                    r.map_or("-".into(), |r| format!("{r:.3}x")),
+                    "{} ({} over {} rounds; without it: {}; control direct/direct: {}; \
+                     ABBA rounds, not judged: {} ({}), without it {}){}",
+                    x(r, 3),
                     spread(with),
                     with.samples.len(),
-                    r0.map_or("-".into(), |r| format!("{r:.3}x")),
-                    control.map_or("-".into(), |r| format!("{r:.3}x")),
+                    x(without.value(), 3),
+                    x(control, 3),
+                    x(abba.value(), 2),
+                    spread(abba),
+                    x(abba0.value(), 2),
                     if busy { " *busy*" } else { "" }
                 ),
                 pass: r.map(|r| r >= 0.97),
             }
-        }))
+        })
         .collect()
 }
