@@ -22,10 +22,7 @@ use egress_common::{
     hook, proto, Decision, MeshConfig, OrigDst, OrigKey, SockAddr,
 };
 
-use crate::{
-    maps::{active_set, orig_of, set_orig, CONFIG, ORIG_BY_TUPLE},
-    sock_addr::sock,
-};
+use crate::maps::{active_set, orig_of, set_orig, sock, CONFIG, ORIG_BY_TUPLE};
 
 const AF_INET: u32 = 2;
 const PASS: i32 = 1;

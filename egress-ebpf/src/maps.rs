@@ -8,6 +8,7 @@ use aya_ebpf::{
     helpers::bpf_sk_storage_get,
     macros::{btf_map, map},
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    programs::SockAddrContext,
 };
 use egress_common::{
     capacity, fqdn::NameKey, mesh_key, policy_key, policy_scope, skb, tc, workload_key, MeshConfig,
@@ -215,6 +216,13 @@ pub fn mark_sock(sk: *mut core::ffi::c_void, flags: u32) -> bool {
         unsafe { *(p as *mut u32) |= flags };
     }
     !p.is_null()
+}
+
+/// The socket of a connect/sendmsg/recvmsg/getpeername call, for its socket-local storage.
+#[inline(always)]
+pub fn sock(ctx: &SockAddrContext) -> *mut core::ffi::c_void {
+    // SAFETY: `sk` of a sock_addr context is always a valid socket; the verifier checks it.
+    unsafe { core::ptr::read_volatile(&(*ctx.sock_addr).__bindgen_anon_1.sk) }.cast()
 }
 
 /// The original destination recorded for socket `sk`, if it was redirected.

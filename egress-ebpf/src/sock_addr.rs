@@ -23,7 +23,7 @@ use crate::{
     events::record,
     maps::{
         active_set, cache_verdict, in_mesh, last_verdict, named, names_epoch, orig_of, policy,
-        remember, set_orig, workload, CONFIG, DST_VERDICTS,
+        remember, set_orig, sock, workload, CONFIG, DST_VERDICTS,
     },
 };
 
@@ -178,12 +178,6 @@ fn judge(ctx: &SockAddrContext, dst: &Dst, proto: u8, hook: u8) -> Act {
 #[inline(always)]
 fn sa(ctx: &SockAddrContext) -> *mut bpf_sock_addr {
     ctx.sock_addr
-}
-
-/// The socket of the call, for its socket-local storage.
-#[inline(always)]
-pub fn sock(ctx: &SockAddrContext) -> *mut core::ffi::c_void {
-    unsafe { read_volatile(&(*sa(ctx)).__bindgen_anon_1.sk) }.cast()
 }
 
 #[inline(always)]
