@@ -4,9 +4,10 @@
 //! recvmsg4/6 show an unconnected UDP client the reply as coming from that resolver.
 //!
 //! The DNS proxy finds the resolver by the client's address: TCP through the per-packet
-//! program, which keys it at the socket's SYN (as for the HTTP proxy), UDP by (network namespace, source port) in `EGRESS_ORIG_TUPLE`. A UDP socket
-//! that connect()s has no source port yet; it is bound here to a random ephemeral port first
-//! (what the kernel's autobind would do a moment later).
+//! program, which keys it at the socket's SYN (as for the HTTP proxy), UDP by (network
+//! namespace, source port) in `EGRESS_ORIG_TUPLE`. A UDP socket that connect()s has no source
+//! port yet; it is bound here to a random ephemeral port first (what the kernel's autobind
+//! would do a moment later).
 
 use core::ptr::{read_volatile, write_volatile};
 
