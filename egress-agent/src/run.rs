@@ -93,7 +93,8 @@ impl Drop for Leave {
 
 /// Each relayed connection holds two sockets (and two pipes while it moves bulk): allow as
 /// many fds as the kernel lets a process have (`fs.nr_open`, up to 1M; root may raise its
-/// hard limit), else the hard limit. A limit of 20,000 lost connections of a 10,000 burst.
+/// hard limit), else the hard limit. The limit bounds each fd table, and each proxy thread
+/// has its own (`proxy::fd_table`).
 fn raise_fd_limit() {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     let want = std::fs::read_to_string("/proc/sys/fs/nr_open")

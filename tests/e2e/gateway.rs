@@ -101,7 +101,12 @@ impl Gateway {
 /// `peer_ip` (the gateway's outgoing address) as the peer of its `n`-th connection.
 fn through(agent: &Agent, dst: &TcpServer, msg: &str, n: usize, peer_ip: &str) {
     let out = agent.client("web", &["tcp", &dst.ip(), &dst.port(), msg]);
-    assert_eq!(out, format!("ok peer={0} reply={0}|{msg}", dst.addr));
+    assert_eq!(
+        out,
+        format!("ok peer={0} reply={0}|{msg}", dst.addr),
+        "{}",
+        agent.log()
+    );
     assert_eq!(dst.peer(n).ip(), ip(peer_ip), "the destination's peer");
 }
 

@@ -430,3 +430,80 @@ fn a_burst_of_server_first_connections_loses_none() {
     println!("burst of 2000 through the proxy: {out}");
     assert!(out.starts_with("served=2000 lost=0 "), "{out}");
 }
+
+/// The fd limit bounds each table, and each proxy thread has one of its own: an agent whose
+/// limit is below two sockets per connection still serves every connection of a burst held
+/// open at once. The agent runs without CAP_SYS_RESOURCE (bounding set), so it cannot raise
+/// the limit the test gives it.
+#[test]
+fn a_burst_needing_more_fds_than_the_limit_loses_none() {
+    if !privileged_with(&["python3", "setpriv", "prlimit"]) {
+        return;
+    }
+    const LIMIT: usize = 700;
+    const N: usize = 400;
+    let mut server = Child(
+        Command::new("python3")
+            .args([BURST, "server", "127.31.2.2", "2222"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut ready = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(server.0.stdout.as_mut().unwrap()),
+        &mut ready,
+    )
+    .unwrap();
+    assert_eq!(ready.trim(), "listening");
+    let mut agent = Agent::new(
+        "kind: MeshConfig\nmetadata: {name: e}\nspec: {traffic: {enableEgress: false}, proxy: {port: {proxy_port}, maxConnections: 8192}}\n---\nkind: Workload\nmetadata: {name: web}\n---\nkind: Egress\nmetadata: {name: banner}\nspec: {sources: [{name: web}], ipAddresses: [127.31.2.2/32], ports: [{number: 2222}], via: proxy}\n",
+    );
+    agent.wrapper = [
+        "setpriv",
+        "--bounding-set",
+        "-sys_resource",
+        "prlimit",
+        &format!("--nofile={LIMIT}:{LIMIT}"),
+    ]
+    .map(String::from)
+    .to_vec();
+    agent.spawn();
+    let pid = agent_pid(&agent);
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let soft: usize = line.split_whitespace().nth(3).unwrap().parse().unwrap();
+    assert_eq!(soft, LIMIT, "{line}");
+    let base = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    // One table could not hold them: two sockets per connection, and what the agent opened.
+    assert!(2 * N + base > LIMIT, "base {base}");
+    let out = agent.exec_line(
+        "web",
+        &[
+            "python3",
+            BURST,
+            "client",
+            "127.31.2.2",
+            "2222",
+            &N.to_string(),
+            "20",
+        ],
+        "burst client",
+    );
+    println!("burst of {N} through the proxy, fd limit {LIMIT}, {base} fds at start: {out}");
+    assert!(
+        out.starts_with(&format!("served={N} lost=0 ")),
+        "{out}\n{}",
+        agent.log()
+    );
+    assert!(
+        !agent.log().contains("proxy accept failed"),
+        "{}",
+        agent.log()
+    );
+}

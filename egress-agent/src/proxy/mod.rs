@@ -11,6 +11,7 @@
 //! the node itself, see [`guard`]), or through the egress gateway their rule names (or the
 //! global one): never direct when a gateway is chosen but down.
 
+mod fd_table;
 pub mod guard;
 pub mod http1;
 pub mod inpod;
@@ -189,7 +190,7 @@ impl Proxy {
     /// ([`threads`]), in turn; the connections a listener accepted are relayed on its thread
     /// (and go on when the listener is dropped).
     pub async fn serve(self: Arc<Self>, listeners: Vec<TcpListener>) {
-        threads::serve(listeners, |l| self.clone().accept_loop(l)).await
+        threads::serve(listeners, move |l| self.clone().accept_loop(l)).await
     }
 
     async fn accept_loop(self: Arc<Self>, listener: std::net::TcpListener) {

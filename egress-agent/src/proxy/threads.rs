@@ -4,38 +4,60 @@
 //! readiness events, timers and wake-ups stay on one thread: no work stealing, no worker woken
 //! to look for work it will not find (a futex or eventfd write and a context switch each time
 //! on the agent's multi-threaded runtime). The kernel spreads new connections over the
-//! listeners (SO_REUSEPORT, one socket per acceptor). Started on first use; they live as long
-//! as the agent.
+//! listeners (SO_REUSEPORT, one socket per acceptor). Each thread has a file descriptor table
+//! of its own ([`fd_table`]), so the connections it holds count against a limit of their own.
+//! Started on first use; they live as long as the agent.
 
-use std::{future::Future, sync::OnceLock};
+use std::{
+    future::Future,
+    os::fd::{AsRawFd, OwnedFd, RawFd},
+    sync::{Arc, Condvar, Mutex, OnceLock},
+};
 
 use tokio::{net::TcpListener, runtime::Handle};
 use tracing::warn;
 
+use super::fd_table;
 use crate::datapath::listen::ACCEPTORS;
 
 /// Runs `accept_loop` for each listener on a proxy thread, in turn, until dropped.
 pub async fn serve<F, Fut>(listeners: Vec<TcpListener>, accept_loop: F)
 where
-    F: Fn(std::net::TcpListener) -> Fut,
+    F: Fn(std::net::TcpListener) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let threads = handles();
     let mut tasks = Vec::new();
     for (i, l) in listeners.into_iter().enumerate() {
-        // Registered again by the runtime that serves it.
-        let l = match l.into_std() {
-            Ok(l) => l,
+        // Registered again by the runtime that serves it, from its thread's own table.
+        let fd = match l.into_std() {
+            Ok(l) => OwnedFd::from(l),
             Err(e) => {
                 warn!(error = %e, "cannot hand a proxy listener to its thread; not serving it");
                 continue;
             }
         };
-        let work = accept_loop(l);
+        let (taken, copied) = tokio::sync::oneshot::channel();
+        let raw = fd.as_raw_fd();
+        let accept_loop = accept_loop.clone();
+        let work = async move {
+            let copy = fd_table::adopt(raw);
+            let _ = taken.send(());
+            match copy {
+                Ok(l) => accept_loop(std::net::TcpListener::from(l)).await,
+                Err(e) => {
+                    warn!(error = %e, "cannot take a proxy listener into its thread; not serving it")
+                }
+            }
+        };
         tasks.push(match threads.get(i % threads.len().max(1)) {
             Some(rt) => rt.spawn(work),
             None => tokio::spawn(work),
         });
+        // The thread has its copy: close this table's (on this thread, which shares the
+        // process's table).
+        let _ = copied.await;
+        drop(fd);
     }
     let _abort = AbortOnDrop(tasks.iter().map(|h| h.abort_handle()).collect());
     for t in tasks {
@@ -47,7 +69,7 @@ static THREADS: OnceLock<Vec<Handle>> = OnceLock::new();
 
 /// The proxy threads' runtimes (empty if none could start: the caller's runtime serves).
 pub fn handles() -> &'static [Handle] {
-    THREADS.get_or_init(|| (0..count()).filter_map(start).collect())
+    THREADS.get_or_init(start_all)
 }
 
 /// How many proxy threads: `EGRESS_PROXY_THREADS` (1 to 64), else one per acceptor.
@@ -59,22 +81,52 @@ fn count() -> usize {
         .unwrap_or(ACCEPTORS)
 }
 
-fn start(i: usize) -> Option<Handle> {
+/// Starts the threads. Every runtime is built in the process's table before any thread
+/// leaves it, so that each table holds every runtime's wake-up descriptor under the same
+/// number: a thread wakes a task of another by writing to that runtime's descriptor, in
+/// its own table ([`fd_table`]). Each thread runs no task before it has its table.
+fn start_all() -> Vec<Handle> {
+    let before = Arc::new(fd_table::open_fds().unwrap_or_default());
+    let built = Arc::new(Gate::default());
+    let handles = (0..count())
+        .filter_map(|i| start(i, before.clone(), built.clone()))
+        .collect();
+    built.open();
+    handles
+}
+
+/// Closed until every thread's runtime is built.
+#[derive(Default)]
+struct Gate(Mutex<bool>, Condvar);
+
+impl Gate {
+    fn open(&self) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.1.notify_all();
+    }
+
+    fn wait(&self) {
+        let mut open = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        while !*open {
+            open = self.1.wait(open).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+fn start(i: usize, before: Arc<Vec<RawFd>>, built: Arc<Gate>) -> Option<Handle> {
     let (tx, rx) = std::sync::mpsc::channel();
     let spawned = std::thread::Builder::new()
         .name(format!("egress-proxy-{i}"))
         .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread()
+            let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    let _ = tx.send(Err(e));
-                    return;
-                }
-            };
-            let _ = tx.send(Ok(rt.handle().clone()));
+                .build();
+            let _ = tx.send(rt.as_ref().map(|rt| rt.handle().clone()).map_err(clone_err));
+            built.wait();
+            let Ok(rt) = rt else { return };
+            if let Err(e) = fd_table::leave_shared(&before) {
+                warn!(error = %e, thread = i, "a proxy thread keeps the process's file table: its connections count against the agent's fd limit");
+            }
             // A tick every second keeps the timer wheel's next wake-up near. A connection's own
             // timers (connect timeout, sniff deadline, idle check) all lie further ahead, so
             // registering one never has to interrupt the thread's epoll_wait to bring its
@@ -101,6 +153,10 @@ fn start(i: usize) -> Option<Handle> {
             None
         }
     }
+}
+
+fn clone_err(e: &std::io::Error) -> std::io::Error {
+    std::io::Error::new(e.kind(), e.to_string())
 }
 
 /// Aborts the tasks when dropped (the proxy's listeners in a pod that went away).
