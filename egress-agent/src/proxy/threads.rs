@@ -118,6 +118,13 @@ fn start(i: usize, before: Arc<Vec<RawFd>>, built: Arc<Gate>) -> Option<Handle> 
     let spawned = std::thread::Builder::new()
         .name(format!("egress-proxy-{i}"))
         .spawn(move || {
+            // No signal is handled here: tokio's handler writes to a descriptor of the
+            // process's table, which this thread's own table does not keep.
+            let _ = nix::sys::signal::pthread_sigmask(
+                nix::sys::signal::SigmaskHow::SIG_BLOCK,
+                Some(&nix::sys::signal::SigSet::all()),
+                None,
+            );
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build();
