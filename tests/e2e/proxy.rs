@@ -390,16 +390,11 @@ impl Drop for Child {
     }
 }
 
-#[test]
-fn a_burst_of_server_first_connections_loses_none() {
-    if !privileged_with(&["python3"]) {
-        return;
-    }
-    // A server that speaks first (like SSH or SMTP): a client that is never accepted by the
-    // proxy would wait for its banner forever.
+/// burst.py's banner server on `ip`:2222, listening.
+fn banner_server(ip: &str) -> Child {
     let mut server = Child(
         Command::new("python3")
-            .args([BURST, "server", "127.31.2.1", "2222"])
+            .args([BURST, "server", ip, "2222"])
             .stdout(std::process::Stdio::piped())
             .spawn()
             .unwrap(),
@@ -411,6 +406,17 @@ fn a_burst_of_server_first_connections_loses_none() {
     )
     .unwrap();
     assert_eq!(ready.trim(), "listening");
+    server
+}
+
+#[test]
+fn a_burst_of_server_first_connections_loses_none() {
+    if !privileged_with(&["python3"]) {
+        return;
+    }
+    // A server that speaks first (like SSH or SMTP): a client that is never accepted by the
+    // proxy would wait for its banner forever.
+    let _server = banner_server("127.31.2.1");
     let agent = Agent::start(
         "kind: MeshConfig\nmetadata: {name: e}\nspec: {traffic: {enableEgress: false}, proxy: {port: {proxy_port}, maxConnections: 8192}}\n---\nkind: Workload\nmetadata: {name: web}\n---\nkind: Egress\nmetadata: {name: banner}\nspec: {sources: [{name: web}], ipAddresses: [127.31.2.1/32], ports: [{number: 2222}], via: proxy}\n",
     );
@@ -442,20 +448,7 @@ fn a_burst_needing_more_fds_than_the_limit_loses_none() {
     }
     const LIMIT: usize = 700;
     const N: usize = 400;
-    let mut server = Child(
-        Command::new("python3")
-            .args([BURST, "server", "127.31.2.2", "2222"])
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let mut ready = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(server.0.stdout.as_mut().unwrap()),
-        &mut ready,
-    )
-    .unwrap();
-    assert_eq!(ready.trim(), "listening");
+    let _server = banner_server("127.31.2.2");
     let mut agent = Agent::new(
         "kind: MeshConfig\nmetadata: {name: e}\nspec: {traffic: {enableEgress: false}, proxy: {port: {proxy_port}, maxConnections: 8192}}\n---\nkind: Workload\nmetadata: {name: web}\n---\nkind: Egress\nmetadata: {name: banner}\nspec: {sources: [{name: web}], ipAddresses: [127.31.2.2/32], ports: [{number: 2222}], via: proxy}\n",
     );
