@@ -28,6 +28,8 @@ thread_local! {
     /// This thread's pidfd of the agent's main thread, whose table is the process's, when this
     /// thread has a table of its own.
     static LEADER: Cell<Option<RawFd>> = const { Cell::new(None) };
+    /// Whether this thread left the process's table (even if a later step failed).
+    static OWN: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Gives the calling thread a table of its own (see the module doc). `before`: the
@@ -40,6 +42,9 @@ pub fn leave_shared(before: &[RawFd]) -> io::Result<()> {
     drop(getfd(&pidfd_open()?, 2)?);
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_FILES)?;
     // From here on, this thread's table is a copy.
+    OWN.set(true);
+    let leader = pidfd_open()?;
+    LEADER.set(Some(std::os::fd::IntoRawFd::into_raw_fd(leader)));
     let null = fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -52,9 +57,10 @@ pub fn leave_shared(before: &[RawFd]) -> io::Result<()> {
         }
         Ok(())
     };
+    let leader = LEADER.get().unwrap_or(-1);
     let open = open_fds()?;
     for &fd in &open {
-        if fd > 2 && fd != null.as_raw_fd() && !kept(fd, before) {
+        if fd > 2 && fd != null.as_raw_fd() && fd != leader && !kept(fd, before) {
             replace(fd)?;
         }
     }
@@ -70,9 +76,8 @@ pub fn leave_shared(before: &[RawFd]) -> io::Result<()> {
             replace(fd)?;
         }
     }
-    drop(null);
-    let leader = pidfd_open()?;
-    LEADER.set(Some(std::os::fd::IntoRawFd::into_raw_fd(leader)));
+    // Stays open: its number is below the guard too.
+    let _ = std::os::fd::IntoRawFd::into_raw_fd(null);
     Ok(())
 }
 
@@ -85,6 +90,10 @@ pub fn adopt(fd: RawFd) -> io::Result<OwnedFd> {
     match LEADER.get() {
         // SAFETY: the pidfd lives as long as the thread (never closed).
         Some(leader) => getfd(unsafe { &std::os::fd::BorrowedFd::borrow_raw(leader) }, fd),
+        // Left the process's table but could not open the way back: `fd` means nothing here.
+        None if OWN.get() => Err(io::Error::other(
+            "this thread's own fd table cannot reach the process's",
+        )),
         None => {
             let r = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
             if r < 0 {

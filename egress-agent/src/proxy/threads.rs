@@ -132,7 +132,7 @@ fn start(i: usize, before: Arc<Vec<RawFd>>, built: Arc<Gate>) -> Option<Handle> 
             built.wait();
             let Ok(rt) = rt else { return };
             if let Err(e) = fd_table::leave_shared(&before) {
-                warn!(error = %e, thread = i, "a proxy thread keeps the process's file table: its connections count against the agent's fd limit");
+                warn!(error = %e, thread = i, "a proxy thread could not set up a file table of its own (it may share the agent's, and its fd limit)");
             }
             // A tick every second keeps the timer wheel's next wake-up near. A connection's own
             // timers (connect timeout, sniff deadline, idle check) all lie further ahead, so
