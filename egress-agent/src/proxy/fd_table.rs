@@ -43,8 +43,8 @@ pub fn leave_shared(before: &[RawFd]) -> io::Result<()> {
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_FILES)?;
     // From here on, this thread's table is a copy.
     OWN.set(true);
-    let leader = pidfd_open()?;
-    LEADER.set(Some(std::os::fd::IntoRawFd::into_raw_fd(leader)));
+    let leader = std::os::fd::IntoRawFd::into_raw_fd(pidfd_open()?);
+    LEADER.set(Some(leader));
     let null = fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -57,7 +57,6 @@ pub fn leave_shared(before: &[RawFd]) -> io::Result<()> {
         }
         Ok(())
     };
-    let leader = LEADER.get().unwrap_or(-1);
     let open = open_fds()?;
     for &fd in &open {
         if fd > 2 && fd != null.as_raw_fd() && fd != leader && !kept(fd, before) {
