@@ -499,4 +499,50 @@ fn a_burst_needing_more_fds_than_the_limit_loses_none() {
         "{}",
         agent.log()
     );
+    // The first thread took connections until it was full, the second the rest.
+    let by = accepted_by_thread(&agent);
+    assert_eq!(by.iter().sum::<u64>(), N as u64, "{by:?}");
+    assert!(by[0] > 0 && by[1] > 0, "accepted by thread: {by:?}");
+}
+
+/// Connections each proxy thread accepted (`egress_proxy_thread_accepted_total`).
+fn accepted_by_thread(agent: &Agent) -> [u64; 2] {
+    [0, 1].map(|t| {
+        crate::pods::metric(
+            agent,
+            "egress_proxy_thread_accepted_total",
+            &[&format!("thread=\"{t}\"")],
+        )
+    })
+}
+
+/// A light load is one proxy thread's work: the other sleeps, its copies of the listeners out
+/// of its epoll set, instead of being woken for the share of connections the kernel would
+/// spread to it.
+#[test]
+fn a_light_load_is_served_by_one_proxy_thread() {
+    if !privileged_with(&["python3"]) {
+        return;
+    }
+    let _server = banner_server("127.31.2.3");
+    let agent = Agent::start(
+        "kind: MeshConfig\nmetadata: {name: e}\nspec: {traffic: {enableEgress: false}, proxy: {port: {proxy_port}}}\n---\nkind: Workload\nmetadata: {name: web}\n---\nkind: Egress\nmetadata: {name: banner}\nspec: {sources: [{name: web}], ipAddresses: [127.31.2.3/32], ports: [{number: 2222}], via: proxy}\n",
+    );
+    const N: u64 = 40;
+    // IPv4 and IPv4-mapped clients, one after another.
+    let client = format!(
+        "import socket, time\nfor i in range({N}):\n    fam = socket.AF_INET if i % 2 else socket.AF_INET6\n    host = '127.31.2.3' if i % 2 else '::ffff:127.31.2.3'\n    s = socket.socket(fam)\n    s.connect((host, 2222))\n    assert s.recv(64), i\n    s.close()\n    time.sleep(0.01)\nprint('served', {N})\n"
+    );
+    let out = agent.exec_line("web", &["python3", "-c", &client], "client");
+    assert_eq!(out, format!("served {N}"));
+    let by = accepted_by_thread(&agent);
+    assert_eq!(by, [N, 0], "accepted by thread\n{}", agent.log());
+    let accepting = [0, 1].map(|t| {
+        crate::pods::metric(
+            &agent,
+            "egress_proxy_thread_accepting",
+            &[&format!("thread=\"{t}\"")],
+        )
+    });
+    assert_eq!(accepting, [1, 0]);
 }

@@ -140,6 +140,22 @@ impl ProxyMetrics {
             "Tunnels the proxy opened (result ok) or failed to open (result error) through each EgressGateway",
             gateway.clone(),
         );
+        let threads = super::spill::get(super::threads::count());
+        registry.register(
+            "egress_proxy_thread_connections",
+            "Connections each proxy thread holds",
+            threads.connections.clone(),
+        );
+        registry.register(
+            "egress_proxy_thread_accepted",
+            "Connections each proxy thread accepted",
+            threads.accepted.clone(),
+        );
+        registry.register(
+            "egress_proxy_thread_accepting",
+            "1 for the proxy threads that accept new connections now (the first with room that is not busy)",
+            threads.accepting.clone(),
+        );
         Self {
             connections,
             requests,
@@ -264,12 +280,18 @@ mod tests {
 # HELP egress_proxy_connections_total Connections the proxy handled, by host (SNI or Host) and result.
 # HELP egress_proxy_gateway_connections_total Tunnels the proxy opened (result ok) or failed to open (result error) through each EgressGateway.
 # HELP egress_proxy_http_requests_total HTTP/1.x requests the proxy judged one by one, by method, deciding Egress (route) and verdict.
+# HELP egress_proxy_thread_accepted_total Connections each proxy thread accepted.
+# HELP egress_proxy_thread_accepting 1 for the proxy threads that accept new connections now (the first with room that is not busy).
+# HELP egress_proxy_thread_connections Connections each proxy thread holds.
 # TYPE egress_proxy_active_connections gauge
 # TYPE egress_proxy_bytes_total counter
 # TYPE egress_proxy_connect_duration_seconds histogram
 # TYPE egress_proxy_connections_total counter
 # TYPE egress_proxy_gateway_connections_total counter
 # TYPE egress_proxy_http_requests_total counter
+# TYPE egress_proxy_thread_accepted_total counter
+# TYPE egress_proxy_thread_accepting gauge
+# TYPE egress_proxy_thread_connections gauge
 egress_proxy_active_connections 1
 egress_proxy_bytes_total{direction="downstream"} 20
 egress_proxy_bytes_total{direction="upstream"} 20
@@ -294,6 +316,12 @@ egress_proxy_gateway_connections_total{gateway="gw1",result="error"} 1
 egress_proxy_gateway_connections_total{gateway="gw1",result="ok"} 1
 egress_proxy_http_requests_total{method="GET",route="shop/api",verdict="allow"} 1
 egress_proxy_http_requests_total{method="other",route="shop/api",verdict="deny"} 1
+egress_proxy_thread_accepted_total{thread="0"} 0
+egress_proxy_thread_accepted_total{thread="1"} 0
+egress_proxy_thread_accepting{thread="0"} 0
+egress_proxy_thread_accepting{thread="1"} 0
+egress_proxy_thread_connections{thread="0"} 0
+egress_proxy_thread_connections{thread="1"} 0
 "#;
         assert_eq!(lines.join("\n") + "\n", want);
     }

@@ -20,6 +20,7 @@ pub mod kernel_relay;
 pub mod metrics;
 pub mod relay;
 pub mod sniff;
+mod spill;
 mod task;
 mod threads;
 
@@ -186,21 +187,18 @@ impl Proxy {
         self.live.get()
     }
 
-    /// Serves every listener until the task is dropped, each on one of the proxy's threads
-    /// ([`threads`]), in turn; the connections a listener accepted are relayed on its thread
-    /// (and go on when the listener is dropped).
+    /// Serves every listener until the task is dropped, on the proxy's threads ([`threads`]):
+    /// the one whose turn it is ([`spill`]) accepts, and relays what it accepted (which goes
+    /// on when the listener is dropped).
     pub async fn serve(self: Arc<Self>, listeners: Vec<TcpListener>) {
-        threads::serve(listeners, move |l| self.clone().accept_loop(l)).await
+        threads::serve(listeners, move |l, turn| self.clone().accept_loop(l, turn)).await
     }
 
-    async fn accept_loop(self: Arc<Self>, listener: std::net::TcpListener) {
-        let listener = match TcpListener::from_std(listener) {
-            Ok(l) => l,
-            Err(e) => {
-                warn!(error = %e, "cannot register a proxy listener; not serving it");
-                return;
-            }
-        };
+    async fn accept_loop(
+        self: Arc<Self>,
+        mut listener: std::net::TcpListener,
+        mut turn: Option<spill::Turn>,
+    ) {
         // Clients of a listener share its network namespace (a pod's, or the agent's own).
         let netns = match crate::datapath::podnet::netns_cookie(&listener) {
             Ok(c) => c,
@@ -210,7 +208,50 @@ impl Proxy {
             }
         };
         loop {
-            let (client, peer) = match listener.accept().await {
+            if let Some(t) = &mut turn {
+                t.mine().await;
+            }
+            // In this runtime's epoll set only while this thread accepts.
+            let l = match TcpListener::from_std(listener) {
+                Ok(l) => l,
+                Err(e) => {
+                    warn!(error = %e, "cannot register a proxy listener; not serving it");
+                    return;
+                }
+            };
+            self.accept_turn(&l, netns, &mut turn).await;
+            listener = match l.into_std() {
+                Ok(l) => l,
+                Err(e) => {
+                    warn!(error = %e, "cannot set a proxy listener aside; not serving it");
+                    return;
+                }
+            };
+        }
+    }
+
+    /// Accepts on `listener` until this thread's turn is over (never, without a turn).
+    async fn accept_turn(
+        self: &Arc<Self>,
+        listener: &TcpListener,
+        netns: u64,
+        turn: &mut Option<spill::Turn>,
+    ) {
+        let (over, turn) = match turn {
+            Some(t) => {
+                let (over, who) = t.split();
+                (futures::future::Either::Left(over), Some(who))
+            }
+            None => (futures::future::Either::Right(std::future::pending()), None),
+        };
+        tokio::pin!(over);
+        loop {
+            let accepted = tokio::select! {
+                biased;
+                _ = &mut over => return,
+                a = listener.accept() => a,
+            };
+            let (client, peer) = match accepted {
                 Ok(c) => c,
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
@@ -230,7 +271,11 @@ impl Proxy {
                 netns,
                 addr: sock_addr(peer),
             };
-            tokio::spawn(self.clone().connection(client, key, peer, permit));
+            let held = task::Held {
+                _limit: permit,
+                _room: turn.map(|t| t.hold()),
+            };
+            tokio::spawn(self.clone().connection(client, key, peer, held));
         }
     }
 

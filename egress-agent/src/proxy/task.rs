@@ -24,6 +24,13 @@ pub(super) struct Relaying {
     pub(super) wid: u32,
 }
 
+/// What an accepted connection counts against while it lives: the proxy's connection limit
+/// and its thread's room ([`super::spill`]).
+pub(super) struct Held {
+    pub(super) _limit: tokio::sync::OwnedSemaphorePermit,
+    pub(super) _room: Option<super::spill::Held>,
+}
+
 impl Proxy {
     /// One accepted connection's task, from start to end. An idle relayed connection costs
     /// what this future weighs: its task is allocated at its largest state, the relay's; what
@@ -36,7 +43,7 @@ impl Proxy {
         client: TcpStream,
         key: OrigKey,
         peer: SocketAddr,
-        permit: tokio::sync::OwnedSemaphorePermit,
+        held: Held,
     ) -> impl std::future::Future<Output = ()> {
         let this = self.clone();
         let setup = Box::pin(async move { this.handle(client, key, peer).await });
@@ -48,7 +55,7 @@ impl Proxy {
             // again (awaited in place, not by value, so that it is not held twice).
             unsafe { std::pin::Pin::new_unchecked(&mut relay) }.await;
             self.metrics.active().dec();
-            drop(permit);
+            drop(held);
         }
     }
 

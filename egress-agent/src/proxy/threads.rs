@@ -1,12 +1,13 @@
-//! The proxy's own threads, one per acceptor ([`ACCEPTORS`]; `EGRESS_PROXY_THREADS=N` sets
-//! another number): each runs a single-threaded tokio runtime that accepts on the listeners
-//! given to it and relays every connection it accepted from start to end. A connection's
-//! readiness events, timers and wake-ups stay on one thread: no work stealing, no worker woken
-//! to look for work it will not find (a futex or eventfd write and a context switch each time
-//! on the agent's multi-threaded runtime). The kernel spreads new connections over the
-//! listeners (SO_REUSEPORT, one socket per acceptor). Each thread has a file descriptor table
-//! of its own ([`fd_table`]), so the connections it holds count against a limit of their own.
-//! Started on first use; they live as long as the agent.
+//! The proxy's own threads ([`ACCEPTORS`]; `EGRESS_PROXY_THREADS=N` sets another number):
+//! each runs a single-threaded tokio runtime and relays every connection it accepted from
+//! start to end. A connection's readiness events, timers and wake-ups stay on one thread: no
+//! work stealing, no worker woken to look for work it will not find (a futex or eventfd
+//! write and a context switch each time on the agent's multi-threaded runtime). Every thread
+//! has a copy of every listener, but only the one [`spill`] names accepts (the first with
+//! room that is not busy); the others leave the listeners out of their epoll sets until
+//! their turn. Each thread has a file descriptor table of its own ([`fd_table`]), so the
+//! connections it holds count against a limit of their own. Started on first use; they live
+//! as long as the agent.
 
 use std::{
     future::Future,
@@ -17,46 +18,52 @@ use std::{
 use tokio::{net::TcpListener, runtime::Handle};
 use tracing::warn;
 
-use super::fd_table;
+use super::{fd_table, spill};
 use crate::datapath::listen::ACCEPTORS;
 
-/// Runs `accept_loop` for each listener on a proxy thread, in turn, until dropped.
+/// Runs `accept_loop` for each listener on every proxy thread, each with its thread's
+/// [`spill::Turn`] (or once, with none, on the caller's runtime if no thread runs), until
+/// dropped.
 pub async fn serve<F, Fut>(listeners: Vec<TcpListener>, accept_loop: F)
 where
-    F: Fn(std::net::TcpListener) -> Fut + Clone + Send + 'static,
+    F: Fn(std::net::TcpListener, Option<spill::Turn>) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let threads = handles();
     let mut tasks = Vec::new();
-    for (i, l) in listeners.into_iter().enumerate() {
+    for l in listeners {
         // Registered again by the runtime that serves it, from its thread's own table.
         let fd = match l.into_std() {
             Ok(l) => OwnedFd::from(l),
             Err(e) => {
-                warn!(error = %e, "cannot hand a proxy listener to its thread; not serving it");
+                warn!(error = %e, "cannot hand a proxy listener to its threads; not serving it");
                 continue;
             }
         };
-        let (taken, copied) = tokio::sync::oneshot::channel();
-        let raw = fd.as_raw_fd();
-        let accept_loop = accept_loop.clone();
-        let work = async move {
-            let copy = fd_table::adopt(raw);
-            let _ = taken.send(());
-            match copy {
-                Ok(l) => accept_loop(std::net::TcpListener::from(l)).await,
-                Err(e) => {
-                    warn!(error = %e, "cannot take a proxy listener into its thread; not serving it")
+        if threads.is_empty() {
+            tasks.push(tokio::spawn(accept_loop(fd.into(), None)));
+            continue;
+        }
+        for (i, rt) in threads {
+            let (taken, copied) = tokio::sync::oneshot::channel();
+            let raw = fd.as_raw_fd();
+            let accept_loop = accept_loop.clone();
+            let turn = spill::get(count()).turn(*i);
+            let work = async move {
+                let copy = fd_table::adopt(raw);
+                let _ = taken.send(());
+                match copy {
+                    Ok(l) => accept_loop(std::net::TcpListener::from(l), Some(turn)).await,
+                    Err(e) => {
+                        warn!(error = %e, "cannot take a proxy listener into its thread; not serving it")
+                    }
                 }
-            }
-        };
-        tasks.push(match threads.get(i % threads.len().max(1)) {
-            Some(rt) => rt.spawn(work),
-            None => tokio::spawn(work),
-        });
-        // The thread has its copy: close this table's (on this thread, which shares the
+            };
+            tasks.push(rt.spawn(work));
+            let _ = copied.await;
+        }
+        // Every thread has its copy: close this table's (on this thread, which shares the
         // process's table).
-        let _ = copied.await;
         drop(fd);
     }
     let _abort = AbortOnDrop(tasks.iter().map(|h| h.abort_handle()).collect());
@@ -65,15 +72,16 @@ where
     }
 }
 
-static THREADS: OnceLock<Vec<Handle>> = OnceLock::new();
+static THREADS: OnceLock<Vec<(usize, Handle)>> = OnceLock::new();
 
-/// The proxy threads' runtimes (empty if none could start: the caller's runtime serves).
-pub fn handles() -> &'static [Handle] {
+/// The proxy threads' runtimes, by thread number (empty if none could start: the caller's
+/// runtime serves).
+pub fn handles() -> &'static [(usize, Handle)] {
     THREADS.get_or_init(start_all)
 }
 
 /// How many proxy threads: `EGRESS_PROXY_THREADS` (1 to 64), else one per acceptor.
-fn count() -> usize {
+pub fn count() -> usize {
     std::env::var("EGRESS_PROXY_THREADS")
         .ok()
         .and_then(|v| v.trim().parse::<usize>().ok())
@@ -85,11 +93,11 @@ fn count() -> usize {
 /// leaves it, so that each table holds every runtime's wake-up descriptor under the same
 /// number: a thread wakes a task of another by writing to that runtime's descriptor, in
 /// its own table ([`fd_table`]). Each thread runs no task before it has its table.
-fn start_all() -> Vec<Handle> {
+fn start_all() -> Vec<(usize, Handle)> {
     let before = Arc::new(fd_table::open_fds().unwrap_or_default());
     let built = Arc::new(Gate::default());
     let handles = (0..count())
-        .filter_map(|i| start(i, before.clone(), built.clone()))
+        .filter_map(|i| Some((i, start(i, before.clone(), built.clone())?)))
         .collect();
     built.open();
     handles
@@ -131,9 +139,11 @@ fn start(i: usize, before: Arc<Vec<RawFd>>, built: Arc<Gate>) -> Option<Handle> 
             let _ = tx.send(rt.as_ref().map(|rt| rt.handle().clone()).map_err(clone_err));
             built.wait();
             let Ok(rt) = rt else { return };
-            if let Err(e) = fd_table::leave_shared(&before) {
+            let own = fd_table::leave_shared(&before);
+            if let Err(e) = &own {
                 warn!(error = %e, thread = i, "a proxy thread could not set up a file table of its own (it may share the agent's, and its fd limit)");
             }
+            spill::get(count()).ready(i, room(own.is_ok()));
             // A tick every second keeps the timer wheel's next wake-up near. A connection's own
             // timers (connect timeout, sniff deadline, idle check) all lie further ahead, so
             // registering one never has to interrupt the thread's epoll_wait to bring its
@@ -160,6 +170,20 @@ fn start(i: usize, before: Arc<Vec<RawFd>>, built: Arc<Gate>) -> Option<Handle> 
             None
         }
     }
+}
+
+/// How many connections this thread may hold before the next one takes new connections:
+/// [`spill::room`] of what its table has free (a shared table: this thread's share of it).
+fn room(own_table: bool) -> usize {
+    let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(1024, |(soft, _)| soft);
+    let open = fd_table::open_fds().map_or(0, |fds| fds.len() as u64);
+    let free = soft.saturating_sub(open);
+    spill::room(if own_table {
+        free
+    } else {
+        free / count() as u64
+    })
 }
 
 fn clone_err(e: &std::io::Error) -> std::io::Error {
