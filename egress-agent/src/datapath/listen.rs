@@ -1,9 +1,11 @@
 //! The proxy's listening sockets, made so that a burst of connections waits in the kernel
-//! instead of being lost: for each address, one socket per acceptor (SO_REUSEPORT: the kernel
+//! instead of being lost: for each address, [`ACCEPTORS`] sockets (SO_REUSEPORT: the kernel
 //! spreads new connections over them, each with an accept queue of its own), each with the
 //! longest accept queue the kernel allows (`listen(-1)`: `net.core.somaxconn` of the
-//! namespace), and TCP_NODELAY, which every accepted connection inherits. Before the group binds, a plain bind checks that nobody else holds the port
-//! (SO_REUSEPORT would otherwise let another root process share it silently).
+//! namespace), and TCP_NODELAY, which every accepted connection inherits. Every proxy thread
+//! holds a copy of each; the one whose turn it is accepts from all of them
+//! (`proxy::spill`). Before the group binds, a plain bind checks that nobody else holds the
+//! port (SO_REUSEPORT would otherwise let another root process share it silently).
 
 use std::{
     io,
@@ -17,7 +19,8 @@ use nix::sys::socket::{
 };
 use std::os::fd::AsRawFd as _;
 
-/// Acceptors per address: the agent's runtime has two worker threads.
+/// Listening sockets per address (and the default number of proxy threads, and of the
+/// agent's runtime's worker threads).
 pub const ACCEPTORS: usize = 2;
 
 /// `net.core.somaxconn` of the calling thread's network namespace (what `listen(-1)` gets).

@@ -342,6 +342,26 @@ mod tests {
     }
 
     #[test]
+    fn a_thread_that_sleeps_is_not_busy_and_one_that_spins_uses_the_cpu() {
+        std::thread::spawn(|| {
+            assert_eq!(utilization(false), None, "no sample to compare with yet");
+            assert_eq!(utilization(false), None, "less than a window since");
+            std::thread::sleep(WINDOW + WINDOW / 5);
+            let slept = utilization(false).unwrap();
+            assert!(slept < 0.2, "{slept}");
+            let start = Instant::now();
+            while start.elapsed() < WINDOW + WINDOW / 5 {
+                std::hint::black_box(0u64.wrapping_add(1));
+            }
+            // Even sharing two cores with other tests, a spinning thread gets more than this.
+            let spun = utilization(false).unwrap();
+            assert!(spun > 0.2, "{spun}");
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
     fn room_is_a_quarter_of_the_free_table_and_returns_below_seven_eighths() {
         assert_eq!(room(18_900), 4725);
         assert_eq!(room(2), 1);
