@@ -228,7 +228,7 @@ impl Who {
 
     /// Busy? Sampled at most once a window, on the thread itself.
     fn sample(self) {
-        let Some(util) = utilization(false) else {
+        let Some(util) = utilization() else {
             return;
         };
         let s = &self.spill.slots[self.thread];
@@ -237,7 +237,7 @@ impl Who {
             tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(WINDOW).await;
-                    if utilization(true).is_some_and(|u| u < CALM) {
+                    if utilization().is_some_and(|u| u < CALM) {
                         self.spill.slots[self.thread].busy.store(false, Relaxed);
                         self.spill.publish();
                         return;
@@ -254,12 +254,12 @@ thread_local! {
 }
 
 /// The share of wall time the calling thread spent on the CPU since its last sample, if a
-/// window or more passed (`force`: whatever passed).
-fn utilization(force: bool) -> Option<f64> {
+/// window or more passed.
+fn utilization() -> Option<f64> {
     let now = Instant::now();
     let last = SAMPLED.get();
     if let Some((t, _)) = last {
-        if !force && now - t < WINDOW {
+        if now - t < WINDOW {
             return None;
         }
     }
@@ -344,17 +344,17 @@ mod tests {
     #[test]
     fn a_thread_that_sleeps_is_not_busy_and_one_that_spins_uses_the_cpu() {
         std::thread::spawn(|| {
-            assert_eq!(utilization(false), None, "no sample to compare with yet");
-            assert_eq!(utilization(false), None, "less than a window since");
+            assert_eq!(utilization(), None, "no sample to compare with yet");
+            assert_eq!(utilization(), None, "less than a window since");
             std::thread::sleep(WINDOW + WINDOW / 5);
-            let slept = utilization(false).unwrap();
+            let slept = utilization().unwrap();
             assert!(slept < 0.2, "{slept}");
             let start = Instant::now();
             while start.elapsed() < WINDOW + WINDOW / 5 {
                 std::hint::black_box(0u64.wrapping_add(1));
             }
             // Even sharing two cores with other tests, a spinning thread gets more than this.
-            let spun = utilization(false).unwrap();
+            let spun = utilization().unwrap();
             assert!(spun > 0.2, "{spun}");
         })
         .join()
