@@ -505,6 +505,52 @@ fn a_burst_needing_more_fds_than_the_limit_loses_none() {
     assert!(by[0] > 0 && by[1] > 0, "accepted by thread: {by:?}");
 }
 
+/// Past what every thread's table holds, a connection is refused at once (reset), never left
+/// waiting in the accept queue for a descriptor that may never come: 300 connections held
+/// open against an agent whose limit holds about a third of them.
+#[test]
+fn a_burst_past_every_fd_table_is_refused_at_once_not_left_hanging() {
+    if !privileged_with(&["python3", "setpriv", "prlimit"]) {
+        return;
+    }
+    const LIMIT: usize = 200;
+    const N: usize = 300;
+    let _server = banner_server("127.31.2.4");
+    let mut agent = Agent::new(
+        "kind: MeshConfig\nmetadata: {name: e}\nspec: {traffic: {enableEgress: false}, proxy: {port: {proxy_port}, maxConnections: 8192}}\n---\nkind: Workload\nmetadata: {name: web}\n---\nkind: Egress\nmetadata: {name: banner}\nspec: {sources: [{name: web}], ipAddresses: [127.31.2.4/32], ports: [{number: 2222}], via: proxy}\n",
+    );
+    agent.wrapper = [
+        "setpriv",
+        "--bounding-set",
+        "-sys_resource",
+        "prlimit",
+        &format!("--nofile={LIMIT}:{LIMIT}"),
+    ]
+    .map(String::from)
+    .to_vec();
+    agent.spawn();
+    // Every connection made at once and held; each ends up served (the banner), refused
+    // (reset or closed), or hanging (nothing within 15 s).
+    let client = format!(
+        "import socket, select, time\nsocks = []\nfor i in range({N}):\n    s = socket.socket()\n    s.setblocking(False)\n    try:\n        s.connect(('127.31.2.4', 2222))\n    except BlockingIOError:\n        pass\n    socks.append(s)\nserved = refused = 0\npending = set(socks)\nend = time.time() + 15\nwhile pending and time.time() < end:\n    ready, _, _ = select.select(list(pending), [], [], 0.5)\n    for s in ready:\n        pending.discard(s)\n        try:\n            got = s.recv(64)\n        except OSError:\n            got = b''\n        if got:\n            served += 1\n        else:\n            refused += 1\nprint(f'served={{served}} refused={{refused}} hanging={{len(pending)}}')\n"
+    );
+    let out = agent.exec_line("web", &["python3", "-c", &client], "client");
+    println!("{N} held connections, fd limit {LIMIT}: {out}");
+    let count = |k: &str| -> usize {
+        out.split_whitespace()
+            .find_map(|w| w.strip_prefix(k)?.strip_prefix('='))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{out}"))
+    };
+    assert_eq!(count("hanging"), 0, "{out}\n{}", agent.log());
+    assert!(count("served") > 0 && count("refused") > 0, "{out}");
+    assert!(
+        agent.log().contains("proxy out of file descriptors"),
+        "{}",
+        agent.log()
+    );
+}
+
 /// Connections each proxy thread accepted (`egress_proxy_thread_accepted_total`).
 fn accepted_by_thread(agent: &Agent) -> [u64; 2] {
     [0, 1].map(|t| {

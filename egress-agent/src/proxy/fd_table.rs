@@ -19,7 +19,7 @@
 //! shared table.
 
 use std::{
-    cell::Cell,
+    cell::{Cell, RefCell},
     fs, io,
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
 };
@@ -124,6 +124,29 @@ fn getfd(pidfd: &impl AsRawFd, fd: RawFd) -> io::Result<OwnedFd> {
     }
     // SAFETY: a new descriptor, ours alone.
     Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) })
+}
+
+thread_local! {
+    /// A descriptor this thread keeps free for the moment its table is full.
+    static RESERVE: RefCell<Option<fs::File>> = const { RefCell::new(None) };
+}
+
+/// Keeps one descriptor of the calling thread's table in reserve (if it is not already).
+pub fn reserve() {
+    RESERVE.with_borrow_mut(|r| {
+        if r.is_none() {
+            *r = fs::File::open("/dev/null").ok();
+        }
+    });
+}
+
+/// Runs `f` with the reserve given back to the table (so that `f` can take one descriptor,
+/// and must close it), then takes it again. None: there was no reserve.
+pub fn with_reserve<T>(f: impl FnOnce() -> T) -> Option<T> {
+    drop(RESERVE.with_borrow_mut(Option::take)?);
+    let out = f();
+    reserve();
+    Some(out)
 }
 
 /// The descriptors open in the calling thread's table.

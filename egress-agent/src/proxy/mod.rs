@@ -245,6 +245,7 @@ impl Proxy {
             None => (futures::future::Either::Right(std::future::pending()), None),
         };
         tokio::pin!(over);
+        fd_table::reserve();
         loop {
             let accepted = tokio::select! {
                 biased;
@@ -253,6 +254,15 @@ impl Proxy {
             };
             let (client, peer) = match accepted {
                 Ok(c) => c,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                    // No descriptor left: the connection waiting first is refused at once
+                    // (reset) through the reserve, not left waiting in the queue.
+                    if self.shed(listener).is_none() {
+                        warn!(error = %e, "proxy accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    continue;
+                }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
                     warn!(error = %e, "proxy accept failed");
@@ -277,6 +287,17 @@ impl Proxy {
             };
             tokio::spawn(self.clone().connection(client, key, peer, held));
         }
+    }
+
+    /// Accepts one waiting connection with the thread's reserve descriptor and resets it.
+    fn shed(&self, listener: &TcpListener) -> Option<()> {
+        use futures::FutureExt as _;
+        let (client, peer) = fd_table::with_reserve(|| listener.accept().now_or_never())??.ok()?;
+        reset(client);
+        self.metrics
+            .connection("", None, ProxyResult::OverLimit, (0, 0));
+        shed_warning(peer);
+        Some(())
     }
 
     /// Everything before the relay: the original destination, the host when a rule needs it,
@@ -614,6 +635,22 @@ async fn refuse(mut client: TcpStream, http: Option<(String, String)>, tls: bool
 }
 
 /// Closes with RST, so the client sees a reset rather than a clean, empty response.
+/// Logs a connection refused for want of descriptors, at most once a second per thread
+/// (with how many since the last line).
+fn shed_warning(peer: SocketAddr) {
+    thread_local! {
+        static LAST: std::cell::Cell<(Option<Instant>, u64)> = const { std::cell::Cell::new((None, 0)) };
+    }
+    let (last, n) = LAST.get();
+    let now = Instant::now();
+    if last.is_some_and(|t| now - t < Duration::from_secs(1)) {
+        LAST.set((last, n + 1));
+        return;
+    }
+    LAST.set((Some(now), 0));
+    warn!(%peer, refused_since_last = n, "proxy out of file descriptors (RLIMIT_NOFILE), refusing (reset)");
+}
+
 fn reset(s: TcpStream) {
     // A zero linger never blocks on drop (the deprecation is about non-zero ones).
     #[allow(deprecated)]
