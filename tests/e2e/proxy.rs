@@ -449,19 +449,7 @@ fn a_burst_needing_more_fds_than_the_limit_loses_none() {
     const LIMIT: usize = 700;
     const N: usize = 400;
     let _server = banner_server("127.31.2.2");
-    let mut agent = Agent::new(
-        "kind: MeshConfig\nmetadata: {name: e}\nspec: {traffic: {enableEgress: false}, proxy: {port: {proxy_port}, maxConnections: 8192}}\n---\nkind: Workload\nmetadata: {name: web}\n---\nkind: Egress\nmetadata: {name: banner}\nspec: {sources: [{name: web}], ipAddresses: [127.31.2.2/32], ports: [{number: 2222}], via: proxy}\n",
-    );
-    agent.wrapper = [
-        "setpriv",
-        "--bounding-set",
-        "-sys_resource",
-        "prlimit",
-        &format!("--nofile={LIMIT}:{LIMIT}"),
-    ]
-    .map(String::from)
-    .to_vec();
-    agent.spawn();
+    let agent = fd_limited_agent("127.31.2.2", LIMIT);
     let pid = agent_pid(&agent);
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
     let line = limits
@@ -516,19 +504,7 @@ fn a_burst_past_every_fd_table_is_refused_at_once_not_left_hanging() {
     const LIMIT: usize = 200;
     const N: usize = 300;
     let _server = banner_server("127.31.2.4");
-    let mut agent = Agent::new(
-        "kind: MeshConfig\nmetadata: {name: e}\nspec: {traffic: {enableEgress: false}, proxy: {port: {proxy_port}, maxConnections: 8192}}\n---\nkind: Workload\nmetadata: {name: web}\n---\nkind: Egress\nmetadata: {name: banner}\nspec: {sources: [{name: web}], ipAddresses: [127.31.2.4/32], ports: [{number: 2222}], via: proxy}\n",
-    );
-    agent.wrapper = [
-        "setpriv",
-        "--bounding-set",
-        "-sys_resource",
-        "prlimit",
-        &format!("--nofile={LIMIT}:{LIMIT}"),
-    ]
-    .map(String::from)
-    .to_vec();
-    agent.spawn();
+    let agent = fd_limited_agent("127.31.2.4", LIMIT);
     // Every connection made at once and held; each ends up served (the banner), refused
     // (reset or closed), or hanging (nothing within 15 s).
     let client = format!(
@@ -549,6 +525,25 @@ fn a_burst_past_every_fd_table_is_refused_at_once_not_left_hanging() {
         "{}",
         agent.log()
     );
+}
+
+/// An agent whose web workload reaches the banner server at `ip` through the proxy, started
+/// with an fd limit of `limit` and without CAP_SYS_RESOURCE (so it cannot raise it).
+fn fd_limited_agent(ip: &str, limit: usize) -> Agent {
+    let mut agent = Agent::new(&format!(
+        "kind: MeshConfig\nmetadata: {{name: e}}\nspec: {{traffic: {{enableEgress: false}}, proxy: {{port: {{proxy_port}}, maxConnections: 8192}}}}\n---\nkind: Workload\nmetadata: {{name: web}}\n---\nkind: Egress\nmetadata: {{name: banner}}\nspec: {{sources: [{{name: web}}], ipAddresses: [{ip}/32], ports: [{{number: 2222}}], via: proxy}}\n",
+    ));
+    agent.wrapper = [
+        "setpriv",
+        "--bounding-set",
+        "-sys_resource",
+        "prlimit",
+        &format!("--nofile={limit}:{limit}"),
+    ]
+    .map(String::from)
+    .to_vec();
+    agent.spawn();
+    agent
 }
 
 /// Connections each proxy thread accepted (`egress_proxy_thread_accepted_total`).
