@@ -114,8 +114,12 @@ impl Proxy {
     /// Accepts one waiting connection with the thread's reserve descriptor and resets it.
     fn shed(&self, listener: &TcpListener) -> Option<()> {
         use futures::FutureExt as _;
-        let (client, peer) = fd_table::with_reserve(|| listener.accept().now_or_never())??.ok()?;
-        reset(client);
+        // Closed inside, so that the reserve gets its number back.
+        let peer = fd_table::with_reserve(|| {
+            let (client, peer) = listener.accept().now_or_never()?.ok()?;
+            reset(client);
+            Some(peer)
+        })??;
         self.metrics
             .connection("", None, ProxyResult::OverLimit, (0, 0));
         shed_warning(peer);

@@ -49,11 +49,24 @@ pub fn leave_shared(before: &[RawFd]) -> io::Result<()> {
         .read(true)
         .write(true)
         .open("/dev/null")?;
+    let limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(0, |(soft, _)| soft);
     let replace = |fd: RawFd| {
-        // SAFETY: dup onto a number of this thread's own table; a copy it replaces is closed
-        // atomically and nothing in this thread uses it.
-        if unsafe { libc::dup3(null.as_raw_fd(), fd, libc::O_CLOEXEC) } < 0 {
-            return Err(io::Error::last_os_error());
+        // A number at or above the limit (inherited from whoever started the agent) cannot be
+        // a dup target, and is never given to this thread either: closing the copy will do.
+        // SAFETY: closes or dups onto a number of this thread's own table; a copy it replaces
+        // is closed atomically and nothing in this thread uses it.
+        let r = if u64::try_from(fd).is_ok_and(|n| n >= limit) {
+            unsafe { libc::close(fd) }
+        } else {
+            unsafe { libc::dup3(null.as_raw_fd(), fd, libc::O_CLOEXEC) }
+        };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            return Err(io::Error::new(
+                e.kind(),
+                format!("replacing descriptor {fd}: {e}"),
+            ));
         }
         Ok(())
     };
@@ -67,8 +80,6 @@ pub fn leave_shared(before: &[RawFd]) -> io::Result<()> {
     // sockets get numbers above every one the process's table had in use so far and its
     // first few hundred after: a number of the process's table used here by mistake names
     // /dev/null or a shared wake-up descriptor, never one of this thread's connections.
-    let limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
-        .map_or(0, |(soft, _)| soft);
     let guard = GUARD.min(limit / 8) as RawFd;
     for fd in 3..guard {
         if !open.contains(&fd) && fd != null.as_raw_fd() {
@@ -141,8 +152,10 @@ pub fn reserve() {
 }
 
 /// Runs `f` with the reserve given back to the table (so that `f` can take one descriptor,
-/// and must close it), then takes it again. None: there was no reserve.
+/// and must close it), then takes it again. None: there was no reserve, and none could be
+/// taken now.
 pub fn with_reserve<T>(f: impl FnOnce() -> T) -> Option<T> {
+    reserve();
     drop(RESERVE.with_borrow_mut(Option::take)?);
     let out = f();
     reserve();
