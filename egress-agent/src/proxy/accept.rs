@@ -86,7 +86,7 @@ impl Proxy {
                     continue;
                 }
                 Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
+                    // Other failures (ENOBUFS, ENOMEM, ...): back off instead of spinning.
                     warn!(error = %e, "proxy accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
