@@ -437,7 +437,14 @@ pub fn run_in<T: Send + 'static>(
 /// Opens the proxy's listeners (127.0.0.1 and [::1] on `port`) inside the network namespace
 /// at `path` (see [`run_in`]).
 pub fn bind_in(path: &Path, port: u16) -> io::Result<Vec<std::net::TcpListener>> {
-    run_in(path, move || Ok(super::listen::loopback(port)?.0))
+    let netns = path.display().to_string();
+    run_in(path, move || {
+        let (listeners, v6) = super::listen::loopback(port)?;
+        if let Some(e) = v6 {
+            tracing::warn!(%netns, error = %e, "no IPv6 proxy listener on [::1]:{port} in the pod; its IPv6 redirects will be refused");
+        }
+        Ok(listeners)
+    })
 }
 
 /// The cookie of a socket's network namespace (the kernel's `bpf_get_netns_cookie`).
